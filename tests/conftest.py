@@ -1,0 +1,28 @@
+"""Shared fixtures: small models exported once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def bert_tiny(models_dir) -> Path:
+    """BERT in its tiny config with seeded weights, exported with dynamic batch and sequence."""
+    from edge.export import export_model
+
+    return export_model("bert", size="tiny", seed=0, out=models_dir / "bert-tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def unet_tiny(models_dir) -> Path:
+    """A UNet-like CNN with long skip connections, seeded weights."""
+    from edge.export import export_model
+
+    return export_model("unet", size="tiny", seed=0, out=models_dir / "unet-tiny.onnx")
