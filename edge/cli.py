@@ -1,0 +1,299 @@
+"""The `edge` command line. Each subcommand imports what it needs when it runs, so that
+`edge worker` on a Pi never loads torch and `edge --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parse_dims(items: list[str]) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not value.isdigit() or int(value) <= 0:
+            raise SystemExit(f"edge: --dim expects NAME=SIZE with a positive integer, got {item!r}")
+        dims[name] = int(value)
+    return dims
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+# ---------------------------------------------------------------------- export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from edge.export import export_hf, export_model
+
+    if args.model == "hf":
+        if not args.model_dir:
+            raise SystemExit("edge export hf: --model-dir is required (a local Hugging Face "
+                             "model folder; nothing is downloaded)")
+        path = export_hf(args.model_dir, args.out, opset=args.opset)
+    else:
+        path = export_model(args.model, size=args.size, seed=args.seed, out=args.out,
+                            opset=args.opset)
+    print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------- plan
+
+
+def print_plan(plan, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"plan for {plan.model.name} ({plan.model.num_nodes} nodes, "
+                        f"{', '.join(f'{k}={v}' for k, v in plan.model.bindings.items())})")
+    for col in ("stage", "device", "profile", "nodes", "weights MiB", "memory MiB",
+                "budget MiB", "compute ms", "send ms", "sends"):
+        table.add_column(col, justify="right" if col not in ("device", "profile", "sends") else "left")
+    for s in plan.stages:
+        p = s.predicted
+        table.add_row(str(s.index), s.device.name, s.device.profile,
+                      f"{s.node_range[0]}–{s.node_range[1]}", f"{p.weights_mb:.1f}",
+                      f"{p.memory_mb:.1f}", f"{s.device.memory_mb:.0f}", f"{p.compute_ms:.1f}",
+                      f"{p.transfer_ms:.2f}", f"{len(s.outputs)} tensor(s)")
+    console.print(table)
+    console.print(f"predicted bottleneck {plan.bottleneck_ms:.1f} ms/request, "
+                  f"latency {plan.latency_ms:.1f} ms (modelled from the device profiles)")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from edge.planning import make_plan
+    from edge.planning.cluster import load_cluster
+
+    cluster = load_cluster(args.cluster)
+    plan = make_plan(args.model, cluster.devices, args.out, bindings=_parse_dims(args.dim),
+                     standby=cluster.standby)
+    print_plan(plan, _console())
+    print(f"wrote {Path(args.out) / 'plan.json'} and {len(plan.stages)} shard(s)")
+    return 0
+
+
+# ---------------------------------------------------------------------- worker
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from edge.profiling.memory import tune_malloc
+    from edge.worker.server import WorkerConfig, serve
+
+    tune_malloc()
+    budget = args.memory_budget
+    if budget is None and args.device:
+        from edge.planning.cluster import load_profile
+
+        budget = load_profile(args.device).memory_budget_mb
+    config = WorkerConfig(
+        listen=args.listen, device=args.device or "unknown",
+        cache_dir=Path(args.cache_dir) if args.cache_dir else WorkerConfig().cache_dir,
+        memory_budget_mb=budget or 0.0, threads=args.threads,
+    )
+
+    def ready(port: int) -> None:
+        host = args.listen.rsplit(":", 1)[0]
+        print(f"edge worker ({config.device}) listening on {host}:{port}, "
+              f"shard cache {config.cache_dir}", flush=True)
+        if args.port_file:
+            tmp = Path(args.port_file + ".tmp")
+            tmp.write_text(str(port))
+            os.replace(tmp, args.port_file)
+
+    serve(config, on_ready=ready)
+    return 0
+
+
+# ---------------------------------------------------------------------- coordinator
+
+
+def start_pipeline(plan_path: str, ready_timeout: float, console):
+    """Load a plan and deploy it with a progress bar. Returns the started Pipeline."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from edge.coordinator.pipeline import Pipeline
+    from edge.planning.plan import load_plan
+    from edge.transport.channels import Deadlines
+
+    plan = load_plan(plan_path)
+    pipeline = Pipeline(plan, Path(plan_path).parent, deadlines=Deadlines(ready=ready_timeout))
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=console, transient=False) as bar:
+        tasks = {s.index: bar.add_task(f"stage {s.index} → {s.device.name}", total=s.shard_bytes)
+                 for s in plan.stages}
+        pipeline.start(progress=lambda stage, sent, total: bar.update(
+            tasks[stage.index], completed=sent, total=total))
+    return pipeline
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from edge.coordinator.server import serve
+    from edge.profiling.memory import tune_malloc
+
+    tune_malloc()
+    console = _console()
+    pipeline = start_pipeline(args.plan, args.ready_timeout, console)
+
+    def ready(port: int) -> None:
+        host = args.listen.rsplit(":", 1)[0]
+        console.print(f"edge coordinator serving {pipeline.plan.model.name} over "
+                      f"{len(pipeline.plan.stages)} workers on {host}:{port}")
+        if args.port_file:
+            tmp = Path(args.port_file + ".tmp")
+            tmp.write_text(str(port))
+            os.replace(tmp, args.port_file)
+
+    serve(pipeline, args.listen, on_ready=ready)
+    return 0
+
+
+# ---------------------------------------------------------------------- infer
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    import grpc
+    import numpy as np
+
+    from edge.coordinator.client import InferClient
+
+    try:
+        with np.load(args.input, allow_pickle=False) as f:
+            inputs = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"edge infer: cannot read {args.input} as .npz: {e}")
+    with InferClient(args.coordinator, timeout=args.timeout) as client:
+        try:
+            reply = client.infer_raw(inputs)
+        except grpc.RpcError as e:
+            print(f"edge infer: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    from edge.transport.codec import decode_tensors
+
+    outputs = decode_tensors(reply.outputs)
+    np.savez(args.output, **outputs)
+    stages = ", ".join(f"stage {t.stage} {t.compute_ms:.1f} ms" for t in reply.timings)
+    print(f"wrote {args.output} ({', '.join(outputs)}) in {reply.latency_ms:.1f} ms ({stages})")
+    return 0
+
+
+# ---------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edge.demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(model=args.model, size=args.size, devices=args.devices,
+                               profile=args.profile, requests=args.requests,
+                               concurrency=args.concurrency, sequence=args.sequence,
+                               seed=args.seed, workdir=args.workdir))
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from edge.planning.cluster import list_profiles, load_profile
+
+    table = Table(title="device profiles")
+    for col in ("profile", "memory MiB", "worker budget MiB", "GFLOP/s", "link Mbit/s", "description"):
+        table.add_column(col)
+    for name in list_profiles():
+        p = load_profile(name)
+        table.add_row(p.name, str(p.memory_mb), str(p.memory_budget_mb), str(p.gflops),
+                      str(p.bandwidth_mbps), p.description)
+    _console().print(table)
+    return 0
+
+
+# ---------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge", description="Split a neural network across small devices and run it as "
+                                 "a gRPC pipeline.")
+    parser.add_argument("--log-level", default=os.environ.get("EDGE_LOG", "WARNING"),
+                        help="logging level (default: WARNING; env EDGE_LOG)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("export", help="export a model to ONNX (seeded weights, no download)")
+    p.add_argument("model", choices=["bert", "gpt2", "unet", "hf"])
+    p.add_argument("--size", default="tiny", help="tiny, small or base (bert)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--model-dir", help="with `hf`: a local Hugging Face model folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plan", help="split a model into shards for a cluster")
+    p.add_argument("model", help="an ONNX file (opset >= 17; external data is fine)")
+    p.add_argument("--cluster", required=True, help="cluster.yaml: devices in pipeline order")
+    p.add_argument("--out", required=True, help="folder for plan.json and shards/")
+    p.add_argument("--dim", action="append", metavar="NAME=SIZE",
+                   help="size of a symbolic input dimension to plan for "
+                        "(default batch=1, sequence=128); repeatable")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("worker", help="serve one stage on this device")
+    p.add_argument("--listen", default="0.0.0.0:50051")
+    p.add_argument("--device", help="this device's profile (see `edge devices`)")
+    p.add_argument("--memory-budget", type=float, help="MiB this worker may use")
+    p.add_argument("--cache-dir", help="shard cache (default ~/.cache/edge/shards)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    p.add_argument("--port-file", help="write the bound port here once serving")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("coordinator", help="deploy a plan's shards and serve requests")
+    p.add_argument("--plan", required=True, help="plan.json written by `edge plan`")
+    p.add_argument("--listen", default="0.0.0.0:50050")
+    p.add_argument("--ready-timeout", type=float, default=60.0,
+                   help="seconds to wait for each worker to be healthy")
+    p.add_argument("--port-file", help="write the bound port here once serving")
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("infer", help="send one request to a coordinator")
+    p.add_argument("--coordinator", required=True, help="HOST:PORT")
+    p.add_argument("--input", required=True, help=".npz keyed by the model's input names")
+    p.add_argument("--output", required=True, help=".npz to write the outputs to")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("demo", help="export, plan, run four local workers and compare")
+    p.add_argument("--model", default="bert", choices=["bert", "gpt2", "unet"])
+    p.add_argument("--size", default="base")
+    p.add_argument("--devices", type=int, default=4)
+    p.add_argument("--profile", default="rpi4b-2gb")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--sequence", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", help="keep the model, plan and shards here (default: temporary)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("devices", help="list the device profiles")
+    p.set_defaults(func=cmd_devices)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edge.errors import EdgeError
+
+    try:
+        return args.func(args)
+    except EdgeError as e:
+        print(f"edge {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""A client of the coordinator's Infer RPC, for `edge infer`, the demo and applications."""
+
+from __future__ import annotations
+
+import time
+from typing import Mapping
+
+import grpc
+import numpy as np
+
+from edge.proto import edge_pb2 as pb
+from edge.proto import edge_pb2_grpc as pb_grpc
+from edge.transport.channels import Security, create_channel
+from edge.transport.codec import decode_tensors, encode_tensors
+
+__all__ = ["InferClient", "RETRYABLE"]
+
+# Safe to retry: the request was not accepted (overload) or the pipeline was down.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class InferClient:
+    """Talks to ``edge coordinator``.
+
+    Args:
+        address: the coordinator's ``host:port``.
+        timeout: deadline of one Infer call, in seconds.
+        retries: attempts after the first for the codes in ``RETRYABLE``, with backoff.
+    """
+
+    def __init__(self, address: str, timeout: float = 120.0, retries: int = 3,
+                 security: Security = Security()):
+        self.channel = create_channel(address, security=security)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.timeout = timeout
+        self.retries = retries
+
+    def infer_raw(self, inputs: Mapping[str, np.ndarray]) -> pb.InferReply:
+        request = pb.InferRequest(inputs=encode_tensors(inputs))
+        delay = 0.1
+        for attempt in range(self.retries + 1):
+            try:
+                return self.stub.Infer(request, timeout=self.timeout)
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one request; returns the model's outputs by name."""
+        return decode_tensors(self.infer_raw(inputs).outputs)
+
+    def status(self) -> pb.ClusterStatus:
+        return self.stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "InferClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

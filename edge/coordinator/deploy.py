@@ -1,0 +1,160 @@
+"""Getting a plan onto its workers: wait until healthy, upload missing shards, wire the chain."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from edge.errors import EdgeError
+from edge.planning.plan import Plan, Stage
+from edge.proto import edge_pb2 as pb
+from edge.proto import edge_pb2_grpc as pb_grpc
+from edge.transport.channels import Deadlines, Security, create_channel
+from edge.transport.codec import encode_spec
+
+__all__ = ["DeployError", "WorkerHandle", "connect", "wait_healthy", "upload_shard",
+           "deploy", "CHUNK_BYTES"]
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+
+# (stage, bytes sent so far, total bytes) for a progress bar.
+Progress = Callable[[Stage, int, int], None]
+
+
+class DeployError(EdgeError):
+    """A worker could not be reached, loaded or configured. ``code`` is a grpc.StatusCode."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class WorkerHandle:
+    """A stage's device and the stubs to reach its worker."""
+
+    stage: Stage
+    channel: grpc.Channel
+    stub: pb_grpc.WorkerStub
+    health: health_pb2_grpc.HealthStub
+
+    @property
+    def label(self) -> str:
+        return f"device {self.stage.device.name} ({self.stage.device.address}, stage {self.stage.index})"
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def connect(stage: Stage, security: Security) -> WorkerHandle:
+    channel = create_channel(stage.device.address, security=security)
+    return WorkerHandle(stage, channel, pb_grpc.WorkerStub(channel),
+                        health_pb2_grpc.HealthStub(channel))
+
+
+def wait_healthy(w: WorkerHandle, deadlines: Deadlines) -> None:
+    """Poll the standard health service until SERVING, with backoff, up to ``deadlines.ready``.
+
+    Raises:
+        DeployError: UNAVAILABLE naming the device, its address and the last error.
+    """
+    end = time.monotonic() + deadlines.ready
+    delay, last = 0.05, "no answer"
+    while True:
+        try:
+            reply = w.health.Check(health_pb2.HealthCheckRequest(service="edge.v1.Worker"),
+                                   timeout=min(deadlines.control, max(0.1, end - time.monotonic())))
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            last = f"health is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+        except grpc.RpcError as e:
+            last = f"{e.code().name}: {e.details()}"
+        if time.monotonic() + delay > end:
+            raise DeployError(f"{w.label} is not reachable after {deadlines.ready:.0f} s: {last}. "
+                              f"Is `edge worker` running there and the address right?")
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def _chunks(stage: Stage, path: Path, progress: Progress | None) -> Iterator[pb.ShardChunk]:
+    size = path.stat().st_size
+    yield pb.ShardChunk(header=pb.ShardHeader(sha256=stage.sha256, size=size, name=path.name))
+    sent = 0
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            sent += len(block)
+            yield pb.ShardChunk(data=block)
+            if progress:
+                progress(stage, sent, size)
+
+
+def upload_shard(w: WorkerHandle, plan_dir: Path, deadlines: Deadlines,
+                 progress: Progress | None = None) -> bool:
+    """Upload the stage's shard unless the worker's cache has it.
+
+    Returns:
+        True if bytes were sent, False if the cache already had the shard.
+    """
+    stage = w.stage
+    try:
+        have = w.stub.HasShard(pb.ShardRef(sha256=stage.sha256), timeout=deadlines.control)
+    except grpc.RpcError as e:
+        raise DeployError(f"{w.label}: cannot query its shard cache: {e.details()}", e.code())
+    if have.present:
+        log.info("%s already has shard %s", w.label, stage.sha256[:12])
+        if progress:
+            progress(stage, stage.shard_bytes, stage.shard_bytes)
+        return False
+    path = plan_dir / stage.shard
+    if not path.is_file():
+        raise DeployError(f"plan names shard {path} for stage {stage.index}, but there is no "
+                          "such file", grpc.StatusCode.FAILED_PRECONDITION)
+    try:
+        w.stub.UploadShard(_chunks(stage, path, progress), timeout=deadlines.upload)
+    except grpc.RpcError as e:
+        raise DeployError(f"{w.label}: upload of {path.name} failed: {e.code().name}: "
+                          f"{e.details()}", e.code())
+    return True
+
+
+def configure(w: WorkerHandle, plan: Plan, epoch: int, deadlines: Deadlines) -> pb.ConfigureReply:
+    stage = w.stage
+    last = stage.index == len(plan.stages) - 1
+    config = pb.StageConfig(
+        stage=stage.index, num_stages=len(plan.stages), shard_sha256=stage.sha256,
+        inputs=[encode_spec(s) for s in stage.inputs],
+        outputs=[encode_spec(s) for s in stage.outputs],
+        next_address="" if last else plan.stages[stage.index + 1].device.address,
+        epoch=epoch, plan_id=plan.plan_id,
+        predicted_memory_mb=stage.predicted.memory_mb,
+    )
+    try:
+        return w.stub.Configure(config, timeout=deadlines.load)
+    except grpc.RpcError as e:
+        raise DeployError(f"{w.label}: cannot load its shard: {e.code().name}: {e.details()}",
+                          e.code())
+
+
+def deploy(plan: Plan, plan_dir: Path, workers: list[WorkerHandle], epoch: int,
+           deadlines: Deadlines, progress: Progress | None = None) -> None:
+    """Put every stage of ``plan`` on its worker.
+
+    Stages are configured from the last to the first, so a stage only starts receiving
+    once everything downstream of it is ready.
+    """
+    for w in workers:
+        wait_healthy(w, deadlines)
+    for w in workers:
+        upload_shard(w, plan_dir, deadlines, progress)
+    for w in reversed(workers):
+        reply = configure(w, plan, epoch, deadlines)
+        log.info("%s loaded its shard in %.0f ms (RSS %.0f MiB)", w.label, reply.load_ms,
+                 reply.rss_bytes / 2**20)

@@ -1,0 +1,71 @@
+"""The coordinator's gRPC face: Infer and cluster status, over a :class:`Pipeline`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from edge.coordinator.pipeline import InferError, Pipeline
+from edge.errors import TensorError
+from edge.proto import edge_pb2 as pb
+from edge.proto import edge_pb2_grpc as pb_grpc
+from edge.transport.channels import create_server
+from edge.transport.codec import decode_tensors
+
+__all__ = ["CoordinatorServicer", "start_coordinator", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+
+    def Infer(self, request: pb.InferRequest, context) -> pb.InferReply:
+        try:
+            arrays = decode_tensors(request.inputs)
+        except TensorError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        remaining = context.time_remaining()
+        try:
+            result = self.pipeline.infer(arrays, timeout=remaining)
+        except InferError as e:
+            context.abort(e.code, str(e))
+        return pb.InferReply(request_id=result.request_id, outputs=result.outputs,
+                             timings=result.timings, latency_ms=result.latency_ms)
+
+    def GetClusterStatus(self, request, context) -> pb.ClusterStatus:
+        return self.pipeline.status()
+
+
+def start_coordinator(pipeline: Pipeline, listen: str, max_workers: int = 32
+                      ) -> tuple[grpc.Server, int]:
+    """Serve an already started pipeline on ``listen``. Returns the server and its port."""
+    server, port = create_server(listen, max_workers=max_workers, security=pipeline.security)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(pipeline), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("edge.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
+    return server, port
+
+
+def serve(pipeline: Pipeline, listen: str, on_ready=None, grace: float = 5.0) -> None:
+    """Serve until SIGTERM/SIGINT, then let calls in flight finish."""
+    server, port = start_coordinator(pipeline, listen)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if on_ready:
+        on_ready(port)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop(grace).wait()
+        pipeline.close()

@@ -1,0 +1,92 @@
+"""gRPC servers and channels with edge's options in one place.
+
+Security (mutual TLS, a cluster token) plugs in here: every server and channel of edge is
+made by these two functions, so switching them on changes no caller.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+__all__ = ["Deadlines", "Security", "MAX_MESSAGE_BYTES", "create_server", "create_channel",
+           "is_loopback"]
+
+log = logging.getLogger(__name__)
+
+# Activations of a large model at a long sequence exceed gRPC's 4 MiB default; raise the
+# limit rather than split tensors. Shards travel in chunks, so this is not their bound.
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+
+_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Notice a dead peer on an idle link (a Pi unplugged) within seconds, not hours.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+_SERVER_OPTIONS = _OPTIONS + [
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Seconds each kind of remote call may take. Every remote call has one."""
+
+    control: float = 10.0       # status, health, configure, has-shard
+    forward: float = 30.0       # handing activations to the next hop (queued, not computed)
+    upload: float = 600.0       # a whole shard upload
+    load: float = 300.0         # a worker loading its shard (Configure)
+    infer: float = 120.0        # one request end to end
+    ready: float = 60.0         # waiting for a worker to become healthy
+
+
+@dataclass(frozen=True)
+class Security:
+    """How edge's connections are secured. Plaintext for now; mTLS and a token come next."""
+
+    insecure: bool = True
+
+
+def is_loopback(address: str) -> bool:
+    """True if ``host:port`` names this machine only."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_server(address: str, *, max_workers: int = 16,
+                  security: Security = Security()) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to ``address`` (port 0 picks a free port).
+
+    Args:
+        address: ``host:port``.
+        max_workers: handler threads.
+        security: how to secure it.
+
+    Returns:
+        The server, not started, and the bound port.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         options=_SERVER_OPTIONS)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, port
+
+
+def create_channel(address: str, *, security: Security = Security()) -> grpc.Channel:
+    """A channel to ``address`` with edge's message limits and keepalives."""
+    return grpc.insecure_channel(address, options=_OPTIONS)

@@ -1,0 +1,168 @@
+"""The one place that converts between the wire (protobuf) and the domain (numpy, specs).
+
+No RPC handler builds messages by hand: they call these functions.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from edge.errors import TensorError
+from edge.planning.plan import Dim, TensorSpec
+from edge.proto import edge_pb2 as pb
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "encode_tensor",
+    "decode_tensor",
+    "encode_tensors",
+    "decode_tensors",
+    "encode_spec",
+    "decode_spec",
+    "check_tensors",
+]
+
+# dtype names that may travel. Object and string arrays never do: nothing is unpickled.
+SUPPORTED_DTYPES = frozenset({
+    "float16", "float32", "float64", "bfloat16",
+    "int8", "int16", "int32", "int64",
+    "uint8", "uint16", "uint32", "uint64",
+    "bool",
+})
+
+# Refuse absurd shapes before multiplying them out: a 1e12-element tensor is an attack or a bug.
+_MAX_ELEMENTS = 1 << 34
+
+
+def encode_tensor(name: str, array: np.ndarray) -> pb.Tensor:
+    """Numpy array to a wire tensor (little-endian, C order).
+
+    Args:
+        name: the tensor's name in the graph.
+        array: any numeric or bool array.
+    """
+    array = np.asarray(array)
+    dtype = array.dtype.name
+    if dtype not in SUPPORTED_DTYPES:
+        raise TensorError(f"tensor {name!r}: dtype {dtype} cannot travel; "
+                          f"expected one of {', '.join(sorted(SUPPORTED_DTYPES))}")
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    data = np.ascontiguousarray(array).tobytes()
+    return pb.Tensor(name=name, dtype=dtype, shape=array.shape, data=data)
+
+
+def decode_tensor(t: pb.Tensor) -> np.ndarray:
+    """Wire tensor to a numpy array, without copying the bytes.
+
+    Raises:
+        TensorError: the dtype is unknown, or the byte length disagrees with dtype × shape.
+    """
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TensorError(f"tensor {t.name!r}: unknown dtype {t.dtype!r}; "
+                          f"expected one of {', '.join(sorted(SUPPORTED_DTYPES))}")
+    shape = tuple(t.shape)
+    if any(d < 0 for d in shape):
+        raise TensorError(f"tensor {t.name!r}: negative dimension in shape {list(shape)}")
+    count = 1
+    for d in shape:
+        count *= d
+        if count > _MAX_ELEMENTS:
+            raise TensorError(f"tensor {t.name!r}: shape {list(shape)} has more than "
+                              f"{_MAX_ELEMENTS} elements")
+    dtype = _np_dtype(t.dtype)
+    expected = count * dtype.itemsize
+    if len(t.data) != expected:
+        raise TensorError(
+            f"tensor {t.name!r}: {t.dtype}{list(shape)} needs {expected} bytes, "
+            f"got {len(t.data)}")
+    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+
+
+def encode_tensors(arrays: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
+    return [encode_tensor(name, a) for name, a in arrays.items()]
+
+
+def decode_tensors(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
+    """Wire tensors to a name → array dict. Duplicate names are an error."""
+    out: dict[str, np.ndarray] = {}
+    for t in tensors:
+        if t.name in out:
+            raise TensorError(f"tensor {t.name!r} sent twice")
+        out[t.name] = decode_tensor(t)
+    return out
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        try:
+            import ml_dtypes  # optional: only where bfloat16 models are used
+
+            return np.dtype(ml_dtypes.bfloat16)
+        except ImportError:  # pragma: no cover
+            raise TensorError("bfloat16 tensors need the ml_dtypes package") from None
+    return np.dtype(name)
+
+
+def encode_spec(spec: TensorSpec) -> pb.TensorSpec:
+    dims = []
+    for d in spec.shape:
+        if d is None:
+            dims.append(pb.Dim())
+        elif isinstance(d, str):
+            dims.append(pb.Dim(symbol=d))
+        else:
+            dims.append(pb.Dim(size=int(d)))
+    return pb.TensorSpec(name=spec.name, dtype=spec.dtype, shape=dims)
+
+
+def decode_spec(msg: pb.TensorSpec) -> TensorSpec:
+    shape: list[Dim] = []
+    for d in msg.shape:
+        kind = d.WhichOneof("value")
+        shape.append(d.size if kind == "size" else d.symbol if kind == "symbol" else None)
+    return TensorSpec(name=msg.name, dtype=msg.dtype, shape=tuple(shape))
+
+
+def check_tensors(arrays: Mapping[str, np.ndarray], specs: Sequence[TensorSpec],
+                  where: str) -> None:
+    """Check that ``arrays`` holds exactly the tensors ``specs`` describe.
+
+    Fixed dims must match; a symbolic dim must take one value across all tensors
+    (``sequence`` is the same in ``input_ids`` and ``attention_mask``); unknown dims match
+    anything.
+
+    Args:
+        arrays: what came.
+        specs: what is expected.
+        where: who expects it, for the message ("stage 2", "model").
+
+    Raises:
+        TensorError: naming the tensor, what was expected and what came.
+    """
+    expected = {s.name for s in specs}
+    unknown = sorted(set(arrays) - expected)
+    if unknown:
+        raise TensorError(f"{where} got unknown tensor(s) {', '.join(unknown)}; "
+                          f"expected {', '.join(s.describe() for s in specs)}")
+    missing = [s for s in specs if s.name not in arrays]
+    if missing:
+        raise TensorError(f"{where} is missing tensor(s) "
+                          f"{', '.join(s.describe() for s in missing)}")
+    symbols: dict[str, tuple[int, str]] = {}
+    for spec in specs:
+        a = arrays[spec.name]
+        got = f"{a.dtype.name}[{','.join(map(str, a.shape))}]"
+        if a.dtype.name != spec.dtype or a.ndim != len(spec.shape):
+            raise TensorError(f"{where} expects {spec.describe()}, got {got}")
+        for d, size in zip(spec.shape, a.shape):
+            if isinstance(d, int) and d != size:
+                raise TensorError(f"{where} expects {spec.describe()}, got {got}")
+            if isinstance(d, str):
+                seen = symbols.setdefault(d, (size, spec.name))
+                if seen[0] != size:
+                    raise TensorError(
+                        f"{where}: dimension {d!r} is {seen[0]} in {seen[1]} but {size} in "
+                        f"{spec.name} ({got})")

@@ -1,0 +1,394 @@
+"""The worker: a gRPC server on a device that runs one stage and passes its activations
+straight to the next worker.
+
+Inside, a request moves through two threads so that a stage computes request n+1 while it
+still sends request n:
+
+    Forward (gRPC thread) -> check, queue -> compute thread -> send thread -> next worker
+                                                                          \\-> Subscribe (last stage)
+
+Imports onnxruntime, grpc, numpy and psutil; never torch.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+import edge
+from edge.errors import TensorError
+from edge.profiling.memory import device_facts, peak_rss_bytes, rss_bytes
+from edge.proto import edge_pb2 as pb
+from edge.proto import edge_pb2_grpc as pb_grpc
+from edge.transport.channels import Deadlines, Security, create_channel, create_server
+from edge.transport.codec import decode_spec, decode_tensors, encode_tensors
+from edge.worker.cache import ShardCache, UploadError, default_cache_dir, file_sha256
+from edge.worker.stage import ShardMismatch, StageRunner, StageSpec, describe_ort_error
+
+__all__ = ["WorkerConfig", "WorkerServicer", "serve", "start_worker"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "edge.v1.Worker"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything ``edge worker`` takes.
+
+    Attributes:
+        listen: ``host:port`` to serve on (port 0: any free port).
+        device: the device profile's name, reported in status.
+        cache_dir: where shards are kept between restarts.
+        memory_budget_mb: memory this worker may use (0: unknown).
+        threads: onnxruntime intra-op threads (None: all cores).
+        max_queue: requests waiting for compute before Forward answers RESOURCE_EXHAUSTED.
+        deadlines: per-call deadlines for calls this worker makes.
+        security: transport security.
+    """
+
+    listen: str = "127.0.0.1:50051"
+    device: str = "unknown"
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    memory_budget_mb: float = 0.0
+    threads: int | None = None
+    max_queue: int = 64
+    deadlines: Deadlines = Deadlines()
+    security: Security = Security()
+
+
+@dataclass
+class _Job:
+    request_id: str
+    epoch: int
+    arrays: dict[str, np.ndarray]
+    timings: list[pb.StageTiming]
+    received: float
+    runner: StageRunner
+    compute_ms: float = 0.0
+    queue_ms: float = 0.0
+    outputs: dict[str, np.ndarray] | None = None
+
+
+class _EventBus:
+    """Fan-out of results and failures to the coordinator's Subscribe stream.
+
+    Events produced while nobody listens are kept (bounded), so a coordinator that
+    reconnects still gets them.
+    """
+
+    def __init__(self, backlog: int = 4096):
+        self._lock = threading.Lock()
+        self._subscribers: list[queue.Queue] = []
+        self._backlog: collections.deque = collections.deque(maxlen=backlog)
+
+    def publish(self, event: pb.Event) -> None:
+        with self._lock:
+            if not self._subscribers:
+                self._backlog.append(event)
+            for q in self._subscribers:
+                q.put(event)
+
+    def subscribe(self) -> queue.Queue:
+        q: queue.Queue = queue.Queue()
+        with self._lock:
+            while self._backlog:
+                q.put(self._backlog.popleft())
+            self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.Queue) -> None:
+        with self._lock:
+            if q in self._subscribers:
+                self._subscribers.remove(q)
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    """Serves one stage. See the module docstring for the flow."""
+
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.cache = ShardCache(config.cache_dir)
+        self._runner: StageRunner | None = None
+        self._configure_lock = threading.Lock()
+        self._jobs: queue.Queue = queue.Queue(maxsize=config.max_queue)
+        self._outbox: queue.Queue = queue.Queue(maxsize=config.max_queue)
+        self._events = _EventBus()
+        self._next_channel: grpc.Channel | None = None
+        self._next_stub: pb_grpc.WorkerStub | None = None
+        self._stats_lock = threading.Lock()
+        self._done = 0
+        self._failed = 0
+        self._compute_ms_total = 0.0
+        self._stopping = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._compute_loop, name="edge-compute", daemon=True),
+            threading.Thread(target=self._send_loop, name="edge-send", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    # ------------------------------------------------------------------ shards
+
+    def HasShard(self, request: pb.ShardRef, context) -> pb.ShardPresence:
+        try:
+            path = self.cache.path(request.sha256)
+        except UploadError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if path.is_file():
+            return pb.ShardPresence(present=True, size=path.stat().st_size)
+        return pb.ShardPresence(present=False)
+
+    def UploadShard(self, request_iterator: Iterator[pb.ShardChunk], context) -> pb.UploadReply:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "an upload must start with a ShardHeader, got "
+                          f"{'nothing' if first is None else 'data'}")
+        header = first.header
+
+        def data() -> Iterator[bytes]:
+            for chunk in request_iterator:
+                if chunk.WhichOneof("part") != "data":
+                    raise UploadError("invalid", "expected data chunks after the header, "
+                                                 "got a second header")
+                yield chunk.data
+
+        try:
+            self.cache.receive(header.sha256, header.size, data())
+        except UploadError as e:
+            code = (grpc.StatusCode.DATA_LOSS if e.kind == "corrupt"
+                    else grpc.StatusCode.INVALID_ARGUMENT)
+            log.warning("refused upload of %s: %s", header.name or header.sha256[:12], e)
+            context.abort(code, str(e))
+        return pb.UploadReply(sha256=header.sha256, size=header.size)
+
+    def Configure(self, request: pb.StageConfig, context) -> pb.ConfigureReply:
+        spec = StageSpec(
+            stage=request.stage, num_stages=request.num_stages,
+            shard_sha256=request.shard_sha256,
+            inputs=tuple(decode_spec(s) for s in request.inputs),
+            outputs=tuple(decode_spec(s) for s in request.outputs),
+            next_address=request.next_address, epoch=request.epoch,
+            plan_id=request.plan_id, predicted_memory_mb=request.predicted_memory_mb,
+        )
+        try:
+            path = self.cache.path(spec.shard_sha256)
+        except UploadError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if not path.is_file():
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"shard {spec.shard_sha256[:12]} is not in this worker's cache; "
+                          "upload it first")
+        # The cache could have been tampered with on disk since the upload: a shard is only
+        # loaded if its bytes still match the plan's digest.
+        digest = file_sha256(path)
+        if digest != spec.shard_sha256:
+            path.unlink(missing_ok=True)
+            context.abort(grpc.StatusCode.DATA_LOSS,
+                          f"cached shard does not match the plan: expected sha256 "
+                          f"{spec.shard_sha256}, file has {digest}; upload it again")
+        with self._configure_lock:
+            try:
+                runner = StageRunner(spec, path, self.config.threads)
+            except ShardMismatch as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except Exception as e:  # onnxruntime cannot load it
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"cannot load shard {spec.shard_sha256[:12]}: "
+                              f"{describe_ort_error(e)[1]}")
+            old_channel = self._next_channel
+            if spec.next_address:
+                self._next_channel = create_channel(spec.next_address,
+                                                    security=self.config.security)
+                self._next_stub = pb_grpc.WorkerStub(self._next_channel)
+            else:
+                self._next_channel = self._next_stub = None
+            self._runner = runner
+            if old_channel is not None:
+                old_channel.close()
+        log.info("serving %s of %d (shard %s, epoch %d), loaded in %.0f ms; next hop: %s",
+                 spec.where, spec.num_stages, spec.shard_sha256[:12], spec.epoch,
+                 runner.load_ms, spec.next_address or "coordinator")
+        return pb.ConfigureReply(load_ms=runner.load_ms, rss_bytes=rss_bytes())
+
+    # ------------------------------------------------------------------ requests
+
+    def Forward(self, request: pb.Activation, context) -> pb.Ack:
+        received = time.perf_counter()
+        runner = self._runner
+        if runner is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this worker has no stage yet: the coordinator must configure it")
+        if request.epoch != runner.spec.epoch:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"request {request.request_id} belongs to pipeline epoch "
+                          f"{request.epoch}, this worker serves epoch {runner.spec.epoch}")
+        try:
+            arrays = decode_tensors(request.tensors)
+            runner.check(arrays)
+        except TensorError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        job = _Job(request.request_id, request.epoch, arrays, list(request.timings),
+                   received, runner)
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{runner.spec.where} has {self.config.max_queue} requests queued; "
+                          "retry later")
+        return pb.Ack()
+
+    def Subscribe(self, request: pb.SubscribeRequest, context) -> Iterator[pb.Event]:
+        q = self._events.subscribe()
+        try:
+            while context.is_active() and not self._stopping.is_set():
+                try:
+                    yield q.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+        finally:
+            self._events.unsubscribe(q)
+
+    def GetStatus(self, request: pb.StatusRequest, context) -> pb.WorkerStatus:
+        runner = self._runner
+        with self._stats_lock:
+            done, failed, total = self._done, self._failed, self._compute_ms_total
+        status = pb.WorkerStatus(
+            device=self.config.device, version=edge.__version__,
+            configured=runner is not None,
+            rss_bytes=rss_bytes(), peak_rss_bytes=peak_rss_bytes(),
+            memory_budget_mb=self.config.memory_budget_mb,
+            requests_done=done, requests_failed=failed,
+            mean_compute_ms=total / done if done else 0.0,
+            queue_depth=self._jobs.qsize(),
+            facts=pb.DeviceFacts(**device_facts()),
+        )
+        if runner is not None:
+            s = runner.spec
+            status.stage, status.shard_sha256 = s.stage, s.shard_sha256
+            status.plan_id, status.epoch = s.plan_id, s.epoch
+        return status
+
+    # ------------------------------------------------------------------ internals
+
+    def _fail(self, job: _Job, code: grpc.StatusCode, message: str) -> None:
+        with self._stats_lock:
+            self._failed += 1
+        log.warning("request %s failed: %s", job.request_id, message)
+        self._events.publish(pb.Event(failure=pb.Failure(
+            request_id=job.request_id, stage=job.runner.spec.stage, code=code.value[0],
+            message=message, epoch=job.epoch)))
+
+    def _compute_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = self._jobs.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if self._runner is None or job.epoch != self._runner.spec.epoch:
+                continue  # re-configured since it was queued: the coordinator resends it
+            start = time.perf_counter()
+            job.queue_ms = (start - job.received) * 1e3
+            try:
+                job.outputs = job.runner.run(job.arrays)
+            except Exception as e:
+                kind, msg = describe_ort_error(e)
+                code = (grpc.StatusCode.INVALID_ARGUMENT if kind == "invalid"
+                        else grpc.StatusCode.INTERNAL)
+                self._fail(job, code, f"{job.runner.spec.where} could not run request "
+                                      f"{job.request_id}: {msg}")
+                continue
+            job.compute_ms = (time.perf_counter() - start) * 1e3
+            job.arrays = {}  # free the inputs before the outputs are sent
+            with self._stats_lock:
+                self._done += 1
+                self._compute_ms_total += job.compute_ms
+            self._outbox.put(job)
+
+    def _send_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = self._outbox.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            start = time.perf_counter()
+            spec = job.runner.spec
+            timing = pb.StageTiming(stage=spec.stage, queue_ms=job.queue_ms,
+                                    compute_ms=job.compute_ms)
+            message = pb.Activation(request_id=job.request_id, epoch=job.epoch,
+                                    tensors=encode_tensors(job.outputs),
+                                    timings=job.timings + [timing])
+            job.outputs = None
+            message.timings[-1].send_ms = (time.perf_counter() - start) * 1e3
+            if spec.is_last:
+                self._events.publish(pb.Event(result=message))
+                continue
+            stub = self._next_stub
+            try:
+                stub.Forward(message, timeout=self.config.deadlines.forward)
+            except grpc.RpcError as e:
+                code = e.code()
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    code = grpc.StatusCode.UNAVAILABLE
+                self._fail(job, code, f"{spec.where} could not hand request {job.request_id} "
+                                      f"to stage {spec.stage + 1} at {spec.next_address}: "
+                                      f"{e.code().name}: {e.details()}")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._next_channel is not None:
+            self._next_channel.close()
+
+
+def start_worker(config: WorkerConfig) -> tuple[grpc.Server, int, WorkerServicer,
+                                                health.HealthServicer]:
+    """Build and start a worker server.
+
+    Returns:
+        The running server, its port, the servicer and the health servicer.
+    """
+    server, port = create_server(config.listen, security=config.security)
+    servicer = WorkerServicer(config)
+    pb_grpc.add_WorkerServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, servicer, health_servicer
+
+
+def serve(config: WorkerConfig, on_ready=None, grace: float = 5.0) -> None:
+    """Run a worker until SIGTERM or SIGINT, then stop gracefully.
+
+    Args:
+        config: the worker's settings.
+        on_ready: called with the bound port once the server accepts calls.
+        grace: seconds in-flight calls get to finish after the signal.
+    """
+    server, port, servicer, health_servicer = start_worker(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if on_ready:
+        on_ready(port)
+    try:
+        while not stop.wait(0.5):
+            pass
+        log.info("stopping: no new requests, %.0f s for calls in flight", grace)
+        health_servicer.enter_graceful_shutdown()
+    finally:
+        server.stop(grace).wait()
+        servicer.stop()

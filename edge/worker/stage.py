@@ -1,0 +1,96 @@
+"""One stage of the pipeline in a worker: an onnxruntime session plus the stage's contract."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edge.errors import TensorError
+from edge.planning.plan import TensorSpec
+from edge.shards.runtime import session_options
+from edge.transport.codec import check_tensors
+
+__all__ = ["StageSpec", "StageRunner", "ShardMismatch"]
+
+log = logging.getLogger(__name__)
+
+
+class ShardMismatch(Exception):
+    """The shard's graph does not provide what the stage config promises."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What the coordinator told this worker to serve."""
+
+    stage: int
+    num_stages: int
+    shard_sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    next_address: str
+    epoch: int
+    plan_id: str
+    predicted_memory_mb: float = 0.0
+
+    @property
+    def is_last(self) -> bool:
+        return not self.next_address
+
+    @property
+    def where(self) -> str:
+        return f"stage {self.stage}"
+
+
+class StageRunner:
+    """Runs a shard: checks the incoming tensors, runs the session, and assembles what goes
+    on (the shard's outputs plus the tensors it only passes through).
+
+    Args:
+        spec: the stage's contract.
+        shard_path: the verified shard file.
+        threads: onnxruntime intra-op threads (None: all cores).
+    """
+
+    def __init__(self, spec: StageSpec, shard_path: Path, threads: int | None = None):
+        self.spec = spec
+        t0 = time.perf_counter()
+        self.session = ort.InferenceSession(str(shard_path), sess_options=session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+        self._feeds = [i.name for i in self.session.get_inputs()]
+        self._fetches = [o.name for o in self.session.get_outputs()]
+        received = {s.name for s in spec.inputs}
+        sent = {s.name for s in spec.outputs}
+        if not set(self._feeds) <= received:
+            raise ShardMismatch(f"shard needs {sorted(set(self._feeds) - received)} which "
+                                f"{spec.where} does not receive")
+        produced = set(self._fetches) | received
+        if not sent <= produced:
+            raise ShardMismatch(f"{spec.where} must send {sorted(sent - produced)} which "
+                                f"neither its shard produces nor it receives")
+
+    def check(self, arrays: dict[str, np.ndarray]) -> None:
+        """Raise TensorError unless ``arrays`` is exactly what this stage receives."""
+        check_tensors(arrays, self.spec.inputs, self.spec.where)
+
+    def run(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Compute the stage. ``arrays`` must have passed :meth:`check`."""
+        produced = self.session.run(self._fetches, {n: arrays[n] for n in self._feeds})
+        out = dict(zip(self._fetches, produced))
+        return {s.name: out[s.name] if s.name in out else arrays[s.name]
+                for s in self.spec.outputs}
+
+
+def describe_ort_error(e: Exception) -> tuple[str, str]:
+    """Classify an onnxruntime failure as ('invalid', msg) for bad input or ('internal', msg)."""
+    name = type(e).__name__
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else name
+    if name in ("InvalidArgument", "InvalidGraph") or isinstance(e, TensorError):
+        return "invalid", msg
+    return "internal", msg
