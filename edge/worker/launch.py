@@ -1,0 +1,123 @@
+"""Starting `edge worker` processes on this machine: for the demo, tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["WorkerProcess", "spawn_worker", "LocalWorkers"]
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen
+    port: int
+    cache_dir: Path
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then SIGKILL if it does not stop in time. Returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except OSError:
+            return ""
+
+
+def spawn_worker(workdir: Path, name: str, device: str | None = None,
+                 threads: int | None = None, port: int = 0, cache_dir: Path | None = None,
+                 extra_args: list[str] | None = None, timeout: float = 60.0) -> WorkerProcess:
+    """Start ``edge worker`` on loopback and wait until it listens.
+
+    Args:
+        workdir: where its port file, log and (by default) shard cache go.
+        name: a label for those files.
+        device: its device profile.
+        threads: onnxruntime threads.
+        port: 0 lets the OS choose.
+        cache_dir: shard cache (default ``workdir/cache-NAME``), reuse it to test restarts.
+        extra_args: more `edge worker` arguments.
+        timeout: seconds to wait for it to listen.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file = workdir / f"{name}.port"
+    port_file.unlink(missing_ok=True)
+    cache_dir = cache_dir or workdir / f"cache-{name}"
+    log_path = workdir / f"{name}.log"
+    cmd = [sys.executable, "-m", "edge", "--log-level", os.environ.get("EDGE_LOG", "INFO"),
+           "worker", "--listen", f"127.0.0.1:{port}", "--port-file", str(port_file),
+           "--cache-dir", str(cache_dir)]
+    if device:
+        cmd += ["--device", device]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    cmd += extra_args or []
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+    end = time.monotonic() + timeout
+    while not port_file.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"worker {name} exited with {process.returncode}:\n"
+                               f"{log_path.read_text()}")
+        if time.monotonic() > end:
+            process.kill()
+            raise TimeoutError(f"worker {name} did not listen within {timeout} s")
+        time.sleep(0.05)
+    return WorkerProcess(process, int(port_file.read_text()), cache_dir, log_path)
+
+
+class LocalWorkers:
+    """N workers on loopback, stopped on exit.
+
+    Args:
+        count: how many.
+        workdir: where their files go.
+        device: profile for all of them.
+        threads: onnxruntime threads each.
+    """
+
+    def __init__(self, count: int, workdir: Path, device: str | None = None,
+                 threads: int | None = None):
+        self.count, self.workdir, self.device, self.threads = count, Path(workdir), device, threads
+        self.workers: list[WorkerProcess] = []
+
+    def __enter__(self) -> "LocalWorkers":
+        try:
+            for i in range(self.count):
+                self.workers.append(spawn_worker(self.workdir, f"worker-{i}", self.device,
+                                                 self.threads))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+    @property
+    def addresses(self) -> list[str]:
+        return [w.address for w in self.workers]

@@ -1,0 +1,271 @@
+"""A worker process on its own: uploads, configuration, bad input, restarts, imports.
+
+The shard here is a small hand-built ONNX graph, so these tests need no planner; the
+end-to-end tests cover real models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edge.planning.plan import TensorSpec
+from edge.proto import edge_pb2 as pb
+from edge.proto import edge_pb2_grpc as pb_grpc
+from edge.transport.channels import create_channel
+from edge.transport.codec import decode_tensors, encode_spec, encode_tensors
+from edge.worker.launch import spawn_worker
+
+W = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+B = np.arange(3, dtype=np.float32)
+INPUTS = (TensorSpec("x", "float32", ("batch", 4)), TensorSpec("keep", "int64", ("batch",)))
+OUTPUTS = (TensorSpec("y", "float32", ("batch", 3)), TensorSpec("keep", "int64", ("batch",)))
+
+
+def make_shard(path: Path) -> str:
+    """y = relu(x @ W + b); `keep` only passes through the stage."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "B"], ["z"]),
+         helper.make_node("Relu", ["z"], ["y"])],
+        "shard",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(B, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def expected(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x @ W + B, 0)
+
+
+def chunks(sha: str, data: bytes, size: int | None = None, step: int = 100):
+    yield pb.ShardChunk(header=pb.ShardHeader(sha256=sha, size=len(data) if size is None else size))
+    for i in range(0, len(data), step):
+        yield pb.ShardChunk(data=data[i:i + step])
+
+
+def config(sha: str, epoch: int = 1) -> pb.StageConfig:
+    return pb.StageConfig(stage=0, num_stages=1, shard_sha256=sha, epoch=epoch,
+                          inputs=[encode_spec(s) for s in INPUTS],
+                          outputs=[encode_spec(s) for s in OUTPUTS])
+
+
+class Events:
+    """The worker's Subscribe stream, collected on a thread."""
+
+    def __init__(self, stub):
+        self.q: queue.Queue = queue.Queue()
+        self.call = stub.Subscribe(pb.SubscribeRequest())
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        try:
+            for e in self.call:
+                self.q.put(e)
+        except grpc.RpcError:
+            pass
+
+    def next(self, timeout: float = 20) -> pb.Event:
+        return self.q.get(timeout=timeout)
+
+    def close(self):
+        self.call.cancel()
+
+
+@pytest.fixture
+def shard(tmp_path):
+    path = tmp_path / "shard.onnx"
+    return path, make_shard(path)
+
+
+@pytest.fixture
+def worker(tmp_path):
+    w = spawn_worker(tmp_path / "w", "w0")
+    channel = create_channel(w.address)
+    try:
+        yield w, pb_grpc.WorkerStub(channel)
+    finally:
+        channel.close()
+        w.stop()
+
+
+def upload_and_configure(stub, shard):
+    path, sha = shard
+    stub.UploadShard(chunks(sha, path.read_bytes()), timeout=10)
+    stub.Configure(config(sha), timeout=30)
+
+
+def forward(stub, request_id: str, arrays: dict, epoch: int = 1):
+    return stub.Forward(pb.Activation(request_id=request_id, epoch=epoch,
+                                      tensors=encode_tensors(arrays)), timeout=10)
+
+
+def good_inputs(batch: int = 2, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((batch, 4)).astype(np.float32),
+            "keep": np.arange(batch, dtype=np.int64) + 7}
+
+
+def assert_serves(stub, events, request_id="ok"):
+    x = good_inputs(3, seed=5)
+    forward(stub, request_id, x)
+    event = events.next()
+    assert event.WhichOneof("kind") == "result" and event.result.request_id == request_id
+    out = decode_tensors(event.result.tensors)
+    np.testing.assert_allclose(out["y"], expected(x["x"]), rtol=1e-6)
+    np.testing.assert_array_equal(out["keep"], x["keep"])
+
+
+def test_serves_its_stage_and_passes_tensors_through(worker, shard):
+    w, stub = worker
+    upload_and_configure(stub, shard)
+    events = Events(stub)
+    try:
+        for i in range(5):
+            assert_serves(stub, events, f"r{i}")
+    finally:
+        events.close()
+    status = stub.GetStatus(pb.StatusRequest(), timeout=5)
+    assert status.configured and status.shard_sha256 == shard[1]
+    assert status.requests_done == 5 and status.requests_failed == 0
+    assert status.peak_rss_bytes >= status.rss_bytes > 10 * 2**20
+    assert status.facts.cpu_count >= 1 and status.facts.memory_total_bytes > 0
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": np.zeros((2, 4), np.float64), "keep": np.zeros(2, np.int64)},
+     r"stage 0 expects x float32\[batch,4\], got float64\[2,4\]"),
+    ({"x": np.zeros((2, 5), np.float32), "keep": np.zeros(2, np.int64)},
+     r"stage 0 expects x float32\[batch,4\], got float32\[2,5\]"),
+    ({"x": np.zeros((2, 4), np.float32), "keep": np.zeros(3, np.int64)},
+     r"dimension 'batch' is 2 in x but 3 in keep"),
+    ({"x": np.zeros((2, 4), np.float32), "keep": np.zeros(2, np.int64), "z": np.zeros(1)},
+     r"unknown tensor\(s\) z"),
+    ({"x": np.zeros((2, 4), np.float32)}, r"missing tensor\(s\) keep int64\[batch\]"),
+])
+def test_bad_tensors_get_invalid_argument_and_worker_keeps_serving(worker, shard, arrays, message):
+    w, stub = worker
+    upload_and_configure(stub, shard)
+    events = Events(stub)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            forward(stub, "bad", arrays)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert pytest.importorskip("re").search(message, e.value.details()), e.value.details()
+        assert_serves(stub, events)
+    finally:
+        events.close()
+    assert w.process.poll() is None
+
+
+def test_byte_length_disagreeing_with_shape(worker, shard):
+    w, stub = worker
+    upload_and_configure(stub, shard)
+    bad = pb.Tensor(name="x", dtype="float32", shape=[2, 4], data=b"\0" * 31)
+    keep = encode_tensors({"keep": np.zeros(2, np.int64)})
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Forward(pb.Activation(request_id="r", epoch=1, tensors=[bad, *keep]), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "needs 32 bytes, got 31" in e.value.details()
+
+
+def test_corrupt_and_truncated_uploads_are_refused(worker, shard):
+    w, stub = worker
+    path, sha = shard
+    data = path.read_bytes()
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    cases = [
+        (chunks(sha, bytes(flipped)), grpc.StatusCode.DATA_LOSS, "does not match its sha256"),
+        (chunks(sha, data[:-10], size=len(data)), grpc.StatusCode.DATA_LOSS, "truncated"),
+        (chunks("../../etc/passwd", data), grpc.StatusCode.INVALID_ARGUMENT, "64 lowercase hex"),
+        (iter([pb.ShardChunk(data=b"x")]), grpc.StatusCode.INVALID_ARGUMENT, "must start with"),
+    ]
+    for request, code, message in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.UploadShard(request, timeout=10)
+        assert e.value.code() == code and message in e.value.details(), e.value.details()
+        assert not stub.HasShard(pb.ShardRef(sha256=sha), timeout=5).present
+    assert not list(w.cache_dir.glob(".incoming-*")), "partial uploads must be cleaned up"
+    upload_and_configure(stub, shard)  # still serving, and a good upload works
+    assert stub.HasShard(pb.ShardRef(sha256=sha), timeout=5).present
+
+
+def test_tampered_cache_file_is_not_loaded(worker, shard):
+    w, stub = worker
+    path, sha = shard
+    stub.UploadShard(chunks(sha, path.read_bytes()), timeout=10)
+    cached = w.cache_dir / f"{sha}.onnx"
+    cached.write_bytes(cached.read_bytes()[:-1] + b"\0")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Configure(config(sha), timeout=30)
+    assert e.value.code() == grpc.StatusCode.DATA_LOSS and "does not match the plan" in e.value.details()
+
+
+def test_forward_before_configure_and_unknown_shard(worker, shard):
+    w, stub = worker
+    with pytest.raises(grpc.RpcError) as e:
+        forward(stub, "r", good_inputs())
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Configure(config("0" * 64), timeout=10)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "upload it first" in e.value.details()
+
+
+def test_stale_epoch_is_refused(worker, shard):
+    w, stub = worker
+    upload_and_configure(stub, shard)
+    with pytest.raises(grpc.RpcError) as e:
+        forward(stub, "r", good_inputs(), epoch=99)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "epoch" in e.value.details()
+
+
+def test_sigterm_stops_gracefully_and_restart_reuses_cache(tmp_path, shard):
+    w = spawn_worker(tmp_path, "w0")
+    with create_channel(w.address) as channel:
+        stub = pb_grpc.WorkerStub(channel)
+        stub.UploadShard(chunks(shard[1], shard[0].read_bytes()), timeout=10)
+    assert w.stop() == 0, w.log()
+    again = spawn_worker(tmp_path, "w0b", cache_dir=w.cache_dir)
+    try:
+        with create_channel(again.address) as channel:
+            stub = pb_grpc.WorkerStub(channel)
+            assert stub.HasShard(pb.ShardRef(sha256=shard[1]), timeout=5).present
+            stub.Configure(config(shard[1]), timeout=30)  # no upload needed
+    finally:
+        again.stop()
+
+
+def test_health_service_is_standard(worker):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    w, _ = worker
+    with create_channel(w.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="edge.v1.Worker"), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_worker_never_imports_torch(worker):
+    w, _ = worker
+    maps = Path(f"/proc/{w.process.pid}/maps").read_text()
+    assert "libtorch" not in maps and "onnxruntime" in maps
+    import subprocess
+    import sys
+
+    code = ("import sys, edge.cli, edge.worker.server, edge.planning.cluster;"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
