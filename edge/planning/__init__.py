@@ -1,0 +1,97 @@
+"""Planning: analyse an ONNX model, split it over devices, write shards and ``plan.json``.
+
+The worker imports ``edge.planning.plan`` (pure data), which runs this file first; so onnx
+and the planner are imported lazily here, never at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from edge.planning.graph import GraphCosts, analyze
+    from edge.planning.plan import Device, Plan
+    from edge.planning.planner import partition
+
+__all__ = ["make_plan", "analyze", "partition"]
+
+log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "analyze":
+        from edge.planning.graph import analyze
+        return analyze
+    if name == "partition":
+        from edge.planning.planner import partition
+        return partition
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
+              out_dir: str | Path, bindings: dict[str, int] | None = None,
+              standby: Sequence["Device"] = ()) -> "Plan":
+    """Analyse a model, split it over the devices, write the shards and ``plan.json``.
+
+    Args:
+        model_path: the source ``.onnx`` (external data next to it is loaded).
+        cluster_devices: devices in pipeline order; those with ``standby=True`` hold no
+            stage and go to ``Plan.standby``.
+        out_dir: folder for ``plan.json`` and ``shards/stage-<i>.onnx``.
+        bindings: sizes of symbolic dims to cost at, e.g. ``{"batch": 1, "sequence": 128}``.
+        standby: extra spare devices.
+
+    Returns:
+        The plan, also saved as ``out_dir/plan.json``.
+
+    Raises:
+        GraphError: the model cannot be analysed or cut.
+        NoFitError: no split fits the devices' memory.
+    """
+    from edge.planning.graph import analyze
+    from edge.planning.plan import ModelInfo, Plan, Stage
+    from edge.planning.planner import partition
+    from edge.shards.build import build_shard
+
+    model_path = Path(model_path)
+    out_dir = Path(out_dir)
+    active = [d for d in cluster_devices if not d.standby]
+    spares = tuple(d for d in cluster_devices if d.standby) + tuple(standby)
+    costs = analyze(model_path, bindings)
+    split = partition(costs, active)
+
+    shard_dir = out_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    n = costs.num_nodes
+    stages = []
+    for k, (dev, (i, j), pred) in enumerate(zip(active, split.ranges, split.predictions)):
+        rel = f"shards/stage-{k}.onnx"
+        info = build_shard(costs.model, costs, i, j, out_dir / rel)
+        outputs = (tuple(costs.specs[t] for t in costs.graph_outputs) if j == n
+                   else costs.crossing_specs(j))
+        stages.append(Stage(
+            index=k, device=dev, node_range=(i, j), inputs=costs.crossing_specs(i),
+            outputs=outputs, shard=rel, sha256=info.sha256, shard_bytes=info.size,
+            predicted=pred))
+    model = ModelInfo(
+        name=model_path.stem, sha256=_sha256_file(model_path), num_nodes=n,
+        inputs=tuple(costs.specs[t] for t in costs.graph_inputs),
+        outputs=tuple(costs.specs[t] for t in costs.graph_outputs),
+        bindings=dict(costs.bindings))
+    plan = Plan(model=model, stages=tuple(stages), standby=spares,
+                bottleneck_ms=split.bottleneck_ms, latency_ms=split.latency_ms)
+    plan.save(out_dir / "plan.json")
+    log.info("plan %s: %d stages, period %.1f ms, latency %.1f ms -> %s", plan.plan_id,
+             len(stages), plan.bottleneck_ms, plan.latency_ms, out_dir / "plan.json")
+    return plan

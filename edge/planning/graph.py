@@ -1,0 +1,699 @@
+"""Graph costs: what each node of an ONNX model weighs, computes and produces, and what
+crosses each possible cut.
+
+Positions: node ``p`` is the p-th node in topological order; a *cut* at position ``p``
+(0..n) lies just before node ``p`` (``p == n`` is after the last node). The planner only ever
+sees the arrays computed here; the shard builder uses the tensor bookkeeping.
+
+Shapes are made concrete by binding the model's symbolic input dims (``bindings``), then
+running ONNX shape inference with data propagation; tensors whose shape is still unknown are
+measured by running the model once in onnxruntime with every intermediate as an output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from edge.errors import GraphError
+from edge.planning.plan import Dim, TensorSpec
+
+__all__ = [
+    "MIN_OPSET",
+    "BATCH_DIM_NAMES",
+    "GraphCosts",
+    "WeightIndex",
+    "analyze",
+    "load_model",
+]
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 17
+
+# Symbolic input dims with one of these names default to 1 when not bound; every other
+# unbound symbolic dim is an error, because guessing a sequence length or an image size
+# would silently change every cost.
+BATCH_DIM_NAMES = frozenset({"batch", "batch_size", "batchsize", "n", "b", "bs"})
+
+# Small initializers (shape constants, axes, scalars) stay in the model used for shape
+# inference so data propagation can compute Reshape/Expand targets; big ones are replaced
+# by typed graph inputs so we never copy weights just to infer shapes.
+_KEEP_INIT_BYTES = 4096
+
+# Rough per-element flop counts for ops that do more than one op per output element.
+_FLOPS_PER_ELEMENT = {
+    "Softmax": 5, "LogSoftmax": 5, "LayerNormalization": 8, "BatchNormalization": 4,
+    "InstanceNormalization": 8, "GroupNormalization": 8, "Erf": 4, "Gelu": 8, "Tanh": 4,
+    "Sigmoid": 4, "Exp": 2, "Log": 2, "Pow": 2, "Sqrt": 2, "Div": 1,
+}
+
+_MiB = float(1 << 20)
+
+
+@dataclass
+class WeightIndex:
+    """Which initializers each node range uses, for range queries over unique weights.
+
+    ``init_bytes[k]`` is the size of initializer ``k`` and ``init_uses[k]`` the sorted node
+    positions that use it. A range ``[i, j)`` holds initializer ``k`` iff some use lies in
+    it; a tied weight used by two stages counts in both. (The planner sweeps all ranges
+    with its own incremental structure; this answers single queries.)
+    """
+
+    n: int
+    init_bytes: np.ndarray
+    init_uses: tuple[np.ndarray, ...]
+
+    def __post_init__(self) -> None:
+        # Flattened (position, initializer) pairs sorted by position: a scalar range query
+        # is then a slice plus np.unique.
+        if self.init_uses:
+            pos = np.concatenate([np.asarray(u, dtype=np.int64) for u in self.init_uses])
+            ids = np.concatenate([np.full(len(u), k, dtype=np.int64)
+                                  for k, u in enumerate(self.init_uses)])
+        else:
+            pos = np.zeros(0, dtype=np.int64)
+            ids = np.zeros(0, dtype=np.int64)
+        order = np.argsort(pos, kind="stable")
+        self._pos = pos[order]
+        self._ids = ids[order]
+
+    def weight_bytes(self, i: int, j: int) -> int:
+        """Bytes of the unique initializers used by nodes in ``[i, j)``."""
+        lo = np.searchsorted(self._pos, i, side="left")
+        hi = np.searchsorted(self._pos, j, side="left")
+        if hi <= lo:
+            return 0
+        return int(self.init_bytes[np.unique(self._ids[lo:hi])].sum())
+
+
+@dataclass
+class GraphCosts:
+    """Per-node and per-cut costs of a model at concrete (bound) shapes.
+
+    Attributes:
+        model: the loaded model (weights included), reused by the shard builder.
+        bindings: concrete sizes of the symbolic dims the costs were computed at.
+        node_names, op_types: per node, topological order.
+        param_bytes: per node, bytes of initializers it is the first to use (sums to the
+            total initializer bytes).
+        node_inits: per node, names of the initializers it uses (subgraphs included).
+        node_inputs: per node, the non-initializer tensors it reads (subgraph implicit
+            inputs included).
+        node_outputs: per node, the tensors it produces.
+        flops: per node, estimated floating point operations.
+        output_bytes: per node, bytes of the tensors it produces.
+        cut_bytes: per position 0..n, bytes of ``crossing(p)``.
+        live_bytes: per node, bytes live while it runs: ``crossing(p)`` plus its outputs.
+        specs: per tensor (graph inputs, node outputs), its symbolic TensorSpec.
+        tensor_bytes: per tensor, bytes at the bound shapes.
+        producer: per tensor, producing node position (-1 for graph inputs).
+        last_use: per tensor, last consuming position (n for graph outputs, -1 if unused).
+        graph_inputs, graph_outputs: names, in model order (initializers excluded).
+        init_bytes, init_uses, init_names: see WeightIndex.
+    """
+
+    model: onnx.ModelProto
+    bindings: dict[str, int]
+    node_names: list[str]
+    op_types: list[str]
+    param_bytes: np.ndarray
+    node_inits: list[list[str]]
+    node_inputs: list[list[str]]
+    node_outputs: list[list[str]]
+    flops: np.ndarray
+    output_bytes: np.ndarray
+    cut_bytes: np.ndarray
+    live_bytes: np.ndarray
+    specs: dict[str, TensorSpec]
+    tensor_bytes: dict[str, int]
+    producer: dict[str, int]
+    last_use: dict[str, int]
+    graph_inputs: list[str]
+    graph_outputs: list[str]
+    init_names: list[str]
+    init_bytes: np.ndarray
+    init_uses: tuple[np.ndarray, ...]
+    concrete_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._weights = WeightIndex(self.num_nodes, self.init_bytes, self.init_uses)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.node_names)
+
+    def crossing(self, p: int) -> list[str]:
+        """Tensors live across the cut before node ``p``, in a stable order.
+
+        A tensor crosses ``p`` when it is produced before ``p`` (graph inputs count as
+        produced before 0) and consumed at or after ``p`` or is a graph output.
+        Initializers never cross: each shard embeds the ones it uses.
+        """
+        if not 0 <= p <= self.num_nodes:
+            raise IndexError(f"cut position must be in [0, {self.num_nodes}], got {p}")
+        return [t for t in self._tensor_order if self.producer[t] < p <= self.last_use[t]]
+
+    def crossing_specs(self, p: int) -> tuple[TensorSpec, ...]:
+        """TensorSpecs (symbolic shapes) of ``crossing(p)``."""
+        return tuple(self.specs[t] for t in self.crossing(p))
+
+    def weight_bytes(self, i: int, j: int) -> int:
+        """Bytes of the unique initializers used by nodes in ``[i, j)``."""
+        return self._weights.weight_bytes(i, j)
+
+    def activation_peak(self, i: int, j: int) -> int:
+        """Peak bytes of live activations while a stage runs nodes ``[i, j)``."""
+        return int(self.live_bytes[i:j].max()) if j > i else 0
+
+    @property
+    def _tensor_order(self) -> list[str]:
+        order = getattr(self, "_order_cache", None)
+        if order is None:
+            order = list(self.graph_inputs)
+            for outs in self.node_outputs:
+                order.extend(outs)
+            self._order_cache = order
+        return order
+
+    @property
+    def total_param_bytes(self) -> int:
+        return int(self.init_bytes.sum())
+
+    def summary(self) -> str:
+        return (f"{self.num_nodes} nodes, {self.total_param_bytes / _MiB:.1f} MiB weights, "
+                f"{self.flops.sum() / 1e9:.2f} GFLOP at {self.bindings}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+    """Load an ONNX model with its external data and check its opset.
+
+    Args:
+        model: a path or an already loaded ModelProto.
+    """
+    if isinstance(model, onnx.ModelProto):
+        m = model
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise GraphError(f"{path}: no such ONNX file")
+        try:
+            m = onnx.load(str(path), load_external_data=True)
+        except Exception as e:  # protobuf and onnx raise many kinds
+            raise GraphError(f"{path}: cannot load ONNX model ({e})") from None
+    opset = _default_opset(m)
+    if opset is None:
+        raise GraphError("model imports no default ('ai.onnx') opset")
+    if opset < MIN_OPSET:
+        raise GraphError(
+            f"model opset: expected >= {MIN_OPSET}, got {opset} "
+            f"(re-export with opset_version={MIN_OPSET} or newer)")
+    return m
+
+
+def _default_opset(m: onnx.ModelProto) -> int | None:
+    for o in m.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    return None
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def _subgraph_refs(g: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from its enclosing scope (implicit inputs)."""
+    defined = {i.name for i in g.input} | {t.name for t in g.initializer}
+    defined |= {t.name for t in g.sparse_initializer}
+    used: set[str] = set()
+    for node in g.node:
+        used.update(x for x in node.input if x)
+        for a in node.attribute:
+            for sg in _attr_graphs(a):
+                used |= _subgraph_refs(sg)
+        defined.update(x for x in node.output if x)
+    used.update(o.name for o in g.output)
+    return used - defined
+
+
+def _attr_graphs(a: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    if a.type == onnx.AttributeProto.GRAPH:
+        return [a.g]
+    if a.type == onnx.AttributeProto.GRAPHS:
+        return list(a.graphs)
+    return []
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every outer-scope name a node reads: its inputs plus subgraph implicit inputs."""
+    names = [x for x in node.input if x]
+    seen = set(names)
+    for a in node.attribute:
+        for sg in _attr_graphs(a):
+            for x in sorted(_subgraph_refs(sg)):
+                if x not in seen:
+                    seen.add(x)
+                    names.append(x)
+    return names
+
+
+def _toposort(m: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The graph's nodes in topological order (the given order when it already is one)."""
+    g = m.graph
+    available = {i.name for i in g.input} | {t.name for t in g.initializer}
+    available |= {t.name for t in g.sparse_initializer}
+    nodes = list(g.node)
+    reads = [node_reads(n) for n in nodes]
+    ok = True
+    avail = set(available)
+    for n, r in zip(nodes, reads):
+        if any(x not in avail for x in r):
+            ok = False
+            break
+        avail.update(x for x in n.output if x)
+    if ok:
+        return nodes
+    log.info("nodes are not in topological order; sorting them")
+    producers = {}
+    for k, n in enumerate(nodes):
+        for o in n.output:
+            if o:
+                producers[o] = k
+    indeg = [0] * len(nodes)
+    users: list[list[int]] = [[] for _ in nodes]
+    for k, r in enumerate(reads):
+        deps = {producers[x] for x in r if x in producers and x not in available}
+        for d in deps:
+            users[d].append(k)
+        indeg[k] = len(deps)
+        missing = [x for x in r if x not in producers and x not in available]
+        if missing:
+            raise GraphError(f"node {n_name(nodes[k], k)} reads undefined tensors {missing}")
+    import heapq
+    ready = [k for k in range(len(nodes)) if indeg[k] == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        k = heapq.heappop(ready)
+        out.append(nodes[k])
+        for u in users[k]:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                heapq.heappush(ready, u)
+    if len(out) != len(nodes):
+        raise GraphError("graph has a cycle; cannot order its nodes")
+    return out
+
+
+def n_name(node: onnx.NodeProto, k: int) -> str:
+    return node.name or f"#{k} ({node.op_type})"
+
+
+# --------------------------------------------------------------------------- shapes & dtypes
+
+
+def _np_dtype_name(elem_type: int) -> str:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except Exception:
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+def _itemsize(elem_type: int) -> int:
+    if elem_type == onnx.TensorProto.STRING:
+        return 8  # unknown; strings are rare in the graphs we cut
+    try:
+        return int(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
+    except Exception:
+        return 4
+
+
+def _vi_shape(vi: onnx.ValueInfoProto) -> tuple[Dim, ...] | None:
+    tt = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+        return None
+    dims: list[Dim] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param and not d.dim_param.startswith("unk__"):
+            # "unk__N" names are made up by shape inference, not shared model dims.
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def _vi_map(g: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:
+    out = {}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        if vi.type.HasField("tensor_type"):
+            out[vi.name] = vi
+    return out
+
+
+def _light_model(m: onnx.ModelProto, inputs: Sequence[onnx.ValueInfoProto] | None,
+                 keep_value_info: bool) -> onnx.ModelProto:
+    """A weight-free copy for shape inference: big initializers become typed inputs."""
+    g = m.graph
+    light = onnx.ModelProto()
+    light.ir_version = m.ir_version
+    light.opset_import.extend(m.opset_import)
+    light.functions.extend(m.functions)
+    lg = light.graph
+    lg.name = g.name
+    lg.node.extend(g.node)
+    init_names = {t.name for t in g.initializer}
+    lg.input.extend(inputs if inputs is not None
+                    else [i for i in g.input if i.name not in init_names])
+    for t in g.initializer:
+        nbytes = _tensor_nbytes(t)
+        if nbytes <= _KEEP_INIT_BYTES and t.data_location != onnx.TensorProto.EXTERNAL:
+            lg.initializer.append(t)
+        else:
+            lg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    if keep_value_info:
+        lg.value_info.extend(g.value_info)
+        lg.output.extend(g.output)
+    else:
+        for o in g.output:
+            lg.output.append(helper.make_tensor_value_info(
+                o.name, o.type.tensor_type.elem_type, None))
+    return light
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    return int(math.prod(t.dims)) * _itemsize(t.data_type)
+
+
+def _bind_inputs(m: onnx.ModelProto, init_names: set[str],
+                 bindings: dict[str, int]) -> tuple[list[onnx.ValueInfoProto], dict[str, int]]:
+    """Graph inputs with every dim made concrete; the full binding map that was used."""
+    used = dict(bindings)
+    unbound: dict[str, list[str]] = {}
+    out = []
+    for vi in m.graph.input:
+        if vi.name in init_names:
+            continue
+        shape = _vi_shape(vi)
+        tt = vi.type.tensor_type
+        if shape is None:
+            raise GraphError(f"graph input {vi.name!r} has no tensor shape; cannot cost it")
+        dims = []
+        for k, d in enumerate(shape):
+            if isinstance(d, int):
+                dims.append(d)
+            elif isinstance(d, str):
+                if d in used:
+                    dims.append(int(used[d]))
+                elif d.lower() in BATCH_DIM_NAMES:
+                    used[d] = 1
+                    dims.append(1)
+                else:
+                    unbound.setdefault(d, []).append(f"{vi.name}[{k}]")
+                    dims.append(1)
+            else:
+                unbound.setdefault(f"{vi.name}:{k}", []).append(f"{vi.name}[{k}] (unnamed)")
+                dims.append(1)
+        out.append(helper.make_tensor_value_info(vi.name, tt.elem_type, dims))
+    if unbound:
+        listing = "; ".join(f"{k} (used by {', '.join(v)})" for k, v in unbound.items())
+        example = " ".join(f"--dim {k}=SIZE" for k in unbound if ":" not in k)
+        raise GraphError(
+            f"the model's inputs have unbound symbolic dims: {listing}. Costs need concrete "
+            f"sizes: bind them with {example or '--dim NAME=SIZE'} "
+            f"(only batch-like dims default to 1)")
+    return out, used
+
+
+def _concrete_shapes(m: onnx.ModelProto, nodes: list[onnx.NodeProto],
+                     bound_inputs: list[onnx.ValueInfoProto],
+                     ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Concrete shapes and elem types of every tensor, inference first, then measurement."""
+    light = _light_model(m, bound_inputs, keep_value_info=False)
+    del light.graph.node[:]
+    light.graph.node.extend(nodes)
+    try:
+        inferred = shape_inference.infer_shapes(light, data_prop=True)
+    except Exception as e:
+        log.warning("ONNX shape inference failed (%s); measuring every shape instead", e)
+        inferred = light
+    shapes: dict[str, tuple[int, ...]] = {}
+    types: dict[str, int] = {}
+    for name, vi in _vi_map(inferred.graph).items():
+        types[name] = vi.type.tensor_type.elem_type
+        s = _vi_shape(vi)
+        if s is not None and all(isinstance(d, int) for d in s):
+            shapes[name] = tuple(int(d) for d in s)
+    wanted = [o for n in nodes for o in n.output if o]
+    missing = [t for t in wanted if t not in shapes or not types.get(t)]
+    if missing:
+        log.info("%d of %d tensor shapes unknown after inference (e.g. %s); measuring them "
+                 "with one onnxruntime run", len(missing), len(wanted), missing[:3])
+        measured = _measure_shapes(m, bound_inputs, missing, types)
+        for t, (shape, et) in measured.items():
+            shapes[t] = shape
+            types[t] = et
+    for vi in bound_inputs:
+        shapes[vi.name] = tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+        types[vi.name] = vi.type.tensor_type.elem_type
+    return shapes, types
+
+
+def _dummy_input(vi: onnx.ValueInfoProto) -> np.ndarray:
+    tt = vi.type.tensor_type
+    shape = [d.dim_value for d in tt.shape.dim]
+    dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+    name = vi.name.lower()
+    # Masks must be ones (a zero mask makes softmax rows all -inf → NaN, harmless for
+    # shapes but it also changes which branches some exporters take); ids, positions and
+    # everything else are zeros, which index validly into any table.
+    if "mask" in name:
+        return np.ones(shape, dtype=dtype)
+    return np.zeros(shape, dtype=dtype)
+
+
+def _measure_shapes(m: onnx.ModelProto, bound_inputs: list[onnx.ValueInfoProto],
+                    names: list[str], types: dict[str, int],
+                    ) -> dict[str, tuple[tuple[int, ...], int]]:
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    known_out = {o.name for o in probe.graph.output}
+    for t in names:
+        if t not in known_out:
+            # An untyped output is accepted by onnxruntime, which fills in the real type.
+            vi = onnx.ValueInfoProto()
+            vi.name = t
+            probe.graph.output.append(vi)
+    del probe.graph.value_info[:]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "probe.onnx")
+        onnx.save(probe, path, save_as_external_data=True, location="probe.onnx.data",
+                  size_threshold=1024)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.log_severity_level = 3
+        try:
+            sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            feeds = {vi.name: _dummy_input(vi) for vi in bound_inputs}
+            outs = sess.run(names, feeds)
+        except Exception as e:
+            raise GraphError(f"cannot measure tensor shapes with onnxruntime: {e}") from None
+    res = {}
+    for t, v in zip(names, outs):
+        v = np.asarray(v)
+        res[t] = (tuple(int(x) for x in v.shape), helper.np_dtype_to_tensor_dtype(v.dtype))
+    return res
+
+
+# --------------------------------------------------------------------------- flops
+
+
+def _node_flops(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]],
+                out_elems: int) -> float:
+    op = node.op_type
+    ins = [shapes.get(x) if x else None for x in node.input]
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul"):
+        a = ins[0] if op != "QLinearMatMul" else ins[0]
+        k = a[-1] if a else 1
+        return 2.0 * out_elems * k
+    if op == "Gemm":
+        a = ins[0]
+        trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)
+        k = (a[0] if trans_a else a[-1]) if a else 1
+        return 2.0 * out_elems * k + (out_elems if len(ins) > 2 else 0)
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        w = ins[1] if op != "QLinearConv" else ins[3]
+        per = math.prod(w[1:]) if w else 1
+        return 2.0 * out_elems * per
+    if op == "ConvTranspose":
+        x, w = ins[0], ins[1]
+        if x and w:
+            return 2.0 * math.prod(x) * math.prod(w[1:])
+        return 2.0 * out_elems
+    if op == "Einsum":
+        total = max([math.prod(s) for s in ins if s] + [out_elems])
+        return 2.0 * total
+    return float(_FLOPS_PER_ELEMENT.get(op, 1) * out_elems)
+
+
+# --------------------------------------------------------------------------- analyze
+
+
+def analyze(model: str | Path | onnx.ModelProto,
+            bindings: dict[str, int] | None = None) -> GraphCosts:
+    """Compute per-node and per-cut costs of an ONNX model at concrete sizes.
+
+    Args:
+        model: path to an ``.onnx`` file (external data is loaded) or a ModelProto.
+        bindings: sizes of the model's symbolic dims, e.g. ``{"batch": 1, "sequence": 128}``.
+            Unbound batch-like dims (``batch``, ``batch_size``, ...) default to 1; any other
+            unbound symbolic input dim raises GraphError naming it.
+
+    Returns:
+        GraphCosts with arrays indexed by node position and cut position.
+    """
+    m = load_model(model)
+    g = m.graph
+    nodes = _toposort(m)
+    if list(nodes) != list(g.node):
+        m = _with_nodes(m, nodes)
+        g = m.graph
+    n = len(nodes)
+    if n == 0:
+        raise GraphError("model has no nodes")
+
+    inits = {t.name: t for t in g.initializer}
+    for st in g.sparse_initializer:
+        raise GraphError(f"sparse initializers are not supported (found {st.values.name!r})")
+    init_names = list(inits)
+    init_index = {name: k for k, name in enumerate(init_names)}
+    init_bytes = np.array([_tensor_nbytes(inits[t]) for t in init_names], dtype=np.int64)
+
+    graph_inputs = [i.name for i in g.input if i.name not in inits]
+    graph_outputs = [o.name for o in g.output]
+
+    bound_inputs, used_bindings = _bind_inputs(m, set(inits), dict(bindings or {}))
+    shapes, types = _concrete_shapes(m, nodes, bound_inputs)
+    for name, t in inits.items():
+        shapes[name] = tuple(int(d) for d in t.dims)
+        types[name] = t.data_type
+
+    # Symbolic shapes for the plan's TensorSpecs: the model's own value_info first (dynamo
+    # writes symbolic shapes there), then symbolic inference to fill gaps.
+    sym = {name: vi for name, vi in _vi_map(g).items()}
+    if any(o not in sym for nd in nodes for o in nd.output if o):
+        try:
+            inf = shape_inference.infer_shapes(_light_model(m, None, keep_value_info=True))
+            for name, vi in _vi_map(inf.graph).items():
+                sym.setdefault(name, vi)
+        except Exception as e:
+            log.warning("symbolic shape inference failed (%s); unknown dims become None", e)
+
+    def tensor_bytes_of(t: str) -> int:
+        s = shapes.get(t)
+        if s is None:
+            raise GraphError(f"shape of tensor {t!r} is unknown even after measuring")
+        return int(math.prod(s)) * _itemsize(types.get(t, onnx.TensorProto.FLOAT))
+
+    producer: dict[str, int] = {t: -1 for t in graph_inputs}
+    last_use: dict[str, int] = {t: 0 for t in graph_inputs}  # every model input enters stage 0
+    node_inits: list[list[str]] = []
+    node_inputs: list[list[str]] = []
+    node_outputs: list[list[str]] = []
+    param_bytes = np.zeros(n, dtype=np.int64)
+    init_uses: list[list[int]] = [[] for _ in init_names]
+    seen_inits: set[str] = set()
+    flops = np.zeros(n, dtype=np.float64)
+    output_bytes = np.zeros(n, dtype=np.int64)
+
+    for p, node in enumerate(nodes):
+        reads = node_reads(node)
+        my_inits = [x for x in reads if x in inits]
+        my_inputs = [x for x in reads if x not in inits]
+        for x in my_inputs:
+            if x not in producer:
+                raise GraphError(f"node {n_name(node, p)} reads {x!r}, which nothing produces")
+            last_use[x] = max(last_use[x], p)
+        for x in my_inits:
+            init_uses[init_index[x]].append(p)
+            if x not in seen_inits:
+                seen_inits.add(x)
+                param_bytes[p] += init_bytes[init_index[x]]
+        outs = [o for o in node.output if o]
+        for o in outs:
+            producer[o] = p
+            last_use[o] = -1
+        node_inits.append(my_inits)
+        node_inputs.append(my_inputs)
+        node_outputs.append(outs)
+        ob = sum(tensor_bytes_of(o) for o in outs)
+        output_bytes[p] = ob
+        first = outs[0] if outs else None
+        out_elems = int(math.prod(shapes[first])) if first in shapes else 0
+        flops[p] = _node_flops(node, shapes, out_elems)
+
+    for o in graph_outputs:
+        if o in inits:
+            raise GraphError(f"graph output {o!r} is an initializer; cannot cut such a model")
+        last_use[o] = n
+
+    # cut_bytes via a difference array: tensor t is in crossing(p) for p in
+    # (producer, last_use].
+    tensor_bytes: dict[str, int] = {}
+    diff = np.zeros(n + 2, dtype=np.int64)
+    for t, d in producer.items():
+        b = tensor_bytes_of(t)
+        tensor_bytes[t] = b
+        lu = last_use[t]
+        if lu > d:
+            diff[d + 1] += b
+            diff[lu + 1] -= b
+    cut_bytes = np.cumsum(diff)[: n + 1]
+    live_bytes = cut_bytes[:n] + output_bytes
+
+    specs: dict[str, TensorSpec] = {}
+    for t in producer:
+        vi = sym.get(t)
+        shape = _vi_shape(vi) if vi is not None else None
+        if shape is None or len(shape) != len(shapes[t]):
+            shape = tuple(None for _ in shapes[t])
+        specs[t] = TensorSpec(name=t, dtype=_np_dtype_name(types[t]), shape=shape)
+
+    costs = GraphCosts(
+        model=m, bindings=used_bindings,
+        node_names=[nd.name or f"{nd.op_type}_{p}" for p, nd in enumerate(nodes)],
+        op_types=[nd.op_type for nd in nodes],
+        param_bytes=param_bytes, node_inits=node_inits, node_inputs=node_inputs,
+        node_outputs=node_outputs, flops=flops, output_bytes=output_bytes,
+        cut_bytes=cut_bytes, live_bytes=live_bytes, specs=specs, tensor_bytes=tensor_bytes,
+        producer=producer, last_use=last_use, graph_inputs=graph_inputs,
+        graph_outputs=graph_outputs, init_names=init_names, init_bytes=init_bytes,
+        init_uses=tuple(np.asarray(u, dtype=np.int64) for u in init_uses),
+        concrete_shapes={t: shapes[t] for t in producer},
+    )
+    log.info("analysed model: %s", costs.summary())
+    return costs
+
+
+def _with_nodes(m: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
