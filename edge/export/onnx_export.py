@@ -1,0 +1,280 @@
+"""Build models from configs with seeded weights and export them to ONNX (dynamo exporter).
+
+torch and transformers are imported inside functions: ``import edge.export`` stays cheap
+and a worker never pays for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from edge.errors import EdgeError
+from edge.export.inputs import example_inputs, text_inputs
+from edge.export.specs import ModelSpec, get_spec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["ExportError", "build_model", "export_model", "export_hf", "verify_onnx"]
+
+log = logging.getLogger(__name__)
+
+# Max abs difference allowed between onnxruntime and torch eager.
+ATOL = 1e-4
+
+
+class ExportError(EdgeError):
+    """An exported model does not reproduce the torch model, or the export failed."""
+
+
+def _perturb(model: "torch.nn.Module", seed: int) -> None:
+    # Freshly initialised models have many identical parameters (zero biases, unit norms);
+    # the exporter deduplicates them across layers, which distorts per-layer sizes and
+    # where a cut falls. A seeded N(0, 0.02) nudge makes every tensor distinct.
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+
+
+def _wrap_outputs(model: "torch.nn.Module", names: Sequence[str]) -> "torch.nn.Module":
+    """Wrap a transformers model so it takes positional tensors and returns a tuple."""
+    import torch
+
+    class _Outputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+            kwargs: dict[str, Any] = {"input_ids": input_ids, "return_dict": True}
+            if attention_mask is not None:
+                kwargs["attention_mask"] = attention_mask
+            res = self.model(**kwargs)
+            return tuple(res[n] for n in names)
+
+    return _Outputs().eval()
+
+
+def build_model(kind: str, size: str = "tiny", seed: int = 0) -> "torch.nn.Module":
+    """The torch model of (kind, size) with seeded weights, in eval mode.
+
+    Its forward takes the spec's inputs positionally and returns a tuple of the spec's
+    outputs, i.e. exactly what the ONNX file computes.
+
+    Args:
+        kind: ``bert``, ``gpt2`` or ``unet``.
+        size: ``tiny``, ``small`` (and ``base`` for bert).
+        seed: seeds both the initialisation and the perturbation.
+    """
+    import torch
+
+    spec = get_spec(kind, size)
+    torch.manual_seed(seed)
+    if kind == "bert":
+        from transformers import BertConfig, BertModel
+
+        # Eager attention: the plain matmul/softmax graph that ORT runs everywhere (sdpa
+        # would export the same math, but eager is the form every exporter agrees on).
+        cfg = BertConfig(**spec.config, attn_implementation="eager")
+        inner = BertModel(cfg, add_pooling_layer=True)
+    elif kind == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        # No KV cache: one pass over the whole sequence, no past_key_values in the graph.
+        cfg = GPT2Config(**spec.config, use_cache=False, attn_implementation="eager")
+        inner = GPT2LMHeadModel(cfg)
+    else:
+        from edge.export.unet import UNet
+
+        model = UNet(**spec.config)
+        _perturb(model, seed)
+        return model.eval()
+    _perturb(inner, seed)
+    inner.eval()
+    return _wrap_outputs(inner, spec.outputs)
+
+
+def _to_torch(feeds: Mapping[str, np.ndarray]) -> dict[str, "torch.Tensor"]:
+    import torch
+
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+
+
+def verify_onnx(model: "torch.nn.Module", onnx_path: str | Path,
+                feeds_list: Sequence[Mapping[str, np.ndarray]],
+                output_names: Sequence[str], atol: float = ATOL) -> float:
+    """Run the ONNX file with onnxruntime and the torch model on each feed; compare.
+
+    Args:
+        model: the torch model (positional inputs in the feed's order, tuple outputs).
+        onnx_path: the exported file.
+        feeds_list: input dicts, e.g. two different shapes to exercise dynamic axes.
+        output_names: ONNX output names, in the model's output order.
+        atol: largest max-abs difference allowed.
+
+    Returns:
+        The largest max-abs difference seen.
+
+    Raises:
+        ExportError: an output differs by more than ``atol`` or has another shape.
+    """
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for feeds in feeds_list:
+        got = sess.run(list(output_names), dict(feeds))
+        with torch.no_grad():
+            want = model(*_to_torch(feeds).values())
+        if isinstance(want, torch.Tensor):
+            want = (want,)
+        shapes = {k: v.shape for k, v in feeds.items()}
+        for name, g, w in zip(output_names, got, want):
+            w = w.numpy()
+            if g.shape != w.shape:
+                raise ExportError(f"{onnx_path}: output {name} for inputs {shapes}: expected "
+                                  f"shape {w.shape} (torch), got {g.shape} (onnxruntime)")
+            diff = float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
+            if not diff <= atol:
+                raise ExportError(f"{onnx_path}: output {name} for inputs {shapes}: expected "
+                                  f"max abs diff <= {atol} vs torch, got {diff:.3g}")
+            worst = max(worst, diff)
+    return worst
+
+
+def _dynamic_shapes(spec: ModelSpec) -> dict[str, dict[int, Any]]:
+    from torch.export import Dim
+
+    batch = Dim("batch")
+    if spec.kind == "unet":
+        return {"image": {0: batch, 2: Dim("height", min=8), 3: Dim("width", min=8)}}
+    sequence = Dim("sequence")
+    return {name: {0: batch, 1: sequence} for name in spec.inputs}
+
+
+def _export(model: "torch.nn.Module", feeds: Mapping[str, np.ndarray], out: Path,
+            input_names: Sequence[str], output_names: Sequence[str],
+            dynamic_shapes: dict[str, Any], opset: int) -> None:
+    import torch
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (out, out.with_name(out.name + ".data")):
+        stale.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        # Both text inputs share the Dim objects on purpose; torch warns that it keeps
+        # one name per constraint, which is exactly what we want.
+        warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used")
+        # torch-internal deprecation noise from the exporter itself (torch 2.13).
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*LeafSpec.*")
+        torch.onnx.export(model, tuple(_to_torch(feeds).values()), str(out), dynamo=True,
+                          external_data=True, opset_version=opset,
+                          input_names=list(input_names), output_names=list(output_names),
+                          dynamic_shapes=dynamic_shapes, verbose=False)
+    log.info("exported %s in %.1f s", out, time.perf_counter() - t0)
+
+
+def _verify_feeds(spec: ModelSpec) -> list[dict[str, np.ndarray]]:
+    # Two shapes that differ in every dynamic axis, and neither equal to the trace shape
+    # in both: batch 1 / batch 3 with padding, two sequence lengths (or image sides).
+    if spec.kind == "unet":
+        side = spec.default_seq
+        return [example_inputs(spec.kind, spec.size, batch=1, seq=side, seed=1),
+                example_inputs(spec.kind, spec.size, batch=3, seq=side // 2 + 8, seed=2)]
+    return [example_inputs(spec.kind, spec.size, batch=1, seq=16, seed=1),
+            example_inputs(spec.kind, spec.size, batch=3, seq=37, seed=2)]
+
+
+def export_model(kind: str, size: str = "tiny", seed: int = 0,
+                 out: str | Path | None = None, opset: int = 18,
+                 verify: bool = True) -> Path:
+    """Build (kind, size) from its config with seeded weights and export it to ONNX.
+
+    Weights go to ``<out>.data`` next to the file (external data). Batch and sequence (or
+    batch, height and width for ``unet``) are dynamic; the ONNX dims are named ``batch``,
+    ``sequence``, ``height``, ``width``.
+
+    Args:
+        kind: ``bert`` (inputs ``input_ids``, ``attention_mask``; outputs
+            ``last_hidden_state``, ``pooler_output``), ``gpt2`` (``input_ids`` ->
+            ``logits``) or ``unet`` (``image`` -> ``mask``).
+        size: ``tiny``, ``small``, or ``base`` (bert only).
+        seed: weight seed; same seed, same weights.
+        out: the ``.onnx`` path; default ``models/<kind>-<size>.onnx``. Parent dirs are made.
+        opset: ONNX opset (>= 17 recommended; the dynamo exporter works at 18).
+        verify: compare onnxruntime with torch eager at two input shapes (max abs diff
+            <= 1e-4) and raise ``ExportError`` if they differ.
+
+    Returns:
+        The path of the ``.onnx`` file.
+    """
+    spec = get_spec(kind, size)
+    out = Path(out) if out is not None else Path("models") / f"{kind}-{size}.onnx"
+    model = build_model(kind, size, seed)
+    trace = example_inputs(kind, size, batch=2, seq=None if kind == "unet" else 24, seed=0)
+    _export(model, trace, out, spec.inputs, spec.outputs, _dynamic_shapes(spec), opset)
+    if verify:
+        diff = verify_onnx(model, out, _verify_feeds(spec), spec.outputs)
+        log.info("%s matches torch (max abs diff %.2g)", out, diff)
+    return out
+
+
+def export_hf(model_dir: str | Path, out: str | Path, seq: int = 128, opset: int = 18,
+              verify: bool = True) -> Path:
+    """Export a local Hugging Face encoder directory (no download) BERT-style.
+
+    Inputs ``input_ids`` and ``attention_mask`` [batch, sequence]; outputs
+    ``last_hidden_state`` and, if the model has a pooler, ``pooler_output``.
+
+    Args:
+        model_dir: a folder with ``config.json`` and weights (``AutoModel`` format).
+        out: the ``.onnx`` path; weights go to ``<out>.data``.
+        seq: sequence length of the tracing and verification inputs.
+        opset: ONNX opset.
+        verify: compare onnxruntime with torch at two shapes, as in ``export_model``.
+
+    Returns:
+        The path of the ``.onnx`` file.
+    """
+    # Offline by construction: a typo in the path must fail, not start a download.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoModel
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{model_dir}: expected a Hugging Face model folder with "
+                          f"config.json, found none")
+    inner = AutoModel.from_pretrained(str(model_dir), local_files_only=True,
+                                      attn_implementation="eager").eval()
+    vocab = int(inner.config.vocab_size)
+    probe = text_inputs(vocab, batch=1, seq=4)
+    import torch
+
+    with torch.no_grad():
+        res = inner(**_to_torch(probe), return_dict=True)
+    outputs = tuple(n for n in ("last_hidden_state", "pooler_output")
+                    if getattr(res, n, None) is not None)
+    model = _wrap_outputs(inner, outputs)
+    inputs = ("input_ids", "attention_mask")
+    spec = ModelSpec("hf", "local", inputs=inputs, outputs=outputs)
+    out = Path(out)
+    _export(model, text_inputs(vocab, batch=2, seq=seq, seed=0), out, inputs, outputs,
+            _dynamic_shapes(spec), opset)
+    if verify:
+        feeds = [text_inputs(vocab, batch=1, seq=max(2, seq // 2), seed=1),
+                 text_inputs(vocab, batch=3, seq=seq, seed=2)]
+        diff = verify_onnx(model, out, feeds, outputs)
+        log.info("%s matches torch (max abs diff %.2g)", out, diff)
+    return out

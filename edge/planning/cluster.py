@@ -1,0 +1,387 @@
+"""Device profiles (``devices/*.yaml``) and cluster files (``cluster.yaml``).
+
+A profile describes a device class (a Raspberry Pi 4B with 2 GB); a cluster file lists the
+actual boards, in pipeline order, each naming a profile and optionally overriding its
+numbers. Both are user-written files, so every malformed value raises ``ConfigError``
+naming the file and the field, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from edge.errors import ConfigError
+from edge.planning.plan import Device
+
+__all__ = [
+    "DeviceProfile",
+    "Cluster",
+    "profiles_dir",
+    "list_profiles",
+    "load_profile",
+    "load_cluster",
+    "cluster_from_dict",
+    "cluster_from_profile",
+]
+
+_ENV_DIR = "EDGE_DEVICES_DIR"
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One device class.
+
+    Attributes:
+        name: profile name, e.g. ``rpi4b-2gb`` (the yaml file's stem).
+        description: one line for people.
+        memory_mb: total RAM (MiB).
+        memory_budget_mb: RAM (MiB) a worker may use after the OS and headroom, runtime
+            floor included.
+        runtime_floor_mb: resident memory (MiB) of an idle worker process.
+        gflops: effective fp32 GFLOP/s that onnxruntime reaches on the CPU.
+        bandwidth_mbps: effective link bandwidth, Mbit/s.
+        link: ``gige`` or ``wifi``.
+        cores: CPU cores.
+        arch: ``aarch64`` or ``x86_64``.
+    """
+
+    name: str
+    description: str
+    memory_mb: float
+    memory_budget_mb: float
+    runtime_floor_mb: float
+    gflops: float
+    bandwidth_mbps: float
+    link: str
+    cores: int
+    arch: str
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The devices a plan may use.
+
+    Attributes:
+        devices: the pipeline's devices, in order (stage 0 on ``devices[0]``).
+        standby: spare devices for failover (``Device.standby`` is True).
+    """
+
+    devices: tuple[Device, ...]
+    standby: tuple[Device, ...] = ()
+
+    def all_devices(self) -> tuple[Device, ...]:
+        """Pipeline devices, then standby devices."""
+        return self.devices + self.standby
+
+
+# --- finding profiles -------------------------------------------------------------------
+
+
+def profiles_dir() -> Path:
+    """The folder of device profiles.
+
+    ``$EDGE_DEVICES_DIR`` if set; else ``devices/`` next to the ``edge`` package (source
+    and editable installs); else ``<sys.prefix>/share/edge/devices`` (wheel installs).
+
+    Raises:
+        ConfigError: ``$EDGE_DEVICES_DIR`` is set but is not a folder.
+    """
+    env = os.environ.get(_ENV_DIR)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"${_ENV_DIR}: expected a folder of device profiles, "
+                              f"got {str(path)!r}, which is not a folder")
+        return path
+    source = Path(__file__).resolve().parents[2] / "devices"
+    if source.is_dir():
+        return source
+    return Path(sys.prefix) / "share" / "edge" / "devices"
+
+
+def list_profiles() -> list[str]:
+    """Names of the profiles in ``profiles_dir()``, sorted."""
+    d = profiles_dir()
+    if not d.is_dir():
+        return []
+    return sorted(p.stem for p in d.glob("*.yaml"))
+
+
+# --- field checking ---------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _got(v: Any) -> str:
+    """``str 'lots'``, ``null``: the type and (shortened) value of what came."""
+    if v is None:
+        return "null"
+    r = repr(v)
+    return f"{type(v).__name__} {r if len(r) <= 60 else r[:57] + '...'}"
+
+
+def _mapping(v: Any, where: str, what: str) -> Mapping[str, Any]:
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"{where}: expected {what} (a mapping), got {_got(v)}")
+    return v
+
+
+def _require(d: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in d or d[key] is None:
+        raise ConfigError(f"{where}: {key}: missing; expected a value")
+    return d[key]
+
+
+def _number(v: Any, where: str, integer: bool = False, positive: bool = True) -> float:
+    # bool is an int subclass: `memory_mb: yes` must not read as 1.
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    kind = "an integer" if integer else "a number"
+    if isinstance(v, bool) or not ok or (isinstance(v, float) and not math.isfinite(v)):
+        raise ConfigError(f"{where}: expected {kind}, got {_got(v)}")
+    if positive and v <= 0:
+        raise ConfigError(f"{where}: expected {kind} > 0, got {v!r}")
+    return v
+
+
+def _string(v: Any, where: str) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ConfigError(f"{where}: expected a non-empty string, got {_got(v)}")
+    return v
+
+
+def _check_unknown(d: Mapping[str, Any], known: set[str], where: str) -> None:
+    # A typo ('memory_md') silently ignored would make the planner use the profile's
+    # number instead of the user's: reject it.
+    extra = sorted(str(k) for k in d if k not in known)
+    if extra:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(extra)}; "
+                          f"expected some of {', '.join(sorted(known))}")
+
+
+# --- profiles ---------------------------------------------------------------------------
+
+_PROFILE_NUMBERS = ("memory_mb", "memory_budget_mb", "runtime_floor_mb", "gflops",
+                    "bandwidth_mbps")
+_LINKS = ("gige", "wifi")
+_PROFILE_FIELDS = {"name", "description", *_PROFILE_NUMBERS, "link", "cores", "arch"}
+
+
+def _profile_path(name_or_path: str | os.PathLike[str]) -> Path:
+    s = os.fspath(name_or_path)
+    if s.endswith((".yaml", ".yml")) or os.sep in s or "/" in s:
+        return Path(s)
+    path = profiles_dir() / f"{s}.yaml"
+    if not path.is_file():
+        known = ", ".join(list_profiles()) or "(none)"
+        raise ConfigError(f"unknown profile {s!r} (looked in {profiles_dir()}); known: {known}")
+    return path
+
+
+def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
+    """Load a device profile.
+
+    Args:
+        name_or_path: a profile name (``rpi4b-2gb``, looked up in ``profiles_dir()``) or the
+            path of a yaml file.
+
+    Raises:
+        ConfigError: unknown profile, unreadable file, or a missing or malformed field.
+    """
+    path = _profile_path(name_or_path)
+    f = path.name
+    d = _mapping(_read_yaml(path), f, "a device profile")
+    _check_unknown(d, _PROFILE_FIELDS, f)
+    name = _string(d.get("name", path.stem), f"{f}: name")
+    if name != path.stem:
+        # Devices record the profile by name; the name must find this file again.
+        raise ConfigError(f"{f}: name: expected {path.stem!r} (the file's name), got {name!r}")
+    nums = {k: float(_number(_require(d, k, f), f"{f}: {k}")) for k in _PROFILE_NUMBERS}
+    if nums["memory_budget_mb"] > nums["memory_mb"]:
+        raise ConfigError(f"{f}: memory_budget_mb: expected at most memory_mb "
+                          f"({nums['memory_mb']:g}), got {nums['memory_budget_mb']:g}")
+    if nums["runtime_floor_mb"] >= nums["memory_budget_mb"]:
+        raise ConfigError(f"{f}: runtime_floor_mb: expected less than memory_budget_mb "
+                          f"({nums['memory_budget_mb']:g}), got {nums['runtime_floor_mb']:g}")
+    link = _require(d, "link", f)
+    if link not in _LINKS:
+        raise ConfigError(f"{f}: link: expected one of {', '.join(_LINKS)}, got {link!r}")
+    return DeviceProfile(
+        name=name,
+        description=str(d.get("description", "")),
+        link=link,
+        cores=int(_number(_require(d, "cores", f), f"{f}: cores", integer=True)),
+        arch=_string(_require(d, "arch", f), f"{f}: arch"),
+        **nums,
+    )
+
+
+# --- clusters ---------------------------------------------------------------------------
+
+_DEVICE_FIELDS = {"name", "address", "profile", "memory_mb", "gflops", "bandwidth_mbps"}
+
+
+def _check_address(v: Any, where: str) -> str:
+    addr = _string(v, where)
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: expected host:port (port 1-65535), got {addr!r}")
+    return addr
+
+
+def _device(entry: Any, where: str, f: str, standby: bool,
+            profiles: dict[str, DeviceProfile]) -> Device:
+    e = _mapping(entry, f"{f}: {where}", "a device")
+    _check_unknown(e, _DEVICE_FIELDS, f"{f}: {where}")
+    for key in ("name", "address", "profile"):
+        if e.get(key) is None:
+            raise ConfigError(f"{f}: {where}.{key}: missing; expected "
+                              + {"name": "a device name",
+                                 "address": "host:port of its worker",
+                                 "profile": "a profile name"}[key])
+    name = _string(e["name"], f"{f}: {where}.name")
+    address = _check_address(e["address"], f"{f}: {where}.address")
+    pname = _string(e["profile"], f"{f}: {where}.profile")
+    if pname not in profiles:
+        try:
+            profiles[pname] = load_profile(pname)
+        except ConfigError as err:
+            if pname in list_profiles() or "/" in pname or pname.endswith((".yaml", ".yml")):
+                raise ConfigError(f"{f}: {where}.profile: {err}") from None
+            raise ConfigError(f"{f}: {where}.profile: unknown profile {pname!r}; known: "
+                              f"{', '.join(list_profiles()) or '(none)'}") from None
+    prof = profiles[pname]
+
+    def override(key: str, default: float) -> float:
+        if key not in e:
+            return default
+        return float(_number(e[key], f"{f}: {where}.{key}", integer=(key == "memory_mb")))
+
+    memory = override("memory_mb", prof.memory_budget_mb)
+    if memory <= prof.runtime_floor_mb:
+        raise ConfigError(f"{f}: {where}.memory_mb: expected more than the runtime floor "
+                          f"of {prof.name} ({prof.runtime_floor_mb:g} MiB), got {memory:g}")
+    return Device(
+        name=name,
+        address=address,
+        profile=prof.name,
+        memory_mb=memory,
+        gflops=override("gflops", prof.gflops),
+        bandwidth_mbps=override("bandwidth_mbps", prof.bandwidth_mbps),
+        runtime_floor_mb=prof.runtime_floor_mb,
+        standby=standby,
+    )
+
+
+def _device_list(v: Any, key: str, f: str, required: bool) -> list[Any]:
+    if v is None:
+        if required:
+            raise ConfigError(f"{f}: {key}: missing; expected a list of devices")
+        return []
+    if not isinstance(v, list):
+        raise ConfigError(f"{f}: {key}: expected a list of devices, got {_type_name(v)}")
+    if required and not v:
+        raise ConfigError(f"{f}: {key}: expected at least one device, got an empty list")
+    return v
+
+
+def cluster_from_dict(d: Any, source: str = "cluster.yaml") -> Cluster:
+    """Build a cluster from the parsed contents of a cluster file.
+
+    Args:
+        d: the mapping (``devices``, optional ``standby``).
+        source: the file name to use in error messages.
+
+    Raises:
+        ConfigError: a missing or malformed field.
+    """
+    d = _mapping(d, source, "a cluster with a 'devices' list")
+    _check_unknown(d, {"devices", "standby"}, source)
+    profiles: dict[str, DeviceProfile] = {}
+    groups: dict[str, list[Device]] = {}
+    for key, standby in (("devices", False), ("standby", True)):
+        entries = _device_list(d.get(key), key, source, required=not standby)
+        groups[key] = [_device(e, f"{key}[{i}]", source, standby, profiles)
+                       for i, e in enumerate(entries)]
+    seen: dict[str, str] = {}
+    seen_addr: dict[str, str] = {}
+    for key, devs in groups.items():
+        for i, dev in enumerate(devs):
+            where = f"{source}: {key}[{i}]"
+            if dev.name in seen:
+                raise ConfigError(f"{where}.name: expected a unique name, got {dev.name!r} "
+                                  f"again (also {seen[dev.name]})")
+            if dev.address in seen_addr:
+                raise ConfigError(f"{where}.address: expected a unique address, got "
+                                  f"{dev.address!r} again (also {seen_addr[dev.address]})")
+            seen[dev.name] = seen_addr[dev.address] = f"{key}[{i}]"
+    return Cluster(devices=tuple(groups["devices"]), standby=tuple(groups["standby"]))
+
+
+def load_cluster(path: str | os.PathLike[str]) -> Cluster:
+    """Load a cluster file.
+
+    Args:
+        path: a yaml file with ``devices`` (pipeline order) and optional ``standby`` lists;
+            each device has ``name``, ``address`` (host:port), ``profile``, and optional
+            ``memory_mb`` (else the profile's ``memory_budget_mb``), ``gflops`` and
+            ``bandwidth_mbps`` overrides.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or has a missing or malformed field;
+            the message names the file and the field.
+    """
+    path = Path(path)
+    return cluster_from_dict(_read_yaml(path), source=path.name)
+
+
+def cluster_from_profile(profile: str, count: int,
+                         addresses: list[str] | None = None) -> Cluster:
+    """A cluster of ``count`` devices of one profile, named ``<profile>-1`` ... .
+
+    Args:
+        profile: profile name or path.
+        count: number of devices (>= 1).
+        addresses: their ``host:port`` addresses; default ``127.0.0.1:50051``, ``:50052``...
+            (all workers on one machine).
+
+    Raises:
+        ConfigError: unknown profile, count < 1, or a wrong number of addresses.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigError(f"cluster_from_profile: count: expected an integer >= 1, "
+                          f"got {count!r}")
+    if addresses is None:
+        addresses = [f"127.0.0.1:{50051 + i}" for i in range(count)]
+    if len(addresses) != count:
+        raise ConfigError(f"cluster_from_profile: addresses: expected {count}, "
+                          f"got {len(addresses)}")
+    prof = load_profile(profile)
+    devices = tuple(
+        Device(name=f"{prof.name}-{i + 1}",
+               address=_check_address(addr, f"cluster_from_profile: addresses[{i}]"),
+               profile=prof.name, memory_mb=prof.memory_budget_mb, gflops=prof.gflops,
+               bandwidth_mbps=prof.bandwidth_mbps, runtime_floor_mb=prof.runtime_floor_mb)
+        for i, addr in enumerate(addresses))
+    return Cluster(devices=devices)
