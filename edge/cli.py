@@ -68,12 +68,29 @@ def print_plan(plan, console) -> None:
                   f"latency {plan.latency_ms:.1f} ms (modelled from the device profiles)")
 
 
+# Sizes a plan is costed at unless --dim says otherwise, for the dims a model names so.
+DEFAULT_DIMS = {"batch": 1, "sequence": 128}
+
+
+def plan_dims(model: str | Path, given: dict[str, int]) -> dict[str, int]:
+    """``given`` plus DEFAULT_DIMS for the model's symbolic input dims that it leaves open."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(model), load_external_data=False).graph
+    except Exception:
+        return given  # analyze() reports an unreadable model with a better message
+    names = {d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim}
+    return {**{k: v for k, v in DEFAULT_DIMS.items() if k in names}, **given}
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from edge.planning import make_plan
     from edge.planning.cluster import load_cluster
 
     cluster = load_cluster(args.cluster)
-    plan = make_plan(args.model, cluster.devices, args.out, bindings=_parse_dims(args.dim),
+    plan = make_plan(args.model, cluster.devices, args.out,
+                     bindings=plan_dims(args.model, _parse_dims(args.dim)),
                      standby=cluster.standby)
     print_plan(plan, _console())
     print(f"wrote {Path(args.out) / 'plan.json'} and {len(plan.stages)} shard(s)")

@@ -103,8 +103,8 @@ def run_demo(config: DemoConfig) -> int:
             cluster = cluster_from_profile(config.profile, config.devices,
                                            addresses=workers.addresses)
             t0 = time.perf_counter()
-            bindings = {"batch": 1, "sequence": config.sequence} if config.model != "unet" \
-                else {"batch": 1}
+            bindings = ({"batch": 1, "height": config.sequence, "width": config.sequence}
+                        if config.model == "unet" else {"batch": 1, "sequence": config.sequence})
             plan = make_plan(model_path, cluster.devices, work / "build", bindings=bindings)
             console.print(f"planned in {time.perf_counter() - t0:.1f} s")
             print_plan(plan, console)
