@@ -1,0 +1,130 @@
+"""graph.analyze on small hand-built graphs: crossing sets, weight bookkeeping, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edge.errors import GraphError
+from edge.planning.graph import analyze
+
+
+def _skip_model(opset: int = 18, shuffle: bool = False) -> onnx.ModelProto:
+    """x -> relu a -> matmul W -> b; c = b + a (short skip); d = c @ W (tied weight);
+    e = d + x (long skip); y = e * s. Outputs y and the intermediate c."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W")
+    s = numpy_helper.from_array(rng.standard_normal((4,)).astype(np.float32), "s")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="n0"),
+        helper.make_node("MatMul", ["a", "W"], ["b"], name="n1"),
+        helper.make_node("Add", ["b", "a"], ["c"], name="n2"),
+        helper.make_node("MatMul", ["c", "W"], ["d"], name="n3"),
+        helper.make_node("Add", ["d", "x"], ["e"], name="n4"),
+        helper.make_node("Mul", ["e", "s"], ["y"], name="n5"),
+    ]
+    if shuffle:
+        nodes = [nodes[k] for k in (3, 0, 5, 1, 4, 2)]
+    g = helper.make_graph(
+        nodes, "skips",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[w, s])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+EXPECTED_CROSSING = [
+    {"x"},
+    {"x", "a"},
+    {"x", "a", "b"},
+    {"x", "c"},
+    {"x", "c", "d"},
+    {"c", "e"},
+    {"c", "y"},
+]
+
+
+def test_crossing_sets_exact():
+    c = analyze(_skip_model(), {"batch": 3})
+    assert c.num_nodes == 6
+    for p, want in enumerate(EXPECTED_CROSSING):
+        assert set(c.crossing(p)) == want, p
+        assert c.cut_bytes[p] == len(want) * 3 * 4 * 4, p
+    # live while node p runs = crossing(p) plus its own outputs
+    np.testing.assert_array_equal(c.live_bytes, c.cut_bytes[:6] + c.output_bytes)
+    assert c.specs["c"].shape == ("batch", 4) and c.specs["c"].dtype == "float32"
+
+
+def test_weights_counted_once_per_range_and_shared_in_both():
+    c = analyze(_skip_model(), {"batch": 1})
+    w_bytes, s_bytes = 4 * 4 * 4, 4 * 4
+    assert c.param_bytes.sum() == w_bytes + s_bytes == c.total_param_bytes
+    assert list(c.param_bytes) == [0, w_bytes, 0, 0, 0, s_bytes]
+    assert c.node_inits[3] == ["W"]
+    # W is tied: used by n1 and n3, so two stages split between them both hold it.
+    assert c.weight_bytes(0, 3) == w_bytes
+    assert c.weight_bytes(3, 6) == w_bytes + s_bytes
+    assert c.weight_bytes(0, 6) == w_bytes + s_bytes
+    assert c.weight_bytes(4, 5) == 0
+
+
+def test_flops():
+    c = analyze(_skip_model(), {"batch": 2})
+    assert c.flops[1] == 2 * 2 * 4 * 4  # MatMul [2,4]x[4,4]
+    assert c.flops[2] == 2 * 4          # Add: one per output element
+
+
+def test_nodes_sorted_topologically():
+    c = analyze(_skip_model(shuffle=True), {"batch": 1})
+    assert c.node_names == ["n0", "n1", "n2", "n3", "n4", "n5"]
+    assert [set(c.crossing(p)) for p in range(7)] == EXPECTED_CROSSING
+
+
+def test_old_opset_rejected():
+    with pytest.raises(GraphError, match=r"expected >= 17, got 13"):
+        analyze(_skip_model(opset=13))
+
+
+def test_unbound_dim_named():
+    m = _skip_model()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "height"
+    with pytest.raises(GraphError, match=r"height.*--dim height=SIZE"):
+        analyze(m)
+    assert analyze(m, {"height": 2}).bindings == {"height": 2}
+
+
+def test_batch_defaults_to_one():
+    assert analyze(_skip_model()).bindings == {"batch": 1}
+
+
+def test_external_data(tmp_path):
+    path = tmp_path / "ext.onnx"
+    onnx.save(_skip_model(), str(path), save_as_external_data=True, location="ext.onnx.data",
+              size_threshold=0)
+    assert (tmp_path / "ext.onnx.data").stat().st_size >= 80
+    c = analyze(path, {"batch": 1})
+    assert c.total_param_bytes == 80
+    assert all(len(t.raw_data) > 0 for t in c.model.graph.initializer)
+
+
+def test_subgraph_implicit_input_is_a_use():
+    # `If` whose then-branch reads `a` from the outer scope: a must cross into the If.
+    then_g = helper.make_graph([helper.make_node("Identity", ["a"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["u"])], "else", [],
+                               [helper.make_tensor_value_info("u", TensorProto.FLOAT, [2])])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("ReduceSum", ["x"], ["r"], keepdims=0),
+        helper.make_node("Greater", ["r", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
+    ]
+    g = helper.make_graph(
+        nodes, "if", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        initializer=[numpy_helper.from_array(np.zeros((), np.float32), "zero")])
+    c = analyze(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+    assert set(c.crossing(3)) == {"x", "a", "cond"}

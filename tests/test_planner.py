@@ -1,0 +1,123 @@
+"""The planner as a pure function: DP against brute force, errors, and sanity cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge.errors import NoFitError, PlanError
+from edge.planning.plan import Device
+from edge.planning.planner import CostArrays, brute_force, partition
+
+MiB = float(1 << 20)
+
+
+def _dev(name: str, memory_mb: float = 1e6, gflops: float = 1.0, bw: float = 1000.0,
+         floor: float = 62.0) -> Device:
+    return Device(name=name, address=f"{name}:50051", profile="test", memory_mb=memory_mb,
+                  gflops=gflops, bandwidth_mbps=bw, runtime_floor_mb=floor)
+
+
+def _random_case(rng: np.random.Generator):
+    n = int(rng.integers(1, 10))
+    d = int(rng.integers(1, min(4, n) + 1))
+    m = int(rng.integers(0, 6))
+    uses = tuple(np.sort(rng.choice(n, size=int(rng.integers(1, min(3, n) + 1)), replace=False))
+                 for _ in range(m))
+    costs = CostArrays(flops=rng.uniform(0, 1e9, n), live_bytes=rng.uniform(0, 50, n) * MiB,
+                       cut_bytes=rng.uniform(0, 5e6, n + 1),
+                       init_bytes=rng.uniform(0, 100, m) * MiB, init_uses=uses)
+    devices = [_dev(f"d{k}", memory_mb=float(rng.uniform(100, 450)),
+                    gflops=float(rng.uniform(1, 10)), bw=float(rng.uniform(10, 1000)))
+               for k in range(d)]
+    return costs, devices
+
+
+def _solve(fn, costs, devices):
+    try:
+        return fn(costs, devices)
+    except NoFitError as e:
+        return e
+
+
+def test_dp_matches_brute_force():
+    rng = np.random.default_rng(1234)
+    fits = nofits = 0
+    for _ in range(400):
+        costs, devices = _random_case(rng)
+        dp, bf = _solve(partition, costs, devices), _solve(brute_force, costs, devices)
+        assert type(dp) is type(bf), (dp, bf)
+        if isinstance(bf, NoFitError):
+            nofits += 1
+            assert dp.min_memory_mb == pytest.approx(bf.min_memory_mb, rel=1e-9)
+            continue
+        fits += 1
+        assert abs(dp.bottleneck_ms - bf.bottleneck_ms) <= 1e-9 * max(1.0, bf.bottleneck_ms)
+        assert dp.latency_ms == pytest.approx(bf.latency_ms, rel=1e-9)
+        # a valid split: contiguous, non-empty, covering, fitting
+        assert dp.ranges[0][0] == 0 and dp.ranges[-1][1] == len(costs.flops)
+        assert all(a[1] == b[0] for a, b in zip(dp.ranges, dp.ranges[1:]))
+        assert all(i < j for i, j in dp.ranges)
+        assert all(p.memory_mb <= dev.memory_mb for p, dev in zip(dp.predictions, devices))
+    assert fits > 50 and nofits > 50  # both branches exercised
+
+
+def test_no_fit_message_names_every_device():
+    costs = CostArrays(flops=np.ones(4), live_bytes=np.full(4, 1 * MiB),
+                       cut_bytes=np.zeros(5), init_bytes=np.full(4, 100 * MiB),
+                       init_uses=tuple(np.array([k]) for k in range(4)))
+    devices = [_dev("pi-1", memory_mb=150), _dev("pi-2", memory_mb=300),
+               _dev("pi-3", memory_mb=150)]
+    with pytest.raises(NoFitError) as ei:
+        partition(costs, devices)
+    e = ei.value
+    msg = str(e)
+    for name in ("pi-1", "pi-2", "pi-3"):
+        assert name in msg
+        assert f"needs {e.needs[name]:.0f} MiB, has {e.has[name]:.0f} MiB" in msg
+    assert e.has == {"pi-1": 150, "pi-2": 300, "pi-3": 150}
+    assert "every device would need at least" in msg
+    assert f"{e.min_memory_mb:.0f} MiB" in msg
+    # min memory: the best split puts 2 weights on one device -> floor + 2 * factor * 100
+    from edge.planning.memory import stage_memory_mb
+    assert e.min_memory_mb == pytest.approx(stage_memory_mb(200 * MiB, 1 * MiB, 62.0))
+    # and it really is enough
+    partition(costs, [_dev(f"x{k}", memory_mb=e.min_memory_mb) for k in range(3)])
+
+
+def test_more_devices_than_nodes():
+    with pytest.raises(PlanError, match="3 devices but the model has only 2 nodes"):
+        partition(CostArrays(np.ones(2), np.ones(2), np.ones(3)), [_dev(f"d{k}") for k in range(3)])
+
+
+def test_bandwidth_moves_the_cut():
+    # Six equal nodes; the cut after node 3 carries a huge tensor, every other cut is tiny.
+    n = 6
+    cut = np.full(n + 1, 1e3)
+    cut[3] = 50e6
+    costs = CostArrays(flops=np.full(n, 1e9), live_bytes=np.ones(n), cut_bytes=cut)
+    fast = [_dev("a", gflops=1.0, bw=1e6), _dev("b", gflops=1.0, bw=1e6)]
+    slow = [_dev("a", gflops=1.0, bw=10.0), _dev("b", gflops=1.0, bw=10.0)]
+    assert partition(costs, fast).ranges == ((0, 3), (3, 6))  # balanced compute
+    r = partition(costs, slow).ranges
+    assert r[0][1] != 3  # sending 50 MB over 10 Mbit/s (40 s) is worse than imbalance
+
+
+def test_slow_device_gets_less_work():
+    n = 40
+    costs = CostArrays(flops=np.full(n, 1e9), live_bytes=np.ones(n), cut_bytes=np.zeros(n + 1))
+    split = partition(costs, [_dev("slow", gflops=1.0), _dev("fast", gflops=3.0)])
+    (a, b), (c, d) = split.ranges
+    assert b - a == 10 and d - c == 30
+    assert split.bottleneck_ms == pytest.approx(10_000.0)
+
+
+def test_memory_limits_a_stage():
+    # Equal speed would split 3/3, but the first device only holds one weight.
+    costs = CostArrays(flops=np.ones(6), live_bytes=np.ones(6), cut_bytes=np.zeros(7),
+                       init_bytes=np.full(6, 10 * MiB),
+                       init_uses=tuple(np.array([k]) for k in range(6)))
+    from edge.planning.memory import stage_memory_mb
+    small = stage_memory_mb(10 * MiB, 1, 62.0) + 0.1
+    split = partition(costs, [_dev("small", memory_mb=small), _dev("big")])
+    assert split.ranges == ((0, 1), (1, 6))
