@@ -52,20 +52,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 def print_plan(plan, console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"plan for {plan.model.name} ({plan.model.num_nodes} nodes, "
-                        f"{', '.join(f'{k}={v}' for k, v in plan.model.bindings.items())})")
-    for col in ("stage", "device", "profile", "nodes", "weights MiB", "memory MiB",
-                "budget MiB", "compute ms", "send ms", "sends"):
-        table.add_column(col, justify="right" if col not in ("device", "profile", "sends") else "left")
+    dims = ", ".join(f"{k}={v}" for k, v in plan.model.bindings.items())
+    table = Table(title=f"plan: {plan.model.name}, {plan.model.num_nodes} nodes, {dims}")
+    for col in ("stage", "device", "nodes", "weights", "memory / budget MiB", "compute",
+                "send", "sends"):
+        table.add_column(col, justify="left" if col in ("device", "nodes") else "right")
     for s in plan.stages:
         p = s.predicted
-        table.add_row(str(s.index), s.device.name, s.device.profile,
-                      f"{s.node_range[0]}–{s.node_range[1]}", f"{p.weights_mb:.1f}",
-                      f"{p.memory_mb:.1f}", f"{s.device.memory_mb:.0f}", f"{p.compute_ms:.1f}",
-                      f"{p.transfer_ms:.2f}", f"{len(s.outputs)} tensor(s)")
+        table.add_row(str(s.index), f"{s.device.name} ({s.device.profile})",
+                      f"{s.node_range[0]}–{s.node_range[1]}", f"{p.weights_mb:.0f} MiB",
+                      f"{p.memory_mb:.0f} / {s.device.memory_mb:.0f}",
+                      f"{p.compute_ms:.0f} ms", f"{p.transfer_ms:.1f} ms",
+                      f"{len(s.outputs)} tensors")
     console.print(table)
-    console.print(f"predicted bottleneck {plan.bottleneck_ms:.1f} ms/request, "
-                  f"latency {plan.latency_ms:.1f} ms (modelled from the device profiles)")
+    console.print(f"modelled from the device profiles: bottleneck {plan.bottleneck_ms:.0f} ms "
+                  f"per request, latency {plan.latency_ms:.0f} ms")
 
 
 # Sizes a plan is costed at unless --dim says otherwise, for the dims a model names so.

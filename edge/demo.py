@@ -114,11 +114,13 @@ def run_demo(config: DemoConfig) -> int:
                 with InferClient(f"127.0.0.1:{port}") as client:
                     client.infer_raw(inputs[0])  # warm-up: first-run allocations
                     # Latency: one request at a time.
-                    sequential = []
+                    sequential, stage_ms = [], {}
                     for x in inputs[: min(8, len(inputs))]:
                         t = time.perf_counter()
-                        client.infer_raw(x)
+                        reply = client.infer_raw(x)
                         sequential.append((time.perf_counter() - t) * 1e3)
+                        for timing in reply.timings:
+                            stage_ms.setdefault(timing.stage, []).append(timing.compute_ms)
                     # Throughput: several in flight, so the stages overlap.
                     t = time.perf_counter()
                     with ThreadPoolExecutor(config.concurrency) as pool:
@@ -134,10 +136,6 @@ def run_demo(config: DemoConfig) -> int:
             got = decode_tensors(reply.outputs)
             for k, v in want.items():
                 worst = max(worst, float(np.max(np.abs(got[k].astype(np.float64) - v))))
-        stage_ms: dict[int, list[float]] = {}
-        for reply in replies:
-            for timing in reply.timings:
-                stage_ms.setdefault(timing.stage, []).append(timing.compute_ms)
 
         table = Table(title="per device")
         for col in ("stage", "device", "holds", "planned MiB", "peak RSS MiB", "stage ms"):
@@ -149,6 +147,7 @@ def run_demo(config: DemoConfig) -> int:
                           f"{st.worker.peak_rss_bytes / 2**20:.0f}",
                           f"{statistics.mean(stage_ms.get(stage.index, [0])):.1f}")
         console.print(table)
+        console.print("[dim]stage ms: mean compute time of a stage, one request at a time[/dim]")
         console.print(f"unsharded onnxruntime: {statistics.median(single_ms):.1f} ms/request "
                       "(median, this process)")
         console.print(f"pipeline latency: {statistics.median(sequential):.1f} ms (median of "
