@@ -269,3 +269,54 @@ def test_worker_never_imports_torch(worker):
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_budget_too_small_gets_resource_exhausted_and_worker_keeps_serving(tmp_path, shard):
+    w = spawn_worker(tmp_path, "small", extra_args=["--memory-budget", "80"])
+    try:
+        with create_channel(w.address) as channel:
+            stub = pb_grpc.WorkerStub(channel)
+            path, sha = shard
+            stub.UploadShard(chunks(sha, path.read_bytes()), timeout=10)
+            big = config(sha)
+            big.predicted_memory_mb = 120
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Configure(big, timeout=30)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "needs 120 MiB" in e.value.details() and "budget is 80 MiB" in e.value.details()
+            assert not stub.GetStatus(pb.StatusRequest(), timeout=5).configured
+            fits = config(sha)
+            fits.predicted_memory_mb = 70
+            stub.Configure(fits, timeout=30)
+            events = Events(stub)
+            try:
+                assert_serves(stub, events)
+            finally:
+                events.close()
+    finally:
+        w.stop()
+
+
+def test_profile_samples_memory_while_serving(worker, shard):
+    w, stub = worker
+    upload_and_configure(stub, shard)
+    events = Events(stub)
+    try:
+        for i in range(3):
+            assert_serves(stub, events, f"r{i}")
+    finally:
+        events.close()
+    import time
+
+    time.sleep(0.3)  # a few sampling intervals
+    profile = stub.GetProfile(pb.ProfileRequest(), timeout=5)
+    assert len(profile.samples) >= 2 and profile.interval_s > 0
+    last = profile.samples[-1]
+    assert profile.rss_at_load_bytes > 0
+    assert last.peak_rss_bytes >= profile.rss_at_load_bytes
+    assert last.rss_bytes == pytest.approx(last.rss_anon_bytes + last.rss_file_bytes, rel=0.05)
+    assert last.requests_done == 3
+    times = [s.time for s in profile.samples]
+    assert times == sorted(times)
+    later = stub.GetProfile(pb.ProfileRequest(since=times[-1]), timeout=5)
+    assert all(s.time > times[-1] for s in later.samples)

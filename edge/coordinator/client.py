@@ -55,6 +55,9 @@ class InferClient:
     def status(self) -> pb.ClusterStatus:
         return self.stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=10)
 
+    def profile(self, since: float = 0.0) -> pb.ClusterProfile:
+        return self.stub.GetClusterProfile(pb.ProfileRequest(since=since), timeout=30)
+
     def close(self) -> None:
         self.channel.close()
 

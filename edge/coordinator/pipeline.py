@@ -24,7 +24,7 @@ from edge.errors import EdgeError, TensorError
 from edge.planning.plan import Plan
 from edge.proto import edge_pb2 as pb
 from edge.transport.channels import Deadlines, Security
-from edge.transport.codec import check_tensors, encode_tensors
+from edge.transport.codec import check_tensors, encode_spec, encode_tensors
 from edge.coordinator.deploy import DeployError, Progress, WorkerHandle, connect, deploy
 
 __all__ = ["Pipeline", "InferError", "InferResult"]
@@ -230,7 +230,9 @@ class Pipeline:
 
     def status(self) -> pb.ClusterStatus:
         out = pb.ClusterStatus(plan_id=self.plan.plan_id, requests_done=self.requests_done,
-                               requests_failed=self.requests_failed, in_flight=self.in_flight)
+                               requests_failed=self.requests_failed, in_flight=self.in_flight,
+                               model_inputs=[encode_spec(t) for t in self.plan.model.inputs],
+                               bindings=self.plan.model.bindings)
         for w in self.workers:
             s = out.stages.add(stage=w.stage.index, device=w.stage.device.name,
                                address=w.stage.device.address,
@@ -241,6 +243,22 @@ class Pipeline:
                 s.healthy = True
             except grpc.RpcError:
                 s.healthy = False
+        return out
+
+    def profile(self, since: float = 0.0) -> pb.ClusterProfile:
+        """Every worker's memory samples since ``since`` (unix seconds)."""
+        out = pb.ClusterProfile()
+        for w in self.workers:
+            s = w.stage
+            entry = out.stages.add(stage=s.index, device=s.device.name, address=s.device.address,
+                                   profile=s.device.profile, shard=s.shard,
+                                   planned_memory_mb=s.predicted.memory_mb,
+                                   budget_mb=s.device.memory_mb)
+            try:
+                entry.profile_data.CopyFrom(w.stub.GetProfile(
+                    pb.ProfileRequest(since=since), timeout=self.deadlines.control))
+            except grpc.RpcError as e:
+                entry.error = f"{e.code().name}: {e.details()}"
         return out
 
 

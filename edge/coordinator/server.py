@@ -41,6 +41,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def GetClusterStatus(self, request, context) -> pb.ClusterStatus:
         return self.pipeline.status()
 
+    def GetClusterProfile(self, request: pb.ProfileRequest, context) -> pb.ClusterProfile:
+        return self.pipeline.profile(request.since)
+
 
 def start_coordinator(pipeline: Pipeline, listen: str, max_workers: int = 32
                       ) -> tuple[grpc.Server, int]:

@@ -10,7 +10,8 @@ import sys
 
 import psutil
 
-__all__ = ["rss_bytes", "peak_rss_bytes", "device_facts", "tune_malloc"]
+__all__ = ["rss_bytes", "peak_rss_bytes", "memory_breakdown", "heap_in_use", "device_facts",
+           "tune_malloc"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,50 @@ def peak_rss_bytes(pid: int | None = None) -> int:
     except OSError:
         pass
     return rss_bytes(pid)  # not Linux: the best we can do
+
+
+def memory_breakdown(pid: int | None = None) -> dict[str, int]:
+    """RSS split by the kernel into anonymous and file-backed memory, plus the peak, in bytes.
+
+    File-backed pages (code, memory-mapped weights) can be dropped and re-read by the
+    kernel under pressure; anonymous ones (heap, arena, copied weights) cannot.
+
+    Returns:
+        rss, rss_anon, rss_file, peak_rss (zeros for fields the kernel does not give).
+    """
+    fields = {"VmRSS:": "rss", "RssAnon:": "rss_anon", "RssFile:": "rss_file",
+              "RssShmem:": "rss_shmem", "VmHWM:": "peak_rss"}
+    out = dict.fromkeys(fields.values(), 0)
+    try:
+        with open(f"/proc/{pid or 'self'}/status") as f:
+            for line in f:
+                key = line.split(None, 1)[0]
+                if key in fields:
+                    out[fields[key]] = int(line.split()[1]) * 1024
+    except OSError:
+        rss = rss_bytes(pid)
+        out.update(rss=rss, rss_anon=rss, peak_rss=rss)
+    out["rss_file"] += out.pop("rss_shmem")
+    return out
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def heap_in_use() -> int:
+    """Bytes the C heap has handed out (glibc ``mallinfo2``): onnxruntime's CPU arena and
+    every tensor it allocates live here. 0 where glibc does not say."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return 0
+    fn.restype = _MallInfo2
+    info = fn()
+    return int(info.uordblks + info.hblkhd)
 
 
 def device_facts() -> dict:

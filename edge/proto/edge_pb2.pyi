@@ -161,7 +161,7 @@ class DeviceFacts(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., machine: _Optional[str] = ..., system: _Optional[str] = ..., cpu_count: _Optional[int] = ..., cpu_freq_mhz: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., python: _Optional[str] = ..., onnxruntime: _Optional[str] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("device", "version", "configured", "stage", "shard_sha256", "plan_id", "epoch", "rss_bytes", "peak_rss_bytes", "memory_budget_mb", "requests_done", "requests_failed", "mean_compute_ms", "queue_depth", "facts")
+    __slots__ = ("device", "version", "configured", "stage", "shard_sha256", "plan_id", "epoch", "rss_bytes", "peak_rss_bytes", "memory_budget_mb", "requests_done", "requests_failed", "mean_compute_ms", "queue_depth", "facts", "rss_anon_bytes", "rss_file_bytes", "memory_warning")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CONFIGURED_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,9 @@ class WorkerStatus(_message.Message):
     MEAN_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     FACTS_FIELD_NUMBER: _ClassVar[int]
+    RSS_ANON_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_WARNING_FIELD_NUMBER: _ClassVar[int]
     device: str
     version: str
     configured: bool
@@ -192,7 +195,52 @@ class WorkerStatus(_message.Message):
     mean_compute_ms: float
     queue_depth: int
     facts: DeviceFacts
-    def __init__(self, device: _Optional[str] = ..., version: _Optional[str] = ..., configured: _Optional[bool] = ..., stage: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., plan_id: _Optional[str] = ..., epoch: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., memory_budget_mb: _Optional[float] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., mean_compute_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ...) -> None: ...
+    rss_anon_bytes: int
+    rss_file_bytes: int
+    memory_warning: str
+    def __init__(self, device: _Optional[str] = ..., version: _Optional[str] = ..., configured: _Optional[bool] = ..., stage: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., plan_id: _Optional[str] = ..., epoch: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., memory_budget_mb: _Optional[float] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., mean_compute_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., rss_anon_bytes: _Optional[int] = ..., rss_file_bytes: _Optional[int] = ..., memory_warning: _Optional[str] = ...) -> None: ...
+
+class MemorySample(_message.Message):
+    __slots__ = ("time", "rss_bytes", "rss_anon_bytes", "rss_file_bytes", "peak_rss_bytes", "heap_bytes", "cpu_percent", "requests_done", "queue_depth")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_ANON_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEAP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_DONE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    rss_bytes: int
+    rss_anon_bytes: int
+    rss_file_bytes: int
+    peak_rss_bytes: int
+    heap_bytes: int
+    cpu_percent: float
+    requests_done: int
+    queue_depth: int
+    def __init__(self, time: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., rss_anon_bytes: _Optional[int] = ..., rss_file_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., heap_bytes: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., requests_done: _Optional[int] = ..., queue_depth: _Optional[int] = ...) -> None: ...
+
+class ProfileRequest(_message.Message):
+    __slots__ = ("since",)
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    since: float
+    def __init__(self, since: _Optional[float] = ...) -> None: ...
+
+class WorkerProfile(_message.Message):
+    __slots__ = ("samples", "interval_s", "memory_budget_mb", "rss_at_load_bytes", "load_ms")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_MB_FIELD_NUMBER: _ClassVar[int]
+    RSS_AT_LOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    samples: _containers.RepeatedCompositeFieldContainer[MemorySample]
+    interval_s: float
+    memory_budget_mb: float
+    rss_at_load_bytes: int
+    load_ms: float
+    def __init__(self, samples: _Optional[_Iterable[_Union[MemorySample, _Mapping]]] = ..., interval_s: _Optional[float] = ..., memory_budget_mb: _Optional[float] = ..., rss_at_load_bytes: _Optional[int] = ..., load_ms: _Optional[float] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
     __slots__ = ()
@@ -259,15 +307,54 @@ class StageStatus(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., device: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., worker: _Optional[_Union[WorkerStatus, _Mapping]] = ..., planned_memory_mb: _Optional[float] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("plan_id", "stages", "requests_done", "requests_failed", "in_flight")
+    __slots__ = ("plan_id", "stages", "requests_done", "requests_failed", "in_flight", "model_inputs", "bindings")
+    class BindingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_DONE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    BINDINGS_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     stages: _containers.RepeatedCompositeFieldContainer[StageStatus]
     requests_done: int
     requests_failed: int
     in_flight: int
-    def __init__(self, plan_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    model_inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    bindings: _containers.ScalarMap[str, int]
+    def __init__(self, plan_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., in_flight: _Optional[int] = ..., model_inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., bindings: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class StageProfile(_message.Message):
+    __slots__ = ("stage", "device", "address", "profile", "shard", "planned_memory_mb", "budget_mb", "profile_data", "error")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MB_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_DATA_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    device: str
+    address: str
+    profile: str
+    shard: str
+    planned_memory_mb: float
+    budget_mb: float
+    profile_data: WorkerProfile
+    error: str
+    def __init__(self, stage: _Optional[int] = ..., device: _Optional[str] = ..., address: _Optional[str] = ..., profile: _Optional[str] = ..., shard: _Optional[str] = ..., planned_memory_mb: _Optional[float] = ..., budget_mb: _Optional[float] = ..., profile_data: _Optional[_Union[WorkerProfile, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ClusterProfile(_message.Message):
+    __slots__ = ("stages",)
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedCompositeFieldContainer[StageProfile]
+    def __init__(self, stages: _Optional[_Iterable[_Union[StageProfile, _Mapping]]] = ...) -> None: ...

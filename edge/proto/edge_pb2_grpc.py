@@ -64,6 +64,11 @@ class WorkerStub:
                 request_serializer=edge_dot_proto_dot_edge__pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=edge_dot_proto_dot_edge__pb2.Event.FromString,
                 _registered_method=True)
+        self.GetProfile = channel.unary_unary(
+                '/edge.v1.Worker/GetProfile',
+                request_serializer=edge_dot_proto_dot_edge__pb2.ProfileRequest.SerializeToString,
+                response_deserializer=edge_dot_proto_dot_edge__pb2.WorkerProfile.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -108,6 +113,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetProfile(self, request, context):
+        """Memory and CPU samples the worker took of itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +152,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Subscribe,
                     request_deserializer=edge_dot_proto_dot_edge__pb2.SubscribeRequest.FromString,
                     response_serializer=edge_dot_proto_dot_edge__pb2.Event.SerializeToString,
+            ),
+            'GetProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProfile,
+                    request_deserializer=edge_dot_proto_dot_edge__pb2.ProfileRequest.FromString,
+                    response_serializer=edge_dot_proto_dot_edge__pb2.WorkerProfile.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +331,33 @@ class Worker:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def GetProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edge.v1.Worker/GetProfile',
+            edge_dot_proto_dot_edge__pb2.ProfileRequest.SerializeToString,
+            edge_dot_proto_dot_edge__pb2.WorkerProfile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class CoordinatorStub:
     """Missing associated documentation comment in .proto file."""
@@ -334,6 +378,11 @@ class CoordinatorStub:
                 request_serializer=edge_dot_proto_dot_edge__pb2.ClusterStatusRequest.SerializeToString,
                 response_deserializer=edge_dot_proto_dot_edge__pb2.ClusterStatus.FromString,
                 _registered_method=True)
+        self.GetClusterProfile = channel.unary_unary(
+                '/edge.v1.Coordinator/GetClusterProfile',
+                request_serializer=edge_dot_proto_dot_edge__pb2.ProfileRequest.SerializeToString,
+                response_deserializer=edge_dot_proto_dot_edge__pb2.ClusterProfile.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -351,6 +400,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetClusterProfile(self, request, context):
+        """Every worker's memory samples, gathered through the coordinator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -363,6 +419,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetClusterStatus,
                     request_deserializer=edge_dot_proto_dot_edge__pb2.ClusterStatusRequest.FromString,
                     response_serializer=edge_dot_proto_dot_edge__pb2.ClusterStatus.SerializeToString,
+            ),
+            'GetClusterProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClusterProfile,
+                    request_deserializer=edge_dot_proto_dot_edge__pb2.ProfileRequest.FromString,
+                    response_serializer=edge_dot_proto_dot_edge__pb2.ClusterProfile.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -419,6 +480,33 @@ class Coordinator:
             '/edge.v1.Coordinator/GetClusterStatus',
             edge_dot_proto_dot_edge__pb2.ClusterStatusRequest.SerializeToString,
             edge_dot_proto_dot_edge__pb2.ClusterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClusterProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edge.v1.Coordinator/GetClusterProfile',
+            edge_dot_proto_dot_edge__pb2.ProfileRequest.SerializeToString,
+            edge_dot_proto_dot_edge__pb2.ClusterProfile.FromString,
             options,
             channel_credentials,
             insecure,

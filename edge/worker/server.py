@@ -28,7 +28,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import edge
 from edge.errors import TensorError
-from edge.profiling.memory import device_facts, peak_rss_bytes, rss_bytes
+from edge.profiling.memory import device_facts, memory_breakdown, rss_bytes
+from edge.profiling.sampler import Sampler
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import Deadlines, Security, create_channel, create_server
@@ -54,6 +55,7 @@ class WorkerConfig:
         memory_budget_mb: memory this worker may use (0: unknown).
         threads: onnxruntime intra-op threads (None: all cores).
         max_queue: requests waiting for compute before Forward answers RESOURCE_EXHAUSTED.
+        sample_interval_s: seconds between the memory samples `edge profile` reads.
         deadlines: per-call deadlines for calls this worker makes.
         security: transport security.
     """
@@ -64,6 +66,7 @@ class WorkerConfig:
     memory_budget_mb: float = 0.0
     threads: int | None = None
     max_queue: int = 64
+    sample_interval_s: float = 0.1
     deadlines: Deadlines = Deadlines()
     security: Security = Security()
 
@@ -132,6 +135,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._failed = 0
         self._compute_ms_total = 0.0
         self._stopping = threading.Event()
+        self._loaded: tuple[int, float] = (0, 0.0)  # RSS right after the last load, load ms
+        self.sampler = Sampler(config.sample_interval_s, counters=self._counters,
+                               budget_mb=config.memory_budget_mb).start()
         self._threads = [
             threading.Thread(target=self._compute_loop, name="edge-compute", daemon=True),
             threading.Thread(target=self._send_loop, name="edge-send", daemon=True),
@@ -199,6 +205,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.DATA_LOSS,
                           f"cached shard does not match the plan: expected sha256 "
                           f"{spec.shard_sha256}, file has {digest}; upload it again")
+        budget = self.config.memory_budget_mb
+        if budget and spec.predicted_memory_mb > budget:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{spec.where} needs {spec.predicted_memory_mb:.0f} MiB (predicted by "
+                          f"the plan), this worker's budget is {budget:.0f} MiB; re-plan with "
+                          f"this device's memory")
         with self._configure_lock:
             try:
                 runner = StageRunner(spec, path, self.config.threads)
@@ -216,6 +228,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             else:
                 self._next_channel = self._next_stub = None
             self._runner = runner
+            self._loaded = (rss_bytes(), runner.load_ms)
             if old_channel is not None:
                 old_channel.close()
         log.info("serving %s of %d (shard %s, epoch %d), loaded in %.0f ms; next hop: %s",
@@ -261,14 +274,23 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         finally:
             self._events.unsubscribe(q)
 
+    def GetProfile(self, request: pb.ProfileRequest, context) -> pb.WorkerProfile:
+        samples = [pb.MemorySample(**vars(s)) for s in self.sampler.since(request.since)]
+        return pb.WorkerProfile(samples=samples, interval_s=self.sampler.interval_s,
+                                memory_budget_mb=self.config.memory_budget_mb,
+                                rss_at_load_bytes=self._loaded[0], load_ms=self._loaded[1])
+
     def GetStatus(self, request: pb.StatusRequest, context) -> pb.WorkerStatus:
         runner = self._runner
         with self._stats_lock:
             done, failed, total = self._done, self._failed, self._compute_ms_total
+        mem = memory_breakdown()
         status = pb.WorkerStatus(
             device=self.config.device, version=edge.__version__,
             configured=runner is not None,
-            rss_bytes=rss_bytes(), peak_rss_bytes=peak_rss_bytes(),
+            rss_bytes=mem["rss"], peak_rss_bytes=mem["peak_rss"],
+            rss_anon_bytes=mem["rss_anon"], rss_file_bytes=mem["rss_file"],
+            memory_warning=self.sampler.warning,
             memory_budget_mb=self.config.memory_budget_mb,
             requests_done=done, requests_failed=failed,
             mean_compute_ms=total / done if done else 0.0,
@@ -282,6 +304,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return status
 
     # ------------------------------------------------------------------ internals
+
+    def _counters(self) -> tuple[int, int]:
+        return self._done, self._jobs.qsize()
 
     def _fail(self, job: _Job, code: grpc.StatusCode, message: str) -> None:
         with self._stats_lock:
@@ -348,6 +373,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def stop(self) -> None:
         self._stopping.set()
+        self.sampler.stop()
         if self._next_channel is not None:
             self._next_channel.close()
 
