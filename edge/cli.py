@@ -202,6 +202,67 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- calibrate
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import datetime
+    import statistics
+    import time
+
+    import grpc
+
+    from edge.proto import edge_pb2 as pb
+    from edge.proto import edge_pb2_grpc as pb_grpc
+    from edge.transport.channels import create_channel
+
+    with create_channel(args.worker) as channel:
+        stub = pb_grpc.WorkerStub(channel)
+        try:
+            status = stub.GetStatus(pb.StatusRequest(), timeout=10)
+            reply = stub.Calibrate(pb.CalibrateRequest(seconds=args.seconds),
+                                   timeout=args.seconds + 60)
+            # The link: time a few payloads of 4 MiB against empty round trips.
+            payload = b"\0" * (4 << 20)
+            empty, full = [], []
+            for _ in range(args.link_rounds):
+                t = time.perf_counter()
+                stub.Calibrate(pb.CalibrateRequest(), timeout=30)
+                empty.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                stub.Calibrate(pb.CalibrateRequest(payload=payload), timeout=60)
+                full.append(time.perf_counter() - t)
+        except grpc.RpcError as e:
+            print(f"edge calibrate: {args.worker}: {e.code().name}: {e.details()}",
+                  file=sys.stderr)
+            return 1
+    wire_s = max(1e-6, statistics.median(full) - statistics.median(empty))
+    mbps = len(payload) * 8 / wire_s / 1e6
+    floor_mb = reply.startup_rss_bytes / 2**20
+    facts = reply.facts
+    print(f"{args.worker}: {facts.machine}, {facts.cpu_count} cores, "
+          f"{facts.memory_total_bytes / 2**20:.0f} MiB RAM, onnxruntime {facts.onnxruntime}")
+    print(f"  runtime floor  {floor_mb:.1f} MiB (idle worker RSS)")
+    print(f"  compute        {reply.gflops:.1f} GFLOP/s fp32 ({reply.runs} runs of a "
+          "BERT-base MLP block)")
+    print(f"  link           {mbps:.0f} Mbit/s (4 MiB payloads from this machine)")
+    profile = args.profile or status.device
+    if args.write:
+        if not profile or profile == "unknown":
+            raise SystemExit("edge calibrate: which profile? the worker was started without "
+                             "--device; pass --profile NAME")
+        from edge.planning.cluster import update_profile
+
+        values = {"runtime_floor_mb": round(floor_mb, 1), "gflops": round(reply.gflops, 1)}
+        if not args.no_link:
+            values["bandwidth_mbps"] = round(mbps)
+        note = (f"measured by edge calibrate on {facts.hostname} "
+                f"{datetime.date.today().isoformat()}")
+        path = update_profile(profile, values, note)
+        print(f"wrote {', '.join(values)} into {path}")
+    return 0
+
+
 # ---------------------------------------------------------------------- demo
 
 
@@ -282,6 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help=".npz to write the outputs to")
     p.add_argument("--timeout", type=float, default=120.0)
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("calibrate", help="measure a device through its worker; store it in "
+                                         "the device's profile")
+    p.add_argument("--worker", required=True, help="HOST:PORT of an idle worker")
+    p.add_argument("--seconds", type=float, default=3.0, help="compute benchmark length")
+    p.add_argument("--link-rounds", type=int, default=5)
+    p.add_argument("--profile", help="profile to update (default: the worker's --device)")
+    p.add_argument("--write", action="store_true",
+                   help="write the measured numbers into the profile file")
+    p.add_argument("--no-link", action="store_true",
+                   help="do not store the link speed (when measured from another network)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("demo", help="export, plan, run four local workers and compare")
     p.add_argument("--model", default="bert", choices=["bert", "gpt2", "unet"])

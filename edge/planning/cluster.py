@@ -8,9 +8,11 @@ naming the file and the field, what was expected and what came.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,6 +31,7 @@ __all__ = [
     "load_cluster",
     "cluster_from_dict",
     "cluster_from_profile",
+    "update_profile",
 ]
 
 _ENV_DIR = "EDGE_DEVICES_DIR"
@@ -385,3 +388,46 @@ def cluster_from_profile(profile: str, count: int,
                bandwidth_mbps=prof.bandwidth_mbps, runtime_floor_mb=prof.runtime_floor_mb)
         for i, addr in enumerate(addresses))
     return Cluster(devices=devices)
+
+
+def update_profile(name_or_path: str | os.PathLike[str], values: Mapping[str, float],
+                   note: str) -> Path:
+    """Write measured numbers into a device profile, keeping its other lines and comments.
+
+    Each ``key: value  # comment`` line named in ``values`` becomes
+    ``key: <measured>  # <note>``; keys the file lacks are appended.
+
+    Args:
+        name_or_path: profile name or yaml path.
+        values: e.g. ``{"gflops": 9.7, "runtime_floor_mb": 58}``.
+        note: where the numbers come from (goes into the comment).
+
+    Returns:
+        The file written.
+
+    Raises:
+        ConfigError: unknown key, or the result is not a valid profile.
+    """
+    path = _profile_path(name_or_path)
+    known = {f.name for f in dataclasses.fields(DeviceProfile)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{path.name}: cannot set unknown field(s) {', '.join(unknown)}")
+    lines = path.read_text().splitlines()
+    pending = dict(values)
+    for i, line in enumerate(lines):
+        key = line.split(":", 1)[0].strip()
+        if key in pending and not line.startswith((" ", "#")):
+            lines[i] = f"{key}: {_fmt(pending.pop(key))}  # {note}"
+    lines += [f"{k}: {_fmt(v)}  # {note}" for k, v in pending.items()]
+    text = "\n".join(lines) + "\n"
+    with tempfile.TemporaryDirectory(dir=path.parent) as d:
+        tmp = Path(d) / path.name  # same name: a profile's name must match its file
+        tmp.write_text(text)
+        load_profile(tmp)  # never write a profile that does not load
+        os.replace(tmp, path)
+    return path
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:.3g}"

@@ -200,6 +200,28 @@ class WorkerStatus(_message.Message):
     memory_warning: str
     def __init__(self, device: _Optional[str] = ..., version: _Optional[str] = ..., configured: _Optional[bool] = ..., stage: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., plan_id: _Optional[str] = ..., epoch: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., memory_budget_mb: _Optional[float] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., mean_compute_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., rss_anon_bytes: _Optional[int] = ..., rss_file_bytes: _Optional[int] = ..., memory_warning: _Optional[str] = ...) -> None: ...
 
+class CalibrateRequest(_message.Message):
+    __slots__ = ("seconds", "payload")
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    seconds: float
+    payload: bytes
+    def __init__(self, seconds: _Optional[float] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class CalibrateReply(_message.Message):
+    __slots__ = ("gflops", "startup_rss_bytes", "threads", "runs", "facts")
+    GFLOPS_FIELD_NUMBER: _ClassVar[int]
+    STARTUP_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    FACTS_FIELD_NUMBER: _ClassVar[int]
+    gflops: float
+    startup_rss_bytes: int
+    threads: int
+    runs: int
+    facts: DeviceFacts
+    def __init__(self, gflops: _Optional[float] = ..., startup_rss_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., runs: _Optional[int] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ...) -> None: ...
+
 class MemorySample(_message.Message):
     __slots__ = ("time", "rss_bytes", "rss_anon_bytes", "rss_file_bytes", "peak_rss_bytes", "heap_bytes", "cpu_percent", "requests_done", "queue_depth")
     TIME_FIELD_NUMBER: _ClassVar[int]

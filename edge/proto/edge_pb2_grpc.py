@@ -69,6 +69,11 @@ class WorkerStub:
                 request_serializer=edge_dot_proto_dot_edge__pb2.ProfileRequest.SerializeToString,
                 response_deserializer=edge_dot_proto_dot_edge__pb2.WorkerProfile.FromString,
                 _registered_method=True)
+        self.Calibrate = channel.unary_unary(
+                '/edge.v1.Worker/Calibrate',
+                request_serializer=edge_dot_proto_dot_edge__pb2.CalibrateRequest.SerializeToString,
+                response_deserializer=edge_dot_proto_dot_edge__pb2.CalibrateReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -120,6 +125,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Calibrate(self, request, context):
+        """Measures this device: runtime floor and compute speed (and, with a payload, the link).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +169,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetProfile,
                     request_deserializer=edge_dot_proto_dot_edge__pb2.ProfileRequest.FromString,
                     response_serializer=edge_dot_proto_dot_edge__pb2.WorkerProfile.SerializeToString,
+            ),
+            'Calibrate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Calibrate,
+                    request_deserializer=edge_dot_proto_dot_edge__pb2.CalibrateRequest.FromString,
+                    response_serializer=edge_dot_proto_dot_edge__pb2.CalibrateReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +365,33 @@ class Worker:
             '/edge.v1.Worker/GetProfile',
             edge_dot_proto_dot_edge__pb2.ProfileRequest.SerializeToString,
             edge_dot_proto_dot_edge__pb2.WorkerProfile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Calibrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edge.v1.Worker/Calibrate',
+            edge_dot_proto_dot_edge__pb2.CalibrateRequest.SerializeToString,
+            edge_dot_proto_dot_edge__pb2.CalibrateReply.FromString,
             options,
             channel_credentials,
             insecure,

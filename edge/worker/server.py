@@ -136,6 +136,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._compute_ms_total = 0.0
         self._stopping = threading.Event()
         self._loaded: tuple[int, float] = (0, 0.0)  # RSS right after the last load, load ms
+        # Before any shard: what this device pays for a worker at all (its runtime floor).
+        self.startup_rss = rss_bytes()
         self.sampler = Sampler(config.sample_interval_s, counters=self._counters,
                                budget_mb=config.memory_budget_mb).start()
         self._threads = [
@@ -279,6 +281,20 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return pb.WorkerProfile(samples=samples, interval_s=self.sampler.interval_s,
                                 memory_budget_mb=self.config.memory_budget_mb,
                                 rss_at_load_bytes=self._loaded[0], load_ms=self._loaded[1])
+
+    def Calibrate(self, request: pb.CalibrateRequest, context) -> pb.CalibrateReply:
+        reply = pb.CalibrateReply(startup_rss_bytes=self.startup_rss,
+                                  threads=self.config.threads or 0,
+                                  facts=pb.DeviceFacts(**device_facts()))
+        if request.seconds > 0:
+            if self._jobs.qsize() or self._outbox.qsize():
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              "this worker is serving requests; calibrate an idle worker")
+            from edge.profiling.calibrate import measure_gflops
+
+            reply.gflops, reply.runs = measure_gflops(min(request.seconds, 60.0),
+                                                      self.config.threads)
+        return reply
 
     def GetStatus(self, request: pb.StatusRequest, context) -> pb.WorkerStatus:
         runner = self._runner
