@@ -232,7 +232,7 @@ class Pipeline:
         out = pb.ClusterStatus(plan_id=self.plan.plan_id, requests_done=self.requests_done,
                                requests_failed=self.requests_failed, in_flight=self.in_flight,
                                model_inputs=[encode_spec(t) for t in self.plan.model.inputs],
-                               bindings=self.plan.model.bindings)
+                               bindings=self.plan.model.bindings, model=self.plan.model.name)
         for w in self.workers:
             s = out.stages.add(stage=w.stage.index, device=w.stage.device.name,
                                address=w.stage.device.address,

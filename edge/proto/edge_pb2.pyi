@@ -329,7 +329,7 @@ class StageStatus(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., device: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., worker: _Optional[_Union[WorkerStatus, _Mapping]] = ..., planned_memory_mb: _Optional[float] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("plan_id", "stages", "requests_done", "requests_failed", "in_flight", "model_inputs", "bindings")
+    __slots__ = ("plan_id", "stages", "requests_done", "requests_failed", "in_flight", "model_inputs", "bindings", "model")
     class BindingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -344,6 +344,7 @@ class ClusterStatus(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MODEL_INPUTS_FIELD_NUMBER: _ClassVar[int]
     BINDINGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     stages: _containers.RepeatedCompositeFieldContainer[StageStatus]
     requests_done: int
@@ -351,7 +352,8 @@ class ClusterStatus(_message.Message):
     in_flight: int
     model_inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     bindings: _containers.ScalarMap[str, int]
-    def __init__(self, plan_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., in_flight: _Optional[int] = ..., model_inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., bindings: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    model: str
+    def __init__(self, plan_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., in_flight: _Optional[int] = ..., model_inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., bindings: _Optional[_Mapping[str, int]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class StageProfile(_message.Message):
     __slots__ = ("stage", "device", "address", "profile", "shard", "planned_memory_mb", "budget_mb", "profile_data", "error")
