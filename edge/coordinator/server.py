@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,7 +11,7 @@ from edge.coordinator.pipeline import InferError, Pipeline
 from edge.errors import TensorError
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
-from edge.transport.channels import create_server
+from edge.transport.channels import create_server, wait_for_signal
 from edge.transport.codec import decode_tensors
 
 __all__ = ["CoordinatorServicer", "start_coordinator", "serve"]
@@ -61,14 +59,10 @@ def start_coordinator(pipeline: Pipeline, listen: str, max_workers: int = 32
 def serve(pipeline: Pipeline, listen: str, on_ready=None, grace: float = 5.0) -> None:
     """Serve until SIGTERM/SIGINT, then let calls in flight finish."""
     server, port = start_coordinator(pipeline, listen)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     if on_ready:
         on_ready(port)
     try:
-        while not stop.wait(0.5):
-            pass
+        wait_for_signal()
     finally:
         server.stop(grace).wait()
         pipeline.close()

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
+import threading
 from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 
 __all__ = ["Deadlines", "Security", "MAX_MESSAGE_BYTES", "create_server", "create_channel",
-           "is_loopback"]
+           "is_loopback", "wait_for_signal"]
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +92,12 @@ def create_server(address: str, *, max_workers: int = 16,
 def create_channel(address: str, *, security: Security = Security()) -> grpc.Channel:
     """A channel to ``address`` with edge's message limits and keepalives."""
     return grpc.insecure_channel(address, options=_OPTIONS)
+
+
+def wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT: how `edge worker` and `edge coordinator` run."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass

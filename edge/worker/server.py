@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import logging
 import queue
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ from edge.profiling.memory import device_facts, memory_breakdown, rss_bytes
 from edge.profiling.sampler import Sampler
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
-from edge.transport.channels import Deadlines, Security, create_channel, create_server
+from edge.transport.channels import (Deadlines, Security, create_channel, create_server,
+                                     wait_for_signal)
 from edge.transport.codec import decode_spec, decode_tensors, encode_tensors
 from edge.worker.cache import ShardCache, UploadError, default_cache_dir, file_sha256
 from edge.worker.stage import ShardMismatch, StageRunner, StageSpec, describe_ort_error
@@ -421,14 +421,10 @@ def serve(config: WorkerConfig, on_ready=None, grace: float = 5.0) -> None:
         grace: seconds in-flight calls get to finish after the signal.
     """
     server, port, servicer, health_servicer = start_worker(config)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     if on_ready:
         on_ready(port)
     try:
-        while not stop.wait(0.5):
-            pass
+        wait_for_signal()
         log.info("stopping: no new requests, %.0f s for calls in flight", grace)
         health_servicer.enter_graceful_shutdown()
     finally:
