@@ -202,6 +202,45 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- profile
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    console = _console()
+    if bool(args.model) == bool(args.coordinator):
+        raise SystemExit("edge profile: give either MODEL.onnx (offline) or --coordinator "
+                         "HOST:PORT (live), not both")
+    if args.model:
+        from edge.profiling.offline import profile_model, render_offline, write_offline
+
+        profile = profile_model(args.model, plan_dims(args.model, _parse_dims(args.dim)))
+        render_offline(profile, console)
+        if args.out:
+            print(f"wrote {write_offline(profile, args.out)}")
+        return 0
+
+    import numpy as np
+
+    from edge.profiling.live import collect
+    from edge.profiling.report import render_live, summarize, write_live
+
+    inputs = None
+    if args.input:
+        with np.load(args.input, allow_pickle=False) as f:
+            inputs = {k: f[k] for k in f.files}
+    report = collect(args.coordinator, requests=args.requests, concurrency=args.concurrency,
+                     inputs=inputs)
+    render_live(report, console)
+    console.print(f"{report['requests'] - report['errors']}/{report['requests']} requests ok, "
+                  f"p50 {report['latency_ms']['p50']:.1f} ms, "
+                  f"{report['throughput_rps']:.1f} requests/s")
+    for message in report["error_messages"]:
+        console.print(f"[red]error:[/red] {message}")
+    out = write_live(report, args.out or "report")
+    print("wrote " + ", ".join(str(p) for p in out.values()))
+    return 1 if report["errors"] else 0
+
+
 # ---------------------------------------------------------------------- calibrate
 
 
@@ -343,6 +382,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help=".npz to write the outputs to")
     p.add_argument("--timeout", type=float, default=120.0)
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("profile", help="where memory and compute go: offline for a model, "
+                                       "or live per device of a running pipeline")
+    p.add_argument("model", nargs="?", help="an ONNX file (offline profile)")
+    p.add_argument("--coordinator", help="HOST:PORT of a running coordinator (live profile)")
+    p.add_argument("--requests", type=int, default=50, help="live: requests to send")
+    p.add_argument("--concurrency", type=int, default=4, help="live: requests in flight")
+    p.add_argument("--input", help="live: an .npz request to send (default: synthetic)")
+    p.add_argument("--dim", action="append", metavar="NAME=SIZE", help="offline: sizes")
+    p.add_argument("--out", help="folder for report.json (live: also samples.csv, memory.png; "
+                                 "default ./report)")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("calibrate", help="measure a device through its worker; store it in "
                                          "the device's profile")

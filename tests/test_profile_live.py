@@ -1,0 +1,47 @@
+"""`edge profile --coordinator`: every worker's memory samples, gathered under load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from edge.coordinator.pipeline import Pipeline
+from edge.coordinator.server import start_coordinator
+from edge.planning import make_plan
+from edge.planning.cluster import cluster_from_profile
+from edge.worker.launch import LocalWorkers
+
+
+def test_live_profile_has_samples_from_every_worker(bert_tiny, tmp_path):
+    with LocalWorkers(3, tmp_path / "w", device="rpi4b-2gb", threads=1) as workers:
+        cluster = cluster_from_profile("rpi4b-2gb", 3, addresses=workers.addresses)
+        plan = make_plan(bert_tiny, cluster.devices, tmp_path / "build",
+                         bindings={"batch": 1, "sequence": 32})
+        with Pipeline(plan, tmp_path / "build") as pipeline:
+            pipeline.start()
+            server, port = start_coordinator(pipeline, "127.0.0.1:0")
+            try:
+                r = subprocess.run(
+                    [sys.executable, "-m", "edge", "profile", "--coordinator", f"127.0.0.1:{port}",
+                     "--requests", "12", "--out", str(tmp_path / "report")],
+                    capture_output=True, text=True, timeout=120,
+                    env={**os.environ, "COLUMNS": "200"})
+            finally:
+                server.stop(0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["errors"] == 0 and report["requests"] == 12
+    assert [d["stage"] for d in report["devices"]] == [0, 1, 2]
+    for device in report["devices"]:
+        assert len(device["samples"]) >= 2, device["device"]
+        peak = max(s["peak_mb"] for s in device["samples"])
+        assert peak >= device["rss_at_load_mb"] > 20
+        assert device["samples"][-1]["requests_done"] == 12
+    rows = (tmp_path / "report" / "samples.csv").read_text().splitlines()
+    assert len(rows) - 1 == sum(len(d["samples"]) for d in report["devices"])
+    png = (tmp_path / "report" / "memory.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    for device in report["devices"]:
+        assert device["device"] in r.stdout
