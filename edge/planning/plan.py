@@ -19,6 +19,8 @@ __all__ = [
     "Dim",
     "TensorSpec",
     "Device",
+    "MODES",
+    "ShardFile",
     "StagePrediction",
     "Stage",
     "ModelInfo",
@@ -27,6 +29,14 @@ __all__ = [
 ]
 
 PLAN_VERSION = 1
+
+# How a stage holds its weights, from most faithful to most frugal. The planner takes the
+# first one that fits the device:
+#   fp32       weights memory-mapped from external data files; onnxruntime's arena on;
+#   fp32-lean  as fp32, with the arena and memory-pattern planning off (less resident
+#              memory for a little speed);
+#   int8       weights quantized per channel (onnxruntime dynamic quantization), lean.
+MODES = ("fp32", "fp32-lean", "int8")
 
 # A dimension is a fixed size (int), a named symbolic size shared across tensors ("batch"),
 # or None when nothing is known about it.
@@ -80,6 +90,32 @@ class Device:
 
 
 @dataclass(frozen=True)
+class ShardFile:
+    """An external-data file that a shard's ``.onnx`` references by its file name.
+
+    Attributes:
+        path: relative to the plan's folder; the ``.onnx`` names it by ``basename(path)``.
+        sha256: hex digest of its bytes.
+        size: bytes.
+        random_access: True for tables read a few rows at a time (embeddings): the worker
+            tells the kernel not to read ahead, so only the touched rows become resident.
+    """
+
+    path: str
+    sha256: str
+    size: int
+    random_access: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "ShardFile":
+        return ShardFile(**d)
+
+
+@dataclass(frozen=True)
 class StagePrediction:
     """What the planner expects a stage to cost on its device."""
 
@@ -113,6 +149,8 @@ class Stage:
         sha256: hex digest of that file.
         shard_bytes: its size.
         predicted: memory and time the planner expects.
+        data_files: external-data files the ``.onnx`` references, in the same folder.
+        mode: how the stage holds its weights, one of :data:`MODES`.
     """
 
     index: int
@@ -124,6 +162,13 @@ class Stage:
     sha256: str
     shard_bytes: int
     predicted: StagePrediction
+    data_files: tuple[ShardFile, ...] = ()
+    mode: str = "fp32"
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes to upload: the ``.onnx`` and its data files."""
+        return self.shard_bytes + sum(f.size for f in self.data_files)
 
     @property
     def passthrough(self) -> tuple[str, ...]:
@@ -143,6 +188,8 @@ class Stage:
             sha256=d["sha256"],
             shard_bytes=d["shard_bytes"],
             predicted=StagePrediction.from_dict(d["predicted"]),
+            data_files=tuple(ShardFile.from_dict(f) for f in d.get("data_files", ())),
+            mode=d.get("mode", "fp32"),
         )
 
 
