@@ -145,7 +145,7 @@ def start_pipeline(plan_path: str, ready_timeout: float, console):
     pipeline = Pipeline(plan, Path(plan_path).parent, deadlines=Deadlines(ready=ready_timeout))
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), console=console, transient=False) as bar:
-        tasks = {s.index: bar.add_task(f"stage {s.index} → {s.device.name}", total=s.shard_bytes)
+        tasks = {s.index: bar.add_task(f"stage {s.index} → {s.device.name}", total=s.total_bytes)
                  for s in plan.stages}
         pipeline.start(progress=lambda stage, sent, total: bar.update(
             tasks[stage.index], completed=sent, total=total))

@@ -207,7 +207,7 @@ def test_tampered_cache_file_is_not_loaded(worker, shard):
     w, stub = worker
     path, sha = shard
     stub.UploadShard(chunks(sha, path.read_bytes()), timeout=10)
-    cached = w.cache_dir / f"{sha}.onnx"
+    cached = w.cache_dir / sha
     cached.write_bytes(cached.read_bytes()[:-1] + b"\0")
     with pytest.raises(grpc.RpcError) as e:
         stub.Configure(config(sha), timeout=30)
@@ -221,7 +221,7 @@ def test_forward_before_configure_and_unknown_shard(worker, shard):
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(grpc.RpcError) as e:
         stub.Configure(config("0" * 64), timeout=10)
-    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "upload it first" in e.value.details()
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "upload them first" in e.value.details()
 
 
 def test_stale_epoch_is_refused(worker, shard):
@@ -320,3 +320,74 @@ def test_profile_samples_memory_while_serving(worker, shard):
     assert times == sorted(times)
     later = stub.GetProfile(pb.ProfileRequest(since=times[-1]), timeout=5)
     assert all(s.time > times[-1] for s in later.samples)
+
+
+def make_external_shard(folder: Path) -> tuple[Path, list[tuple[Path, str, bool]]]:
+    """The same stage with W in `w.data` and a Gather table in `t.gather.data`:
+    y = relu(x @ W + b) + table[keep % 5].sum()."""
+    from onnx.external_data_helper import set_external_data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    table = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    w, t = numpy_helper.from_array(W, "W"), numpy_helper.from_array(table, "T")
+    for tensor, name in ((w, "w.data"), (t, "t.gather.data")):
+        (folder / name).write_bytes(tensor.raw_data)
+        set_external_data(tensor, location=name, offset=0, length=len(tensor.raw_data))
+        tensor.ClearField("raw_data")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "B"], ["z"]),
+             helper.make_node("Relu", ["z"], ["r"]),
+             helper.make_node("Mod", ["keep", "five"], ["k"]),
+             helper.make_node("Gather", ["T", "k"], ["rows"]),
+             helper.make_node("Add", ["r", "rows"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "shard",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("keep", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [w, t, numpy_helper.from_array(B, "B"), numpy_helper.from_array(np.array(5, np.int64), "five")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    path = folder / "stage.onnx"
+    onnx.save(model, str(path))
+    onnx.checker.check_model(str(path))
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    return path, [(folder / "w.data", sha(folder / "w.data"), False),
+                  (folder / "t.gather.data", sha(folder / "t.gather.data"), True)]
+
+
+def test_stage_with_external_data_files(worker, tmp_path):
+    w, stub = worker
+    path, files = make_external_shard(tmp_path / "ext")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    cfg = config(sha)
+    cfg.data_files.extend(pb.ShardFileRef(name=f.name, sha256=s, random_access=r) for f, s, r in files)
+    cfg.mode = "fp32-lean"
+    stub.UploadShard(chunks(sha, path.read_bytes()), timeout=10)
+    with pytest.raises(grpc.RpcError) as e:  # data files not uploaded yet
+        stub.Configure(cfg, timeout=30)
+    details = e.value.details()
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "w.data" in details and "t.gather.data" in details and "model.onnx" not in details
+    for f, s, _ in files:
+        stub.UploadShard(chunks(s, f.read_bytes()), timeout=10)
+    evil = pb.StageConfig()
+    evil.CopyFrom(cfg)
+    evil.data_files[0].name = "../w.data"
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Configure(evil, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "plain file name" in e.value.details()
+    stub.Configure(cfg, timeout=30)
+    events = Events(stub)
+    try:
+        x = good_inputs(3, seed=2)
+        forward(stub, "ext", x)
+        out = decode_tensors(events.next().result.tensors)
+        table = np.arange(15, dtype=np.float32).reshape(5, 3)
+        np.testing.assert_allclose(out["y"], expected(x["x"]) + table[x["keep"] % 5], rtol=1e-6)
+    finally:
+        events.close()
+    data = w.cache_dir / files[0][1]
+    data.write_bytes(b"\0" * data.stat().st_size)  # tampered on disk
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Configure(cfg, timeout=30)
+    assert e.value.code() == grpc.StatusCode.DATA_LOSS and "w.data does not match" in e.value.details()

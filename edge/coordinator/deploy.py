@@ -84,45 +84,52 @@ def wait_healthy(w: WorkerHandle, deadlines: Deadlines) -> None:
         delay = min(delay * 2, 1.0)
 
 
-def _chunks(stage: Stage, path: Path, progress: Progress | None) -> Iterator[pb.ShardChunk]:
+def _chunks(sha256: str, path: Path, sent: list[int],
+            progress: Callable[[int], None] | None) -> Iterator[pb.ShardChunk]:
     size = path.stat().st_size
-    yield pb.ShardChunk(header=pb.ShardHeader(sha256=stage.sha256, size=size, name=path.name))
-    sent = 0
+    yield pb.ShardChunk(header=pb.ShardHeader(sha256=sha256, size=size, name=path.name))
     with open(path, "rb") as f:
         while block := f.read(CHUNK_BYTES):
-            sent += len(block)
+            sent[0] += len(block)
             yield pb.ShardChunk(data=block)
             if progress:
-                progress(stage, sent, size)
+                progress(sent[0])
 
 
 def upload_shard(w: WorkerHandle, plan_dir: Path, deadlines: Deadlines,
-                 progress: Progress | None = None) -> bool:
-    """Upload the stage's shard unless the worker's cache has it.
+                 progress: Progress | None = None) -> int:
+    """Upload the stage's ``.onnx`` and data files that the worker's cache lacks.
 
     Returns:
-        True if bytes were sent, False if the cache already had the shard.
+        Bytes sent (0 if the cache had everything).
     """
     stage = w.stage
-    try:
-        have = w.stub.HasShard(pb.ShardRef(sha256=stage.sha256), timeout=deadlines.control)
-    except grpc.RpcError as e:
-        raise DeployError(f"{w.label}: cannot query its shard cache: {e.details()}", e.code())
-    if have.present:
-        log.info("%s already has shard %s", w.label, stage.sha256[:12])
-        if progress:
-            progress(stage, stage.shard_bytes, stage.shard_bytes)
-        return False
-    path = plan_dir / stage.shard
-    if not path.is_file():
-        raise DeployError(f"plan names shard {path} for stage {stage.index}, but there is no "
-                          "such file", grpc.StatusCode.FAILED_PRECONDITION)
-    try:
-        w.stub.UploadShard(_chunks(stage, path, progress), timeout=deadlines.upload)
-    except grpc.RpcError as e:
-        raise DeployError(f"{w.label}: upload of {path.name} failed: {e.code().name}: "
-                          f"{e.details()}", e.code())
-    return True
+    files = [(stage.shard, stage.sha256, stage.shard_bytes)] + [
+        (f.path, f.sha256, f.size) for f in stage.data_files]
+    total, done, sent = stage.total_bytes, 0, [0]
+    for rel, sha, size in files:
+        try:
+            have = w.stub.HasShard(pb.ShardRef(sha256=sha), timeout=deadlines.control)
+        except grpc.RpcError as e:
+            raise DeployError(f"{w.label}: cannot query its shard cache: {e.details()}",
+                              e.code())
+        if have.present:
+            log.info("%s already has %s", w.label, rel)
+            done += size
+            if progress:
+                progress(stage, done + sent[0], total)
+            continue
+        path = plan_dir / rel
+        if not path.is_file():
+            raise DeployError(f"plan names {path} for stage {stage.index}, but there is no "
+                              "such file", grpc.StatusCode.FAILED_PRECONDITION)
+        report = (lambda n: progress(stage, done + n, total)) if progress else None
+        try:
+            w.stub.UploadShard(_chunks(sha, path, sent, report), timeout=deadlines.upload)
+        except grpc.RpcError as e:
+            raise DeployError(f"{w.label}: upload of {path.name} failed: {e.code().name}: "
+                              f"{e.details()}", e.code())
+    return sent[0]
 
 
 def configure(w: WorkerHandle, plan: Plan, epoch: int, deadlines: Deadlines) -> pb.ConfigureReply:
@@ -135,6 +142,9 @@ def configure(w: WorkerHandle, plan: Plan, epoch: int, deadlines: Deadlines) -> 
         next_address="" if last else plan.stages[stage.index + 1].device.address,
         epoch=epoch, plan_id=plan.plan_id,
         predicted_memory_mb=stage.predicted.memory_mb,
+        data_files=[pb.ShardFileRef(name=f.name, sha256=f.sha256, random_access=f.random_access)
+                    for f in stage.data_files],
+        mode=stage.mode,
     )
     try:
         return w.stub.Configure(config, timeout=deadlines.load)

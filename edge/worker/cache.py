@@ -1,5 +1,11 @@
 """The worker's shard cache: files named by their sha256, so a restarted worker needs no
-new upload and no name that arrives over the wire can point outside the cache."""
+new upload and no name that arrives over the wire can point outside the cache.
+
+A stage is an ``.onnx`` plus the external-data files it references by name. onnxruntime
+resolves those names next to the ``.onnx``, so :meth:`ShardCache.stage_dir` lays out a
+folder of hard links with the referenced names, after checking every name is a plain
+file name.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +17,18 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["ShardCache", "UploadError", "default_cache_dir", "file_sha256"]
+__all__ = ["ShardCache", "UploadError", "default_cache_dir", "file_sha256", "drop_page_cache"]
 
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# What an .onnx may call its data files: no folders, no "..", nothing hidden.
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
 
 
 class UploadError(Exception):
-    """An upload was refused. ``kind`` is 'invalid' (bad request) or 'corrupt' (bad data)."""
+    """A cache operation was refused. ``kind`` is 'invalid' (bad request), 'corrupt' (data
+    that does not match its digest or size) or 'missing' (not uploaded yet)."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -38,7 +47,30 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    drop_page_cache(path)
     return h.hexdigest()
+
+
+def drop_page_cache(path: Path) -> None:
+    """Write a file out and ask the kernel to forget its cached pages.
+
+    Pages a process has just written or read stay cached in large folios, and a mapped
+    embedding table then faults in whole folios: 128 looked-up rows made 72-86 of its
+    89 MiB resident (benchmarks/shard_memory_modes.py). Dropped, the table comes back a
+    page at a time, only where rows are read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class ShardCache:
@@ -59,7 +91,7 @@ class ShardCache:
         if not _SHA256.match(sha256 or ""):
             raise UploadError("invalid", f"expected a sha256 as 64 lowercase hex digits, "
                                          f"got {sha256!r}")
-        return self.root / f"{sha256}.onnx"
+        return self.root / sha256
 
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
@@ -100,8 +132,50 @@ class ShardCache:
                 raise UploadError("corrupt", f"shard data does not match its sha256: expected "
                                              f"{sha256}, got {digest}")
             os.replace(tmp, final)
+            drop_page_cache(final)
             log.info("cached shard %s (%d bytes)", sha256[:12], size)
             return final
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def stage_dir(self, shard_sha256: str, data_files: Iterable[tuple[str, str]]) -> Path:
+        """A folder where the stage's ``.onnx`` sits next to its data files under the names
+        it references them by (hard links into the cache).
+
+        Args:
+            shard_sha256: digest of the ``.onnx``.
+            data_files: (name, sha256) of each data file.
+
+        Returns:
+            The path of the ``.onnx`` inside that folder.
+
+        Raises:
+            UploadError: 'invalid' for a name that is not a plain file name or a digest that
+                is not one; 'missing' for a file the cache lacks.
+        """
+        files = sorted(data_files)
+        key = hashlib.sha256(repr((shard_sha256, files)).encode()).hexdigest()[:24]
+        folder = self.root / "stages" / key
+        wanted = {"model.onnx": self.path(shard_sha256)}
+        for name, sha in files:
+            if not _FILE_NAME.match(name) or name == "model.onnx":
+                raise UploadError("invalid", f"data file name must be a plain file name, "
+                                             f"got {name!r}")
+            wanted[name] = self.path(sha)
+        missing = [f"{name} ({source.name[:12]})" for name, source in wanted.items()
+                   if not source.is_file()]
+        if missing:
+            raise UploadError("missing", f"not in this worker's cache: {', '.join(missing)}; "
+                                         "upload them first")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, source in wanted.items():
+            link = folder / name
+            if link.exists() and os.path.samefile(link, source):
+                continue
+            link.unlink(missing_ok=True)
+            try:
+                os.link(source, link)
+            except OSError:  # a filesystem without hard links
+                os.symlink(source, link)
+        return folder / "model.onnx"

@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import edge
 from edge.errors import TensorError
+from edge.planning.plan import MODES
 from edge.profiling.memory import device_facts, memory_breakdown, rss_bytes
 from edge.profiling.sampler import Sampler
 from edge.proto import edge_pb2 as pb
@@ -190,29 +191,35 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             outputs=tuple(decode_spec(s) for s in request.outputs),
             next_address=request.next_address, epoch=request.epoch,
             plan_id=request.plan_id, predicted_memory_mb=request.predicted_memory_mb,
+            data_files=tuple((f.name, f.sha256, f.random_access) for f in request.data_files),
+            mode=request.mode or "fp32",
         )
-        try:
-            path = self.cache.path(spec.shard_sha256)
-        except UploadError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if not path.is_file():
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"shard {spec.shard_sha256[:12]} is not in this worker's cache; "
-                          "upload it first")
-        # The cache could have been tampered with on disk since the upload: a shard is only
-        # loaded if its bytes still match the plan's digest.
-        digest = file_sha256(path)
-        if digest != spec.shard_sha256:
-            path.unlink(missing_ok=True)
-            context.abort(grpc.StatusCode.DATA_LOSS,
-                          f"cached shard does not match the plan: expected sha256 "
-                          f"{spec.shard_sha256}, file has {digest}; upload it again")
+        if spec.mode not in MODES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"unknown mode {spec.mode!r}; expected one of {', '.join(MODES)}")
         budget = self.config.memory_budget_mb
         if budget and spec.predicted_memory_mb > budget:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{spec.where} needs {spec.predicted_memory_mb:.0f} MiB (predicted by "
                           f"the plan), this worker's budget is {budget:.0f} MiB; re-plan with "
                           f"this device's memory")
+        try:
+            path = self.cache.stage_dir(spec.shard_sha256,
+                                        [(name, sha) for name, sha, _ in spec.data_files])
+        except UploadError as e:
+            code = (grpc.StatusCode.FAILED_PRECONDITION if e.kind == "missing"
+                    else grpc.StatusCode.INVALID_ARGUMENT)
+            context.abort(code, str(e))
+        # The cache could have been tampered with on disk since the upload: a shard is only
+        # loaded if its bytes still match the plan's digests.
+        for name, sha in [(path.name, spec.shard_sha256)] + [
+                (name, sha) for name, sha, _ in spec.data_files]:
+            digest = file_sha256(path.parent / name)
+            if digest != sha:
+                self.cache.path(sha).unlink(missing_ok=True)
+                context.abort(grpc.StatusCode.DATA_LOSS,
+                              f"cached {name} does not match the plan: expected sha256 {sha}, "
+                              f"file has {digest}; upload it again")
         with self._configure_lock:
             try:
                 runner = StageRunner(spec, path, self.config.threads)

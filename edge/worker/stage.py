@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,8 @@ class StageSpec:
     epoch: int
     plan_id: str
     predicted_memory_mb: float = 0.0
+    data_files: tuple[tuple[str, str, bool], ...] = ()  # (name, sha256, random_access)
+    mode: str = "fp32"
 
     @property
     def is_last(self) -> bool:
@@ -53,16 +57,22 @@ class StageRunner:
 
     Args:
         spec: the stage's contract.
-        shard_path: the verified shard file.
+        shard_path: the verified ``.onnx``, with its data files beside it.
         threads: onnxruntime intra-op threads (None: all cores).
     """
 
     def __init__(self, spec: StageSpec, shard_path: Path, threads: int | None = None):
         self.spec = spec
         t0 = time.perf_counter()
-        self.session = ort.InferenceSession(str(shard_path), sess_options=session_options(threads),
+        # From the path, never from bytes: onnxruntime then maps the external data files
+        # instead of copying them.
+        self.session = ort.InferenceSession(str(shard_path),
+                                            sess_options=session_options(threads, spec.mode),
                                             providers=["CPUExecutionProvider"])
         self.load_ms = (time.perf_counter() - t0) * 1e3
+        for name, _, random_access in spec.data_files:
+            if random_access:
+                advise_random(shard_path.parent / name)
         self._feeds = [i.name for i in self.session.get_inputs()]
         self._fetches = [o.name for o in self.session.get_outputs()]
         received = {s.name for s in spec.inputs}
@@ -85,6 +95,36 @@ class StageRunner:
         out = dict(zip(self._fetches, produced))
         return {s.name: out[s.name] if s.name in out else arrays[s.name]
                 for s in self.spec.outputs}
+
+
+_MADV_RANDOM = 1
+
+
+def advise_random(path: Path) -> int:
+    """Tell the kernel that this process's mappings of ``path`` are read at random.
+
+    Without it, every looked-up embedding row reads its neighbours in too. Applied only to
+    gather tables: on a whole weight file it made the first run 40x slower.
+
+    Returns:
+        How many mappings were advised.
+    """
+    try:
+        st = os.stat(path)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        return 0
+    count = 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split()
+            # address perms offset dev inode path: match the inode, so hard links count
+            if len(parts) >= 6 and parts[4] == str(st.st_ino):
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                if libc.madvise(start, end - start, _MADV_RANDOM) == 0:
+                    count += 1
+    return count
 
 
 def describe_ort_error(e: Exception) -> tuple[str, str]:
