@@ -81,7 +81,7 @@ class Device:
     memory_mb: float
     gflops: float
     bandwidth_mbps: float
-    runtime_floor_mb: float = 62.0
+    runtime_floor_mb: float = 72.0
     standby: bool = False
 
     @staticmethod

@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 # Idle worker RSS on a Pi-class board (numpy + onnxruntime + grpc imported), MiB.
-DEFAULT_FLOOR_MB = 62.0
+DEFAULT_FLOOR_MB = 72.0
 
 # Cut cost relative to the median interior cut (see module docstring).
 CHEAP_MAX_RATIO = 1.25
