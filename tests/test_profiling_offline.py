@@ -13,7 +13,7 @@ from rich.console import Console
 
 from edge.planning.graph import analyze
 from edge.planning.memory import stage_memory_mb
-from edge.profiling.offline import (
+from edge.profiling.offline import (DEFAULT_FLOOR_MB, 
     CHEAP_MAX_RATIO,
     MODERATE_MAX_RATIO,
     classify_cut,
@@ -144,7 +144,7 @@ def test_bert_tiny(bert_tiny, tmp_path):
     assert abs(layers[0] - layers[1]) <= 1024 and layers[0] > 4 * 128 * 128 * 4
     assert p.groups[-1].cum_param_bytes == p.total_param_bytes
     peak = int(costs.live_bytes.max())
-    assert p.whole_model_mb == pytest.approx(stage_memory_mb(p.total_param_bytes, peak, 62.0),
+    assert p.whole_model_mb == pytest.approx(stage_memory_mb(p.total_param_bytes, peak, DEFAULT_FLOOR_MB),
                                              abs=1e-3)
 
     # cuts: one per boundary, classified consistently with their ratio to the median
