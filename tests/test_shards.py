@@ -50,14 +50,35 @@ def test_plan_round_trip(planned):
         "batch" in t.shape for t in plan.stages[1].inputs)
 
 
-def test_each_shard_valid_alone(planned):
+def test_each_shard_valid_alone(planned, tmp_path):
+    import hashlib
+    import shutil
+
     kind, model, out, plan = planned
     for st in plan.stages:
-        path = out / st.shard
+        # Alone: the .onnx and only its own data files, in a folder of their own.
+        alone = tmp_path / f"stage-{st.index}"
+        alone.mkdir()
+        shutil.copy(out / st.shard, alone)
+        for f in st.data_files:
+            assert hashlib.sha256((out / f.path).read_bytes()).hexdigest() == f.sha256
+            assert (out / f.path).stat().st_size == f.size
+            shutil.copy(out / f.path, alone)
+        path = alone / (out / st.shard).name
         onnx.checker.check_model(str(path), full_check=True)
         m = onnx.load(str(path), load_external_data=False)
-        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
+        locations = {e.value for t in m.graph.initializer for e in t.external_data
+                     if e.key == "location"}
+        assert locations == {f.name for f in st.data_files}
+        gathered = {nd.input[0] for nd in m.graph.node if nd.op_type == "Gather"}
+        for t in m.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                where = {e.key: e.value for e in t.external_data}
+                assert where["location"].endswith(".gather.data") == (t.name in gathered)
+                assert int(where["offset"]) % 4096 == 0
         assert path.stat().st_size == st.shard_bytes
+        if kind == "bert" and st.index == 0:  # the embedding tables are read at random
+            assert [f.random_access for f in st.data_files] == [False, True]
         sess = ort.InferenceSession(str(path), session_options(1),
                                     providers=["CPUExecutionProvider"])
         names = {i.name for i in sess.get_inputs()}

@@ -60,7 +60,7 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
         NoFitError: no split fits the devices' memory.
     """
     from edge.planning.graph import analyze
-    from edge.planning.plan import ModelInfo, Plan, Stage
+    from edge.planning.plan import ModelInfo, Plan, ShardFile, Stage
     from edge.planning.planner import partition
     from edge.shards.build import build_shard
 
@@ -83,7 +83,9 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
         stages.append(Stage(
             index=k, device=dev, node_range=(i, j), inputs=costs.crossing_specs(i),
             outputs=outputs, shard=rel, sha256=info.sha256, shard_bytes=info.size,
-            predicted=pred))
+            predicted=pred,
+            data_files=tuple(ShardFile(f"shards/{f.path.name}", f.sha256, f.size,
+                                       f.random_access) for f in info.data_files)))
     model = ModelInfo(
         name=model_path.stem, sha256=_sha256_file(model_path), num_nodes=n,
         inputs=tuple(costs.specs[t] for t in costs.graph_inputs),

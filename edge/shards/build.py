@@ -1,7 +1,7 @@
-"""Cut one stage's nodes out of a model into a self-contained ``.onnx`` shard.
+"""Cut one stage's nodes out of a model into a self-contained shard.
 
 A shard holds nodes ``[start, end)`` of the source graph (topological order, as in
-GraphCosts), the initializers they use embedded in the file, and as graph inputs only the
+GraphCosts) and only the initializers they use, and as graph inputs only the
 tensors crossing the cut at ``start`` that those nodes read; as outputs, the tensors
 crossing the cut at ``end`` that it produces. Tensors crossing both cuts without being
 produced inside are pass-throughs: the worker forwards them (``Stage.passthrough``), so they
@@ -9,6 +9,13 @@ are not part of the shard graph.
 
 Built directly from the protobuf (``onnx.utils.extract_model`` re-infers shapes and takes
 seconds per shard).
+
+The weights go to external-data files next to the ``.onnx`` (``stage-0.onnx.data``, and
+``stage-0.onnx.gather.data`` for tables that Gather nodes index, i.e. embeddings), which
+onnxruntime maps instead of copying: a BERT-base stage peaks at ~160 MiB this way against
+~320 MiB with the weights inside the ``.onnx`` (benchmarks/shard_memory_modes.py). Gather
+tables get a file of their own so the worker can tell the kernel to read them at random:
+a request touches a few rows of an 89 MiB table.
 """
 
 from __future__ import annotations
@@ -26,12 +33,26 @@ from edge.errors import GraphError
 from edge.planning.graph import GraphCosts, node_reads
 from edge.planning.plan import TensorSpec
 
-__all__ = ["ShardInfo", "build_shard", "shard_io"]
+__all__ = ["DataFile", "ShardInfo", "build_shard", "shard_io", "externalize"]
 
 log = logging.getLogger(__name__)
 
-# protobuf cannot serialise a message of 2 GiB or more, so embedded weights stop there.
+# protobuf cannot serialise a message of 2 GiB or more: the graph alone must stay below.
 _PROTO_LIMIT = (2 << 30) - 1
+# Initializers smaller than this stay inside the .onnx (shape constants, biases of toys).
+_EXTERNAL_MIN_BYTES = 1024
+# Offsets of tensors in the data files: page-aligned, so each tensor maps on its own pages.
+_ALIGN = 4096
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """An external-data file written next to a shard."""
+
+    path: Path
+    sha256: str
+    size: int
+    random_access: bool
 
 
 @dataclass(frozen=True)
@@ -44,7 +65,8 @@ class ShardInfo:
         size: file size in bytes.
         inputs: names of the shard graph's inputs (consumed crossing tensors at start).
         outputs: names of the shard graph's outputs (produced crossing tensors at end).
-        initializers: names of the embedded initializers.
+        initializers: names of the shard's initializers.
+        data_files: the external-data files the ``.onnx`` references, same folder.
     """
 
     path: Path
@@ -53,6 +75,7 @@ class ShardInfo:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     initializers: tuple[str, ...]
+    data_files: tuple[DataFile, ...] = ()
 
 
 def shard_io(costs: GraphCosts, start: int, end: int) -> tuple[list[str], list[str]]:
@@ -99,7 +122,7 @@ def build_shard(model: onnx.ModelProto | None, costs: GraphCosts, start: int, en
         model: the source model with its weights loaded; None to use ``costs.model``.
         costs: the source model's GraphCosts (node order, crossing tensors, specs).
         start, end: the node range, ``0 <= start < end <= n``.
-        path: the file to write; weights are embedded (no external data).
+        path: the ``.onnx`` to write; its weights go to external-data files beside it.
         check: run ``onnx.checker.check_model(path, full_check=True)`` on the result.
 
     Returns:
@@ -150,12 +173,13 @@ def build_shard(model: onnx.ModelProto | None, costs: GraphCosts, start: int, en
         if t.data_location == onnx.TensorProto.EXTERNAL:
             raise GraphError(f"initializer {t.name!r} still points to external data; load "
                              "the model with its weights before building shards")
-    data = m.SerializeToString() if m.ByteSize() <= _PROTO_LIMIT else None
-    if data is None:
-        raise GraphError(
-            f"shard for nodes [{start}, {end}) would be {m.ByteSize() / 2**30:.1f} GiB; "
-            "embedded weights cannot exceed 2 GiB — use more devices")
     path.parent.mkdir(parents=True, exist_ok=True)
+    data_files = externalize(m, path)
+    if m.ByteSize() > _PROTO_LIMIT:
+        raise GraphError(f"shard graph for nodes [{start}, {end}) is "
+                         f"{m.ByteSize() / 2**30:.1f} GiB without its weights; ONNX cannot "
+                         "hold that")
+    data = m.SerializeToString()
     path.write_bytes(data)
     if check:
         try:
@@ -168,4 +192,68 @@ def build_shard(model: onnx.ModelProto | None, costs: GraphCosts, start: int, en
              path.name, start, end, len(inputs), len(outputs), len(init_needed),
              len(data) / 2**20)
     return ShardInfo(path=path, sha256=digest, size=len(data), inputs=tuple(inputs),
-                     outputs=tuple(outputs), initializers=tuple(init_needed))
+                     outputs=tuple(outputs), initializers=tuple(init_needed),
+                     data_files=tuple(data_files))
+
+
+def externalize(model: onnx.ModelProto, path: Path) -> list[DataFile]:
+    """Move the model's initializers into data files next to ``path``, in place.
+
+    Tensors that Gather nodes index (input 0) go to ``<name>.gather.data``, the rest to
+    ``<name>.data``, each at a page-aligned offset. Files that would be empty are not
+    written. onnx's own ``save_model(save_as_external_data=True)`` neither aligns nor
+    splits.
+
+    Args:
+        model: a model whose initializers hold their data; changed to reference the files.
+        path: where the ``.onnx`` will be written.
+
+    Returns:
+        The files written.
+    """
+    gathered = {nd.input[0] for nd in model.graph.node if nd.op_type == "Gather" and nd.input}
+    groups: dict[bool, list[onnx.TensorProto]] = {False: [], True: []}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            raise GraphError(f"initializer {t.name!r} still points to external data; load "
+                             "the model with its weights before building shards")
+        if not t.HasField("raw_data"):
+            if _nbytes(t) < _EXTERNAL_MIN_BYTES:
+                continue
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), t.name))
+        if len(t.raw_data) >= _EXTERNAL_MIN_BYTES:
+            groups[t.name in gathered].append(t)
+    written = []
+    for random_access, tensors in groups.items():
+        for stale in (path.with_name(path.name + (".gather.data" if random_access else ".data")),):
+            stale.unlink(missing_ok=True)
+        if not tensors:
+            continue
+        target = path.with_name(path.name + (".gather.data" if random_access else ".data"))
+        h = hashlib.sha256()
+        offset = 0
+        with open(target, "wb") as f:
+            for t in tensors:
+                pad = (-offset) % _ALIGN
+                if pad:
+                    f.write(b"\0" * pad)
+                    h.update(b"\0" * pad)
+                    offset += pad
+                raw = t.raw_data
+                f.write(raw)
+                h.update(raw)
+                del t.external_data[:]
+                for key, value in (("location", target.name), ("offset", str(offset)),
+                                   ("length", str(len(raw)))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, value
+                t.data_location = onnx.TensorProto.EXTERNAL
+                t.ClearField("raw_data")
+                offset += len(raw)
+        written.append(DataFile(target, h.hexdigest(), offset, random_access))
+    return written
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    count = int(np.prod(t.dims)) if len(t.dims) else 1
+    return count * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
