@@ -11,6 +11,7 @@ from edge.export.inputs import example_inputs
 from edge.planning import make_plan
 from edge.planning.plan import Device, load_plan
 from edge.shards.runtime import session_options
+from edge.shards.build import gather_tables
 
 CASES = {
     # kind: (bindings, [(batch, seq-or-side), ...])
@@ -70,7 +71,7 @@ def test_each_shard_valid_alone(planned, tmp_path):
         locations = {e.value for t in m.graph.initializer for e in t.external_data
                      if e.key == "location"}
         assert locations == {f.name for f in st.data_files}
-        gathered = {nd.input[0] for nd in m.graph.node if nd.op_type == "Gather"}
+        gathered = gather_tables(m.graph)
         for t in m.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 where = {e.key: e.value for e in t.external_data}
@@ -124,3 +125,20 @@ def test_cuts_carry_more_than_one_tensor(planned):
     else:
         # a UNet cut inside the encoder/decoder carries the open skips
         assert max(len(st.inputs) for st in plan.stages[1:]) > 1
+
+
+def test_gather_tables_only_when_read_as_table_alone():
+    from onnx import TensorProto, helper, numpy_helper
+
+    emb = numpy_helper.from_array(np.zeros((64, 8), np.float32), "emb")
+    tied = numpy_helper.from_array(np.zeros((64, 8), np.float32), "tied")
+    w = numpy_helper.from_array(np.zeros((8, 8), np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["a"]),
+         helper.make_node("Gather", ["tied", "ids"], ["b"]),
+         helper.make_node("MatMul", ["a", "w"], ["c"]),
+         helper.make_node("MatMul", ["c", "tied"], ["d"], name="tied_head")],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info("d", TensorProto.FLOAT, None)], [emb, tied, w])
+    # "tied" is also read whole by a MatMul: not a random-access table
+    assert gather_tables(g) == {"emb"}

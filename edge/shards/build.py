@@ -33,7 +33,7 @@ from edge.errors import GraphError
 from edge.planning.graph import GraphCosts, node_reads
 from edge.planning.plan import TensorSpec
 
-__all__ = ["DataFile", "ShardInfo", "build_shard", "shard_io", "externalize"]
+__all__ = ["DataFile", "ShardInfo", "build_shard", "shard_io", "externalize", "gather_tables"]
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def externalize(model: onnx.ModelProto, path: Path) -> list[DataFile]:
     Returns:
         The files written.
     """
-    gathered = {nd.input[0] for nd in model.graph.node if nd.op_type == "Gather" and nd.input}
+    gathered = gather_tables(model.graph)
     groups: dict[bool, list[onnx.TensorProto]] = {False: [], True: []}
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -225,11 +225,10 @@ def externalize(model: onnx.ModelProto, path: Path) -> list[DataFile]:
             groups[t.name in gathered].append(t)
     written = []
     for random_access, tensors in groups.items():
-        for stale in (path.with_name(path.name + (".gather.data" if random_access else ".data")),):
-            stale.unlink(missing_ok=True)
+        target = path.with_name(path.name + (".gather.data" if random_access else ".data"))
+        target.unlink(missing_ok=True)  # a stale file from an earlier build
         if not tensors:
             continue
-        target = path.with_name(path.name + (".gather.data" if random_access else ".data"))
         h = hashlib.sha256()
         offset = 0
         with open(target, "wb") as f:
@@ -252,6 +251,24 @@ def externalize(model: onnx.ModelProto, path: Path) -> list[DataFile]:
                 offset += len(raw)
         written.append(DataFile(target, h.hexdigest(), offset, random_access))
     return written
+
+
+def gather_tables(graph: onnx.GraphProto) -> set[str]:
+    """Initializers of ``graph`` read only as the table (input 0) of Gather nodes.
+
+    These are embeddings: a request touches a few rows. A table that some other node also
+    reads whole (a tied embedding feeding the output MatMul in the same shard) is not one.
+    """
+    inits = {t.name for t in graph.initializer}
+    table, other = set(), set()
+    for nd in graph.node:
+        if nd.op_type == "Gather" and nd.input and nd.input[0] in inits:
+            table.add(nd.input[0])
+            rest = node_reads(nd)[1:] if list(nd.input).count(nd.input[0]) == 1 else node_reads(nd)
+        else:
+            rest = node_reads(nd)
+        other.update(x for x in rest if x in inits)
+    return table - other
 
 
 def _nbytes(t: onnx.TensorProto) -> int:
