@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import edge
 from edge.errors import TensorError
 from edge.planning.plan import MODES
-from edge.profiling.memory import device_facts, memory_breakdown, rss_bytes
+from edge.profiling.memory import device_facts, memory_breakdown, release_free_heap, rss_bytes
 from edge.profiling.sampler import Sampler
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
@@ -237,9 +237,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             else:
                 self._next_channel = self._next_stub = None
             self._runner = runner
-            self._loaded = (rss_bytes(), runner.load_ms)
             if old_channel is not None:
                 old_channel.close()
+        release_free_heap()
+        self._loaded = (rss_bytes(), runner.load_ms)
         log.info("serving %s of %d (shard %s, epoch %d), loaded in %.0f ms; next hop: %s",
                  spec.where, spec.num_stages, spec.shard_sha256[:12], spec.epoch,
                  runner.load_ms, spec.next_address or "coordinator")
