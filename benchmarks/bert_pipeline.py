@@ -89,7 +89,7 @@ def main() -> int:
         measured = st.worker.peak_rss_bytes / 2**20
         stages.append(dict(stage=stage.index, device=stage.device.name,
                            nodes=list(stage.node_range),
-                           shard_mib=round(stage.shard_bytes / 2**20, 1),
+                           shard_mib=round(stage.total_bytes / 2**20, 1), mode=stage.mode,
                            predicted_mib=round(stage.predicted.memory_mb, 1),
                            measured_peak_mib=round(measured, 1),
                            error_pct=round(100 * (stage.predicted.memory_mb - measured) / measured, 1),
