@@ -209,8 +209,12 @@ def plot_memory(report: Mapping, path: str | Path) -> Path:
     Returns:
         ``path``.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise RuntimeError(f"drawing {path} needs matplotlib: pip install 'edge[plot]' "
+                           f"({e})") from None
 
     devices = sorted(report.get("devices") or [], key=lambda d: d.get("stage", 0))
     summary = summarize(report)
