@@ -1,214 +1,250 @@
-"""Measure how much memory onnxruntime really needs per shard, and compare with the model.
+"""Fit the planner's memory model (edge/planning/memory.py) from real workers, per mode.
 
-For each stage of a plan, a fresh subprocess that imports only numpy and onnxruntime loads
-the shard, runs it once on the stage's real inputs and reports its peak RSS (``VmHWM`` from
-/proc/self/status; ``ru_maxrss`` of a child can report the parent's peak). The prediction
-is edge.planning.memory.stage_memory_mb with the child's own RSS after its imports (before
-the stage's inputs are loaded) as the floor.
+For each model and mode, the model is planned with every stage forced into that mode
+(``make_plan(modes=(mode,))``), deployed on loopback ``edge worker`` processes, driven with
+requests through the coordinator and profiled exactly as ``edge profile`` does
+(benchmarks/memory_accuracy.py does the same with the planner's own choice of modes). Each
+stage gives one row: its weights read whole and its Gather tables (bytes at fp32 or int8
+size, as the planner counts them), its peak live activations, the device's runtime floor
+and the worker's measured peak RSS. ``--fit`` then solves, per mode, by non-negative least
+squares on the relative error,
 
-    python benchmarks/memory_model.py                          # BERT-base over 4, seq 128
-    python benchmarks/memory_model.py --kind unet --size small --devices 3
-    python benchmarks/memory_model.py --external               # also external data + no prepacking
-    python benchmarks/memory_model.py --fit                    # least-squares constants
+    peak - floor = weight_factor * whole + table_factor * tables
+                   + activation_factor * activations + session_overhead
 
-Needs ``edge[export]`` (torch) only to export the model when ``--model`` is not given.
+and prints the table of predicted against measured peaks. ``--speed`` also times every
+stage in-process in each mode (median of runs, ``--threads`` intra-op threads) to give the
+compute factor of int8 against fp32.
+
+    python benchmarks/memory_model.py --json /tmp/mm.jsonl            # measure (appends)
+    python benchmarks/memory_model.py --load /tmp/mm.jsonl --fit      # fit, print the table
+    python benchmarks/memory_model.py --models bert-base:4 --modes int8 --speed
+
+Needs ``edge[export]`` (torch) to export the models.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
-import subprocess
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
-# The child imports only what a worker imports to run a shard. It reads its RSS after the
-# imports (the floor) and again once the inputs are in memory; "peak - floor" is what the
-# shard and its activations (inputs included) cost.
-_CHILD = r"""
-import json, sys
-import numpy as np
-import onnxruntime as ort
-
-def status():
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                out[k] = int(v.split()[0]) / 1024.0
-    return out
-
-shard, feeds_path, threads, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-floor = status()
-feeds = dict(np.load(feeds_path))
-idle = status()
-so = ort.SessionOptions()
-so.intra_op_num_threads = threads
-so.inter_op_num_threads = 1
-so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-if mode == "external":
-    so.add_session_config_entry("session.disable_prepacking", "1")
-sess = ort.InferenceSession(shard, so, providers=["CPUExecutionProvider"])
-loaded = status()
-sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
-ran = status()
-sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
-ran2 = status()
-print(json.dumps(dict(floor=floor, idle=idle, loaded=loaded, ran=ran, ran2=ran2)))
-"""
-
-# glibc settings the worker applies (edge.profiling.memory.tune_malloc).
-_TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+MiB = float(1 << 20)
 
 
-def _measure(shard: Path, feeds: Path, threads: int, mode: str, tuned: bool) -> dict:
-    env = dict(os.environ)
-    for k in _TUNED_MALLOC:
-        env.pop(k, None)
-    if tuned:
-        env.update(_TUNED_MALLOC)
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(shard), str(feeds), str(threads),
-                          mode], capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _bindings(kind: str, seq: int) -> dict[str, int]:
+    return ({"batch": 1, "height": seq, "width": seq} if kind == "unet"
+            else {"batch": 1, "sequence": seq})
 
 
-def _externalise(shard: Path, out: Path) -> Path:
-    import onnx
+def _channels(costs, i: int, j: int) -> dict[str, float]:
+    """The planner's four weight channels of nodes [i, j), in MiB."""
+    from edge.planning.planner import _weights_brute
 
-    m = onnx.load(str(shard))
-    onnx.save(m, str(out), save_as_external_data=True, location=out.name + ".data",
-              size_threshold=1024)
-    return out
+    w = _weights_brute(costs, i, j) / MiB
+    return dict(whole32=w[0], table32=w[1], whole8=w[2], table8=w[3])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="an .onnx file (default: export --kind/--size)")
-    ap.add_argument("--kind", default="bert")
-    ap.add_argument("--size", default="base")
-    ap.add_argument("--devices", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=None,
-                    help="sequence length (text) or image side (unet); default 128")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "edge-memory-model"))
-    ap.add_argument("--external", action="store_true",
-                    help="also measure shards with external data and prepacking off")
-    ap.add_argument("--malloc", choices=["default", "tuned", "both"], default="both",
-                    help="glibc malloc settings of the child (tuned = what the worker sets)")
-    ap.add_argument("--fit", action="store_true", help="print least-squares constants")
-    ap.add_argument("--reps", type=int, default=1,
-                    help="measure each shard this many times and keep the highest peak "
-                         "(the load-time peak is bimodal from run to run)")
-    ap.add_argument("--json", help="also append the rows to this JSON-lines file")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-
-    from edge.planning import make_plan, memory
+def measure(kind: str, size: str, devices: int, mode: str, work: Path, profile: str,
+            requests: int, seq: int) -> list[dict]:
+    from edge.coordinator.pipeline import Pipeline
+    from edge.coordinator.server import start_coordinator
+    from edge.export import example_inputs, export_model
+    from edge.planning import make_plan
+    from edge.planning.cluster import cluster_from_profile
     from edge.planning.graph import analyze
-    from edge.planning.plan import Device
-    from edge.shards.runtime import session_options
+    from edge.profiling.live import collect
+    from edge.profiling.report import summarize
+    from edge.worker.launch import LocalWorkers
+
+    model = work / f"{kind}-{size}.onnx"
+    if not model.exists():
+        export_model(kind, size=size, seed=0, out=model)
+    bindings = _bindings(kind, seq)
+    x = example_inputs(kind, size, batch=1, seq=seq)
+    costs = analyze(model, bindings)
+    tag = f"{kind}-{size}-{devices}-{mode}"
+    with LocalWorkers(devices, work / f"workers-{tag}", device=profile) as workers:
+        cluster = cluster_from_profile(profile, devices, addresses=workers.addresses)
+        build = work / f"build-{tag}"
+        plan = make_plan(model, cluster.devices, build, bindings=bindings, modes=(mode,))
+        with Pipeline(plan, build) as pipeline:
+            pipeline.start()
+            server, port = start_coordinator(pipeline, "127.0.0.1:0")
+            try:
+                report = collect(f"127.0.0.1:{port}", requests=requests, concurrency=2,
+                                 inputs=x)
+            finally:
+                server.stop(0)
+    if report.get("errors"):
+        raise RuntimeError(f"{tag}: {report['errors']}")
+    rows = []
+    for st, r in zip(plan.stages, summarize(report)):
+        i, j = st.node_range
+        rows.append(dict(model=f"{kind}-{size}", devices=devices, stage=st.index, mode=st.mode,
+                         bindings=bindings, node_range=[i, j],
+                         **_channels(costs, i, j),
+                         act=costs.activation_peak(i, j) / MiB,
+                         floor=st.device.runtime_floor_mb,
+                         planned=r["planned_mb"], peak=r["measured_peak_mb"],
+                         at_load=r["rss_at_load_mb"], anon=r["peak_anon_mb"],
+                         file=r["peak_file_mb"]))
+    return rows
+
+
+def speed(kind: str, size: str, devices: int, work: Path, threads: int, seq: int,
+          runs: int = 7) -> list[dict]:
+    """Median in-process run time of every stage in each mode (same ranges for all)."""
     import onnxruntime as ort
 
+    from edge.export import example_inputs, export_model
+    from edge.planning import make_plan
+    from edge.planning.plan import MODES, Device
+    from edge.shards.runtime import session_options
+
+    model = work / f"{kind}-{size}.onnx"
+    if not model.exists():
+        export_model(kind, size=size, seed=0, out=model)
+    devs = [Device(f"d{k}", f"d{k}:1", "bench", 1e6, 10.0, 1000.0) for k in range(devices)]
+    plans = {m: make_plan(model, devs, work / f"speed-{kind}-{size}-{m}",
+                          bindings=_bindings(kind, seq), modes=(m,)) for m in MODES}
+    cur = example_inputs(kind, size, batch=1, seq=seq)
+    rows = []
+    for k in range(devices):
+        times = {}
+        for m in MODES:
+            st = plans[m].stages[k]
+            sess = ort.InferenceSession(str(work / f"speed-{kind}-{size}-{m}" / st.shard),
+                                        session_options(threads, m),
+                                        providers=["CPUExecutionProvider"])
+            feed = {i.name: cur[i.name] for i in sess.get_inputs()}
+            sess.run(None, feed)
+            ts = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                res = sess.run(None, feed)
+                ts.append((time.perf_counter() - t) * 1e3)
+            times[m] = statistics.median(ts)
+            if m == "fp32":
+                nxt = {n: cur[n] for n in st.passthrough}
+                nxt.update(zip([o.name for o in sess.get_outputs()], res))
+        cur = nxt
+        rows.append(dict(model=f"{kind}-{size}", stage=k, **{f"{m}_ms": t for m, t in times.items()}))
+    return rows
+
+
+def _features(r: dict, mode: str) -> list[float]:
+    s = "8" if mode == "int8" else "32"
+    return [r[f"whole{s}"], r[f"table{s}"], r["act"], 1.0]
+
+
+def fit(rows: list[dict]) -> dict[str, list[float]]:
+    """Per mode, non-negative least squares of (peak - floor) on relative error."""
+    from scipy.optimize import nnls
+
+    out = {}
+    for mode in sorted({r["mode"] for r in rows}):
+        sel = [r for r in rows if r["mode"] == mode]
+        a = np.array([_features(r, mode) for r in sel])
+        y = np.array([r["peak"] - r["floor"] for r in sel])
+        wgt = 1.0 / np.array([r["peak"] for r in sel])  # relative error of the whole peak
+        coef, _ = nnls(a * wgt[:, None], y * wgt)
+        out[mode] = [float(c) for c in coef]
+    return out
+
+
+def table(rows: list[dict], constants=None) -> None:
+    from edge.planning import memory
+
+    print(f"{'model':>11} {'mode':>9} {'st':>2} {'whole':>6} {'table':>6} {'act':>5} "
+          f"{'anon':>6} {'file':>6} {'measured':>8} {'predicted':>9} {'err':>6}")
+    worst = 0.0
+    for r in rows:
+        s = "8" if r["mode"] == "int8" else "32"
+        if constants is None:
+            pred = float(memory.stage_memory_mb(r[f"whole{s}"] * MiB, r["act"] * MiB, r["floor"],
+                                                table_bytes=r[f"table{s}"] * MiB, mode=r["mode"]))
+        else:
+            pred = r["floor"] + float(np.dot(constants[r["mode"]], _features(r, r["mode"])))
+        err = (pred - r["peak"]) / r["peak"] * 100
+        worst = max(worst, abs(err))
+        print(f"{r['model']:>11} {r['mode']:>9} {r['stage']:>2} {r[f'whole{s}']:6.1f} "
+              f"{r[f'table{s}']:6.1f} {r['act']:5.1f} {r['anon'] or 0:6.1f} "
+              f"{r['file'] or 0:6.1f} {r['peak']:8.1f} {pred:9.1f} {err:+5.1f}%")
+    print(f"worst |error| {worst:.1f}%")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+",
+                    default=["bert-base:4", "gpt2-small:4", "unet-small:3"],
+                    help="KIND-SIZE:DEVICES")
+    ap.add_argument("--modes", nargs="+", default=["fp32", "fp32-lean", "int8"])
+    ap.add_argument("--profile", default="rpi4b-2gb")
+    ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--seq", type=int, default=128, help="sequence length or image side")
+    ap.add_argument("--threads", type=int, default=2, help="threads for --speed")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "edge-memory-model"))
+    ap.add_argument("--json", help="append the measured rows to this JSON-lines file")
+    ap.add_argument("--load", nargs="*", help="read rows from these files instead of measuring")
+    ap.add_argument("--fit", action="store_true", help="fit the constants per mode")
+    ap.add_argument("--speed", action="store_true", help="time each stage in each mode")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    seq = args.seq or 128
-    if args.model:
-        model = Path(args.model)
-    else:
-        model = work / f"{args.kind}-{args.size}.onnx"
-        if not model.exists():
-            from edge.export import export_model
-            export_model(args.kind, size=args.size, seed=0, out=model)
-    kind = args.kind
-    bindings = ({"batch": 1, "height": seq, "width": seq} if kind == "unet"
-                else {"batch": 1, "sequence": seq})
-    from edge.export.inputs import example_inputs
-    feeds = example_inputs(kind, args.size, batch=1, seq=seq)
 
-    devs = [Device(f"pi-{k}", f"pi-{k}:50051", "bench", memory_mb=1e6, gflops=10.0,
-                   bandwidth_mbps=1000.0) for k in range(args.devices)]
-    out = work / f"plan-{model.stem}-{args.devices}"
-    plan = make_plan(model, devs, out, bindings=bindings)
-    costs = analyze(model, bindings)
-
-    # Real stage inputs (Reshape targets and masks must be real values), from a chained run.
-    cur = dict(feeds)
-    feed_files = []
-    for st in plan.stages:
-        path = out / f"feeds-{st.index}.npz"
-        np.savez(path, **{t.name: cur[t.name] for t in st.inputs})
-        feed_files.append(path)
-        sess = ort.InferenceSession(str(out / st.shard), session_options(args.threads),
-                                    providers=["CPUExecutionProvider"])
-        res = sess.run(None, {i.name: cur[i.name] for i in sess.get_inputs()})
-        nxt = {k: cur[k] for k in st.passthrough}
-        nxt.update(zip([o.name for o in sess.get_outputs()], res))
-        cur = nxt
-        del sess
-
-    modes = ["embedded"] + (["external"] if args.external else [])
-    mallocs = {"default": [False], "tuned": [True], "both": [False, True]}[args.malloc]
-    rows = []
-    for st in plan.stages:
-        i, j = st.node_range
-        w = costs.weight_bytes(i, j)
-        a = costs.activation_peak(i, j)
-        shard = out / st.shard
-        for mode in modes:
-            path = shard if mode == "embedded" else _externalise(
-                shard, out / f"stage-{st.index}-ext.onnx")
-            for tuned in mallocs:
-                r = max((_measure(path, feed_files[st.index], args.threads, mode, tuned)
-                         for _ in range(max(1, args.reps))), key=lambda x: x["ran2"]["VmHWM"])
-                # The inputs are part of the stage's live activations (a worker holds the
-                # decoded request), so the floor is read before they are loaded.
-                idle = r["floor"]["VmRSS"]
-                peak = r["ran2"]["VmHWM"]
-                pred = memory.stage_memory_mb(w, a, idle)
-                rows.append(dict(stage=st.index, mode=mode, malloc="tuned" if tuned else "default",
-                                 weights_mb=w / memory.MiB, act_mb=a / memory.MiB,
-                                 idle=idle, load_peak=r["loaded"]["VmHWM"],
-                                 after_load=r["loaded"]["VmRSS"], peak=peak,
-                                 steady=r["ran2"]["VmRSS"], pred=pred,
-                                 anon=r["ran2"]["RssAnon"], file=r["ran2"]["RssFile"],
-                                 model=model.name,
-                                 bindings=bindings))
-
-    print(f"{model.name} over {args.devices}, bindings {bindings}, threads {args.threads}; "
-          f"WEIGHT_FACTOR={memory.WEIGHT_FACTOR} ACTIVATION_FACTOR={memory.ACTIVATION_FACTOR} "
-          f"SESSION_OVERHEAD_MB={memory.SESSION_OVERHEAD_MB}")
-    hdr = (f"{'stage':>5} {'mode':>8} {'malloc':>7} {'weights':>8} {'act':>6} {'floor':>6} "
-           f"{'loadpk':>7} {'loaded':>7} {'peak':>7} {'steady':>7} {'anon':>6} {'file':>6} "
-           f"{'pred':>7} {'err':>6}")
-    print(hdr + "   (MiB; peak = VmHWM after load + two runs; anon/file = RssAnon/RssFile "
-          "at the end)")
-    for r in rows:
-        err = (r["pred"] - r["peak"]) / r["peak"] * 100
-        print(f"{r['stage']:>5} {r['mode']:>8} {r['malloc']:>7} {r['weights_mb']:8.1f} "
-              f"{r['act_mb']:6.1f} {r['idle']:6.1f} {r['load_peak']:7.1f} {r['after_load']:7.1f} "
-              f"{r['peak']:7.1f} {r['steady']:7.1f} {r['anon']:6.1f} {r['file']:6.1f} "
-              f"{r['pred']:7.1f} {err:+5.1f}%")
-    if args.json:
-        with open(args.json, "a") as f:
+    if args.speed:
+        for item in args.models:
+            name, _, n = item.partition(":")
+            kind, _, size = name.partition("-")
+            rows = speed(kind, size, int(n or 4), work, args.threads, args.seq)
             for r in rows:
-                f.write(json.dumps(r) + "\n")
+                print(f"{r['model']} stage {r['stage']}: fp32 {r['fp32_ms']:.1f} ms, lean "
+                      f"{r['fp32-lean_ms']:.1f} ms ({r['fp32-lean_ms'] / r['fp32_ms']:.2f}x), "
+                      f"int8 {r['int8_ms']:.1f} ms ({r['int8_ms'] / r['fp32_ms']:.2f}x)")
+            tot = {m: sum(r[f"{m}_ms"] for r in rows) for m in ("fp32", "fp32-lean", "int8")}
+            print(f"{rows[0]['model']} all stages: lean {tot['fp32-lean'] / tot['fp32']:.2f}x, "
+                  f"int8 {tot['int8'] / tot['fp32']:.2f}x of fp32")
+        return 0
+
+    rows = []
+    if args.load is not None:
+        for f in args.load:
+            rows += [json.loads(line) for line in Path(f).read_text().splitlines() if line]
+    else:
+        for item in args.models:
+            name, _, n = item.partition(":")
+            kind, _, size = name.partition("-")
+            for mode in args.modes:
+                got = measure(kind, size, int(n or 4), mode, work, args.profile,
+                              args.requests, args.seq)
+                rows += got
+                if args.json:
+                    with open(args.json, "a") as f:
+                        for r in got:
+                            f.write(json.dumps(r) + "\n")
+                print(f"measured {name}:{n} {mode}", file=sys.stderr)
+    print("with the constants in edge/planning/memory.py:")
+    table(rows)
     if args.fit:
-        for mode in modes:
-            for malloc in sorted({r["malloc"] for r in rows}):
-                sel = [r for r in rows if r["mode"] == mode and r["malloc"] == malloc]
-                x = np.array([[r["weights_mb"], r["act_mb"], 1.0] for r in sel])
-                y = np.array([r["peak"] - r["idle"] for r in sel])  # idle = the floor
-                coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-                print(f"fit {mode}/{malloc}: peak - floor = {coef[0]:.3f} * weights + "
-                      f"{coef[1]:.3f} * activations + {coef[2]:.1f} MiB")
+        consts = fit(rows)
+        for mode, c in consts.items():
+            print(f"fit {mode}: weight_factor={c[0]:.3f} table_factor={c[1]:.3f} "
+                  f"activation_factor={c[2]:.3f} session_overhead_mb={c[3]:.1f}")
+        print("with the fitted constants:")
+        table(rows, consts)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

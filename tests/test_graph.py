@@ -128,3 +128,35 @@ def test_subgraph_implicit_input_is_a_use():
         initializer=[numpy_helper.from_array(np.zeros((), np.float32), "zero")])
     c = analyze(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
     assert set(c.crossing(3)) == {"x", "a", "cond"}
+
+
+def test_weight_transposes_folded_tables_and_int8_sizes():
+    """A Transpose of a weight becomes a transposed weight (not an activation); Gather
+    tables and int8 sizes are recorded per initializer."""
+    rng = np.random.default_rng(0)
+    # big enough to be folded (1 MiB); the graph's other tensors stay small
+    emb = numpy_helper.from_array(rng.standard_normal((65536, 4)).astype(np.float32), "E")
+    ln = numpy_helper.from_array(np.ones(4, np.float32), "g")
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+        helper.make_node("LayerNormalization", ["h", "g"], ["n"], name="ln"),
+        helper.make_node("Transpose", ["E"], ["Et"], name="tied_t", perm=[1, 0]),
+        helper.make_node("MatMul", ["n", "Et"], ["logits"], name="head"),
+    ]
+    g = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, 65536])],
+        initializer=[emb, ln])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    c = analyze(m, {"batch": 1})
+    assert c.op_types == ["Gather", "LayerNormalization", "MatMul"]
+    assert len(m.graph.node) == 4  # the caller's model is not changed
+    k = {name: i for i, name in enumerate(c.init_names)}
+    assert set(k) == {"E", "g", "Et"}
+    # the transposed weight is a weight of the head, not a live tensor
+    assert c.node_inits[2] == ["Et"]
+    assert c.live_bytes.max() == 3 * 65536 * 4 + 3 * 4 * 4  # n + logits at the head
+    assert list(c.init_table_uses[k["E"]]) == [0]
+    assert len(c.init_table_uses[k["Et"]]) == 0 and len(c.init_table_uses[k["g"]]) == 0
+    assert c.init_int8_bytes[k["E"]] == 65536 * 4 == c.init_int8_bytes[k["Et"]]  # 1 byte each
+    assert c.init_int8_bytes[k["g"]] == 16  # LayerNorm scale stays fp32

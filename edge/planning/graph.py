@@ -121,6 +121,13 @@ class GraphCosts:
         last_use: per tensor, last consuming position (n for graph outputs, -1 if unused).
         graph_inputs, graph_outputs: names, in model order (initializers excluded).
         init_bytes, init_uses, init_names: see WeightIndex.
+        init_table_uses: per initializer, the sorted positions (a subset of ``init_uses``)
+            where it is read only as the table of a Gather (input 0): an embedding, of which
+            a request touches a few rows. Empty tuple: no such uses.
+        init_int8_bytes: per initializer, its bytes once the shard is quantized to int8
+            (``edge.shards.quantize``): a quarter for MatMul/Conv weights and Gather tables,
+            which dynamic quantization stores as 8-bit; unchanged for the rest. None: same
+            as ``init_bytes``.
     """
 
     model: onnx.ModelProto
@@ -145,6 +152,8 @@ class GraphCosts:
     init_bytes: np.ndarray
     init_uses: tuple[np.ndarray, ...]
     concrete_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    init_table_uses: tuple[np.ndarray, ...] = ()
+    init_int8_bytes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self._weights = WeightIndex(self.num_nodes, self.init_bytes, self.init_uses)
@@ -568,7 +577,7 @@ def analyze(model: str | Path | onnx.ModelProto,
     Returns:
         GraphCosts with arrays indexed by node position and cut position.
     """
-    m = load_model(model)
+    m = _fold_weight_transposes(load_model(model))
     g = m.graph
     nodes = _toposort(m)
     if list(nodes) != list(g.node):
@@ -618,6 +627,8 @@ def analyze(model: str | Path | onnx.ModelProto,
     node_outputs: list[list[str]] = []
     param_bytes = np.zeros(n, dtype=np.int64)
     init_uses: list[list[int]] = [[] for _ in init_names]
+    table_uses: list[list[int]] = [[] for _ in init_names]
+    quantized = np.zeros(len(init_names), dtype=bool)
     seen_inits: set[str] = set()
     flops = np.zeros(n, dtype=np.float64)
     output_bytes = np.zeros(n, dtype=np.int64)
@@ -635,6 +646,11 @@ def analyze(model: str | Path | onnx.ModelProto,
             if x not in seen_inits:
                 seen_inits.add(x)
                 param_bytes[p] += init_bytes[init_index[x]]
+        table = _gather_table(node, inits)
+        if table is not None:
+            table_uses[init_index[table]].append(p)
+        for x in _int8_weights(node, inits):
+            quantized[init_index[x]] = True
         outs = [o for o in node.output if o]
         for o in outs:
             producer[o] = p
@@ -686,9 +702,78 @@ def analyze(model: str | Path | onnx.ModelProto,
         graph_outputs=graph_outputs, init_names=init_names, init_bytes=init_bytes,
         init_uses=tuple(np.asarray(u, dtype=np.int64) for u in init_uses),
         concrete_shapes={t: shapes[t] for t in producer},
+        init_table_uses=tuple(np.asarray(u, dtype=np.int64) for u in table_uses),
+        init_int8_bytes=np.where(quantized, (init_bytes + 3) // 4, init_bytes),
     )
     log.info("analysed model: %s", costs.summary())
     return costs
+
+
+# Transposes of weights at least this big are folded (``_fold_weight_transposes``).
+_FOLD_MIN_BYTES = 1 << 20
+
+
+def _fold_weight_transposes(m: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every ``Transpose`` of an initializer replaced by the transposed
+    initializer (a copy when there is any; the given model is not changed).
+
+    onnxruntime folds such a node at load into an anonymous copy of the weight, which a
+    MatMul then prepacks: GPT-2's output head, tied to the 147 MiB embedding, cost twice
+    its size that way, and the planner counted the copy as an activation. Folded here,
+    the shard's data file holds the transposed weight, mapped, and it counts as a weight.
+    Weights under ``_FOLD_MIN_BYTES`` are left alone: their copy costs nothing.
+    """
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    fold = [p for p, nd in enumerate(g.node)
+            if nd.op_type == "Transpose" and nd.domain in ("", "ai.onnx") and len(nd.input) == 1
+            and nd.input[0] in inits and nd.output[0] not in outputs
+            and _tensor_nbytes(inits[nd.input[0]]) >= _FOLD_MIN_BYTES]
+    if not fold:
+        return m
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    g = out.graph
+    inits = {t.name: t for t in g.initializer}
+    for p in fold:
+        nd = m.graph.node[p]
+        perm = next((list(a.ints) for a in nd.attribute if a.name == "perm"), None)
+        w = onnx.numpy_helper.to_array(inits[nd.input[0]])
+        g.initializer.append(onnx.numpy_helper.from_array(
+            np.ascontiguousarray(np.transpose(w, perm)), nd.output[0]))
+    drop = set(fold)
+    kept = [nd for p, nd in enumerate(m.graph.node) if p not in drop]
+    del g.node[:]
+    g.node.extend(kept)
+    used = {x for nd in g.node for x in node_reads(nd)} | outputs
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    log.info("folded %d transposes of weights into transposed weights", len(fold))
+    return out
+
+
+def _gather_table(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> str | None:
+    """The initializer this node reads only as a Gather table (input 0), if any."""
+    if node.op_type != "Gather" or not node.input or node.input[0] not in inits:
+        return None
+    t = node.input[0]
+    return t if t not in node_reads(node)[1:] else None
+
+
+# Weight inputs that onnxruntime's dynamic quantization stores as 8-bit (its integer-ops
+# registry: MatMul -> MatMulInteger, Conv -> ConvInteger, Gather -> Gather of uint8), plus
+# Gemm weights and transposed weights, which edge.shards.quantize rewrites into MatMul ones.
+_INT8_WEIGHT_INPUT = {"MatMul": 1, "Conv": 1, "Gather": 0, "Gemm": 1, "Transpose": 0}
+
+
+def _int8_weights(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> list[str]:
+    k = _INT8_WEIGHT_INPUT.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if k is None or len(node.input) <= k or node.input[k] not in inits:
+        return []
+    t = inits[node.input[k]]
+    return [t.name] if t.data_type == onnx.TensorProto.FLOAT else []
 
 
 def _with_nodes(m: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:

@@ -7,15 +7,20 @@ brute force (``brute_force``) on small random inputs.
 Objective: among splits where every stage fits its device's memory, minimise the slowest
 stage's time (the pipeline's period); break ties on total latency (sum of stage times).
 
-    stage time   = flops[i:j] / (gflops * 1e9)  +  cut_bytes[j] / (bandwidth_mbps * 1e6 / 8)
+Every stage also gets a mode (``edge.planning.plan.MODES``): the first of fp32, fp32-lean,
+int8 whose predicted memory fits its device. A range that fits in no mode is infeasible on
+that device. The mode is a function of (device, range) alone, so the stage's time is too:
+
+    stage time   = COMPUTE_FACTOR[mode] * flops[i:j] / (gflops * 1e9)
+                   + cut_bytes[j] / (bandwidth_mbps * 1e6 / 8)
     stage memory = see edge.planning.memory.stage_memory_mb
 
 The last stage's transfer is the model's outputs going back to the coordinator
-(``cut_bytes[n]``). Exact for contiguous splits: two dynamic programs over (device, end
-position), each vectorised over the start position. The first finds the optimal bottleneck
-B*; the second minimises total latency subject to every stage taking <= B*. (A single
-lexicographic DP is not exact: a prefix with a worse bottleneck but lower latency can win
-once a later, slower stage dominates the bottleneck.)
+(``cut_bytes[n]``). Exact for contiguous splits under that per-stage rule: two dynamic
+programs over (device, end position), each vectorised over the start position. The first
+finds the optimal bottleneck B*; the second minimises total latency subject to every stage
+taking <= B*. (A single lexicographic DP is not exact: a prefix with a worse bottleneck but
+lower latency can win once a later, slower stage dominates the bottleneck.)
 """
 
 from __future__ import annotations
@@ -23,21 +28,23 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
 from edge.errors import NoFitError, PlanError
 from edge.planning import memory
-from edge.planning.plan import Device, StagePrediction
+from edge.planning.plan import MODES, Device, StagePrediction
 
 __all__ = [
+    "COMPUTE_FACTOR",
     "StageCosts",
     "CostArrays",
     "Split",
     "partition",
     "brute_force",
     "evaluate",
+    "stage_mode",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,9 +53,19 @@ log = logging.getLogger(__name__)
 # so float rounding in a different summation order never makes the optimum infeasible.
 _REL_TOL = 1e-12
 
+# Compute time of a stage in each mode relative to fp32, at the same flops. fp32-lean: the
+# arena off costs nothing measurable (benchmarks/shard_memory_modes.py, BERT-base stages).
+# int8: PROVISIONAL, to be measured.
+COMPUTE_FACTOR = {"fp32": 1.0, "fp32-lean": 1.0, "int8": 0.7}
+
 
 class StageCosts(Protocol):
-    """What the planner needs to know about a graph (GraphCosts satisfies it)."""
+    """What the planner needs to know about a graph (GraphCosts satisfies it).
+
+    Optional, read with getattr: ``init_table_uses`` (per initializer, the positions of
+    ``init_uses`` where it is only a Gather table; default none) and ``init_int8_bytes``
+    (per initializer, bytes once quantized; default ``init_bytes``).
+    """
 
     flops: np.ndarray        # (n,) per node
     live_bytes: np.ndarray   # (n,) bytes live while node p runs
@@ -66,16 +83,20 @@ class CostArrays:
     cut_bytes: np.ndarray
     init_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
     init_uses: tuple[np.ndarray, ...] = ()
+    init_table_uses: tuple[np.ndarray, ...] = ()
+    init_int8_bytes: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
 class Split:
-    """The planner's answer: one ``[start, end)`` node range and prediction per device."""
+    """The planner's answer: per device, a ``[start, end)`` node range, a mode and a
+    prediction (in that mode)."""
 
     ranges: tuple[tuple[int, int], ...]
     predictions: tuple[StagePrediction, ...]
     bottleneck_ms: float
     latency_ms: float
+    modes: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- stage costs
@@ -98,100 +119,178 @@ def _compute_ms(flops, dev: Device):
     return flops / (dev.gflops * 1e9) * 1e3
 
 
-def _weights_brute(costs: StageCosts, i: int, j: int) -> float:
-    return float(sum(b for b, u in zip(costs.init_bytes, costs.init_uses)
-                     if np.any((np.asarray(u) >= i) & (np.asarray(u) < j))))
+# Weight channels: bytes read whole and bytes of Gather tables, at fp32 and at int8 sizes.
+_W32, _T32, _W8, _T8 = range(4)
 
 
-def evaluate(costs: StageCosts, dev: Device, i: int, j: int) -> StagePrediction:
+def _weight_items(costs: StageCosts) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Each initializer as up to two items, with (4,) sizes over the channels and uses.
+
+    An initializer's table uses (only a Gather's input 0) and its other uses are separate
+    items: a range holding only table uses pays the table cost, one holding other uses
+    pays the whole cost (plus the table cost when it holds both: a tied embedding).
+    """
+    sizes = np.asarray(costs.init_bytes, dtype=np.float64)
+    int8 = getattr(costs, "init_int8_bytes", None)
+    int8 = sizes if int8 is None else np.asarray(int8, dtype=np.float64)
+    tables = getattr(costs, "init_table_uses", ()) or ()
+    rows, uses = [], []
+    for k, u in enumerate(costs.init_uses):
+        u = np.unique(np.asarray(u, dtype=np.int64))
+        t = np.unique(np.asarray(tables[k], dtype=np.int64)) if k < len(tables) else u[:0]
+        whole = np.setdiff1d(u, t)
+        if len(whole):
+            rows.append((sizes[k], 0.0, int8[k], 0.0))
+            uses.append(whole)
+        if len(t):
+            rows.append((0.0, sizes[k], 0.0, int8[k]))
+            uses.append(t)
+    return np.array(rows, dtype=np.float64).reshape(-1, 4), uses
+
+
+def _weights_brute(costs: StageCosts, i: int, j: int) -> np.ndarray:
+    """(4,) channel bytes of nodes ``[i, j)``, by a direct scan."""
+    sizes, uses = _weight_items(costs)
+    out = np.zeros(4)
+    for row, u in zip(sizes, uses):
+        if np.any((u >= i) & (u < j)):
+            out += row
+    return out
+
+
+def _mode_memory(w, a, floor, mode: str):
+    """Stage memory in ``mode`` from channel bytes ``w`` (first axis: the 4 channels)."""
+    whole, table = (w[_W8], w[_T8]) if mode == "int8" else (w[_W32], w[_T32])
+    return memory.stage_memory_mb(whole, a, floor, table_bytes=table, mode=mode)
+
+
+def stage_mode(costs: StageCosts, dev: Device, i: int, j: int,
+               modes: Sequence[str] = MODES) -> str | None:
+    """The first of ``modes`` in which nodes ``[i, j)`` fit ``dev``'s memory, or None."""
+    w = _weights_brute(costs, i, j)
+    a = float(np.max(costs.live_bytes[i:j]))
+    for mode in modes:
+        if _mode_memory(w, a, dev.runtime_floor_mb, mode) <= dev.memory_mb:
+            return mode
+    return None
+
+
+def _frugal_mode(costs: StageCosts, dev: Device, i: int, j: int,
+                 modes: Sequence[str] = MODES) -> str:
+    w = _weights_brute(costs, i, j)
+    a = float(np.max(costs.live_bytes[i:j]))
+    return min(modes, key=lambda m: _mode_memory(w, a, dev.runtime_floor_mb, m))
+
+
+def evaluate(costs: StageCosts, dev: Device, i: int, j: int,
+             mode: str | None = None) -> StagePrediction:
     """Predicted memory and time of nodes ``[i, j)`` on ``dev`` (scalar, direct formulas).
 
     Args:
         costs: the graph's cost arrays.
         dev: the device running the stage.
         i, j: the node range, ``0 <= i < j <= n``.
+        mode: the stage's mode; None for the one the planner would choose
+            (``stage_mode``), or the most frugal one when none fits.
     """
+    if mode is None:
+        mode = stage_mode(costs, dev, i, j) or _frugal_mode(costs, dev, i, j)
+    c = memory.CONSTANTS[mode]
     w = _weights_brute(costs, i, j)
+    whole, table = (w[_W8], w[_T8]) if mode == "int8" else (w[_W32], w[_T32])
     a = float(np.max(costs.live_bytes[i:j]))
     f = float(np.sum(costs.flops[i:j], dtype=np.float64))
-    c = _compute_ms(f, dev)
+    cm = COMPUTE_FACTOR[mode] * _compute_ms(f, dev)
     t = _transfer_ms(float(costs.cut_bytes[j]), dev)
-    mem = memory.stage_memory_mb(w, a, dev.runtime_floor_mb)
+    mem = float(_mode_memory(w, a, dev.runtime_floor_mb, mode))
+    weights_mb = (c.weight_factor * whole + c.table_factor * table) / memory.MiB
+    act_mb = c.activation_factor * a / memory.MiB
     return StagePrediction(
-        weights_mb=memory.WEIGHT_FACTOR * w / memory.MiB,
-        activations_mb=memory.ACTIVATION_FACTOR * a / memory.MiB,
-        runtime_floor_mb=mem - memory.WEIGHT_FACTOR * w / memory.MiB
-        - memory.ACTIVATION_FACTOR * a / memory.MiB,
-        memory_mb=mem, gflops=f / 1e9, compute_ms=c, transfer_ms=t, time_ms=c + t)
+        weights_mb=weights_mb, activations_mb=act_mb,
+        runtime_floor_mb=mem - weights_mb - act_mb,
+        memory_mb=mem, gflops=f / 1e9, compute_ms=cm, transfer_ms=t, time_ms=cm + t)
 
 
 def _weight_sweep(costs: StageCosts, n: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (j, w) for j = 1..n, ``w[i]`` = unique initializer bytes of ``[i, j)``.
+    """Yield (j, w) for j = 1..n, ``w[c, i]`` = unique bytes of channel c in ``[i, j)``.
 
-    An initializer is in ``[i, j)`` iff its last use before ``j`` is ``>= i``: keep, per
-    position, the bytes whose last use so far is there, then reverse-cumsum. O(n) per j.
+    An item is in ``[i, j)`` iff its last use before ``j`` is ``>= i``: keep, per position,
+    the bytes whose last use so far is there, then reverse-cumsum. O(n) per j.
     """
+    sizes, uses = _weight_items(costs)
     events: list[list[int]] = [[] for _ in range(n)]
-    for k, uses in enumerate(costs.init_uses):
-        for p in sorted(set(int(x) for x in uses)):
+    for k, u in enumerate(uses):
+        for p in u:
             if not 0 <= p < n:
-                raise PlanError(f"initializer {k} used at node {p}, outside [0, {n})")
-            events[p].append(k)
-    sizes = np.asarray(costs.init_bytes, dtype=np.float64)
+                raise PlanError(f"initializer used at node {int(p)}, outside [0, {n})")
+            events[int(p)].append(k)
     last = np.full(len(sizes), -1, dtype=np.int64)
-    at = np.zeros(n, dtype=np.float64)
+    at = np.zeros((4, n), dtype=np.float64)
     for j in range(1, n + 1):
         p = j - 1
         for k in events[p]:
             if last[k] >= 0:
-                at[last[k]] -= sizes[k]
-            at[p] += sizes[k]
+                at[:, last[k]] -= sizes[k]
+            at[:, p] += sizes[k]
             last[k] = p
-        yield j, np.cumsum(at[:j][::-1])[::-1]
+        yield j, np.cumsum(at[:, :j][:, ::-1], axis=1)[:, ::-1]
 
 
 @dataclass
 class _Vectors:
-    """For one end position j, per start i < j: stage memory and time on each device."""
+    """For one end position j, per start i < j and device: the stage's time in the mode
+    the rule picks (inf when no mode fits), and its memory in the most frugal mode."""
 
-    mem: np.ndarray    # (D, j) MiB
-    time: np.ndarray   # (D, j) ms
+    time: np.ndarray     # (D, j) ms
+    frugal: np.ndarray   # (D, j) MiB
 
 
-def _sweep(costs: StageCosts, devices: Sequence[Device], n: int) -> Iterator[tuple[int, _Vectors]]:
+def _sweep(costs: StageCosts, devices: Sequence[Device], n: int,
+           modes: Sequence[str]) -> Iterator[tuple[int, _Vectors]]:
     pf = np.concatenate([[0.0], np.cumsum(np.asarray(costs.flops, dtype=np.float64))])
     live = np.asarray(costs.live_bytes, dtype=np.float64)
     cut = np.asarray(costs.cut_bytes, dtype=np.float64)
     floor = np.array([d.runtime_floor_mb for d in devices])[:, None]
+    has = np.array([d.memory_mb for d in devices])[:, None]
     rate = np.array([d.gflops * 1e9 for d in devices])[:, None]
     bw = np.array([d.bandwidth_mbps * 1e6 / 8.0 for d in devices])[:, None]
     for j, w in _weight_sweep(costs, n):
-        act = np.maximum.accumulate(live[:j][::-1])[::-1]
-        flops = pf[j] - pf[:j]
-        mem = memory.stage_memory_mb(w[None, :], act[None, :], floor)
-        time = flops[None, :] / rate * 1e3 + cut[j] / bw * 1e3
-        yield j, _Vectors(mem=mem, time=time)
+        act = np.maximum.accumulate(live[:j][::-1])[::-1][None, :]
+        compute = (pf[j] - pf[:j])[None, :] / rate * 1e3
+        send = cut[j] / bw * 1e3
+        time = np.full((len(devices), j), np.inf)
+        frugal = np.full((len(devices), j), np.inf)
+        chosen = np.zeros((len(devices), j), dtype=bool)
+        for mode in modes:
+            mem = _mode_memory(w[:, None, :], act, floor, mode)
+            take = (mem <= has) & ~chosen
+            time = np.where(take, COMPUTE_FACTOR[mode] * compute + send, time)
+            chosen |= take
+            frugal = np.minimum(frugal, mem)
+        yield j, _Vectors(time=time, frugal=frugal)
 
 
 # --------------------------------------------------------------------------- dynamic programs
 
 
 def _dp(costs: StageCosts, devices: Sequence[Device], n: int, mode: str,
-        limit: float = np.inf) -> tuple[float, list[tuple[int, int]] | None]:
+        modes: Sequence[str], limit: float = np.inf
+        ) -> tuple[float, list[tuple[int, int]] | None]:
     """One DP over (device, end). Returns (optimal value, ranges) or (inf, None).
 
     mode:
         "bottleneck": min over fitting splits of max stage time.
         "latency": min over fitting splits with every stage time <= limit of total time.
-        "overshoot": min over all splits of max (stage memory - device memory).
-        "memory": min over all splits of max stage memory.
+        "overshoot": min over all splits of max (frugal stage memory - device memory).
+        "memory": min over all splits of max frugal stage memory.
+    A stage fits when some mode fits; its time is that of the first mode that fits.
     """
     D = len(devices)
     has = np.array([d.memory_mb for d in devices])
     best = np.full((D, n + 1), np.inf)
     arg = np.full((D, n + 1), -1, dtype=np.int64)
     cap = limit * (1 + _REL_TOL) + 1e-300 if np.isfinite(limit) else np.inf
-    for j, v in _sweep(costs, devices, n):
+    for j, v in _sweep(costs, devices, n, modes):
         for d in range(D):
             # Device d's stage ends at j, starts at i; devices before it need >= d nodes, and
             # the ones after it need >= D - 1 - d.
@@ -203,17 +302,17 @@ def _dp(costs: StageCosts, devices: Sequence[Device], n: int, mode: str,
             else:
                 prev = best[d - 1, :j].copy()
             if mode in ("bottleneck", "latency"):
-                fits = v.mem[d] <= has[d]
                 stage = v.time[d]
+                fits = np.isfinite(stage)
                 if mode == "latency":
                     fits &= stage <= cap
                     cand = np.where(fits, prev + stage, np.inf)
                 else:
                     cand = np.where(fits, np.maximum(prev, stage), np.inf)
             elif mode == "overshoot":
-                cand = np.maximum(prev, v.mem[d] - has[d])
+                cand = np.maximum(prev, v.frugal[d] - has[d])
             elif mode == "memory":
-                cand = np.maximum(prev, v.mem[d])
+                cand = np.maximum(prev, v.frugal[d])
             else:
                 raise ValueError(mode)
             if d == 0:
@@ -235,7 +334,8 @@ def _dp(costs: StageCosts, devices: Sequence[Device], n: int, mode: str,
     return value, ranges
 
 
-def _check_inputs(costs: StageCosts, devices: Sequence[Device]) -> int:
+def _check_inputs(costs: StageCosts, devices: Sequence[Device],
+                  modes: Sequence[str] = MODES) -> int:
     n = _n(costs)
     if not devices:
         raise PlanError("no devices to plan for")
@@ -247,31 +347,39 @@ def _check_inputs(costs: StageCosts, devices: Sequence[Device]) -> int:
         if d.gflops <= 0 or d.bandwidth_mbps <= 0:
             raise PlanError(f"device {d.name}: gflops and bandwidth_mbps must be > 0, got "
                             f"{d.gflops} and {d.bandwidth_mbps}")
+    if not modes or any(m not in MODES for m in modes):
+        raise PlanError(f"modes: expected a non-empty subset of {MODES}, got {tuple(modes)}")
     return n
 
 
 def _make_split(costs: StageCosts, devices: Sequence[Device],
-                ranges: Sequence[tuple[int, int]]) -> Split:
-    preds = tuple(evaluate(costs, dev, i, j) for dev, (i, j) in zip(devices, ranges))
+                ranges: Sequence[tuple[int, int]], modes: Sequence[str]) -> Split:
+    chosen = tuple(stage_mode(costs, dev, i, j, modes) for dev, (i, j) in zip(devices, ranges))
+    if None in chosen:  # cannot happen: the DP only returns fitting stages
+        raise PlanError("planner returned a stage that fits in no mode; please report this")
+    preds = tuple(evaluate(costs, dev, i, j, m)
+                  for dev, (i, j), m in zip(devices, ranges, chosen))
     return Split(ranges=tuple((int(i), int(j)) for i, j in ranges), predictions=preds,
                  bottleneck_ms=max(p.time_ms for p in preds),
-                 latency_ms=sum(p.time_ms for p in preds))
+                 latency_ms=sum(p.time_ms for p in preds), modes=chosen)
 
 
 def _no_fit(costs: StageCosts, devices: Sequence[Device], closest: Sequence[tuple[int, int]],
-            min_memory_mb: float) -> NoFitError:
+            min_memory_mb: float, modes: Sequence[str]) -> NoFitError:
     needs, has, lines = {}, {}, []
     for dev, (i, j) in zip(devices, closest):
-        p = evaluate(costs, dev, i, j)
+        mode = _frugal_mode(costs, dev, i, j, modes)
+        p = evaluate(costs, dev, i, j, mode)
         needs[dev.name] = p.memory_mb
         has[dev.name] = dev.memory_mb
         verdict = "OVER" if p.memory_mb > dev.memory_mb else "ok"
         lines.append(
             f"  {dev.name}: needs {p.memory_mb:.0f} MiB, has {dev.memory_mb:.0f} MiB "
-            f"[{verdict}] (nodes [{i}, {j}): weights {p.weights_mb:.0f} + activations "
-            f"{p.activations_mb:.0f} + runtime {p.runtime_floor_mb:.0f} MiB)")
+            f"[{verdict}] (nodes [{i}, {j}) in {mode}: weights {p.weights_mb:.0f} + "
+            f"activations {p.activations_mb:.0f} + runtime {p.runtime_floor_mb:.0f} MiB)")
     msg = (f"no split of the model's {len(costs.flops)} nodes over {len(devices)} devices "
-           "fits in memory; the closest split (smallest worst overshoot) needs:\n"
+           f"fits in memory, even in the most frugal mode ({', '.join(modes)} tried); the "
+           "closest split (smallest worst overshoot) needs:\n"
            + "\n".join(lines)
            + f"\nevery device would need at least {min_memory_mb:.0f} MiB (the smallest "
            "memory that, given to every device in this order, lets some split fit); "
@@ -279,58 +387,66 @@ def _no_fit(costs: StageCosts, devices: Sequence[Device], closest: Sequence[tupl
     return NoFitError(msg, needs=needs, has=has, min_memory_mb=min_memory_mb)
 
 
-def partition(costs: StageCosts, devices: Sequence[Device]) -> Split:
+def partition(costs: StageCosts, devices: Sequence[Device],
+              modes: Sequence[str] = MODES) -> Split:
     """Split nodes ``[0, n)`` into one contiguous, non-empty range per device, in order.
 
     Args:
         costs: per-node / per-cut cost arrays (a GraphCosts or a CostArrays).
         devices: the pipeline's devices, in pipeline order (standbys excluded).
+        modes: the modes a stage may take, in order of preference (default all of
+            ``MODES``: fp32, then fp32-lean, then int8).
 
     Returns:
         The split whose slowest stage is fastest among those that fit every device's
-        memory; ties broken on total latency.
+        memory, each stage in the first mode that fits it; ties broken on total latency.
 
     Raises:
-        NoFitError: no split fits; says what each device would need and the smallest
-            per-device memory that would make one fit.
+        NoFitError: no split fits even in the most frugal mode; says what each device
+            would need and the smallest per-device memory that would make one fit.
         PlanError: more devices than nodes, or malformed inputs.
     """
-    n = _check_inputs(costs, devices)
-    bottleneck, _ = _dp(costs, devices, n, "bottleneck")
+    modes = tuple(modes)
+    n = _check_inputs(costs, devices, modes)
+    bottleneck, _ = _dp(costs, devices, n, "bottleneck", modes)
     if not np.isfinite(bottleneck):
-        _, closest = _dp(costs, devices, n, "overshoot")
-        min_mem, _ = _dp(costs, devices, n, "memory")
-        err = _no_fit(costs, devices, closest, min_mem)
+        _, closest = _dp(costs, devices, n, "overshoot", modes)
+        min_mem, _ = _dp(costs, devices, n, "memory", modes)
+        err = _no_fit(costs, devices, closest, min_mem, modes)
         log.info("%s", err)
         raise err
-    _, ranges = _dp(costs, devices, n, "latency", limit=bottleneck)
+    _, ranges = _dp(costs, devices, n, "latency", modes, limit=bottleneck)
     if ranges is None:  # cannot happen unless rounding is pathological
         raise PlanError("planner failed to recover the optimal split; please report this")
-    split = _make_split(costs, devices, ranges)
-    _log_split(costs, devices, split)
+    split = _make_split(costs, devices, ranges, modes)
+    _log_split(costs, devices, split, modes)
     return split
 
 
-def _log_split(costs: StageCosts, devices: Sequence[Device], split: Split) -> None:
+def _log_split(costs: StageCosts, devices: Sequence[Device], split: Split,
+               modes: Sequence[str]) -> None:
     n = len(costs.flops)
     total = float(np.sum(costs.flops))
-    for k, (dev, (i, j), p) in enumerate(zip(devices, split.ranges, split.predictions)):
+    for k, (dev, (i, j), p, mode) in enumerate(zip(devices, split.ranges, split.predictions,
+                                                  split.modes)):
         why = []
         if p.time_ms >= split.bottleneck_ms * (1 - 1e-9):
             why.append("bottleneck stage")
-        if j < n and evaluate(costs, dev, i, j + 1).memory_mb > dev.memory_mb:
+        if mode != modes[0]:
+            why.append(f"{mode}: does not fit in {', '.join(modes[:modes.index(mode)])}")
+        if j < n and stage_mode(costs, dev, i, j + 1, modes) is None:
             why.append("memory-bound: one more node would not fit")
         if p.transfer_ms > p.compute_ms:
             why.append(f"link-bound: sending {costs.cut_bytes[j] / 1e6:.2f} MB costs more "
                        "than computing")
         log.info(
             "stage %d on %s (%.1f GFLOP/s, %.0f MiB, %.0f Mbit/s): nodes [%d, %d) = %.0f%% of "
-            "the flops; %.1f ms compute + %.1f ms send = %.1f ms; memory %.0f of %.0f MiB "
-            "(weights %.0f + activations %.0f + runtime %.0f)%s",
+            "the flops in %s; %.1f ms compute + %.1f ms send = %.1f ms; memory %.0f of %.0f "
+            "MiB (weights %.0f + activations %.0f + runtime %.0f)%s",
             k, dev.name, dev.gflops, dev.memory_mb, dev.bandwidth_mbps, i, j,
-            100.0 * p.gflops * 1e9 / total if total else 0.0, p.compute_ms, p.transfer_ms,
-            p.time_ms, p.memory_mb, dev.memory_mb, p.weights_mb, p.activations_mb,
-            p.runtime_floor_mb, f"; {', '.join(why)}" if why else "")
+            100.0 * p.gflops * 1e9 / total if total else 0.0, mode, p.compute_ms,
+            p.transfer_ms, p.time_ms, p.memory_mb, dev.memory_mb, p.weights_mb,
+            p.activations_mb, p.runtime_floor_mb, f"; {'; '.join(why)}" if why else "")
     log.info("pipeline period %.1f ms (slowest stage), latency %.1f ms",
              split.bottleneck_ms, split.latency_ms)
 
@@ -338,35 +454,41 @@ def _log_split(costs: StageCosts, devices: Sequence[Device], split: Split) -> No
 # --------------------------------------------------------------------------- brute force
 
 
-def brute_force(costs: StageCosts, devices: Sequence[Device]) -> Split:
+def brute_force(costs: StageCosts, devices: Sequence[Device],
+                modes: Sequence[str] = MODES) -> Split:
     """Same contract as ``partition``, by enumerating every cut combination.
 
-    Exponential: for tests on small inputs only. Uses the scalar ``evaluate``, which shares
-    no code with the DP's vectorised sweep.
+    Exponential: for tests on small inputs only. Uses the scalar ``stage_mode`` and
+    ``evaluate``, which share no code with the DP's vectorised sweep but the memory formula.
 
     Args:
         costs: per-node / per-cut cost arrays.
         devices: the pipeline's devices, in order.
+        modes: as for ``partition``.
     """
-    n = _check_inputs(costs, devices)
+    modes = tuple(modes)
+    n = _check_inputs(costs, devices, modes)
     D = len(devices)
     best_key, best_ranges = None, None
     min_mem, closest, closest_over = np.inf, None, np.inf
     for cuts in itertools.combinations(range(1, n), D - 1):
         bounds = (0, *cuts, n)
         ranges = list(zip(bounds[:-1], bounds[1:]))
-        preds = [evaluate(costs, dev, i, j) for dev, (i, j) in zip(devices, ranges)]
-        worst_mem = max(p.memory_mb for p in preds)
-        over = max(p.memory_mb - dev.memory_mb for p, dev in zip(preds, devices))
+        frugal = [min(evaluate(costs, dev, i, j, m).memory_mb for m in modes)
+                  for dev, (i, j) in zip(devices, ranges)]
+        worst_mem = max(frugal)
+        over = max(f - dev.memory_mb for f, dev in zip(frugal, devices))
         min_mem = min(min_mem, worst_mem)
         if over < closest_over:
             closest_over, closest = over, ranges
-        if over > 0:
+        chosen = [stage_mode(costs, dev, i, j, modes) for dev, (i, j) in zip(devices, ranges)]
+        if None in chosen:
             continue
+        preds = [evaluate(costs, dev, i, j, m) for dev, (i, j), m in zip(devices, ranges, chosen)]
         key = (max(p.time_ms for p in preds), sum(p.time_ms for p in preds))
         if best_key is None or key[0] < best_key[0] * (1 - 1e-12) or (
                 key[0] <= best_key[0] * (1 + 1e-12) and key[1] < best_key[1]):
             best_key, best_ranges = key, ranges
     if best_ranges is None:
-        raise _no_fit(costs, devices, closest, float(min_mem))
-    return _make_split(costs, devices, best_ranges)
+        raise _no_fit(costs, devices, closest, float(min_mem), modes)
+    return _make_split(costs, devices, best_ranges, modes)

@@ -33,7 +33,8 @@ from edge.errors import GraphError
 from edge.planning.graph import GraphCosts, node_reads
 from edge.planning.plan import TensorSpec
 
-__all__ = ["DataFile", "ShardInfo", "build_shard", "shard_io", "externalize", "gather_tables"]
+__all__ = ["DataFile", "ShardInfo", "build_shard", "shard_io", "externalize", "gather_tables",
+           "save_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -173,27 +174,44 @@ def build_shard(model: onnx.ModelProto | None, costs: GraphCosts, start: int, en
         if t.data_location == onnx.TensorProto.EXTERNAL:
             raise GraphError(f"initializer {t.name!r} still points to external data; load "
                              "the model with its weights before building shards")
+    digest, size, data_files = save_shard(m, path, check=check,
+                                          what=f"shard for nodes [{start}, {end})")
+    log.info("shard %s: nodes [%d, %d), %d inputs, %d outputs, %d initializers, %.1f MiB "
+             "of weights", path.name, start, end, len(inputs), len(outputs),
+             len(init_needed), sum(f.size for f in data_files) / 2**20)
+    return ShardInfo(path=path, sha256=digest, size=size, inputs=tuple(inputs),
+                     outputs=tuple(outputs), initializers=tuple(init_needed),
+                     data_files=tuple(data_files))
+
+
+def save_shard(m: onnx.ModelProto, path: Path, check: bool = True,
+               what: str = "shard") -> tuple[str, int, list[DataFile]]:
+    """Write a shard as ``path`` plus its external-data files (``externalize``), in place.
+
+    Args:
+        m: the shard with its weights loaded; its initializers end up referencing the files.
+        path: the ``.onnx`` to write.
+        check: run ``onnx.checker.check_model(path, full_check=True)`` on the result (the
+            path form, so the external data resolves).
+        what: names the shard in errors.
+
+    Returns:
+        (sha256 of the .onnx, its size in bytes, the data files written).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data_files = externalize(m, path)
     if m.ByteSize() > _PROTO_LIMIT:
-        raise GraphError(f"shard graph for nodes [{start}, {end}) is "
-                         f"{m.ByteSize() / 2**30:.1f} GiB without its weights; ONNX cannot "
-                         "hold that")
+        raise GraphError(f"{what} is {m.ByteSize() / 2**30:.1f} GiB without its weights; "
+                         "ONNX cannot hold that")
     data = m.SerializeToString()
     path.write_bytes(data)
     if check:
         try:
             onnx.checker.check_model(str(path), full_check=True)
         except Exception as e:
-            raise GraphError(f"shard {path} for nodes [{start}, {end}) fails the ONNX "
-                             f"checker: {e}") from None
-    digest = hashlib.sha256(data).hexdigest()
-    log.info("shard %s: nodes [%d, %d), %d inputs, %d outputs, %d initializers, %.1f MiB",
-             path.name, start, end, len(inputs), len(outputs), len(init_needed),
-             len(data) / 2**20)
-    return ShardInfo(path=path, sha256=digest, size=len(data), inputs=tuple(inputs),
-                     outputs=tuple(outputs), initializers=tuple(init_needed),
-                     data_files=tuple(data_files))
+            raise GraphError(f"{what} ({path}) fails the ONNX checker: {e}") from None
+    return hashlib.sha256(data).hexdigest(), len(data), data_files
 
 
 def externalize(model: onnx.ModelProto, path: Path) -> list[DataFile]:

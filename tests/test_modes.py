@@ -1,0 +1,262 @@
+"""Per-stage modes: the planner picks fp32 / fp32-lean / int8 per stage, int8 shards stay
+close to the fp32 model, embedding tables go to a random-access file, and the DP agrees
+with brute force when modes change a stage's time."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edge.errors import NoFitError
+from edge.export.inputs import example_inputs
+from edge.planning import make_plan
+from edge.planning.graph import analyze
+from edge.planning.plan import MODES, Device, load_plan
+from edge.planning.planner import (COMPUTE_FACTOR, CostArrays, brute_force, evaluate,
+                                   partition, stage_mode)
+from edge.shards.quantize import cosine, drift
+from edge.shards.runtime import session_options
+
+MiB = float(1 << 20)
+BERT = {"batch": 1, "sequence": 128}
+
+
+def _dev(name: str, memory_mb: float = 1e6, gflops: float = 1.0, bw: float = 1000.0,
+         floor: float = 72.0) -> Device:
+    return Device(name=name, address=f"{name}:50051", profile="test", memory_mb=memory_mb,
+                  gflops=gflops, bandwidth_mbps=bw, runtime_floor_mb=floor)
+
+
+def _run_chain(out, plan, feeds):
+    cur = dict(feeds)
+    for st in plan.stages:
+        sess = ort.InferenceSession(str(out / st.shard), session_options(1, st.mode),
+                                    providers=["CPUExecutionProvider"])
+        res = sess.run(None, {i.name: cur[i.name] for i in sess.get_inputs()})
+        nxt = {k: cur[k] for k in st.passthrough}
+        nxt.update(zip([o.name for o in sess.get_outputs()], res))
+        cur = nxt
+    return cur
+
+
+def _frugal(costs, dev, i, j):
+    return min(MODES, key=lambda m: evaluate(costs, dev, i, j, m).memory_mb)
+
+
+def _budgets_forcing(costs, ranges_devices):
+    """Per device, a budget in which its stage fits only in its most frugal mode."""
+    out = []
+    for dev, (i, j) in ranges_devices:
+        need = evaluate(costs, dev, i, j, _frugal(costs, dev, i, j)).memory_mb
+        out.append(dataclasses.replace(dev, memory_mb=need + 0.01))
+    return out
+
+
+def test_small_budgets_force_a_frugal_mode(bert_tiny, tmp_path, monkeypatch):
+    # BERT tiny's weights (< 1 MiB a stage) are too small for int8 to save memory under the
+    # fitted constants: its fixed cost is higher. Give int8 a lower one so the rule has a
+    # frugal mode to choose on a tiny model; the plumbing under test is the same.
+    from edge.planning import memory
+
+    fp32 = memory.CONSTANTS["fp32"]
+    monkeypatch.setitem(memory.CONSTANTS, "int8", dataclasses.replace(
+        memory.CONSTANTS["int8"], session_overhead_mb=fp32.session_overhead_mb - 5))
+    costs = analyze(bert_tiny, BERT)
+    devs = [_dev(f"pi-{k}") for k in range(3)]
+    split = partition(costs, devs)
+    assert split.modes == ("fp32",) * 3  # ample memory
+    frugal = [_frugal(costs, d, i, j) for d, (i, j) in zip(devs, split.ranges)]
+    assert frugal == ["int8"] * 3
+    tight = _budgets_forcing(costs, zip(devs, split.ranges))
+    plan = make_plan(bert_tiny, tight, tmp_path, bindings=BERT)
+    # the same ranges fit only in the frugal modes: that is what the planner chose
+    assert [s.node_range for s in plan.stages] == list(split.ranges)
+    assert [s.mode for s in plan.stages] == frugal
+    assert [s.mode for s in load_plan(tmp_path / "plan.json").stages] == frugal
+    for st in plan.stages:
+        assert st.predicted.memory_mb <= st.device.memory_mb
+        ops = {nd.op_type for nd in onnx.load(str(tmp_path / st.shard),
+                                              load_external_data=False).graph.node}
+        assert ("MatMulInteger" in ops) == (st.mode == "int8")
+
+
+@pytest.fixture(scope="module")
+def bert_int8(bert_tiny, tmp_path_factory):
+    """BERT tiny over 3 devices, every stage int8."""
+    out = tmp_path_factory.mktemp("plan-int8")
+    plan = make_plan(bert_tiny, [_dev(f"pi-{k}") for k in range(3)], out, bindings=BERT,
+                     modes=("int8",))
+    return out, plan
+
+
+def test_int8_pipeline_stays_close_to_fp32_model(bert_tiny, bert_int8):
+    out, plan = bert_int8
+    assert [s.mode for s in plan.stages] == ["int8"] * 3
+    for st in plan.stages:
+        m = onnx.load(str(out / st.shard), load_external_data=False)
+        assert any(nd.op_type == "MatMulInteger" for nd in m.graph.node)
+        onnx.checker.check_model(str(out / st.shard), full_check=True)
+    full = ort.InferenceSession(str(bert_tiny), session_options(1),
+                                providers=["CPUExecutionProvider"])
+    for batch, seq in ((1, 16), (2, 40)):
+        feeds = example_inputs("bert", "tiny", batch=batch, seq=seq, seed=3)
+        want = dict(zip([o.name for o in full.get_outputs()], full.run(None, feeds)))
+        got = _run_chain(out, plan, feeds)
+        for name in want:
+            assert got[name].shape == want[name].shape
+            assert cosine(got[name], want[name]) >= 0.99, name
+
+
+def test_int8_embedding_table_is_random_access(bert_int8):
+    out, plan = bert_int8
+    st = plan.stages[0]
+    assert [(f.name, f.random_access) for f in st.data_files] == [
+        ("stage-0.onnx.data", False), ("stage-0.onnx.gather.data", True)]
+    m = onnx.load(str(out / st.shard), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    gathered = {nd.input[0] for nd in m.graph.node
+                if nd.op_type == "Gather" and nd.input[0] in inits}
+    assert gathered and all(n.endswith("_quantized") for n in gathered)
+    for name in gathered:
+        t = inits[name]
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            where = {e.key: e.value for e in t.external_data}
+            assert where["location"] == "stage-0.onnx.gather.data"
+    words = max(gathered, key=lambda n: np.prod(inits[n].dims))
+    assert inits[words].data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+
+
+def test_fp32_embedding_table_in_gather_file(bert_tiny, tmp_path):
+    plan = make_plan(bert_tiny, [_dev("a"), _dev("b")], tmp_path, bindings=BERT)
+    st = plan.stages[0]
+    assert st.mode == "fp32"
+    gather = [f for f in st.data_files if f.random_access]
+    assert [f.path for f in gather] == ["shards/stage-0.onnx.gather.data"]
+    m = onnx.load(str(tmp_path / st.shard), load_external_data=False)
+    word = next(t for t in m.graph.initializer if "word_embeddings" in t.name)
+    where = {e.key: e.value for e in word.external_data}
+    assert where["location"] == "stage-0.onnx.gather.data"
+    assert int(where["offset"]) % 4096 == 0
+    assert int(where["length"]) == 4 * int(np.prod(word.dims))
+    # no other stage has an embedding
+    assert not any(f.random_access for s in plan.stages[1:] for f in s.data_files)
+
+
+@pytest.mark.parametrize("kind,bindings", [
+    ("gpt2", {"batch": 1, "sequence": 32}),
+    ("unet", {"batch": 1, "height": 64, "width": 64}),
+])
+def test_int8_drift_other_models(kind, bindings, bert_tiny, models_dir, tmp_path):
+    """GPT-2 (Gemm layers, tied head) and a CNN quantize and stay close, stage by stage."""
+    from edge.export import export_model
+    from edge.planning.graph import analyze
+    from edge.shards.build import build_shard
+    from edge.shards.quantize import quantize_shard
+
+    path = models_dir / f"{kind}-tiny.onnx"
+    if not path.exists():
+        path = export_model(kind, size="tiny", seed=0, out=path)
+    costs = analyze(path, bindings)
+    devs = [_dev(f"pi-{k}") for k in range(2)]
+    split = partition(costs, devs)
+    seq = bindings.get("sequence", bindings.get("height"))
+    cur = example_inputs(kind, "tiny", batch=1, seq=seq, seed=2)
+    for k, (i, j) in enumerate(split.ranges):
+        fp32 = build_shard(costs.model, costs, i, j, tmp_path / f"fp32/stage-{k}.onnx")
+        int8 = quantize_shard(fp32.path, tmp_path / f"int8/stage-{k}.onnx")
+        m = onnx.load(str(int8.path), load_external_data=False)
+        assert not any(nd.op_type == "Gemm" for nd in m.graph.node)
+        assert drift(fp32.path, int8.path, cur) >= 0.99
+        predicted = costs.init_int8_bytes[[costs.init_names.index(x)
+                                            for x in fp32.initializers]].sum()
+        written = sum(f.size for f in int8.data_files)
+        assert written <= predicted * 1.15 + 64 * 1024  # page padding, scales
+        sess = ort.InferenceSession(str(fp32.path), providers=["CPUExecutionProvider"])
+        res = sess.run(None, {x.name: cur[x.name] for x in sess.get_inputs()})
+        cur = {**cur, **dict(zip([o.name for o in sess.get_outputs()], res))}
+
+
+# --------------------------------------------------------------------------- DP vs brute
+
+
+def _random_case(rng: np.random.Generator):
+    n = int(rng.integers(1, 9))
+    d = int(rng.integers(1, min(4, n) + 1))
+    m = int(rng.integers(0, 6))
+    uses, tables = [], []
+    for _ in range(m):
+        u = np.sort(rng.choice(n, size=int(rng.integers(1, min(3, n) + 1)), replace=False))
+        uses.append(u)
+        tables.append(u[rng.random(len(u)) < 0.4])
+    sizes = rng.uniform(0, 100, m) * MiB
+    costs = CostArrays(flops=rng.uniform(0, 1e9, n), live_bytes=rng.uniform(0, 8, n) * MiB,
+                       cut_bytes=rng.uniform(0, 5e6, n + 1), init_bytes=sizes,
+                       init_uses=tuple(uses), init_table_uses=tuple(tables),
+                       init_int8_bytes=sizes * rng.uniform(0.25, 1.0, m))
+    devices = [_dev(f"d{k}", memory_mb=float(rng.uniform(80, 330)),
+                    gflops=float(rng.uniform(1, 10)), bw=float(rng.uniform(10, 1000)))
+               for k in range(d)]
+    return costs, devices
+
+
+def _solve(fn, costs, devices):
+    try:
+        return fn(costs, devices)
+    except NoFitError as e:
+        return e
+
+
+def test_dp_matches_brute_force_with_modes():
+    rng = np.random.default_rng(4321)
+    fits = nofits = 0
+    seen = set()
+    for _ in range(400):
+        costs, devices = _random_case(rng)
+        dp, bf = _solve(partition, costs, devices), _solve(brute_force, costs, devices)
+        assert type(dp) is type(bf), (dp, bf)
+        if isinstance(bf, NoFitError):
+            nofits += 1
+            assert dp.min_memory_mb == pytest.approx(bf.min_memory_mb, rel=1e-9)
+            continue
+        fits += 1
+        assert abs(dp.bottleneck_ms - bf.bottleneck_ms) <= 1e-9 * max(1.0, bf.bottleneck_ms)
+        assert dp.latency_ms == pytest.approx(bf.latency_ms, rel=1e-9)
+        for dev, (i, j), mode, p in zip(devices, dp.ranges, dp.modes, dp.predictions):
+            # the rule: the first mode that fits, and its time
+            assert mode == stage_mode(costs, dev, i, j)
+            assert all(evaluate(costs, dev, i, j, m).memory_mb > dev.memory_mb
+                       for m in MODES[:MODES.index(mode)])
+            assert p.memory_mb <= dev.memory_mb
+            assert p == evaluate(costs, dev, i, j, mode)
+            seen.add(mode)
+    assert fits > 50 and nofits > 30
+    # fp32 and int8 both chosen somewhere (fp32-lean wins only in a narrow window of the
+    # fitted constants: large weights read whole, no tables)
+    assert {"fp32", "int8"} <= seen
+
+
+def test_int8_is_faster_per_flop():
+    assert COMPUTE_FACTOR["fp32"] == 1.0
+    assert 0 < COMPUTE_FACTOR["int8"] <= 1.0
+    costs = CostArrays(flops=np.full(2, 1e9), live_bytes=np.ones(2), cut_bytes=np.zeros(3))
+    d = _dev("a")
+    assert evaluate(costs, d, 0, 2, "int8").compute_ms == pytest.approx(
+        COMPUTE_FACTOR["int8"] * evaluate(costs, d, 0, 2, "fp32").compute_ms)
+
+
+def test_no_fit_uses_most_frugal_mode():
+    costs = CostArrays(flops=np.ones(2), live_bytes=np.full(2, MiB), cut_bytes=np.zeros(3),
+                       init_bytes=np.full(2, 400 * MiB),
+                       init_uses=(np.array([0]), np.array([1])),
+                       init_int8_bytes=np.full(2, 100 * MiB))
+    with pytest.raises(NoFitError) as ei:
+        partition(costs, [_dev("a", memory_mb=100), _dev("b", memory_mb=100)])
+    e = ei.value
+    int8 = evaluate(costs, _dev("a"), 0, 1, "int8").memory_mb
+    assert e.needs == {"a": pytest.approx(int8), "b": pytest.approx(int8)}
+    assert "in int8" in str(e)
+    assert e.min_memory_mb == pytest.approx(int8)
