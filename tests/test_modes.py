@@ -260,3 +260,44 @@ def test_no_fit_uses_most_frugal_mode():
     assert e.needs == {"a": pytest.approx(int8), "b": pytest.approx(int8)}
     assert "in int8" in str(e)
     assert e.min_memory_mb == pytest.approx(int8)
+
+
+# --------------------------------------------------------------------------- through workers
+
+
+def test_int8_plan_runs_end_to_end_on_workers(bert_tiny, bert_int8):
+    """An int8 plan deployed on real worker processes: outputs within the cosine bound of
+    the unsharded fp32 model, and every worker serves the int8 shard the plan names."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edge.coordinator.pipeline import Pipeline
+    from edge.planning.cluster import cluster_from_profile
+    from edge.transport.codec import decode_tensors
+    from edge.worker.launch import LocalWorkers
+
+    out, plan = bert_int8
+    full = ort.InferenceSession(str(bert_tiny), providers=["CPUExecutionProvider"])
+    with LocalWorkers(3, out / "workers", device="rpi4b-2gb", threads=1) as workers:
+        cluster = cluster_from_profile("rpi4b-2gb", 3, addresses=workers.addresses)
+        plan = make_plan(bert_tiny, cluster.devices, out / "deployed", bindings=BERT,
+                         modes=("int8",))
+        assert [s.mode for s in plan.stages] == ["int8"] * 3
+        with Pipeline(plan, out / "deployed") as pipeline:
+            pipeline.start()
+            cases = [example_inputs("bert", "tiny", batch=b, seq=s, seed=k)
+                     for k, (b, s) in enumerate([(1, 16), (2, 40), (1, 128)])]
+            with ThreadPoolExecutor(3) as pool:
+                results = list(pool.map(pipeline.infer, cases * 2))
+            for x, r in zip(cases * 2, results):
+                got = decode_tensors(r.outputs)
+                want = dict(zip([o.name for o in full.get_outputs()], full.run(None, x)))
+                assert set(got) == set(want)
+                for name in want:
+                    assert got[name].shape == want[name].shape
+                    assert cosine(got[name], want[name]) >= 0.99, name
+                # int8 is not fp32: the outputs do differ
+                assert max(float(np.abs(got[k] - want[k]).max()) for k in want) > 1e-6
+            status = pipeline.status()
+            assert all(s.healthy and s.worker.configured for s in status.stages)
+            assert [s.worker.shard_sha256 for s in status.stages] == [
+                s.sha256 for s in plan.stages]
