@@ -11,6 +11,7 @@ squares on the relative error,
 
     peak - floor = weight_factor * whole + table_factor * tables
                    + activation_factor * activations + session_overhead
+                   + io_factor * (bytes received + bytes sent per request)
 
 and prints the table of predicted against measured peaks. ``--speed`` also times every
 stage in-process in each mode (median of runs, ``--threads`` intra-op threads) to give the
@@ -94,6 +95,7 @@ def measure(kind: str, size: str, devices: int, mode: str, work: Path, profile: 
                          bindings=bindings, node_range=[i, j],
                          **_channels(costs, i, j),
                          act=costs.activation_peak(i, j) / MiB,
+                         io=(float(costs.cut_bytes[i]) + float(costs.cut_bytes[j])) / MiB,
                          floor=st.device.runtime_floor_mb,
                          planned=r["planned_mb"], peak=r["measured_peak_mb"],
                          at_load=r["rss_at_load_mb"], anon=r["peak_anon_mb"],
@@ -144,7 +146,7 @@ def speed(kind: str, size: str, devices: int, work: Path, threads: int, seq: int
 
 def _features(r: dict, mode: str) -> list[float]:
     s = "8" if mode == "int8" else "32"
-    return [r[f"whole{s}"], r[f"table{s}"], r["act"], 1.0]
+    return [r[f"whole{s}"], r[f"table{s}"], r["act"], 1.0, r.get("io", 0.0)]
 
 
 def fit(rows: list[dict]) -> dict[str, list[float]]:
@@ -172,7 +174,8 @@ def table(rows: list[dict], constants=None) -> None:
         s = "8" if r["mode"] == "int8" else "32"
         if constants is None:
             pred = float(memory.stage_memory_mb(r[f"whole{s}"] * MiB, r["act"] * MiB, r["floor"],
-                                                table_bytes=r[f"table{s}"] * MiB, mode=r["mode"]))
+                                                table_bytes=r[f"table{s}"] * MiB, mode=r["mode"],
+                                                io_bytes=r.get("io", 0.0) * MiB))
         else:
             pred = r["floor"] + float(np.dot(constants[r["mode"]], _features(r, r["mode"])))
         err = (pred - r["peak"]) / r["peak"] * 100
@@ -240,7 +243,8 @@ def main() -> int:
         consts = fit(rows)
         for mode, c in consts.items():
             print(f"fit {mode}: weight_factor={c[0]:.3f} table_factor={c[1]:.3f} "
-                  f"activation_factor={c[2]:.3f} session_overhead_mb={c[3]:.1f}")
+                  f"activation_factor={c[2]:.3f} session_overhead_mb={c[3]:.1f} "
+                  f"io_factor={c[4]:.3f}")
         print("with the fitted constants:")
         table(rows, consts)
     return 0

@@ -85,6 +85,20 @@ def plan_dims(model: str | Path, given: dict[str, int]) -> dict[str, int]:
     return {**{k: v for k, v in DEFAULT_DIMS.items() if k in names}, **given}
 
 
+def _parse_modes(text: str | None) -> tuple[str, ...] | None:
+    from edge.errors import ConfigError
+    from edge.planning.plan import MODES
+
+    if not text:
+        return None
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ConfigError(f"--modes: expected a comma-separated list of {', '.join(MODES)}, "
+                          f"got {text!r}")
+    return modes
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from edge.planning import make_plan
     from edge.planning.cluster import load_cluster
@@ -92,7 +106,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.cluster)
     plan = make_plan(args.model, cluster.devices, args.out,
                      bindings=plan_dims(args.model, _parse_dims(args.dim)),
-                     standby=cluster.standby)
+                     standby=cluster.standby, modes=_parse_modes(args.modes))
     print_plan(plan, _console())
     print(f"wrote {Path(args.out) / 'plan.json'} and {len(plan.stages)} shard(s)")
     return 0
@@ -357,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", action="append", metavar="NAME=SIZE",
                    help="size of a symbolic input dimension to plan for "
                         "(default batch=1, sequence=128); repeatable")
+    p.add_argument("--modes", metavar="MODE,...",
+                   help="modes a stage may take, in order of preference (default "
+                        "fp32,fp32-lean,int8: each stage gets the first that fits its "
+                        "device); e.g. --modes int8 to quantize every stage")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("worker", help="serve one stage on this device")

@@ -45,6 +45,7 @@ class ModeConstants:
     table_factor: float
     activation_factor: float
     session_overhead_mb: float
+    io_factor: float = 0.0
 
 
 # Fitted by benchmarks/memory_model.py from REAL workers: each model planned with every
@@ -109,7 +110,7 @@ SESSION_OVERHEAD_MB = CONSTANTS["fp32"].session_overhead_mb
 
 
 def stage_memory_mb(weight_bytes, activation_bytes, runtime_floor_mb, table_bytes=0.0,
-                    mode: str = "fp32"):
+                    mode: str = "fp32", io_bytes=0.0):
     """Predicted peak RSS (MiB) of a worker running one shard; works on numpy arrays too.
 
     Args:
@@ -119,8 +120,9 @@ def stage_memory_mb(weight_bytes, activation_bytes, runtime_floor_mb, table_byte
         runtime_floor_mb: RSS of the idle worker process on the device.
         table_bytes: bytes of the shard's Gather tables, in the mode's representation.
         mode: one of ``edge.planning.plan.MODES``.
+        io_bytes: bytes the stage receives plus sends per request (its cuts).
     """
     c = CONSTANTS[mode]
     return (runtime_floor_mb + c.session_overhead_mb + c.weight_factor * weight_bytes / MiB
             + c.table_factor * table_bytes / MiB
-            + c.activation_factor * activation_bytes / MiB)
+            + c.activation_factor * activation_bytes / MiB + c.io_factor * io_bytes / MiB)

@@ -13,7 +13,9 @@ that device. The mode is a function of (device, range) alone, so the stage's tim
 
     stage time   = COMPUTE_FACTOR[mode] * flops[i:j] / (gflops * 1e9)
                    + cut_bytes[j] / (bandwidth_mbps * 1e6 / 8)
-    stage memory = see edge.planning.memory.stage_memory_mb
+    stage memory = see edge.planning.memory.stage_memory_mb (weights, peak live
+                   activations, and the bytes the stage receives and sends: cut_bytes[i]
+                   + cut_bytes[j])
 
 The last stage's transfer is the model's outputs going back to the coordinator
 (``cut_bytes[n]``). Exact for contiguous splits under that per-stage rule: two dynamic
@@ -158,10 +160,16 @@ def _weights_brute(costs: StageCosts, i: int, j: int) -> np.ndarray:
     return out
 
 
-def _mode_memory(w, a, floor, mode: str):
-    """Stage memory in ``mode`` from channel bytes ``w`` (first axis: the 4 channels)."""
+def _mode_memory(w, a, io, floor, mode: str):
+    """Stage memory in ``mode`` from channel bytes ``w`` (first axis: the 4 channels), peak
+    live activations ``a`` and bytes received plus sent ``io``."""
     whole, table = (w[_W8], w[_T8]) if mode == "int8" else (w[_W32], w[_T32])
-    return memory.stage_memory_mb(whole, a, floor, table_bytes=table, mode=mode)
+    return memory.stage_memory_mb(whole, a, floor, table_bytes=table, mode=mode, io_bytes=io)
+
+
+def _io_bytes(costs: StageCosts, i: int, j: int) -> float:
+    """Bytes a stage of nodes ``[i, j)`` receives and sends per request."""
+    return float(costs.cut_bytes[i]) + float(costs.cut_bytes[j])
 
 
 def stage_mode(costs: StageCosts, dev: Device, i: int, j: int,
@@ -169,8 +177,9 @@ def stage_mode(costs: StageCosts, dev: Device, i: int, j: int,
     """The first of ``modes`` in which nodes ``[i, j)`` fit ``dev``'s memory, or None."""
     w = _weights_brute(costs, i, j)
     a = float(np.max(costs.live_bytes[i:j]))
+    io = _io_bytes(costs, i, j)
     for mode in modes:
-        if _mode_memory(w, a, dev.runtime_floor_mb, mode) <= dev.memory_mb:
+        if _mode_memory(w, a, io, dev.runtime_floor_mb, mode) <= dev.memory_mb:
             return mode
     return None
 
@@ -179,7 +188,8 @@ def _frugal_mode(costs: StageCosts, dev: Device, i: int, j: int,
                  modes: Sequence[str] = MODES) -> str:
     w = _weights_brute(costs, i, j)
     a = float(np.max(costs.live_bytes[i:j]))
-    return min(modes, key=lambda m: _mode_memory(w, a, dev.runtime_floor_mb, m))
+    io = _io_bytes(costs, i, j)
+    return min(modes, key=lambda m: _mode_memory(w, a, io, dev.runtime_floor_mb, m))
 
 
 def evaluate(costs: StageCosts, dev: Device, i: int, j: int,
@@ -202,9 +212,10 @@ def evaluate(costs: StageCosts, dev: Device, i: int, j: int,
     f = float(np.sum(costs.flops[i:j], dtype=np.float64))
     cm = COMPUTE_FACTOR[mode] * _compute_ms(f, dev)
     t = _transfer_ms(float(costs.cut_bytes[j]), dev)
-    mem = float(_mode_memory(w, a, dev.runtime_floor_mb, mode))
+    io = _io_bytes(costs, i, j)
+    mem = float(_mode_memory(w, a, io, dev.runtime_floor_mb, mode))
     weights_mb = (c.weight_factor * whole + c.table_factor * table) / memory.MiB
-    act_mb = c.activation_factor * a / memory.MiB
+    act_mb = (c.activation_factor * a + c.io_factor * io) / memory.MiB
     return StagePrediction(
         weights_mb=weights_mb, activations_mb=act_mb,
         runtime_floor_mb=mem - weights_mb - act_mb,
@@ -256,13 +267,14 @@ def _sweep(costs: StageCosts, devices: Sequence[Device], n: int,
     bw = np.array([d.bandwidth_mbps * 1e6 / 8.0 for d in devices])[:, None]
     for j, w in _weight_sweep(costs, n):
         act = np.maximum.accumulate(live[:j][::-1])[::-1][None, :]
+        io = (cut[:j] + cut[j])[None, :]
         compute = (pf[j] - pf[:j])[None, :] / rate * 1e3
         send = cut[j] / bw * 1e3
         time = np.full((len(devices), j), np.inf)
         frugal = np.full((len(devices), j), np.inf)
         chosen = np.zeros((len(devices), j), dtype=bool)
         for mode in modes:
-            mem = _mode_memory(w[:, None, :], act, floor, mode)
+            mem = _mode_memory(w[:, None, :], act, io, floor, mode)
             take = (mem <= has) & ~chosen
             time = np.where(take, COMPUTE_FACTOR[mode] * compute + send, time)
             chosen |= take
