@@ -439,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("devices", help="list the device profiles")
     p.set_defaults(func=cmd_devices)
+
+    from edge.lab.cli import add_parser as add_lab_parser
+
+    add_lab_parser(sub)
     return parser
 
 

@@ -15,13 +15,13 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import grpc
 import numpy as np
 
 from edge.errors import EdgeError, TensorError
-from edge.planning.plan import Plan
+from edge.planning.plan import Device, Plan
 from edge.proto import edge_pb2 as pb
 from edge.transport.channels import Deadlines, Security
 from edge.transport.codec import check_tensors, encode_spec, encode_tensors
@@ -65,15 +65,20 @@ class Pipeline:
         deadlines: per-call deadlines.
         security: transport security.
         max_in_flight: requests accepted at once; past it, RESOURCE_EXHAUSTED.
+        diagnose: asked why a device whose worker stopped answering did so (e.g.
+            ``edge.lab.Lab.diagnose``: "out of memory at its 512 MiB cap"); its answer,
+            if not None, is added to the error. Only what runs the device can know.
     """
 
     def __init__(self, plan: Plan, plan_dir: Path, *, deadlines: Deadlines = Deadlines(),
-                 security: Security = Security(), max_in_flight: int = 64):
+                 security: Security = Security(), max_in_flight: int = 64,
+                 diagnose: Callable[[Device], str | None] | None = None):
         self.plan = plan
         self.plan_dir = Path(plan_dir)
         self.deadlines = deadlines
         self.security = security
         self.max_in_flight = max_in_flight
+        self.diagnose = diagnose
         self.epoch = 0
         self.workers: list[WorkerHandle] = []
         self._lock = threading.Lock()
@@ -176,8 +181,9 @@ class Pipeline:
             code = e.code()
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 code = grpc.StatusCode.UNAVAILABLE
+            why = self._why(first) if code == grpc.StatusCode.UNAVAILABLE else ""
             raise InferError(code, f"{first.label} refused request {request.request_id}: "
-                                   f"{e.details()}") from None
+                                   f"{e.details()}{why}") from None
 
     def _resolve(self, request_id: str, result: pb.Activation | None = None,
                  error: InferError | None = None) -> None:
@@ -204,8 +210,13 @@ class Pipeline:
                     elif kind == "failure":
                         f = event.failure
                         if f.epoch == self.epoch:
-                            self._resolve(f.request_id, error=InferError(
-                                grpc.StatusCode(_code(f.code)), f.message))
+                            code = grpc.StatusCode(_code(f.code))
+                            message = f.message
+                            if (code == grpc.StatusCode.UNAVAILABLE
+                                    and f.stage + 1 < len(self.workers)):
+                                # A stage could not reach the next one: say why it died.
+                                message += self._why(self.workers[f.stage + 1])
+                            self._resolve(f.request_id, error=InferError(code, message))
             except grpc.RpcError as e:
                 if self._closed.is_set():
                     return
@@ -214,11 +225,23 @@ class Pipeline:
                 return
             delay = min(delay * 2, 2.0)
 
+    def _why(self, w: WorkerHandle) -> str:
+        """``"; <what diagnose says about w's device>"``, or "" when it says nothing."""
+        if self.diagnose is None:
+            return ""
+        try:
+            why = self.diagnose(w.stage.device)
+        except Exception:  # a diagnosis must never hide the failure it explains
+            log.exception("diagnosing %s failed", w.label)
+            return ""
+        return f"; {why}" if why else ""
+
     def _stage_lost(self, w: WorkerHandle, why: str) -> None:
         """A worker's stream broke: everything in flight through it cannot complete."""
         with self._lock:
             pending = list(self._in_flight.values())
         if pending:
+            why += self._why(w)
             log.error("lost %s (%s); failing %d request(s) in flight", w.label, why, len(pending))
         for r in pending:
             self._resolve(r.request_id, error=InferError(
