@@ -10,11 +10,13 @@ import onnxruntime as ort
 __all__ = ["session_options"]
 
 
-# Modes whose sessions turn off onnxruntime's arena and memory-pattern planning: measured
-# 6-8 MiB less resident per BERT-base stage (benchmarks/shard_memory_modes.py). Prepacking
-# stays on in every mode: with weights mapped from files, turning it off only moved memory
-# from anonymous to file-backed, at +17-19% latency.
-LEAN_MODES = frozenset({"fp32-lean", "int8"})
+# Modes whose sessions turn off onnxruntime's CPU arena. Only fp32-lean: without the arena
+# every activation goes through malloc, and in a live worker, where gRPC buffers come and
+# go between runs, that heap fragments. int8 was lean too, and its worker peaked 5-7 MiB
+# higher than with the arena (benchmarks/worker_overhead.py). Prepacking stays on in every
+# mode: with weights mapped from files, turning it off only moved memory from anonymous
+# to file-backed, at +17-19% latency.
+LEAN_MODES = frozenset({"fp32-lean"})
 
 
 def session_options(threads: int | None = None, mode: str = "fp32") -> ort.SessionOptions:
@@ -31,7 +33,11 @@ def session_options(threads: int | None = None, mode: str = "fp32") -> ort.Sessi
     # from the gRPC threads on a 4-core board (measured 2x slowdown with two sessions).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The memory pattern is off in every mode: from the second run on, onnxruntime
+    # allocates one block for the whole planned pattern while the arena still holds the
+    # chunks of the first run, so a BERT-base stage's activations were resident twice
+    # (+9 MiB fp32, +9 MiB int8 peak RSS; no slower: benchmarks/worker_overhead.py).
+    so.enable_mem_pattern = False
     if mode in LEAN_MODES:
         so.enable_cpu_mem_arena = False
-        so.enable_mem_pattern = False
     return so

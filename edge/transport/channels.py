@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import grpc
 
 __all__ = ["Deadlines", "Security", "MAX_MESSAGE_BYTES", "create_server", "create_channel",
-           "is_loopback", "wait_for_signal"]
+           "serialized_unary", "is_loopback", "wait_for_signal"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,23 @@ def create_server(address: str, *, max_workers: int = 16,
 def create_channel(address: str, *, security: Security = Security()) -> grpc.Channel:
     """A channel to ``address`` with edge's message limits and keepalives."""
     return grpc.insecure_channel(address, options=_OPTIONS)
+
+
+def serialized_unary(channel: grpc.Channel, method, response_type) -> grpc.UnaryUnaryMultiCallable:
+    """A unary call that takes its request already serialized (``bytes``).
+
+    For requests whose bytes were built without a message object (see
+    ``edge.transport.codec.encode_activation``); the server sees an ordinary call.
+
+    Args:
+        channel: the channel to call on.
+        method: the method's descriptor
+            (``pb.DESCRIPTOR.services_by_name[...].methods_by_name[...]``).
+        response_type: the reply's message class.
+    """
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    return channel.unary_unary(path, request_serializer=None,
+                               response_deserializer=response_type.FromString)
 
 
 def wait_for_signal() -> None:

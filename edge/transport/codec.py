@@ -5,7 +5,7 @@ No RPC handler builds messages by hand: they call these functions.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -19,6 +19,7 @@ __all__ = [
     "decode_tensor",
     "encode_tensors",
     "decode_tensors",
+    "encode_activation",
     "encode_spec",
     "decode_spec",
     "check_tensors",
@@ -83,6 +84,70 @@ def decode_tensor(t: pb.Tensor) -> np.ndarray:
 
 def encode_tensors(arrays: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
     return [encode_tensor(name, a) for name, a in arrays.items()]
+
+
+def _wire_array(name: str, array: np.ndarray) -> np.ndarray:
+    """The array as it travels: a supported dtype, little-endian, C order."""
+    array = np.asarray(array)
+    if array.dtype.name not in SUPPORTED_DTYPES:
+        raise TensorError(f"tensor {name!r}: dtype {array.dtype.name} cannot travel; "
+                          f"expected one of {', '.join(sorted(SUPPORTED_DTYPES))}")
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+# Wire-format keys (field number << 3 | 2, length-delimited) of Activation.tensors and
+# Tensor.data, taken from the generated descriptors so a renumbered field cannot drift.
+_TENSORS_KEY = _varint(pb.Activation.DESCRIPTOR.fields_by_name["tensors"].number << 3 | 2)
+_DATA_KEY = _varint(pb.Tensor.DESCRIPTOR.fields_by_name["data"].number << 3 | 2)
+
+
+def encode_activation(request_id: str, epoch: int, arrays: Mapping[str, np.ndarray],
+                      timings: Iterable[pb.StageTiming]
+                      | Callable[[], Iterable[pb.StageTiming]] = ()) -> bytes:
+    """A serialized ``Activation`` holding ``arrays``, with each tensor's bytes copied once.
+
+    Building ``pb.Tensor`` messages copies every activation three times before gRPC sees
+    it (``tobytes``, into the message, serializing it); a live worker held those copies for
+    every request in flight. Here the small fields go through protobuf and the tensor
+    bytes are joined straight into the one output buffer (protobuf parses concatenated
+    messages as one, so the result is an ordinary ``Activation``).
+
+    Args:
+        request_id: the request's id.
+        epoch: the pipeline epoch it travels under.
+        arrays: tensors by name (as :func:`encode_tensor` takes them).
+        timings: the stage timings, or a function that returns them once the tensors are
+            encoded (so that a timing can include the encoding).
+    """
+    parts: list = []
+    for name, a in arrays.items():
+        a = _wire_array(name, a)
+        head = pb.Tensor(name=name, dtype=a.dtype.name, shape=a.shape).SerializeToString()
+        size = a.nbytes
+        head += _DATA_KEY + _varint(size)
+        parts += [_TENSORS_KEY, _varint(len(head) + size), head]
+        if size:
+            parts.append(a.reshape(-1).view(np.uint8).data)
+    if callable(timings):
+        timings = timings()
+    parts.append(pb.Activation(request_id=request_id, epoch=epoch,
+                               timings=list(timings)).SerializeToString())
+    return b"".join(parts)
 
 
 def decode_tensors(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:

@@ -33,8 +33,8 @@ from edge.profiling.sampler import Sampler
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import (Deadlines, Security, create_channel, create_server,
-                                     wait_for_signal)
-from edge.transport.codec import decode_spec, decode_tensors, encode_tensors
+                                     serialized_unary, wait_for_signal)
+from edge.transport.codec import decode_spec, decode_tensors, encode_activation
 from edge.worker.cache import ShardCache, UploadError, default_cache_dir, file_sha256
 from edge.worker.stage import ShardMismatch, StageRunner, StageSpec, describe_ort_error
 
@@ -43,6 +43,7 @@ __all__ = ["WorkerConfig", "WorkerServicer", "serve", "start_worker"]
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "edge.v1.Worker"
+_FORWARD = pb.DESCRIPTOR.services_by_name["Worker"].methods_by_name["Forward"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class WorkerConfig:
         threads: onnxruntime intra-op threads (None: all cores).
         max_queue: requests waiting for compute before Forward answers RESOURCE_EXHAUSTED.
         sample_interval_s: seconds between the memory samples `edge profile` reads.
+        sample_window_s: seconds of samples kept (older ones are dropped).
         deadlines: per-call deadlines for calls this worker makes.
         security: transport security.
     """
@@ -68,6 +70,9 @@ class WorkerConfig:
     threads: int | None = None
     max_queue: int = 64
     sample_interval_s: float = 0.1
+    # The sampler's default of 36,000 samples (an hour at 0.1 s) is ~14 MiB of Python
+    # objects that a long-running worker accumulates on top of its peak: 10 minutes, 2 MiB.
+    sample_window_s: float = 600.0
     deadlines: Deadlines = Deadlines()
     security: Security = Security()
 
@@ -130,7 +135,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._outbox: queue.Queue = queue.Queue(maxsize=config.max_queue)
         self._events = _EventBus()
         self._next_channel: grpc.Channel | None = None
-        self._next_stub: pb_grpc.WorkerStub | None = None
+        self._next_forward: grpc.UnaryUnaryMultiCallable | None = None  # takes bytes
         self._stats_lock = threading.Lock()
         self._done = 0
         self._failed = 0
@@ -139,7 +144,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._loaded: tuple[int, float] = (0, 0.0)  # RSS right after the last load, load ms
         # Before any shard: what this device pays for a worker at all (its runtime floor).
         self.startup_rss = rss_bytes()
-        self.sampler = Sampler(config.sample_interval_s, counters=self._counters,
+        keep = max(1, round(config.sample_window_s / config.sample_interval_s))
+        self.sampler = Sampler(config.sample_interval_s, keep=keep, counters=self._counters,
                                budget_mb=config.memory_budget_mb).start()
         self._threads = [
             threading.Thread(target=self._compute_loop, name="edge-compute", daemon=True),
@@ -181,6 +187,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     else grpc.StatusCode.INVALID_ARGUMENT)
             log.warning("refused upload of %s: %s", header.name or header.sha256[:12], e)
             context.abort(code, str(e))
+        finally:
+            # The chunks passed through gRPC's and protobuf's buffers; without a trim that
+            # free heap (a BERT-base stage: 11-15 MiB with one malloc arena, 19-33 MiB with
+            # one per thread) stayed resident under the load that follows.
+            release_free_heap()
         return pb.UploadReply(sha256=header.sha256, size=header.size)
 
     def Configure(self, request: pb.StageConfig, context) -> pb.ConfigureReply:
@@ -233,9 +244,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if spec.next_address:
                 self._next_channel = create_channel(spec.next_address,
                                                     security=self.config.security)
-                self._next_stub = pb_grpc.WorkerStub(self._next_channel)
+                self._next_forward = serialized_unary(self._next_channel, _FORWARD, pb.Ack)
             else:
-                self._next_channel = self._next_stub = None
+                self._next_channel = self._next_forward = None
             self._runner = runner
             if old_channel is not None:
                 old_channel.close()
@@ -263,8 +274,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             runner.check(arrays)
         except TensorError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        job = _Job(request.request_id, request.epoch, arrays, list(request.timings),
-                   received, runner)
+        # Copies of the timings, not references into the request: a reference keeps the
+        # whole request message, tensor bytes included, alive until the job is sent.
+        timings = [pb.StageTiming.FromString(t.SerializeToString()) for t in request.timings]
+        job = _Job(request.request_id, request.epoch, arrays, timings, received, runner)
         try:
             self._jobs.put_nowait(job)
         except queue.Full:
@@ -376,17 +389,29 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             spec = job.runner.spec
             timing = pb.StageTiming(stage=spec.stage, queue_ms=job.queue_ms,
                                     compute_ms=job.compute_ms)
-            message = pb.Activation(request_id=job.request_id, epoch=job.epoch,
-                                    tensors=encode_tensors(job.outputs),
-                                    timings=job.timings + [timing])
-            job.outputs = None
-            message.timings[-1].send_ms = (time.perf_counter() - start) * 1e3
-            if spec.is_last:
-                self._events.publish(pb.Event(result=message))
-                continue
-            stub = self._next_stub
+
+            def timings() -> list[pb.StageTiming]:
+                timing.send_ms = (time.perf_counter() - start) * 1e3  # the encoding
+                return job.timings + [timing]
+
+            # Straight to wire bytes: one copy of the outputs instead of three.
             try:
-                stub.Forward(message, timeout=self.config.deadlines.forward)
+                data = encode_activation(job.request_id, job.epoch, job.outputs, timings)
+            except TensorError as e:
+                self._fail(job, grpc.StatusCode.INTERNAL, f"{spec.where} cannot send the "
+                                                          f"outputs of {job.request_id}: {e}")
+                continue
+            finally:
+                job.outputs = None
+            if spec.is_last:
+                event = pb.Event()
+                event.result.MergeFromString(data)
+                del data
+                self._events.publish(event)
+                continue
+            forward = self._next_forward
+            try:
+                forward(data, timeout=self.config.deadlines.forward)
             except grpc.RpcError as e:
                 code = e.code()
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -394,6 +419,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 self._fail(job, code, f"{spec.where} could not hand request {job.request_id} "
                                       f"to stage {spec.stage + 1} at {spec.next_address}: "
                                       f"{e.code().name}: {e.details()}")
+            finally:
+                del data  # not kept while the loop waits for and encodes the next one
 
     def stop(self) -> None:
         self._stopping.set()
