@@ -54,13 +54,15 @@ def print_plan(plan, console) -> None:
 
     dims = ", ".join(f"{k}={v}" for k, v in plan.model.bindings.items())
     table = Table(title=f"plan: {plan.model.name}, {plan.model.num_nodes} nodes, {dims}")
-    for col in ("stage", "device", "nodes", "weights", "memory / budget MiB", "compute",
-                "send", "sends"):
-        table.add_column(col, justify="left" if col in ("device", "nodes") else "right")
+    for col in ("stage", "device", "nodes", "mode", "shard", "memory / budget MiB",
+                "compute", "send", "sends"):
+        table.add_column(col, justify="left" if col in ("device", "nodes", "mode")
+                         else "right")
     for s in plan.stages:
         p = s.predicted
+        shard_mb = (s.shard_bytes + sum(f.size for f in s.data_files)) / 2**20
         table.add_row(str(s.index), f"{s.device.name} ({s.device.profile})",
-                      f"{s.node_range[0]}–{s.node_range[1]}", f"{p.weights_mb:.0f} MiB",
+                      f"{s.node_range[0]}–{s.node_range[1]}", s.mode, f"{shard_mb:.0f} MiB",
                       f"{p.memory_mb:.0f} / {s.device.memory_mb:.0f}",
                       f"{p.compute_ms:.0f} ms", f"{p.transfer_ms:.1f} ms",
                       f"{len(s.outputs)} tensors")
@@ -443,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     from edge.lab.cli import add_parser as add_lab_parser
 
     add_lab_parser(sub)
+
+    from edge.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -267,7 +267,7 @@ def test_no_fit_uses_most_frugal_mode():
 
 def test_int8_plan_runs_end_to_end_on_workers(bert_tiny, bert_int8):
     """An int8 plan deployed on real worker processes: outputs within the cosine bound of
-    the unsharded fp32 model, and every worker serves the int8 shard the plan names."""
+    the unsharded fp32 model, and every worker serves the int8 shard the plan names, in int8."""
     from concurrent.futures import ThreadPoolExecutor
 
     from edge.coordinator.pipeline import Pipeline
@@ -299,5 +299,6 @@ def test_int8_plan_runs_end_to_end_on_workers(bert_tiny, bert_int8):
                 assert max(float(np.abs(got[k] - want[k]).max()) for k in want) > 1e-6
             status = pipeline.status()
             assert all(s.healthy and s.worker.configured for s in status.stages)
+            assert [s.worker.mode for s in status.stages] == ["int8"] * 3
             assert [s.worker.shard_sha256 for s in status.stages] == [
                 s.sha256 for s in plan.stages]

@@ -338,6 +338,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             s = runner.spec
             status.stage, status.shard_sha256 = s.stage, s.shard_sha256
             status.plan_id, status.epoch = s.plan_id, s.epoch
+            status.mode = s.mode
         return status
 
     # ------------------------------------------------------------------ internals
