@@ -4,6 +4,7 @@
              + WEIGHT_FACTOR[mode]     * weights read whole (MatMul, Conv, LayerNorm, ...)
              + TABLE_FACTOR[mode]      * Gather tables (embeddings)
              + ACTIVATION_FACTOR[mode] * peak live activations
+             + IO_FACTOR[mode]         * bytes received + bytes sent per request
 
 All in MiB. Weights count at their size in the mode's representation (int8: a quarter for
 MatMul/Conv weights and Gather tables, ``GraphCosts.init_int8_bytes``). The constants are
@@ -31,6 +32,7 @@ __all__ = [
     "TABLE_FACTOR",
     "ACTIVATION_FACTOR",
     "SESSION_OVERHEAD_MB",
+    "IO_FACTOR",
     "stage_memory_mb",
 ]
 
@@ -51,54 +53,51 @@ class ModeConstants:
 # Fitted by benchmarks/memory_model.py from REAL workers: each model planned with every
 # stage forced into one mode, deployed on loopback `edge worker` processes (rpi4b-2gb
 # profile, floor = its runtime_floor_mb = 72 MiB, the measured idle worker on x86-64),
-# 12 requests, 2 in flight, peak RSS from the workers' own sampler (edge profile). x86-64,
-# 2 cores, onnxruntime 1.32, external data with the worker's fadvise/MADV_RANDOM, seq 128,
-# UNet at 128x128. Non-negative least squares on relative error, per mode:
+# 12 requests, 2 in flight, peak RSS (VmHWM) from the workers' own sampler, as
+# `edge profile` reads it. x86-64, 2 cores, onnxruntime 1.32, external data mapped, one
+# malloc heap, memory pattern off (edge.shards.runtime). 70 stages: BERT-base over 1, 2, 4
+# and 8 devices at sequence 128 and over 4 at 384; GPT-2-small over 2 and 4; UNet-small over
+# 3 at 128 and 256 px (the rows: benchmarks/data/memory_model_fit.jsonl; refit with
+# `python benchmarks/memory_model.py --load benchmarks/data/memory_model_fit.jsonl --fit`).
+# Non-negative least squares on relative error, per mode:
 #
-#   mode       weight  table   act    session   (weights: bytes in the mode's format)
-#   fp32       0.786   0.027  10.02    13.2
-#   fp32-lean  0.751   0.165  10.40    19.5
-#   int8       0.214   0.000   9.91    18.8
+#   mode       weight  table  act    io     session   (weights: bytes in the mode's format)
+#   fp32       1.013   0.000  2.79   2.14   10.5
+#   fp32-lean  0.907   0.000  5.72   0.64   11.6
+#   int8       1.023   0.000  3.26   2.32    9.3
 #
-#   model / stages      mode  stage: whole+table weights, act (MiB) -> measured / predicted
-#   bert-base / 4       fp32  0: 81+91, 4.9 -> 190 / 201 (+6%); 1-3: 81-83, 4.9 -> 193-196 / 198-200 (+2..+3%)
-#                       lean  0: 218 / 219 (+1%); 1-3: 208-213 / 204-205 (-5..-1%)
-#                       int8  0: 20+23 -> 143 / 144 (+1%); 1-3: 20-21 -> 142-145 / 144 (-1..+2%)
-#   gpt2-small / 4      fp32  0: (no weights) 84 / 85 (+1%); 1: 162+150, 6.4 -> 298 / 281 (-6%);
-#                             2: 162 -> 300 / 277 (-8%); 3: 147 (head), 24.9 -> 428 / 451 (+5%)
-#                       lean  0: 84 / 92 (+9%); 1: 306 / 305 (0%); 2: 285 / 280 (-2%); 3: 408 / 461 (+13%)
-#                       int8  0: 84 / 91 (+8%); 1: 34+38 -> 158 / 162 (+3%); 2: 48 -> 177 / 165 (-7%);
-#                             3: 37 -> 319 / 346 (+9%)
-#   unet-small / 3      fp32  0-2: 0.5-5, 4-8 -> 122 / 126 (+3%), 168 / 149 (-11%), 168 / 166 (-2%)
-#                       lean  135 / 134 (-1%), 173 / 158 (-9%), 184 / 175 (-5%)
-#                       int8  140 / 131 (-7%), 166 / 150 (-9%), 174 / 170 (-2%)
+# Measured / predicted peak (MiB) with these constants, a sample (all 70 in
+# BENCHMARKS.md; worst -11.5%..+12.0%, BERT-base within 4.3%):
 #
-# Every stage within -11%..+13%. What the numbers say:
-# - Weights are mapped, MatMul/Conv prepack an anonymous copy and the mapped pages are
-#   dropped: ~0.75-0.8 per byte (below 1 because the fit shares the load-time peak with the
-#   activation term; at load alone a BERT-base stage is floor + 81 MiB weights + ~12 MiB).
-# - Gather tables cost next to nothing once the worker drops the written pages and maps the
-#   table file for random access (91 MiB of BERT's word embedding: < 3 MiB).
-# - A real worker holds ~10x the planner's peak live activations: the decoded request, the
-#   outputs, their encoded copies and gRPC buffers, two requests in flight, and malloc
-#   arenas per thread (the worker keeps freed memory: MALLOC_TRIM_THRESHOLD_). In-process,
-#   one shard alone, the factor was 2-4.
-# - fp32-lean (arena and memory patterns off) is 6-28 MiB WORSE than fp32 in a real worker,
-#   although it saved 6-8 MiB in one shard run alone (benchmarks/shard_memory_modes.py):
-#   without the arena every activation goes through malloc's per-thread arenas. The planner
-#   follows the fit, so it picks lean only where its smaller weight factor wins.
-# - int8: weights at a quarter and 0.2 per byte; +5.6 MiB of fixed cost over fp32
-#   (quantization buffers, no arena), so int8 only pays off for stages with > ~10 MiB of
-#   weights.
-# The same worker measured twice gave peaks 8-10% apart (BERT-base fp32 stage 1: 220 then
-# 193 MiB): errors of this size are measurement noise.
+#   bert-base / 4   fp32  179-182 / 180-183     int8  121-122 / 119-121
+#   bert-base / 8   fp32  134-145 / 134-146     int8  107-111 / 108-111
+#   bert-base / 4, seq 384  fp32 215-217 / 214-219   int8 155-157 / 159-163
+#   bert-base / 1   int8  186 / 182 (the whole model: fits a Pi Zero 2 W's 260 MiB budget)
+#   gpt2-small / 4  fp32  84, 262, 264, 397 / 83, 266, 267, 355 (-10.7%: the last stage, whose
+#                   24 MiB of logits go through gRPC twice)
+#   unet-small / 3, 256 px  fp32 151, 215, 211 / 160, 219, 207   int8 179, 208, 252 / 170, 232, 223
+#
+# What the numbers say:
+# - A weight read whole costs its size once (factor ~1.0): onnxruntime maps the data file,
+#   MatMul/Conv prepack an anonymous copy, and the mapped pages are dropped. int8 weights
+#   are a quarter of the size and also cost ~1.0 per byte.
+# - Gather tables cost nothing measurable: the worker drops the pages it wrote and maps the
+#   table file for random access, so only the touched rows are resident (BERT's 91 MiB word
+#   embedding: stage 0 and stage 1 peak within 1 MiB of each other).
+# - Activations cost ~3x their planned peak: onnxruntime's arena grows in chunks and
+#   kernels keep scratch buffers; the io term is the request's inputs and outputs, held
+#   decoded, encoded and in gRPC buffers for two requests in flight.
+# - fp32-lean (arena off) is now 5-7 MiB worse than fp32 on BERT-base: once the memory
+#   pattern is off in every mode, the arena is the cheaper allocator. The planner follows
+#   the fit, so it picks lean only where its smaller weight factor wins.
+# The same worker measured twice gives peaks a few percent apart.
 CONSTANTS: dict[str, ModeConstants] = {
-    "fp32": ModeConstants(weight_factor=0.786, table_factor=0.027, activation_factor=10.02,
-                          session_overhead_mb=13.2),
-    "fp32-lean": ModeConstants(weight_factor=0.751, table_factor=0.165,
-                               activation_factor=10.40, session_overhead_mb=19.5),
-    "int8": ModeConstants(weight_factor=0.214, table_factor=0.0, activation_factor=9.91,
-                          session_overhead_mb=18.8),
+    "fp32": ModeConstants(weight_factor=1.013, table_factor=0.0, activation_factor=2.790,
+                          session_overhead_mb=10.5, io_factor=2.138),
+    "fp32-lean": ModeConstants(weight_factor=0.907, table_factor=0.0, activation_factor=5.715,
+                               session_overhead_mb=11.6, io_factor=0.642),
+    "int8": ModeConstants(weight_factor=1.023, table_factor=0.0, activation_factor=3.256,
+                          session_overhead_mb=9.3, io_factor=2.317),
 }
 
 # The fp32 constants under their historical names (edge.profiling.offline uses
@@ -107,6 +106,7 @@ WEIGHT_FACTOR = CONSTANTS["fp32"].weight_factor
 TABLE_FACTOR = CONSTANTS["fp32"].table_factor
 ACTIVATION_FACTOR = CONSTANTS["fp32"].activation_factor
 SESSION_OVERHEAD_MB = CONSTANTS["fp32"].session_overhead_mb
+IO_FACTOR = CONSTANTS["fp32"].io_factor
 
 
 def stage_memory_mb(weight_bytes, activation_bytes, runtime_floor_mb, table_bytes=0.0,
