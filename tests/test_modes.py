@@ -302,3 +302,23 @@ def test_int8_plan_runs_end_to_end_on_workers(bert_tiny, bert_int8):
             assert [s.worker.mode for s in status.stages] == ["int8"] * 3
             assert [s.worker.shard_sha256 for s in status.stages] == [
                 s.sha256 for s in plan.stages]
+
+
+def test_precision_first_int8_only_when_fp32_cannot_fit():
+    """A faster int8 stage must not displace an fp32 plan that fits."""
+    costs = CostArrays(flops=np.full(3, 1e9), live_bytes=np.full(3, MiB), cut_bytes=np.zeros(4),
+                       init_bytes=np.full(3, 100 * MiB),
+                       init_uses=tuple(np.array([k]) for k in range(3)),
+                       init_int8_bytes=np.full(3, 25 * MiB))
+    # device a holds one weight in fp32, two only in int8; b holds anything
+    a, b = _dev("a", memory_mb=200), _dev("b")
+    assert evaluate(costs, a, 0, 1, "fp32").memory_mb <= 200
+    assert evaluate(costs, a, 0, 2, "fp32").memory_mb > 200
+    assert evaluate(costs, a, 0, 2, "int8").memory_mb <= 200
+    for solve in (partition, brute_force):
+        split = solve(costs, [a, b])
+        assert split.modes == ("fp32", "fp32")
+        assert split.ranges == ((0, 1), (1, 3))
+        # on a budget where no split fits device a in fp32, int8 is used
+        tight = solve(costs, [_dev("a", memory_mb=150), b])
+        assert tight.modes[0] == "int8"

@@ -8,8 +8,11 @@ Objective: among splits where every stage fits its device's memory, minimise the
 stage's time (the pipeline's period); break ties on total latency (sum of stage times).
 
 Every stage also gets a mode (``edge.planning.plan.MODES``): the first of fp32, fp32-lean,
-int8 whose predicted memory fits its device. A range that fits in no mode is infeasible on
-that device. The mode is a function of (device, range) alone, so the stage's time is too:
+int8 whose predicted memory fits its device. Precision comes first: the planner looks for a
+split in fp32 alone, then with fp32-lean allowed, then with int8, and keeps the first that
+fits, so a faster int8 stage never displaces an fp32 plan that fits. A range that fits in no
+allowed mode is infeasible on that device. Within one set of allowed modes the mode is a
+function of (device, range) alone, so the stage's time is too:
 
     stage time   = COMPUTE_FACTOR[mode] * flops[i:j] / (gflops * 1e9)
                    + cut_bytes[j] / (bandwidth_mbps * 1e6 / 8)
@@ -422,17 +425,22 @@ def partition(costs: StageCosts, devices: Sequence[Device],
     """
     modes = tuple(modes)
     n = _check_inputs(costs, devices, modes)
-    bottleneck, _ = _dp(costs, devices, n, "bottleneck", modes)
-    if not np.isfinite(bottleneck):
+    # Precision first: a lower-precision mode is allowed only when no split fits without it.
+    for k in range(1, len(modes) + 1):
+        allowed = modes[:k]
+        bottleneck, _ = _dp(costs, devices, n, "bottleneck", allowed)
+        if np.isfinite(bottleneck):
+            break
+    else:
         _, closest = _dp(costs, devices, n, "overshoot", modes)
         min_mem, _ = _dp(costs, devices, n, "memory", modes)
         err = _no_fit(costs, devices, closest, min_mem, modes)
         log.info("%s", err)
         raise err
-    _, ranges = _dp(costs, devices, n, "latency", modes, limit=bottleneck)
+    _, ranges = _dp(costs, devices, n, "latency", allowed, limit=bottleneck)
     if ranges is None:  # cannot happen unless rounding is pathological
         raise PlanError("planner failed to recover the optimal split; please report this")
-    split = _make_split(costs, devices, ranges, modes)
+    split = _make_split(costs, devices, ranges, allowed)
     _log_split(costs, devices, split, modes)
     return split
 
@@ -481,6 +489,17 @@ def brute_force(costs: StageCosts, devices: Sequence[Device],
         modes: as for ``partition``.
     """
     modes = tuple(modes)
+    modes = tuple(modes)
+    _check_inputs(costs, devices, modes)
+    for k in range(1, len(modes)):
+        try:
+            return _brute(costs, devices, modes[:k])
+        except NoFitError:
+            pass
+    return _brute(costs, devices, modes)
+
+
+def _brute(costs: StageCosts, devices: Sequence[Device], modes: Sequence[str]) -> Split:
     n = _check_inputs(costs, devices, modes)
     D = len(devices)
     best_key, best_ranges = None, None
