@@ -327,7 +327,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(DemoConfig(model=args.model, size=args.size, devices=args.devices,
                                profile=args.profile, requests=args.requests,
                                concurrency=args.concurrency, sequence=args.sequence,
-                               seed=args.seed, workdir=args.workdir))
+                               seed=args.seed, workdir=args.workdir,
+                               modes=_parse_modes(args.modes)))
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -437,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep the model, plan and shards here (default: temporary)")
+    p.add_argument("--modes", metavar="MODE,...",
+                   help="modes the planner may use, as for edge plan (e.g. int8)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("devices", help="list the device profiles")
