@@ -33,6 +33,8 @@ def main() -> int:
     ap.add_argument("--sequence", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--modes", help="modes the planner may use, comma-separated (e.g. int8); "
+                    "default: its own choice")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
 
@@ -58,13 +60,14 @@ def main() -> int:
     with LocalWorkers(args.devices, work / "workers", device=args.profile) as workers:
         cluster = cluster_from_profile(args.profile, args.devices, addresses=workers.addresses)
         plan = make_plan(model, cluster.devices, work / "build",
-                         bindings={"batch": 1, "sequence": args.sequence})
+                         bindings={"batch": 1, "sequence": args.sequence},
+                         modes=tuple(args.modes.split(",")) if args.modes else None)
         with Pipeline(plan, work / "build") as pipeline:
             pipeline.start()
             for x in inputs[:3]:  # warm both up
                 full.run(None, x)
                 pipeline.infer(x)
-            unsharded, sharded, worst = [], [], 0.0
+            unsharded, sharded, worst, least_cos = [], [], 0.0, 1.0
             for x in inputs:
                 t = time.perf_counter()
                 want = full.run(None, x)
@@ -74,6 +77,8 @@ def main() -> int:
                 sharded.append((time.perf_counter() - t) * 1e3)
                 for o, w in zip(full.get_outputs(), want):
                     worst = max(worst, float(np.max(np.abs(got[o.name] - w))))
+                    g, r = got[o.name].astype(np.float64).ravel(), w.astype(np.float64).ravel()
+                    least_cos = min(least_cos, float(g @ r / (np.linalg.norm(g) * np.linalg.norm(r))))
             t = time.perf_counter()
             with ThreadPoolExecutor(args.concurrency) as pool:
                 list(pool.map(pipeline.infer, inputs))
@@ -103,7 +108,7 @@ def main() -> int:
         latency_ratio_median=round(statistics.median(ratios), 3),
         latency_ratio_of_medians=round(statistics.median(sharded) / statistics.median(unsharded), 3),
         pipelined_rps=round(pipelined_rps, 2), unsharded_rps=round(unsharded_rps, 2),
-        max_abs_diff=worst, stages=stages,
+        max_abs_diff=worst, least_cosine=round(least_cos, 6), stages=stages,
     )
     print(json.dumps(result, indent=2))
     if args.json:

@@ -391,3 +391,48 @@ def test_stage_with_external_data_files(worker, tmp_path):
     with pytest.raises(grpc.RpcError) as e:
         stub.Configure(cfg, timeout=30)
     assert e.value.code() == grpc.StatusCode.DATA_LOSS and "w.data does not match" in e.value.details()
+
+
+def test_gather_table_rows_do_not_accumulate(bert_tiny, tmp_path):
+    """Rows of the embedding table read by one request are dropped after it, so many
+    requests over different tokens do not make the whole table resident."""
+    from edge.planning import make_plan
+    from edge.planning.plan import Device
+    from edge.worker.stage import StageRunner, StageSpec
+
+    devs = [Device(f"d{k}", f"d{k}:1", "test", 1e6, 10.0, 1000.0) for k in range(2)]
+    plan = make_plan(bert_tiny, devs, tmp_path, bindings={"batch": 1, "sequence": 128})
+    st = plan.stages[0]
+    spec = StageSpec(stage=0, num_stages=2, shard_sha256=st.sha256, inputs=st.inputs,
+                     outputs=st.outputs, next_address="", epoch=1, plan_id="t",
+                     predicted_memory_mb=0.0,
+                     data_files=tuple((f.path.split("/")[-1], f.sha256, f.random_access)
+                                      for f in st.data_files))
+    runner = StageRunner(spec, tmp_path / st.shard, threads=1)
+    tables = list(runner._tables)
+    assert tables, "the gather table should be mapped and advised"
+
+    def resident_kib() -> int:
+        total, inside = 0, False
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()
+                if "-" in head[0] and len(head) >= 5:
+                    start, end = (int(x, 16) for x in head[0].split("-"))
+                    inside = any(start < e and s < end for s, e in tables)
+                elif inside and head[0] == "Rss:":
+                    total += int(head[1])
+        return total
+
+    table_kib = sum(f.size for f in st.data_files if f.random_access) // 1024
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ids = rng.integers(0, 1000, size=(1, 128), dtype=np.int64)
+        runner.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert resident_kib() < table_kib / 20
+    # and without the drop the rows do pile up
+    runner._tables = []
+    for _ in range(20):
+        ids = rng.integers(0, 1000, size=(1, 128), dtype=np.int64)
+        runner.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert resident_kib() > table_kib / 20
