@@ -149,6 +149,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- coordinator
 
 
+def _lab_diagnose(plan):
+    """The device lab's ``diagnose`` when the plan's workers run in an `edge lab`, so that a
+    lost worker's error says why (e.g. killed at its memory cap); None otherwise."""
+    from edge.lab.lab import Lab, LabError
+
+    try:
+        lab = Lab.load()
+        for stage in plan.stages:
+            lab.device(stage.device.address)
+    except (LabError, OSError):
+        return None
+    return lab.diagnose
+
+
 def start_pipeline(plan_path: str, ready_timeout: float, console):
     """Load a plan and deploy it with a progress bar. Returns the started Pipeline."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -158,7 +172,8 @@ def start_pipeline(plan_path: str, ready_timeout: float, console):
     from edge.transport.channels import Deadlines
 
     plan = load_plan(plan_path)
-    pipeline = Pipeline(plan, Path(plan_path).parent, deadlines=Deadlines(ready=ready_timeout))
+    pipeline = Pipeline(plan, Path(plan_path).parent, deadlines=Deadlines(ready=ready_timeout),
+                        diagnose=_lab_diagnose(plan))
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), console=console, transient=False) as bar:
         tasks = {s.index: bar.add_task(f"stage {s.index} → {s.device.name}", total=s.total_bytes)
