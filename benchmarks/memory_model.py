@@ -27,7 +27,6 @@ Needs ``edge[export]`` (torch) to export the models.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os

@@ -253,7 +253,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edge.profiling.live import collect
-    from edge.profiling.report import render_live, summarize, write_live
+    from edge.profiling.report import render_live, write_live
 
     inputs = None
     if args.input:

@@ -286,7 +286,8 @@ class TestLab:
     memory caps: one to overflow through the pipeline, one for a plain allocator."""
 
     @pytest.fixture(scope="class")
-    def lab(self, tmp_path_factory):
+    @classmethod
+    def lab(cls, tmp_path_factory):
         d = tmp_path_factory.mktemp("lab")
         specs = [DeviceSpec("rpi4b-2gb"), DeviceSpec("rpi4b-2gb"), DeviceSpec("rpi-zero-2w"),
                  DeviceSpec("rpi4b-2gb", name="tight", memory_mb=100),

@@ -25,7 +25,7 @@ from edge.planning.plan import Device, Plan
 from edge.proto import edge_pb2 as pb
 from edge.transport.channels import Deadlines, Security
 from edge.transport.codec import check_tensors, encode_spec, encode_tensors
-from edge.coordinator.deploy import DeployError, Progress, WorkerHandle, connect, deploy
+from edge.coordinator.deploy import Progress, WorkerHandle, connect, deploy
 
 __all__ = ["Pipeline", "InferError", "InferResult"]
 

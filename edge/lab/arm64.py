@@ -434,14 +434,9 @@ class RootWorker:
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM (graceful: the worker stops its server), SIGKILL if it takes too long."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        from edge.worker.launch import stop_process
+
+        return stop_process(self.process, timeout)
 
 
 # ------------------------------------------------------------------------ the check

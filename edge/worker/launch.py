@@ -10,7 +10,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["WorkerProcess", "spawn_worker", "LocalWorkers"]
+__all__ = ["WorkerProcess", "spawn_worker", "LocalWorkers", "stop_process"]
+
+
+def stop_process(process: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM (a worker then stops its server gracefully), SIGKILL if it takes longer
+    than ``timeout`` seconds. Returns the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 @dataclass
@@ -26,14 +39,7 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, then SIGKILL if it does not stop in time. Returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
     def log(self) -> str:
         try:
