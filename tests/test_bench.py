@@ -70,6 +70,9 @@ def test_quick_bench_writes_every_comparison(bench):
     # e. the timeline: a bar per stage and request
     assert {(bar[0], bar[1]) for bar in e["bars"] if bar[2] == "compute"} == {
         (i, k) for i in range(e["requests"]) for k in range(2)}
+    # from the workers' own clocks: a stage never computes two requests at once
+    assert e["source"].startswith("the workers' arrival timestamps")
+    assert e["max_compute_overlap_ms"] <= 0.01
 
     md = (bench / "bench.md").read_text()
     for heading in ("| comparison | edge | baseline |", "## a. One device", "## b. torch",

@@ -31,11 +31,14 @@ class RequestRecord:
         start_s, end_s: ``time.perf_counter()`` around ``Pipeline.infer`` (input encoding
             included).
         timings: per stage ``(stage, queue_ms, compute_ms, send_ms)`` from the workers.
+        received_ns: per stage, in the order of ``timings``, the worker's ``time.time_ns()``
+            when the request arrived (0 from a worker that does not report it).
     """
 
     start_s: float
     end_s: float
     timings: tuple[tuple[int, float, float, float], ...]
+    received_ns: tuple[int, ...] = ()
 
     @property
     def latency_ms(self) -> float:
@@ -120,7 +123,8 @@ class Deployment:
         result = self.pipeline.infer(inputs)
         t1 = time.perf_counter()
         timings = tuple((t.stage, t.queue_ms, t.compute_ms, t.send_ms) for t in result.timings)
-        return RequestRecord(t0, t1, timings), decode_tensors(result.outputs)
+        received = tuple(t.received_unix_ns for t in result.timings)
+        return RequestRecord(t0, t1, timings, received), decode_tensors(result.outputs)
 
     def outputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The model's outputs for one request."""

@@ -226,24 +226,32 @@ def _run(config: BenchConfig, size: str, work: Path, say: Callable[[str], None])
         torch_mem = peer.memory()
         edge_rss = {n: d.peak_rss_mib() for n, d in deployments.items()}
 
-        from edge.bench.timeline import NEEDED_FOR_EXACT, overlap_ms, reconstruct, render
+        from edge.bench.timeline import (NEEDED_FOR_EXACT, from_timestamps, overlap_ms,
+                                         reconstruct, render)
 
         say("drawing the timeline")
-        bars = reconstruct(rounds.last_concurrent, main.num_stages)
+        bars = from_timestamps(rounds.last_concurrent)
+        exact = bars is not None
+        if not exact:
+            bars = reconstruct(rounds.last_concurrent, main.num_stages)
         timeline_png = Path(config.out) / "timeline.png"
         render(bars, main.num_stages, timeline_png,
                f"edge: {config.model} over {config.devices} loopback workers, "
                f"{len(rounds.last_concurrent)} requests, {max(2, main.num_stages)} in flight",
-               note="Reconstructed: compute/queue/encode durations are the workers' own; "
-                    "positions assume the unreported time (hops, coordinator) is spread "
-                    "evenly over each request's hops.")
+               note=("From the workers' clocks: each stage's arrival time and its own "
+                     "queue, compute and encode durations." if exact else
+                     "Reconstructed: compute/queue/encode durations are the workers' own; "
+                     "positions assume the unreported time (hops, coordinator) is spread "
+                     "evenly over each request's hops."))
         timeline = {"png": timeline_png.name, "requests": len(rounds.last_concurrent),
-                    "source": "reconstructed from per-stage durations (StageTiming has no "
-                              "timestamps) and the bench's own send/receive times",
+                    "source": ("the workers' arrival timestamps (one clock on loopback) and "
+                               "per-stage durations" if exact else
+                               "reconstructed from per-stage durations and the bench's own "
+                               "send/receive times"),
                     "max_compute_overlap_ms": round(overlap_ms(bars), 2),
                     "bars": [[b.request, b.stage, b.kind, round(b.start_ms, 3),
                               round(b.end_ms, 3)] for b in bars],
-                    "needed_for_exact": NEEDED_FOR_EXACT}
+                    "needed_for_exact": "" if exact else NEEDED_FOR_EXACT}
     finally:
         say("stopping the workers and torch ranks")
         # Together: each worker takes a moment to stop gracefully.

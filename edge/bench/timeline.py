@@ -1,15 +1,13 @@
 """A pipeline timeline: one Gantt row per stage, one bar per request and stage.
 
-The workers report, per request and stage, *durations* (``StageTiming``: queue, compute,
-send), not timestamps. The bench knows when it handed each request to the coordinator and
-when the result came back, so the timeline is *reconstructed*: within one request, stages
-follow each other with their reported durations, and the time nobody reports (network
-hops, the coordinator's decode, a send thread still busy with the previous request) is
-spread evenly over the request's hops. That is exact for the compute bars' lengths and
-close for their positions; :func:`overlap_ms` measures how close (one stage computes one
+Each worker reports, per request, when it arrived on the worker's clock
+(``StageTiming.received_unix_ns``) and how long it queued, computed and took to encode and
+hand on: :func:`from_timestamps` draws that exactly when the workers share a clock (on
+loopback and in ``edge lab``). For workers that do not report arrival times,
+:func:`reconstruct` places the durations between the bench's own send and receive times,
+spreading the unreported time (network hops, the coordinator's decode) evenly over each
+request's hops; :func:`overlap_ms` measures how close that is (one stage computes one
 request at a time, so any overlap of its compute bars is reconstruction error).
-
-Exact bars need absolute times from the workers: see ``NEEDED_FOR_EXACT``.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["Bar", "reconstruct", "overlap_ms", "render", "NEEDED_FOR_EXACT"]
+__all__ = ["Bar", "from_timestamps", "reconstruct", "overlap_ms", "render", "NEEDED_FOR_EXACT"]
 
 NEEDED_FOR_EXACT = (
     "StageTiming carries durations only (queue_ms, compute_ms, send_ms). For exact bars "
@@ -47,6 +45,29 @@ class Bar:
     kind: str
     start_ms: float
     end_ms: float
+
+
+def from_timestamps(records: Sequence) -> list[Bar] | None:
+    """Exact bars from the workers' own clocks: each stage reports when the request arrived
+    (``StageTiming.received_unix_ns``) and how long it queued, computed and sent.
+
+    All workers must share one clock (true on loopback and in ``edge lab``; across boards
+    their offsets would have to be measured first). Returns None when any timing lacks
+    its timestamp (an older worker): use :func:`reconstruct` then.
+    """
+    if not records or any(not r.received_ns or 0 in r.received_ns
+                          or len(r.received_ns) != len(r.timings) for r in records):
+        return None
+    order = sorted(records, key=lambda r: min(r.received_ns))
+    origin = min(order[0].received_ns)
+    bars: list[Bar] = []
+    for i, r in enumerate(order):
+        for (stage, q, c, s), ns in zip(r.timings, r.received_ns):
+            t = (ns - origin) / 1e6
+            bars.append(Bar(i, stage, "queue", t, t + q))
+            bars.append(Bar(i, stage, "compute", t + q, t + q + c))
+            bars.append(Bar(i, stage, "send", t + q + c, t + q + c + s))
+    return bars
 
 
 def reconstruct(records: Sequence, num_stages: int) -> list[Bar]:

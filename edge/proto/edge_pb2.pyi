@@ -37,16 +37,18 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[_Union[Dim, _Mapping]]] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("stage", "queue_ms", "compute_ms", "send_ms")
+    __slots__ = ("stage", "queue_ms", "compute_ms", "send_ms", "received_unix_ns")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     SEND_MS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     stage: int
     queue_ms: float
     compute_ms: float
     send_ms: float
-    def __init__(self, stage: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., send_ms: _Optional[float] = ...) -> None: ...
+    received_unix_ns: int
+    def __init__(self, stage: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., send_ms: _Optional[float] = ..., received_unix_ns: _Optional[int] = ...) -> None: ...
 
 class Activation(_message.Message):
     __slots__ = ("request_id", "tensors", "timings", "epoch")

@@ -83,8 +83,9 @@ class _Job:
     epoch: int
     arrays: dict[str, np.ndarray]
     timings: list[pb.StageTiming]
-    received: float
+    received: float  # perf_counter
     runner: StageRunner
+    received_ns: int = 0  # time.time_ns(), reported in StageTiming
     compute_ms: float = 0.0
     queue_ms: float = 0.0
     outputs: dict[str, np.ndarray] | None = None
@@ -261,6 +262,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def Forward(self, request: pb.Activation, context) -> pb.Ack:
         received = time.perf_counter()
+        received_ns = time.time_ns()
         runner = self._runner
         if runner is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -277,7 +279,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         # Copies of the timings, not references into the request: a reference keeps the
         # whole request message, tensor bytes included, alive until the job is sent.
         timings = [pb.StageTiming.FromString(t.SerializeToString()) for t in request.timings]
-        job = _Job(request.request_id, request.epoch, arrays, timings, received, runner)
+        job = _Job(request.request_id, request.epoch, arrays, timings, received, runner,
+                   received_ns=received_ns)
         try:
             self._jobs.put_nowait(job)
         except queue.Full:
@@ -389,7 +392,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             start = time.perf_counter()
             spec = job.runner.spec
             timing = pb.StageTiming(stage=spec.stage, queue_ms=job.queue_ms,
-                                    compute_ms=job.compute_ms)
+                                    compute_ms=job.compute_ms,
+                                    received_unix_ns=job.received_ns)
 
             def timings() -> list[pb.StageTiming]:
                 timing.send_ms = (time.perf_counter() - start) * 1e3  # the encoding
