@@ -31,8 +31,9 @@ def add_parser(sub) -> None:
                    help="device counts of the scaling comparison (default 2,4,8)")
     p.add_argument("--sequence", type=int, default=128, help="tokens per request")
     p.add_argument("--no-lab", action="store_true",
-                   help="do not measure the hop on a link shaped by `edge lab` (which "
-                        "needs root and no other lab up)")
+                   help="skip what needs `edge lab` (root, and no other lab up): the hop on "
+                        "a shaped gigabit link and the pipeline against one device on "
+                        "CPU-capped emulated devices")
     p.add_argument("--workdir", help="keep the model, plans and logs here (default: temporary)")
     p.add_argument("--quick", action="store_true",
                    help="BERT-small, 4 requests, one round: under a minute")

@@ -17,6 +17,18 @@ def _met(flag) -> str:
     return "—" if flag is None else ("yes" if flag else "**no**")
 
 
+def _lab_rows(a: Mapping, n: int) -> list[tuple[str, ...]]:
+    lab = a.get("lab") or {}
+    name = f"a. throughput, {n} stages ÷ one device, measured in the emulated lab"
+    if lab.get("status") != "measured":
+        return [(name, "not measured", "", lab.get("reason", ""),
+                 f"≥ {a['target_ratio']:g}×", "—")]
+    return [(f"{name} ({lab['requests']} requests a block, CPU quotas of the profile)",
+             f"{lab['pipeline_rps']:.3f} req/s", f"{lab['one_device_rps']:.3f} req/s",
+             f"{lab['throughput_ratio']:.2f}×", f"≥ {a['target_ratio']:g}×",
+             _met(a["met_lab"]))]
+
+
 def summary_rows(r: Mapping) -> list[tuple[str, ...]]:
     """The targets table: one row per compared figure, in ``_COLUMNS`` order."""
     a, b, c = r["a_one_device"], r["b_torch"], r["c_hop"]
@@ -27,6 +39,7 @@ def summary_rows(r: Mapping) -> list[tuple[str, ...]]:
          f"{pipe['throughput_rps']:.2f} req/s", f"{one['throughput_rps']:.2f} req/s",
          f"{a['measured_throughput_ratio']:.2f}×", f"≥ {a['target_ratio']:g}×",
          _met(a["met_measured"])),
+        *_lab_rows(a, n),
         (f"a. throughput, {n} stages ÷ one device, *modelled* for {r['profile']['name']}",
          f"{pipe['modelled']['throughput_rps']:.2f} req/s",
          f"{one['modelled']['throughput_rps']:.2f} req/s",

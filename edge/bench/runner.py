@@ -62,7 +62,11 @@ class BenchConfig:
         scaling: device counts of the scaling comparison.
         sequence: tokens per request.
         seed: weight seed (both edge's ONNX and torch's model).
-        lab: measure the hop on a gigabit link shaped by ``edge.lab`` (needs root).
+        lab: measure the hop on a gigabit link shaped by ``edge.lab``, and the pipeline
+            against one device on CPU-capped lab devices (needs root).
+        lab_requests: requests per throughput block of the lab comparison (a block of N
+            over S stages reaches at most N / (N + S - 1) of the steady state).
+        lab_rounds: throughput blocks of each in the lab comparison.
         hop_rounds: request pairs of each hop measurement.
         gflops_seconds: how long this host's speed is measured, in all (a share in each
             round, so that it meets the same neighbours as the stage times it scales).
@@ -80,6 +84,8 @@ class BenchConfig:
     sequence: int = 128
     seed: int = 0
     lab: bool = True
+    lab_requests: int = 48
+    lab_rounds: int = 2
     hop_rounds: int = 100
     gflops_seconds: float = 3.0
     workdir: str | None = None
@@ -89,7 +95,7 @@ class BenchConfig:
     def quick(**overrides) -> "BenchConfig":
         """Small and fast (< 60 s): BERT-small, few requests, one round."""
         base = dict(model="bert-small", requests=4, rounds=1, hop_rounds=20,
-                    gflops_seconds=0.5)
+                    gflops_seconds=0.5, lab_requests=8, lab_rounds=1)
         return BenchConfig(**{**base, **overrides})
 
 
@@ -278,8 +284,26 @@ def _run(config: BenchConfig, size: str, work: Path, say: Callable[[str], None])
     else:
         hops["gige"] = {"link": "gige", "status": "unavailable", "reason": "skipped (--no-lab)"}
 
+    if config.lab:
+        from edge.bench.lab_pipeline import lab_pipeline_vs_one
+
+        say(f"measuring {config.devices} emulated {config.profile} against one in edge lab "
+            f"({config.lab_requests} requests a block)")
+        lab_inputs = [example_inputs("bert", size, batch=1, seq=config.sequence,
+                                     seed=config.seed + i) for i in range(config.lab_requests)]
+        try:
+            lab_a = lab_pipeline_vs_one(model, lab_inputs,
+                                        {"batch": 1, "sequence": config.sequence},
+                                        config.profile, config.devices, config.lab_rounds,
+                                        work / "lab-a", say=say)
+        except Exception as e:
+            log.exception("the lab comparison failed")
+            lab_a = {"status": "unavailable", "reason": f"{type(e).__name__}: {e}"}
+    else:
+        lab_a = {"status": "unavailable", "reason": "skipped (--no-lab)"}
+
     return _assemble(config, profile, host_gflops, rounds, deployments, splits, torch_mem,
-                     edge_rss, diff, hops, timeline)
+                     edge_rss, diff, hops, timeline, lab_a)
 
 
 @dataclass
@@ -369,7 +393,7 @@ def _median(values) -> float:
 
 
 def _assemble(config, profile, host_gflops, rounds, deployments, splits, torch_mem, edge_rss,
-              diff, hops, timeline) -> dict:
+              diff, hops, timeline, lab_a) -> dict:
     from edge.bench.measure import summary
     from edge.bench.modelled import modelled_pipeline
     from edge.demo import stage_layers
@@ -431,6 +455,9 @@ def _assemble(config, profile, host_gflops, rounds, deployments, splits, torch_m
             "target_ratio": TARGETS["pipeline_vs_one_device_throughput"],
             "met_measured": measured_ratio >= TARGETS["pipeline_vs_one_device_throughput"],
             "met_modelled": modelled_ratio >= TARGETS["pipeline_vs_one_device_throughput"],
+            "lab": lab_a,
+            "met_lab": (None if lab_a.get("status") != "measured" else
+                        lab_a["throughput_ratio"] >= TARGETS["pipeline_vs_one_device_throughput"]),
             "modelled_means": (f"each stage's compute time measured here, one request at a "
                                f"time, × host {host_gflops:.1f} GFLOP/s ÷ the profile's "
                                f"{profile.gflops:g} GFLOP/s, plus sending its outputs at "
