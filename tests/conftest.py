@@ -26,3 +26,11 @@ def unet_tiny(models_dir) -> Path:
     from edge.export import export_model
 
     return export_model("unet", size="tiny", seed=0, out=models_dir / "unet-tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def bert_small(models_dir) -> Path:
+    """BERT in its small config (4 layers, hidden 512) with seeded weights."""
+    from edge.export import export_model
+
+    return export_model("bert", size="small", seed=0, out=models_dir / "bert-small.onnx")

@@ -329,7 +329,7 @@ class TestLab:
         got = measure_mbps([], lab.command(zero.name, [], capped=False), lab.host_ip, 1.0, 30)
         assert abs(got - 30) <= 0.2 * 30, got
 
-    def test_pipeline_over_the_lab_equals_unsharded_model(self, lab, bert_tiny, tmp_path):
+    def test_pipeline_over_the_lab_equals_unsharded_model(self, lab, bert_small, tmp_path):
         from edge.coordinator.pipeline import Pipeline
         from edge.export import example_inputs
         from edge.planning import make_plan
@@ -337,17 +337,17 @@ class TestLab:
 
         devices = [d for d in lab.cluster().devices
                    if d.name in ("rpi4b-2gb-1", "rpi4b-2gb-2", "rpi-zero-2w-1")]
-        plan = make_plan(bert_tiny, devices, tmp_path, bindings={"batch": 1, "sequence": 16})
+        plan = make_plan(bert_small, devices, tmp_path, bindings={"batch": 1, "sequence": 16})
         assert [s.device.address for s in plan.stages] == [
             "10.99.0.11:50051", "10.99.0.12:50051", "10.99.0.13:50051"]
         with Pipeline(plan, tmp_path, diagnose=lab.diagnose) as pipeline:
             pipeline.start()
-            cases = [example_inputs("bert", "tiny", batch=b, seq=s, seed=i)
+            cases = [example_inputs("bert", "small", batch=b, seq=s, seed=i)
                      for i, (b, s) in enumerate([(1, 16), (2, 9), (3, 32)])]
             with ThreadPoolExecutor(3) as pool:
                 results = list(pool.map(pipeline.infer, cases * 2))
         for x, r in zip(cases * 2, results):
-            want, got = reference(bert_tiny, x), decode_tensors(r.outputs)
+            want, got = reference(bert_small, x), decode_tensors(r.outputs)
             assert set(got) == set(want)
             for k in want:
                 np.testing.assert_allclose(got[k], want[k], atol=TOL, rtol=0, err_msg=k)
