@@ -133,14 +133,18 @@ def loopback_hop(workdir: Path, profile: str, rounds: int) -> dict:
         for w in workers:
             w.stop()
         raise
+    return {"link": "loopback", "crossing_bytes": crossing, **_run_pair(one, two, rounds)}
+
+
+def _run_pair(one, two, rounds: int) -> dict:
+    """Deploy the 1-stage and 2-stage pipelines, measure the hop, close both."""
     try:
         one.start()
         two.start()
-        result = measure_hop(one, two, rounds)
+        return measure_hop(one, two, rounds)
     finally:
         one.close()
         two.close()
-    return {"link": "loopback", "crossing_bytes": crossing, **result}
 
 
 def lab_hop(workdir: Path, profile: str, rounds: int, link: str = "gige",
@@ -178,13 +182,7 @@ def lab_hop(workdir: Path, profile: str, rounds: int, link: str = "gige",
     try:
         devices = list(lab.cluster().devices)
         one, two, crossing = _deploy_pair(model, workdir, devices, [])
-        try:
-            one.start()
-            two.start()
-            result = measure_hop(one, two, rounds)
-        finally:
-            one.close()
-            two.close()
+        result = _run_pair(one, two, rounds)
         rates = sorted({d.bandwidth_mbps for d in lab.devices})
     finally:
         lab.down()

@@ -127,13 +127,10 @@ def render(bars: Sequence[Bar], num_stages: int, path: str | Path, title: str,
     Returns:
         ``path``.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Patch
-    except ImportError as e:
-        raise RuntimeError(f"drawing {path} needs matplotlib: pip install 'edge[plot]' "
-                           f"({e})") from None
+    from edge.profiling.report import matplotlib_agg
+
+    Figure, FigureCanvasAgg = matplotlib_agg(path)
+    from matplotlib.patches import Patch
 
     # A bare Figure on an Agg canvas, not pyplot: no display and no global state.
     fig = Figure(figsize=(12, 1.6 + 0.75 * num_stages), layout="constrained")

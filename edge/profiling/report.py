@@ -47,6 +47,18 @@ SAMPLE_FIELDS = ("rss_mb", "anon_mb", "file_mb", "peak_mb", "heap_mb", "cpu_perc
 _BUDGET_SHOWN_RATIO = 1.5
 
 
+
+def matplotlib_agg(path) -> tuple:
+    """matplotlib's ``Figure`` and ``FigureCanvasAgg`` (a bare figure on an Agg canvas, not
+    pyplot: no display, no global state), or a RuntimeError naming the extra to install."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise RuntimeError(f"drawing {path} needs matplotlib: pip install 'edge[plot]' "
+                           f"({e})") from None
+    return Figure, FigureCanvasAgg
+
 def _num(x: Any) -> float | None:
     if x is None:
         return None
@@ -209,12 +221,7 @@ def plot_memory(report: Mapping, path: str | Path) -> Path:
     Returns:
         ``path``.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise RuntimeError(f"drawing {path} needs matplotlib: pip install 'edge[plot]' "
-                           f"({e})") from None
+    Figure, FigureCanvasAgg = matplotlib_agg(path)
 
     devices = sorted(report.get("devices") or [], key=lambda d: d.get("stage", 0))
     summary = summarize(report)
