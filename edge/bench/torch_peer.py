@@ -18,6 +18,7 @@ This module imports torch; only the bench (which exports with torch anyway) load
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from edge.bench.split import LayerSplit
 from edge.errors import EdgeError
@@ -84,13 +86,14 @@ class BertStage(torch.nn.Module):
 
 
 def save_stages(size: str, seed: int, splits: Sequence[LayerSplit], out_dir: Path) -> list[Path]:
-    """Build the seeded BERT exactly as ``edge.export`` does and save one stage per file.
+    """Build the seeded BERT exactly as ``edge.export`` does and save one stage per file:
+    its tensors as safetensors (nothing is pickled) and what it holds as JSON beside it.
 
     Args:
         size: BERT size (``tiny``, ``small``, ``base``).
         seed: the export's weight seed.
         splits: the ranks' parts (``edge.bench.split.layer_splits``).
-        out_dir: where ``stage-<k>.pt`` go.
+        out_dir: where ``stage-<k>.safetensors`` and ``stage-<k>.json`` go.
 
     Returns:
         The files, by stage.
@@ -101,10 +104,45 @@ def save_stages(size: str, seed: int, splits: Sequence[LayerSplit], out_dir: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for split in splits:
-        path = out_dir / f"stage-{split.stage}.pt"
-        torch.save(BertStage(bert, split).eval(), path)
+        path = out_dir / f"stage-{split.stage}.safetensors"
+        stage = BertStage(bert, split)
+        # Buffers too: BERT's position ids are a non-persistent buffer, left out of
+        # state_dict(), and a stage built on the meta device needs them.
+        tensors = {**dict(stage.named_parameters()), **dict(stage.named_buffers())}
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, path)
+        path.with_suffix(".json").write_text(json.dumps(
+            {"size": size, "seed": seed, "split": dataclasses.asdict(split)}))
         paths.append(path)
     return paths
+
+
+def load_stage(path: Path) -> "BertStage":
+    """A stage saved by ``save_stages``: built on the meta device (no memory for the parts
+    of BERT it does not hold), then given its own tensors from the file."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    from edge.export.specs import get_spec
+
+    meta = json.loads(Path(path).with_suffix(".json").read_text())
+    split = meta["split"]
+    split = LayerSplit(**{**split, "layers": tuple(split["layers"])})
+    cfg = BertConfig(**get_spec("bert", meta["size"]).config, attn_implementation="eager")
+    with torch.device("meta"):
+        stage = BertStage(BertModel(cfg, add_pooling_layer=True), split)
+    expected = {**dict(stage.named_parameters()), **dict(stage.named_buffers())}
+    tensors = load_file(str(path))
+    if set(tensors) != set(expected):
+        raise EdgeError(f"{path}: expected tensors {sorted(set(expected) - set(tensors))} "
+                        f"missing, {sorted(set(tensors) - set(expected))} unexpected")
+    for name, t in tensors.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = stage.get_submodule(owner_name) if owner_name else stage
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+        else:
+            owner._buffers[leaf] = t
+    return stage.eval()
 
 
 def run_stages(paths: Sequence[Path], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -117,7 +155,7 @@ def run_stages(paths: Sequence[Path], inputs: dict[str, np.ndarray]) -> dict[str
     x = (torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["attention_mask"]))
     with torch.no_grad():
         for path in paths:
-            x = torch.load(path, weights_only=False)(*x)
+            x = load_stage(path)(*x)
     return {name: t.numpy() for name, t in zip(_OUTPUTS, x)}
 
 
@@ -310,7 +348,7 @@ def _rank_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--world", type=int, required=True)
     ap.add_argument("--master", required=True, help="HOST:PORT of rank 0's store")
-    ap.add_argument("--stage", required=True, help="this rank's stage module (torch.save)")
+    ap.add_argument("--stage", required=True, help="this rank's stage (save_stages)")
     args = ap.parse_args(argv)
 
     # Replies go to the real stdout; anything libraries print goes to the log (stderr).
@@ -322,12 +360,12 @@ def _rank_main(argv: Sequence[str] | None = None) -> int:
 
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
-    import transformers.models.bert.modeling_bert  # noqa: F401  (unpickling needs it)
+    import transformers.models.bert.modeling_bert  # noqa: F401  (imported before the mark)
 
     after_imports = _status_bytes("VmRSS")["VmRSS"]
     dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=args.rank,
                             world_size=args.world)
-    module = torch.load(args.stage, weights_only=False).eval()
+    module = load_stage(Path(args.stage))
     after_load = _status_bytes("VmRSS")["VmRSS"]
     first, last = args.rank == 0, args.rank == args.world - 1
     schedules: dict[int, Any] = {}
