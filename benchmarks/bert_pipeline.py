@@ -45,6 +45,7 @@ def main() -> int:
     from edge.planning import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.profiling.memory import tune_malloc
+    from edge.shards.quantize import cosine
     from edge.shards.runtime import session_options
     from edge.transport.codec import decode_tensors
     from edge.worker.launch import LocalWorkers
@@ -77,8 +78,7 @@ def main() -> int:
                 sharded.append((time.perf_counter() - t) * 1e3)
                 for o, w in zip(full.get_outputs(), want):
                     worst = max(worst, float(np.max(np.abs(got[o.name] - w))))
-                    g, r = got[o.name].astype(np.float64).ravel(), w.astype(np.float64).ravel()
-                    least_cos = min(least_cos, float(g @ r / (np.linalg.norm(g) * np.linalg.norm(r))))
+                    least_cos = min(least_cos, cosine(got[o.name], w))
             t = time.perf_counter()
             with ThreadPoolExecutor(args.concurrency) as pool:
                 list(pool.map(pipeline.infer, inputs))

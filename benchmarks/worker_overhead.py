@@ -46,6 +46,16 @@ import numpy as np
 MiB = float(1 << 20)
 
 
+
+def _dump_smaps(smaps_dir, pids, name: str) -> None:
+    """Copy each worker's /proc/PID/smaps to ``smaps_dir/<name>.smaps`` (``{i}``: its index)."""
+    if not smaps_dir:
+        return
+    Path(smaps_dir).mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(pids):
+        Path(smaps_dir, name.format(i=i) + ".smaps").write_text(
+            Path(f"/proc/{p}/smaps").read_text())
+
 def proc_status(pid: int) -> dict[str, float]:
     """VmRSS, VmHWM, RssAnon, RssFile of a process, in MiB."""
     out = {}
@@ -203,11 +213,7 @@ def run_mode(kind: str, size: str, devices: int, mode: str, work: Path, profile:
                 deploy_s = time.perf_counter() - t
                 time.sleep(0.3)
                 loaded = [proc_status(p) for p in pids]
-                if smaps_dir:
-                    Path(smaps_dir).mkdir(parents=True, exist_ok=True)
-                    for i, p in enumerate(pids):
-                        Path(smaps_dir, f"{mode}-{i}-loaded.smaps").write_text(
-                            Path(f"/proc/{p}/smaps").read_text())
+                _dump_smaps(smaps_dir, pids, f"{mode}-{{i}}-loaded")
                 for p in pids:
                     reset_peak(p)
                 lat = []
@@ -222,11 +228,7 @@ def run_mode(kind: str, size: str, devices: int, mode: str, work: Path, profile:
                 elapsed = time.perf_counter() - t
                 time.sleep(0.3)
                 served = [proc_status(p) for p in pids]
-                if smaps_dir:
-                    Path(smaps_dir).mkdir(parents=True, exist_ok=True)
-                    for i, p in enumerate(pids):
-                        Path(smaps_dir, f"{mode}-{i}.smaps").write_text(
-                            Path(f"/proc/{p}/smaps").read_text())
+                _dump_smaps(smaps_dir, pids, f"{mode}-{{i}}")
     finally:
         for k, v in saved.items():
             if v is None:

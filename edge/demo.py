@@ -135,14 +135,14 @@ def run_demo(config: DemoConfig) -> int:
                 server.stop(1).wait()
                 pipeline.close()
 
+        from edge.shards.quantize import cosine
+
         worst, least_cos = 0.0, 1.0
         for reply, want in zip(replies, expected):
             got = decode_tensors(reply.outputs)
             for k, v in want.items():
-                g, w = got[k].astype(np.float64).ravel(), v.astype(np.float64).ravel()
-                worst = max(worst, float(np.max(np.abs(g - w))))
-                norm = float(np.linalg.norm(g) * np.linalg.norm(w))
-                least_cos = min(least_cos, float(g @ w) / norm if norm else 1.0)
+                worst = max(worst, float(np.max(np.abs(got[k].astype(np.float64) - v))))
+                least_cos = min(least_cos, cosine(got[k], v))
 
         table = Table(title="per device")
         for col in ("stage", "device", "holds", "mode", "planned MiB", "peak RSS MiB",

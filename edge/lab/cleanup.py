@@ -130,24 +130,18 @@ def teardown(state_dir: Path | None = None, prefix: str = PREFIX,
 
     # The host's veth explicitly: namespaces are destroyed asynchronously, and a new lab's
     # `up` must not find the old link still there.
-    for name in netns.host_links(prefix):
-        try:
-            netns.delete_host_link(name)
-            report.links.append(name)
-        except LabError as e:
-            errors.append(str(e))
-    for ns in namespaces:
-        try:
-            netns.delete_namespace(ns)
-            report.namespaces.append(ns)
-        except LabError as e:
-            errors.append(str(e))
-    for g in groups:
-        try:
-            cgroups.remove_dir(g)
-            report.cgroups.append(str(g))
-        except LabError as e:
-            errors.append(str(e))
+    def remove(items, delete, removed: list) -> None:
+        # Go on past a failure: the rest still has to go; the errors are reported at the end.
+        for item in items:
+            try:
+                delete(item)
+                removed.append(str(item))
+            except LabError as e:
+                errors.append(str(e))
+
+    remove(netns.host_links(prefix), netns.delete_host_link, report.links)
+    remove(namespaces, netns.delete_namespace, report.namespaces)
+    remove(groups, cgroups.remove_dir, report.cgroups)
     for f in [state_dir / STATE_FILE, *state_dir.glob("*.port")]:
         f.unlink(missing_ok=True)
     if errors:

@@ -1,10 +1,12 @@
 """How much resident memory a worker needs to hold and run one shard, per mode.
 
-    memory = runtime floor + SESSION_OVERHEAD_MB[mode]
-             + WEIGHT_FACTOR[mode]     * weights read whole (MatMul, Conv, LayerNorm, ...)
-             + TABLE_FACTOR[mode]      * Gather tables (embeddings)
-             + ACTIVATION_FACTOR[mode] * peak live activations
-             + IO_FACTOR[mode]         * bytes received + bytes sent per request
+    memory = runtime floor + session_overhead_mb
+             + weight_factor     * weights read whole (MatMul, Conv, LayerNorm, ...)
+             + table_factor      * Gather tables (embeddings)
+             + activation_factor * peak live activations
+             + io_factor         * bytes received + bytes sent per request
+
+with the factors of the stage's mode (``CONSTANTS[mode]``).
 
 All in MiB. Weights count at their size in the mode's representation (int8: a quarter for
 MatMul/Conv weights and Gather tables, ``GraphCosts.init_int8_bytes``). The constants are
@@ -28,11 +30,6 @@ __all__ = [
     "MiB",
     "ModeConstants",
     "CONSTANTS",
-    "WEIGHT_FACTOR",
-    "TABLE_FACTOR",
-    "ACTIVATION_FACTOR",
-    "SESSION_OVERHEAD_MB",
-    "IO_FACTOR",
     "stage_memory_mb",
 ]
 
@@ -99,15 +96,6 @@ CONSTANTS: dict[str, ModeConstants] = {
     "int8": ModeConstants(weight_factor=1.023, table_factor=0.0, activation_factor=3.256,
                           session_overhead_mb=9.3, io_factor=2.317),
 }
-
-# The fp32 constants under their historical names (edge.profiling.offline uses
-# stage_memory_mb's fp32 default).
-WEIGHT_FACTOR = CONSTANTS["fp32"].weight_factor
-TABLE_FACTOR = CONSTANTS["fp32"].table_factor
-ACTIVATION_FACTOR = CONSTANTS["fp32"].activation_factor
-SESSION_OVERHEAD_MB = CONSTANTS["fp32"].session_overhead_mb
-IO_FACTOR = CONSTANTS["fp32"].io_factor
-
 
 def stage_memory_mb(weight_bytes, activation_bytes, runtime_floor_mb, table_bytes=0.0,
                     mode: str = "fp32", io_bytes=0.0):

@@ -165,10 +165,16 @@ def _weights_brute(costs: StageCosts, i: int, j: int) -> np.ndarray:
     return out
 
 
+def _mode_weights(w, mode: str):
+    """(bytes read whole, bytes of Gather tables) in ``mode``'s representation, from the
+    4 channels of ``w`` (first axis)."""
+    return (w[_W8], w[_T8]) if mode == "int8" else (w[_W32], w[_T32])
+
+
 def _mode_memory(w, a, io, floor, mode: str):
     """Stage memory in ``mode`` from channel bytes ``w`` (first axis: the 4 channels), peak
     live activations ``a`` and bytes received plus sent ``io``."""
-    whole, table = (w[_W8], w[_T8]) if mode == "int8" else (w[_W32], w[_T32])
+    whole, table = _mode_weights(w, mode)
     return memory.stage_memory_mb(whole, a, floor, table_bytes=table, mode=mode, io_bytes=io)
 
 
@@ -212,7 +218,7 @@ def evaluate(costs: StageCosts, dev: Device, i: int, j: int,
         mode = stage_mode(costs, dev, i, j) or _frugal_mode(costs, dev, i, j)
     c = memory.CONSTANTS[mode]
     w = _weights_brute(costs, i, j)
-    whole, table = (w[_W8], w[_T8]) if mode == "int8" else (w[_W32], w[_T32])
+    whole, table = _mode_weights(w, mode)
     a = float(np.max(costs.live_bytes[i:j]))
     f = float(np.sum(costs.flops[i:j], dtype=np.float64))
     cm = COMPUTE_FACTOR[mode] * _compute_ms(f, dev)
