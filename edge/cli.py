@@ -163,7 +163,8 @@ def _lab_diagnose(plan):
     return lab.diagnose
 
 
-def start_pipeline(plan_path: str, ready_timeout: float, console):
+def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | None = None,
+                   failover: bool = True):
     """Load a plan and deploy it with a progress bar. Returns the started Pipeline."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
@@ -172,8 +173,14 @@ def start_pipeline(plan_path: str, ready_timeout: float, console):
     from edge.transport.channels import Deadlines
 
     plan = load_plan(plan_path)
+
+    def changed(recovery) -> None:
+        style = "red" if recovery.how == "unavailable" else "yellow"
+        console.print(f"[{style}]failover:[/{style}] {recovery.describe()}")
+
     pipeline = Pipeline(plan, Path(plan_path).parent, deadlines=Deadlines(ready=ready_timeout),
-                        diagnose=_lab_diagnose(plan))
+                        diagnose=_lab_diagnose(plan), failover=failover,
+                        model=Path(model) if model else None, on_change=changed)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), console=console, transient=False) as bar:
         tasks = {s.index: bar.add_task(f"stage {s.index} → {s.device.name}", total=s.total_bytes)
@@ -189,7 +196,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     tune_malloc()
     console = _console()
-    pipeline = start_pipeline(args.plan, args.ready_timeout, console)
+    pipeline = start_pipeline(args.plan, args.ready_timeout, console, model=args.model,
+                              failover=not args.no_failover)
 
     def ready(port: int) -> None:
         host = args.listen.rsplit(":", 1)[0]
@@ -409,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="0.0.0.0:50050")
     p.add_argument("--ready-timeout", type=float, default=60.0,
                    help="seconds to wait for each worker to be healthy")
+    p.add_argument("--model", help="the source .onnx, to re-plan from when a device is lost "
+                                   "(default: the one plan.json names)")
+    p.add_argument("--no-failover", action="store_true",
+                   help="fail the requests in flight when a device is lost, instead of moving "
+                        "its stage to the devices that remain (and standby ones) and "
+                        "sending them again")
     p.add_argument("--port-file", help="write the bound port here once serving")
     p.set_defaults(func=cmd_coordinator)
 

@@ -18,7 +18,7 @@ from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import Deadlines, Security, create_channel
 from edge.transport.codec import encode_spec
 
-__all__ = ["DeployError", "WorkerHandle", "connect", "wait_healthy", "upload_shard",
+__all__ = ["DeployError", "Link", "WorkerHandle", "connect", "wait_healthy", "upload_shard",
            "deploy", "CHUNK_BYTES"]
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,28 @@ class WorkerHandle:
         self.channel.close()
 
 
+@dataclass
+class Link:
+    """An open channel to one worker, with its stubs; outlives the stage it serves."""
+
+    channel: grpc.Channel
+    stub: pb_grpc.WorkerStub
+    health: health_pb2_grpc.HealthStub
+
+    @staticmethod
+    def open(address: str, security: Security) -> "Link":
+        channel = create_channel(address, security=security)
+        return Link(channel, pb_grpc.WorkerStub(channel), health_pb2_grpc.HealthStub(channel))
+
+    def handle(self, stage: Stage) -> WorkerHandle:
+        return WorkerHandle(stage, self.channel, self.stub, self.health)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
 def connect(stage: Stage, security: Security) -> WorkerHandle:
-    channel = create_channel(stage.device.address, security=security)
-    return WorkerHandle(stage, channel, pb_grpc.WorkerStub(channel),
-                        health_pb2_grpc.HealthStub(channel))
+    return Link.open(stage.device.address, security).handle(stage)
 
 
 def wait_healthy(w: WorkerHandle, deadlines: Deadlines) -> None:
@@ -154,17 +172,20 @@ def configure(w: WorkerHandle, plan: Plan, epoch: int, deadlines: Deadlines) -> 
 
 
 def deploy(plan: Plan, plan_dir: Path, workers: list[WorkerHandle], epoch: int,
-           deadlines: Deadlines, progress: Progress | None = None) -> None:
+           deadlines: Deadlines, progress: Progress | None = None) -> int:
     """Put every stage of ``plan`` on its worker.
 
     Stages are configured from the last to the first, so a stage only starts receiving
     once everything downstream of it is ready.
+
+    Returns:
+        Shard bytes uploaded (0 when every worker had its shard cached).
     """
     for w in workers:
         wait_healthy(w, deadlines)
-    for w in workers:
-        upload_shard(w, plan_dir, deadlines, progress)
+    uploaded = sum(upload_shard(w, plan_dir, deadlines, progress) for w in workers)
     for w in reversed(workers):
         reply = configure(w, plan, epoch, deadlines)
         log.info("%s loaded its shard in %.0f ms (RSS %.0f MiB)", w.label, reply.load_ms,
                  reply.rss_bytes / 2**20)
+    return uploaded

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -66,7 +67,7 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
         NoFitError: no split fits the devices' memory.
     """
     from edge.planning.graph import analyze
-    from edge.planning.plan import ModelInfo, Plan, ShardFile, Stage
+    from edge.planning.plan import MODES, ModelInfo, Plan, ShardFile, Stage
     from edge.planning.planner import partition
     from edge.shards.build import build_shard
     from edge.shards.quantize import quantize_shard
@@ -105,9 +106,11 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
         name=model_path.stem, sha256=_sha256_file(model_path), num_nodes=n,
         inputs=tuple(costs.specs[t] for t in costs.graph_inputs),
         outputs=tuple(costs.specs[t] for t in costs.graph_outputs),
-        bindings=dict(costs.bindings))
+        bindings=dict(costs.bindings),
+        path=os.path.relpath(model_path.resolve(), out_dir.resolve()))
     plan = Plan(model=model, stages=tuple(stages), standby=spares,
-                bottleneck_ms=split.bottleneck_ms, latency_ms=split.latency_ms)
+                bottleneck_ms=split.bottleneck_ms, latency_ms=split.latency_ms,
+                modes=MODES if modes is None else tuple(modes))
     plan.save(out_dir / "plan.json")
     log.info("plan %s: %d stages, period %.1f ms, latency %.1f ms -> %s", plan.plan_id,
              len(stages), plan.bottleneck_ms, plan.latency_ms, out_dir / "plan.json")

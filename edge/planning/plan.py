@@ -204,6 +204,9 @@ class ModelInfo:
     outputs: tuple[TensorSpec, ...]
     # The concrete sizes the costs were computed for, e.g. {"batch": 1, "sequence": 128}.
     bindings: dict[str, int] = field(default_factory=dict)
+    # Where the source .onnx was, relative to plan.json's folder when it can be: a
+    # coordinator re-plans from it when a device is lost. "" when unknown.
+    path: str = ""
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "ModelInfo":
@@ -214,6 +217,7 @@ class ModelInfo:
             inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
             bindings=dict(d.get("bindings", {})),
+            path=d.get("path", ""),
         )
 
 
@@ -227,6 +231,8 @@ class Plan:
         standby: spare devices listed in the cluster that hold no stage.
         bottleneck_ms: predicted time of the slowest stage (the pipeline's period).
         latency_ms: predicted end-to-end time of one request.
+        modes: the modes the stages were allowed, in order of preference (a re-plan
+            after a failover keeps them).
         version: format version of plan.json.
     """
 
@@ -235,7 +241,19 @@ class Plan:
     standby: tuple[Device, ...] = ()
     bottleneck_ms: float = 0.0
     latency_ms: float = 0.0
+    modes: tuple[str, ...] = MODES
     version: int = PLAN_VERSION
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        """The devices holding a stage, in pipeline order."""
+        return tuple(s.device for s in self.stages)
+
+    def source_model(self, plan_dir: str | Path) -> Path | None:
+        """The source model's path (``model.path`` resolved against ``plan_dir``), or None."""
+        if not self.model.path:
+            return None
+        return (Path(plan_dir) / self.model.path).resolve()
 
     @property
     def plan_id(self) -> str:
@@ -265,6 +283,7 @@ class Plan:
             standby=tuple(Device.from_dict(x) for x in d.get("standby", ())),
             bottleneck_ms=d.get("bottleneck_ms", 0.0),
             latency_ms=d.get("latency_ms", 0.0),
+            modes=tuple(d.get("modes", MODES)),
         )
 
 

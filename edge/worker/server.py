@@ -346,6 +346,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     # ------------------------------------------------------------------ internals
 
+    def _stale(self, job: _Job) -> bool:
+        """True if the worker was re-configured (a new epoch) since ``job`` came."""
+        runner = self._runner
+        return runner is None or job.epoch != runner.spec.epoch
+
     def _counters(self) -> tuple[int, int]:
         return self._done, self._jobs.qsize()
 
@@ -363,7 +368,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 job = self._jobs.get(timeout=0.25)
             except queue.Empty:
                 continue
-            if self._runner is None or job.epoch != self._runner.spec.epoch:
+            if self._stale(job):
                 continue  # re-configured since it was queued: the coordinator resends it
             start = time.perf_counter()
             job.queue_ms = (start - job.received) * 1e3
@@ -389,6 +394,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 job = self._outbox.get(timeout=0.25)
             except queue.Empty:
                 continue
+            if self._stale(job):
+                continue  # re-configured since: the coordinator resends it
             start = time.perf_counter()
             spec = job.runner.spec
             timing = pb.StageTiming(stage=spec.stage, queue_ms=job.queue_ms,
@@ -416,8 +423,22 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 continue
             forward = self._next_forward
             try:
-                forward(data, timeout=self.config.deadlines.forward)
+                call = forward.future(data, timeout=self.config.deadlines.forward)
+                # A next hop that hangs (unplugged, stopped) must not hold this loop for a
+                # whole deadline once the coordinator has moved the pipeline elsewhere.
+                while not self._stopping.is_set():
+                    try:
+                        call.result(timeout=0.25)
+                        break
+                    except grpc.FutureTimeoutError:
+                        if self._stale(job):
+                            call.cancel()
+                            break
+                if call.cancelled():
+                    continue
             except grpc.RpcError as e:
+                if self._stale(job):
+                    continue  # the hop was re-wired meanwhile: the coordinator resends it
                 code = e.code()
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     code = grpc.StatusCode.UNAVAILABLE
