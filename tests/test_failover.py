@@ -128,6 +128,9 @@ def test_standby_takes_the_lost_stage(bert_tiny, tmp_path, inputs_and_refs):
             assert r.devices == ("rpi4b-2gb-1", "rpi4b-2gb-2", "spare", "rpi4b-2gb-4")
             moved = plan.stages[2]
             assert r.uploaded_bytes == moved.total_bytes  # only the moved shard travelled
+            # The stages that stayed were re-wired on the session they had, not reloaded.
+            for k in (0, 1, 3):
+                assert "loaded in 0 ms" in workers.workers[k].log(), k
             print(f"\nrecovery: {r.describe()}")
 
 

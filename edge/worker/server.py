@@ -234,7 +234,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                               f"file has {digest}; upload it again")
         with self._configure_lock:
             try:
-                runner = StageRunner(spec, path, self.config.threads)
+                current = self._runner
+                runner = ((current.rewired(spec) if current is not None else None)
+                          or StageRunner(spec, path, self.config.threads))
             except ShardMismatch as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except Exception as e:  # onnxruntime cannot load it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import logging
@@ -92,6 +93,22 @@ class StageRunner:
         if not sent <= produced:
             raise ShardMismatch(f"{spec.where} must send {sorted(sent - produced)} which "
                                 f"neither its shard produces nor it receives")
+
+    def rewired(self, spec: StageSpec) -> "StageRunner | None":
+        """This runner's session under ``spec`` (another epoch, position or next hop), if
+        ``spec`` runs the same shard the same way; else None.
+
+        A failover re-wires the stages that keep their shard: they must not load it again
+        (a second session would double their memory for a while, and take seconds).
+        """
+        old = self.spec
+        same = (spec.shard_sha256, spec.mode, spec.data_files, spec.inputs, spec.outputs)
+        if same != (old.shard_sha256, old.mode, old.data_files, old.inputs, old.outputs):
+            return None
+        runner = copy.copy(self)
+        runner.spec = spec
+        runner.load_ms = 0.0
+        return runner
 
     def check(self, arrays: dict[str, np.ndarray]) -> None:
         """Raise TensorError unless ``arrays`` is exactly what this stage receives."""
