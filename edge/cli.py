@@ -130,7 +130,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     config = WorkerConfig(
         listen=args.listen, device=args.device or "unknown",
         cache_dir=Path(args.cache_dir) if args.cache_dir else WorkerConfig().cache_dir,
-        memory_budget_mb=budget or 0.0, threads=args.threads,
+        memory_budget_mb=budget or 0.0, threads=args.threads, max_queue=args.max_queue,
     )
 
     def ready(port: int) -> None:
@@ -164,7 +164,7 @@ def _lab_diagnose(plan):
 
 
 def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | None = None,
-                   failover: bool = True):
+                   failover: bool = True, max_in_flight: int = 64):
     """Load a plan and deploy it with a progress bar. Returns the started Pipeline."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
@@ -180,6 +180,7 @@ def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | N
 
     pipeline = Pipeline(plan, Path(plan_path).parent, deadlines=Deadlines(ready=ready_timeout),
                         diagnose=_lab_diagnose(plan), failover=failover,
+                        max_in_flight=max_in_flight,
                         model=Path(model) if model else None, on_change=changed)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), console=console, transient=False) as bar:
@@ -197,7 +198,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     tune_malloc()
     console = _console()
     pipeline = start_pipeline(args.plan, args.ready_timeout, console, model=args.model,
-                              failover=not args.no_failover)
+                              failover=not args.no_failover, max_in_flight=args.max_in_flight)
 
     def ready(port: int) -> None:
         host = args.listen.rsplit(":", 1)[0]
@@ -409,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", type=float, help="MiB this worker may use")
     p.add_argument("--cache-dir", help="shard cache (default ~/.cache/edge/shards)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for compute (and, apart, for sending) before "
+                        "Forward answers RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--port-file", help="write the bound port here once serving")
     p.set_defaults(func=cmd_worker)
 
@@ -419,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for each worker to be healthy")
     p.add_argument("--model", help="the source .onnx, to re-plan from when a device is lost "
                                    "(default: the one plan.json names)")
+    p.add_argument("--max-in-flight", type=int, default=64,
+                   help="requests accepted at once; past it Infer answers RESOURCE_EXHAUSTED "
+                        "at once (default 64)")
     p.add_argument("--no-failover", action="store_true",
                    help="fail the requests in flight when a device is lost, instead of moving "
                         "its stage to the devices that remain (and standby ones) and "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Mapping
 
@@ -37,15 +38,15 @@ class InferClient:
 
     def infer_raw(self, inputs: Mapping[str, np.ndarray]) -> pb.InferReply:
         request = pb.InferRequest(inputs=encode_tensors(inputs))
-        delay = 0.1
         for attempt in range(self.retries + 1):
             try:
                 return self.stub.Infer(request, timeout=self.timeout)
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE or attempt == self.retries:
                     raise
-                time.sleep(delay)
-                delay *= 2
+                # Exponential backoff with jitter, so that clients refused together do
+                # not all come back together.
+                time.sleep(min(5.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0))
         raise AssertionError("unreachable")
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

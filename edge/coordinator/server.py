@@ -43,10 +43,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return self.pipeline.profile(request.since)
 
 
-def start_coordinator(pipeline: Pipeline, listen: str, max_workers: int = 32
-                      ) -> tuple[grpc.Server, int]:
-    """Serve an already started pipeline on ``listen``. Returns the server and its port."""
-    server, port = create_server(listen, max_workers=max_workers, security=pipeline.security)
+def start_coordinator(pipeline: Pipeline, listen: str) -> tuple[grpc.Server, int]:
+    """Serve an already started pipeline on ``listen``. Returns the server and its port.
+
+    Each Infer holds a thread while its request is in flight: one thread per request the
+    pipeline accepts, a few more for status and profile calls, and no queue beyond them.
+    """
+    threads = pipeline.max_in_flight + 8
+    server, port = create_server(listen, max_workers=threads, max_concurrent_rpcs=threads,
+                                 security=pipeline.security)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(pipeline), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -73,20 +73,22 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def create_server(address: str, *, max_workers: int = 16,
+def create_server(address: str, *, max_workers: int = 16, max_concurrent_rpcs: int | None = None,
                   security: Security = Security()) -> tuple[grpc.Server, int]:
     """A gRPC server bound to ``address`` (port 0 picks a free port).
 
     Args:
         address: ``host:port``.
         max_workers: handler threads.
+        max_concurrent_rpcs: calls served at once; past it, gRPC answers
+            RESOURCE_EXHAUSTED at once instead of queueing without bound (None: no bound).
         security: how to secure it.
 
     Returns:
         The server, not started, and the bound port.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=_SERVER_OPTIONS)
+                         options=_SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")

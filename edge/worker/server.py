@@ -464,7 +464,11 @@ def start_worker(config: WorkerConfig) -> tuple[grpc.Server, int, WorkerServicer
     Returns:
         The running server, its port, the servicer and the health servicer.
     """
-    server, port = create_server(config.listen, security=config.security)
+    # Forward only queues (bounded by max_queue); the rest are control calls and one
+    # Subscribe stream per coordinator. Past this many at once: RESOURCE_EXHAUSTED.
+    server, port = create_server(config.listen, max_workers=16,
+                                 max_concurrent_rpcs=config.max_queue + 64,
+                                 security=config.security)
     servicer = WorkerServicer(config)
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
