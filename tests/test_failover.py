@@ -254,3 +254,49 @@ def test_requests_sent_during_a_recovery_wait_for_it(bert_tiny, tmp_path, inputs
         assert not errors, errors[:3]
         assert pipeline.recoveries and len(results) > 10
         check_all(results, inputs, want)
+
+
+def test_edge_coordinator_prints_the_recovery(bert_tiny, tmp_path):
+    """As a user runs it: `edge plan`, `edge coordinator`, a worker killed, `edge infer`."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    with LocalWorkers(3, tmp_path / "w", threads=1) as workers:
+        cluster = {"devices": [{"name": f"pi-{i}", "address": a, "profile": "rpi4b-2gb"}
+                               for i, a in enumerate(workers.addresses)]}
+        (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+        edge = [sys.executable, "-m", "edge"]
+        subprocess.run(edge + ["plan", str(bert_tiny), "--cluster", str(tmp_path / "cluster.yaml"),
+                               "--out", str(tmp_path / "build"), "--dim", "sequence=16"],
+                       check=True, capture_output=True)
+        port_file = tmp_path / "port"
+        coordinator = subprocess.Popen(
+            edge + ["coordinator", "--plan", str(tmp_path / "build" / "plan.json"),
+                    "--listen", "127.0.0.1:0", "--port-file", str(port_file)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "COLUMNS": "200"})
+        try:
+            end = time.monotonic() + 60
+            while not port_file.exists():
+                assert coordinator.poll() is None and time.monotonic() < end
+                time.sleep(0.1)
+            x = example_inputs("bert", "tiny", batch=1, seq=16)
+            np.savez(tmp_path / "in.npz", **x)
+            infer = edge + ["infer", "--coordinator", f"127.0.0.1:{port_file.read_text()}",
+                            "--input", str(tmp_path / "in.npz"),
+                            "--output", str(tmp_path / "out.npz")]
+            sigkill(workers.workers[1])
+            r = subprocess.run(infer, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            with np.load(tmp_path / "out.npz") as f:
+                got = {k: f[k] for k in f.files}
+            [want] = references(bert_tiny, [x])
+            for k in want:
+                np.testing.assert_allclose(got[k], want[k], atol=TOL, rtol=0)
+        finally:
+            coordinator.terminate()
+            out = coordinator.communicate(timeout=30)[0]
+        assert "failover: lost pi-1: noticed in" in out, out
+        assert "re-planned onto pi-0, pi-2" in out, out
