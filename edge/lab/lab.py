@@ -396,6 +396,16 @@ class Lab:
             return None
         return f"lab device {dev.name}: {s.reason}"
 
+    def set_link(self, device: str, up: bool) -> None:
+        """Cut a device's network (``up=False``) or restore it, as when a board's cable is
+        pulled: its worker keeps running, its packets are dropped, nobody gets a reset.
+
+        Args:
+            device: the device's name or address.
+        """
+        dev = self.device(device)
+        netns.set_link(dev.namespace, up)
+
     # ------------------------------------------------------------------ taking it down
 
     def down(self) -> TeardownReport:

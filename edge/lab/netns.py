@@ -104,6 +104,11 @@ def add_device(namespace: str, index: int, ip: ipaddress.IPv4Interface) -> str:
     return port
 
 
+def set_link(namespace: str, up: bool) -> None:
+    """Bring a device's link down (its packets are dropped, no reset is sent) or up."""
+    run(["ip", "-n", namespace, "link", "set", DEVICE_LINK, "up" if up else "down"])
+
+
 def list_namespaces(prefix: str = PREFIX) -> list[str]:
     """Names of the network namespaces that start with ``prefix``."""
     out = run(["ip", "netns", "list"]).stdout
