@@ -26,7 +26,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import edge
-from edge.errors import TensorError
+from edge.errors import SecurityError, TensorError
 from edge.planning.plan import MODES
 from edge.profiling.memory import device_facts, memory_breakdown, release_free_heap, rss_bytes
 from edge.profiling.sampler import Sampler
@@ -243,8 +243,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                               f"{describe_ort_error(e)[1]}")
             old_channel = self._next_channel
             if spec.next_address:
-                self._next_channel = create_channel(spec.next_address,
-                                                    security=self.config.security)
+                try:
+                    self._next_channel = create_channel(spec.next_address,
+                                                        security=self.config.security)
+                except SecurityError as e:  # plaintext to a LAN address without --insecure
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"{spec.where} cannot forward to {spec.next_address}: {e}")
                 self._next_forward = serialized_unary(self._next_channel, _FORWARD, pb.Ack)
             else:
                 self._next_channel = self._next_forward = None
