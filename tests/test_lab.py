@@ -340,7 +340,7 @@ class TestLab:
         plan = make_plan(bert_small, devices, tmp_path, bindings={"batch": 1, "sequence": 16})
         assert [s.device.address for s in plan.stages] == [
             "10.99.0.11:50051", "10.99.0.12:50051", "10.99.0.13:50051"]
-        with Pipeline(plan, tmp_path, diagnose=lab.diagnose) as pipeline:
+        with Pipeline(plan, tmp_path, diagnose=lab.diagnose, security=lab.security()) as pipeline:
             pipeline.start()
             cases = [example_inputs("bert", "small", batch=b, seq=s, seed=i)
                      for i, (b, s) in enumerate([(1, 16), (2, 9), (3, 32)])]
@@ -378,7 +378,7 @@ class TestLab:
         plan = make_plan(bert_tiny, [devices["rpi4b-2gb-1"], roomy, devices["rpi4b-2gb-2"]],
                          tmp_path, bindings={"batch": 1, "sequence": 16})
         assert plan.stages[1].device.name == "tight"
-        with Pipeline(plan, tmp_path, diagnose=lab.diagnose,
+        with Pipeline(plan, tmp_path, diagnose=lab.diagnose, security=lab.security(),
                       deadlines=Deadlines(infer=60)) as pipeline:
             pipeline.start()
             pipeline.infer(example_inputs("bert", "tiny", batch=1, seq=16))

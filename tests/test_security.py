@@ -240,6 +240,31 @@ def test_cli_clients_refuse_plaintext_off_loopback(tmp_path, capsys):
     assert "refusing to connect to 192.0.2.1:50050 in plaintext" in capsys.readouterr().err
     assert main(["calibrate", "--worker", "192.0.2.1:50051"]) == 2
     assert "Pass --certs DIR" in capsys.readouterr().err
+    assert main(["profile", "--coordinator", "192.0.2.1:50050"]) == 2
+    assert "refusing to connect to 192.0.2.1:50050" in capsys.readouterr().err
+
+
+def test_plaintext_worker_will_not_forward_off_loopback(tmp_path):
+    """The worker-to-worker hop obeys the same rule: a plaintext worker configured with a
+    LAN next hop says so instead of sending activations in the clear."""
+    from test_worker import chunks, config, make_shard
+
+    sha = make_shard(tmp_path / "shard.onnx")
+    server, port, servicer, _ = start_worker(WorkerConfig(listen="127.0.0.1:0",
+                                                          cache_dir=tmp_path / "cache"))
+    try:
+        with create_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.WorkerStub(ch)
+            stub.UploadShard(chunks(sha, (tmp_path / "shard.onnx").read_bytes()), timeout=10)
+            cfg = config(sha)
+            cfg.num_stages, cfg.next_address = 2, "192.0.2.1:50051"
+            e = refused(lambda: stub.Configure(cfg, timeout=30))
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "cannot forward to 192.0.2.1:50051" in e.details()
+            assert "--insecure" in e.details()
+    finally:
+        server.stop(0).wait()
+        servicer.stop()
 
 
 def test_worker_off_loopback_needs_certs_or_insecure(tmp_path):

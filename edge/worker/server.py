@@ -60,7 +60,9 @@ class WorkerConfig:
         sample_interval_s: seconds between the memory samples `edge profile` reads.
         sample_window_s: seconds of samples kept (older ones are dropped).
         deadlines: per-call deadlines for calls this worker makes.
-        security: transport security.
+        security: how the server and the channel to the next worker are secured
+            (``Security.from_dir(bundle)``: mutual TLS and the token; default plaintext,
+            loopback only).
     """
 
     listen: str = "127.0.0.1:50051"
