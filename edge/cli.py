@@ -119,6 +119,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from edge.profiling.memory import tune_malloc
+    from edge.transport.security import from_arguments
     from edge.worker.server import WorkerConfig, serve
 
     tune_malloc()
@@ -131,12 +132,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         listen=args.listen, device=args.device or "unknown",
         cache_dir=Path(args.cache_dir) if args.cache_dir else WorkerConfig().cache_dir,
         memory_budget_mb=budget or 0.0, threads=args.threads, max_queue=args.max_queue,
+        security=from_arguments(args),
     )
 
     def ready(port: int) -> None:
         host = args.listen.rsplit(":", 1)[0]
         print(f"edge worker ({config.device}) listening on {host}:{port}, "
-              f"shard cache {config.cache_dir}", flush=True)
+              f"shard cache {config.cache_dir}, {config.security.describe()}", flush=True)
         if args.port_file:
             tmp = Path(args.port_file + ".tmp")
             tmp.write_text(str(port))
@@ -164,13 +166,13 @@ def _lab_diagnose(plan):
 
 
 def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | None = None,
-                   failover: bool = True, max_in_flight: int = 64):
+                   failover: bool = True, max_in_flight: int = 64, security=None):
     """Load a plan and deploy it with a progress bar. Returns the started Pipeline."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from edge.coordinator.pipeline import Pipeline
     from edge.planning.plan import load_plan
-    from edge.transport.channels import Deadlines
+    from edge.transport.channels import Deadlines, Security
 
     plan = load_plan(plan_path)
 
@@ -180,7 +182,7 @@ def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | N
 
     pipeline = Pipeline(plan, Path(plan_path).parent, deadlines=Deadlines(ready=ready_timeout),
                         diagnose=_lab_diagnose(plan), failover=failover,
-                        max_in_flight=max_in_flight,
+                        max_in_flight=max_in_flight, security=security or Security(),
                         model=Path(model) if model else None, on_change=changed)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), console=console, transient=False) as bar:
@@ -194,11 +196,15 @@ def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | N
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from edge.coordinator.server import serve
     from edge.profiling.memory import tune_malloc
+    from edge.transport.security import from_arguments
 
     tune_malloc()
     console = _console()
+    security = from_arguments(args)
+    security.require_safe(args.listen, "listen on")  # before deploying, not after
     pipeline = start_pipeline(args.plan, args.ready_timeout, console, model=args.model,
-                              failover=not args.no_failover, max_in_flight=args.max_in_flight)
+                              failover=not args.no_failover, max_in_flight=args.max_in_flight,
+                              security=security)
 
     def ready(port: int) -> None:
         host = args.listen.rsplit(":", 1)[0]
@@ -221,13 +227,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edge.coordinator.client import InferClient
+    from edge.transport.security import from_arguments
 
     try:
         with np.load(args.input, allow_pickle=False) as f:
             inputs = {k: f[k] for k in f.files}
     except (OSError, ValueError) as e:
         raise SystemExit(f"edge infer: cannot read {args.input} as .npz: {e}")
-    with InferClient(args.coordinator, timeout=args.timeout) as client:
+    with InferClient(args.coordinator, timeout=args.timeout,
+                     security=from_arguments(args)) as client:
         try:
             reply = client.infer_raw(inputs)
         except grpc.RpcError as e:
@@ -263,13 +271,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     from edge.profiling.live import collect
     from edge.profiling.report import render_live, write_live
+    from edge.transport.security import from_arguments
 
     inputs = None
     if args.input:
         with np.load(args.input, allow_pickle=False) as f:
             inputs = {k: f[k] for k in f.files}
     report = collect(args.coordinator, requests=args.requests, concurrency=args.concurrency,
-                     inputs=inputs)
+                     inputs=inputs, security=from_arguments(args))
     render_live(report, console)
     console.print(f"{report['requests'] - report['errors']}/{report['requests']} requests ok, "
                   f"p50 {report['latency_ms']['p50']:.1f} ms, "
@@ -294,8 +303,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from edge.proto import edge_pb2 as pb
     from edge.proto import edge_pb2_grpc as pb_grpc
     from edge.transport.channels import create_channel
+    from edge.transport.security import from_arguments
 
-    with create_channel(args.worker) as channel:
+    with create_channel(args.worker, security=from_arguments(args)) as channel:
         stub = pb_grpc.WorkerStub(channel)
         try:
             status = stub.GetStatus(pb.StatusRequest(), timeout=10)
@@ -375,6 +385,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edge.transport.security import add_arguments as add_security_arguments
+
     parser = argparse.ArgumentParser(
         prog="edge", description="Split a neural network across small devices and run it as "
                                  "a gRPC pipeline.")
@@ -414,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for compute (and, apart, for sending) before "
                         "Forward answers RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--port-file", help="write the bound port here once serving")
+    add_security_arguments(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("coordinator", help="deploy a plan's shards and serve requests")
@@ -431,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "its stage to the devices that remain (and standby ones) and "
                         "sending them again")
     p.add_argument("--port-file", help="write the bound port here once serving")
+    add_security_arguments(p)
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("infer", help="send one request to a coordinator")
@@ -438,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help=".npz keyed by the model's input names")
     p.add_argument("--output", required=True, help=".npz to write the outputs to")
     p.add_argument("--timeout", type=float, default=120.0)
+    add_security_arguments(p)
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("profile", help="where memory and compute go: offline for a model, "
@@ -450,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", action="append", metavar="NAME=SIZE", help="offline: sizes")
     p.add_argument("--out", help="folder for report.json (live: also samples.csv, memory.png; "
                                  "default ./report)")
+    add_security_arguments(p)
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("calibrate", help="measure a device through its worker; store it in "
@@ -462,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the measured numbers into the profile file")
     p.add_argument("--no-link", action="store_true",
                    help="do not store the link speed (when measured from another network)")
+    add_security_arguments(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("demo", help="export, plan, run four local workers and compare")
@@ -480,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("devices", help="list the device profiles")
     p.set_defaults(func=cmd_devices)
+
+    from edge.transport.certs_cli import add_parser as add_certs_parser
+
+    add_certs_parser(sub)
 
     from edge.lab.cli import add_parser as add_lab_parser
 

@@ -9,6 +9,7 @@ __all__ = [
     "PlanError",
     "NoFitError",
     "TensorError",
+    "SecurityError",
 ]
 
 
@@ -52,3 +53,8 @@ class NoFitError(PlanError):
 
 class TensorError(EdgeError):
     """A tensor does not match what a stage or model expects (name, dtype or shape)."""
+
+
+class SecurityError(EdgeError):
+    """A connection would be unprotected, or a certificate bundle or token is missing or
+    malformed. The message says what to pass instead (``--certs DIR``, ``--insecure``)."""

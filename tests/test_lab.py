@@ -340,7 +340,7 @@ class TestLab:
         plan = make_plan(bert_small, devices, tmp_path, bindings={"batch": 1, "sequence": 16})
         assert [s.device.address for s in plan.stages] == [
             "10.99.0.11:50051", "10.99.0.12:50051", "10.99.0.13:50051"]
-        with Pipeline(plan, tmp_path, diagnose=lab.diagnose) as pipeline:
+        with Pipeline(plan, tmp_path, diagnose=lab.diagnose, security=lab.security()) as pipeline:
             pipeline.start()
             cases = [example_inputs("bert", "small", batch=b, seq=s, seed=i)
                      for i, (b, s) in enumerate([(1, 16), (2, 9), (3, 32)])]
@@ -380,6 +380,7 @@ class TestLab:
         assert plan.stages[1].device.name == "tight"
         # Without failover: the request that killed it would be sent again elsewhere.
         with Pipeline(plan, tmp_path, diagnose=lab.diagnose, failover=False,
+                      security=lab.security(),
                       deadlines=Deadlines(infer=60)) as pipeline:
             pipeline.start()
             pipeline.infer(example_inputs("bert", "tiny", batch=1, seq=16))

@@ -100,17 +100,19 @@ def measure_hop(one: Deployment, two: Deployment, rounds: int) -> dict:
             "hop_mean_ms": round(statistics.fmean(hops), 3)}
 
 
-def _deploy_pair(model: Path, workdir: Path, devices: list, workers: list) -> tuple:
+def _deploy_pair(model: Path, workdir: Path, devices: list, workers: list,
+                 security=None) -> tuple:
     """Plans and deployments: ``devices[0]`` serves the whole model, ``devices[1:3]`` the
-    two halves. ``workers`` are stopped by the second deployment's close."""
+    two halves. ``workers`` are stopped by the second deployment's close; ``security``
+    reaches them (default: plaintext on loopback)."""
     from edge.planning import make_plan
 
     plan1 = make_plan(model, devices[:1], workdir / "one")
     plan2 = make_plan(model, devices[1:3], workdir / "two")
     crossing = sum(int(np.prod([d if isinstance(d, int) else 1 for d in t.shape]))
                    * np.dtype(t.dtype).itemsize for t in plan2.stages[0].outputs)
-    one = Deployment("hop-1", plan1, workdir / "one")
-    two = Deployment("hop-2", plan2, workdir / "two", workers)
+    one = Deployment("hop-1", plan1, workdir / "one", security=security)
+    two = Deployment("hop-2", plan2, workdir / "two", workers, security=security)
     return one, two, crossing
 
 
@@ -181,7 +183,8 @@ def lab_hop(workdir: Path, profile: str, rounds: int, link: str = "gige",
         return {"link": link, "status": "unavailable", "reason": str(e)}
     try:
         devices = list(lab.cluster().devices)
-        one, two, crossing = _deploy_pair(model, workdir, devices, [])
+        # Lab workers run with mutual TLS as devices do, so the hop includes TLS.
+        one, two, crossing = _deploy_pair(model, workdir, devices, [], lab.security())
         result = _run_pair(one, two, rounds)
         rates = sorted({d.bandwidth_mbps for d in lab.devices})
     finally:

@@ -79,8 +79,10 @@ def lab_pipeline_vs_one(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
         devs = list(load_cluster(workdir / "cluster.yaml").devices)
         many = make_plan(model, devs[:devices], workdir / "many", bindings=bindings)
         one = make_plan(model, devs[devices:], workdir / "one", bindings=bindings)
-        with Pipeline(many, workdir / "many", diagnose=lab.diagnose) as p_many, \
-                Pipeline(one, workdir / "one", diagnose=lab.diagnose) as p_one:
+        security = lab.security()  # lab workers run with mutual TLS, as devices do
+        p_many = Pipeline(many, workdir / "many", diagnose=lab.diagnose, security=security)
+        p_one = Pipeline(one, workdir / "one", diagnose=lab.diagnose, security=security)
+        with p_many, p_one:
             p_many.start()
             p_one.start()
             for p in (p_many, p_one):  # warm up

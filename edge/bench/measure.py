@@ -83,19 +83,22 @@ class Deployment:
         plan: the plan; its devices' addresses must be the workers'.
         plan_dir: where ``plan.json`` and ``shards/`` are.
         workers: the worker processes (stopped on close), or () when someone else owns them.
+        security: how to reach the workers (default plaintext: loopback only).
 
     Attributes:
         note: what is unusual about it, for the report ("" when nothing).
     """
 
-    def __init__(self, name: str, plan, plan_dir: Path, workers: Sequence = ()):
+    def __init__(self, name: str, plan, plan_dir: Path, workers: Sequence = (),
+                 security=None):
         from edge.coordinator.pipeline import Pipeline
+        from edge.transport.security import Security
 
         self.name = name
         self.plan = plan
         self.plan_dir = Path(plan_dir)
         self.workers = list(workers)
-        self.pipeline = Pipeline(plan, plan_dir)
+        self.pipeline = Pipeline(plan, plan_dir, security=security or Security())
         self.sequential: list[RequestRecord] = []
         self.concurrent: list[RequestRecord] = []
         self.throughputs: list[float] = []

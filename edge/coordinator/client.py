@@ -27,6 +27,8 @@ class InferClient:
         address: the coordinator's ``host:port``.
         timeout: deadline of one Infer call, in seconds.
         retries: attempts after the first for the codes in ``RETRYABLE``, with backoff.
+        security: a bundle (``Security.from_dir``) when the coordinator runs with
+            ``--certs``; the default, plaintext, reaches a loopback coordinator only.
     """
 
     def __init__(self, address: str, timeout: float = 120.0, retries: int = 3,

@@ -82,7 +82,9 @@ def wait_healthy(w: WorkerHandle, deadlines: Deadlines) -> None:
     """Poll the standard health service until SERVING, with backoff, up to ``deadlines.ready``.
 
     Raises:
-        DeployError: UNAVAILABLE naming the device, its address and the last error.
+        DeployError: UNAVAILABLE naming the device, its address and the last error (a TLS
+            handshake refused looks like a worker still starting, so it is retried too);
+            UNAUTHENTICATED at once if the worker refuses the cluster token.
     """
     end = time.monotonic() + deadlines.ready
     delay, last = 0.05, "no answer"
@@ -94,6 +96,9 @@ def wait_healthy(w: WorkerHandle, deadlines: Deadlines) -> None:
                 return
             last = f"health is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # waiting will not fix a token
+                raise DeployError(f"{w.label} refused the coordinator: {e.details()}",
+                                  e.code()) from None
             last = f"{e.code().name}: {e.details()}"
         if time.monotonic() + delay > end:
             raise DeployError(f"{w.label} is not reachable after {deadlines.ready:.0f} s: {last}. "

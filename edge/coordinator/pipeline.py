@@ -128,7 +128,9 @@ class Pipeline:
         plan: the plan to serve.
         plan_dir: the folder plan.json and shards/ are in.
         deadlines: per-call deadlines.
-        security: transport security.
+        security: how to reach the workers (and, in ``edge coordinator``, how to serve
+            clients): ``Security.from_dir(bundle)`` for mutual TLS and the token; the
+            default is plaintext, refused for non-loopback workers.
         max_in_flight: requests accepted at once; past it, RESOURCE_EXHAUSTED.
         diagnose: asked why a device whose worker stopped answering did so (e.g.
             ``edge.lab.Lab.diagnose``: "out of memory at its 512 MiB cap"); its answer,

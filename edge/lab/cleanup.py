@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.lab import cgroups, netns
-from edge.lab.system import (PREFIX, STATE_FILE, LabError, default_state_dir,
+from edge.lab.system import (CERTS_DIR, PREFIX, STATE_FILE, LabError, default_state_dir,
                              process_alive, require_root)
 
 __all__ = ["TeardownReport", "leftovers", "teardown"]
@@ -98,8 +99,8 @@ def teardown(state_dir: Path | None = None, prefix: str = PREFIX,
     outlive its deletion). Deleting a namespace takes its veths and their qdiscs with it.
 
     Args:
-        state_dir: the lab's state folder (its state file and port files are removed; logs
-            stay, for post-mortems).
+        state_dir: the lab's state folder (its state file, port files and certificates are
+            removed; logs stay, for post-mortems).
         prefix: the lab's prefix.
         grace: seconds the workers get to stop after SIGTERM before SIGKILL.
 
@@ -144,6 +145,7 @@ def teardown(state_dir: Path | None = None, prefix: str = PREFIX,
     remove(groups, cgroups.remove_dir, report.cgroups)
     for f in [state_dir / STATE_FILE, *state_dir.glob("*.port")]:
         f.unlink(missing_ok=True)
+    shutil.rmtree(state_dir / CERTS_DIR, ignore_errors=True)  # the lab's throwaway CA
     if errors:
         raise LabError("could not remove all of the lab:\n  " + "\n  ".join(errors))
     return report

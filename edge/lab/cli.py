@@ -96,6 +96,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
           f"{lab.state_dir / 'logs'}")
     print(f"wrote {args.cluster_out}: edge plan MODEL.onnx --cluster {args.cluster_out} "
           "--out build/")
+    print(f"the workers use mutual TLS: from this host pass --certs {lab.coordinator_bundle} "
+          "(edge coordinator, edge calibrate)")
     print("then: edge lab status; edge lab down")
     return 0
 

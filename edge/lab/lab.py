@@ -5,6 +5,11 @@ the profile's bandwidth (``shaping``), and a cgroup capping memory at the profil
 CPU at the profile's GFLOP/s relative to this host (``cgroups``), with numbers decided by
 ``devices``. :class:`Lab` builds them, starts the workers, records everything in a state
 file, tells why a worker died, and takes it all down (``cleanup``).
+
+The workers listen on lab addresses, not loopback, so they run as real devices do: with
+mutual TLS and the cluster token. Each lab has a throwaway CA in ``STATE_DIR/certs`` with a
+bundle per device and one for the coordinator side (:meth:`Lab.security`,
+``--certs STATE_DIR/certs/coordinator``); ``edge lab down`` deletes them.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from edge.lab import cgroups, netns, shaping
 from edge.lab.cgroups import Cgroup, CpuQuota
 from edge.lab.devices import (HOST_IP, MAX_DEVICES, SUBNET, DeviceSpec, LabDevice, design,
                               host_cores, host_gflops, load_profile)
-from edge.lab.system import (STATE_FILE, LabError, check_tools, default_cache_dir,
+from edge.lab.system import (CERTS_DIR, STATE_FILE, LabError, check_tools, default_cache_dir,
                              default_state_dir, process_alive, require_root, write_json)
 from edge.lab.cleanup import TeardownReport, leftovers, teardown
 
@@ -161,6 +166,7 @@ class Lab:
         (state_dir / "logs").mkdir(parents=True, exist_ok=True)
         try:
             lab._save()  # first, so that `down` knows what to look for even mid-setup
+            _make_certs(state_dir, devices, str(HOST_IP.ip))
             netns.create_bridge(HOST_IP)
             for i, dev in enumerate(devices):
                 _build_device(dev, i, hierarchy)
@@ -211,7 +217,7 @@ class Lab:
                    sys.executable, "-m", "edge", "--log-level", "INFO", "worker",
                    "--listen", dev.address, "--device", dev.profile,
                    "--cache-dir", dev.cache_dir, "--threads", str(dev.threads),
-                   "--port-file", str(port_file)]
+                   "--port-file", str(port_file), "--certs", str(_bundle(self.state_dir, dev))]
             profile_budget = load_profile(dev.profile).memory_budget_mb
             if dev.memory_budget_mb != profile_budget:
                 cmd += ["--memory-budget", f"{dev.memory_budget_mb:g}"]
@@ -249,6 +255,23 @@ class Lab:
 
     def _port_file(self, dev: LabDevice) -> Path:
         return self.state_dir / f"{dev.name}.port"
+
+    @property
+    def coordinator_bundle(self) -> Path:
+        """The certificate bundle for whatever talks to the workers from this host:
+        ``edge coordinator --certs``, ``edge calibrate --certs``, :meth:`security`."""
+        return self.state_dir / CERTS_DIR / "coordinator"
+
+    def security(self):
+        """An ``edge.transport.security.Security`` for this host's side of the lab, e.g.
+        ``Pipeline(plan, plan_dir, security=lab.security())``.
+
+        Raises:
+            SecurityError: the lab was set up without certificates (an older edge).
+        """
+        from edge.transport.security import Security
+
+        return Security.from_dir(self.coordinator_bundle)
 
     # ------------------------------------------------------------------ using it
 
@@ -423,6 +446,21 @@ class Lab:
 
     def __exit__(self, *exc) -> None:
         self.down()
+
+
+def _bundle(state_dir: Path, dev: LabDevice) -> Path:
+    return state_dir / CERTS_DIR / "devices" / dev.name
+
+
+def _make_certs(state_dir: Path, devices: list[LabDevice], host_ip: str) -> None:
+    """A fresh CA for this lab, a bundle per device and one for the host's side."""
+    from edge.transport.certs import init_ca, issue
+
+    ca = state_dir / CERTS_DIR
+    init_ca(ca, force=True)
+    for dev in devices:
+        issue(ca, dev.name, hosts=[dev.ip], out=_bundle(state_dir, dev), force=True)
+    issue(ca, "coordinator", hosts=[host_ip], out=ca / "coordinator", force=True)
 
 
 def _build_device(dev: LabDevice, index: int, hierarchy: cgroups.Hierarchy) -> None:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # with this prefix, so `edge lab down` finds it again without the state file.
 PREFIX = "edge-lab-"
 STATE_FILE = "state.json"
+CERTS_DIR = "certs"  # the lab's CA and bundles, in the state folder
 
 
 class LabError(EdgeError):

@@ -13,6 +13,7 @@ import numpy as np
 
 from edge.coordinator.client import InferClient
 from edge.proto import edge_pb2 as pb
+from edge.transport.channels import Security
 from edge.transport.codec import decode_spec
 
 __all__ = ["synthetic_inputs", "collect"]
@@ -50,7 +51,8 @@ def _sample(s: pb.MemorySample) -> dict:
 
 
 def collect(address: str, requests: int = 50, concurrency: int = 4,
-            inputs: Mapping[str, np.ndarray] | None = None) -> dict:
+            inputs: Mapping[str, np.ndarray] | None = None,
+            security: Security = Security()) -> dict:
     """Send ``requests`` through the coordinator at ``address`` and gather the profile.
 
     Args:
@@ -58,11 +60,12 @@ def collect(address: str, requests: int = 50, concurrency: int = 4,
         requests: how many requests to send.
         concurrency: how many in flight at once.
         inputs: one request's inputs (default: :func:`synthetic_inputs`).
+        security: how to reach the coordinator (its bundle, or plaintext on loopback).
 
     Returns:
         The report dict (see :func:`edge.profiling.report.write_live`).
     """
-    with InferClient(address) as client:
+    with InferClient(address, security=security) as client:
         status = client.status()
         x = dict(inputs) if inputs is not None else synthetic_inputs(status)
         start = time.time() - 1.0  # include the samples from just before the load

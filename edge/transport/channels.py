@@ -1,12 +1,12 @@
 """gRPC servers and channels with edge's options in one place.
 
-Security (mutual TLS, a cluster token) plugs in here: every server and channel of edge is
-made by these two functions, so switching them on changes no caller.
+Every server and channel of edge is made by :func:`create_server` and
+:func:`create_channel`, so their :class:`Security` (mutual TLS, the cluster token, the
+refusal of plaintext off loopback; see ``edge.transport.security``) applies everywhere.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 import threading
@@ -14,6 +14,8 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+
+from edge.transport.security import CLUSTER_NAME, Security, is_loopback, token_interceptor
 
 __all__ = ["Deadlines", "Security", "MAX_MESSAGE_BYTES", "create_server", "create_channel",
            "serialized_unary", "is_loopback", "wait_for_signal"]
@@ -55,24 +57,6 @@ class Deadlines:
     ready: float = 60.0         # waiting for a worker to become healthy
 
 
-@dataclass(frozen=True)
-class Security:
-    """How edge's connections are secured. Plaintext for now; mTLS and a token come next."""
-
-    insecure: bool = True
-
-
-def is_loopback(address: str) -> bool:
-    """True if ``host:port`` names this machine only."""
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def create_server(address: str, *, max_workers: int = 16, max_concurrent_rpcs: int | None = None,
                   security: Security = Security()) -> tuple[grpc.Server, int]:
     """A gRPC server bound to ``address`` (port 0 picks a free port).
@@ -82,22 +66,48 @@ def create_server(address: str, *, max_workers: int = 16, max_concurrent_rpcs: i
         max_workers: handler threads.
         max_concurrent_rpcs: calls served at once; past it, gRPC answers
             RESOURCE_EXHAUSTED at once instead of queueing without bound (None: no bound).
-        security: how to secure it.
+        security: how to secure it: mutual TLS if it has a bundle, the token checked on
+            every call of every service if it has one.
 
     Returns:
         The server, not started, and the bound port.
+
+    Raises:
+        SecurityError: plaintext on a non-loopback address without ``insecure``.
     """
+    security.require_safe(address, "listen on")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=_SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
-    port = server.add_insecure_port(address)
+                         options=_SERVER_OPTIONS, interceptors=security.server_interceptors(),
+                         maximum_concurrent_rpcs=max_concurrent_rpcs)
+    if security.tls:
+        port = server.add_secure_port(address, security.server_credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return server, port
 
 
 def create_channel(address: str, *, security: Security = Security()) -> grpc.Channel:
-    """A channel to ``address`` with edge's message limits and keepalives."""
-    return grpc.insecure_channel(address, options=_OPTIONS)
+    """A channel to ``address`` with edge's message limits and keepalives.
+
+    With a bundle the server must present a certificate of the cluster CA (checked against
+    the cluster name, not the address: see ``edge.transport.security``); with a token every
+    call carries it.
+
+    Raises:
+        SecurityError: plaintext to a non-loopback address without ``insecure``.
+    """
+    security.require_safe(address, "connect to")
+    if security.tls:
+        channel = grpc.secure_channel(
+            address, security.channel_credentials(),
+            options=_OPTIONS + [("grpc.ssl_target_name_override", CLUSTER_NAME)])
+    else:
+        channel = grpc.insecure_channel(address, options=_OPTIONS)
+    if security.token:
+        channel = grpc.intercept_channel(channel, token_interceptor(security.token))
+    return channel
 
 
 def serialized_unary(channel: grpc.Channel, method, response_type) -> grpc.UnaryUnaryMultiCallable:

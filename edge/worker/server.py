@@ -26,7 +26,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import edge
-from edge.errors import TensorError
+from edge.errors import SecurityError, TensorError
 from edge.planning.plan import MODES
 from edge.profiling.memory import device_facts, memory_breakdown, release_free_heap, rss_bytes
 from edge.profiling.sampler import Sampler
@@ -60,7 +60,9 @@ class WorkerConfig:
         sample_interval_s: seconds between the memory samples `edge profile` reads.
         sample_window_s: seconds of samples kept (older ones are dropped).
         deadlines: per-call deadlines for calls this worker makes.
-        security: transport security.
+        security: how the server and the channel to the next worker are secured
+            (``Security.from_dir(bundle)``: mutual TLS and the token; default plaintext,
+            loopback only).
     """
 
     listen: str = "127.0.0.1:50051"
@@ -245,8 +247,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                               f"{describe_ort_error(e)[1]}")
             old_channel = self._next_channel
             if spec.next_address:
-                self._next_channel = create_channel(spec.next_address,
-                                                    security=self.config.security)
+                try:
+                    self._next_channel = create_channel(spec.next_address,
+                                                        security=self.config.security)
+                except SecurityError as e:  # plaintext to a LAN address without --insecure
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"{spec.where} cannot forward to {spec.next_address}: {e}")
                 self._next_forward = serialized_unary(self._next_channel, _FORWARD, pb.Ack)
             else:
                 self._next_channel = self._next_forward = None

@@ -1,0 +1,358 @@
+"""How edge's connections are secured: mutual TLS under a private cluster CA, plus a
+cluster token checked on every call.
+
+Trust model
+-----------
+A cluster has one private certificate authority, made by ``edge certs init`` on the
+operator's machine (its key never leaves that machine). ``edge certs issue NAME`` signs a
+key for one machine and writes a bundle: ``ca.crt``, ``node.crt``, ``node.key`` and the
+cluster ``token``. Every process of the cluster (coordinator, workers, clients) runs with
+its own bundle, and every connection is mutual TLS:
+
+* the server presents its certificate and requires one from the client (workers forward
+  activations to the next worker, so workers are clients too: every certificate carries
+  both serverAuth and clientAuth);
+* identity is "signed by this cluster's CA". Workers are addressed by LAN IPs that change
+  with DHCP, so edge does not tie a certificate to an address: every certificate carries
+  the DNS name :data:`CLUSTER_NAME` and clients verify the server against that name
+  (``grpc.ssl_target_name_override``). The ``--host`` names of ``edge certs issue`` are
+  added too, for tools that verify addresses;
+* on top, each call carries ``authorization: Bearer TOKEN``, compared in constant time by a
+  server interceptor on every service (health included); a missing or wrong token is
+  UNAUTHENTICATED. The token is a second factor that also works where TLS is off
+  (``--insecure --token-file``), and rotating it locks out old bundles without a new CA.
+
+There is no revocation list: a lost device's bundle is trusted until the CA is replaced
+(``edge certs init --force``, then re-issue every bundle).
+
+Plaintext is allowed on loopback only; elsewhere it needs an explicit ``insecure=True``
+(``--insecure``), checked in one place, :meth:`Security.require_safe`.
+
+This module must stay light: the worker imports it on a Pi, so it uses ``grpc`` and the
+standard library only; making keys (``cryptography``) lives in ``edge.transport.certs``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+import argparse
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import grpc
+
+from edge.errors import SecurityError
+
+__all__ = ["Security", "CLUSTER_NAME", "TOKEN_HEADER", "BUNDLE_FILES", "is_loopback",
+           "default_certs_dir", "read_token", "TokenCheck", "token_interceptor",
+           "add_arguments", "from_arguments"]
+
+log = logging.getLogger(__name__)
+
+# The DNS name in every certificate of a cluster; clients verify servers against it.
+CLUSTER_NAME = "edge-cluster"
+TOKEN_HEADER = "authorization"
+BUNDLE_FILES = ("ca.crt", "node.crt", "node.key", "token")
+_TOKEN_RE = re.compile(r"[\x21-\x7e]{16,512}")  # printable ASCII, no spaces: a metadata value
+
+
+def default_certs_dir() -> Path:
+    """Where ``edge certs`` keeps the CA and bundles: ``$EDGE_CERTS`` or
+    ``~/.config/edge/certs``."""
+    return Path(os.environ.get("EDGE_CERTS") or Path.home() / ".config" / "edge" / "certs")
+
+
+def is_loopback(address: str) -> bool:
+    """True if ``host:port`` (or a ``unix:`` socket) names this machine only."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: str | Path) -> str:
+    """The token in ``path`` (surrounding whitespace ignored).
+
+    Raises:
+        SecurityError: unreadable, or not 16-512 printable ASCII characters without spaces.
+    """
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SecurityError(f"cannot read the cluster token from {path}: {e}") from None
+    if not _TOKEN_RE.fullmatch(token):
+        raise SecurityError(f"{path}: expected a token of 16-512 printable ASCII characters "
+                            f"without spaces, got {len(token)} characters that are not; "
+                            "`edge certs init` makes one")
+    return token
+
+
+def _read_pem(path: Path, kind: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SecurityError(f"cannot read {path}: {e}") from None
+    if f"-----BEGIN {kind}".encode() not in data:
+        raise SecurityError(f"{path}: expected a PEM {kind.lower()}, found none")
+    return data
+
+
+@dataclass(frozen=True)
+class Security:
+    """How one process's servers and channels are secured.
+
+    ``Security()`` is plaintext, allowed on loopback only (tests, ``edge demo``).
+
+    Attributes:
+        ca: the cluster CA certificate (PEM); with ``cert`` and ``key``, mutual TLS.
+        cert: this machine's certificate (PEM), used as server and as client.
+        key: its private key (PEM).
+        token: the cluster token: required from callers by servers, sent by channels.
+        insecure: allow plaintext on non-loopback addresses.
+        source: where it came from, for messages (the bundle folder).
+    """
+
+    ca: bytes | None = field(default=None, repr=False)
+    cert: bytes | None = field(default=None, repr=False)
+    key: bytes | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    insecure: bool = False
+    source: str = ""
+
+    def __post_init__(self):
+        given = [x is not None for x in (self.ca, self.cert, self.key)]
+        if any(given) and not all(given):
+            raise SecurityError("mutual TLS needs all of ca, cert and key")
+        if self.tls and self.insecure:
+            raise SecurityError("give a certificate bundle or insecure, not both")
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def insecure_loopback(cls) -> "Security":
+        """Plaintext on loopback only: what tests and ``edge demo`` use."""
+        return cls()
+
+    @classmethod
+    def plaintext(cls, token: str | None = None) -> "Security":
+        """Plaintext anywhere (``--insecure``), optionally still checking a token."""
+        return cls(token=token, insecure=True, source="--insecure")
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Security":
+        """Mutual TLS and the token from a bundle written by ``edge certs issue NAME``.
+
+        A bare ``NAME`` that is not a folder here means ``default_certs_dir() / NAME``,
+        so that on the machine holding the CA ``--certs coordinator`` works.
+
+        Raises:
+            SecurityError: the folder or one of its files is missing or malformed.
+        """
+        path = Path(path).expanduser()
+        if not path.is_dir() and len(path.parts) == 1 and (default_certs_dir() / path).is_dir():
+            path = default_certs_dir() / path
+        if not path.is_dir():
+            raise SecurityError(f"certificate bundle {path}: no such folder; make one with "
+                                f"`edge certs issue NAME` (it writes {default_certs_dir()}/NAME)")
+        if (path / "ca.key").exists() and not (path / "node.crt").exists():
+            raise SecurityError(f"{path} is the CA folder of `edge certs init`; pass a bundle "
+                                f"made by `edge certs issue NAME`, i.e. {path}/NAME")
+        missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
+        if missing:
+            raise SecurityError(f"certificate bundle {path}: expected {', '.join(BUNDLE_FILES)}"
+                                f", missing {', '.join(missing)}; re-issue it with "
+                                "`edge certs issue NAME --force`")
+        key_path = path / "node.key"
+        if key_path.stat().st_mode & 0o077:
+            log.warning("%s is readable by other users; chmod 600 it", key_path)
+        return cls(ca=_read_pem(path / "ca.crt", "CERTIFICATE"),
+                   cert=_read_pem(path / "node.crt", "CERTIFICATE"),
+                   key=_read_pem(key_path, "PRIVATE KEY"),  # "EC PRIVATE KEY" too
+                   token=read_token(path / "token"), source=str(path))
+
+    @classmethod
+    def from_options(cls, certs: str | None = None, insecure: bool = False,
+                     token_file: str | None = None) -> "Security":
+        """What the command line's ``--certs DIR``, ``--insecure`` and ``--token-file``
+        ask for."""
+        if certs and insecure:
+            raise SecurityError("--certs and --insecure contradict each other; give one")
+        if certs and token_file:
+            raise SecurityError("--token-file is for plaintext; with --certs the token comes "
+                                "from the bundle's `token` file")
+        if certs:
+            return cls.from_dir(certs)
+        token = read_token(token_file) if token_file else None
+        return cls.plaintext(token) if insecure else cls(token=token)
+
+    # ------------------------------------------------------------------ checks
+
+    @property
+    def tls(self) -> bool:
+        return self.ca is not None
+
+    def describe(self) -> str:
+        """One line for logs: what protects this process's connections."""
+        if self.tls:
+            return f"mutual TLS + cluster token (bundle {self.source})"
+        how = "plaintext" if self.insecure else "plaintext, loopback only"
+        return how + (", cluster token" if self.token else ", no token")
+
+    def require_safe(self, address: str, action: str) -> None:
+        """Refuse plaintext off loopback unless ``insecure``: the one place this is decided.
+
+        Args:
+            address: the ``host:port`` listened on or connected to.
+            action: ``listen on`` or ``connect to``, for the message.
+
+        Raises:
+            SecurityError: saying how to secure it or opt out.
+        """
+        if self.tls or self.insecure or is_loopback(address):
+            return
+        raise SecurityError(
+            f"refusing to {action} {address} in plaintext: it is not a loopback address, so "
+            "anyone on that network could read the tensors and drive the workers. Pass "
+            "--certs DIR (a bundle made by `edge certs issue NAME`), or --insecure to accept "
+            "that (in Python: Security.from_dir(DIR) or Security.plaintext())")
+
+    # ------------------------------------------------------------------ gRPC pieces
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """TLS for a server that requires a client certificate signed by the cluster CA."""
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
+                                           require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """TLS for a client: trust the cluster CA only, present this machine's certificate."""
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                            certificate_chain=self.cert)
+
+    def server_interceptors(self) -> list[grpc.ServerInterceptor]:
+        return [TokenCheck(self.token)] if self.token else []
+
+
+# ---------------------------------------------------------------------- the token
+
+
+class TokenCheck(grpc.ServerInterceptor):
+    """Aborts every call, of every service, without the cluster token: UNAUTHENTICATED.
+
+    The request is not deserialized before the check passes.
+    """
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        given = [v for k, v in handler_call_details.invocation_metadata or ()
+                 if k == TOKEN_HEADER]
+        if len(given) == 1:
+            value = given[0].encode() if isinstance(given[0], str) else given[0]
+            if hmac.compare_digest(value, self._expected):
+                return handler
+            reason = ("the cluster token sent does not match this server's; the caller's "
+                      "bundle or --token-file is from another cluster or an old token")
+        elif not given:
+            reason = (f"this server expects the cluster token (metadata '{TOKEN_HEADER}: "
+                      "Bearer ...') and none was sent; pass --certs DIR (a bundle of "
+                      "`edge certs issue`) or --token-file")
+        else:
+            reason = f"expected one '{TOKEN_HEADER}' metadata entry, got {len(given)}"
+        return _deny(handler, handler_call_details.method, reason)
+
+
+def _deny(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.RpcMethodHandler:
+    def abort(_request, context):
+        log.warning("refused %s from %s: %s", method, context.peer(), reason)
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+    # The same kind of handler as the real one, with no deserializer: a refused caller's
+    # bytes are never parsed.
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: tuple | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer TOKEN`` to every call of a channel.
+
+    An interceptor rather than call credentials: gRPC sends call credentials over TLS only,
+    and ``--insecure --token-file`` needs the token in plaintext too.
+    """
+
+    def __init__(self, token: str):
+        self._entry = (TOKEN_HEADER, f"Bearer {token}")
+
+    def _details(self, d) -> _CallDetails:
+        metadata = tuple(d.metadata or ()) + (self._entry,)
+        return _CallDetails(d.method, d.timeout, metadata, d.credentials,
+                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Callable, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Callable, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Callable, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+def token_interceptor(token: str) -> grpc.UnaryUnaryClientInterceptor:
+    """A client interceptor that sends ``token`` on every call (``grpc.intercept_channel``)."""
+    return _BearerToken(token)
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--certs``, ``--insecure`` and ``--token-file``, the same for every command that
+    listens or connects."""
+    g = parser.add_argument_group("security")
+    g.add_argument("--certs", metavar="DIR",
+                   help="this machine's bundle from `edge certs issue NAME` (ca.crt, node.crt, "
+                        "node.key, token): mutual TLS and the cluster token; a bare NAME means "
+                        "$EDGE_CERTS/NAME (default ~/.config/edge/certs/NAME)")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow plaintext on a non-loopback address (anyone on the network "
+                        "can read and send tensors); loopback is plaintext without it")
+    g.add_argument("--token-file", metavar="FILE",
+                   help="without --certs: a cluster token to require (servers) or send "
+                        "(clients)")
+
+
+def from_arguments(args: argparse.Namespace) -> Security:
+    """The :class:`Security` that :func:`add_arguments`' options ask for."""
+    return Security.from_options(args.certs, args.insecure, args.token_file)
