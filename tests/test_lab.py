@@ -353,6 +353,50 @@ class TestLab:
                 np.testing.assert_allclose(got[k], want[k], atol=TOL, rtol=0, err_msg=k)
             assert [t.stage for t in r.timings] == [0, 1, 2]
 
+    def test_a_device_whose_cable_is_pulled_is_failed_over_and_rejoins(self, lab, bert_small,
+                                                                       tmp_path):
+        """The link goes down (no reset, no error: packets vanish) mid-run; every request
+        still gets the unsharded answer, and the device rejoins when the link is back."""
+        from edge.coordinator.pipeline import Pipeline
+        from edge.export import example_inputs
+        from edge.planning import make_plan
+        from edge.transport.codec import decode_tensors
+
+        devices = [d for d in lab.cluster().devices
+                   if d.name in ("rpi4b-2gb-1", "rpi4b-2gb-2", "rpi-zero-2w-1")]
+        plan = make_plan(bert_small, devices, tmp_path, bindings={"batch": 1, "sequence": 16})
+        cases = [example_inputs("bert", "small", batch=1, seq=s, seed=i)
+                 for i, s in enumerate((16, 9, 24))]
+        want = [reference(bert_small, x) for x in cases]
+        with Pipeline(plan, tmp_path, security=lab.security()) as pipeline:
+            pipeline.start()
+
+            def one(i: int):
+                if i == 10:
+                    lab.set_link("rpi4b-2gb-2", up=False)
+                return i, pipeline.infer(cases[i % 3])
+
+            try:
+                with ThreadPoolExecutor(3) as pool:
+                    results = list(pool.map(one, range(40)))
+            finally:
+                lab.set_link("rpi4b-2gb-2", up=True)
+            for i, r in results:
+                got = decode_tensors(r.outputs)
+                for k in want[i % 3]:
+                    np.testing.assert_allclose(got[k], want[i % 3][k], atol=TOL, rtol=0)
+            lost = pipeline.recoveries[0]
+            assert lost.lost == ("rpi4b-2gb-2",) and lost.how == "re-planned", lost
+            assert lost.noticed_s < 10, lost.describe()
+            end = time.monotonic() + 60
+            while len(pipeline.recoveries) < 2 and time.monotonic() < end:
+                time.sleep(0.2)
+            back = pipeline.recoveries[-1]
+            assert back.joined == ("rpi4b-2gb-2",) and back.how == "original", back
+            assert back.uploaded_bytes == 0
+            r = pipeline.infer(cases[0])
+            assert [t.stage for t in r.timings] == [0, 1, 2]
+
     def test_memory_cap_kills_a_process_that_allocates_past_it(self, lab):
         alloc = lab.device("alloc")
         r = subprocess.run(lab.command("alloc", [sys.executable, "-c",

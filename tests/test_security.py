@@ -9,7 +9,6 @@ test_external_data_files_travel_and_are_checked): DATA_LOSS, nothing loaded.
 from __future__ import annotations
 
 import ast
-import os
 import stat
 import subprocess
 import sys
