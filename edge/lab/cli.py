@@ -47,6 +47,13 @@ def add_parser(sub) -> None:
     state_dir_arg(q)
     q.set_defaults(func=cmd_lab_status)
 
+    q = lab_sub.add_parser("link", help="pull a device's cable (down) or plug it back (up), "
+                                        "to watch the coordinator fail over")
+    q.add_argument("device", help="the device's name (see `edge lab status`)")
+    q.add_argument("state", choices=["down", "up"])
+    state_dir_arg(q)
+    q.set_defaults(func=cmd_lab_link)
+
     q = lab_sub.add_parser("down", help="stop the workers and remove every namespace, veth, "
                                         "qdisc and cgroup of the lab (also after a crash)")
     state_dir_arg(q)
@@ -154,4 +161,16 @@ def cmd_lab_down(args: argparse.Namespace) -> int:
     print(f"edge lab: stopped {len(r.processes)} process(es); removed "
           f"{len(r.namespaces)} namespace(s), {len(r.links)} host link(s) and "
           f"{len(r.cgroups)} cgroup(s)")
+    return 0
+
+
+def cmd_lab_link(args: argparse.Namespace) -> int:
+    from edge.lab.lab import Lab
+    from edge.lab.system import require_root
+
+    require_root("edge lab link")
+    lab = Lab.load(_dir(args))
+    dev = lab.device(args.device)
+    lab.set_link(dev.name, up=args.state == "up")
+    print(f"edge lab: {dev.name} ({dev.address}) link {args.state}")
     return 0
