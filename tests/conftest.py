@@ -34,3 +34,13 @@ def bert_small(models_dir) -> Path:
     from edge.export import export_model
 
     return export_model("bert", size="small", seed=0, out=models_dir / "bert-small.onnx")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Per-RPC case counts of tests/test_fuzz.py, when it ran."""
+    counts = getattr(config, "_edge_fuzz_counts", None)
+    if counts:
+        terminalreporter.section("fuzz cases per RPC")
+        for rpc, n in sorted(counts.items()):
+            terminalreporter.write_line(f"{rpc:32s} {n:6d}")
+        terminalreporter.write_line(f"{'total':32s} {sum(counts.values()):6d}")

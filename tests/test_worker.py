@@ -21,7 +21,7 @@ from edge.planning.plan import TensorSpec
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import create_channel
-from edge.transport.codec import decode_tensors, encode_spec, encode_tensors
+from edge.transport.codec import PROTOCOL_VERSION, decode_tensors, encode_spec, encode_tensors
 from edge.worker.launch import spawn_worker
 
 W = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
@@ -58,6 +58,7 @@ def chunks(sha: str, data: bytes, size: int | None = None, step: int = 100):
 
 def config(sha: str, epoch: int = 1) -> pb.StageConfig:
     return pb.StageConfig(stage=0, num_stages=1, shard_sha256=sha, epoch=epoch,
+                          protocol=PROTOCOL_VERSION,
                           inputs=[encode_spec(s) for s in INPUTS],
                           outputs=[encode_spec(s) for s in OUTPUTS])
 

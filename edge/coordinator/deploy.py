@@ -16,7 +16,7 @@ from edge.planning.plan import Plan, Stage
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import Deadlines, Security, create_channel
-from edge.transport.codec import encode_spec
+from edge.transport.codec import PROTOCOL_VERSION, encode_spec
 
 __all__ = ["DeployError", "Link", "WorkerHandle", "connect", "wait_healthy", "upload_shard",
            "deploy", "CHUNK_BYTES"]
@@ -167,7 +167,7 @@ def configure(w: WorkerHandle, plan: Plan, epoch: int, deadlines: Deadlines) -> 
         predicted_memory_mb=stage.predicted.memory_mb,
         data_files=[pb.ShardFileRef(name=f.name, sha256=f.sha256, random_access=f.random_access)
                     for f in stage.data_files],
-        mode=stage.mode,
+        mode=stage.mode, protocol=PROTOCOL_VERSION,
     )
     try:
         return w.stub.Configure(config, timeout=deadlines.load)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,6 +14,7 @@ from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import create_server, wait_for_signal
 from edge.transport.codec import decode_tensors
+from edge.transport.services import add_service
 
 __all__ = ["CoordinatorServicer", "start_coordinator", "serve"]
 
@@ -40,6 +42,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return self.pipeline.status()
 
     def GetClusterProfile(self, request: pb.ProfileRequest, context) -> pb.ClusterProfile:
+        if not (math.isfinite(request.since) and request.since >= 0):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"since: expected a unix time in seconds >= 0 (0: all samples), "
+                          f"got {request.since}")
         return self.pipeline.profile(request.since)
 
 
@@ -52,7 +58,7 @@ def start_coordinator(pipeline: Pipeline, listen: str) -> tuple[grpc.Server, int
     threads = pipeline.max_in_flight + 8
     server, port = create_server(listen, max_workers=threads, max_concurrent_rpcs=threads,
                                  security=pipeline.security)
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(pipeline), server)
+    add_service(server, CoordinatorServicer(pipeline), pb, "Coordinator")
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.start()

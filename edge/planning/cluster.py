@@ -130,7 +130,13 @@ def _read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context, since = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and since:
+            context += f" (from line {since.line + 1}, column {since.column + 1})"
+        what = " ".join(x for x in (context, getattr(e, "problem", None)) if x) or str(e)
+        raise ConfigError(f"{path}: not valid YAML{at}: {what}") from None
 
 
 def _type_name(v: Any) -> str:

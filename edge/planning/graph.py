@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import helper, shape_inference
 
 from edge.errors import GraphError
@@ -214,21 +215,30 @@ def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         model: a path or an already loaded ModelProto.
     """
     if isinstance(model, onnx.ModelProto):
-        m = model
+        m, where = model, "model"
     else:
         path = Path(model)
+        where = str(path)
         if not path.is_file():
             raise GraphError(f"{path}: no such ONNX file")
         try:
             m = onnx.load(str(path), load_external_data=True)
+        except DecodeError as e:
+            raise GraphError(f"{path}: not an ONNX model: expected a serialized "
+                             f"onnx.ModelProto, got bytes that do not parse (a truncated "
+                             f"file, or another kind of file?): {e}") from None
         except Exception as e:  # protobuf and onnx raise many kinds
             raise GraphError(f"{path}: cannot load ONNX model ({e})") from None
+        if not m.graph.node and not m.opset_import:
+            raise GraphError(f"{path}: not an ONNX model: expected a graph and opset_import, "
+                             f"the file has neither ({path.stat().st_size} bytes)")
     opset = _default_opset(m)
     if opset is None:
-        raise GraphError("model imports no default ('ai.onnx') opset")
+        raise GraphError(f"{where}: opset_import: expected the default ('ai.onnx') opset, "
+                         "the model imports none")
     if opset < MIN_OPSET:
         raise GraphError(
-            f"model opset: expected >= {MIN_OPSET}, got {opset} "
+            f"{where}: model opset: expected >= {MIN_OPSET}, got {opset} "
             f"(re-export with opset_version={MIN_OPSET} or newer)")
     return m
 

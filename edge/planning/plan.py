@@ -308,8 +308,131 @@ def load_plan(path: str | Path) -> Plan:
             f"{path}: field 'version': expected {PLAN_VERSION}, got {version!r} "
             "(re-run `edge plan` with this version of edge)")
     try:
-        return Plan.from_dict(raw)
-    except KeyError as e:
-        raise ConfigError(f"{path}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: malformed field ({e})") from None
+        _check(raw, _PLAN, "")
+    except _FieldError as e:
+        raise ConfigError(f"{path}: field {e.field!r}: {e}") from None
+    return Plan.from_dict(raw)
+
+
+# --- what plan.json must hold -----------------------------------------------------------
+# A schema per object: field -> (kind, required). Kinds are names below or nested schemas;
+# ("list", kind) is a list of that kind.
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _got(v: Any) -> str:
+    if v is None:
+        return "null"
+    r = json.dumps(v) if isinstance(v, (str, int, float, bool, list, dict)) else repr(v)
+    return f"{type(v).__name__} {r if len(r) <= 60 else r[:57] + '...'}"
+
+
+def _is_number(v: Any) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_relpath(v: Any) -> bool:
+    return (isinstance(v, str) and bool(v) and "\0" not in v and not v.startswith("/")
+            and ".." not in v.replace("\\", "/").split("/"))
+
+
+_SCALARS: dict[str, tuple[str, Any]] = {
+    "str": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
+    "text": ("a string", lambda v: isinstance(v, str)),
+    "int": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "count": ("an integer > 0", lambda v: _is_int(v) and v > 0),
+    "number": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+    "positive": ("a number > 0", lambda v: _is_number(v) and v > 0),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "sha256": ("a sha256 as 64 lowercase hex digits",
+               lambda v: isinstance(v, str) and len(v) == 64
+               and all(c in "0123456789abcdef" for c in v)),
+    "relpath": ("a path inside the plan's folder (relative, no '..')", _is_relpath),
+    "dim": ("a size >= 0, a symbol or null",
+            lambda v: v is None or (isinstance(v, str) and bool(v)) or (_is_int(v) and v >= 0)),
+    "mode": (f"one of {', '.join(MODES)}", lambda v: v in MODES),
+    "range": ("[start, end] with 0 <= start <= end",
+              lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)
+              and 0 <= v[0] <= v[1]),
+}
+
+_TENSOR = {"name": ("str", True), "dtype": ("str", True), "shape": (("list", "dim"), True)}
+_DEVICE = {"name": ("str", True), "address": ("str", True), "profile": ("str", True),
+           "memory_mb": ("positive", True), "gflops": ("positive", True),
+           "bandwidth_mbps": ("positive", True), "runtime_floor_mb": ("number", False),
+           "standby": ("bool", False)}
+_PREDICTION = {k: ("number", True) for k in (
+    "weights_mb", "activations_mb", "runtime_floor_mb", "memory_mb", "gflops", "compute_ms",
+    "transfer_ms", "time_ms")}
+_SHARD_FILE = {"path": ("relpath", True), "sha256": ("sha256", True), "size": ("int", True),
+               "random_access": ("bool", False)}
+_STAGE = {"index": ("int", True), "device": (_DEVICE, True), "node_range": ("range", True),
+          "inputs": (("list", _TENSOR), True), "outputs": (("list", _TENSOR), True),
+          "shard": ("relpath", True), "sha256": ("sha256", True), "shard_bytes": ("count", True),
+          "predicted": (_PREDICTION, True), "data_files": (("list", _SHARD_FILE), False),
+          "mode": ("mode", False)}
+_MODEL = {"name": ("text", True), "sha256": ("text", True), "num_nodes": ("int", True),
+          "inputs": (("list", _TENSOR), True), "outputs": (("list", _TENSOR), True),
+          "bindings": ("bindings", False)}
+_PLAN = {"version": ("int", True), "model": (_MODEL, True),
+         "stages": (("list", _STAGE), True), "standby": (("list", _DEVICE), False),
+         "bottleneck_ms": ("number", False), "latency_ms": ("number", False)}
+
+
+def _describe(kind: Any) -> str:
+    if isinstance(kind, dict):
+        return "an object"
+    if isinstance(kind, tuple):
+        return "a list"
+    return "an object of sizes" if kind == "bindings" else _SCALARS[kind][0]
+
+
+def _check(v: Any, kind: Any, where: str) -> None:
+    """Raise _FieldError naming the first field of ``v`` that is not of ``kind``."""
+    if isinstance(kind, dict):
+        if not isinstance(v, dict):
+            raise _FieldError(where, f"expected an object, got {_got(v)}")
+        unknown = sorted(str(k) for k in v if k not in kind)
+        if unknown:
+            raise _FieldError(f"{where}.{unknown[0]}".lstrip("."),
+                              f"unknown field; expected some of {', '.join(kind)}")
+        for key, (sub, required) in kind.items():
+            field = f"{where}.{key}".lstrip(".")
+            if key not in v:
+                if required:
+                    raise _FieldError(field, f"missing; expected {_describe(sub)}")
+                continue
+            _check(v[key], sub, field)
+    elif isinstance(kind, tuple):  # ("list", item)
+        if not isinstance(v, list):
+            raise _FieldError(where, f"expected a list, got {_got(v)}")
+        for i, item in enumerate(v):
+            _check(item, kind[1], f"{where}[{i}]")
+        if where == "stages":
+            if not v:
+                raise _FieldError(where, "expected at least one stage, got none")
+            for i, stage in enumerate(v):
+                if stage["index"] != i:
+                    raise _FieldError(f"stages[{i}].index",
+                                      f"expected {i} (stages in order), got {stage['index']}")
+    elif kind == "bindings":
+        if not isinstance(v, dict):
+            raise _FieldError(where, f"expected an object of sizes, got {_got(v)}")
+        for k, size in v.items():
+            if not (_is_int(size) and size > 0):
+                raise _FieldError(f"{where}.{k}", f"expected an integer > 0, got {_got(size)}")
+    else:
+        what, ok = _SCALARS[kind]
+        if not ok(v):
+            raise _FieldError(where, f"expected {what}, got {_got(v)}")

@@ -14,6 +14,7 @@ from edge.planning.plan import Dim, TensorSpec
 from edge.proto import edge_pb2 as pb
 
 __all__ = [
+    "PROTOCOL_VERSION",
     "SUPPORTED_DTYPES",
     "encode_tensor",
     "decode_tensor",
@@ -22,8 +23,14 @@ __all__ = [
     "encode_activation",
     "encode_spec",
     "decode_spec",
+    "decode_specs",
     "check_tensors",
 ]
+
+# The wire protocol's version, sent in every StageConfig. Bump it whenever a message's
+# meaning changes so that a worker refuses a coordinator of another version instead of
+# misreading it.
+PROTOCOL_VERSION = 1
 
 # dtype names that may travel. Object and string arrays never do: nothing is unpickled.
 SUPPORTED_DTYPES = frozenset({
@@ -66,13 +73,17 @@ def decode_tensor(t: pb.Tensor) -> np.ndarray:
                           f"expected one of {', '.join(sorted(SUPPORTED_DTYPES))}")
     shape = tuple(t.shape)
     if any(d < 0 for d in shape):
-        raise TensorError(f"tensor {t.name!r}: negative dimension in shape {list(shape)}")
-    count = 1
+        raise TensorError(f"tensor {t.name!r}: negative dimension in shape {list(shape)}; "
+                          "expected sizes >= 0")
+    count = bound = 1
     for d in shape:
         count *= d
-        if count > _MAX_ELEMENTS:
+        # Also without the zeros: numpy refuses a shape like [0, 2**62] outright.
+        bound *= max(d, 1)
+        if bound > _MAX_ELEMENTS:
             raise TensorError(f"tensor {t.name!r}: shape {list(shape)} has more than "
-                              f"{_MAX_ELEMENTS} elements")
+                              f"{_MAX_ELEMENTS} elements (or would without its zeros); "
+                              "expected a smaller tensor")
     dtype = _np_dtype(t.dtype)
     expected = count * dtype.itemsize
     if len(t.data) != expected:
@@ -155,7 +166,7 @@ def decode_tensors(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for t in tensors:
         if t.name in out:
-            raise TensorError(f"tensor {t.name!r} sent twice")
+            raise TensorError(f"tensor {t.name!r} sent twice; expected each tensor once")
         out[t.name] = decode_tensor(t)
     return out
 
@@ -184,11 +195,44 @@ def encode_spec(spec: TensorSpec) -> pb.TensorSpec:
 
 
 def decode_spec(msg: pb.TensorSpec) -> TensorSpec:
+    """Wire spec to a TensorSpec.
+
+    Raises:
+        TensorError: no name, a dtype that cannot travel, or a negative dimension.
+    """
+    if not msg.name:
+        raise TensorError(f"tensor spec without a name; expected a name, dtype and shape "
+                          f"(got dtype {msg.dtype!r})")
+    if msg.dtype not in SUPPORTED_DTYPES:
+        raise TensorError(f"tensor spec {msg.name!r}: unknown dtype {msg.dtype!r}; "
+                          f"expected one of {', '.join(sorted(SUPPORTED_DTYPES))}")
     shape: list[Dim] = []
     for d in msg.shape:
         kind = d.WhichOneof("value")
+        if kind == "size" and d.size < 0:
+            raise TensorError(f"tensor spec {msg.name!r}: negative dimension {d.size}; "
+                              "expected a size >= 0, a symbol or nothing (unknown)")
         shape.append(d.size if kind == "size" else d.symbol if kind == "symbol" else None)
     return TensorSpec(name=msg.name, dtype=msg.dtype, shape=tuple(shape))
+
+
+def decode_specs(msgs: Iterable[pb.TensorSpec], what: str) -> tuple[TensorSpec, ...]:
+    """Wire specs to TensorSpecs, each name once.
+
+    Args:
+        msgs: the specs.
+        what: what they are, for the message ("inputs").
+
+    Raises:
+        TensorError: as :func:`decode_spec`, or a name given twice.
+    """
+    specs = tuple(decode_spec(m) for m in msgs)
+    seen: set[str] = set()
+    for s in specs:
+        if s.name in seen:
+            raise TensorError(f"{what}: tensor {s.name!r} listed twice; expected each name once")
+        seen.add(s.name)
+    return specs
 
 
 def check_tensors(arrays: Mapping[str, np.ndarray], specs: Sequence[TensorSpec],

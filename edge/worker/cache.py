@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import errno
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -28,7 +30,8 @@ _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
 
 class UploadError(Exception):
     """A cache operation was refused. ``kind`` is 'invalid' (bad request), 'corrupt' (data
-    that does not match its digest or size) or 'missing' (not uploaded yet)."""
+    that does not match its digest or size), 'missing' (not uploaded yet) or 'exhausted'
+    (larger than this cache takes, or the disk is full)."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -106,24 +109,38 @@ class ShardCache:
 
         Raises:
             UploadError: with kind 'invalid' for a bad header, 'corrupt' for data that does
-                not match it (truncated, too long, other digest).
+                not match it (truncated, too long, other digest), 'exhausted' for a size
+                larger than the cache takes or the disk has room for.
         """
         final = self.path(sha256)
-        if size <= 0 or size > self.max_shard_bytes:
+        if size <= 0:
             raise UploadError("invalid", f"shard size must be 1..{self.max_shard_bytes} "
                                          f"bytes, got {size}")
+        if size > self.max_shard_bytes:
+            raise UploadError("exhausted", f"shard of {size} bytes is larger than this worker "
+                                           f"takes; expected at most {self.max_shard_bytes}")
+        free = shutil.disk_usage(self.root).free
+        if size > free:
+            raise UploadError("exhausted", f"shard of {size} bytes does not fit: the cache's "
+                                           f"disk has {free} bytes free")
         h = hashlib.sha256()
         got = 0
         fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=self.root)
         try:
-            with os.fdopen(fd, "wb") as f:
-                for block in chunks:
-                    got += len(block)
-                    if got > size:
-                        raise UploadError("corrupt", f"upload longer than announced: "
-                                                     f"expected {size} bytes, got more")
-                    h.update(block)
-                    f.write(block)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    for block in chunks:
+                        got += len(block)
+                        if got > size:
+                            raise UploadError("corrupt", f"upload longer than announced: "
+                                                         f"expected {size} bytes, got more")
+                        h.update(block)
+                        f.write(block)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise UploadError("exhausted", f"disk full after {got} of {size} "
+                                                   f"bytes: {e}") from None
+                raise
             if got != size:
                 raise UploadError("corrupt", f"upload truncated: expected {size} bytes, "
                                              f"got {got}")
@@ -162,6 +179,9 @@ class ShardCache:
             if not _FILE_NAME.match(name) or name == "model.onnx":
                 raise UploadError("invalid", f"data file name must be a plain file name, "
                                              f"got {name!r}")
+            if name in wanted:
+                raise UploadError("invalid", f"data file {name!r} listed twice; expected "
+                                             "each name once")
             wanted[name] = self.path(sha)
         missing = [f"{name} ({source.name[:12]})" for name, source in wanted.items()
                    if not source.is_file()]

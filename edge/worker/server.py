@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,16 +36,27 @@ from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import (Deadlines, Security, create_channel, create_server,
                                      serialized_unary, wait_for_signal)
-from edge.transport.codec import decode_spec, decode_tensors, encode_activation
+from edge.transport.codec import (PROTOCOL_VERSION, decode_specs, decode_tensors,
+                                  encode_activation)
+from edge.transport.services import add_service
 from edge.worker.cache import ShardCache, UploadError, default_cache_dir, file_sha256
 from edge.worker.stage import ShardMismatch, StageRunner, StageSpec, describe_ort_error
 
-__all__ = ["WorkerConfig", "WorkerServicer", "serve", "start_worker"]
+__all__ = ["WorkerConfig", "WorkerServicer", "serve", "start_worker", "MAX_SUBSCRIBERS",
+           "MAX_CALIBRATE_SECONDS"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "edge.v1.Worker"
 _FORWARD = pb.DESCRIPTOR.services_by_name["Worker"].methods_by_name["Forward"]
+
+# Each Subscribe stream holds one of the server's handler threads for as long as it is
+# open: past this many, more are refused so that the other calls still find a thread.
+MAX_SUBSCRIBERS = 8
+MAX_CALIBRATE_SECONDS = 60.0
+MAX_REQUEST_ID = 256  # characters
+# What a receiving worker accepts as its next hop's address.
+_ADDRESS_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)$")
 
 
 @dataclass(frozen=True)
@@ -112,9 +125,13 @@ class _EventBus:
             for q in self._subscribers:
                 q.put(event)
 
-    def subscribe(self) -> queue.Queue:
+    def subscribe(self, limit: int | None = None) -> queue.Queue | None:
+        """A queue of events from now on (and the backlog, for the first subscriber);
+        None if ``limit`` subscribers are listening already."""
         q: queue.Queue = queue.Queue()
         with self._lock:
+            if limit is not None and len(self._subscribers) >= limit:
+                return None
             while self._backlog:
                 q.put(self._backlog.popleft())
             self._subscribers.append(q)
@@ -178,16 +195,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
         def data() -> Iterator[bytes]:
             for chunk in request_iterator:
-                if chunk.WhichOneof("part") != "data":
-                    raise UploadError("invalid", "expected data chunks after the header, "
-                                                 "got a second header")
+                part = chunk.WhichOneof("part")
+                if part != "data":
+                    raise UploadError("invalid", "expected data chunks after the header, got "
+                                      + ("a second header" if part else
+                                         "a chunk with neither header nor data"))
                 yield chunk.data
 
         try:
             self.cache.receive(header.sha256, header.size, data())
         except UploadError as e:
-            code = (grpc.StatusCode.DATA_LOSS if e.kind == "corrupt"
-                    else grpc.StatusCode.INVALID_ARGUMENT)
+            code = _UPLOAD_CODES[e.kind]
             log.warning("refused upload of %s: %s", header.name or header.sha256[:12], e)
             context.abort(code, str(e))
         finally:
@@ -198,19 +216,29 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return pb.UploadReply(sha256=header.sha256, size=header.size)
 
     def Configure(self, request: pb.StageConfig, context) -> pb.ConfigureReply:
+        if request.protocol != PROTOCOL_VERSION:
+            said = (f"protocol {request.protocol}" if request.protocol
+                    else "no protocol (an edge from before protocol versions)")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"the coordinator's StageConfig states {said}; this worker (edge "
+                          f"{edge.__version__}) speaks protocol {PROTOCOL_VERSION}: run the "
+                          "same edge version on the coordinator and its workers")
+        problem = _config_problem(request)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            inputs = decode_specs(request.inputs, "inputs")
+            outputs = decode_specs(request.outputs, "outputs")
+        except TensorError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"StageConfig: {e}")
         spec = StageSpec(
             stage=request.stage, num_stages=request.num_stages,
-            shard_sha256=request.shard_sha256,
-            inputs=tuple(decode_spec(s) for s in request.inputs),
-            outputs=tuple(decode_spec(s) for s in request.outputs),
+            shard_sha256=request.shard_sha256, inputs=inputs, outputs=outputs,
             next_address=request.next_address, epoch=request.epoch,
             plan_id=request.plan_id, predicted_memory_mb=request.predicted_memory_mb,
             data_files=tuple((f.name, f.sha256, f.random_access) for f in request.data_files),
             mode=request.mode or "fp32",
         )
-        if spec.mode not in MODES:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"unknown mode {spec.mode!r}; expected one of {', '.join(MODES)}")
         budget = self.config.memory_budget_mb
         if budget and spec.predicted_memory_mb > budget:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -221,9 +249,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             path = self.cache.stage_dir(spec.shard_sha256,
                                         [(name, sha) for name, sha, _ in spec.data_files])
         except UploadError as e:
-            code = (grpc.StatusCode.FAILED_PRECONDITION if e.kind == "missing"
-                    else grpc.StatusCode.INVALID_ARGUMENT)
-            context.abort(code, str(e))
+            context.abort(_UPLOAD_CODES[e.kind], str(e))
         # The cache could have been tampered with on disk since the upload: a shard is only
         # loaded if its bytes still match the plan's digests.
         for name, sha in [(path.name, spec.shard_sha256)] + [
@@ -275,6 +301,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if runner is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "this worker has no stage yet: the coordinator must configure it")
+        if not 0 < len(request.request_id) <= MAX_REQUEST_ID:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"expected a request id of 1-{MAX_REQUEST_ID} characters, got "
+                          f"{len(request.request_id)}")
         if request.epoch != runner.spec.epoch:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"request {request.request_id} belongs to pipeline epoch "
@@ -298,7 +328,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return pb.Ack()
 
     def Subscribe(self, request: pb.SubscribeRequest, context) -> Iterator[pb.Event]:
-        q = self._events.subscribe()
+        q = self._events.subscribe(limit=MAX_SUBSCRIBERS)
+        if q is None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{MAX_SUBSCRIBERS} subscribers are listening already; expected one "
+                          "per coordinator: close a stale one and retry")
         try:
             while context.is_active() and not self._stopping.is_set():
                 try:
@@ -309,12 +343,21 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self._events.unsubscribe(q)
 
     def GetProfile(self, request: pb.ProfileRequest, context) -> pb.WorkerProfile:
+        if not (math.isfinite(request.since) and request.since >= 0):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"since: expected a unix time in seconds >= 0 (0: all samples), "
+                          f"got {request.since}")
         samples = [pb.MemorySample(**vars(s)) for s in self.sampler.since(request.since)]
         return pb.WorkerProfile(samples=samples, interval_s=self.sampler.interval_s,
                                 memory_budget_mb=self.config.memory_budget_mb,
                                 rss_at_load_bytes=self._loaded[0], load_ms=self._loaded[1])
 
     def Calibrate(self, request: pb.CalibrateRequest, context) -> pb.CalibrateReply:
+        seconds = request.seconds
+        if not (math.isfinite(seconds) and 0 <= seconds <= MAX_CALIBRATE_SECONDS):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"seconds: expected 0-{MAX_CALIBRATE_SECONDS:g} (0: no benchmark), "
+                          f"got {seconds}")
         reply = pb.CalibrateReply(startup_rss_bytes=self.startup_rss,
                                   threads=self.config.threads or 0,
                                   facts=pb.DeviceFacts(**device_facts()))
@@ -324,8 +367,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                               "this worker is serving requests; calibrate an idle worker")
             from edge.profiling.calibrate import measure_gflops
 
-            reply.gflops, reply.runs = measure_gflops(min(request.seconds, 60.0),
-                                                      self.config.threads)
+            reply.gflops, reply.runs = measure_gflops(seconds, self.config.threads)
         return reply
 
     def GetStatus(self, request: pb.StatusRequest, context) -> pb.WorkerStatus:
@@ -384,8 +426,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 job.outputs = job.runner.run(job.arrays)
             except Exception as e:
                 kind, msg = describe_ort_error(e)
-                code = (grpc.StatusCode.INVALID_ARGUMENT if kind == "invalid"
-                        else grpc.StatusCode.INTERNAL)
+                code = {"invalid": grpc.StatusCode.INVALID_ARGUMENT,
+                        "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        }.get(kind, grpc.StatusCode.INTERNAL)
                 self._fail(job, code, f"{job.runner.spec.where} could not run request "
                                       f"{job.request_id}: {msg}")
                 continue
@@ -463,6 +506,34 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self._next_channel.close()
 
 
+_UPLOAD_CODES = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "corrupt": grpc.StatusCode.DATA_LOSS,
+    "missing": grpc.StatusCode.FAILED_PRECONDITION,
+    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def _config_problem(c: pb.StageConfig) -> str | None:
+    """What is wrong with a StageConfig's plain fields, or None."""
+    if c.num_stages < 1 or c.stage >= c.num_stages:
+        return (f"StageConfig: stage {c.stage} of {c.num_stages}; expected a stage index "
+                "below num_stages (>= 1)")
+    mode = c.mode or "fp32"
+    if mode not in MODES:
+        return f"StageConfig: unknown mode {mode!r}; expected one of {', '.join(MODES)}"
+    if not (math.isfinite(c.predicted_memory_mb) and c.predicted_memory_mb >= 0):
+        return (f"StageConfig: predicted_memory_mb: expected MiB >= 0, got "
+                f"{c.predicted_memory_mb}")
+    if c.next_address:
+        host, sep, port = c.next_address.rpartition(":")
+        if (not sep or not _ADDRESS_HOST.match(host) or not port.isdigit()
+                or not 0 < int(port) < 65536):
+            return (f"StageConfig: next_address: expected host:port (port 1-65535) or "
+                    f"nothing (the last stage), got {c.next_address!r}")
+    return None
+
+
 def start_worker(config: WorkerConfig) -> tuple[grpc.Server, int, WorkerServicer,
                                                 health.HealthServicer]:
     """Build and start a worker server.
@@ -476,7 +547,7 @@ def start_worker(config: WorkerConfig) -> tuple[grpc.Server, int, WorkerServicer
                                  max_concurrent_rpcs=config.max_queue + 64,
                                  security=config.security)
     servicer = WorkerServicer(config)
-    pb_grpc.add_WorkerServicer_to_server(servicer, server)
+    add_service(server, servicer, pb, "Worker")
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.start()

@@ -93,6 +93,16 @@ class StageRunner:
         if not sent <= produced:
             raise ShardMismatch(f"{spec.where} must send {sorted(sent - produced)} which "
                                 f"neither its shard produces nor it receives")
+        # A dtype the shard does not have would make every request fail in onnxruntime.
+        specs = {s.name: s for s in spec.inputs} | {s.name: s for s in spec.outputs}
+        for what, args in (("takes", self.session.get_inputs()),
+                           ("produces", self.session.get_outputs())):
+            for a in args:
+                dtype = _ort_dtype(a.type)
+                if a.name in specs and dtype and specs[a.name].dtype != dtype:
+                    raise ShardMismatch(f"{spec.where}: the config gives {a.name} dtype "
+                                        f"{specs[a.name].dtype}; expected {dtype}, as the "
+                                        f"shard {what} it")
 
     def rewired(self, spec: StageSpec) -> "StageRunner | None":
         """This runner's session under ``spec`` (another epoch, position or next hop), if
@@ -131,6 +141,14 @@ class StageRunner:
         out = dict(zip(self._fetches, produced))
         return {s.name: out[s.name] if s.name in out else arrays[s.name]
                 for s in self.spec.outputs}
+
+
+def _ort_dtype(ort_type: str) -> str | None:
+    """numpy's name for an onnxruntime type string ('tensor(float)' -> 'float32')."""
+    if not ort_type.startswith("tensor(") or not ort_type.endswith(")"):
+        return None
+    name = ort_type[len("tensor("):-1]
+    return {"float": "float32", "double": "float64"}.get(name, name)
 
 
 _MADV_RANDOM = 1
@@ -198,9 +216,19 @@ def drop_pages(ranges: list[tuple[int, int]]) -> None:
 
 
 def describe_ort_error(e: Exception) -> tuple[str, str]:
-    """Classify an onnxruntime failure as ('invalid', msg) for bad input or ('internal', msg)."""
+    """Classify a failure of onnxruntime on a request.
+
+    Returns:
+        ('invalid', msg) when the request's contents are to blame: onnxruntime refused it
+        (the stage loaded and its contract was checked, so a value such as a token id out
+        of the vocabulary or a bad shape tensor made a node fail); ('exhausted', msg) when
+        memory ran out; ('internal', msg) for anything else (a bug in edge).
+    """
     name = type(e).__name__
     msg = str(e).strip().splitlines()[0] if str(e).strip() else name
-    if name in ("InvalidArgument", "InvalidGraph") or isinstance(e, TensorError):
+    text = str(e).lower()
+    if isinstance(e, MemoryError) or "bad_alloc" in text or "failed to allocate" in text:
+        return "exhausted", msg
+    if isinstance(e, TensorError) or type(e).__module__.startswith("onnxruntime"):
         return "invalid", msg
     return "internal", msg
