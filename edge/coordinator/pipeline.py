@@ -141,8 +141,10 @@ class Pipeline:
         health_interval: seconds between health checks of every device.
         misses: health checks in a row a device may miss before it counts as lost (a
             device whose event stream broke counts as lost at its first miss).
-        max_losses: device losses a request may be in flight through before it fails
-            (a request that kills every worker it meets must not loop forever).
+        max_losses: device losses a request may be in flight through and still be sent
+            again; at the next one it fails. A request that kills the worker it reaches
+            (say, an input so large the kernel kills the worker for memory) must not
+            take down the devices it is resent to, one after another.
         on_change: called with each :class:`Recovery` (``edge coordinator`` prints it).
     """
 
@@ -150,7 +152,7 @@ class Pipeline:
                  security: Security = Security(), max_in_flight: int = 64,
                  diagnose: Callable[[Device], str | None] | None = None,
                  failover: bool = True, model: Path | None = None,
-                 health_interval: float = 0.5, misses: int = 3, max_losses: int = 3,
+                 health_interval: float = 0.5, misses: int = 3, max_losses: int = 1,
                  on_change: Callable[[Recovery], None] | None = None):
         self.plan = plan
         self.plan_dir = Path(plan_dir)
@@ -531,8 +533,9 @@ class Pipeline:
             return
         with self._lock:
             pending = [r for r in self._in_flight.values() if not r.future.done()]
-            for r in pending:
-                r.losses += 1
+            if lost or not joined:  # a device lost, or a worker that restarted empty
+                for r in pending:
+                    r.losses += 1
         resent = 0
         for r in pending:
             if r.losses > self.max_losses:

@@ -384,10 +384,11 @@ _STAGE = {"index": ("int", True), "device": (_DEVICE, True), "node_range": ("ran
           "mode": ("mode", False)}
 _MODEL = {"name": ("text", True), "sha256": ("text", True), "num_nodes": ("int", True),
           "inputs": (("list", _TENSOR), True), "outputs": (("list", _TENSOR), True),
-          "bindings": ("bindings", False)}
+          "bindings": ("bindings", False), "path": ("text", False)}
 _PLAN = {"version": ("int", True), "model": (_MODEL, True),
          "stages": (("list", _STAGE), True), "standby": (("list", _DEVICE), False),
-         "bottleneck_ms": ("number", False), "latency_ms": ("number", False)}
+         "bottleneck_ms": ("number", False), "latency_ms": ("number", False),
+         "modes": (("list", "mode"), False)}
 
 
 def _describe(kind: Any) -> str:
