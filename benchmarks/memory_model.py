@@ -14,7 +14,8 @@ squares on the relative error,
                    + io_factor * (bytes received + bytes sent per request)
 
 (the factors non-negative, the session overhead of either sign; stages that peaked within
-5 MiB of the floor are left out, the prediction never goes below the floor)
+5 MiB of the floor are left out, the prediction never goes below the floor + 2 MiB,
+``FLOOR_MARGIN_MB``)
 
 and prints the table of predicted against measured peaks. ``--speed`` also times every
 stage in-process in each mode (median of runs, ``--threads`` intra-op threads) to give the
@@ -191,8 +192,8 @@ def table(rows: list[dict], constants=None) -> None:
                                                 table_bytes=r[f"table{s}"] * MiB, mode=r["mode"],
                                                 io_bytes=r.get("io", 0.0) * MiB))
         else:
-            pred = max(r["floor"], r["floor"] + float(np.dot(constants[r["mode"]],
-                                                              _features(r, r["mode"]))))
+            pred = max(r["floor"] + memory.FLOOR_MARGIN_MB,
+                       r["floor"] + float(np.dot(constants[r["mode"]], _features(r, r["mode"]))))
         err = (pred - r["peak"]) / r["peak"] * 100
         worst = max(worst, abs(err))
         print(f"{r['model']:>11} {r['mode']:>9} {r['stage']:>2} {r[f'whole{s}']:6.1f} "
