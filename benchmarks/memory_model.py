@@ -13,6 +13,10 @@ squares on the relative error,
                    + activation_factor * activations + session_overhead
                    + io_factor * (bytes received + bytes sent per request)
 
+(the factors non-negative, the session overhead of either sign; stages that peaked within
+5 MiB of the floor are left out, the prediction never goes below the floor + 2 MiB,
+``FLOOR_MARGIN_MB``)
+
 and prints the table of predicted against measured peaks. ``--speed`` also times every
 stage in-process in each mode (median of runs, ``--threads`` intra-op threads) to give the
 compute factor of int8 against fp32.
@@ -148,18 +152,30 @@ def _features(r: dict, mode: str) -> list[float]:
     return [r[f"whole{s}"], r[f"table{s}"], r["act"], 1.0, r.get("io", 0.0)]
 
 
+FLOOR_BOUND_MB = 5.0
+
+
 def fit(rows: list[dict]) -> dict[str, list[float]]:
-    """Per mode, non-negative least squares of (peak - floor) on relative error."""
+    """Per mode, least squares of (peak - floor) on relative error: the factors
+    non-negative, the session overhead of either sign (a worker keeps only part of the
+    floor's library pages once it unmaps those its start and its load touched,
+    ``edge.profiling.memory.release_file_pages``, so it can end below floor + session)."""
     from scipy.optimize import nnls
 
     out = {}
     for mode in sorted({r["mode"] for r in rows}):
-        sel = [r for r in rows if r["mode"] == mode]
-        a = np.array([_features(r, mode) for r in sel])
+        # Stages that peaked within FLOOR_BOUND_MB of the floor peaked before their load
+        # (idle, upload), which the prediction's clamp at the floor covers: they say
+        # nothing about the linear terms.
+        sel = [r for r in rows if r["mode"] == mode and r["peak"] - r["floor"] > FLOOR_BOUND_MB]
+        # the intercept as the difference of two non-negative columns: +1 and -1
+        a = np.array([_features(r, mode) + [-1.0] for r in sel])
         y = np.array([r["peak"] - r["floor"] for r in sel])
         wgt = 1.0 / np.array([r["peak"] for r in sel])  # relative error of the whole peak
         coef, _ = nnls(a * wgt[:, None], y * wgt)
-        out[mode] = [float(c) for c in coef]
+        c = [float(x) for x in coef[:5]]
+        c[3] -= float(coef[5])
+        out[mode] = c
     return out
 
 
@@ -176,7 +192,8 @@ def table(rows: list[dict], constants=None) -> None:
                                                 table_bytes=r[f"table{s}"] * MiB, mode=r["mode"],
                                                 io_bytes=r.get("io", 0.0) * MiB))
         else:
-            pred = r["floor"] + float(np.dot(constants[r["mode"]], _features(r, r["mode"])))
+            pred = max(r["floor"] + memory.FLOOR_MARGIN_MB,
+                       r["floor"] + float(np.dot(constants[r["mode"]], _features(r, r["mode"]))))
         err = (pred - r["peak"]) / r["peak"] * 100
         worst = max(worst, abs(err))
         print(f"{r['model']:>11} {r['mode']:>9} {r['stage']:>2} {r[f'whole{s}']:6.1f} "

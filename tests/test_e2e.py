@@ -165,7 +165,7 @@ def test_cli_plan_coordinator_infer(bert_tiny, workers, tmp_path):
 
 def test_plan_that_does_not_fit_says_what_each_device_needs(bert_tiny, tmp_path):
     cluster = {"devices": [{"name": f"zero-{i}", "address": f"127.0.0.1:{60000 + i}",
-                            "profile": "rpi-zero-2w", "memory_mb": 80} for i in range(3)]}
+                            "profile": "rpi-zero-2w", "memory_mb": 73} for i in range(3)]}
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
     r = edge_cli("plan", str(bert_tiny), "--cluster", str(tmp_path / "cluster.yaml"),
                  "--out", str(tmp_path / "build"))

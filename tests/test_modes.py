@@ -58,13 +58,14 @@ def _budgets_forcing(costs, ranges_devices):
 
 def test_small_budgets_force_a_frugal_mode(bert_tiny, tmp_path, monkeypatch):
     # BERT tiny's weights (< 1 MiB a stage) are too small for int8 to save memory under the
-    # fitted constants: its fixed cost is higher. Give int8 a lower one so the rule has a
-    # frugal mode to choose on a tiny model; the plumbing under test is the same.
+    # fitted constants: every mode's prediction is the floor. Give each mode a fixed cost
+    # above the floor, int8 a lower one, so the rule has a frugal mode to choose on a tiny
+    # model; the plumbing under test is the same.
     from edge.planning import memory
 
-    fp32 = memory.CONSTANTS["fp32"]
-    monkeypatch.setitem(memory.CONSTANTS, "int8", dataclasses.replace(
-        memory.CONSTANTS["int8"], session_overhead_mb=fp32.session_overhead_mb - 5))
+    for mode in MODES:
+        monkeypatch.setitem(memory.CONSTANTS, mode, dataclasses.replace(
+            memory.CONSTANTS[mode], session_overhead_mb=5.0 if mode == "int8" else 10.0))
     costs = analyze(bert_tiny, BERT)
     devs = [_dev(f"pi-{k}") for k in range(3)]
     split = partition(costs, devs)

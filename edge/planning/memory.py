@@ -6,7 +6,10 @@
              + activation_factor * peak live activations
              + io_factor         * bytes received + bytes sent per request
 
-with the factors of the stage's mode (``CONSTANTS[mode]``).
+with the factors of the stage's mode (``CONSTANTS[mode]``), and never less than the
+runtime floor (the idle worker's RSS, which its peak includes) + ``FLOOR_MARGIN_MB``. The
+session overhead is negative: a loaded worker unmaps library pages of its floor that
+serving does not use.
 
 All in MiB. Weights count at their size in the mode's representation (int8: a quarter for
 MatMul/Conv weights and Gather tables, ``GraphCosts.init_int8_bytes``). The constants are
@@ -26,10 +29,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 __all__ = [
     "MiB",
     "ModeConstants",
     "CONSTANTS",
+    "FLOOR_MARGIN_MB",
     "stage_memory_mb",
 ]
 
@@ -52,49 +58,65 @@ class ModeConstants:
 # profile, floor = its runtime_floor_mb = 72 MiB, the measured idle worker on x86-64),
 # 12 requests, 2 in flight, peak RSS (VmHWM) from the workers' own sampler, as
 # `edge profile` reads it. x86-64, 2 cores, onnxruntime 1.32, external data mapped, one
-# malloc heap, memory pattern off (edge.shards.runtime). 70 stages: BERT-base over 1, 2, 4
-# and 8 devices at sequence 128 and over 4 at 384; GPT-2-small over 2 and 4; UNet-small over
-# 3 at 128 and 256 px (the rows: benchmarks/data/memory_model_fit.jsonl; refit with
+# malloc heap, memory pattern off (edge.shards.runtime), library pages only the start and
+# the load touched unmapped (edge.profiling.memory.release_file_pages). 70 stages:
+# BERT-base over 1, 2, 4 and 8 devices at sequence 128 and over 4 at 384; GPT-2-small over
+# 2 and 4; UNet-small over 3 at 128 and 256 px (the rows:
+# benchmarks/data/memory_model_fit.jsonl; refit with
 # `python benchmarks/memory_model.py --load benchmarks/data/memory_model_fit.jsonl --fit`).
-# Non-negative least squares on relative error, per mode:
+# Least squares on relative error, per mode, the factors non-negative, the 3 stages that
+# peaked within 5 MiB of the floor (GPT-2's stage 0, an embedding lookup, before its load)
+# left out; a prediction never goes below the floor + FLOOR_MARGIN_MB:
 #
 #   mode       weight  table  act    io     session   (weights: bytes in the mode's format)
-#   fp32       1.013   0.000  2.79   2.14   10.5
-#   fp32-lean  0.907   0.000  5.72   0.64   11.6
-#   int8       1.023   0.000  3.26   2.32    9.3
+#   fp32       1.008   0.011  2.98   1.77   -15.9
+#   fp32-lean  0.912   0.003  6.12   0.00   -13.2
+#   int8       1.002   0.000  3.38   1.92   -15.3
 #
 # Measured / predicted peak (MiB) with these constants, a sample (all 70 in
-# BENCHMARKS.md; worst -11.5%..+12.0%, BERT-base within 4.3%):
+# BENCHMARKS.md; worst -18.5%..+12.3%, BERT-base within 8.1%):
 #
-#   bert-base / 4   fp32  179-182 / 180-183     int8  121-122 / 119-121
-#   bert-base / 8   fp32  134-145 / 134-146     int8  107-111 / 108-111
-#   bert-base / 4, seq 384  fp32 215-217 / 214-219   int8 155-157 / 159-163
-#   bert-base / 1   int8  186 / 182 (the whole model: fits a Pi Zero 2 W's 260 MiB budget)
-#   gpt2-small / 4  fp32  84, 262, 264, 397 / 83, 266, 267, 355 (-10.7%: the last stage, whose
+#   bert-base / 4   fp32  154-157 / 154-156     int8  95-98 / 95-96
+#   bert-base / 8   fp32  107-118 / 109-120     int8  84-87 / 84-87
+#   bert-base / 4, seq 384  fp32 190-192 / 190-194   int8 128-131 / 135-139
+#   bert-base / 1   int8  158 / 156 (the whole model: fits a Pi Zero 2 W's 260 MiB budget)
+#   gpt2-small / 4  fp32  74, 239, 239, 354 / 72, 241, 240, 323 (-9.0%: the last stage, whose
 #                   24 MiB of logits go through gRPC twice)
-#   unet-small / 3, 256 px  fp32 151, 215, 211 / 160, 219, 207   int8 179, 208, 252 / 170, 232, 223
+#   gpt2-small / 2  int8  149, 292 / 150, 238 (-18.5%; measured again: 149, 243)
+#   unet-small / 3, 256 px  fp32 131, 179, 180 / 131, 186, 181   int8 142, 160, 233 / 139,
+#                   179, 192 (-17.3%; measured again: 145, 172, 235)
 #
 # What the numbers say:
+# - The session overhead is negative: the floor is the idle worker, 72 MiB of which 38 are
+#   file-backed library pages, and a loaded worker unmaps those that only its imports, the
+#   upload and the load touched; serving faults back 20-26 MiB of them. Against the fit
+#   before that change (session +9..+12 MiB, weight and activation factors within 7% of
+#   these), every stage peaks about 25 MiB lower; anonymous memory did not change.
 # - A weight read whole costs its size once (factor ~1.0): onnxruntime maps the data file,
 #   MatMul/Conv prepack an anonymous copy, and the mapped pages are dropped. int8 weights
 #   are a quarter of the size and also cost ~1.0 per byte.
 # - Gather tables cost nothing measurable: the worker drops the pages it wrote and maps the
 #   table file for random access, so only the touched rows are resident (BERT's 91 MiB word
-#   embedding: stage 0 and stage 1 peak within 1 MiB of each other).
+#   embedding: stage 0 and stage 1 peak within 2 MiB of each other).
 # - Activations cost ~3x their planned peak: onnxruntime's arena grows in chunks and
 #   kernels keep scratch buffers; the io term is the request's inputs and outputs, held
 #   decoded, encoded and in gRPC buffers for two requests in flight.
-# - fp32-lean (arena off) is now 5-7 MiB worse than fp32 on BERT-base: once the memory
+# - fp32-lean (arena off) is 6-11 MiB worse than fp32 on BERT-base: once the memory
 #   pattern is off in every mode, the arena is the cheaper allocator. The planner follows
 #   the fit, so it picks lean only where its smaller weight factor wins.
-# The same worker measured twice gives peaks a few percent apart.
+# The same worker measured twice gives peaks a few percent apart; stages with large
+# activations (GPT-2's logits, UNet at 256 px) up to 20%.
+# The least a worker peaks above its runtime floor: the 3 fitted stages that peaked before
+# their load (GPT-2's embedding-only stage 0) measured 74.0-74.2 MiB over a 72 MiB floor.
+FLOOR_MARGIN_MB = 2.0
+
 CONSTANTS: dict[str, ModeConstants] = {
-    "fp32": ModeConstants(weight_factor=1.013, table_factor=0.0, activation_factor=2.790,
-                          session_overhead_mb=10.5, io_factor=2.138),
-    "fp32-lean": ModeConstants(weight_factor=0.907, table_factor=0.0, activation_factor=5.715,
-                               session_overhead_mb=11.6, io_factor=0.642),
-    "int8": ModeConstants(weight_factor=1.023, table_factor=0.0, activation_factor=3.256,
-                          session_overhead_mb=9.3, io_factor=2.317),
+    "fp32": ModeConstants(weight_factor=1.008, table_factor=0.011, activation_factor=2.977,
+                          session_overhead_mb=-15.9, io_factor=1.768),
+    "fp32-lean": ModeConstants(weight_factor=0.912, table_factor=0.003, activation_factor=6.118,
+                               session_overhead_mb=-13.2, io_factor=0.0),
+    "int8": ModeConstants(weight_factor=1.002, table_factor=0.0, activation_factor=3.378,
+                          session_overhead_mb=-15.3, io_factor=1.922),
 }
 
 def stage_memory_mb(weight_bytes, activation_bytes, runtime_floor_mb, table_bytes=0.0,
@@ -111,6 +133,11 @@ def stage_memory_mb(weight_bytes, activation_bytes, runtime_floor_mb, table_byte
         io_bytes: bytes the stage receives plus sends per request (its cuts).
     """
     c = CONSTANTS[mode]
-    return (runtime_floor_mb + c.session_overhead_mb + c.weight_factor * weight_bytes / MiB
-            + c.table_factor * table_bytes / MiB
-            + c.activation_factor * activation_bytes / MiB + c.io_factor * io_bytes / MiB)
+    # Never below the floor and a little: the worker's peak RSS includes its idle start and
+    # the upload. (The session overhead is negative: a loaded worker unmaps library pages
+    # of its floor.)
+    return np.maximum(runtime_floor_mb + FLOOR_MARGIN_MB,
+                      runtime_floor_mb + c.session_overhead_mb
+                      + c.weight_factor * weight_bytes / MiB + c.table_factor * table_bytes / MiB
+                      + c.activation_factor * activation_bytes / MiB
+                      + c.io_factor * io_bytes / MiB)

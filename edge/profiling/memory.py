@@ -11,7 +11,7 @@ import sys
 import psutil
 
 __all__ = ["rss_bytes", "peak_rss_bytes", "memory_breakdown", "heap_in_use", "device_facts",
-           "tune_malloc", "release_free_heap"]
+           "tune_malloc", "release_free_heap", "release_file_pages"]
 
 log = logging.getLogger(__name__)
 
@@ -156,3 +156,64 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+_MADV_DONTNEED = 4
+
+
+def _unwritten_file_mappings(smaps: str = "/proc/self/smaps") -> list[tuple[int, int, int]]:
+    """(start, end, resident KiB) of this process's read-only private mappings of regular
+    files that hold no anonymous (copied-on-write) page: code and constant data of the
+    shared libraries, whose every resident page is a clean copy of the file."""
+    out, cur = [], None
+    with open(smaps) as f:
+        for line in f:
+            head = line.split()
+            if not head:
+                continue
+            if "-" in head[0] and not head[0].endswith(":"):
+                # address perms offset dev inode path
+                cur = None
+                if (len(head) == 6 and head[1] in ("r--p", "r-xp") and head[4] != "0"
+                        and head[5].startswith("/") and not head[5].startswith("/dev/")):
+                    start, end = (int(x, 16) for x in head[0].split("-"))
+                    cur = [start, end, 0, 0]
+                    out.append(cur)
+            elif cur is not None and head[0] in ("Rss:", "Anonymous:", "Locked:"):
+                if head[0] == "Rss:":
+                    cur[2] = int(head[1])
+                elif int(head[1]):
+                    cur[3] = 1  # an anonymous or locked page: leave the whole mapping
+    return [(s, e, rss) for s, e, rss, keep in out if rss and not keep]
+
+
+def release_file_pages() -> int:
+    """Unmap from this process the resident pages of its shared libraries' code and
+    read-only data (``MADV_DONTNEED``); the pages it still runs fault back in from the
+    page cache.
+
+    Importing onnxruntime, gRPC and numpy, and loading a shard, touch many pages that
+    serving never does again (onnxruntime's graph optimizers and model parser, gRPC's
+    and OpenSSL's set-up code): a BERT-base worker's RSS held 48 MiB of file pages, of
+    which serving uses 22-24. Only clean file pages are dropped: read-only private
+    mappings of regular files (no ``(deleted)`` ones, no devices) without a single
+    anonymous or locked page, so no content is lost, and the pages stay in the page cache
+    for the next fault. Writable mappings (onnxruntime's mapped weights, library data)
+    are left alone. ``MADV_PAGEOUT`` would be kinder to the page cache but skips pages
+    other processes map too (every library page, on loopback), so it freed nothing.
+
+    Returns:
+        Bytes unmapped (0 where madvise or /proc/self/smaps is not available).
+    """
+    try:
+        ranges = _unwritten_file_mappings()
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    dropped = 0
+    for start, end, rss_kib in ranges:
+        if madvise(start, end - start, _MADV_DONTNEED) == 0:
+            dropped += rss_kib << 10
+    return dropped
