@@ -158,22 +158,24 @@ def test_a_hung_device_is_noticed_by_health_checks(bert_tiny, tmp_path, inputs_a
                 os.kill(victim.process.pid, signal.SIGCONT)
 
 
-def test_when_the_rest_cannot_hold_the_model_requests_fail_clearly(bert_tiny, tmp_path,
-                                                                   inputs_and_refs):
-    inputs, want = inputs_and_refs
+def test_when_the_rest_cannot_hold_the_model_requests_fail_clearly(bert_small, tmp_path):
+    # BERT-small: its layers weigh enough that half of it needs clearly less than all of it.
+    inputs = [example_inputs("bert", "small", batch=1, seq=s, seed=i)
+              for i, s in enumerate((16, 9))]
+    want = references(bert_small, inputs)
     with LocalWorkers(2, tmp_path / "w", threads=1) as workers:
         cluster = cluster_from_profile("rpi4b-2gb", 2, addresses=workers.addresses)
         # Budgets between what a half needs and what the whole needs, fp32 only: two
         # devices hold the model, one cannot.
-        whole = make_plan(bert_tiny, cluster.devices[:1], tmp_path / "one", bindings=BINDINGS,
+        whole = make_plan(bert_small, cluster.devices[:1], tmp_path / "one", bindings=BINDINGS,
                           modes=("fp32",)).stages[0].predicted.memory_mb
-        halves = make_plan(bert_tiny, cluster.devices, tmp_path / "two", bindings=BINDINGS,
+        halves = make_plan(bert_small, cluster.devices, tmp_path / "two", bindings=BINDINGS,
                            modes=("fp32",))
         half = max(s.predicted.memory_mb for s in halves.stages)
         assert half < whole
         budget = (half + whole) / 2
         devices = [dataclasses.replace(d, memory_mb=budget) for d in cluster.devices]
-        plan = make_plan(bert_tiny, devices, tmp_path / "build", bindings=BINDINGS,
+        plan = make_plan(bert_small, devices, tmp_path / "build", bindings=BINDINGS,
                          modes=("fp32",))
         with Pipeline(plan, tmp_path / "build", deadlines=Deadlines(infer=60)) as pipeline:
             pipeline.start()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
-    from edge.planning.graph import GraphCosts, analyze
+    from edge.planning.graph import analyze
     from edge.planning.plan import Device, Plan
     from edge.planning.planner import partition
 
