@@ -14,7 +14,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -52,6 +54,7 @@ def main() -> int:
 
     tune_malloc()
     work = Path(tempfile.mkdtemp(prefix="edge-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # GBs of shards
     model = export_model("bert", size=args.size, seed=0, out=work / f"bert-{args.size}.onnx")
     inputs = [example_inputs("bert", args.size, batch=1, seq=args.sequence, seed=i)
               for i in range(args.rounds)]

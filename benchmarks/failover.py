@@ -15,9 +15,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -51,6 +53,7 @@ def main() -> int:
 
     tune_malloc()
     work = Path(tempfile.mkdtemp(prefix="edge-failover-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # GBs of shards
     model = export_model("bert", size=args.size, seed=0, out=work / f"bert-{args.size}.onnx")
     pool = [example_inputs("bert", args.size, batch=1, seq=args.sequence, seed=i)
             for i in range(8)]

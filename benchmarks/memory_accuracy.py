@@ -10,7 +10,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -66,6 +68,7 @@ def main() -> int:
     ap.add_argument("--json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edge-memacc-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # GBs of shards
     results = []
     for item in args.models:
         name, _, n = item.partition(":")

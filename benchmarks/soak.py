@@ -16,8 +16,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -54,6 +56,7 @@ def main() -> int:
 
     tune_malloc()
     work = Path(tempfile.mkdtemp(prefix="edge-soak-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # GBs of shards
     model = export_model("bert", size=args.size, seed=0, out=work / f"bert-{args.size}.onnx")
     rng = random.Random(0)
     pool = [example_inputs("bert", args.size, batch=1, seq=rng.randint(8, args.max_sequence),
