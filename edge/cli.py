@@ -178,7 +178,8 @@ def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | N
 
     def changed(recovery) -> None:
         style = "red" if recovery.how == "unavailable" else "yellow"
-        console.print(f"[{style}]failover:[/{style}] {recovery.describe()}")
+        what = "failover" if recovery.lost or not recovery.joined else "rejoin"
+        console.print(f"[{style}]{what}:[/{style}] {recovery.describe()}")
 
     pipeline = Pipeline(plan, Path(plan_path).parent, deadlines=Deadlines(ready=ready_timeout),
                         diagnose=_lab_diagnose(plan), failover=failover,

@@ -519,7 +519,7 @@ class Pipeline:
             self._give_up(str(e), lost, start, wanted, noticed)
             return
         joined = tuple(d.name for d in deployment.plan.devices if d.address not in before)
-        log.warning("failover: %s; deploying %s plan onto %s", ", ".join(
+        log.info("failover: %s; deploying %s plan onto %s", ", ".join(
             [f"lost {', '.join(lost)}"] * bool(lost) + [f"{', '.join(joined)} joined"] * bool(joined))
             or "a worker restarted", deployment.how,
             ", ".join(d.name for d in deployment.plan.devices))
@@ -569,8 +569,11 @@ class Pipeline:
 
     def _record(self, recovery: Recovery) -> None:
         self.recoveries.append(recovery)
-        (log.error if recovery.how == "unavailable" else log.warning)(
-            "failover: %s", recovery.describe())
+        # Said once: to on_change if someone listens (edge coordinator prints it), else
+        # to the log.
+        level = (logging.INFO if self.on_change else
+                 logging.ERROR if recovery.how == "unavailable" else logging.WARNING)
+        log.log(level, "failover: %s", recovery.describe())
         if self.on_change:
             try:
                 self.on_change(recovery)
