@@ -125,3 +125,40 @@ def test_client_retries_with_backoff_until_capacity_frees(bert_tiny, tmp_path):
             finally:
                 os.kill(stuck, signal.SIGCONT)
                 server.stop(1)
+
+
+def test_a_request_too_large_for_a_device_is_refused_before_it_reaches_one(bert_tiny,
+                                                                          tmp_path):
+    """Beyond the sizes the plan was made for, the coordinator evaluates the memory model
+    at the request's sizes and refuses what a device could not hold."""
+    import dataclasses
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from edge.transport.codec import decode_tensors
+
+    with LocalWorkers(2, tmp_path / "w", threads=1) as workers:
+        cluster = cluster_from_profile("rpi4b-2gb", 2, addresses=workers.addresses)
+        devices = [dataclasses.replace(d, memory_mb=110) for d in cluster.devices]
+        plan = make_plan(bert_tiny, devices, tmp_path, bindings={"batch": 1, "sequence": 16},
+                         modes=("fp32",))
+        with Pipeline(plan, tmp_path) as pipeline:
+            pipeline.start()
+            # Larger than planned but small: evaluated, and it fits.
+            x = example_inputs("bert", "tiny", batch=2, seq=40)
+            got = decode_tensors(pipeline.infer(x).outputs)
+            session = ort.InferenceSession(str(bert_tiny), providers=["CPUExecutionProvider"])
+            want = dict(zip([o.name for o in session.get_outputs()], session.run(None, x)))
+            for k in want:
+                np.testing.assert_allclose(got[k], want[k], atol=1e-4, rtol=0)
+            # Attention over 32 x 512 tokens: far beyond 110 MiB.
+            with pytest.raises(InferError) as e:
+                pipeline.infer(example_inputs("bert", "tiny", batch=32, seq=512))
+            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            message = str(e.value)
+            assert "batch=32" in message and "sequence=512" in message, message
+            assert "rpi4b-2gb-" in message and "has 110 MiB" in message, message
+            assert pipeline.recoveries == []  # no worker was harmed
+            assert all(w.process.poll() is None for w in workers.workers)
+            assert pipeline.infer(x).outputs
