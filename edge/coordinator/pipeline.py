@@ -29,7 +29,6 @@ from grpc_health.v1 import health_pb2
 
 from edge.coordinator.deploy import DeployError, Link, Progress, WorkerHandle, deploy
 from edge.coordinator.failover import Deployment, NoCapacity, Replanner
-from edge.coordinator.guard import MemoryGuard, TooLarge
 from edge.errors import EdgeError, TensorError
 from edge.planning.plan import Device, Plan, Stage
 from edge.proto import edge_pb2 as pb
@@ -147,9 +146,6 @@ class Pipeline:
             (say, an input so large the kernel kills the worker for memory) must not
             take down the devices it is resent to, one after another.
         on_change: called with each :class:`Recovery` (``edge coordinator`` prints it).
-        memory_guard: refuse (RESOURCE_EXHAUSTED) a request larger than the plan's sizes
-            that some device would not have the memory for (``edge.coordinator.guard``);
-            needs the source model.
     """
 
     def __init__(self, plan: Plan, plan_dir: Path, *, deadlines: Deadlines = Deadlines(),
@@ -157,8 +153,7 @@ class Pipeline:
                  diagnose: Callable[[Device], str | None] | None = None,
                  failover: bool = True, model: Path | None = None,
                  health_interval: float = 0.5, misses: int = 3, max_losses: int = 1,
-                 on_change: Callable[[Recovery], None] | None = None,
-                 memory_guard: bool = True):
+                 on_change: Callable[[Recovery], None] | None = None):
         self.plan = plan
         self.plan_dir = Path(plan_dir)
         self.deadlines = deadlines
@@ -172,8 +167,6 @@ class Pipeline:
         self.on_change = on_change
         self.replanner = Replanner(plan, self.plan_dir,
                                    Path(model) if model else plan.source_model(self.plan_dir))
-        self.guard = (MemoryGuard(self.replanner.model, plan.model.bindings) if memory_guard
-                      else None)
         self.epoch = 0
         self.workers: list[WorkerHandle] = []
         self.recoveries: list[Recovery] = []
@@ -241,12 +234,8 @@ class Pipeline:
         if isinstance(inputs, Mapping):
             try:
                 check_tensors(inputs, self.plan.model.inputs, "the model")
-                if self.guard is not None:
-                    self.guard.check(self.plan, inputs)
             except TensorError as e:
                 raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-            except TooLarge as e:
-                raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
             tensors = encode_tensors(inputs)
         else:
             tensors = list(inputs)
