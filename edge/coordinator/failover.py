@@ -50,10 +50,6 @@ class Deployment:
     plan_dir: Path
     how: str
 
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        return tuple(d.address for d in self.plan.devices)
-
 
 class Replanner:
     """Finds a deployment for the devices that answer.
