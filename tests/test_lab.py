@@ -299,6 +299,22 @@ class TestLab:
             lab.down()
         assert leftovers() == []
 
+    # Devices a test kills on purpose; every other worker must outlive every test.
+    EXPENDABLE = ("tight", "alloc")
+
+    @pytest.fixture(autouse=True)
+    def workers_survive(self, lab):
+        """A worker that dies fails the test it died in, with the lab's reason and the end
+        of its log, rather than the next test, with 'connection refused'."""
+        yield
+        dead = [s for s in lab.status()
+                if not s.alive and s.device.name not in self.EXPENDABLE]
+        if dead:
+            pytest.fail("lab worker(s) died during this test:\n" + "\n".join(
+                f"{s.device.name}: {s.reason}\n" + "\n".join(
+                    Path(s.device.log).read_text(errors="replace").splitlines()[-20:])
+                for s in dead))
+
     def test_devices_are_namespaces_with_shaped_links_and_caps(self, lab):
         zero = lab.device("rpi-zero-2w-1")
         assert zero.address == "10.99.0.13:50051" and zero.bandwidth_mbps == 30

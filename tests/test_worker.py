@@ -394,21 +394,29 @@ def test_stage_with_external_data_files(worker, tmp_path):
     assert e.value.code() == grpc.StatusCode.DATA_LOSS and "w.data does not match" in e.value.details()
 
 
-def test_gather_table_rows_do_not_accumulate(bert_tiny, tmp_path):
-    """Rows of the embedding table read by one request are dropped after it, so many
-    requests over different tokens do not make the whole table resident."""
+def _first_stage(model, tmp_path, sequence):
+    """The plan's first stage (it holds the embedding table) over two devices, its spec."""
     from edge.planning import make_plan
     from edge.planning.plan import Device
-    from edge.worker.stage import StageRunner, StageSpec
+    from edge.worker.stage import StageSpec
 
     devs = [Device(f"d{k}", f"d{k}:1", "test", 1e6, 10.0, 1000.0) for k in range(2)]
-    plan = make_plan(bert_tiny, devs, tmp_path, bindings={"batch": 1, "sequence": 128})
+    plan = make_plan(model, devs, tmp_path, bindings={"batch": 1, "sequence": sequence})
     st = plan.stages[0]
     spec = StageSpec(stage=0, num_stages=2, shard_sha256=st.sha256, inputs=st.inputs,
                      outputs=st.outputs, next_address="", epoch=1, plan_id="t",
                      predicted_memory_mb=0.0,
                      data_files=tuple((f.path.split("/")[-1], f.sha256, f.random_access)
                                       for f in st.data_files))
+    return st, spec
+
+
+def test_gather_table_rows_do_not_accumulate(bert_tiny, tmp_path):
+    """Rows of the embedding table read by one request are dropped after it, so many
+    requests over different tokens do not make the whole table resident."""
+    from edge.worker.stage import StageRunner
+
+    st, spec = _first_stage(bert_tiny, tmp_path, 128)
     runner = StageRunner(spec, tmp_path / st.shard, threads=1)
     tables = list(runner._tables)
     assert tables, "the gather table should be mapped and advised"
@@ -437,3 +445,51 @@ def test_gather_table_rows_do_not_accumulate(bert_tiny, tmp_path):
         ids = rng.integers(0, 1000, size=(1, 128), dtype=np.int64)
         runner.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
     assert resident_kib() > table_kib / 20
+
+
+def test_a_runner_drops_only_its_own_table_pages(bert_tiny, tmp_path):
+    """A re-wired worker loads its new shard while the old session still maps the same
+    (hard-linked) embedding table. Once the old session is gone, its addresses may hold
+    anything: the new runner must not drop pages there. (It did, and zeroed whatever was
+    mapped there next: a lab worker died after a re-plan.)"""
+    import ctypes
+    import gc
+
+    from edge.worker.stage import StageRunner
+
+    st, spec = _first_stage(bert_tiny, tmp_path, 16)
+    old = StageRunner(spec, tmp_path / st.shard, threads=1)
+    new = StageRunner(spec, tmp_path / st.shard, threads=1)
+    ids = np.ones((1, 16), dtype=np.int64)
+    want = new.run({"input_ids": ids, "attention_mask": ids})
+    freed = list(old._tables)
+    assert freed, "the gather table should be mapped and advised"
+    del old
+    gc.collect()
+    # Map memory at exactly the freed addresses (MAP_FIXED_NOREPLACE fails if they are
+    # still mapped), fill it, and let the new runner serve.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    prot_rw, private_anonymous, fixed_noreplace = 0x3, 0x2 | 0x20, 0x100000
+    views = []
+    try:
+        for start, end in freed:
+            got = libc.mmap(start, end - start, prot_rw, private_anonymous | fixed_noreplace,
+                            -1, 0)
+            assert got == start, f"the old session's table at {start:#x} is still mapped"
+            view = np.ctypeslib.as_array((ctypes.c_uint8 * (end - start)).from_address(start))
+            view[:] = 7
+            views.append((start, end, view))
+        for _ in range(3):
+            got = new.run({"input_ids": ids, "attention_mask": ids})
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k])
+        for start, _, view in views:
+            assert (view == 7).all(), f"pages at {start:#x} were dropped by a runner not mapping them"
+    finally:
+        for start, end, view in views:
+            del view
+            libc.munmap(start, end - start)

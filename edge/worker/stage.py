@@ -73,6 +73,13 @@ class StageRunner:
         # fp32 at 180 and 156; anonymous memory does not change, nor does the speed.
         # (edge.profiling.memory.release_file_pages; benchmarks/worker_overhead.py.)
         released = release_file_pages()
+        tables = [shard_path.parent / name for name, _, random_access in spec.data_files
+                  if random_access]
+        # Another session may map the same table (the cache hard-links one file into every
+        # stage that has it, and a re-wired worker loads its new shard before it lets the
+        # old one go). Those mappings are not this runner's: once that session is freed,
+        # their addresses can hold anything, and dropping their pages would zero it.
+        others = {r for t in tables for r in file_mappings(t)}
         t0 = time.perf_counter()
         # From the path, never from bytes: onnxruntime then maps the external data files
         # instead of copying them.
@@ -88,11 +95,9 @@ class StageRunner:
         # random tokens). They are clean file pages, so after each run they are dropped
         # from this process (MADV_DONTNEED) and the next lookup refaults them from the
         # page cache, which the kernel may reclaim.
-        self._tables: list[tuple[int, int]] = []
+        self._tables = advise_random([r for t in tables for r in file_mappings(t)
+                                      if r not in others])
         self._tables_checked = False
-        for name, _, random_access in spec.data_files:
-            if random_access:
-                self._tables += advise_random(shard_path.parent / name)
         self._feeds = [i.name for i in self.session.get_inputs()]
         self._fetches = [o.name for o in self.session.get_outputs()]
         received = {s.name for s in spec.inputs}
@@ -173,31 +178,38 @@ def _libc():
     return libc
 
 
-def advise_random(path: Path) -> list[tuple[int, int]]:
-    """Tell the kernel that this process's mappings of ``path`` are read at random.
+def file_mappings(path: Path) -> list[tuple[int, int]]:
+    """The (start, end) addresses of this process's mappings of ``path`` (matched by inode,
+    so hard links count); none if it cannot be read."""
+    try:
+        inode = str(os.stat(path).st_ino)
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split()  # address perms offset dev inode path
+        if len(parts) >= 6 and parts[4] == inode:
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end))
+    return out
+
+
+def advise_random(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Tell the kernel that these mappings (of a gather table) are read at random.
 
     Without it, every looked-up embedding row reads its neighbours in too. Applied only to
     gather tables: on a whole weight file it made the first run 40x slower.
 
     Returns:
-        The (start, end) addresses of the mappings advised (none where madvise is not
-        available).
+        The ranges advised (none where madvise is not available).
     """
     try:
-        st = os.stat(path)
         libc = _libc()
     except (OSError, AttributeError):
         return []
-    ranges = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            parts = line.split()
-            # address perms offset dev inode path: match the inode, so hard links count
-            if len(parts) >= 6 and parts[4] == str(st.st_ino):
-                start, end = (int(x, 16) for x in parts[0].split("-"))
-                if libc.madvise(start, end - start, _MADV_RANDOM) == 0:
-                    ranges.append((start, end))
-    return ranges
+    return [(s, e) for s, e in ranges if libc.madvise(s, e - s, _MADV_RANDOM) == 0]
 
 
 def anonymous_kib(ranges: list[tuple[int, int]]) -> int:
