@@ -125,3 +125,71 @@ def test_client_retries_with_backoff_until_capacity_frees(bert_tiny, tmp_path):
             finally:
                 os.kill(stuck, signal.SIGCONT)
                 server.stop(1)
+
+
+def test_a_request_too_large_for_a_device_is_refused_before_it_reaches_one(bert_tiny,
+                                                                          tmp_path,
+                                                                          monkeypatch):
+    """Beyond the sizes the plan was made for, the coordinator bounds the memory a request
+    needs from how the plan says each stage grows, and refuses what a device could not
+    hold; smaller excesses are served."""
+    import dataclasses
+
+    import numpy as np
+    import onnxruntime as ort
+
+    import edge.coordinator.pipeline as pipeline_module
+    from edge.coordinator.guard import check_fits
+    from edge.planning.plan import load_plan
+    from edge.transport.codec import decode_tensors, encode_tensors
+
+    with LocalWorkers(2, tmp_path / "w", threads=1) as workers:
+        cluster = cluster_from_profile("rpi4b-2gb", 2, addresses=workers.addresses)
+        devices = [dataclasses.replace(d, memory_mb=110) for d in cluster.devices]
+        make_plan(bert_tiny, devices, tmp_path, bindings={"batch": 1, "sequence": 16},
+                  modes=("fp32",))
+        plan = load_plan(tmp_path / "plan.json")  # the degrees survive plan.json
+        assert all(s.predicted.activation_degrees == {"batch": 1, "sequence": 2}
+                   for s in plan.stages)
+        with Pipeline(plan, tmp_path) as pipeline:
+            pipeline.start()
+            # Larger than planned but small: it fits, and is served.
+            x = example_inputs("bert", "tiny", batch=2, seq=40)
+            got = decode_tensors(pipeline.infer(x).outputs)
+            session = ort.InferenceSession(str(bert_tiny), providers=["CPUExecutionProvider"])
+            want = dict(zip([o.name for o in session.get_outputs()], session.run(None, x)))
+            for k in want:
+                np.testing.assert_allclose(got[k], want[k], atol=1e-4, rtol=0)
+            # Attention over 32 x 512 tokens: far beyond 110 MiB. Refused at once, from
+            # arrays and from wire tensors alike.
+            big = example_inputs("bert", "tiny", batch=32, seq=512)
+            for request in (big, encode_tensors(big)):
+                t0 = time.perf_counter()
+                with pytest.raises(InferError) as e:
+                    pipeline.infer(request)
+                assert time.perf_counter() - t0 < 1
+                assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                message = str(e.value)
+                assert "batch=32" in message and "sequence=512" in message, message
+                assert "rpi4b-2gb-" in message and "has 110 MiB" in message, message
+            # Through the coordinator's server: the client gets it once, not retried, as
+            # the same request can never fit (a full queue's RESOURCE_EXHAUSTED is).
+            checks = []
+            monkeypatch.setattr(pipeline_module, "check_fits",
+                                lambda plan, sizes: checks.append(sizes) or check_fits(plan, sizes))
+            server, port = start_coordinator(pipeline, "127.0.0.1:0")
+            try:
+                client = InferClient(f"127.0.0.1:{port}", retries=3)
+                with pytest.raises(grpc.RpcError) as e:
+                    client.infer(big)
+                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "would need about" in e.value.details()
+                assert checks == [{"batch": 32, "sequence": 512}]  # sent once
+                got = client.infer(x)
+                for k in want:
+                    np.testing.assert_allclose(got[k], want[k], atol=1e-4, rtol=0)
+            finally:
+                server.stop(0)
+            assert pipeline.requests_failed == 0  # refused before any was accepted
+            assert pipeline.recoveries == []  # no worker was harmed
+            assert all(w.process.poll() is None for w in workers.workers)

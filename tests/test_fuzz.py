@@ -855,12 +855,16 @@ def test_infer(env):
         elif kind == "long":
             x = model_inputs(1, draw(st.integers(513, 700)), 0)
             tensors = encode_tensors(x)
-            expect, words = {INVALID}, ()
+            # past the positions the model has; the coordinator may first find it more
+            # than a device holds (the plan is for sequence 16)
+            expect, words = {INVALID, EXHAUSTED}, ()
         elif kind == "empty":  # no elements: any size goes with the 0
             dims = [0, draw(st.sampled_from([0, 1, 7, 2**20, 2**33, 2**40, 2**62]))]
             dims = dims[::-1] if draw(st.booleans()) else dims
             tensors = [pb.Tensor(name=s.name, dtype=s.dtype, shape=dims) for s in specs]
-            expect = {OK, INVALID}
+            # a sequence past the plan's may be refused for memory: tensors that do not
+            # grow with the batch (position embeddings) still grow with the sequence
+            expect = {OK, INVALID, EXHAUSTED}
         else:
             kind, tensors, words = mutate_tensors(draw, tensors, specs)
             expect = {INVALID}

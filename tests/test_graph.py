@@ -160,3 +160,34 @@ def test_weight_transposes_folded_tables_and_int8_sizes():
     assert len(c.init_table_uses[k["Et"]]) == 0 and len(c.init_table_uses[k["g"]]) == 0
     assert c.init_int8_bytes[k["E"]] == 65536 * 4 == c.init_int8_bytes[k["Et"]]  # 1 byte each
     assert c.init_int8_bytes[k["g"]] == 16  # LayerNorm scale stays fp32
+
+
+def test_activation_degrees_follow_the_sizes(bert_tiny, unet_tiny):
+    """How each tensor grows with each size: hidden states with the sequence, attention
+    scores with its square, feature maps with height and width, shapes with nothing."""
+    bert = analyze(bert_tiny, {"batch": 1, "sequence": 16})
+    scores = [t for t, s in bert.concrete_shapes.items() if len(s) == 4 and s[-2:] == (16, 16)]
+    assert scores and all(bert.tensor_degrees[t] == {"batch": 1, "sequence": 2} for t in scores)
+    hidden = [t for t, s in bert.concrete_shapes.items() if s == (1, 16, 128)]
+    # (position embeddings are the same for every row of a batch)
+    assert hidden and all(bert.tensor_degrees[t].get("sequence") == 1 for t in hidden)
+    assert sum(bert.tensor_degrees[t] == {"batch": 1, "sequence": 1} for t in hidden) > 10
+    # shape tensors (a handful of int64s) do not grow
+    fixed = [t for t, s in bert.concrete_shapes.items() if len(s) == 1 and bert.producer[t] >= 0
+             and bert.op_types[bert.producer[t]] == "Shape"]
+    assert fixed and all(bert.tensor_degrees[t] == {} for t in fixed)
+    # a stage holding attention grows with the square; the whole model too
+    assert bert.activation_degrees(0, bert.num_nodes) == {"batch": 1, "sequence": 2}
+    unet = analyze(unet_tiny, {"batch": 1, "height": 64, "width": 64})
+    assert unet.activation_degrees(0, unet.num_nodes) == {"batch": 1, "height": 1, "width": 1}
+    # and the bound holds: at 4x the sequence, every tensor is within 4**degree of its size
+    big = analyze(bert_tiny, {"batch": 1, "sequence": 64})
+    for t, size in bert.tensor_bytes.items():
+        assert big.tensor_bytes[t] <= size * 4 ** bert.tensor_degrees[t].get("sequence", 0), t
+
+
+def test_degrees_at_the_longest_sequence(bert_tiny):
+    """At its longest sequence (512 positions) the model may not run at twice that; the
+    degrees come out the same (measured halved instead)."""
+    costs = analyze(bert_tiny, {"batch": 1, "sequence": 512})
+    assert costs.activation_degrees(0, costs.num_nodes) == {"batch": 1, "sequence": 2}

@@ -14,10 +14,13 @@ from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import Security, create_channel
 from edge.transport.codec import decode_tensors, encode_tensors
 
-__all__ = ["InferClient", "RETRYABLE"]
+__all__ = ["InferClient", "NO_RETRY", "RETRYABLE"]
 
 # Safe to retry: the request was not accepted (overload) or the pipeline was down.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Trailing metadata of a refusal that the same request will always get (too large for a
+# device): not retried whatever its code.
+NO_RETRY = "edge-no-retry"
 
 
 class InferClient:
@@ -44,7 +47,8 @@ class InferClient:
             try:
                 return self.stub.Infer(request, timeout=self.timeout)
             except grpc.RpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.retries:
+                final = any(k == NO_RETRY for k, _ in (e.trailing_metadata() or ()))
+                if e.code() not in RETRYABLE or final or attempt == self.retries:
                     raise
                 # Exponential backoff with jitter, so that clients refused together do
                 # not all come back together.

@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2
 
 from edge.coordinator.deploy import DeployError, Link, Progress, WorkerHandle, deploy
 from edge.coordinator.failover import Deployment, NoCapacity, Replanner
+from edge.coordinator.guard import TooLarge, check_fits, request_sizes
 from edge.errors import EdgeError, TensorError
 from edge.planning.plan import Device, Plan, Stage
 from edge.proto import edge_pb2 as pb
@@ -47,11 +48,14 @@ _RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEED
 
 
 class InferError(EdgeError):
-    """A request failed. ``code`` is the grpc.StatusCode to answer with."""
+    """A request failed. ``code`` is the grpc.StatusCode to answer with; ``retryable``
+    False when sending the same request again cannot succeed even for a code clients
+    retry (a request too large for a device gets RESOURCE_EXHAUSTED, as a full queue does)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retryable: bool = True):
         super().__init__(message)
         self.code = code
+        self.retryable = retryable
 
 
 @dataclass
@@ -231,14 +235,22 @@ class Pipeline:
         Raises:
             InferError: with the status code to report.
         """
+        plan = self.plan
         if isinstance(inputs, Mapping):
             try:
-                check_tensors(inputs, self.plan.model.inputs, "the model")
+                check_tensors(inputs, plan.model.inputs, "the model")
             except TensorError as e:
                 raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            shapes = [(k, v.shape) for k, v in inputs.items()]
             tensors = encode_tensors(inputs)
         else:
             tensors = list(inputs)
+            shapes = [(t.name, tuple(t.shape)) for t in tensors]
+        try:
+            check_fits(plan, request_sizes(plan.model.inputs, shapes))
+        except TooLarge as e:
+            raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
+                             retryable=False) from None
         timeout = timeout or self.deadlines.infer
         request = _InFlight(uuid.uuid4().hex, tensors, time.perf_counter())
         with self._lock:

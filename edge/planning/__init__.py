@@ -6,6 +6,7 @@ and the planner are imported lazily here, never at import time.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -99,7 +100,8 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
         stages.append(Stage(
             index=k, device=dev, node_range=(i, j), inputs=costs.crossing_specs(i),
             outputs=outputs, shard=rel, sha256=info.sha256, shard_bytes=info.size,
-            predicted=pred, mode=mode,
+            predicted=dataclasses.replace(
+                pred, activation_degrees=costs.activation_degrees(i, j)), mode=mode,
             data_files=tuple(ShardFile(f"shards/{f.path.name}", f.sha256, f.size,
                                        f.random_access) for f in info.data_files)))
     model = ModelInfo(

@@ -155,6 +155,7 @@ class GraphCosts:
     concrete_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     init_table_uses: tuple[np.ndarray, ...] = ()
     init_int8_bytes: np.ndarray | None = None
+    tensor_degrees: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._weights = WeightIndex(self.num_nodes, self.init_bytes, self.init_uses)
@@ -185,6 +186,18 @@ class GraphCosts:
     def activation_peak(self, i: int, j: int) -> int:
         """Peak bytes of live activations while a stage runs nodes ``[i, j)``."""
         return int(self.live_bytes[i:j].max()) if j > i else 0
+
+    def activation_degrees(self, i: int, j: int) -> dict[str, int]:
+        """Per symbolic dim of the bindings, the highest power of it that any tensor a stage
+        over nodes ``[i, j)`` holds grows with (hidden states: 1 in ``sequence``; attention
+        scores: 2). At ``k`` times a planned size, the stage's activations are then at most
+        ``k ** degree`` times the planned ones (``tensor_degrees``)."""
+        out = {sym: 0 for sym in self.bindings}
+        held = list(self.crossing(i)) + [t for outs in self.node_outputs[i:j] for t in outs]
+        for t in held:
+            for sym, d in self.tensor_degrees.get(t, {}).items():
+                out[sym] = max(out.get(sym, 0), d)
+        return out
 
     @property
     def _tensor_order(self) -> list[str]:
@@ -701,6 +714,9 @@ def analyze(model: str | Path | onnx.ModelProto,
             shape = tuple(None for _ in shapes[t])
         specs[t] = TensorSpec(name=t, dtype=_np_dtype_name(types[t]), shape=shape)
 
+    degrees = _tensor_degrees(m, nodes, set(inits), used_bindings,
+                              {t: tensor_bytes[t] for t in producer})
+
     costs = GraphCosts(
         model=m, bindings=used_bindings,
         node_names=[nd.name or f"{nd.op_type}_{p}" for p, nd in enumerate(nodes)],
@@ -714,9 +730,56 @@ def analyze(model: str | Path | onnx.ModelProto,
         concrete_shapes={t: shapes[t] for t in producer},
         init_table_uses=tuple(np.asarray(u, dtype=np.int64) for u in table_uses),
         init_int8_bytes=np.where(quantized, (init_bytes + 3) // 4, init_bytes),
+        tensor_degrees=degrees,
     )
     log.info("analysed model: %s", costs.summary())
     return costs
+
+
+def _tensor_degrees(m: onnx.ModelProto, nodes: list[onnx.NodeProto], init_names: set[str],
+                    bindings: dict[str, int], sizes: dict[str, int],
+                    ) -> dict[str, dict[str, int]]:
+    """How each tensor's size grows with each symbolic dim: the power ``d`` with
+    ``size(k * n) <= k**d * size(n)``, from its size with that dim halved or doubled.
+    Rounded up, so a size like ``a + b * n`` counts as ``n``.
+
+    This lets the coordinator bound a request's memory by arithmetic: running the model at
+    a request's own sizes, as an earlier memory guard did, exhausted the coordinator on the
+    very requests it was meant to refuse.
+
+    A dim whose size cannot be changed (the model fails at both) gets degree 2 for every
+    tensor, which errs on the side of refusing."""
+    out: dict[str, dict[str, int]] = {t: {} for t in sizes}
+    for sym, n in bindings.items():
+        other = None
+        # Halved where that is still a real size (cheaper: it runs the model smaller);
+        # doubled for small ones (batch 1), where 1 may be special (broadcasting).
+        tries = (n // 2, 2 * n) if n >= 16 else (2 * n, n // 2) if n >= 2 else (2 * n,)
+        for k in tries:
+            try:
+                bound, _ = _bind_inputs(m, init_names, {**bindings, sym: k})
+                shapes, types = _concrete_shapes(m, nodes, bound)
+                other = k
+                break
+            except Exception as e:  # noqa: BLE001 - any failure: try the other way
+                log.info("sizes at %s=%d not measurable (%s)", sym, k, e)
+        for t, size in sizes.items():
+            if other is None:
+                degree = 2
+            else:
+                s = shapes.get(t)
+                if s is None or size == 0:
+                    degree = 2
+                else:
+                    size_k = int(math.prod(s)) * _itemsize(types.get(t, onnx.TensorProto.FLOAT))
+                    big, small, ratio = ((size_k, size, other / n) if other > n
+                                         else (size, size_k, n / other))
+                    # ratio**d = big/small; rounded up, with slack for sizes like n + 1
+                    degree = (0 if big <= small else
+                              max(1, math.ceil(math.log(big / max(small, 1), ratio) - 0.05)))
+            if degree:
+                out[t][sym] = degree
+    return out
 
 
 # Transposes of weights at least this big are folded (``_fold_weight_transposes``).

@@ -127,10 +127,26 @@ class StagePrediction:
     compute_ms: float
     transfer_ms: float
     time_ms: float
+    # Per symbolic dim, the power of its growth that bounds the activations (see
+    # GraphCosts.activation_degrees); empty in plans made before it was recorded.
+    activation_degrees: dict[str, int] = field(default_factory=dict)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "StagePrediction":
         return StagePrediction(**d)
+
+    def memory_at(self, bindings: dict[str, int], sizes: dict[str, int]) -> float | None:
+        """Predicted peak MiB for a request of ``sizes`` on a plan made at ``bindings``:
+        the activations grow by at most ``(size / planned) ** degree`` per dim (and never
+        shrink below the plan). None if the plan does not record how they grow."""
+        scale = 1.0
+        for sym, planned in bindings.items():
+            k = sizes.get(sym, planned) / planned
+            if k > 1:
+                if sym not in self.activation_degrees:
+                    return None
+                scale *= k ** self.activation_degrees[sym]
+        return self.memory_mb + self.activations_mb * (scale - 1)
 
 
 @dataclass(frozen=True)
@@ -374,7 +390,7 @@ _DEVICE = {"name": ("str", True), "address": ("str", True), "profile": ("str", T
            "standby": ("bool", False)}
 _PREDICTION = {k: ("number", True) for k in (
     "weights_mb", "activations_mb", "runtime_floor_mb", "memory_mb", "gflops", "compute_ms",
-    "transfer_ms", "time_ms")}
+    "transfer_ms", "time_ms")} | {"activation_degrees": ("degrees", False)}
 _SHARD_FILE = {"path": ("relpath", True), "sha256": ("sha256", True), "size": ("int", True),
                "random_access": ("bool", False)}
 _STAGE = {"index": ("int", True), "device": (_DEVICE, True), "node_range": ("range", True),
@@ -396,7 +412,9 @@ def _describe(kind: Any) -> str:
         return "an object"
     if isinstance(kind, tuple):
         return "a list"
-    return "an object of sizes" if kind == "bindings" else _SCALARS[kind][0]
+    if kind in ("bindings", "degrees"):
+        return "an object of sizes" if kind == "bindings" else "an object of powers"
+    return _SCALARS[kind][0]
 
 
 def _check(v: Any, kind: Any, where: str) -> None:
@@ -427,6 +445,12 @@ def _check(v: Any, kind: Any, where: str) -> None:
                 if stage["index"] != i:
                     raise _FieldError(f"stages[{i}].index",
                                       f"expected {i} (stages in order), got {stage['index']}")
+    elif kind == "degrees":
+        if not isinstance(v, dict):
+            raise _FieldError(where, f"expected an object of powers, got {_got(v)}")
+        for k, d in v.items():
+            if not (_is_int(d) and 0 <= d <= 8):
+                raise _FieldError(f"{where}.{k}", f"expected an integer 0-8, got {_got(d)}")
     elif kind == "bindings":
         if not isinstance(v, dict):
             raise _FieldError(where, f"expected an object of sizes, got {_got(v)}")

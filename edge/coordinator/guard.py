@@ -1,0 +1,64 @@
+"""Refusing a request that would run a device out of memory, before any worker sees it.
+
+A plan is costed at sizes (``batch=1, sequence=128``); within them every stage fits by
+construction. A request may be larger. The plan records, per stage, how its activations
+grow with each size (``StagePrediction.activation_degrees``: hidden states grow with the
+sequence, attention scores with its square), so the memory a request needs is bounded by
+arithmetic, without running anything. A request that some stage's device could not hold
+is refused with ``RESOURCE_EXHAUSTED`` naming the device, what the request would need and
+what the device has, instead of reaching a worker that the kernel then kills.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+from edge.planning.plan import Plan, TensorSpec
+
+__all__ = ["TooLarge", "request_sizes", "check_fits"]
+
+
+class TooLarge(Exception):
+    """The request would not fit a device; the message says which and by how much."""
+
+
+def request_sizes(specs: Sequence[TensorSpec],
+                  shapes: Iterable[tuple[str, Sequence[int]]]) -> dict[str, int]:
+    """The request's size of each symbolic dim of the model's inputs.
+
+    Args:
+        specs: the model's inputs.
+        shapes: (name, shape) of each tensor the request carries.
+    """
+    by_name = {s.name: s for s in specs}
+    out: dict[str, int] = {}
+    for name, shape in shapes:
+        spec = by_name.get(name)
+        if spec is None:
+            continue
+        for dim, size in zip(spec.shape, shape):
+            if isinstance(dim, str):
+                out[dim] = max(out.get(dim, 0), int(size))
+    return out
+
+
+def check_fits(plan: Plan, sizes: Mapping[str, int]) -> None:
+    """Raise TooLarge if some stage of ``plan`` would not hold a request of ``sizes``.
+
+    Requests within the plan's sizes always pass; so do all requests on a plan that does
+    not record how its activations grow (made before it did).
+    """
+    bindings = plan.model.bindings
+    if not any(sizes.get(k, v) > v for k, v in bindings.items()):
+        return
+    for stage in plan.stages:
+        need = stage.predicted.memory_at(bindings, dict(sizes))
+        has = stage.device.memory_mb
+        if need is not None and need > has:
+            asked = ", ".join(f"{k}={v}" for k, v in sizes.items())
+            planned = ", ".join(f"{k}={v}" for k, v in bindings.items())
+            raise TooLarge(
+                f"a request of {asked} would need about {need:.0f} MiB on device "
+                f"{stage.device.name} (stage {stage.index}), which has {has:.0f} MiB; the "
+                f"plan was made for {planned}. Send smaller requests, or plan for these "
+                f"sizes (edge plan --dim NAME=SIZE) on devices that hold them")
