@@ -69,6 +69,11 @@ def print_plan(plan, console) -> None:
     console.print(table)
     console.print(f"modelled from the device profiles: bottleneck {plan.bottleneck_ms:.0f} ms "
                   f"per request, latency {plan.latency_ms:.0f} ms")
+    from edge.coordinator.guard import describe_limits
+
+    limits = describe_limits(plan)
+    if limits:
+        console.print(limits)
 
 
 # Sizes a plan is costed at unless --dim says otherwise, for the dims a model names so.
@@ -171,9 +176,10 @@ def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | N
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from edge.coordinator.pipeline import Pipeline
-    from edge.planning.plan import load_plan
+    from edge.planning.plan import load_plan, plan_file
     from edge.transport.channels import Deadlines, Security
 
+    plan_path = plan_file(plan_path)
     plan = load_plan(plan_path)
 
     def changed(recovery) -> None:
@@ -211,6 +217,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         host = args.listen.rsplit(":", 1)[0]
         console.print(f"edge coordinator serving {pipeline.plan.model.name} over "
                       f"{len(pipeline.plan.stages)} workers on {host}:{port}")
+        from edge.coordinator.guard import describe_limits
+
+        limits = describe_limits(pipeline.plan)
+        if limits:
+            console.print(limits)
         if args.port_file:
             tmp = Path(args.port_file + ".tmp")
             tmp.write_text(str(port))
@@ -431,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("coordinator", help="deploy a plan's shards and serve requests")
-    p.add_argument("--plan", required=True, help="plan.json written by `edge plan`")
+    p.add_argument("--plan", required=True,
+                   help="plan.json written by `edge plan`, or the folder it is in")
     p.add_argument("--listen", default="0.0.0.0:50050")
     p.add_argument("--ready-timeout", type=float, default=60.0,
                    help="seconds to wait for each worker to be healthy")

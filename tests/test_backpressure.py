@@ -139,7 +139,7 @@ def test_a_request_too_large_for_a_device_is_refused_before_it_reaches_one(bert_
     import onnxruntime as ort
 
     import edge.coordinator.pipeline as pipeline_module
-    from edge.coordinator.guard import check_fits
+    from edge.coordinator.guard import TooLarge, check_fits, largest
     from edge.planning.plan import load_plan
     from edge.transport.codec import decode_tensors, encode_tensors
 
@@ -151,6 +151,13 @@ def test_a_request_too_large_for_a_device_is_refused_before_it_reaches_one(bert_
         plan = load_plan(tmp_path / "plan.json")  # the degrees survive plan.json
         assert all(s.predicted.activation_degrees == {"batch": 1, "sequence": 2}
                    for s in plan.stages)
+        # The largest size of each dim that passes, and one more that does not.
+        for dim in ("batch", "sequence"):
+            n = largest(plan, dim)
+            assert n > plan.model.bindings[dim]
+            check_fits(plan, {**plan.model.bindings, dim: n})
+            with pytest.raises(TooLarge):
+                check_fits(plan, {**plan.model.bindings, dim: n + 1})
         with Pipeline(plan, tmp_path) as pipeline:
             pipeline.start()
             # Larger than planned but small: it fits, and is served.

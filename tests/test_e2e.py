@@ -130,6 +130,7 @@ def test_cli_plan_coordinator_infer(bert_tiny, workers, tmp_path):
     r = edge_cli("plan", str(bert_tiny), "--cluster", str(tmp_path / "cluster.yaml"),
                  "--out", str(build), "--dim", "sequence=16")
     assert r.returncode == 0, r.stderr
+    assert "largest requests the devices hold: batch up to" in " ".join(r.stdout.split())
     plan = load_plan(build / "plan.json")
     assert [s.device.name for s in plan.stages] == ["pi-0", "pi-1", "pi-2"]
     for s in plan.stages:
@@ -137,7 +138,7 @@ def test_cli_plan_coordinator_infer(bert_tiny, workers, tmp_path):
 
     port_file = tmp_path / "coordinator.port"
     coordinator = subprocess.Popen(
-        [sys.executable, "-m", "edge", "coordinator", "--plan", str(build / "plan.json"),
+        [sys.executable, "-m", "edge", "coordinator", "--plan", str(build),  # its folder
          "--listen", "127.0.0.1:0", "--port-file", str(port_file)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -158,9 +159,17 @@ def test_cli_plan_coordinator_infer(bert_tiny, workers, tmp_path):
         r = edge_cli("infer", "--coordinator", f"127.0.0.1:{port_file.read_text()}",
                      "--input", str(tmp_path / "bad.npz"), "--output", str(tmp_path / "o.npz"))
         assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr and "float32" in r.stderr
+        # A request far beyond the plan's sizes: refused, naming a device and its budget.
+        np.savez(tmp_path / "big.npz", **example_inputs("bert", "tiny", batch=256, seq=512))
+        r = edge_cli("infer", "--coordinator", f"127.0.0.1:{port_file.read_text()}",
+                     "--input", str(tmp_path / "big.npz"), "--output", str(tmp_path / "o.npz"))
+        assert r.returncode == 1 and "RESOURCE_EXHAUSTED" in r.stderr, r.stderr
+        assert "batch=256, sequence=512" in r.stderr and "pi-0" in r.stderr, r.stderr
     finally:
         coordinator.terminate()
         coordinator.wait(10)
+    said = " ".join(coordinator.stdout.read().split())
+    assert "largest requests the devices hold" in said, said
 
 
 def test_plan_that_does_not_fit_says_what_each_device_needs(bert_tiny, tmp_path):

@@ -11,11 +11,12 @@ what the device has, instead of reaching a worker that the kernel then kills.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping, Sequence
 
 from edge.planning.plan import Plan, TensorSpec
 
-__all__ = ["TooLarge", "request_sizes", "check_fits"]
+__all__ = ["TooLarge", "request_sizes", "check_fits", "largest", "describe_limits"]
 
 
 class TooLarge(Exception):
@@ -62,3 +63,50 @@ def check_fits(plan: Plan, sizes: Mapping[str, int]) -> None:
                 f"{stage.device.name} (stage {stage.index}), which has {has:.0f} MiB; the "
                 f"plan was made for {planned}. Send smaller requests, or plan for these "
                 f"sizes (edge plan --dim NAME=SIZE) on devices that hold them")
+
+
+def largest(plan: Plan, dim: str) -> int | None:
+    """The largest size of ``dim`` (the other dims at the plan's sizes) that every device
+    of ``plan`` holds by :func:`check_fits`; None if it does not limit it (or the plan does
+    not record how its activations grow)."""
+    planned = plan.model.bindings.get(dim)
+    if not planned:
+        return None
+    limit = None
+    for stage in plan.stages:
+        p = stage.predicted
+        degree = p.activation_degrees.get(dim, 0)
+        if dim not in p.activation_degrees or degree == 0 or p.activations_mb <= 0:
+            continue
+        room = stage.device.memory_mb - p.memory_mb
+        k = max(1.0, room / p.activations_mb + 1) ** (1 / degree)
+        limit = min(limit or math.inf, k)
+    if limit is None:
+        return None
+    size = max(planned, math.floor(limit * planned))
+    # the closed form can land a hair over; step back until the check agrees
+    while size > planned and _refused(plan, {**plan.model.bindings, dim: size}):
+        size -= max(1, size // 1000)
+    return size
+
+
+def _refused(plan: Plan, sizes: Mapping[str, int]) -> bool:
+    try:
+        check_fits(plan, sizes)
+        return False
+    except TooLarge:
+        return True
+
+
+def describe_limits(plan: Plan) -> str:
+    """One line for people: the largest request of each size the plan's devices hold."""
+    parts = []
+    for dim in plan.model.bindings:
+        size = largest(plan, dim)
+        if size is not None:
+            others = ", ".join(f"{k}={v}" for k, v in plan.model.bindings.items() if k != dim)
+            parts.append(f"{dim} up to {size}" + (f" (at {others})" if others else ""))
+    if not parts:
+        return ""
+    return ("largest requests the devices hold: " + "; ".join(parts)
+            + "; larger ones are refused with RESOURCE_EXHAUSTED")

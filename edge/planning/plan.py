@@ -26,6 +26,7 @@ __all__ = [
     "ModelInfo",
     "Plan",
     "load_plan",
+    "plan_file",
 ]
 
 PLAN_VERSION = 1
@@ -303,17 +304,25 @@ class Plan:
         )
 
 
+def plan_file(path: str | Path) -> Path:
+    """``path`` itself, or ``path/plan.json`` if it is a folder (``edge plan --out``)."""
+    path = Path(path)
+    return path / "plan.json" if path.is_dir() else path
+
+
 def load_plan(path: str | Path) -> Plan:
     """Read ``plan.json``, with errors that name the file and the field.
 
     Args:
-        path: the plan file.
+        path: the plan file, or the folder ``edge plan --out`` wrote it to.
     """
-    path = Path(path)
+    path = plan_file(path)
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such plan file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the plan ({e})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
