@@ -52,6 +52,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def print_plan(plan, console) -> None:
     from rich.table import Table
 
+    for note in plan.model.notes:
+        console.print(f"[yellow]intake:[/yellow] {note}")
     dims = ", ".join(f"{k}={v}" for k, v in plan.model.bindings.items())
     table = Table(title=f"plan: {plan.model.name}, {plan.model.num_nodes} nodes, {dims}")
     for col in ("stage", "device", "nodes", "mode", "shard", "memory / budget MiB",
@@ -79,10 +81,34 @@ def print_plan(plan, console) -> None:
 # Sizes a plan is costed at unless --dim says otherwise, for the dims a model names so.
 DEFAULT_DIMS = {"batch": 1, "sequence": 128}
 
+_SAMPLE_HELP = ("a real input, one array per model input name (np.savez): it sets every "
+                "dynamic dim, and shapes are measured on it rather than on zeros (needed "
+                "when the model branches on an input's value)")
 
-def plan_dims(model: str | Path, given: dict[str, int]) -> dict[str, int]:
-    """``given`` plus DEFAULT_DIMS for the model's symbolic input dims that it leaves open."""
+
+def load_sample(path: str | None) -> dict | None:
+    """The arrays of ``--sample FILE.npz``, or None without one."""
+    if not path:
+        return None
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise ValueError("expected an .npz archive of named arrays, got one array")
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise SystemExit(f"edge: --sample {path}: cannot read it as .npz ({e})")
+
+
+def plan_dims(model: str | Path, given: dict[str, int], sample: dict | None = None,
+              ) -> dict[str, int]:
+    """``given`` plus DEFAULT_DIMS for the model's symbolic input dims that it leaves open
+    (none with a sample: its shapes bind every dim)."""
     import onnx
+
+    if sample is not None:
+        return given
 
     try:
         graph = onnx.load(str(model), load_external_data=False).graph
@@ -111,9 +137,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from edge.planning.cluster import load_cluster
 
     cluster = load_cluster(args.cluster)
+    sample = load_sample(args.sample)
     plan = make_plan(args.model, cluster.devices, args.out,
-                     bindings=plan_dims(args.model, _parse_dims(args.dim)),
-                     standby=cluster.standby, modes=_parse_modes(args.modes))
+                     bindings=plan_dims(args.model, _parse_dims(args.dim), sample),
+                     standby=cluster.standby, modes=_parse_modes(args.modes), sample=sample)
     print_plan(plan, _console())
     print(f"wrote {Path(args.out) / 'plan.json'} and {len(plan.stages)} shard(s)")
     return 0
@@ -273,7 +300,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.model:
         from edge.profiling.offline import profile_model, render_offline, write_offline
 
-        profile = profile_model(args.model, plan_dims(args.model, _parse_dims(args.dim)))
+        sample = load_sample(args.sample)
+        profile = profile_model(args.model, plan_dims(args.model, _parse_dims(args.dim), sample),
+                                sample=sample)
         render_offline(profile, console)
         if args.out:
             print(f"wrote {write_offline(profile, args.out)}")
@@ -416,12 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plan", help="split a model into shards for a cluster")
-    p.add_argument("model", help="an ONNX file (opset >= 17; external data is fine)")
+    p.add_argument("model", help="an ONNX file (any opset from 7: older ones are converted "
+                                 "to 17 and checked; external data is fine)")
     p.add_argument("--cluster", required=True, help="cluster.yaml: devices in pipeline order")
     p.add_argument("--out", required=True, help="folder for plan.json and shards/")
     p.add_argument("--dim", action="append", metavar="NAME=SIZE",
                    help="size of a symbolic input dimension to plan for "
                         "(default batch=1, sequence=128); repeatable")
+    p.add_argument("--sample", metavar="FILE.npz", help=_SAMPLE_HELP)
     p.add_argument("--modes", metavar="MODE,...",
                    help="modes a stage may take, in order of preference (default "
                         "fp32,fp32-lean,int8: each stage gets the first that fits its "
@@ -476,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=4, help="live: requests in flight")
     p.add_argument("--input", help="live: an .npz request to send (default: synthetic)")
     p.add_argument("--dim", action="append", metavar="NAME=SIZE", help="offline: sizes")
+    p.add_argument("--sample", metavar="FILE.npz", help="offline: " + _SAMPLE_HELP)
     p.add_argument("--out", help="folder for report.json (live: also samples.csv, memory.png; "
                                  "default ./report)")
     add_security_arguments(p)

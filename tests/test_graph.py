@@ -83,9 +83,11 @@ def test_nodes_sorted_topologically():
     assert [set(c.crossing(p)) for p in range(7)] == EXPECTED_CROSSING
 
 
-def test_old_opset_rejected():
-    with pytest.raises(GraphError, match=r"expected >= 17, got 13"):
-        analyze(_skip_model(opset=13))
+def test_old_opset_converted():
+    c = analyze(_skip_model(opset=13), {"batch": 1})
+    assert c.notes[0] == "converted from opset 13 to 17"
+    assert "largest relative difference 0" in c.notes[-1]
+    assert [set(c.crossing(p)) for p in range(7)] == EXPECTED_CROSSING
 
 
 def test_unbound_dim_named():

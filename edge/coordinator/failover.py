@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection
 
+import numpy as np
+
 from edge.errors import EdgeError, NoFitError
 from edge.planning.plan import Device, Plan
 
@@ -136,6 +138,7 @@ class Replanner:
         from edge.planning import make_plan
 
         model = self._checked_model(lost)
+        sample = self._sample()
         tries = [placed] + ([placed + spares] if spares else [])
         error: NoFitError | None = None
         for devices in tries:
@@ -143,7 +146,7 @@ class Replanner:
             out = self.plan_dir / "replans" / name[:12]
             try:
                 plan = make_plan(model, devices, out, bindings=dict(self.original.model.bindings),
-                                 modes=self.original.modes)
+                                 modes=self.original.modes, sample=sample)
             except NoFitError as e:
                 error = e
                 continue
@@ -159,6 +162,13 @@ class Replanner:
             f"MiB in all) cannot hold {self.original.model.name}: {missing:.0f} MiB short in "
             f"the closest split. Bring a device back or add standby devices to cluster.yaml."
             f"\n{error}")
+
+    def _sample(self) -> dict | None:
+        """The sample input the plan was measured on (``edge plan --sample``), if any."""
+        if not self.original.model.sample:
+            return None
+        with np.load(self.plan_dir / self.original.model.sample, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
 
     def _checked_model(self, lost: list[str]) -> Path:
         """The source model, after checking it is the one the plan was made from."""

@@ -12,9 +12,11 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from edge.planning.graph import analyze
     from edge.planning.plan import Device, Plan
     from edge.planning.planner import partition
@@ -45,7 +47,8 @@ def _sha256_file(path: Path) -> str:
 def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
               out_dir: str | Path, bindings: dict[str, int] | None = None,
               standby: Sequence["Device"] = (),
-              modes: Sequence[str] | None = None) -> "Plan":
+              modes: Sequence[str] | None = None,
+              sample: Mapping[str, "np.ndarray"] | None = None) -> "Plan":
     """Analyse a model, split it over the devices, write the shards and ``plan.json``.
 
     Args:
@@ -59,6 +62,9 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
         standby: extra spare devices.
         modes: the modes a stage may take, in order of preference; None for all of
             ``MODES`` (fp32, then fp32-lean, then int8: each stage gets the first that fits).
+        sample: a real input, one array per model input (``edge plan --sample``): it binds
+            the model's dims and shapes are measured on it. Saved as ``sample.npz`` next
+            to ``plan.json``, for re-plans.
 
     Returns:
         The plan, also saved as ``out_dir/plan.json``.
@@ -77,11 +83,17 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
     out_dir = Path(out_dir)
     active = [d for d in cluster_devices if not d.standby]
     spares = tuple(d for d in cluster_devices if d.standby) + tuple(standby)
-    costs = analyze(model_path, bindings)
+    costs = analyze(model_path, bindings, sample)
     split = partition(costs, active, **({} if modes is None else {"modes": tuple(modes)}))
 
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
+    sample_rel = ""
+    if sample is not None:
+        import numpy as np
+
+        sample_rel = "sample.npz"
+        np.savez(out_dir / sample_rel, **{k: np.asarray(v) for k, v in sample.items()})
     n = costs.num_nodes
     stages = []
     for k, (dev, (i, j), pred, mode) in enumerate(zip(active, split.ranges,
@@ -109,7 +121,8 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
         inputs=tuple(costs.specs[t] for t in costs.graph_inputs),
         outputs=tuple(costs.specs[t] for t in costs.graph_outputs),
         bindings=dict(costs.bindings),
-        path=os.path.relpath(model_path.resolve(), out_dir.resolve()))
+        path=os.path.relpath(model_path.resolve(), out_dir.resolve()),
+        sample=sample_rel, notes=tuple(costs.notes))
     plan = Plan(model=model, stages=tuple(stages), standby=spares,
                 bottleneck_ms=split.bottleneck_ms, latency_ms=split.latency_ms,
                 modes=MODES if modes is None else tuple(modes))

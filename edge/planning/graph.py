@@ -18,7 +18,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -26,6 +26,9 @@ from google.protobuf.message import DecodeError
 from onnx import helper, shape_inference
 
 from edge.errors import GraphError
+from edge.planning.scopes import node_reads
+from edge.planning.intake import (ANONYMOUS_DIMS as _ANONYMOUS_DIMS, TARGET_OPSET,
+                                  anonymous_dim, check_same, normalize)
 from edge.planning.plan import Dim, TensorSpec
 
 __all__ = [
@@ -39,7 +42,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MIN_OPSET = 17
+MIN_OPSET = TARGET_OPSET
 
 # Symbolic input dims with one of these names default to 1 when not bound; every other
 # unbound symbolic dim is an error, because guessing a sequence length or an image size
@@ -59,6 +62,7 @@ _FLOPS_PER_ELEMENT = {
 }
 
 _MiB = float(1 << 20)
+
 
 
 @dataclass
@@ -129,6 +133,8 @@ class GraphCosts:
             (``edge.shards.quantize``): a quarter for MatMul/Conv weights and Gather tables,
             which dynamic quantization stores as 8-bit; unchanged for the rest. None: same
             as ``init_bytes``.
+        notes: what intake changed to make the model plannable (a converted opset, folded
+            constants, named dims), one line each for people.
     """
 
     model: onnx.ModelProto
@@ -156,6 +162,7 @@ class GraphCosts:
     init_table_uses: tuple[np.ndarray, ...] = ()
     init_int8_bytes: np.ndarray | None = None
     tensor_degrees: dict[str, dict[str, int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._weights = WeightIndex(self.num_nodes, self.init_bytes, self.init_uses)
@@ -222,7 +229,10 @@ class GraphCosts:
 
 
 def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
-    """Load an ONNX model with its external data and check its opset.
+    """Load an ONNX model with its external data and check that it has an opset.
+
+    Models older than ``MIN_OPSET`` are converted by :func:`analyze`
+    (``edge.planning.intake``), not refused.
 
     Args:
         model: a path or an already loaded ModelProto.
@@ -245,14 +255,9 @@ def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         if not m.graph.node and not m.opset_import:
             raise GraphError(f"{path}: not an ONNX model: expected a graph and opset_import, "
                              f"the file has neither ({path.stat().st_size} bytes)")
-    opset = _default_opset(m)
-    if opset is None:
+    if _default_opset(m) is None:
         raise GraphError(f"{where}: opset_import: expected the default ('ai.onnx') opset, "
                          "the model imports none")
-    if opset < MIN_OPSET:
-        raise GraphError(
-            f"{where}: model opset: expected >= {MIN_OPSET}, got {opset} "
-            f"(re-export with opset_version={MIN_OPSET} or newer)")
     return m
 
 
@@ -264,42 +269,6 @@ def _default_opset(m: onnx.ModelProto) -> int | None:
 
 
 # --------------------------------------------------------------------------- structure
-
-
-def _subgraph_refs(g: onnx.GraphProto) -> set[str]:
-    """Names a subgraph reads from its enclosing scope (implicit inputs)."""
-    defined = {i.name for i in g.input} | {t.name for t in g.initializer}
-    defined |= {t.name for t in g.sparse_initializer}
-    used: set[str] = set()
-    for node in g.node:
-        used.update(x for x in node.input if x)
-        for a in node.attribute:
-            for sg in _attr_graphs(a):
-                used |= _subgraph_refs(sg)
-        defined.update(x for x in node.output if x)
-    used.update(o.name for o in g.output)
-    return used - defined
-
-
-def _attr_graphs(a: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    if a.type == onnx.AttributeProto.GRAPH:
-        return [a.g]
-    if a.type == onnx.AttributeProto.GRAPHS:
-        return list(a.graphs)
-    return []
-
-
-def node_reads(node: onnx.NodeProto) -> list[str]:
-    """Every outer-scope name a node reads: its inputs plus subgraph implicit inputs."""
-    names = [x for x in node.input if x]
-    seen = set(names)
-    for a in node.attribute:
-        for sg in _attr_graphs(a):
-            for x in sorted(_subgraph_refs(sg)):
-                if x not in seen:
-                    seen.add(x)
-                    names.append(x)
-    return names
 
 
 def _toposort(m: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -380,9 +349,12 @@ def _vi_shape(vi: onnx.ValueInfoProto) -> tuple[Dim, ...] | None:
     dims: list[Dim] = []
     for d in tt.shape.dim:
         if d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
-        elif d.HasField("dim_param") and d.dim_param and not d.dim_param.startswith("unk__"):
-            # "unk__N" names are made up by shape inference, not shared model dims.
+            # Paddle2ONNX writes -1 for "unknown": a non-positive dim is never a size.
+            dims.append(int(d.dim_value) if d.dim_value > 0 else None)
+        elif (d.HasField("dim_param") and d.dim_param.strip() not in _ANONYMOUS_DIMS
+              and not d.dim_param.startswith("unk__")):
+            # "unk__N" names are made up by shape inference, not shared model dims; "?"
+            # is Paddle's "unknown", which two dims of one tensor may both be.
             dims.append(d.dim_param)
         else:
             dims.append(None)
@@ -451,30 +423,37 @@ def _bind_inputs(m: onnx.ModelProto, init_names: set[str],
             elif isinstance(d, str):
                 if d in used:
                     dims.append(int(used[d]))
-                elif d.lower() in BATCH_DIM_NAMES:
+                elif d.lower() in BATCH_DIM_NAMES or d == anonymous_dim(vi.name, 0):
+                    # An unnamed leading dim is the batch in every model we have seen.
                     used[d] = 1
                     dims.append(1)
                 else:
                     unbound.setdefault(d, []).append(f"{vi.name}[{k}]")
                     dims.append(1)
             else:
-                unbound.setdefault(f"{vi.name}:{k}", []).append(f"{vi.name}[{k}] (unnamed)")
-                dims.append(1)
+                name = anonymous_dim(vi.name, k)
+                if name in used:
+                    dims.append(int(used[name]))
+                else:
+                    unbound.setdefault(name, []).append(f"{vi.name}[{k}] (unnamed)")
+                    dims.append(1)
         out.append(helper.make_tensor_value_info(vi.name, tt.elem_type, dims))
     if unbound:
         listing = "; ".join(f"{k} (used by {', '.join(v)})" for k, v in unbound.items())
-        example = " ".join(f"--dim {k}=SIZE" for k in unbound if ":" not in k)
+        example = " ".join(f"--dim {k}=SIZE" for k in unbound)
         raise GraphError(
             f"the model's inputs have unbound symbolic dims: {listing}. Costs need concrete "
-            f"sizes: bind them with {example or '--dim NAME=SIZE'} "
+            f"sizes: bind them with {example}, or give a real input with --sample FILE.npz "
             f"(only batch-like dims default to 1)")
     return out, used
 
 
 def _concrete_shapes(m: onnx.ModelProto, nodes: list[onnx.NodeProto],
                      bound_inputs: list[onnx.ValueInfoProto],
+                     sample: Mapping[str, np.ndarray] | None = None,
                      ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
-    """Concrete shapes and elem types of every tensor, inference first, then measurement."""
+    """Concrete shapes and elem types of every tensor, inference first, then measurement
+    (on ``sample`` resized to the bound shapes, or on zeros without one)."""
     light = _light_model(m, bound_inputs, keep_value_info=False)
     del light.graph.node[:]
     light.graph.node.extend(nodes)
@@ -495,7 +474,7 @@ def _concrete_shapes(m: onnx.ModelProto, nodes: list[onnx.NodeProto],
     if missing:
         log.info("%d of %d tensor shapes unknown after inference (e.g. %s); measuring them "
                  "with one onnxruntime run", len(missing), len(wanted), missing[:3])
-        measured = _measure_shapes(m, bound_inputs, missing, types)
+        measured = _measure_shapes(m, bound_inputs, missing, types, sample)
         for t, (shape, et) in measured.items():
             shapes[t] = shape
             types[t] = et
@@ -503,6 +482,99 @@ def _concrete_shapes(m: onnx.ModelProto, nodes: list[onnx.NodeProto],
         shapes[vi.name] = tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
         types[vi.name] = vi.type.tensor_type.elem_type
     return shapes, types
+
+
+def input_feeds(bound_inputs: Sequence[onnx.ValueInfoProto],
+                sample: Mapping[str, np.ndarray] | None = None,
+                seed: int | None = None) -> dict[str, np.ndarray]:
+    """One array per bound graph input: the sample's, cropped or tiled to the bound shape;
+    without a sample, :func:`_dummy_input` (zeros), or seeded random values if ``seed`` is
+    given (floats N(0, 1), masks ones, integers zeros), for checks that zeros would pass
+    trivially.
+
+    Args:
+        bound_inputs: graph inputs with concrete shapes (``_bind_inputs``).
+        sample: a real input per graph input name, e.g. from ``--sample FILE.npz``.
+        seed: seed of the random values when there is no sample.
+    """
+    out = {}
+    rng = np.random.default_rng(seed) if seed is not None else None
+    for vi in bound_inputs:
+        shape = tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+        if sample is not None and vi.name in sample:
+            out[vi.name] = _fit(np.asarray(sample[vi.name]), shape)
+            continue
+        x = _dummy_input(vi)
+        if rng is not None and x.dtype.kind == "f" and "mask" not in vi.name.lower():
+            x = rng.standard_normal(shape).astype(x.dtype)
+        out[vi.name] = x
+    return out
+
+
+def _fit(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``a`` cropped or tiled along each axis to ``shape`` (same rank): a sample of sequence
+    128 serves to measure sequence 64 or 256 with real values (token ids stay valid)."""
+    if a.shape == shape or a.ndim != len(shape):
+        return a
+    for axis, (have, want) in enumerate(zip(a.shape, shape)):
+        if have == want or have == 0:
+            continue
+        if want < have:
+            a = np.take(a, np.arange(want), axis=axis)
+        else:
+            reps = [1] * a.ndim
+            reps[axis] = -(-want // have)
+            a = np.take(np.tile(a, reps), np.arange(want), axis=axis)
+    return np.require(a, requirements="C")
+
+
+def sample_bindings(m: onnx.ModelProto, sample: Mapping[str, np.ndarray],
+                    given: Mapping[str, int] | None = None) -> dict[str, int]:
+    """The sizes of the model's symbolic input dims in a sample input.
+
+    Args:
+        m: the (normalized) model.
+        sample: one array per graph input, keyed by the input's name.
+        given: sizes bound otherwise (``--dim``); a different size in the sample is an
+            error.
+
+    Raises:
+        GraphError: the sample lacks an input or has one the model does not, or an
+            array's dtype, rank or fixed dims differ from the model's input.
+    """
+    inits = {t.name for t in m.graph.initializer}
+    inputs = [vi for vi in m.graph.input if vi.name not in inits]
+    names = [vi.name for vi in inputs]
+    missing = [n for n in names if n not in sample]
+    extra = [k for k in sample if k not in names]
+    if missing or extra:
+        raise GraphError(f"sample: expected one array per model input {names}, got "
+                         f"{sorted(sample)}" + (f"; missing {missing}" if missing else "")
+                         + (f"; the model has no input {extra}" if extra else ""))
+    out: dict[str, int] = {}
+    for vi in inputs:
+        a = np.asarray(sample[vi.name])
+        tt = vi.type.tensor_type
+        want = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        shape = _vi_shape(vi) or ()
+        spec = "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
+        if a.dtype != want or a.ndim != len(shape):
+            raise GraphError(f"sample {vi.name!r}: expected {want.name}{spec}, got "
+                             f"{a.dtype.name}{list(a.shape)}")
+        for k, (d, size) in enumerate(zip(shape, a.shape)):
+            if isinstance(d, int) and d != size:
+                raise GraphError(f"sample {vi.name!r}: expected {want.name}{spec}, got "
+                                 f"{a.dtype.name}{list(a.shape)} (axis {k})")
+            if isinstance(d, str):
+                if d in out and out[d] != size:
+                    raise GraphError(f"sample: dim {d!r} is {out[d]} in one input and "
+                                     f"{size} in {vi.name!r}[{k}]; expected one size")
+                out[d] = int(size)
+    for d, size in (given or {}).items():
+        if d in out and out[d] != size:
+            raise GraphError(f"--dim {d}={size} contradicts the sample, where {d} is "
+                             f"{out[d]}; drop one of them")
+    return out
 
 
 def _dummy_input(vi: onnx.ValueInfoProto) -> np.ndarray:
@@ -520,6 +592,7 @@ def _dummy_input(vi: onnx.ValueInfoProto) -> np.ndarray:
 
 def _measure_shapes(m: onnx.ModelProto, bound_inputs: list[onnx.ValueInfoProto],
                     names: list[str], types: dict[str, int],
+                    sample: Mapping[str, np.ndarray] | None = None,
                     ) -> dict[str, tuple[tuple[int, ...], int]]:
     import onnxruntime as ort
 
@@ -542,10 +615,12 @@ def _measure_shapes(m: onnx.ModelProto, bound_inputs: list[onnx.ValueInfoProto],
         so.log_severity_level = 3
         try:
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-            feeds = {vi.name: _dummy_input(vi) for vi in bound_inputs}
+            feeds = input_feeds(bound_inputs, sample)
             outs = sess.run(names, feeds)
         except Exception as e:
-            raise GraphError(f"cannot measure tensor shapes with onnxruntime: {e}") from None
+            hint = ("" if sample is not None else "; the model ran on zeros: if it needs "
+                    "real values (a sample rate, a mode flag), give one with --sample FILE.npz")
+            raise GraphError(f"cannot measure tensor shapes with onnxruntime: {e}{hint}") from None
     res = {}
     for t, v in zip(names, outs):
         v = np.asarray(v)
@@ -588,19 +663,29 @@ def _node_flops(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]],
 
 
 def analyze(model: str | Path | onnx.ModelProto,
-            bindings: dict[str, int] | None = None) -> GraphCosts:
+            bindings: dict[str, int] | None = None,
+            sample: Mapping[str, np.ndarray] | None = None) -> GraphCosts:
     """Compute per-node and per-cut costs of an ONNX model at concrete sizes.
+
+    The model is first normalized (``edge.planning.intake``): an older opset is converted
+    and the conversion checked in onnxruntime on the sample (or seeded random inputs),
+    constants are folded into weights, unnamed input dims get ``INPUT:AXIS`` names.
 
     Args:
         model: path to an ``.onnx`` file (external data is loaded) or a ModelProto.
         bindings: sizes of the model's symbolic dims, e.g. ``{"batch": 1, "sequence": 128}``.
-            Unbound batch-like dims (``batch``, ``batch_size``, ...) default to 1; any other
-            unbound symbolic input dim raises GraphError naming it.
+            Unbound batch-like dims (``batch``, ``batch_size``, ``x:0``, ...) default to 1;
+            any other unbound symbolic input dim raises GraphError naming it.
+        sample: a real input, one array per graph input name: it binds every symbolic
+            dim, and shapes are measured on it instead of on zeros.
 
     Returns:
         GraphCosts with arrays indexed by node position and cut position.
     """
-    m = _fold_weight_transposes(load_model(model))
+    where = "model" if isinstance(model, onnx.ModelProto) else str(model)
+    original = load_model(model)
+    normalized, intake = normalize(original, where)
+    m = _fold_weight_transposes(normalized)
     g = m.graph
     nodes = _toposort(m)
     if list(nodes) != list(g.node):
@@ -620,8 +705,20 @@ def analyze(model: str | Path | onnx.ModelProto,
     graph_inputs = [i.name for i in g.input if i.name not in inits]
     graph_outputs = [o.name for o in g.output]
 
-    bound_inputs, used_bindings = _bind_inputs(m, set(inits), dict(bindings or {}))
-    shapes, types = _concrete_shapes(m, nodes, bound_inputs)
+    bindings = dict(bindings or {})
+    if sample is not None:
+        bindings.update(sample_bindings(m, sample, bindings))
+    bound_inputs, used_bindings = _bind_inputs(m, set(inits), bindings)
+    notes = list(intake.notes)
+    if intake.converted_from is not None:
+        diff = check_same(original, normalized, input_feeds(bound_inputs, sample, seed=0),
+                          where)
+        notes.append(f"outputs checked against opset {intake.converted_from} in onnxruntime "
+                     f"on {'the sample' if sample is not None else 'seeded random inputs'}: "
+                     f"largest relative difference {diff:.2g}")
+    for note in notes:
+        log.info("%s: %s", where, note)
+    shapes, types = _concrete_shapes(m, nodes, bound_inputs, sample)
     for name, t in inits.items():
         shapes[name] = tuple(int(d) for d in t.dims)
         types[name] = t.data_type
@@ -715,7 +812,7 @@ def analyze(model: str | Path | onnx.ModelProto,
         specs[t] = TensorSpec(name=t, dtype=_np_dtype_name(types[t]), shape=shape)
 
     degrees = _tensor_degrees(m, nodes, set(inits), used_bindings,
-                              {t: tensor_bytes[t] for t in producer})
+                              {t: tensor_bytes[t] for t in producer}, sample)
 
     costs = GraphCosts(
         model=m, bindings=used_bindings,
@@ -731,6 +828,7 @@ def analyze(model: str | Path | onnx.ModelProto,
         init_table_uses=tuple(np.asarray(u, dtype=np.int64) for u in table_uses),
         init_int8_bytes=np.where(quantized, (init_bytes + 3) // 4, init_bytes),
         tensor_degrees=degrees,
+        notes=notes,
     )
     log.info("analysed model: %s", costs.summary())
     return costs
@@ -738,6 +836,7 @@ def analyze(model: str | Path | onnx.ModelProto,
 
 def _tensor_degrees(m: onnx.ModelProto, nodes: list[onnx.NodeProto], init_names: set[str],
                     bindings: dict[str, int], sizes: dict[str, int],
+                    sample: Mapping[str, np.ndarray] | None = None,
                     ) -> dict[str, dict[str, int]]:
     """How each tensor's size grows with each symbolic dim: the power ``d`` with
     ``size(k * n) <= k**d * size(n)``, from its size with that dim halved or doubled.
@@ -758,7 +857,7 @@ def _tensor_degrees(m: onnx.ModelProto, nodes: list[onnx.NodeProto], init_names:
         for k in tries:
             try:
                 bound, _ = _bind_inputs(m, init_names, {**bindings, sym: k})
-                shapes, types = _concrete_shapes(m, nodes, bound)
+                shapes, types = _concrete_shapes(m, nodes, bound, sample)
                 other = k
                 break
             except Exception as e:  # noqa: BLE001 - any failure: try the other way

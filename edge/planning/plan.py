@@ -224,6 +224,11 @@ class ModelInfo:
     # Where the source .onnx was, relative to plan.json's folder when it can be: a
     # coordinator re-plans from it when a device is lost. "" when unknown.
     path: str = ""
+    # A real input the plan was measured on (``edge plan --sample``), copied next to
+    # plan.json so that a re-plan after a failover measures on it too. "" when none.
+    sample: str = ""
+    # What intake changed to make the model plannable (edge.planning.intake), for people.
+    notes: tuple[str, ...] = ()
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "ModelInfo":
@@ -235,6 +240,8 @@ class ModelInfo:
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
             bindings=dict(d.get("bindings", {})),
             path=d.get("path", ""),
+            sample=d.get("sample", ""),
+            notes=tuple(d.get("notes", ())),
         )
 
 
@@ -384,6 +391,8 @@ _SCALARS: dict[str, tuple[str, Any]] = {
                lambda v: isinstance(v, str) and len(v) == 64
                and all(c in "0123456789abcdef" for c in v)),
     "relpath": ("a path inside the plan's folder (relative, no '..')", _is_relpath),
+    "optpath": ("\"\" or a path inside the plan's folder (relative, no '..')",
+                lambda v: v == "" or _is_relpath(v)),
     "dim": ("a size >= 0, a symbol or null",
             lambda v: v is None or (isinstance(v, str) and bool(v)) or (_is_int(v) and v >= 0)),
     "mode": (f"one of {', '.join(MODES)}", lambda v: v in MODES),
@@ -409,7 +418,8 @@ _STAGE = {"index": ("int", True), "device": (_DEVICE, True), "node_range": ("ran
           "mode": ("mode", False)}
 _MODEL = {"name": ("text", True), "sha256": ("text", True), "num_nodes": ("int", True),
           "inputs": (("list", _TENSOR), True), "outputs": (("list", _TENSOR), True),
-          "bindings": ("bindings", False), "path": ("text", False)}
+          "bindings": ("bindings", False), "path": ("text", False),
+          "sample": ("optpath", False), "notes": (("list", "text"), False)}
 _PLAN = {"version": ("int", True), "model": (_MODEL, True),
          "stages": (("list", _STAGE), True), "standby": (("list", _DEVICE), False),
          "bottleneck_ms": ("number", False), "latency_ms": ("number", False),

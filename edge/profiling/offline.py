@@ -43,7 +43,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -156,6 +156,8 @@ class OfflineProfile:
         cuts: one per group boundary, in graph order.
         cheapest_cuts: the cheapest interior cut positions, cheapest first, at most one
             per group (the cheapest cut before one of its nodes).
+        notes: what intake changed to make the model plannable (a converted opset,
+            folded constants, named dims).
     """
 
     model: str
@@ -170,6 +172,7 @@ class OfflineProfile:
     groups: tuple[NodeGroup, ...]
     cuts: tuple[Cut, ...]
     cheapest_cuts: tuple[Cut, ...]
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """A dict of plain values (``json.dumps`` writes its tuples as lists)."""
@@ -284,7 +287,8 @@ def _cut(costs: GraphCosts, p: int, median: float, group_of: np.ndarray,
 
 
 def profile_model(model_path: str | Path | onnx.ModelProto, bindings: dict[str, int] | None = None, *,
-                  floor_mb: float = DEFAULT_FLOOR_MB, top_k: int = 5) -> OfflineProfile:
+                  floor_mb: float = DEFAULT_FLOOR_MB, top_k: int = 5,
+                  sample: Mapping[str, np.ndarray] | None = None) -> OfflineProfile:
     """Profile a model's memory by layer and by cut, offline.
 
     Args:
@@ -293,11 +297,12 @@ def profile_model(model_path: str | Path | onnx.ModelProto, bindings: dict[str, 
             (see :func:`edge.planning.graph.analyze`).
         floor_mb: idle worker RSS (MiB) added to every memory prediction.
         top_k: how many of the cheapest interior cut positions to list (one per group).
+        sample: a real input per model input name: binds the dims, shapes measured on it.
 
     Returns:
         The frozen OfflineProfile.
     """
-    costs = analyze(model_path, bindings)
+    costs = analyze(model_path, bindings, sample)
     n = costs.num_nodes
     spans = group_nodes(costs)
     names = [s[0] for s in spans]
@@ -346,7 +351,8 @@ def profile_model(model_path: str | Path | onnx.ModelProto, bindings: dict[str, 
         total_param_bytes=int(total), total_flops=float(costs.flops.sum()),
         peak_activation_bytes=int(peak), floor_mb=float(floor_mb),
         whole_model_mb=round(float(stage_memory_mb(total, peak, floor_mb)), 3),
-        median_cut_bytes=median, groups=tuple(groups), cuts=cuts, cheapest_cuts=cheapest)
+        median_cut_bytes=median, groups=tuple(groups), cuts=cuts, cheapest_cuts=cheapest,
+        notes=tuple(costs.notes))
 
 
 # --------------------------------------------------------------------------- output
@@ -383,6 +389,8 @@ def render_offline(profile: OfflineProfile, console) -> None:
     from rich.table import Table
 
     p = profile
+    for note in p.notes:
+        console.print(f"[yellow]intake:[/yellow] {note}")
     binds = ", ".join(f"{k}={v}" for k, v in p.bindings.items()) or "static shapes"
     t = Table(title=f"{Path(p.model).name} at {binds}: {p.num_nodes} nodes, "
                     f"{_fmt_bytes(p.total_param_bytes)} weights, "
