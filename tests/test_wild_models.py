@@ -181,6 +181,7 @@ def test_paddle_recognizer_weights_in_constants(tmp_path):
 
 def test_branch_on_an_input_value_needs_a_sample(tmp_path):
     """Silero VAD branches on its sample rate: on zeros (sr=0) it takes a branch that fails.
+    Its weights are constants inside the branches.
     --sample gives a real input: it binds the dims and the shapes are measured on it; the
     plan keeps it for re-plans."""
     path = locate("silero-vad")
@@ -189,6 +190,8 @@ def test_branch_on_an_input_value_needs_a_sample(tmp_path):
         analyze(path, {"input:1": 512, "state:1": 1})
     costs = analyze(path, sample=sample)
     assert costs.bindings == {"input:0": 1, "input:1": 512, "state:1": 1}
+    # its weights are Constant nodes inside the If's branches: still the If's weights
+    assert costs.total_param_bytes > 2 * 2**20
     plan = make_plan(path, _devices(1), tmp_path, sample=sample)
     assert plan.model.sample == "sample.npz"
     with np.load(tmp_path / "sample.npz") as f:
@@ -225,3 +228,41 @@ def test_cli_plan_and_profile_take_a_sample(tmp_path):
                           str(sample)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "input:1=512" in run.stdout
+
+
+# --------------------------------------------------------------------------- real workers
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    from edge.worker.launch import LocalWorkers
+
+    with LocalWorkers(3, tmp_path_factory.mktemp("workers"), device="rpi4b-2gb",
+                      threads=1) as w:
+        yield w
+
+
+@pytest.mark.parametrize("name", ["ppocr-cls", "ppocr-rec", "silero-vad", "light_squeezenet"])
+def test_served_by_workers_equals_onnxruntime(name, workers, tmp_path):
+    """Planned with its sample over three real worker processes; two different inputs
+    through the coordinator's pipeline equal onnxruntime on the unsharded file."""
+    from edge.coordinator.pipeline import Pipeline
+    from edge.planning.cluster import cluster_from_profile
+    from edge.transport.codec import decode_tensors
+
+    if name.startswith("light_"):
+        path = light_model(name)
+        inputs = [{"data_0": np.random.default_rng(s).standard_normal((1, 3, 224, 224),
+                                                                       np.float32)}
+                  for s in (0, 1)]
+    else:
+        path = locate(name)
+        inputs = [ZOO[name].sample(seed=s) for s in (0, 1)]
+    cluster = cluster_from_profile("rpi4b-2gb", 3, addresses=workers.addresses)
+    plan = make_plan(path, cluster.devices, tmp_path, sample=inputs[0])
+    assert len(plan.stages) == 3
+    with Pipeline(plan, tmp_path) as pipeline:
+        pipeline.start()
+        for x in inputs:
+            got = decode_tensors(pipeline.infer(x).outputs)
+            _assert_equal(got, _reference(path, x))

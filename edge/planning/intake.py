@@ -106,7 +106,9 @@ def normalize(m: onnx.ModelProto, where: str = "model") -> tuple[onnx.ModelProto
     needs_ir = m.ir_version < 4 and any(i.name in inits for i in m.graph.input)
     foldable = _foldable(m.graph)
     unnamed = _unnamed_input_dims(m.graph, inits)
-    if opset >= TARGET_OPSET and not needs_ir and not foldable and not unnamed:
+    nested = _nested_constants(m.graph)
+    if (opset >= TARGET_OPSET and not needs_ir and not foldable and not unnamed
+            and not nested):
         return m, intake
 
     out = onnx.ModelProto()
@@ -129,6 +131,10 @@ def normalize(m: onnx.ModelProto, where: str = "model") -> tuple[onnx.ModelProto
         names = [anonymous_dim(i, a) for i, axes in unnamed.items() for a in axes]
         intake.notes.append(f"unnamed input dims are named {', '.join(names)} "
                             "(bind them with --dim NAME=SIZE or --sample)")
+    hoisted = _hoist_nested_constants(out.graph)
+    if hoisted:
+        intake.notes.append(f"{hoisted} constants inside subgraphs (If, Loop, Scan) are "
+                            "weights of the node that holds them")
     foldable = _foldable(out.graph)
     if foldable:
         intake.folded = _fold(out, foldable, where)
@@ -262,6 +268,46 @@ def _name_dims(g: onnx.GraphProto, unnamed: dict[str, list[int]]) -> None:
 
 
 # --------------------------------------------------------------------------- folding
+
+
+def _nested_constants(g: onnx.GraphProto) -> list[tuple[onnx.GraphProto, int]]:
+    """(subgraph, position) of every Constant node holding a tensor inside ``g``'s
+    subgraphs, at any depth."""
+    out = []
+    for nd in g.node:
+        for a in nd.attribute:
+            for sg in attr_graphs(a):
+                out.extend((sg, p) for p, c in enumerate(sg.node)
+                           if c.op_type == "Constant" and c.domain in ("", "ai.onnx")
+                           and len(c.attribute) == 1 and c.attribute[0].name == "value")
+                out.extend(_nested_constants(sg))
+    return out
+
+
+def _hoist_nested_constants(g: onnx.GraphProto) -> int:
+    """Move the tensors of Constant nodes inside subgraphs to initializers of ``g``.
+
+    Silero VAD keeps all its weights in Constant nodes inside the branches of an If: seen
+    from the graph, the If held no weights at all. A subgraph reads outer names, so once
+    hoisted the If reads them as initializers: they count as its stage's weights.
+    """
+    taken = ({i.name for i in g.input} | {t.name for t in g.initializer}
+             | {o for nd in g.node for o in nd.output})
+    hoisted = 0
+    for sg, p in reversed(_nested_constants(g)):  # reversed: positions stay valid
+        nd = sg.node[p]
+        name = nd.output[0]
+        if not name or name in taken:
+            continue
+        t = onnx.TensorProto()
+        t.CopyFrom(nd.attribute[0].t)
+        t.name = name
+        g.initializer.append(t)
+        taken.add(name)
+        del sg.node[p]
+        hoisted += 1
+    return hoisted
+
 
 
 def _foldable(g: onnx.GraphProto) -> list[int]:
