@@ -89,27 +89,14 @@ def test_each_shard_valid_alone(planned, tmp_path):
             {t.name for t in st.outputs} - set(st.passthrough))
 
 
-def _run_chain(out, plan, feeds):
-    cur = dict(feeds)
-    for st in plan.stages:
-        sess = ort.InferenceSession(str(out / st.shard), session_options(1),
-                                    providers=["CPUExecutionProvider"])
-        assert set(cur) == {t.name for t in st.inputs}
-        res = sess.run(None, {i.name: cur[i.name] for i in sess.get_inputs()})
-        nxt = {k: cur[k] for k in st.passthrough}
-        nxt.update(zip([o.name for o in sess.get_outputs()], res))
-        cur = nxt
-    return cur
-
-
-def test_chained_equals_full(planned):
+def test_chained_equals_full(planned, run_chain):
     kind, model, out, plan = planned
     full = ort.InferenceSession(str(model), session_options(1),
                                 providers=["CPUExecutionProvider"])
     for batch, size in CASES[kind][1]:
         feeds = example_inputs(kind, "tiny", batch=batch, seq=size, seed=1)
         want = dict(zip([o.name for o in full.get_outputs()], full.run(None, feeds)))
-        got = _run_chain(out, plan, feeds)
+        got = run_chain(out, plan, feeds)
         assert set(got) == set(want)
         for name in want:
             assert got[name].shape == want[name].shape

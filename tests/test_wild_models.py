@@ -18,7 +18,6 @@ from edge.export.zoo import light_model, locate, ZOO
 from edge.planning import make_plan
 from edge.planning.graph import analyze
 from edge.planning.plan import Device, load_plan
-from edge.shards.runtime import session_options
 
 RTOL = 1e-4  # relative to the output's largest magnitude
 
@@ -33,18 +32,6 @@ def _devices(k: int, memory_mb: float = 4096) -> list[Device]:
 def _reference(path, feeds) -> dict:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-
-
-def _chain(out, plan, feeds) -> dict:
-    cur = dict(feeds)
-    for st in plan.stages:
-        sess = ort.InferenceSession(str(out / st.shard), session_options(1),
-                                    providers=["CPUExecutionProvider"])
-        res = sess.run(None, {i.name: cur[i.name] for i in sess.get_inputs()})
-        nxt = {k: cur[k] for k in st.passthrough}
-        nxt.update(zip([o.name for o in sess.get_outputs()], res))
-        cur = nxt
-    return cur
 
 
 def _assert_equal(got: dict, want: dict) -> None:
@@ -68,7 +55,7 @@ def _weights_only_in_shards(plan, out) -> None:
 # --------------------------------------------------------------------------- opset 9, IR 3
 
 
-def test_ir3_opset9_model_is_converted_folded_and_cut(tmp_path):
+def test_ir3_opset9_model_is_converted_folded_and_cut(tmp_path, run_chain):
     """The model zoo's light SqueezeNet: IR 3 (initializers listed as inputs), opset 9, and
     every weight built at run time by ConstantOfShape."""
     path = light_model("light_squeezenet")
@@ -85,7 +72,7 @@ def test_ir3_opset9_model_is_converted_folded_and_cut(tmp_path):
         onnx.checker.check_model(str(tmp_path / st.shard), full_check=True)
     _weights_only_in_shards(plan, tmp_path)
     x = {"data_0": np.random.default_rng(0).standard_normal((1, 3, 224, 224), np.float32)}
-    _assert_equal(_chain(tmp_path, plan, x), _reference(path, x))
+    _assert_equal(run_chain(tmp_path, plan, x), _reference(path, x))
 
 
 def test_conversion_that_changes_outputs_is_refused(tmp_path, monkeypatch):
@@ -126,7 +113,7 @@ def test_unconvertible_opset_is_refused_clearly(monkeypatch):
 # --------------------------------------------------------------------------- Paddle2ONNX
 
 
-def test_paddle_classifier_with_minus_one_dims(tmp_path):
+def test_paddle_classifier_with_minus_one_dims(tmp_path, run_chain):
     """PP-OCR's direction classifier: opset 11, weights in Constant nodes, a -1 batch and
     two '?' dims, which are unknown (never a size) and bindable by the names errors give."""
     path = locate("ppocr-cls")
@@ -147,10 +134,10 @@ def test_paddle_classifier_with_minus_one_dims(tmp_path):
         assert st.predicted.compute_ms >= 0 and st.predicted.transfer_ms >= 0
     _weights_only_in_shards(plan, tmp_path)
     x = ZOO["ppocr-cls"].sample()
-    _assert_equal(_chain(tmp_path, plan, x), _reference(path, x))
+    _assert_equal(run_chain(tmp_path, plan, x), _reference(path, x))
 
 
-def test_paddle_recognizer_weights_in_constants(tmp_path):
+def test_paddle_recognizer_weights_in_constants(tmp_path, run_chain):
     """PP-OCRv4 rec: 10 MiB of weights in 420 Constant nodes. They are weights: counted as
     such, in the stage that uses them, never crossing a cut, and int8 quantizes them."""
     path = locate("ppocr-rec")
@@ -163,13 +150,13 @@ def test_paddle_recognizer_weights_in_constants(tmp_path):
     plan = make_plan(path, _devices(3), tmp_path / "fp32", sample=sample)
     assert sum(st.predicted.weights_mb for st in plan.stages) > 9
     _weights_only_in_shards(plan, tmp_path / "fp32")
-    _assert_equal(_chain(tmp_path / "fp32", plan, sample), _reference(path, sample))
+    _assert_equal(run_chain(tmp_path / "fp32", plan, sample), _reference(path, sample))
 
     q = make_plan(path, _devices(3), tmp_path / "int8", sample=sample, modes=["int8"])
     assert {st.mode for st in q.stages} == {"int8"}
     shard_bytes = sum(f.size for st in q.stages for f in st.data_files)
     assert shard_bytes < 0.5 * sum(f.size for st in plan.stages for f in st.data_files)
-    got = _chain(tmp_path / "int8", q, sample)
+    got = run_chain(tmp_path / "int8", q, sample)
     want = _reference(path, sample)
     for k in want:
         a, b = got[k].ravel(), want[k].ravel()
@@ -179,7 +166,7 @@ def test_paddle_recognizer_weights_in_constants(tmp_path):
 # --------------------------------------------------------------------------- a sample input
 
 
-def test_branch_on_an_input_value_needs_a_sample(tmp_path):
+def test_branch_on_an_input_value_needs_a_sample(tmp_path, run_chain):
     """Silero VAD branches on its sample rate: on zeros (sr=0) it takes a branch that fails.
     Its weights are constants inside the branches.
     --sample gives a real input: it binds the dims and the shapes are measured on it; the
@@ -196,7 +183,7 @@ def test_branch_on_an_input_value_needs_a_sample(tmp_path):
     assert plan.model.sample == "sample.npz"
     with np.load(tmp_path / "sample.npz") as f:
         assert int(f["sr"]) == 16000
-    _assert_equal(_chain(tmp_path, plan, sample), _reference(path, sample))
+    _assert_equal(run_chain(tmp_path, plan, sample), _reference(path, sample))
 
 
 def test_sample_errors_say_what_was_expected(tmp_path):
