@@ -46,8 +46,9 @@ def _sha256_file(path: Path) -> str:
 
 
 # Rounds of (partition, measure the int8 stages, veto those too far from fp32) before the
-# planner gives up on int8 for the model: each round vetoes at least one more range, and
-# a vetoed range vetoes every range holding it, so few rounds are ever needed.
+# planner gives up on int8 for the model. Each round vetoes, per failing stage, the small
+# range inside it that costs the accuracy (Int8Accuracy.failing_core) and with it every
+# range holding that one, so few rounds are ever needed.
 _INT8_ROUNDS = 4
 
 
@@ -57,7 +58,7 @@ def _rejected_no_fit(e: "NoFitError", rejected: Mapping[tuple[int, int], float],
     from edge.errors import NoFitError
 
     worst = sorted(rejected.items(), key=lambda kv: kv[1] if kv[1] == kv[1] else -2.0)
-    said = "; ".join(f"nodes [{i}, {j}) kept {c:.4f}" for (i, j), c in worst[:5])
+    said = "; ".join(f"nodes [{i}, {j}) in int8 keep {c:.4f}" for (i, j), c in worst[:5])
     more = f" and {len(worst) - 5} more" if len(worst) > 5 else ""
     msg = (f"{e}\nint8 was rejected for accuracy where it would have fitted: the model's "
            f"outputs must keep cosine >= {min_cosine} with fp32 (measured on {on}); "
@@ -73,6 +74,10 @@ def _accurate_split(costs: "GraphCosts", devices: Sequence["Device"],
 
     Returns:
         The split and, per int8 stage's range, its measured cosine.
+
+    A stage below ``min_cosine`` gets int8 vetoed on the range inside it that fails on
+    its own (found by bisection), and so on every range holding that; then the model is
+    partitioned again.
 
     Raises:
         NoFitError: nothing fits once int8 is rejected where it is too inaccurate; the
@@ -99,10 +104,12 @@ def _accurate_split(costs: "GraphCosts", devices: Sequence["Device"],
                 return split, measured
             for k, r in enumerate(split.ranges):
                 if r in bad:
+                    a, b, c = acc.failing_core(r[0], r[1], min_cosine)
+                    rejected[(a, b)] = c
                     log.warning("stage %d (nodes [%d, %d)) in int8 keeps cosine %.4f < %s of "
-                                "the model's outputs with fp32 on %s: int8 rejected there, "
-                                "re-planning", k, r[0], r[1], bad[r], min_cosine, on)
-            rejected.update(bad)
+                                "the model's outputs with fp32 on %s; nodes [%d, %d) alone "
+                                "keep %.4f: int8 rejected on every range holding them, "
+                                "re-planning", k, r[0], r[1], bad[r], min_cosine, on, a, b, c)
             try:
                 split = partition(costs, devices, modes=modes, int8_vetoed=tuple(rejected))
             except NoFitError as e:
@@ -117,7 +124,7 @@ def _accurate_split(costs: "GraphCosts", devices: Sequence["Device"],
         raise NoFitError(
             f"int8, the only mode allowed, keeps the model's outputs below cosine "
             f"{min_cosine} with fp32 on {len(rejected)} splits tried (measured on {on}): "
-            + "; ".join(f"nodes [{i}, {j}) kept {c:.4f}" for (i, j), c in rejected.items())
+            + "; ".join(f"nodes [{i}, {j}) keep {c:.4f}" for (i, j), c in rejected.items())
             + "; allow fp32 or add devices", needs={},
             has={d.name: d.memory_mb for d in devices}, min_memory_mb=float("inf"))
     try:

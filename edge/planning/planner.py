@@ -23,7 +23,9 @@ function of (device, range) alone, so the stage's time is too:
 The last stage's transfer is the model's outputs going back to the coordinator
 (``cut_bytes[n]``). int8 can be vetoed on node ranges (``int8_vetoed``: where quantizing
 costs too much accuracy, ``edge.shards.accuracy``): on a vetoed range, and on every range
-holding one, a stage may take only the other modes. Exact for contiguous splits under that per-stage rule: two dynamic
+holding one, a stage may take only the other modes.
+
+Exact for contiguous splits under that per-stage rule: two dynamic
 programs over (device, end position), each vectorised over the start position. The first
 finds the optimal bottleneck B*; the second minimises total latency subject to every stage
 taking <= B*. (A single lexicographic DP is not exact: a prefix with a worse bottleneck but

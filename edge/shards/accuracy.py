@@ -255,3 +255,38 @@ class Int8Accuracy:
         log.info("int8 on nodes [%d, %d): cosine %.5f of the model's outputs with fp32",
                  i, j, c)
         return c
+
+    def failing_core(self, i: int, j: int, min_cosine: float) -> tuple[int, int, float]:
+        """A small range inside ``[i, j)`` that on its own keeps cosine below
+        ``min_cosine``, found by bisection: first the shortest failing prefix ``[i, e)``,
+        then the shortest failing suffix ``[s, e)`` of that.
+
+        Vetoing the core rather than ``[i, j)`` rules out every range that holds the nodes
+        that cost the accuracy, so the planner does not retry the range one node shorter
+        each time. Bisection assumes that quantizing more nodes keeps accuracy no better;
+        whatever it returns was measured to fail.
+
+        Args:
+            i, j: a range whose cosine is below ``min_cosine`` (NaN counts as below).
+            min_cosine: the threshold.
+
+        Returns:
+            ``(s, e, cosine of [s, e))``; ``(i, j, cosine)`` itself when nothing smaller
+            fails.
+        """
+        def fails(a: int, b: int) -> bool:
+            return not self.cosine(a, b) >= min_cosine
+
+        if not fails(i, j):
+            raise PlanError(f"nodes [{i}, {j}) keep cosine {self.cosine(i, j):.4f} >= "
+                            f"{min_cosine} in int8: nothing to narrow down")
+        lo, hi = i, j  # [i, hi) fails; [i, lo) passes (empty when lo == i)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fails(i, mid) else (mid, hi)
+        e = hi
+        lo, hi = i, e  # [lo, e) fails; [hi, e) passes (empty when hi == e)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fails(mid, e) else (lo, mid)
+        return lo, e, self.cosine(lo, e)
