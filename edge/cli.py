@@ -50,6 +50,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def print_plan(plan, console) -> None:
+    import math
+
     from rich.table import Table
 
     dims = ", ".join(f"{k}={v}" for k, v in plan.model.bindings.items())
@@ -61,8 +63,10 @@ def print_plan(plan, console) -> None:
     for s in plan.stages:
         p = s.predicted
         shard_mb = (s.shard_bytes + sum(f.size for f in s.data_files)) / 2**20
-        # An int8 stage shows the cosine of the model's outputs with it quantized.
-        mode = s.mode if s.int8_cosine is None else f"{s.mode} (cos {s.int8_cosine:.4f})"
+        # An int8 stage shows the cosine of the model's outputs with it quantized, rounded
+        # down so that 0.99996 reads 0.9999, not 1.0000.
+        mode = (s.mode if s.int8_cosine is None
+                else f"{s.mode} (cos {math.floor(s.int8_cosine * 1e4) / 1e4:.4f})")
         table.add_row(str(s.index), f"{s.device.name} ({s.device.profile})",
                       f"{s.node_range[0]}–{s.node_range[1]}", mode, f"{shard_mb:.0f} MiB",
                       f"{p.memory_mb:.0f} / {s.device.memory_mb:.0f}",

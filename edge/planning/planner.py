@@ -435,8 +435,8 @@ def _no_fit(costs: StageCosts, devices: Sequence[Device],
             modes: Sequence[str], vetoed: Collection[tuple[int, int]] = ()) -> NoFitError:
     if closest is None:  # only when int8 is the only mode and is vetoed on every split
         msg = (f"no split of the model's {len(costs.flops)} nodes over {len(devices)} "
-               f"devices fits: int8, the only mode allowed ({', '.join(modes)}), is rejected "
-               "for accuracy on a stage of every split; allow fp32 or add devices")
+               "devices fits: int8, the only mode allowed, is rejected for accuracy on a "
+               "stage of every split; allow fp32 or add devices")
         return NoFitError(msg, needs={}, has={d.name: d.memory_mb for d in devices},
                           min_memory_mb=float("inf"))
     needs, has, lines = {}, {}, []
