@@ -56,9 +56,11 @@ def _rejected_no_fit(e: "NoFitError", rejected: Mapping[tuple[int, int], float],
                      min_cosine: float, on: str) -> "NoFitError":
     """``e`` with a line saying which int8 ranges were rejected for accuracy."""
     from edge.errors import NoFitError
+    from edge.shards.accuracy import format_cosine
 
     worst = sorted(rejected.items(), key=lambda kv: kv[1] if kv[1] == kv[1] else -2.0)
-    said = "; ".join(f"nodes [{i}, {j}) in int8 keep {c:.4f}" for (i, j), c in worst[:5])
+    said = "; ".join(f"nodes [{i}, {j}) in int8 keep {format_cosine(c)}"
+                     for (i, j), c in worst[:5])
     more = f" and {len(worst) - 5} more" if len(worst) > 5 else ""
     msg = (f"{e}\nint8 was rejected for accuracy where it would have fitted: the model's "
            f"outputs must keep cosine >= {min_cosine} with fp32 (measured on {on}); "
@@ -86,7 +88,7 @@ def _accurate_split(costs: "GraphCosts", devices: Sequence["Device"],
     from edge.errors import NoFitError
     from edge.planning.plan import MODES
     from edge.planning.planner import partition
-    from edge.shards.accuracy import Int8Accuracy, synthetic_inputs
+    from edge.shards.accuracy import Int8Accuracy, format_cosine, synthetic_inputs
 
     modes = MODES if modes is None else tuple(modes)
     split = partition(costs, devices, modes=modes)
@@ -106,10 +108,11 @@ def _accurate_split(costs: "GraphCosts", devices: Sequence["Device"],
                 if r in bad:
                     a, b, c = acc.failing_core(r[0], r[1], min_cosine)
                     rejected[(a, b)] = c
-                    log.warning("stage %d (nodes [%d, %d)) in int8 keeps cosine %.4f < %s of "
+                    log.warning("stage %d (nodes [%d, %d)) in int8 keeps cosine %s < %s of "
                                 "the model's outputs with fp32 on %s; nodes [%d, %d) alone "
-                                "keep %.4f: int8 rejected on every range holding them, "
-                                "re-planning", k, r[0], r[1], bad[r], min_cosine, on, a, b, c)
+                                "keep %s: int8 rejected on every range holding them, "
+                                "re-planning", k, r[0], r[1], format_cosine(bad[r]),
+                                min_cosine, on, a, b, format_cosine(c))
             try:
                 split = partition(costs, devices, modes=modes, int8_vetoed=tuple(rejected))
             except NoFitError as e:
@@ -124,7 +127,8 @@ def _accurate_split(costs: "GraphCosts", devices: Sequence["Device"],
         raise NoFitError(
             f"int8, the only mode allowed, keeps the model's outputs below cosine "
             f"{min_cosine} with fp32 on {len(rejected)} splits tried (measured on {on}): "
-            + "; ".join(f"nodes [{i}, {j}) keep {c:.4f}" for (i, j), c in rejected.items())
+            + "; ".join(f"nodes [{i}, {j}) keep {format_cosine(c)}"
+                        for (i, j), c in rejected.items())
             + "; allow fp32 or add devices", needs={},
             has={d.name: d.memory_mb for d in devices}, min_memory_mb=float("inf"))
     try:

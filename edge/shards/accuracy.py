@@ -32,7 +32,7 @@ from edge.errors import GraphError, PlanError
 from edge.planning.graph import GraphCosts
 from edge.shards.quantize import cosine
 
-__all__ = ["Int8Accuracy", "synthetic_inputs", "output_cosine"]
+__all__ = ["Int8Accuracy", "synthetic_inputs", "output_cosine", "format_cosine"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,12 @@ def output_cosine(want: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray])
     if any(math.isnan(s) for s in sims):
         return float("nan")
     return max(-1.0, min(1.0, min(sims)))  # rounding can land a hair outside [-1, 1]
+
+
+def format_cosine(c: float) -> str:
+    """``c`` to 4 decimals rounded down, so that 0.98999 reads 0.9899 and never looks
+    like it passed a 0.99 threshold; ``nan`` for NaN."""
+    return "nan" if math.isnan(c) else f"{math.floor(c * 1e4) / 1e4:.4f}"
 
 
 class Int8Accuracy:
