@@ -311,6 +311,25 @@ def test_no_fit_when_int8_is_rejected(outlier_cnn, tmp_path, int8_cheaper):
     assert load_plan(tmp_path).int8_min_cosine == 0.5
 
 
+def test_gives_up_on_int8_after_the_rounds(outlier_cnn, tmp_path, int8_cheaper, monkeypatch,
+                                           caplog):
+    """When every round still rejects a stage, the planner stops measuring and plans
+    without int8; here device a then fits nothing, and the error says why."""
+    import edge.planning
+
+    monkeypatch.setattr(edge.planning, "_INT8_ROUNDS", 1)
+    costs = analyze(outlier_cnn, {"batch": 1})
+    big = _dev("b")
+    a = _dev("a", memory_mb=evaluate(costs, big, 0, costs.num_nodes, "int8").memory_mb + 0.5)
+    with caplog.at_level(logging.WARNING, logger="edge.planning"):
+        with pytest.raises(NoFitError) as ei:
+            make_plan(outlier_cnn, [a, big], tmp_path, bindings={"batch": 1})
+    assert any("planning without int8" in r.getMessage() for r in caplog.records)
+    msg = str(ei.value)
+    assert "(fp32, fp32-lean tried)" in msg and "int8 was rejected for accuracy" in msg
+    assert ei.value.needs["a"] > a.memory_mb
+
+
 # --------------------------------------------------------------------------- plan.json
 
 

@@ -45,8 +45,8 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-# Rounds of (partition, measure the int8 stages, veto those too far from fp32) before the
-# planner gives up on int8 for the model. Each round vetoes, per failing stage, the small
+# Rounds of (measure the int8 stages, veto those too far from fp32, partition again) before
+# the planner gives up on int8 for the model. Each round vetoes, per failing stage, the small
 # range inside it that costs the accuracy (Int8Accuracy.failing_core) and with it every
 # range holding that one, so few rounds are ever needed.
 _INT8_ROUNDS = 4
@@ -74,12 +74,12 @@ def _accurate_split(costs: "GraphCosts", devices: Sequence["Device"],
                     ) -> tuple["Split", dict[tuple[int, int], float]]:
     """Partition with int8 only where the model's outputs keep ``min_cosine``.
 
-    Returns:
-        The split and, per int8 stage's range, its measured cosine.
-
     A stage below ``min_cosine`` gets int8 vetoed on the range inside it that fails on
     its own (found by bisection), and so on every range holding that; then the model is
     partitioned again.
+
+    Returns:
+        The split and, per int8 stage's range, its measured cosine.
 
     Raises:
         NoFitError: nothing fits once int8 is rejected where it is too inaccurate; the
@@ -98,7 +98,7 @@ def _accurate_split(costs: "GraphCosts", devices: Sequence["Device"],
     inputs = sample if sample is not None else synthetic_inputs(costs)
     rejected: dict[tuple[int, int], float] = {}
     with Int8Accuracy(costs, inputs, workdir=workdir) as acc:
-        for _ in range(_INT8_ROUNDS):
+        for attempt in range(_INT8_ROUNDS):
             measured = {r: acc.cosine(*r) for r, m in zip(split.ranges, split.modes)
                         if m == "int8"}
             bad = {r: c for r, c in measured.items() if not c >= min_cosine}  # NaN is bad
@@ -113,6 +113,8 @@ def _accurate_split(costs: "GraphCosts", devices: Sequence["Device"],
                                 "keep %s: int8 rejected on every range holding them, "
                                 "re-planning", k, r[0], r[1], format_cosine(bad[r]),
                                 min_cosine, on, a, b, format_cosine(c))
+            if attempt == _INT8_ROUNDS - 1:
+                break
             try:
                 split = partition(costs, devices, modes=modes, int8_vetoed=tuple(rejected))
             except NoFitError as e:
