@@ -195,6 +195,37 @@ def test_synthetic_inputs_index_the_embedding(bert_tiny):
     assert not np.array_equal(synthetic_inputs(costs, seed=1)["input_ids"], ids)
 
 
+def test_synthetic_ids_stay_inside_the_smallest_table(tmp_path):
+    """An id input that indexes two tables (one through a Cast) gets ids below the
+    smaller one's rows; an integer input that indexes none gets zeros; masks ones."""
+    rng = np.random.default_rng(0)
+    tables = [numpy_helper.from_array(rng.normal(size=(rows, 4)).astype(np.float32), name)
+              for name, rows in (("big", 1000), ("small", 7))]
+    nodes = [helper.make_node("Gather", ["big", "ids"], ["e1"]),
+             helper.make_node("Cast", ["ids"], ["ids32"], to=TensorProto.INT32),
+             helper.make_node("Gather", ["small", "ids32"], ["e2"]),
+             helper.make_node("Add", ["e1", "e2"], ["e"]),
+             helper.make_node("Cast", ["count"], ["countf"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["pad_mask"], ["maskf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["countf", "maskf"], ["scale"]),
+             helper.make_node("Unsqueeze", ["scale", "axes"], ["scale2"]),
+             helper.make_node("Mul", ["e", "scale2"], ["out"])]
+    axes = numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes")
+    g = helper.make_graph(
+        nodes, "ids",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 64]),
+         helper.make_tensor_value_info("count", TensorProto.INT64, ["batch", 64]),
+         helper.make_tensor_value_info("pad_mask", TensorProto.INT64, ["batch", 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 64, 4])],
+        tables + [axes])
+    path = tmp_path / "ids.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = synthetic_inputs(analyze(path, {"batch": 2}), seed=3)
+    assert x["ids"].shape == (2, 64) and x["ids"].dtype == np.int64
+    assert 0 <= x["ids"].min() and x["ids"].max() < 7 and len(np.unique(x["ids"])) > 1
+    assert (x["count"] == 0).all() and (x["pad_mask"] == 1).all()
+
+
 def test_outlier_cnn_really_fails_in_int8(outlier_cnn, tmp_path):
     """The whole CNN quantized by onnxruntime's dynamic quantization, run on its own,
     drifts below 0.99; the measurement agrees, and narrows the loss down to the conv

@@ -54,7 +54,7 @@ def _gather_rows(model: onnx.ModelProto, name: str) -> int | None:
                     dims[nd.output[0]] = tuple(a.t.dims)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for nd in g.node:
-        for k, x in enumerate(nd.input):
+        for x in nd.input:
             readers.setdefault(x, []).append(nd)
     rows: list[int] = []
     seen, todo = {name}, [name]
