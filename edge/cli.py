@@ -50,6 +50,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def print_plan(plan, console) -> None:
+    import math
+
     from rich.table import Table
 
     for note in plan.model.notes:
@@ -63,14 +65,21 @@ def print_plan(plan, console) -> None:
     for s in plan.stages:
         p = s.predicted
         shard_mb = (s.shard_bytes + sum(f.size for f in s.data_files)) / 2**20
+        # An int8 stage shows the cosine of the model's outputs with it quantized, rounded
+        # down so that 0.99996 reads 0.9999, not 1.0000.
+        mode = (s.mode if s.int8_cosine is None
+                else f"{s.mode} (cos {math.floor(s.int8_cosine * 1e4) / 1e4:.4f})")
         table.add_row(str(s.index), f"{s.device.name} ({s.device.profile})",
-                      f"{s.node_range[0]}–{s.node_range[1]}", s.mode, f"{shard_mb:.0f} MiB",
+                      f"{s.node_range[0]}–{s.node_range[1]}", mode, f"{shard_mb:.0f} MiB",
                       f"{p.memory_mb:.0f} / {s.device.memory_mb:.0f}",
                       f"{p.compute_ms:.0f} ms", f"{p.transfer_ms:.1f} ms",
                       f"{len(s.outputs)} tensors")
     console.print(table)
     console.print(f"modelled from the device profiles: bottleneck {plan.bottleneck_ms:.0f} ms "
                   f"per request, latency {plan.latency_ms:.0f} ms")
+    if any(s.int8_cosine is not None for s in plan.stages):
+        console.print(f"cos: the model's outputs with that stage in int8 against fp32 "
+                      f"(int8 needs >= {plan.int8_min_cosine})")
     from edge.coordinator.guard import describe_limits
 
     limits = describe_limits(plan)
@@ -132,6 +141,20 @@ def _parse_modes(text: str | None) -> tuple[str, ...] | None:
     return modes
 
 
+def _parse_cosine(text: str | None) -> float | None:
+    from edge.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not -1.0 <= value <= 1.0:
+        raise ConfigError(f"--int8-min-cosine: expected a number in [-1, 1], got {text!r}")
+    return value
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from edge.planning import make_plan
     from edge.planning.cluster import load_cluster
@@ -140,7 +163,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     sample = load_sample(args.sample)
     plan = make_plan(args.model, cluster.devices, args.out,
                      bindings=plan_dims(args.model, _parse_dims(args.dim), sample),
-                     standby=cluster.standby, modes=_parse_modes(args.modes), sample=sample)
+                     standby=cluster.standby, modes=_parse_modes(args.modes), sample=sample,
+                     int8_min_cosine=_parse_cosine(args.int8_min_cosine))
     print_plan(plan, _console())
     print(f"wrote {Path(args.out) / 'plan.json'} and {len(plan.stages)} shard(s)")
     return 0
@@ -457,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modes a stage may take, in order of preference (default "
                         "fp32,fp32-lean,int8: each stage gets the first that fits its "
                         "device); e.g. --modes int8 to quantize every stage")
+    p.add_argument("--int8-min-cosine", metavar="COS",
+                   help="plan a stage in int8 only if the model's outputs with it quantized "
+                        "keep at least this cosine similarity with fp32 (default 0.99; "
+                        "measured on the sample if one is given, else on seeded synthetic "
+                        "inputs at the planned sizes)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("worker", help="serve one stage on this device")

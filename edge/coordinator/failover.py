@@ -146,7 +146,8 @@ class Replanner:
             out = self.plan_dir / "replans" / name[:12]
             try:
                 plan = make_plan(model, devices, out, bindings=dict(self.original.model.bindings),
-                                 modes=self.original.modes, sample=sample)
+                                 modes=self.original.modes, sample=sample,
+                                 int8_min_cosine=self.original.int8_min_cosine)
             except NoFitError as e:
                 error = e
                 continue

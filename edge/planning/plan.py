@@ -20,6 +20,7 @@ __all__ = [
     "TensorSpec",
     "Device",
     "MODES",
+    "INT8_MIN_COSINE",
     "ShardFile",
     "StagePrediction",
     "Stage",
@@ -38,6 +39,12 @@ PLAN_VERSION = 1
 #              memory for a little speed);
 #   int8       weights quantized per channel (onnxruntime dynamic quantization), lean.
 MODES = ("fp32", "fp32-lean", "int8")
+
+# The lowest cosine similarity with the fp32 model's outputs that the planner accepts for a
+# stage in int8 (measured at plan time on the whole model, that stage quantized:
+# edge.shards.accuracy). onnxruntime's dynamic quantization of resnet50 keeps 0.984, which
+# is too far; per-channel int8 BERT stages keep >= 0.999.
+INT8_MIN_COSINE = 0.99
 
 # A dimension is a fixed size (int), a named symbolic size shared across tensors ("batch"),
 # or None when nothing is known about it.
@@ -168,6 +175,9 @@ class Stage:
         predicted: memory and time the planner expects.
         data_files: external-data files the ``.onnx`` references, in the same folder.
         mode: how the stage holds its weights, one of :data:`MODES`.
+        int8_cosine: for an int8 stage, the cosine similarity of the model's outputs with
+            this stage quantized (the rest fp32) against the fp32 model, measured when
+            planning; None for other modes and in plans made before it was measured.
     """
 
     index: int
@@ -181,6 +191,7 @@ class Stage:
     predicted: StagePrediction
     data_files: tuple[ShardFile, ...] = ()
     mode: str = "fp32"
+    int8_cosine: float | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -207,6 +218,7 @@ class Stage:
             predicted=StagePrediction.from_dict(d["predicted"]),
             data_files=tuple(ShardFile.from_dict(f) for f in d.get("data_files", ())),
             mode=d.get("mode", "fp32"),
+            int8_cosine=d.get("int8_cosine"),
         )
 
 
@@ -257,6 +269,8 @@ class Plan:
         latency_ms: predicted end-to-end time of one request.
         modes: the modes the stages were allowed, in order of preference (a re-plan
             after a failover keeps them).
+        int8_min_cosine: the accuracy an int8 stage had to keep (``Stage.int8_cosine``);
+            a re-plan keeps it too.
         version: format version of plan.json.
     """
 
@@ -266,6 +280,7 @@ class Plan:
     bottleneck_ms: float = 0.0
     latency_ms: float = 0.0
     modes: tuple[str, ...] = MODES
+    int8_min_cosine: float = INT8_MIN_COSINE
     version: int = PLAN_VERSION
 
     @property
@@ -308,6 +323,7 @@ class Plan:
             bottleneck_ms=d.get("bottleneck_ms", 0.0),
             latency_ms=d.get("latency_ms", 0.0),
             modes=tuple(d.get("modes", MODES)),
+            int8_min_cosine=d.get("int8_min_cosine", INT8_MIN_COSINE),
         )
 
 
@@ -396,6 +412,9 @@ _SCALARS: dict[str, tuple[str, Any]] = {
     "dim": ("a size >= 0, a symbol or null",
             lambda v: v is None or (isinstance(v, str) and bool(v)) or (_is_int(v) and v >= 0)),
     "mode": (f"one of {', '.join(MODES)}", lambda v: v in MODES),
+    "cosine": ("a cosine similarity in [-1, 1]", lambda v: _is_number(v) and -1 <= v <= 1),
+    "cosine?": ("a cosine similarity in [-1, 1] or null",
+                lambda v: v is None or (_is_number(v) and -1 <= v <= 1)),
     "range": ("[start, end] with 0 <= start <= end",
               lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)
               and 0 <= v[0] <= v[1]),
@@ -415,7 +434,7 @@ _STAGE = {"index": ("int", True), "device": (_DEVICE, True), "node_range": ("ran
           "inputs": (("list", _TENSOR), True), "outputs": (("list", _TENSOR), True),
           "shard": ("relpath", True), "sha256": ("sha256", True), "shard_bytes": ("count", True),
           "predicted": (_PREDICTION, True), "data_files": (("list", _SHARD_FILE), False),
-          "mode": ("mode", False)}
+          "mode": ("mode", False), "int8_cosine": ("cosine?", False)}
 _MODEL = {"name": ("text", True), "sha256": ("text", True), "num_nodes": ("int", True),
           "inputs": (("list", _TENSOR), True), "outputs": (("list", _TENSOR), True),
           "bindings": ("bindings", False), "path": ("text", False),
@@ -423,7 +442,7 @@ _MODEL = {"name": ("text", True), "sha256": ("text", True), "num_nodes": ("int",
 _PLAN = {"version": ("int", True), "model": (_MODEL, True),
          "stages": (("list", _STAGE), True), "standby": (("list", _DEVICE), False),
          "bottleneck_ms": ("number", False), "latency_ms": ("number", False),
-         "modes": (("list", "mode"), False)}
+         "modes": (("list", "mode"), False), "int8_min_cosine": ("cosine", False)}
 
 
 def _describe(kind: Any) -> str:

@@ -21,7 +21,11 @@ function of (device, range) alone, so the stage's time is too:
                    + cut_bytes[j])
 
 The last stage's transfer is the model's outputs going back to the coordinator
-(``cut_bytes[n]``). Exact for contiguous splits under that per-stage rule: two dynamic
+(``cut_bytes[n]``). int8 can be vetoed on node ranges (``int8_vetoed``: where quantizing
+costs too much accuracy, ``edge.shards.accuracy``): on a vetoed range, and on every range
+holding one, a stage may take only the other modes.
+
+Exact for contiguous splits under that per-stage rule: two dynamic
 programs over (device, end position), each vectorised over the start position. The first
 finds the optimal bottleneck B*; the second minimises total latency subject to every stage
 taking <= B*. (A single lexicographic DP is not exact: a prefix with a worse bottleneck but
@@ -33,7 +37,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Protocol, Sequence
+from typing import Collection, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -50,6 +54,7 @@ __all__ = [
     "brute_force",
     "evaluate",
     "stage_mode",
+    "int8_vetoed_on",
 ]
 
 log = logging.getLogger(__name__)
@@ -183,6 +188,36 @@ def _io_bytes(costs: StageCosts, i: int, j: int) -> float:
     return float(costs.cut_bytes[i]) + float(costs.cut_bytes[j])
 
 
+# A range holding a vetoed one is vetoed too: quantizing more nodes adds quantization noise
+# on top, so it is assumed to keep no better accuracy. That errs towards fp32, and lets a
+# vector per end position say which starts are vetoed.
+def _veto_reach(vetoed: Collection[tuple[int, int]], n: int) -> np.ndarray:
+    """(n + 1,) array: ``reach[j]`` is the largest start ``a`` of a vetoed range
+    ``[a, b)`` with ``b <= j`` (-1 if none), so int8 is vetoed on ``[i, j)`` iff
+    ``i <= reach[j]``."""
+    reach = np.full(n + 1, -1, dtype=np.int64)
+    for a, b in vetoed:
+        a, b = int(a), int(b)
+        if not 0 <= a < b <= n:
+            raise PlanError(f"int8_vetoed: expected ranges [a, b) with 0 <= a < b <= {n}, "
+                            f"got [{a}, {b})")
+        reach[b] = max(reach[b], a)
+    return np.maximum.accumulate(reach)
+
+
+def int8_vetoed_on(vetoed: Collection[tuple[int, int]], i: int, j: int) -> bool:
+    """Whether int8 is vetoed on nodes ``[i, j)``: it holds a range of ``vetoed``."""
+    return any(i <= a and b <= j for a, b in vetoed)
+
+
+def _range_modes(modes: Sequence[str], i: int, j: int,
+                 vetoed: Collection[tuple[int, int]]) -> tuple[str, ...]:
+    """``modes`` allowed on nodes ``[i, j)``: without int8 where it is vetoed."""
+    if "int8" in modes and int8_vetoed_on(vetoed, i, j):
+        return tuple(m for m in modes if m != "int8")
+    return tuple(modes)
+
+
 def stage_mode(costs: StageCosts, dev: Device, i: int, j: int,
                modes: Sequence[str] = MODES) -> str | None:
     """The first of ``modes`` in which nodes ``[i, j)`` fit ``dev``'s memory, or None."""
@@ -268,7 +303,8 @@ class _Vectors:
 
 
 def _sweep(costs: StageCosts, devices: Sequence[Device], n: int,
-           modes: Sequence[str]) -> Iterator[tuple[int, _Vectors]]:
+           modes: Sequence[str], vetoed: Collection[tuple[int, int]] = ()
+           ) -> Iterator[tuple[int, _Vectors]]:
     pf = np.concatenate([[0.0], np.cumsum(np.asarray(costs.flops, dtype=np.float64))])
     live = np.asarray(costs.live_bytes, dtype=np.float64)
     cut = np.asarray(costs.cut_bytes, dtype=np.float64)
@@ -276,6 +312,7 @@ def _sweep(costs: StageCosts, devices: Sequence[Device], n: int,
     has = np.array([d.memory_mb for d in devices])[:, None]
     rate = np.array([d.gflops * 1e9 for d in devices])[:, None]
     bw = np.array([d.bandwidth_mbps * 1e6 / 8.0 for d in devices])[:, None]
+    reach = _veto_reach(vetoed, n)
     for j, w in _weight_sweep(costs, n):
         act = np.maximum.accumulate(live[:j][::-1])[::-1][None, :]
         io = (cut[:j] + cut[j])[None, :]
@@ -286,6 +323,8 @@ def _sweep(costs: StageCosts, devices: Sequence[Device], n: int,
         chosen = np.zeros((len(devices), j), dtype=bool)
         for mode in modes:
             mem = _mode_memory(w[:, None, :], act, io, floor, mode)
+            if mode == "int8" and reach[j] >= 0:  # vetoed starts: int8 fits nowhere
+                mem = np.where(np.arange(j)[None, :] <= reach[j], np.inf, mem)
             take = (mem <= has) & ~chosen
             time = np.where(take, COMPUTE_FACTOR[mode] * compute + send, time)
             chosen |= take
@@ -297,7 +336,8 @@ def _sweep(costs: StageCosts, devices: Sequence[Device], n: int,
 
 
 def _dp(costs: StageCosts, devices: Sequence[Device], n: int, mode: str,
-        modes: Sequence[str], limit: float = np.inf
+        modes: Sequence[str], limit: float = np.inf,
+        vetoed: Collection[tuple[int, int]] = ()
         ) -> tuple[float, list[tuple[int, int]] | None]:
     """One DP over (device, end). Returns (optimal value, ranges) or (inf, None).
 
@@ -307,13 +347,14 @@ def _dp(costs: StageCosts, devices: Sequence[Device], n: int, mode: str,
         "overshoot": min over all splits of max (frugal stage memory - device memory).
         "memory": min over all splits of max frugal stage memory.
     A stage fits when some mode fits; its time is that of the first mode that fits.
+    int8 is not a mode of a range that ``vetoed`` vetoes (``int8_vetoed_on``).
     """
     D = len(devices)
     has = np.array([d.memory_mb for d in devices])
     best = np.full((D, n + 1), np.inf)
     arg = np.full((D, n + 1), -1, dtype=np.int64)
     cap = limit * (1 + _REL_TOL) + 1e-300 if np.isfinite(limit) else np.inf
-    for j, v in _sweep(costs, devices, n, modes):
+    for j, v in _sweep(costs, devices, n, modes, vetoed):
         for d in range(D):
             # Device d's stage ends at j, starts at i; devices before it need >= d nodes, and
             # the ones after it need >= D - 1 - d.
@@ -376,8 +417,10 @@ def _check_inputs(costs: StageCosts, devices: Sequence[Device],
 
 
 def _make_split(costs: StageCosts, devices: Sequence[Device],
-                ranges: Sequence[tuple[int, int]], modes: Sequence[str]) -> Split:
-    chosen = tuple(stage_mode(costs, dev, i, j, modes) for dev, (i, j) in zip(devices, ranges))
+                ranges: Sequence[tuple[int, int]], modes: Sequence[str],
+                vetoed: Collection[tuple[int, int]] = ()) -> Split:
+    chosen = tuple(stage_mode(costs, dev, i, j, _range_modes(modes, i, j, vetoed))
+                   for dev, (i, j) in zip(devices, ranges))
     if None in chosen:  # cannot happen: the DP only returns fitting stages
         raise PlanError("planner returned a stage that fits in no mode; please report this")
     preds = tuple(evaluate(costs, dev, i, j, m)
@@ -387,19 +430,29 @@ def _make_split(costs: StageCosts, devices: Sequence[Device],
                  latency_ms=sum(p.time_ms for p in preds), modes=chosen)
 
 
-def _no_fit(costs: StageCosts, devices: Sequence[Device], closest: Sequence[tuple[int, int]],
-            min_memory_mb: float, modes: Sequence[str]) -> NoFitError:
+def _no_fit(costs: StageCosts, devices: Sequence[Device],
+            closest: Sequence[tuple[int, int]] | None, min_memory_mb: float,
+            modes: Sequence[str], vetoed: Collection[tuple[int, int]] = ()) -> NoFitError:
+    if closest is None:  # only when int8 is the only mode and is vetoed on every split
+        msg = (f"no split of the model's {len(costs.flops)} nodes over {len(devices)} "
+               "devices fits: int8, the only mode allowed, is rejected for accuracy on a "
+               "stage of every split; allow fp32 or add devices")
+        return NoFitError(msg, needs={}, has={d.name: d.memory_mb for d in devices},
+                          min_memory_mb=float("inf"))
     needs, has, lines = {}, {}, []
     for dev, (i, j) in zip(devices, closest):
-        mode = _frugal_mode(costs, dev, i, j, modes)
+        mode = _frugal_mode(costs, dev, i, j, _range_modes(modes, i, j, vetoed))
         p = evaluate(costs, dev, i, j, mode)
         needs[dev.name] = p.memory_mb
         has[dev.name] = dev.memory_mb
         verdict = "OVER" if p.memory_mb > dev.memory_mb else "ok"
+        rejected = ("; int8 rejected for accuracy" if "int8" in modes and mode != "int8"
+                    and int8_vetoed_on(vetoed, i, j) else "")
         lines.append(
             f"  {dev.name}: needs {p.memory_mb:.0f} MiB, has {dev.memory_mb:.0f} MiB "
             f"[{verdict}] (nodes [{i}, {j}) in {mode}: weights {p.weights_mb:.0f} + "
-            f"activations {p.activations_mb:.0f} + runtime {p.runtime_floor_mb:.0f} MiB)")
+            f"activations {p.activations_mb:.0f} + runtime {p.runtime_floor_mb:.0f} MiB"
+            f"{rejected})")
     msg = (f"no split of the model's {len(costs.flops)} nodes over {len(devices)} devices "
            f"fits in memory, even in the most frugal mode ({', '.join(modes)} tried); the "
            "closest split (smallest worst overshoot) needs:\n"
@@ -411,7 +464,8 @@ def _no_fit(costs: StageCosts, devices: Sequence[Device], closest: Sequence[tupl
 
 
 def partition(costs: StageCosts, devices: Sequence[Device],
-              modes: Sequence[str] = MODES) -> Split:
+              modes: Sequence[str] = MODES,
+              int8_vetoed: Collection[tuple[int, int]] = ()) -> Split:
     """Split nodes ``[0, n)`` into one contiguous, non-empty range per device, in order.
 
     Args:
@@ -419,6 +473,9 @@ def partition(costs: StageCosts, devices: Sequence[Device],
         devices: the pipeline's devices, in pipeline order (standbys excluded).
         modes: the modes a stage may take, in order of preference (default all of
             ``MODES``: fp32, then fp32-lean, then int8).
+        int8_vetoed: node ranges ``(start, end)`` where int8 is rejected (it costs too
+            much accuracy); a stage over one of them, or over a range holding one, takes
+            only the other modes.
 
     Returns:
         The split whose slowest stage is fastest among those that fit every device's
@@ -431,28 +488,29 @@ def partition(costs: StageCosts, devices: Sequence[Device],
     """
     modes = tuple(modes)
     n = _check_inputs(costs, devices, modes)
+    vetoed = tuple((int(a), int(b)) for a, b in int8_vetoed)
     # Precision first: a lower-precision mode is allowed only when no split fits without it.
     for k in range(1, len(modes) + 1):
         allowed = modes[:k]
-        bottleneck, _ = _dp(costs, devices, n, "bottleneck", allowed)
+        bottleneck, _ = _dp(costs, devices, n, "bottleneck", allowed, vetoed=vetoed)
         if np.isfinite(bottleneck):
             break
     else:
-        _, closest = _dp(costs, devices, n, "overshoot", modes)
-        min_mem, _ = _dp(costs, devices, n, "memory", modes)
-        err = _no_fit(costs, devices, closest, min_mem, modes)
+        _, closest = _dp(costs, devices, n, "overshoot", modes, vetoed=vetoed)
+        min_mem, _ = _dp(costs, devices, n, "memory", modes, vetoed=vetoed)
+        err = _no_fit(costs, devices, closest, min_mem, modes, vetoed)
         log.info("%s", err)
         raise err
-    _, ranges = _dp(costs, devices, n, "latency", allowed, limit=bottleneck)
+    _, ranges = _dp(costs, devices, n, "latency", allowed, limit=bottleneck, vetoed=vetoed)
     if ranges is None:  # cannot happen unless rounding is pathological
         raise PlanError("planner failed to recover the optimal split; please report this")
-    split = _make_split(costs, devices, ranges, allowed)
-    _log_split(costs, devices, split, modes)
+    split = _make_split(costs, devices, ranges, allowed, vetoed)
+    _log_split(costs, devices, split, modes, vetoed)
     return split
 
 
 def _log_split(costs: StageCosts, devices: Sequence[Device], split: Split,
-               modes: Sequence[str]) -> None:
+               modes: Sequence[str], vetoed: Collection[tuple[int, int]] = ()) -> None:
     n = len(costs.flops)
     total = float(np.sum(costs.flops))
     for k, (dev, (i, j), p, mode) in enumerate(zip(devices, split.ranges, split.predictions,
@@ -462,7 +520,10 @@ def _log_split(costs: StageCosts, devices: Sequence[Device], split: Split,
             why.append("bottleneck stage")
         if mode != modes[0]:
             why.append(f"{mode}: does not fit in {', '.join(modes[:modes.index(mode)])}")
-        if j < n and stage_mode(costs, dev, i, j + 1, modes) is None:
+        if "int8" in modes and int8_vetoed_on(vetoed, i, j):
+            why.append("int8 rejected for accuracy")
+        if j < n and stage_mode(costs, dev, i, j + 1,
+                                _range_modes(modes, i, j + 1, vetoed)) is None:
             why.append("memory-bound: one more node would not fit")
         if p.transfer_ms > p.compute_ms:
             why.append(f"link-bound: sending {costs.cut_bytes[j] / 1e6:.2f} MB costs more "
@@ -483,7 +544,8 @@ def _log_split(costs: StageCosts, devices: Sequence[Device], split: Split,
 
 
 def brute_force(costs: StageCosts, devices: Sequence[Device],
-                modes: Sequence[str] = MODES) -> Split:
+                modes: Sequence[str] = MODES,
+                int8_vetoed: Collection[tuple[int, int]] = ()) -> Split:
     """Same contract as ``partition``, by enumerating every cut combination.
 
     Exponential: for tests on small inputs only. Uses the scalar ``stage_mode`` and
@@ -493,19 +555,20 @@ def brute_force(costs: StageCosts, devices: Sequence[Device],
         costs: per-node / per-cut cost arrays.
         devices: the pipeline's devices, in order.
         modes: as for ``partition``.
+        int8_vetoed: as for ``partition`` (checked per range with ``int8_vetoed_on``).
     """
-    modes = tuple(modes)
     modes = tuple(modes)
     _check_inputs(costs, devices, modes)
     for k in range(1, len(modes)):
         try:
-            return _brute(costs, devices, modes[:k])
+            return _brute(costs, devices, modes[:k], int8_vetoed)
         except NoFitError:
             pass
-    return _brute(costs, devices, modes)
+    return _brute(costs, devices, modes, int8_vetoed)
 
 
-def _brute(costs: StageCosts, devices: Sequence[Device], modes: Sequence[str]) -> Split:
+def _brute(costs: StageCosts, devices: Sequence[Device], modes: Sequence[str],
+           vetoed: Collection[tuple[int, int]] = ()) -> Split:
     n = _check_inputs(costs, devices, modes)
     D = len(devices)
     best_key, best_ranges = None, None
@@ -513,14 +576,16 @@ def _brute(costs: StageCosts, devices: Sequence[Device], modes: Sequence[str]) -
     for cuts in itertools.combinations(range(1, n), D - 1):
         bounds = (0, *cuts, n)
         ranges = list(zip(bounds[:-1], bounds[1:]))
-        frugal = [min(evaluate(costs, dev, i, j, m).memory_mb for m in modes)
+        frugal = [min((evaluate(costs, dev, i, j, m).memory_mb
+                       for m in _range_modes(modes, i, j, vetoed)), default=np.inf)
                   for dev, (i, j) in zip(devices, ranges)]
         worst_mem = max(frugal)
         over = max(f - dev.memory_mb for f, dev in zip(frugal, devices))
         min_mem = min(min_mem, worst_mem)
         if over < closest_over:
             closest_over, closest = over, ranges
-        chosen = [stage_mode(costs, dev, i, j, modes) for dev, (i, j) in zip(devices, ranges)]
+        chosen = [stage_mode(costs, dev, i, j, _range_modes(modes, i, j, vetoed))
+                  for dev, (i, j) in zip(devices, ranges)]
         if None in chosen:
             continue
         preds = [evaluate(costs, dev, i, j, m) for dev, (i, j), m in zip(devices, ranges, chosen)]
@@ -529,5 +594,6 @@ def _brute(costs: StageCosts, devices: Sequence[Device], modes: Sequence[str]) -
                 key[0] <= best_key[0] * (1 + 1e-12) and key[1] < best_key[1]):
             best_key, best_ranges = key, ranges
     if best_ranges is None:
-        raise _no_fit(costs, devices, closest, float(min_mem), modes)
-    return _make_split(costs, devices, best_ranges, modes)
+        raise _no_fit(costs, devices, closest if np.isfinite(closest_over) else None,
+                      float(min_mem), modes, vetoed)
+    return _make_split(costs, devices, best_ranges, modes, vetoed)
