@@ -4,7 +4,9 @@
 
 Per model: its source, its weights after intake, the stages, the largest relative
 difference of the fp32 pipeline from onnxruntime on the unsharded file, the cosine of the
-int8 pipeline's output with onnxruntime's fp32 output, and each stage's planned memory
+all-int8 pipeline's output with onnxruntime's fp32 output (and, per stage, the cosine the
+planner measured with that stage alone in int8: it picks int8 only where that is >= 0.99),
+and each stage's planned memory
 against the worker's measured peak RSS (VmHWM since the worker started: upload, load,
 first run and serving), as `edge profile --coordinator` reports it.
 
@@ -87,7 +89,9 @@ def serve(path: Path, inputs: list[dict], devices: int, work: Path, modes, reque
     with LocalWorkers(devices, work / f"workers-{tag}", device="host", threads=1) as workers:
         cluster = cluster_from_profile("host", devices, addresses=workers.addresses)
         build = work / f"build-{tag}"
-        plan = make_plan(path, cluster.devices, build, sample=inputs[0], modes=modes)
+        # -1: plan int8 whatever it costs, so that its cosine is measured and reported
+        plan = make_plan(path, cluster.devices, build, sample=inputs[0], modes=modes,
+                         int8_min_cosine=-1.0)
         with Pipeline(plan, build) as pipeline:
             pipeline.start()
             outs = [decode_tensors(pipeline.infer(x).outputs) for x in inputs]
@@ -112,8 +116,10 @@ def run_one(name: str, devices: int, requests: int, work: Path) -> dict:
                             measured_peak_mb=r["measured_peak_mb"], error_pct=r["error_pct"])
                        for r in rows])
     try:
-        _, q_outs, _, _ = serve(path, inputs, devices, work / name, ["int8"], 2)
+        q_plan, q_outs, _, _ = serve(path, inputs, devices, work / name, ["int8"], 2)
         res["int8_cosine"] = min(_cosine(o, w) for o, w in zip(q_outs, want))
+        # what the planner measured per stage (the others fp32): it plans int8 only >= 0.99
+        res["int8_stage_cosines"] = [s.int8_cosine for s in q_plan.stages]
     except Exception as e:  # noqa: BLE001 - a model int8 cannot quantize is reported
         res["int8_cosine"] = None
         res["int8_error"] = str(e)[:200]
@@ -133,7 +139,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edge-real-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     results = []
-    print("| model | source | weights MiB | stages | rel. diff fp32 | int8 cosine | "
+    print("| model | source | weights MiB | stages | rel. diff fp32 | int8 cosine (per stage) | "
           "planned → measured MiB per stage (error) |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
@@ -145,7 +151,8 @@ def main() -> int:
         results.append(res)
         mem = "; ".join(f"{m['planned_mb']:.0f} → {m['measured_peak_mb']:.0f} "
                         f"({m['error_pct']:+.0f}%)" for m in res["memory"])
-        cos = "—" if res["int8_cosine"] is None else f"{res['int8_cosine']:.4f}"
+        cos = ("—" if res["int8_cosine"] is None else f"{res['int8_cosine']:.4f} ("
+               + " / ".join(f"{c:.4f}" for c in res["int8_stage_cosines"]) + ")")
         print(f"| {name} | {res['source']} | {res['weights_mib']:.1f} | {res['stages']} | "
               f"{res['rel_diff']:.1e} | {cos} | {mem} |", flush=True)
     if args.json:
