@@ -108,7 +108,7 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
         name=model_path.stem, sha256=_sha256_file(model_path), num_nodes=n,
         inputs=tuple(costs.specs[t] for t in costs.graph_inputs),
         outputs=tuple(costs.specs[t] for t in costs.graph_outputs),
-        bindings=dict(costs.bindings),
+        bindings=dict(costs.bindings), derived=dict(costs.derived),
         path=os.path.relpath(model_path.resolve(), out_dir.resolve()))
     plan = Plan(model=model, stages=tuple(stages), standby=spares,
                 bottleneck_ms=split.bottleneck_ms, latency_ms=split.latency_ms,
