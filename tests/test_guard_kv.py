@@ -30,13 +30,16 @@ PAST, NEW, TOTAL = "past_sequence_length", "sequence_length", "total_sequence_le
 # token): a name of its own must be bound too; an expression never is.
 STYLES = {
     "named": (TOTAL, {PAST: 24, NEW: 1, TOTAL: 25}),
+    # as transformers' models: a mask longer than past + new is cut to that length, so the
+    # total length can grow alone, and the mask grows with it while the cache does not
+    "sliced": (TOTAL, {PAST: 24, NEW: 1, TOTAL: 25}),
     "sum": (f"{PAST} + {NEW}", {PAST: 24, NEW: 1}),
     "plus-one": (f"{PAST} + 1", {PAST: 24}),
 }
 
 
 def kv_decoder(total: str, layers: int = 2, heads: int = 4, head_dim: int = 16,
-               vocab: int = 256, seed: int = 0) -> onnx.ModelProto:
+               vocab: int = 256, slice_mask: bool = False, seed: int = 0) -> onnx.ModelProto:
     """A decoder step with a KV cache, GPT-2's attention by hand: per layer the new tokens'
     keys and values are appended to the past ones along the length (the ``present``
     outputs), and the new tokens attend over the total length, masked by
@@ -45,6 +48,7 @@ def kv_decoder(total: str, layers: int = 2, heads: int = 4, head_dim: int = 16,
     Args:
         total: the total length's dim_param: a name, or an expression of the past length
             (``... + 1``: one new token, ``input_ids`` is ``[batch, 1]``).
+        slice_mask: the mask's first past + new positions are used; it may be longer.
     """
     rng = np.random.default_rng(seed)
     hidden = heads * head_dim
@@ -71,9 +75,15 @@ def kv_decoder(total: str, layers: int = 2, heads: int = 4, head_dim: int = 16,
     const("neg", -1e4, np.float32)
     const("scale", 1.0 / math.sqrt(head_dim), np.float32)
     h = node("Gather", [weight("embed", vocab, hidden), "input_ids"], "h0")
-    m = node("Cast", ["attention_mask"], "mask_f", to=TensorProto.FLOAT)
-    m = node("Mul", [node("Sub", ["one", m], "mask_inv"), "neg"], "mask_bias")
-    bias = node("Unsqueeze", [m, "mask_axes"], "mask_bias4")
+
+    def mask_bias(mask):
+        m = node("Cast", [mask], "mask_f", to=TensorProto.FLOAT)
+        m = node("Mul", [node("Sub", ["one", m], "mask_inv"), "neg"], "mask_bias")
+        return node("Unsqueeze", [m, "mask_axes"], "mask_bias4")
+
+    const("zero", [0])
+    const("length_axis", [1])
+    bias = None if slice_mask else mask_bias("attention_mask")
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", new_len]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
                                             ["batch", total])]
@@ -92,6 +102,10 @@ def kv_decoder(total: str, layers: int = 2, heads: int = 4, head_dim: int = 16,
             outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT,
                                                          ["batch", heads, total, head_dim]))
             qkv[kind] = node("Concat", [past, qkv[kind]], present, axis=2)
+        if bias is None:
+            length = node("Shape", [qkv["k"]], "kv_length", start=2, end=3)
+            bias = mask_bias(node("Slice", ["attention_mask", "zero", length, "length_axis"],
+                                  "mask_used"))
         s = node("MatMul", [qkv["q"], node("Transpose", [qkv["k"]], f"kT{i}", perm=[0, 1, 3, 2])],
                  f"scores{i}")
         s = node("Add", [node("Mul", [s, "scale"], f"scaled{i}"), bias], f"masked{i}")
@@ -105,6 +119,10 @@ def kv_decoder(total: str, layers: int = 2, heads: int = 4, head_dim: int = 16,
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
     onnx.checker.check_model(model)
     return model
+
+
+def model_of(style: str) -> onnx.ModelProto:
+    return kv_decoder(STYLES[style][0], slice_mask=style == "sliced")
 
 
 def decode_step(model: onnx.ModelProto, past: int, new: int = 1, batch: int = 1,
@@ -147,22 +165,30 @@ def test_dim_expressions():
 
 
 @pytest.mark.parametrize("style", list(STYLES))
-def test_total_length_follows_the_others(style):
-    """The total length is derived: measured as a sum (a name of its own) or computed from
-    its expression (never bound); the other lengths' degrees are measured with it moving
-    along, so every tensor grows with the past at power 1, none with the total."""
+def test_total_length_counts_once(style):
+    """The total length is derived when it cannot move alone: found to be the sum (a name
+    of its own) or computed from its expression (never bound), and the others' degrees are
+    measured with it moving along. Where it can move alone (a mask cut to length), it is a
+    dim of its own, but no tensor grows with it and the past at once."""
     total, bindings = STYLES[style]
-    costs = analyze(kv_decoder(total), bindings)
+    costs = analyze(model_of(style), bindings)
     assert costs.bindings == {**bindings, "batch": 1}
     assert costs.derived == ({TOTAL: f"{PAST} + {NEW}"} if style == "named" else {})
-    stage = costs.activation_degrees(0, costs.num_nodes)
-    assert stage == {PAST: 1, "batch": 1, **({NEW: 2} if NEW in bindings else {})}
-    assert all(TOTAL not in d and d.get(PAST, 0) <= 1 for d in costs.tensor_degrees.values())
+    n = costs.num_nodes
+    assert costs.activation_degrees(0, n) == {
+        PAST: 1, "batch": 1, **({NEW: 2} if NEW in bindings else {}),
+        **({TOTAL: 1} if style == "sliced" else {})}
+    assert all(d.get(PAST, 0) <= 1 and not (PAST in d and TOTAL in d)
+               for d in costs.tensor_degrees.values())
+    assert all(not (PAST in v and TOTAL in v) for v in costs.activation_growth(0, n))
     # the cache and the attention over it grow with the past; the logits do not
     assert costs.tensor_degrees["present.0.key"][PAST] == 1
     assert costs.tensor_degrees["scores0"][PAST] == 1
     assert PAST not in costs.tensor_degrees["logits"]
     assert costs.concrete_shapes["present.1.value"] == (1, 4, 25, 16)
+    if style == "sliced":  # the mask as it comes grows with the total, not the past
+        assert costs.tensor_degrees["attention_mask"][TOTAL] == 1
+        assert PAST not in costs.tensor_degrees["attention_mask"]
 
 
 def test_an_expression_dim_is_never_bound_alone():
@@ -171,7 +197,7 @@ def test_an_expression_dim_is_never_bound_alone():
 
     with pytest.raises(GraphError, match=PAST) as e:
         analyze(kv_decoder(f"{PAST} + {NEW}"), {NEW: 1})
-    assert f"--dim {PAST}=SIZE" in str(e.value)
+    assert f"--dim {PAST}=SIZE" in str(e.value) and "+" not in str(e.value)
 
 
 @pytest.mark.parametrize("style", list(STYLES))
@@ -180,7 +206,7 @@ def test_bound_holds_for_every_tensor(style, past):
     """At past 300 and 5000, every tensor's real size (onnxruntime's outputs, shape
     inference for the rest) is within what the degrees measured at past 24 allow."""
     total, bindings = STYLES[style]
-    model = kv_decoder(total)
+    model = model_of(style)
     planned = analyze(model, bindings)
     at = sizes_at(style, past)
     real = analyze(model, at)
@@ -201,12 +227,15 @@ def test_bound_holds_for_every_tensor(style, past):
 
 
 def plan_for(style: str, tmp_path, addresses, memory_mb: float = 120):
+    """A plan for past 24 of ``style``'s decoder (written to ``tmp_path``), on devices of
+    ``memory_mb``; (the model's path, the plan as loaded)."""
     from edge.planning import make_plan
     from edge.planning.cluster import cluster_from_profile
 
     total, bindings = STYLES[style]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"kv-{style}.onnx"
-    onnx.save(kv_decoder(total), str(path))
+    onnx.save(model_of(style), str(path))
     devices = [dataclasses.replace(d, memory_mb=memory_mb)
                for d in cluster_from_profile("rpi4b-2gb", len(addresses),
                                              addresses=addresses).devices]
@@ -240,11 +269,11 @@ def test_guard_arithmetic(style, tmp_path):
             assert want.memory_mb <= bound <= 1.5 * want.memory_mb, (past, stage.index)
             act_bound = bound - p.memory_mb + p.activations_mb
             assert want.activations_mb <= act_bound <= 1.5 * want.activations_mb
-    # Truly too large: refused, naming the past length and not the total.
+    # Truly too large: refused, naming the past length (and not a total that follows).
     with pytest.raises(TooLarge, match=rf"{PAST}=300000.*has 120 MiB") as e:
         check_fits(plan, {**sizes, PAST: 300000, **({TOTAL: 300001} if TOTAL in sizes else {})})
     asked = str(e.value).split("would need")[0]
-    assert TOTAL not in asked and "+" not in asked, asked
+    assert "+" not in asked and (TOTAL not in asked or style == "sliced"), asked
     # A mask over 300,000 positions with a cache of 24: the excess counts in the past.
     total = TOTAL if TOTAL in sizes else next(k for k in sizes if dim_expression(k))
     with pytest.raises(TooLarge):
@@ -254,32 +283,47 @@ def test_guard_arithmetic(style, tmp_path):
     n = largest(plan, PAST)
     assert n >= 300
     check_fits(plan, {**sizes, PAST: n})
-    assert largest(plan, TOTAL) is None
     limits = describe_limits(plan)
-    assert f"{PAST} up to {n}" in limits and TOTAL not in limits and "+" not in limits
+    assert f"{PAST} up to {n}" in limits and "+" not in limits
+    if style != "sliced":  # a total that follows is no limit of its own
+        assert largest(plan, TOTAL) is None and TOTAL not in limits
 
 
 def test_old_plans_load(tmp_path):
-    """plan.json without the derived dims (made before they were recorded) loads, and the
-    guard then counts every dim on its own, as it did."""
+    """plan.json without the derived dims and the per-tensor growth (made before they were
+    recorded) loads, and is bounded as before: by each dim's highest degree, multiplied.
+    A derived dim that is not a sum of dims is refused, naming the field."""
     import json
 
-    _, plan = plan_for("named", tmp_path, ["127.0.0.1:1"])
-    raw = json.loads((tmp_path / "plan" / "plan.json").read_text())
-    assert raw["model"]["derived"] == {TOTAL: f"{PAST} + {NEW}"}
-    del raw["model"]["derived"]
-    (tmp_path / "old.json").write_text(json.dumps(raw))
-    old = load_plan(tmp_path / "old.json")
-    assert old.model.derived == {}
-    raw["model"]["derived"] = {TOTAL: "past * 2 ** 3"}
-    (tmp_path / "bad.json").write_text(json.dumps(raw))
     from edge.errors import ConfigError
 
+    for style in ("named", "sliced"):
+        _, plan = plan_for(style, tmp_path / style, ["127.0.0.1:1"])
+        path = tmp_path / style / "plan" / "plan.json"
+        raw = json.loads(path.read_text())
+        assert raw["model"]["derived"] == plan.model.derived
+        assert raw["stages"][0]["predicted"]["activation_growth"]
+        del raw["model"]["derived"]
+        for stage in raw["stages"]:
+            del stage["predicted"]["activation_growth"]
+        path.write_text(json.dumps(raw))
+        old = load_plan(path)
+        assert old.model.derived == {} and old.stages[0].predicted.activation_growth == ()
+    # The mask cut to length: the total is a dim of its own, and without the growth per
+    # tensor its factor multiplies the past's.
+    sizes = {**plan.model.bindings, PAST: 300, TOTAL: 301}
+    new_bound = plan.stages[0].predicted.memory_at(plan.model.bindings, sizes)
+    old_bound = old.stages[0].predicted.memory_at(old.model.bindings, sizes)
+    p = plan.stages[0].predicted
+    assert new_bound == pytest.approx(p.memory_mb + p.activations_mb * (300 / 24 - 1))
+    assert old_bound == pytest.approx(p.memory_mb + p.activations_mb * (300 / 24 * 301 / 25 - 1))
+    raw["model"]["derived"] = {TOTAL: "past * 2 ** 3"}
+    path.write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match=r"model\.derived\.total_sequence_length.*expected a sum"):
-        load_plan(tmp_path / "bad.json")
+        load_plan(path)
 
 
-@pytest.mark.parametrize("style", ["named", "plus-one"])
+@pytest.mark.parametrize("style", ["named", "sliced", "plus-one"])
 def test_decode_step_is_served(style, tmp_path):
     """Real workers: a decode step at past 300 on a plan for past 24 passes the guard and
     comes back as the whole model computes it; past 300,000 is refused before any worker

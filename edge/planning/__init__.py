@@ -101,7 +101,8 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
             index=k, device=dev, node_range=(i, j), inputs=costs.crossing_specs(i),
             outputs=outputs, shard=rel, sha256=info.sha256, shard_bytes=info.size,
             predicted=dataclasses.replace(
-                pred, activation_degrees=costs.activation_degrees(i, j)), mode=mode,
+                pred, activation_degrees=costs.activation_degrees(i, j),
+                activation_growth=tuple(costs.activation_growth(i, j))), mode=mode,
             data_files=tuple(ShardFile(f"shards/{f.path.name}", f.sha256, f.size,
                                        f.random_access) for f in info.data_files)))
     model = ModelInfo(

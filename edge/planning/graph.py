@@ -207,6 +207,26 @@ class GraphCosts:
                 out[sym] = max(out.get(sym, 0), d)
         return out
 
+    def activation_growth(self, i: int, j: int) -> list[dict[str, int]]:
+        """How the tensors a stage over nodes ``[i, j)`` holds grow, tensor by tensor: the
+        distinct ``{dim: degree}`` of its tensors, less those another one covers (in
+        every dim at least as high). At sizes ``k[dim]`` times the planned ones, every
+        tensor, and so the stage's activations, grows by at most the largest
+        ``prod(k[dim] ** degree)`` over them.
+
+        Tighter than the per-dim maxima of ``activation_degrees`` multiplied, when no tensor
+        grows with all dims at once: a decoder's cache grows with the past length and its
+        mask with the total length, and none with both."""
+        held = list(self.crossing(i)) + [t for outs in self.node_outputs[i:j] for t in outs]
+        vectors = {tuple(sorted(self.tensor_degrees.get(t, {}).items())) for t in held}
+        vectors = [dict(v) for v in vectors if v]
+
+        def covers(a: dict[str, int], b: dict[str, int]) -> bool:
+            return a != b and all(a.get(k, 0) >= d for k, d in b.items())
+
+        kept = [v for v in vectors if not any(covers(w, v) for w in vectors)]
+        return sorted(kept, key=lambda v: sorted(v.items()))
+
     @property
     def _tensor_order(self) -> list[str]:
         order = getattr(self, "_order_cache", None)
@@ -494,12 +514,14 @@ def _expression_dims(m: onnx.ModelProto, init_names: set[str],
     """
     names = {d for vi in m.graph.input if vi.name not in init_names
              for d in (_vi_shape(vi) or ()) if isinstance(d, str)}
-    sizes = {d: 1 for d in names if d.lower() in BATCH_DIM_NAMES} | dict(bindings)
+    # A dim an expression names that is not bound yet is reported as unbound itself (batch
+    # ones default to 1), so 1 stands in for it here: the error then asks for
+    # past_sequence_length, not for past_sequence_length + 1.
+    sizes = {d: 1 for d in names} | dict(bindings)
     out = {}
     for d in names:
         form = dim_expression(d)
-        if d in bindings or form is None or not all(k in names or k in bindings
-                                                      for k in form[0]):
+        if d in bindings or form is None or not all(k in sizes for k in form[0]):
             continue
         value = dim_value(d, sizes)
         if value is not None and value > 0:

@@ -136,16 +136,23 @@ class StagePrediction:
     # Per symbolic dim, the power of its growth that bounds the activations (see
     # GraphCosts.activation_degrees); empty in plans made before it was recorded.
     activation_degrees: dict[str, int] = field(default_factory=dict)
+    # Tensor by tensor, the distinct {dim: degree} that bound the activations (see
+    # GraphCosts.activation_growth); empty in plans made before it was recorded, which
+    # are then bounded by activation_degrees alone.
+    activation_growth: tuple[dict[str, int], ...] = ()
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "StagePrediction":
-        return StagePrediction(**d)
+        return StagePrediction(**{**d, "activation_growth": tuple(
+            dict(v) for v in d.get("activation_growth", ()))})
 
     def memory_at(self, bindings: dict[str, int], sizes: dict[str, int],
                   derived: Mapping[str, str] | None = None) -> float | None:
         """Predicted peak MiB for a request of ``sizes`` on a plan made at ``bindings``:
-        the activations grow by at most ``(size / planned) ** degree`` per independent dim
-        (and never shrink below the plan). None if the plan does not record how they grow.
+        each tensor grows by at most ``(size / planned) ** degree`` in each independent dim
+        it grows with (``activation_growth``; in plans without it, every dim's highest
+        degree, multiplied), and the activations by at most the most any tensor does; they
+        never shrink below the plan. None if the plan does not record how they grow.
 
         A dim that follows from others (``derived``, or one named by an expression such as
         ``past_sequence_length + 1``) adds no factor of its own: its growth is that of the
@@ -160,15 +167,19 @@ class StagePrediction:
         """
         derived = derived or {}
         free = free_sizes(bindings, sizes, derived)
-        scale = 1.0
+        ratio = {}
         for sym, planned in bindings.items():
-            if sym in derived:
-                continue
             k = free.get(sym, planned) / planned
-            if k > 1:
+            if sym not in derived and k > 1:
                 if sym not in self.activation_degrees:
                     return None
-                scale *= k ** self.activation_degrees[sym]
+                ratio[sym] = k
+        if self.activation_growth:
+            # each tensor grows by its own product; the activations by at most the largest
+            scale = max([1.0] + [math.prod(ratio.get(sym, 1.0) ** d for sym, d in v.items())
+                                 for v in self.activation_growth])
+        else:
+            scale = math.prod(k ** self.activation_degrees[sym] for sym, k in ratio.items())
         return self.memory_mb + self.activations_mb * (scale - 1)
 
 
@@ -521,7 +532,8 @@ _DEVICE = {"name": ("str", True), "address": ("str", True), "profile": ("str", T
            "standby": ("bool", False)}
 _PREDICTION = {k: ("number", True) for k in (
     "weights_mb", "activations_mb", "runtime_floor_mb", "memory_mb", "gflops", "compute_ms",
-    "transfer_ms", "time_ms")} | {"activation_degrees": ("degrees", False)}
+    "transfer_ms", "time_ms")} | {"activation_degrees": ("degrees", False),
+                                "activation_growth": (("list", "degrees"), False)}
 _SHARD_FILE = {"path": ("relpath", True), "sha256": ("sha256", True), "size": ("int", True),
                "random_access": ("bool", False)}
 _STAGE = {"index": ("int", True), "device": (_DEVICE, True), "node_range": ("range", True),
