@@ -14,8 +14,6 @@ The plan is made for a short past (24) and one new token; for each request size,
 loopback workers serve it (so each peak belongs to that size alone) and the bound the
 coordinator computes before accepting the request (``StagePrediction.memory_at``) is set
 against the peak (VmHWM) the workers' own sampler reports, as ``edge profile`` reads it.
-"before" is what the guard computed when every length fell back to degree 2 in each of
-past, new and total length, multiplied (issue 11).
 
 Usage:
     python benchmarks/kv_request_memory.py --size small --devices 4 --style plus-one \
@@ -27,7 +25,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -198,25 +195,19 @@ def main() -> int:
         for st in plan.stages:
             p = st.predicted
             bound = p.memory_at(plan.model.bindings, sizes, plan.model.derived)
-            # before: degree 2 in every length, each a factor of its own
-            grown = [sizes[k] / v for k, v in plan.model.bindings.items()
-                     if sizes.get(k, v) > v]
-            grown += [sizes[k] / (plan.model.bindings[PAST] + 1)
-                      for k in sizes if k not in plan.model.bindings]
-            before = p.memory_mb + p.activations_mb * (math.prod(k ** 2 for k in grown) - 1)
             measured = None
             if report is not None:
                 measured = next(r["measured_peak_mb"] for r in summarize(report)
                                 if r["stage"] == st.index)
             rows.append(dict(past=past, stage=st.index, planned_mb=p.memory_mb,
-                             bound_mb=bound, before_mb=before, measured_peak_mb=measured,
+                             bound_mb=bound, measured_peak_mb=measured,
                              budget_mb=st.device.memory_mb, request_io_mb=io_mb,
                              refused=refused, degrees=p.activation_degrees,
                              derived=plan.model.derived))
             ratio = f"{bound / measured:.2f}" if measured else "-"
             print(f"past {past:>5} stage {st.index}: planned {p.memory_mb:7.1f}  "
                   f"bound {bound:7.1f}  measured {measured or float('nan'):7.1f} MiB  "
-                  f"bound/measured {ratio}  before {before:,.0f}  (request io {io_mb:.1f} MiB)"
+                  f"bound/measured {ratio}  (request io {io_mb:.1f} MiB)"
                   f"{'  REFUSED' if refused else ''}", flush=True)
     # The growth alone: what the bound adds to the plan's prediction against what the
     # peak added to the peak at the plan's own size (which the planner's model sets, not
