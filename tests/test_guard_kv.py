@@ -191,6 +191,14 @@ def test_total_length_counts_once(style):
         assert PAST not in costs.tensor_degrees["attention_mask"]
 
 
+def test_an_expression_dim_bound_anyway_is_found_to_follow():
+    """Bound with --dim as plans before had to: it is found to follow from the past."""
+    expression = f"{PAST} + 1"
+    costs = analyze(model_of("plus-one"), {PAST: 24, expression: 25})
+    assert costs.derived == {expression: expression}
+    assert costs.activation_degrees(0, costs.num_nodes) == {PAST: 1, "batch": 1}
+
+
 def test_an_expression_dim_is_never_bound_alone():
     """Only the dims it names need sizes; a missing one is named in the error."""
     from edge.errors import GraphError
