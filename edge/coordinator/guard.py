@@ -7,6 +7,11 @@ sequence, attention scores with its square), so the memory a request needs is bo
 arithmetic, without running anything. A request that some stage's device could not hold
 is refused with ``RESOURCE_EXHAUSTED`` naming the device, what the request would need and
 what the device has, instead of reaching a worker that the kernel then kills.
+
+Some dims follow from others: a decoder with a KV cache takes a past length, a new length
+and a total that is their sum (``ModelInfo.derived``, or an input dim named by the
+expression, ``past_sequence_length + 1``). Such a dim adds no factor of its own; the dims
+it follows from carry its growth.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping, Sequence
 
-from edge.planning.plan import Plan, TensorSpec
+from edge.planning.plan import Plan, TensorSpec, dim_expression, free_sizes
 
 __all__ = ["TooLarge", "request_sizes", "check_fits", "largest", "describe_limits"]
 
@@ -48,15 +53,21 @@ def check_fits(plan: Plan, sizes: Mapping[str, int]) -> None:
 
     Requests within the plan's sizes always pass; so do all requests on a plan that does
     not record how its activations grow (made before it did).
+
+    Args:
+        plan: the plan being served.
+        sizes: the request's size of each symbolic dim (``request_sizes``).
     """
     bindings = plan.model.bindings
-    if not any(sizes.get(k, v) > v for k, v in bindings.items()):
+    derived = plan.model.derived
+    free = free_sizes(bindings, sizes, derived)
+    if not any(free[k] > v for k, v in bindings.items() if k not in derived):
         return
     for stage in plan.stages:
-        need = stage.predicted.memory_at(bindings, dict(sizes))
+        need = stage.predicted.memory_at(bindings, dict(sizes), derived)
         has = stage.device.memory_mb
         if need is not None and need > has:
-            asked = ", ".join(f"{k}={v}" for k, v in sizes.items())
+            asked = ", ".join(f"{k}={v}" for k, v in sizes.items() if not _follows(plan, k))
             planned = ", ".join(f"{k}={v}" for k, v in bindings.items())
             raise TooLarge(
                 f"a request of {asked} would need about {need:.0f} MiB on device "
@@ -65,12 +76,18 @@ def check_fits(plan: Plan, sizes: Mapping[str, int]) -> None:
                 f"sizes (edge plan --dim NAME=SIZE) on devices that hold them")
 
 
+def _follows(plan: Plan, dim: str) -> bool:
+    """Whether ``dim`` follows from the plan's other dims (a KV cache's total length)."""
+    return dim in plan.model.derived or (dim not in plan.model.bindings
+                                         and dim_expression(dim) is not None)
+
+
 def largest(plan: Plan, dim: str) -> int | None:
     """The largest size of ``dim`` (the other dims at the plan's sizes) that every device
     of ``plan`` holds by :func:`check_fits`; None if it does not limit it (or the plan does
-    not record how its activations grow)."""
+    not record how its activations grow, or ``dim`` follows from the others)."""
     planned = plan.model.bindings.get(dim)
-    if not planned:
+    if not planned or _follows(plan, dim):
         return None
     limit = None
     for stage in plan.stages:
@@ -104,7 +121,8 @@ def describe_limits(plan: Plan) -> str:
     for dim in plan.model.bindings:
         size = largest(plan, dim)
         if size is not None:
-            others = ", ".join(f"{k}={v}" for k, v in plan.model.bindings.items() if k != dim)
+            others = ", ".join(f"{k}={v}" for k, v in plan.model.bindings.items()
+                               if k != dim and not _follows(plan, k))
             parts.append(f"{dim} up to {size}" + (f" (at {others})" if others else ""))
     if not parts:
         return ""

@@ -217,7 +217,8 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
             index=k, device=dev, node_range=(i, j), inputs=costs.crossing_specs(i),
             outputs=outputs, shard=rel, sha256=info.sha256, shard_bytes=info.size,
             predicted=dataclasses.replace(
-                pred, activation_degrees=costs.activation_degrees(i, j)), mode=mode,
+                pred, activation_degrees=costs.activation_degrees(i, j),
+                activation_growth=tuple(costs.activation_growth(i, j))), mode=mode,
             int8_cosine=cosines.get((i, j)) if mode == "int8" else None,
             data_files=tuple(ShardFile(f"shards/{f.path.name}", f.sha256, f.size,
                                        f.random_access) for f in info.data_files)))
@@ -225,7 +226,7 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
         name=model_path.stem, sha256=_sha256_file(model_path), num_nodes=n,
         inputs=tuple(costs.specs[t] for t in costs.graph_inputs),
         outputs=tuple(costs.specs[t] for t in costs.graph_outputs),
-        bindings=dict(costs.bindings),
+        bindings=dict(costs.bindings), derived=dict(costs.derived),
         path=os.path.relpath(model_path.resolve(), out_dir.resolve()),
         sample=sample_rel, notes=tuple(costs.notes))
     plan = Plan(model=model, stages=tuple(stages), standby=spares,

@@ -12,6 +12,7 @@ measured by running the model once in onnxruntime with every intermediate as an 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -26,10 +27,10 @@ from google.protobuf.message import DecodeError
 from onnx import helper, shape_inference
 
 from edge.errors import GraphError
-from edge.planning.scopes import node_reads
 from edge.planning.intake import (ANONYMOUS_DIMS as _ANONYMOUS_DIMS, TARGET_OPSET,
                                   anonymous_dim, check_same, normalize)
-from edge.planning.plan import Dim, TensorSpec
+from edge.planning.plan import Dim, TensorSpec, dim_expression, dim_value
+from edge.planning.scopes import node_reads
 
 __all__ = [
     "MIN_OPSET",
@@ -133,6 +134,11 @@ class GraphCosts:
             (``edge.shards.quantize``): a quarter for MatMul/Conv weights and Gather tables,
             which dynamic quantization stores as 8-bit; unchanged for the rest. None: same
             as ``init_bytes``.
+        tensor_degrees: per tensor, how its size grows with each independent dim of the
+            bindings (see ``activation_degrees``).
+        derived: dims of the bindings that follow from others, found by measuring (a KV
+            cache's ``total_sequence_length``: ``past_sequence_length + sequence_length``);
+            their growth is counted in the dims they follow from.
         notes: what intake changed to make the model plannable (a converted opset, folded
             constants, named dims), one line each for people.
     """
@@ -162,6 +168,7 @@ class GraphCosts:
     init_table_uses: tuple[np.ndarray, ...] = ()
     init_int8_bytes: np.ndarray | None = None
     tensor_degrees: dict[str, dict[str, int]] = field(default_factory=dict)
+    derived: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -198,13 +205,34 @@ class GraphCosts:
         """Per symbolic dim of the bindings, the highest power of it that any tensor a stage
         over nodes ``[i, j)`` holds grows with (hidden states: 1 in ``sequence``; attention
         scores: 2). At ``k`` times a planned size, the stage's activations are then at most
-        ``k ** degree`` times the planned ones (``tensor_degrees``)."""
-        out = {sym: 0 for sym in self.bindings}
+        ``k ** degree`` times the planned ones (``tensor_degrees``). Dims that follow from
+        others (``derived``) have none of their own."""
+        out = {sym: 0 for sym in self.bindings if sym not in self.derived}
         held = list(self.crossing(i)) + [t for outs in self.node_outputs[i:j] for t in outs]
         for t in held:
             for sym, d in self.tensor_degrees.get(t, {}).items():
                 out[sym] = max(out.get(sym, 0), d)
         return out
+
+    def activation_growth(self, i: int, j: int) -> list[dict[str, int]]:
+        """How the tensors a stage over nodes ``[i, j)`` holds grow, tensor by tensor: the
+        distinct ``{dim: degree}`` of its tensors, less those another one covers (in
+        every dim at least as high). At sizes ``k[dim]`` times the planned ones, every
+        tensor, and so the stage's activations, grows by at most the largest
+        ``prod(k[dim] ** degree)`` over them.
+
+        Tighter than the per-dim maxima of ``activation_degrees`` multiplied, when no tensor
+        grows with all dims at once: a decoder's cache grows with the past length and its
+        mask with the total length, and none with both."""
+        held = list(self.crossing(i)) + [t for outs in self.node_outputs[i:j] for t in outs]
+        vectors = {tuple(sorted(self.tensor_degrees.get(t, {}).items())) for t in held}
+        vectors = [dict(v) for v in vectors if v]
+
+        def covers(a: dict[str, int], b: dict[str, int]) -> bool:
+            return a != b and all(a.get(k, 0) >= d for k, d in b.items())
+
+        kept = [v for v in vectors if not any(covers(w, v) for w in vectors)]
+        return sorted(kept, key=lambda v: sorted(v.items()))
 
     @property
     def _tensor_order(self) -> list[str]:
@@ -407,6 +435,7 @@ def _bind_inputs(m: onnx.ModelProto, init_names: set[str],
                  bindings: dict[str, int]) -> tuple[list[onnx.ValueInfoProto], dict[str, int]]:
     """Graph inputs with every dim made concrete; the full binding map that was used."""
     used = dict(bindings)
+    derived = _expression_dims(m, init_names, used)
     unbound: dict[str, list[str]] = {}
     out = []
     for vi in m.graph.input:
@@ -423,6 +452,8 @@ def _bind_inputs(m: onnx.ModelProto, init_names: set[str],
             elif isinstance(d, str):
                 if d in used:
                     dims.append(int(used[d]))
+                elif d in derived:
+                    dims.append(derived[d])
                 elif d.lower() in BATCH_DIM_NAMES or d == anonymous_dim(vi.name, 0):
                     # An unnamed leading dim is the batch in every model we have seen.
                     used[d] = 1
@@ -446,6 +477,33 @@ def _bind_inputs(m: onnx.ModelProto, init_names: set[str],
             f"sizes: bind them with {example}, or give a real input with --sample FILE.npz "
             f"(only batch-like dims default to 1)")
     return out, used
+
+
+def _expression_dims(m: onnx.ModelProto, init_names: set[str],
+                     bindings: dict[str, int]) -> dict[str, int]:
+    """Sizes of the input dims named by an expression of other dims, from ``bindings``.
+
+    Exporters name a length that follows from others so (optimum and torch's dynamo
+    exporter: an attention mask over ``past_sequence_length + 1`` or ``past_sequence_length
+    + sequence_length``). Such a dim is derived, never bound on its own: binding it apart
+    from its terms could only make the model's inputs disagree. An expression counts only
+    if it names the model's own dims (a plain name like ``batch-size`` is not one).
+    """
+    names = {d for vi in m.graph.input if vi.name not in init_names
+             for d in (_vi_shape(vi) or ()) if isinstance(d, str)}
+    # A dim an expression names that is not bound yet is reported as unbound itself (batch
+    # ones default to 1), so 1 stands in for it here: the error then asks for
+    # past_sequence_length, not for past_sequence_length + 1.
+    sizes = {d: 1 for d in names} | dict(bindings)
+    out = {}
+    for d in names:
+        form = dim_expression(d)
+        if d in bindings or form is None or not all(k in sizes for k in form[0]):
+            continue
+        value = dim_value(d, sizes)
+        if value is not None and value > 0:
+            out[d] = value
+    return out
 
 
 def _concrete_shapes(m: onnx.ModelProto, nodes: list[onnx.NodeProto],
@@ -612,7 +670,7 @@ def _measure_shapes(m: onnx.ModelProto, bound_inputs: list[onnx.ValueInfoProto],
                   size_threshold=1024)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # failed size trials are expected, not news
         try:
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
             feeds = input_feeds(bound_inputs, sample)
@@ -811,8 +869,8 @@ def analyze(model: str | Path | onnx.ModelProto,
             shape = tuple(None for _ in shapes[t])
         specs[t] = TensorSpec(name=t, dtype=_np_dtype_name(types[t]), shape=shape)
 
-    degrees = _tensor_degrees(m, nodes, set(inits), used_bindings,
-                              {t: tensor_bytes[t] for t in producer}, sample)
+    degrees, derived = _tensor_degrees(m, nodes, set(inits), used_bindings,
+                                       {t: tensor_bytes[t] for t in producer}, sample)
 
     costs = GraphCosts(
         model=m, bindings=used_bindings,
@@ -827,7 +885,7 @@ def analyze(model: str | Path | onnx.ModelProto,
         concrete_shapes={t: shapes[t] for t in producer},
         init_table_uses=tuple(np.asarray(u, dtype=np.int64) for u in table_uses),
         init_int8_bytes=np.where(quantized, (init_bytes + 3) // 4, init_bytes),
-        tensor_degrees=degrees,
+        tensor_degrees=degrees, derived=derived,
         notes=notes,
     )
     log.info("analysed model: %s", costs.summary())
@@ -837,7 +895,7 @@ def analyze(model: str | Path | onnx.ModelProto,
 def _tensor_degrees(m: onnx.ModelProto, nodes: list[onnx.NodeProto], init_names: set[str],
                     bindings: dict[str, int], sizes: dict[str, int],
                     sample: Mapping[str, np.ndarray] | None = None,
-                    ) -> dict[str, dict[str, int]]:
+                    ) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
     """How each tensor's size grows with each symbolic dim: the power ``d`` with
     ``size(k * n) <= k**d * size(n)``, from its size with that dim halved or doubled.
     Rounded up, so a size like ``a + b * n`` counts as ``n``.
@@ -846,22 +904,60 @@ def _tensor_degrees(m: onnx.ModelProto, nodes: list[onnx.NodeProto], init_names:
     a request's own sizes, as an earlier memory guard did, exhausted the coordinator on the
     very requests it was meant to refuse.
 
-    A dim whose size cannot be changed (the model fails at both) gets degree 2 for every
-    tensor, which errs on the side of refusing."""
-    out: dict[str, dict[str, int]] = {t: {} for t in sizes}
-    for sym, n in bindings.items():
-        other = None
+    Some dims cannot change alone: a decoder with a KV cache takes a past length, a new
+    length and a total length that must be their sum. Those are linked
+    (``_linked_dims``): the total is derived from the others, which are then measured with
+    it moving along, so that its growth is not counted a second time.
+
+    A dim whose size cannot be changed even so (the model fails at every size tried) gets
+    degree 2 for every tensor, which errs on the side of refusing.
+
+    Returns:
+        (per tensor, {dim: degree}; the derived dims, name -> expression).
+    """
+    def measure(trial: dict[str, int]):
+        try:
+            bound, _ = _bind_inputs(m, init_names, trial)
+            return _concrete_shapes(m, nodes, bound, sample)
+        except Exception as e:  # noqa: BLE001 - any failure: not measurable at these sizes
+            log.info("sizes at %s not measurable (%s)", trial, e)
+            return None
+
+    def vary(sym: str, relations: dict[str, str]):
+        n = bindings[sym]
         # Halved where that is still a real size (cheaper: it runs the model smaller);
         # doubled for small ones (batch 1), where 1 may be special (broadcasting).
         tries = (n // 2, 2 * n) if n >= 16 else (2 * n, n // 2) if n >= 2 else (2 * n,)
         for k in tries:
-            try:
-                bound, _ = _bind_inputs(m, init_names, {**bindings, sym: k})
-                shapes, types = _concrete_shapes(m, nodes, bound, sample)
-                other = k
-                break
-            except Exception as e:  # noqa: BLE001 - any failure: try the other way
-                log.info("sizes at %s=%d not measurable (%s)", sym, k, e)
+            trial = {**bindings, sym: k}
+            for d, expression in relations.items():
+                trial[d] = dim_value(expression, trial)
+            if min(trial.values()) < 1:
+                continue
+            got = measure(trial)
+            if got is not None:
+                return k, got
+        return None
+
+    found = {sym: vary(sym, {}) for sym in bindings}
+    stuck = [sym for sym in bindings if found[sym] is None]
+    derived = _linked_dims(stuck, bindings, measure) if len(stuck) >= 2 else {}
+    for d, expression in list(derived.items()):
+        parts = dim_expression(expression)[0]
+        for sym in parts:
+            found[sym] = vary(sym, derived)
+        if any(found[sym] is None for sym in parts):
+            log.info("%s = %s does not hold at other sizes; not derived", d, expression)
+            del derived[d]
+    if derived:
+        log.info("dims that follow from others: %s",
+                 ", ".join(f"{d} = {e}" for d, e in derived.items()))
+
+    out: dict[str, dict[str, int]] = {t: {} for t in sizes}
+    for sym, n in bindings.items():
+        if sym in derived:
+            continue
+        other, (shapes, types) = found[sym] or (None, (None, None))
         for t, size in sizes.items():
             if other is None:
                 degree = 2
@@ -878,6 +974,51 @@ def _tensor_degrees(m: onnx.ModelProto, nodes: list[onnx.NodeProto], init_names:
                               max(1, math.ceil(math.log(big / max(small, 1), ratio) - 0.05)))
             if degree:
                 out[t][sym] = degree
+    return out, derived
+
+
+def _linked_dims(stuck: list[str], bindings: dict[str, int], measure) -> dict[str, str]:
+    """Among dims that cannot change alone, those that follow from others, as
+    ``{dim: "a + b + c"}``; the rest stay independent.
+
+    Two dims are linked when the model runs with both moved by the same amount (past and
+    total length; new and total length). A dim linked to several that are not linked to
+    each other is their sum plus a constant (total = past + new); of two linked only to
+    each other, the larger is the smaller plus a constant (total = past + 1). The
+    constant is what the bindings give: the relation is then checked by measuring each
+    part with the sum moving along (``_tensor_degrees``).
+
+    Args:
+        stuck: dims whose size could not be changed alone, in bindings order.
+        bindings: the sizes the costs are computed at.
+        measure: runs shape inference at a full set of sizes; None where that fails.
+    """
+    linked: dict[str, set[str]] = {d: set() for d in stuck}
+    for a, b in itertools.combinations(stuck, 2):
+        lo = min(bindings[a], bindings[b])
+        for delta in ((-(lo // 2), lo) if lo >= 16 else (lo,)):
+            if measure({**bindings, a: bindings[a] + delta, b: bindings[b] + delta}) is not None:
+                linked[a].add(b)
+                linked[b].add(a)
+                break
+    order = {d: k for k, d in enumerate(bindings)}
+    out: dict[str, str] = {}
+    for d in stuck:
+        parts = sorted(linked[d], key=order.get)
+        if len(parts) >= 2:
+            if any(q in linked[p] for p, q in itertools.combinations(parts, 2)):
+                continue  # no sum: some parts also move together
+        elif len(parts) == 1:
+            (p,) = parts
+            if linked[p] != {d} or (bindings[d], order[d]) < (bindings[p], order[p]):
+                continue  # the other one is the sum, or the larger of the two
+        else:
+            continue
+        const = bindings[d] - sum(bindings[p] for p in parts)
+        # "+ 0" where the sizes are equal (two batch dims): still an expression, not a name
+        out[d] = " + ".join(parts) + (f" + {const}" if const > 0 else
+                                        f" - {-const}" if const < 0 else
+                                        " + 0" if len(parts) == 1 else "")
     return out
 
 

@@ -231,7 +231,7 @@ def _run(m: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.nd
         onnx.save(copy, path, save_as_external_data=True, location="model.onnx.data",
                   size_threshold=1024)
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # a failure is raised with its message
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
         wanted = {i.name for i in sess.get_inputs()}
