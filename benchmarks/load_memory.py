@@ -1,0 +1,225 @@
+"""Does the plan bound a worker's whole life? Planned memory against each worker's peak RSS
+(VmHWM since the worker started: upload, load, first run and serving) on CNNs and
+transformers split over devices whose memory forces a real split.
+
+For each model: export it (seeded weights, cached in ``--work``), plan it over ``N``
+devices of ``M`` MiB each (every stage in ``--modes``), start ``N`` fresh loopback
+``edge worker`` processes, upload the shards, let the coordinator configure (load) them,
+send one request, then ``--requests`` more with 2 in flight. After each phase every
+worker's VmHWM is read from ``/proc/<pid>/status`` (never reset, so the last one is the
+peak of its whole life), which tells in which phase the peak came:
+
+- ``upload``, ``load``, ``first``, ``serve``: VmHWM after that phase (MiB),
+- ``peak``: VmHWM at the end; ``ratio``: peak / planned,
+- ``p50_ms``: median end-to-end latency of the pipeline.
+
+``--lab`` runs the same models under ``edge lab`` instead: one emulated device per stage,
+each in a cgroup whose memory cap is the plan's budget for it (``memory_mb``), and checks
+that no worker is killed for memory (needs root; see edge/lab).
+
+    python benchmarks/load_memory.py --json /tmp/load_memory.json
+    python benchmarks/load_memory.py --models unet-wide:4:220 resnet-50:3:130
+    python benchmarks/load_memory.py --lab
+
+Needs ``edge[export]`` (torch, transformers) to export the models the first time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+MiB = float(1 << 20)
+
+# KIND-SIZE:DEVICES:MEMORY_MB. Each device's memory is about the model's fp32 share plus
+# the worker's floor and a margin, so the planner has to split the model over all of them.
+DEFAULT_MODELS = [
+    "unet-wide:4:220",
+    "resnet-50:3:140",
+    "convnext-t:3:160",
+    "vit-base:4:220",
+    "distilbert-base:3:240",
+    "gpt2-small:4:300",
+    "llama-small:3:240",
+]
+
+
+def proc_status(pid: int) -> dict[str, float]:
+    """VmRSS, VmHWM, RssAnon, RssFile of a process, in MiB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(line.split()[1]) / 1024
+    return out
+
+
+def parse_model(item: str) -> tuple[str, str, int, float]:
+    name, devices, memory = (item.split(":") + ["", ""])[:3]
+    kind, _, size = name.partition("-")
+    return kind, size, int(devices or 4), float(memory or 220)
+
+
+def bindings_for(kind: str, size: str, seq: int) -> dict[str, int]:
+    from edge.export import get_spec
+
+    image = get_spec(kind, size).inputs[0] in ("image", "pixel_values")
+    return {"batch": 1, "height": seq, "width": seq} if image else {"batch": 1, "sequence": seq}
+
+
+def exported(kind: str, size: str, work: Path) -> Path:
+    model = work / f"{kind}-{size}.onnx"
+    if not model.exists():
+        from edge.export import export_model
+
+        export_model(kind, size=size, seed=0, out=model)
+    return model
+
+
+def plan_for(kind: str, size: str, devices: int, memory_mb: float, work: Path,
+             addresses: list[str], seq: int, modes: tuple[str, ...], profile: str):
+    """Plan the model over ``devices`` devices of ``memory_mb`` at ``addresses``."""
+    from edge.planning import make_plan
+    from edge.planning.cluster import cluster_from_profile
+
+    model = exported(kind, size, work)
+    cluster = cluster_from_profile(profile, devices, addresses=addresses)
+    devs = [dataclasses.replace(d, memory_mb=memory_mb) for d in cluster.devices]
+    out = work / f"plan-{kind}-{size}-{devices}-{memory_mb:g}"
+    return make_plan(model, devs, out, bindings=bindings_for(kind, size, seq), modes=modes), out
+
+
+def run_model(kind: str, size: str, devices: int, memory_mb: float, work: Path, seq: int,
+              requests: int, modes: tuple[str, ...], profile: str) -> list[dict]:
+    from edge.coordinator.deploy import connect, upload_shard, wait_healthy
+    from edge.coordinator.pipeline import Pipeline
+    from edge.export import example_inputs
+    from edge.transport.channels import Deadlines, Security
+    from edge.worker.launch import LocalWorkers
+
+    exported(kind, size, work)  # before the workers start: exporting takes the cores
+    x = example_inputs(kind, size, batch=1, seq=seq)
+    workers_dir = Path(tempfile.mkdtemp(prefix=f"load-{kind}-{size}-", dir=work))
+    with LocalWorkers(devices, workers_dir, device=profile) as workers:
+        plan, plan_dir = plan_for(kind, size, devices, memory_mb, work, workers.addresses,
+                                  seq, modes, profile)
+        pids = [w.process.pid for w in workers.workers]
+        phases: dict[str, list[dict]] = {"idle": [proc_status(p) for p in pids]}
+        # Upload on handles of our own first, so that the upload and the load are told
+        # apart; the pipeline then finds the shards cached.
+        for st in plan.stages:
+            w = connect(st, Security())
+            try:
+                wait_healthy(w, Deadlines())
+                upload_shard(w, plan_dir, Deadlines())
+            finally:
+                w.close()
+        phases["upload"] = [proc_status(p) for p in pids]
+        with Pipeline(plan, plan_dir) as pipeline:
+            t = time.perf_counter()
+            pipeline.start()
+            load_s = time.perf_counter() - t
+            phases["load"] = [proc_status(p) for p in pids]
+            pipeline.infer(x)
+            phases["first"] = [proc_status(p) for p in pids]
+            lat = []
+
+            def one(_):
+                lat.append(pipeline.infer(x).latency_ms)
+
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(one, range(requests)))
+            phases["serve"] = [proc_status(p) for p in pids]
+    rows = []
+    for st, i in zip(plan.stages, range(devices)):
+        planned = st.predicted.memory_mb
+        peak = phases["serve"][i]["VmHWM"]
+        rows.append(dict(
+            model=f"{kind}-{size}", devices=devices, device_mb=memory_mb, seq=seq,
+            stage=st.index, mode=st.mode, node_range=list(st.node_range),
+            weights_mb=st.predicted.weights_mb, activations_mb=st.predicted.activations_mb,
+            planned=planned, idle=phases["idle"][i]["VmRSS"],
+            **{ph: phases[ph][i]["VmHWM"] for ph in ("upload", "load", "first", "serve")},
+            loaded_anon=phases["load"][i]["RssAnon"], loaded_file=phases["load"][i]["RssFile"],
+            end_anon=phases["serve"][i]["RssAnon"], end_file=phases["serve"][i]["RssFile"],
+            peak=peak, ratio=peak / planned, load_s=load_s,
+            p50_ms=statistics.median(lat) if lat else 0.0))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| model | devices x MiB | stage | weights | planned | upload | load | first "
+            "| serve = peak | peak / plan |\n|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['devices']} x {r['device_mb']:g} | {r['stage']} | "
+                     f"{r['weights_mb']:.1f} | {r['planned']:.1f} | {r['upload']:.1f} | "
+                     f"{r['load']:.1f} | {r['first']:.1f} | {r['peak']:.1f} | "
+                     f"{r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def lab_run(kind: str, size: str, devices: int, memory_mb: float, work: Path, seq: int,
+            requests: int, modes: tuple[str, ...], profile: str) -> list[dict]:
+    """The model under ``edge lab``: each stage's device capped at its plan budget."""
+    from edge.lab import run_lab_check
+
+    model = exported(kind, size, work)
+    return run_lab_check(model, devices, memory_mb, work, bindings_for(kind, seq),
+                         example_seq=seq, requests=requests, modes=modes, profile=profile,
+                         kind=kind, size=size)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
+                    help="KIND-SIZE:DEVICES:MEMORY_MB")
+    ap.add_argument("--modes", nargs="+", default=["fp32"])
+    ap.add_argument("--profile", default="rpi4b-2gb")
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=0,
+                    help="sequence length or image side (0: 64 for unet, 224 for other "
+                         "images, 128 for text)")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "edge-load-memory"))
+    ap.add_argument("--json", help="write the rows to this JSON file")
+    ap.add_argument("--label", default="", help="a label stored with the rows")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for item in args.models:
+        kind, size, devices, memory_mb = parse_model(item)
+        seq = args.seq or default_seq(kind)
+        got = run_model(kind, size, devices, memory_mb, work, seq, args.requests,
+                        tuple(args.modes), args.profile)
+        for r in got:
+            r["label"] = args.label
+        rows += got
+        print(markdown(got), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+    print()
+    print(markdown(rows))
+    worst = max(rows, key=lambda r: abs(r["ratio"] - 1))
+    print(f"\nworst: {worst['model']} stage {worst['stage']}: peak {worst['peak']:.1f} MiB, "
+          f"planned {worst['planned']:.1f} MiB ({(worst['ratio'] - 1) * 100:+.1f}%)")
+    return 0
+
+
+def default_seq(kind: str) -> int:
+    return {"unet": 64, "resnet": 224, "convnext": 224, "vit": 224}.get(kind, 128)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
