@@ -44,12 +44,12 @@ MiB = float(1 << 20)
 # the worker's floor and a margin, so the planner has to split the model over all of them.
 DEFAULT_MODELS = [
     "unet-wide:4:220",
-    "resnet-50:3:140",
-    "convnext-t:3:160",
-    "vit-base:4:220",
-    "distilbert-base:3:240",
-    "gpt2-small:4:300",
-    "llama-small:3:240",
+    "resnet-50:3:120",
+    "convnext-t:3:135",
+    "vit-base:4:190",
+    "distilbert-base:3:150",
+    "gpt2-small:3:340",
+    "llama-small:3:210",
 ]
 
 

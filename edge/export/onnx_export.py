@@ -168,7 +168,8 @@ def verify_onnx(model: "torch.nn.Module", onnx_path: str | Path,
         onnx_path: the exported file.
         feeds_list: input dicts, e.g. two different shapes to exercise dynamic axes.
         output_names: ONNX output names, in the model's output order.
-        atol: largest max-abs difference allowed.
+        atol: largest max-abs difference allowed, times the largest output magnitude
+            where that exceeds 1.
 
     Returns:
         The largest max-abs difference seen.
@@ -194,9 +195,14 @@ def verify_onnx(model: "torch.nn.Module", onnx_path: str | Path,
                 raise ExportError(f"{onnx_path}: output {name} for inputs {shapes}: expected "
                                   f"shape {w.shape} (torch), got {g.shape} (onnxruntime)")
             diff = float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
-            if not diff <= atol:
+            # float32 rounding grows with the values: a seeded ResNet-50's logits reach
+            # 740 and differ by 4e-4 (5e-7 relative), so the bound scales with outputs
+            # larger than 1.
+            scale = max(1.0, float(np.max(np.abs(w)))) if w.size else 1.0
+            if not diff <= atol * scale:
                 raise ExportError(f"{onnx_path}: output {name} for inputs {shapes}: expected "
-                                  f"max abs diff <= {atol} vs torch, got {diff:.3g}")
+                                  f"max abs diff <= {atol * scale:.3g} vs torch, got "
+                                  f"{diff:.3g}")
             worst = max(worst, diff)
     return worst
 
