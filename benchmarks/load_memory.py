@@ -171,13 +171,68 @@ def markdown(rows: list[dict]) -> str:
 
 def lab_run(kind: str, size: str, devices: int, memory_mb: float, work: Path, seq: int,
             requests: int, modes: tuple[str, ...], profile: str) -> list[dict]:
-    """The model under ``edge lab``: each stage's device capped at its plan budget."""
-    from edge.lab import run_lab_check
+    """The model under ``edge lab``: one emulated ``profile`` device per stage, each in a
+    cgroup whose memory cap is ``memory_mb``, the plan's budget for it. Records whether a
+    worker died (and the cgroup's OOM kills), the cgroup's peak charge (page cache
+    included) and the worker's VmHWM."""
+    from edge.coordinator.pipeline import Pipeline
+    from edge.export import example_inputs
+    from edge.lab import DeviceSpec, Lab
+    from edge.planning import make_plan
 
     model = exported(kind, size, work)
-    return run_lab_check(model, devices, memory_mb, work, bindings_for(kind, seq),
-                         example_seq=seq, requests=requests, modes=modes, profile=profile,
-                         kind=kind, size=size)
+    x = example_inputs(kind, size, batch=1, seq=seq)
+    lab_dir = Path(tempfile.mkdtemp(prefix=f"lab-{kind}-{size}-", dir=work))
+    specs = [DeviceSpec(profile, name=f"d{i}", memory_mb=memory_mb) for i in range(devices)]
+    # The host's GFLOP/s is measured once and kept next to the state folders.
+    lab = Lab.up(specs, state_dir=lab_dir / "state", cache_dir=lab_dir / "cache",
+                 gflops=_host_gflops(work))
+    error = ""
+    try:
+        out = lab_dir / "plan"
+        plan = make_plan(model, lab.cluster().devices, out,
+                         bindings=bindings_for(kind, size, seq), modes=modes)
+        try:
+            with Pipeline(plan, out, diagnose=lab.diagnose,
+                          security=lab.security()) as pipeline:
+                pipeline.start()
+                with ThreadPoolExecutor(2) as pool:
+                    list(pool.map(lambda _: pipeline.infer(x), range(requests)))
+        except Exception as e:  # a killed worker fails the run: record why
+            error = f"{type(e).__name__}: {e}"
+        status = {s.device.name: s for s in lab.status()}
+        hwm = {}
+        for d in lab.devices:
+            try:
+                hwm[d.name] = proc_status(d.pid)["VmHWM"]
+            except (OSError, TypeError, KeyError):
+                hwm[d.name] = None
+    finally:
+        lab.down()
+    rows = []
+    for st in plan.stages:
+        s = status[st.device.name]
+        rows.append(dict(model=f"{kind}-{size}", devices=devices, device_mb=memory_mb,
+                         stage=st.index, planned=st.predicted.memory_mb, cap=memory_mb,
+                         alive=s.alive, oom_kills=s.oom_kills, cgroup_peak=s.peak_mb,
+                         vmhwm=hwm.get(st.device.name), reason=s.reason, error=error))
+    return rows
+
+
+def _host_gflops(work: Path) -> float:
+    from edge.lab.devices import host_gflops
+
+    return host_gflops(work / "lab-gflops")[0]
+
+
+def lab_markdown(rows: list[dict]) -> str:
+    lines = ["| model | devices x cap MiB | stage | planned | worker VmHWM | cgroup peak "
+             "| OOM kills | alive |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['devices']} x {r['cap']:g} | {r['stage']} | "
+                     f"{r['planned']:.1f} | {r['vmhwm'] or 0:.1f} | {r['cgroup_peak'] or 0:.1f} "
+                     f"| {r['oom_kills']} | {'yes' if r['alive'] else 'NO: ' + r['reason']} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -193,24 +248,33 @@ def main() -> int:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "edge-load-memory"))
     ap.add_argument("--json", help="write the rows to this JSON file")
     ap.add_argument("--label", default="", help="a label stored with the rows")
+    ap.add_argument("--lab", action="store_true",
+                    help="run under `edge lab`, each device capped at its plan budget")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
+    run = lab_run if args.lab else run_model
+    show = lab_markdown if args.lab else markdown
     for item in args.models:
         kind, size, devices, memory_mb = parse_model(item)
         seq = args.seq or default_seq(kind)
-        got = run_model(kind, size, devices, memory_mb, work, seq, args.requests,
-                        tuple(args.modes), args.profile)
+        got = run(kind, size, devices, memory_mb, work, seq, args.requests,
+                  tuple(args.modes), args.profile)
         for r in got:
             r["label"] = args.label
         rows += got
-        print(markdown(got), flush=True)
+        print(show(got), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
     print()
-    print(markdown(rows))
+    print(show(rows))
+    if args.lab:
+        dead = [r for r in rows if not r["alive"] or r["oom_kills"]]
+        print(f"\n{len(dead)} of {len(rows)} workers killed or dead" + "".join(
+            f"\n  {r['model']} stage {r['stage']}: {r['reason']} {r['error']}" for r in dead))
+        return 1 if dead else 0
     worst = max(rows, key=lambda r: abs(r["ratio"] - 1))
     print(f"\nworst: {worst['model']} stage {worst['stage']}: peak {worst['peak']:.1f} MiB, "
           f"planned {worst['planned']:.1f} MiB ({(worst['ratio'] - 1) * 100:+.1f}%)")
