@@ -13,6 +13,9 @@ peak of its whole life), which tells in which phase the peak came:
 - ``peak``: VmHWM at the end; ``ratio``: peak / planned,
 - ``p50_ms``: median end-to-end latency of the pipeline.
 
+``--speed`` times each stage in-process with the shards' session options and with the
+onnxruntime optimizers they disable turned back on (the latency cost of the fix).
+
 ``--lab`` runs the same models under ``edge lab`` instead: one emulated device per stage,
 each in a cgroup whose memory cap is the plan's budget for it (``memory_mb``), and checks
 that no worker is killed for memory (needs root; see edge/lab).
@@ -20,6 +23,7 @@ that no worker is killed for memory (needs root; see edge/lab).
     python benchmarks/load_memory.py --json /tmp/load_memory.json
     python benchmarks/load_memory.py --models unet-wide:4:220 resnet-50:3:130
     python benchmarks/load_memory.py --lab
+    python benchmarks/load_memory.py --speed   # the latency cost of the disabled optimizers
 
 Needs ``edge[export]`` (torch, transformers) to export the models the first time.
 """
@@ -141,12 +145,13 @@ def run_model(kind: str, size: str, devices: int, memory_mb: float, work: Path, 
                 list(pool.map(one, range(requests)))
             phases["serve"] = [proc_status(p) for p in pids]
     rows = []
+    features = fit_features(exported(kind, size, work), plan, bindings_for(kind, size, seq))
     for st, i in zip(plan.stages, range(devices)):
         planned = st.predicted.memory_mb
         peak = phases["serve"][i]["VmHWM"]
         rows.append(dict(
             model=f"{kind}-{size}", devices=devices, device_mb=memory_mb, seq=seq,
-            stage=st.index, mode=st.mode, node_range=list(st.node_range),
+            stage=st.index, mode=st.mode, node_range=list(st.node_range), **features[i],
             weights_mb=st.predicted.weights_mb, activations_mb=st.predicted.activations_mb,
             planned=planned, idle=phases["idle"][i]["VmRSS"],
             **{ph: phases[ph][i]["VmHWM"] for ph in ("upload", "load", "first", "serve")},
@@ -154,6 +159,66 @@ def run_model(kind: str, size: str, devices: int, memory_mb: float, work: Path, 
             end_anon=phases["serve"][i]["RssAnon"], end_file=phases["serve"][i]["RssFile"],
             peak=peak, ratio=peak / planned, load_s=load_s,
             p50_ms=statistics.median(lat) if lat else 0.0))
+    return rows
+
+
+def fit_features(model: Path, plan, bindings: dict[str, int]) -> list[dict]:
+    """Per stage, what benchmarks/memory_model.py fits the memory model on (MiB): weights
+    read whole and Gather tables at fp32 and int8 size, peak live activations, bytes in
+    and out per request, and the runtime floor. With ``peak`` the rows feed
+    ``memory_model.py --load ROWS.jsonl --fit``."""
+    from edge.planning.graph import analyze
+    from edge.planning.planner import _weights_brute
+
+    costs = analyze(model, bindings)
+    out = []
+    for st in plan.stages:
+        i, j = st.node_range
+        w = _weights_brute(costs, i, j) / MiB
+        out.append(dict(bindings=bindings, whole32=w[0], table32=w[1], whole8=w[2],
+                        table8=w[3], act=costs.activation_peak(i, j) / MiB,
+                        io=(float(costs.cut_bytes[i]) + float(costs.cut_bytes[j])) / MiB,
+                        floor=st.device.runtime_floor_mb))
+    return out
+
+
+def speed(kind: str, size: str, devices: int, memory_mb: float, work: Path, seq: int,
+          runs: int, modes: tuple[str, ...], profile: str, threads: int = 2) -> list[dict]:
+    """Median in-process run time of every stage with the shards' session options, and
+    with onnxruntime's optimizers that they disable (``DISABLED_OPTIMIZERS``) enabled."""
+    import onnxruntime as ort
+
+    from edge.export import example_inputs
+    from edge.shards.runtime import session_options
+
+    plan, plan_dir = plan_for(kind, size, devices, memory_mb, work,
+                              [f"127.0.0.1:{i + 1}" for i in range(devices)], seq, modes,
+                              profile)
+    cur = example_inputs(kind, size, batch=1, seq=seq)
+    rows = []
+    for st in plan.stages:
+        feeds = {s.name: cur[s.name] for s in st.inputs}
+        times, produced = {}, None
+        for name in ("shards", "all optimizers"):
+            so = session_options(threads, st.mode)
+            if name != "shards":
+                so.add_session_config_entry("optimization.disable_specified_optimizers", "")
+            sess = ort.InferenceSession(str(plan_dir / st.shard), so,
+                                        providers=["CPUExecutionProvider"])
+            f = {i.name: feeds[i.name] for i in sess.get_inputs()}
+            res = sess.run(None, f)
+            ts = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                sess.run(None, f)
+                ts.append((time.perf_counter() - t) * 1e3)
+            times[name] = statistics.median(ts)
+            if produced is None:
+                produced = dict(zip([o.name for o in sess.get_outputs()], res))
+            del sess
+        cur = {s.name: produced.get(s.name, feeds.get(s.name)) for s in st.outputs}
+        rows.append(dict(model=f"{kind}-{size}", stage=st.index, ms=times["shards"],
+                         ms_all_optimizers=times["all optimizers"]))
     return rows
 
 
@@ -248,12 +313,28 @@ def main() -> int:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "edge-load-memory"))
     ap.add_argument("--json", help="write the rows to this JSON file")
     ap.add_argument("--label", default="", help="a label stored with the rows")
+    ap.add_argument("--speed", action="store_true",
+                    help="time each stage in-process, with and without the optimizers "
+                         "the shards disable")
     ap.add_argument("--lab", action="store_true",
                     help="run under `edge lab`, each device capped at its plan budget")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.speed:
+        print("| model | stage | ms | ms with NCHWc | slower |\n|---|---|---|---|---|")
+        for item in args.models:
+            kind, size, devices, memory_mb = parse_model(item)
+            got = speed(kind, size, devices, memory_mb, work, args.seq or default_seq(kind),
+                        7, tuple(args.modes), args.profile)
+            for r in got + [dict(model=got[0]["model"], stage="all",
+                                 ms=sum(r["ms"] for r in got),
+                                 ms_all_optimizers=sum(r["ms_all_optimizers"] for r in got))]:
+                print(f"| {r['model']} | {r['stage']} | {r['ms']:.1f} | "
+                      f"{r['ms_all_optimizers']:.1f} | "
+                      f"{(r['ms'] / r['ms_all_optimizers'] - 1) * 100:+.0f}% |", flush=True)
+        return 0
     rows = []
     run = lab_run if args.lab else run_model
     show = lab_markdown if args.lab else markdown
