@@ -42,9 +42,10 @@ def session_options(threads: int | None = None, mode: str = "fp32") -> ort.Sessi
     # peaked 199 MiB above the process's start while loading, and a wide-UNet stage (129 MiB of conv weights) peaked at
     # 359 MiB against 217 MiB planned, though it then served at the plan. Without it the
     # weights stay mapped from the shard's data file and nothing is copied (that stage:
-    # 220 MiB). It costs speed on convolutions, x86-64, 2 threads: ResNet-50 +11%,
-    # a wide UNet +15%, ConvNeXt-T +35% (its 7x7 depthwise convs); transformers run no
-    # Conv. (benchmarks/load_memory.py.)
+    # 220 MiB). It costs speed on convolutions (x86-64, 2 threads, three runs on a shared
+    # machine): ResNet-50 +11-19%, ConvNeXt-T +27-35% (its 7x7 depthwise convs), the wide
+    # UNet +4-18%; ViT, DistilBERT, GPT-2 and Llama within noise (+1-3%).
+    # (benchmarks/load_memory.py --speed.)
     so.add_session_config_entry("optimization.disable_specified_optimizers",
                                 ",".join(DISABLED_OPTIMIZERS))
     # The memory pattern is off in every mode: from the second run on, onnxruntime
