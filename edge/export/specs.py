@@ -16,10 +16,11 @@ class ModelSpec:
     """One (kind, size) pair.
 
     Attributes:
-        kind: ``bert``, ``gpt2`` or ``unet``.
-        size: ``tiny``, ``small`` or ``base``.
-        config: keyword arguments of the model's config (a transformers config class for
-            bert/gpt2, ``UNet`` for unet).
+        kind: ``bert``, ``gpt2``, ``unet``, ``resnet``, ``convnext``, ``vit``,
+            ``distilbert`` or ``llama``.
+        size: ``tiny`` (a toy for tests), or a larger size of the kind.
+        config: keyword arguments of the model's config (a transformers config class, or
+            ``UNet`` for unet).
         inputs: ONNX input names, in order.
         outputs: ONNX output names, in order.
         vocab_size: token-id upper bound (text models), else 0.
