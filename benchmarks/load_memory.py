@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -235,11 +236,18 @@ def markdown(rows: list[dict]) -> str:
 
 
 def lab_run(kind: str, size: str, devices: int, memory_mb: float, work: Path, seq: int,
-            requests: int, modes: tuple[str, ...], profile: str) -> list[dict]:
+            requests: int, modes: tuple[str, ...], profile: str,
+            cap_scale: float = 1.0) -> list[dict]:
     """The model under ``edge lab``: one emulated ``profile`` device per stage, each in a
     cgroup whose memory cap is ``memory_mb``, the plan's budget for it. Records whether a
     worker died (and the cgroup's OOM kills), the cgroup's peak charge (page cache
-    included) and the worker's VmHWM."""
+    included) and the worker's VmHWM.
+
+    Args:
+        cap_scale: caps ``cap_scale * memory_mb`` while the plan keeps ``memory_mb``: a
+            worker above its plan then shows its whole peak instead of being killed (for
+            fitting the memory model to workers behind mutual TLS, at the device's speed).
+    """
     from edge.coordinator.pipeline import Pipeline
     from edge.export import example_inputs
     from edge.lab import DeviceSpec, Lab
@@ -248,14 +256,16 @@ def lab_run(kind: str, size: str, devices: int, memory_mb: float, work: Path, se
     model = exported(kind, size, work)
     x = example_inputs(kind, size, batch=1, seq=seq)
     lab_dir = Path(tempfile.mkdtemp(prefix=f"lab-{kind}-{size}-", dir=work))
-    specs = [DeviceSpec(profile, name=f"d{i}", memory_mb=memory_mb) for i in range(devices)]
+    specs = [DeviceSpec(profile, name=f"d{i}", memory_mb=memory_mb * cap_scale)
+             for i in range(devices)]
     # The host's GFLOP/s is measured once and kept next to the state folders.
     lab = Lab.up(specs, state_dir=lab_dir / "state", cache_dir=lab_dir / "cache",
                  gflops=_host_gflops(work))
     error = ""
     try:
         out = lab_dir / "plan"
-        plan = make_plan(model, lab.cluster().devices, out,
+        plan = make_plan(model, [dataclasses.replace(d, memory_mb=memory_mb)
+                                 for d in lab.cluster().devices], out,
                          bindings=bindings_for(kind, size, seq), modes=modes)
         try:
             with Pipeline(plan, out, diagnose=lab.diagnose,
@@ -275,12 +285,16 @@ def lab_run(kind: str, size: str, devices: int, memory_mb: float, work: Path, se
     finally:
         lab.down()
     rows = []
+    features = fit_features(model, plan, bindings_for(kind, size, seq))
     for st in plan.stages:
         s = status[st.device.name]
         rows.append(dict(model=f"{kind}-{size}", devices=devices, device_mb=memory_mb,
-                         stage=st.index, planned=st.predicted.memory_mb, cap=memory_mb,
+                         seq=seq, stage=st.index, mode=st.mode,
+                         node_range=list(st.node_range), **features[st.index],
+                         planned=st.predicted.memory_mb, cap=memory_mb * cap_scale,
                          alive=s.alive, oom_kills=s.oom_kills, cgroup_peak=s.peak_mb,
-                         vmhwm=hwm.get(st.device.name), reason=s.reason, error=error))
+                         vmhwm=hwm.get(st.device.name), peak=hwm.get(st.device.name),
+                         reason=s.reason, error=error))
     return rows
 
 
@@ -318,6 +332,8 @@ def main() -> int:
                          "the shards disable")
     ap.add_argument("--lab", action="store_true",
                     help="run under `edge lab`, each device capped at its plan budget")
+    ap.add_argument("--cap-scale", type=float, default=1.0,
+                    help="with --lab: cap each device at this times its plan budget")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work)
@@ -336,7 +352,8 @@ def main() -> int:
                       f"{(r['ms'] / r['ms_all_optimizers'] - 1) * 100:+.0f}% |", flush=True)
         return 0
     rows = []
-    run = lab_run if args.lab else run_model
+    run = (functools.partial(lab_run, cap_scale=args.cap_scale) if args.lab
+           else run_model)
     show = lab_markdown if args.lab else markdown
     for item in args.models:
         kind, size, devices, memory_mb = parse_model(item)
