@@ -460,8 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("export", help="export a model to ONNX (seeded weights, no download)")
-    p.add_argument("model", choices=["bert", "gpt2", "unet", "hf"])
-    p.add_argument("--size", default="tiny", help="tiny, small or base (bert)")
+    # edge.export.kinds(), spelled out: importing edge.export here would load numpy for
+    # every `edge` command.
+    p.add_argument("model", choices=["bert", "gpt2", "unet", "resnet", "convnext", "vit",
+                                     "distilbert", "llama", "hf"])
+    p.add_argument("--size", default="tiny", help="tiny, or a larger size of the kind "
+                   "(bert: small, base; unet: small, wide; resnet: 50; convnext: t; ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=18)

@@ -122,10 +122,31 @@ def test_example_inputs():
 
 
 def test_unknown_kind_and_size():
-    with pytest.raises(ValueError, match="known: bert, gpt2, unet"):
-        example_inputs("resnet")
+    with pytest.raises(ValueError, match="known: bert, convnext, distilbert, gpt2, llama, "
+                                         "resnet, unet, vit"):
+        example_inputs("yolo")
     with pytest.raises(ValueError, match="unknown size 'base' for unet"):
         example_inputs("unet", "base")
+
+
+@pytest.mark.parametrize("kind", ["resnet", "convnext", "vit", "distilbert", "llama"])
+def test_transformers_kinds_export_and_match_torch(kind, tmp_path):
+    """The kinds built from transformers configs: onnxruntime matches torch at two shapes
+    (export_model verifies), and the dims named dynamic are dynamic."""
+    from edge.export import export_model
+
+    spec = get_spec(kind, "tiny")
+    path = export_model(kind, "tiny", seed=0, out=tmp_path / f"{kind}.onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    dims = {vi.name: _dims(vi) for vi in model.graph.input}
+    assert list(dims) == list(spec.inputs)
+    if spec.is_image:
+        side = spec.default_seq if spec.fixed_side else "height"
+        assert dims["pixel_values"][:3] == ["batch", 3, side]
+    else:
+        assert all(d == ["batch", "sequence"] for d in dims.values())
+    assert [o.name for o in model.graph.output] == list(spec.outputs)
+    assert (tmp_path / f"{kind}.onnx.data").stat().st_size > 0
 
 
 def test_import_is_cheap():

@@ -54,23 +54,24 @@ def example_inputs(kind: str, size: str = "tiny", batch: int = 1, seq: int | Non
     """Seeded numpy inputs for a model that ``export_model(kind, size)`` makes.
 
     Args:
-        kind: ``bert``, ``gpt2`` or ``unet``.
+        kind: a kind of ``edge.export.kinds()``, e.g. ``bert``, ``gpt2`` or ``unet``.
         size: model size.
         batch: batch size.
-        seq: sequence length for text models; image height and width for ``unet``
-            (a multiple of 8 is typical, but any size >= 8 works). Default: 128 for text,
-            64 (tiny) / 128 (small) for unet.
+        seq: sequence length for text models; image height and width for image models
+            (unet: a multiple of 8 is typical, but any size >= 8 works). Default: the
+            spec's ``default_seq``.
         seed: numpy seed.
 
     Returns:
         Input name -> array: int64 ``input_ids`` and ``attention_mask`` (bert),
-        int64 ``input_ids`` (gpt2), float32 ``image`` in [0, 1) (unet).
+        int64 ``input_ids`` (gpt2, llama), float32 ``image`` (unet) or ``pixel_values``
+        (resnet, convnext, vit) in [0, 1).
     """
     spec = get_spec(kind, size)
     seq = spec.default_seq if seq is None else seq
-    if kind == "unet":
+    if spec.is_image:
         rng = np.random.default_rng(seed)
-        return {"image": rng.random((batch, 3, seq, seq), dtype=np.float32)}
+        return {spec.inputs[0]: rng.random((batch, 3, seq, seq), dtype=np.float32)}
     # GPT-2 has no padding mask in our export (no attention_mask input): unpadded ids.
     return text_inputs(spec.vocab_size, batch=batch, seq=seq, seed=seed,
                        with_mask="attention_mask" in spec.inputs)

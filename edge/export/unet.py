@@ -11,11 +11,12 @@ __all__ = ["UNet"]
 
 
 class _DoubleConv(nn.Sequential):
-    def __init__(self, cin: int, cout: int):
-        super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True),
-        )
+    def __init__(self, cin: int, cout: int, convs: int = 2):
+        layers: list[nn.Module] = []
+        for k in range(convs):
+            layers += [nn.Conv2d(cin if k == 0 else cout, cout, 3, padding=1),
+                       nn.ReLU(inplace=True)]
+        super().__init__(*layers)
 
 
 class UNet(nn.Module):
@@ -30,18 +31,21 @@ class UNet(nn.Module):
         in_channels: image channels.
         out_channels: mask channels.
         width: channels of the first level; doubled at each level down.
+        convs: 3x3 convolutions per level (2: the classic double conv).
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 1, width: int = 8):
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, width: int = 8,
+                 convs: int = 2):
         super().__init__()
         w = [width, width * 2, width * 4, width * 8]
-        self.enc = nn.ModuleList([_DoubleConv(in_channels, w[0]), _DoubleConv(w[0], w[1]),
-                                  _DoubleConv(w[1], w[2])])
-        self.bottleneck = _DoubleConv(w[2], w[3])
+        self.enc = nn.ModuleList([_DoubleConv(in_channels, w[0], convs),
+                                  _DoubleConv(w[0], w[1], convs), _DoubleConv(w[1], w[2], convs)])
+        self.bottleneck = _DoubleConv(w[2], w[3], convs)
         self.up = nn.ModuleList([nn.Conv2d(w[3], w[2], 1), nn.Conv2d(w[2], w[1], 1),
                                  nn.Conv2d(w[1], w[0], 1)])
-        self.dec = nn.ModuleList([_DoubleConv(2 * w[2], w[2]), _DoubleConv(2 * w[1], w[1]),
-                                  _DoubleConv(2 * w[0], w[0])])
+        self.dec = nn.ModuleList([_DoubleConv(2 * w[2], w[2], convs),
+                                  _DoubleConv(2 * w[1], w[1], convs),
+                                  _DoubleConv(2 * w[0], w[0], convs)])
         self.head = nn.Conv2d(w[0], out_channels, 1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,9 @@ per fresh process) and ``benchmarks/memory_accuracy.py`` (real workers) after ch
 onnxruntime versions, session options or the shard format.
 
 Shards keep their weights in external-data files that onnxruntime memory-maps
-(``edge.shards.build``). Weights read whole are prepacked by MatMul/Conv kernels into an
-anonymous copy (the mapped original pages are then dropped), so they cost about their
-size once; Gather tables are read a few rows per request, and with the worker's
+(``edge.shards.build``). Weights read whole are prepacked by MatMul kernels into an
+anonymous copy (the mapped original pages are then dropped) or read from the mapping by
+Conv, so they cost about their size once, from the load on; Gather tables are read a few rows per request, and with the worker's
 ``posix_fadvise(DONTNEED)`` after writing and ``MADV_RANDOM`` on the table file only the
 touched pages become resident.
 """
@@ -59,32 +59,41 @@ class ModeConstants:
 # 12 requests, 2 in flight, peak RSS (VmHWM) from the workers' own sampler, as
 # `edge profile` reads it. x86-64, 2 cores, onnxruntime 1.32, external data mapped, one
 # malloc heap, memory pattern off (edge.shards.runtime), library pages only the start and
-# the load touched unmapped (edge.profiling.memory.release_file_pages). 70 stages:
-# BERT-base over 1, 2, 4 and 8 devices at sequence 128 and over 4 at 384; GPT-2-small over
-# 2 and 4; UNet-small over 3 at 128 and 256 px (the rows:
-# benchmarks/data/memory_model_fit.jsonl; refit with
+# the load touched unmapped (edge.profiling.memory.release_file_pages), no NCHWc layout
+# transform, shards uploaded in 256 KiB chunks. 93 stages: BERT-base over 1, 2, 4 and 8
+# devices at sequence 128 and over 4 at 384; GPT-2-small over 2 and 4; UNet-small over 3 at
+# 128 and 256 px; and, fp32 only, from benchmarks/load_memory.py (VmHWM since the worker
+# started, 9 requests, each device's memory small enough to force the split): a wide UNet
+# (214 MiB, up to 1152 channels) over 4 at 64 px, ResNet-50 and ConvNeXt-T over 3 at
+# 224 px, ViT-B/16 over 4, DistilBERT-base, GPT-2-small and a 56 M-parameter Llama over 3
+# at sequence 128 (the rows: benchmarks/data/memory_model_fit.jsonl; refit with
 # `python benchmarks/memory_model.py --load benchmarks/data/memory_model_fit.jsonl --fit`).
 # Least squares on relative error, per mode, the factors non-negative, the 3 stages that
 # peaked within 5 MiB of the floor (GPT-2's stage 0, an embedding lookup, before its load)
 # left out; a prediction never goes below the floor + FLOOR_MARGIN_MB:
 #
 #   mode       weight  table  act    io     session   (weights: bytes in the mode's format)
-#   fp32       1.008   0.011  2.98   1.77   -15.9
+#   fp32       1.036   0.033  2.16   2.71   -14.4
 #   fp32-lean  0.912   0.003  6.12   0.00   -13.2
 #   int8       1.002   0.000  3.38   1.92   -15.3
 #
-# Measured / predicted peak (MiB) with these constants, a sample (all 70 in
-# BENCHMARKS.md; worst -18.5%..+12.3%, BERT-base within 8.1%):
+# Measured / predicted peak (MiB) with these constants, a sample (worst -18.5%..+15.3%,
+# fp32 within -7.5%..+15.3%, BERT-base within 8.1%):
 #
-#   bert-base / 4   fp32  154-157 / 154-156     int8  95-98 / 95-96
-#   bert-base / 8   fp32  107-118 / 109-120     int8  84-87 / 84-87
-#   bert-base / 4, seq 384  fp32 190-192 / 190-194   int8 128-131 / 135-139
+#   bert-base / 4   fp32  154-157 / 155-157     int8  95-98 / 95-96
+#   bert-base / 8   fp32  107-118 / 108-120     int8  84-87 / 84-87
+#   bert-base / 4, seq 384  fp32 190-192 / 185-187   int8 128-131 / 135-139
 #   bert-base / 1   int8  158 / 156 (the whole model: fits a Pi Zero 2 W's 260 MiB budget)
-#   gpt2-small / 4  fp32  74, 239, 239, 354 / 72, 241, 240, 323 (-9.0%: the last stage, whose
+#   gpt2-small / 4  fp32  74, 239, 239, 354 / 74, 246, 242, 332 (-6.5%: the last stage, whose
 #                   24 MiB of logits go through gRPC twice)
 #   gpt2-small / 2  int8  149, 292 / 150, 238 (-18.5%; measured again: 149, 243)
-#   unet-small / 3, 256 px  fp32 131, 179, 180 / 131, 186, 181   int8 142, 160, 233 / 139,
+#   unet-small / 3, 256 px  fp32 131, 179, 183 / 133, 196, 171   int8 142, 160, 233 / 139,
 #                   179, 192 (-17.3%; measured again: 145, 172, 235)
+#   unet-wide / 4, 64 px   fp32  110, 220, 151, 99 / 105, 225, 147, 95
+#   resnet-50 / 3   fp32  78, 114, 117 / 90 (+15.3%: a stem at 224 px, whose activations
+#                   cost less than a transformer's), 115, 119
+#   vit-base / 4    fp32  163-166 / 162-165     distilbert-base / 3  fp32 126-129 / 126-129
+#   llama-small / 3 fp32  85, 151, 198 / 78, 147, 200
 #
 # What the numbers say:
 # - The session overhead is negative: the floor is the idle worker, 72 MiB of which 38 are
@@ -92,9 +101,15 @@ class ModeConstants:
 #   upload and the load touched; serving faults back 20-26 MiB of them. Against the fit
 #   before that change (session +9..+12 MiB, weight and activation factors within 7% of
 #   these), every stage peaks about 25 MiB lower; anonymous memory did not change.
-# - A weight read whole costs its size once (factor ~1.0): onnxruntime maps the data file,
-#   MatMul/Conv prepack an anonymous copy, and the mapped pages are dropped. int8 weights
-#   are a quarter of the size and also cost ~1.0 per byte.
+# - A weight read whole costs its size once (factor ~1.0): onnxruntime maps the data file;
+#   MatMul prepacks an anonymous copy and the mapped pages are dropped, Conv reads the
+#   mapped pages. int8 weights are a quarter of the size and also cost ~1.0 per byte.
+# - The load stays within the serving peak: nothing copies the weights twice (the NCHWc
+#   transform did: edge.shards.runtime). What is left is the tensor being prepacked, held
+#   both mapped and packed for a moment: invisible for BERT's 9 MiB matrices, +7% over the
+#   prediction for GPT-2's 147 MiB LM head, a stage of that one MatMul. The upload peaks
+#   6-12 MiB above the idle worker, which a stage predicted near the floor shows (Llama's
+#   embedding-only stage 0: 85 MiB against 78).
 # - Gather tables cost nothing measurable: the worker drops the pages it wrote and maps the
 #   table file for random access, so only the touched rows are resident (BERT's 91 MiB word
 #   embedding: stage 0 and stage 1 peak within 2 MiB of each other).
@@ -111,8 +126,8 @@ class ModeConstants:
 FLOOR_MARGIN_MB = 2.0
 
 CONSTANTS: dict[str, ModeConstants] = {
-    "fp32": ModeConstants(weight_factor=1.008, table_factor=0.011, activation_factor=2.977,
-                          session_overhead_mb=-15.9, io_factor=1.768),
+    "fp32": ModeConstants(weight_factor=1.036, table_factor=0.033, activation_factor=2.158,
+                          session_overhead_mb=-14.4, io_factor=2.711),
     "fp32-lean": ModeConstants(weight_factor=0.912, table_factor=0.003, activation_factor=6.118,
                                session_overhead_mb=-13.2, io_factor=0.0),
     "int8": ModeConstants(weight_factor=1.002, table_factor=0.0, activation_factor=3.378,
