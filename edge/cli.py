@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 __all__ = ["main"]
@@ -102,12 +103,17 @@ def load_sample(path: str | None) -> dict | None:
     import numpy as np
 
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not hasattr(f, "files"):
-                raise ValueError("expected an .npz archive of named arrays, got one array")
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("a single array (np.save); write it with np.savez")
+        with f:
             return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise SystemExit(f"edge: --sample {path}: cannot read it as .npz ({e})")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        from edge.errors import ConfigError
+
+        raise ConfigError(f"--sample {path}: expected an .npz of arrays keyed by the "
+                          f"model's input names, got a file that does not read as one ({e})"
+                          ) from None
 
 
 def plan_dims(model: str | Path, given: dict[str, int], sample: dict | None = None,

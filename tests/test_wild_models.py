@@ -256,3 +256,13 @@ def test_served_by_workers_equals_onnxruntime(name, workers, tmp_path):
         for x in inputs:
             got = decode_tensors(pipeline.infer(x).outputs)
             _assert_equal(got, _reference(path, x))
+
+
+def test_cli_names_a_sample_that_is_not_an_npz(tmp_path):
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    run = subprocess.run([sys.executable, "-m", "edge", "profile", str(locate("ppocr-cls")),
+                          "--sample", str(tmp_path / "one.npy")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "--sample" in run.stderr and "write it with np.savez" in run.stderr
+    assert "Traceback" not in run.stderr
