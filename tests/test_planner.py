@@ -140,3 +140,23 @@ def test_memory_limits_a_stage():
     split = partition(costs, [_dev("small", memory_mb=small), _dev("big")], modes=("fp32",))
     assert split.ranges == ((0, 1), (1, 6))
     assert split.modes == ("fp32", "fp32")
+
+
+def test_a_big_prepacked_weight_bounds_the_load():
+    """One MatMul of a 96 MiB weight: at load its mapped pages and its packed copy are both
+    resident, so the stage needs that much more than its weights while it loads."""
+    from edge.planning.memory import CONSTANTS, MiB
+
+    w = 96 * MiB
+    arrays = dict(flops=np.ones(2), live_bytes=np.array([MiB, MiB]),
+                  cut_bytes=np.array([MiB, MiB, MiB]), init_bytes=np.array([w]),
+                  init_uses=(np.array([1]),))
+    dev = Device(name="d", address="d:1", profile="t", memory_mb=1024, gflops=1.0,
+                 bandwidth_mbps=1000.0, runtime_floor_mb=72.0)
+    plain = evaluate(CostArrays(**arrays), dev, 0, 2, mode="fp32")
+    packed = evaluate(CostArrays(**arrays, prepack_bytes=np.array([0.0, w])), dev, 0, 2,
+                      mode="fp32")
+    c = CONSTANTS["fp32"]
+    load = 72.0 + c.session_overhead_mb + c.weight_factor * 96 + 96
+    assert packed.memory_mb == pytest.approx(max(plain.memory_mb, load))
+    assert packed.memory_mb > plain.memory_mb + 80

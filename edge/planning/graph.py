@@ -141,6 +141,8 @@ class GraphCosts:
             their growth is counted in the dims they follow from.
         notes: what intake changed to make the model plannable (a converted opset, folded
             constants, named dims), one line each for people.
+        prepack_bytes, prepack_int8_bytes: per node, bytes of the weight a MatMul or Gemm
+            prepacks when its shard is loaded (0 for other nodes), in fp32 and in int8.
     """
 
     model: onnx.ModelProto
@@ -168,6 +170,8 @@ class GraphCosts:
     init_table_uses: tuple[np.ndarray, ...] = ()
     init_int8_bytes: np.ndarray | None = None
     tensor_degrees: dict[str, dict[str, int]] = field(default_factory=dict)
+    prepack_bytes: np.ndarray | None = None
+    prepack_int8_bytes: np.ndarray | None = None
     derived: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -810,6 +814,7 @@ def analyze(model: str | Path | onnx.ModelProto,
     seen_inits: set[str] = set()
     flops = np.zeros(n, dtype=np.float64)
     output_bytes = np.zeros(n, dtype=np.int64)
+    prepack = np.full(n, -1, dtype=np.int64)  # per node, the initializer it prepacks
 
     for p, node in enumerate(nodes):
         reads = node_reads(node)
@@ -829,6 +834,9 @@ def analyze(model: str | Path | onnx.ModelProto,
             table_uses[init_index[table]].append(p)
         for x in _int8_weights(node, inits):
             quantized[init_index[x]] = True
+        packed = _prepacked_weight(node, inits)
+        if packed is not None:
+            prepack[p] = init_index[packed]
         outs = [o for o in node.output if o]
         for o in outs:
             producer[o] = p
@@ -886,6 +894,9 @@ def analyze(model: str | Path | onnx.ModelProto,
         init_table_uses=tuple(np.asarray(u, dtype=np.int64) for u in table_uses),
         init_int8_bytes=np.where(quantized, (init_bytes + 3) // 4, init_bytes),
         tensor_degrees=degrees, derived=derived,
+        prepack_bytes=np.where(prepack >= 0, init_bytes[prepack], 0),
+        prepack_int8_bytes=np.where(
+            prepack >= 0, np.where(quantized, (init_bytes + 3) // 4, init_bytes)[prepack], 0),
         notes=notes,
     )
     log.info("analysed model: %s", costs.summary())
@@ -1079,6 +1090,15 @@ def _gather_table(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> s
 # registry: MatMul -> MatMulInteger, Conv -> ConvInteger, Gather -> Gather of uint8), plus
 # Gemm weights and transposed weights, which edge.shards.quantize rewrites into MatMul ones.
 _INT8_WEIGHT_INPUT = {"MatMul": 1, "Conv": 1, "Gather": 0, "Gemm": 1, "Transpose": 0}
+
+
+def _prepacked_weight(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> str | None:
+    """The initializer a MatMul or Gemm reads as its B matrix, which onnxruntime prepacks
+    into a copy at load; None for other nodes."""
+    if (node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx")
+            or len(node.input) < 2 or node.input[1] not in inits):
+        return None
+    return node.input[1]
 
 
 def _int8_weights(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> list[str]:

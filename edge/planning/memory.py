@@ -106,8 +106,11 @@ class ModeConstants:
 #   mapped pages. int8 weights are a quarter of the size and also cost ~1.0 per byte.
 # - The load stays within the serving peak: nothing copies the weights twice (the NCHWc
 #   transform did: edge.shards.runtime). What is left is the tensor being prepacked, held
-#   both mapped and packed for a moment: invisible for BERT's 9 MiB matrices, +7% over the
-#   prediction for GPT-2's 147 MiB LM head, a stage of that one MatMul. The upload peaks
+#   both mapped and packed for a moment: invisible for BERT's 9 MiB matrices, but a stage
+#   of one big MatMul or Gemm peaks at load by about that weight over the other weights
+#   (GPT-2's 147 MiB LM head: 357 MiB; ddddocr's 32 MiB Gemm: 123 MiB against 95 from
+#   the serving terms; a 96 MiB head in tests/test_load_memory.py: +61%). So the
+#   prediction is the larger of the serving peak and that load peak (``prepack_bytes``). The upload peaks
 #   6-12 MiB above the idle worker, which a stage predicted near the floor shows (Llama's
 #   embedding-only stage 0: 85 MiB against 78).
 # - Gather tables cost nothing measurable: the worker drops the pages it wrote and maps the
@@ -135,7 +138,7 @@ CONSTANTS: dict[str, ModeConstants] = {
 }
 
 def stage_memory_mb(weight_bytes, activation_bytes, runtime_floor_mb, table_bytes=0.0,
-                    mode: str = "fp32", io_bytes=0.0):
+                    mode: str = "fp32", io_bytes=0.0, prepack_bytes=0.0):
     """Predicted peak RSS (MiB) of a worker running one shard; works on numpy arrays too.
 
     Args:
@@ -146,13 +149,20 @@ def stage_memory_mb(weight_bytes, activation_bytes, runtime_floor_mb, table_byte
         table_bytes: bytes of the shard's Gather tables, in the mode's representation.
         mode: one of ``edge.planning.plan.MODES``.
         io_bytes: bytes the stage receives plus sends per request (its cuts).
+        prepack_bytes: the largest weight a MatMul or Gemm of the shard prepacks, in the
+            mode's representation. While it is packed at load, both its mapped pages and
+            its packed copy are resident: the load peaks that much above the weights.
     """
     c = CONSTANTS[mode]
+    weights = (runtime_floor_mb + c.session_overhead_mb + c.weight_factor * weight_bytes / MiB
+               + c.table_factor * table_bytes / MiB)
+    # The load's peak against serving's: a stage of one big MatMul (GPT-2's 147 MiB head,
+    # ddddocr's 32 MiB Gemm) peaks while that weight is prepacked, 8-28% above the
+    # serving prediction (benchmarks/load_memory.py, benchmarks/real_models.py).
+    load = weights + prepack_bytes / MiB
     # Never below the floor and a little: the worker's peak RSS includes its idle start and
     # the upload. (The session overhead is negative: a loaded worker unmaps library pages
     # of its floor.)
-    return np.maximum(runtime_floor_mb + FLOOR_MARGIN_MB,
-                      runtime_floor_mb + c.session_overhead_mb
-                      + c.weight_factor * weight_bytes / MiB + c.table_factor * table_bytes / MiB
-                      + c.activation_factor * activation_bytes / MiB
-                      + c.io_factor * io_bytes / MiB)
+    serving = (weights + c.activation_factor * activation_bytes / MiB
+               + c.io_factor * io_bytes / MiB)
+    return np.maximum(runtime_floor_mb + FLOOR_MARGIN_MB, np.maximum(serving, load))

@@ -75,8 +75,10 @@ class StageCosts(Protocol):
     """What the planner needs to know about a graph (GraphCosts satisfies it).
 
     Optional, read with getattr: ``init_table_uses`` (per initializer, the positions of
-    ``init_uses`` where it is only a Gather table; default none) and ``init_int8_bytes``
-    (per initializer, bytes once quantized; default ``init_bytes``).
+    ``init_uses`` where it is only a Gather table; default none), ``init_int8_bytes``
+    (per initializer, bytes once quantized; default ``init_bytes``) and
+    ``prepack_bytes`` / ``prepack_int8_bytes`` (per node, the weight a MatMul or Gemm
+    prepacks at load; default none).
     """
 
     flops: np.ndarray        # (n,) per node
@@ -97,6 +99,8 @@ class CostArrays:
     init_uses: tuple[np.ndarray, ...] = ()
     init_table_uses: tuple[np.ndarray, ...] = ()
     init_int8_bytes: Optional[np.ndarray] = None
+    prepack_bytes: Optional[np.ndarray] = None
+    prepack_int8_bytes: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -176,11 +180,28 @@ def _mode_weights(w, mode: str):
     return (w[_W8], w[_T8]) if mode == "int8" else (w[_W32], w[_T32])
 
 
-def _mode_memory(w, a, io, floor, mode: str):
+def _mode_memory(w, a, io, floor, mode: str, pk=(0.0, 0.0)):
     """Stage memory in ``mode`` from channel bytes ``w`` (first axis: the 4 channels), peak
-    live activations ``a`` and bytes received plus sent ``io``."""
+    live activations ``a``, bytes received plus sent ``io`` and the largest prepacked
+    weight ``pk`` (fp32 bytes, int8 bytes)."""
     whole, table = _mode_weights(w, mode)
-    return memory.stage_memory_mb(whole, a, floor, table_bytes=table, mode=mode, io_bytes=io)
+    return memory.stage_memory_mb(whole, a, floor, table_bytes=table, mode=mode, io_bytes=io,
+                                  prepack_bytes=pk[1] if mode == "int8" else pk[0])
+
+
+def _prepack(costs: StageCosts) -> tuple[np.ndarray, np.ndarray]:
+    """(n,) arrays: per node, the bytes of the weight it prepacks, fp32 and int8 (zeros for
+    costs that do not say: ``prepack_bytes``, ``prepack_int8_bytes``)."""
+    n = len(costs.flops)
+    p32 = getattr(costs, "prepack_bytes", None)
+    p32 = np.zeros(n) if p32 is None else np.asarray(p32, dtype=np.float64)
+    p8 = getattr(costs, "prepack_int8_bytes", None)
+    return p32, (p32 if p8 is None else np.asarray(p8, dtype=np.float64))
+
+
+def _prepack_range(costs: StageCosts, i: int, j: int) -> tuple[float, float]:
+    p32, p8 = _prepack(costs)
+    return float(p32[i:j].max(initial=0.0)), float(p8[i:j].max(initial=0.0))
 
 
 def _io_bytes(costs: StageCosts, i: int, j: int) -> float:
@@ -224,8 +245,9 @@ def stage_mode(costs: StageCosts, dev: Device, i: int, j: int,
     w = _weights_brute(costs, i, j)
     a = float(np.max(costs.live_bytes[i:j]))
     io = _io_bytes(costs, i, j)
+    pk = _prepack_range(costs, i, j)
     for mode in modes:
-        if _mode_memory(w, a, io, dev.runtime_floor_mb, mode) <= dev.memory_mb:
+        if _mode_memory(w, a, io, dev.runtime_floor_mb, mode, pk) <= dev.memory_mb:
             return mode
     return None
 
@@ -235,7 +257,8 @@ def _frugal_mode(costs: StageCosts, dev: Device, i: int, j: int,
     w = _weights_brute(costs, i, j)
     a = float(np.max(costs.live_bytes[i:j]))
     io = _io_bytes(costs, i, j)
-    return min(modes, key=lambda m: _mode_memory(w, a, io, dev.runtime_floor_mb, m))
+    pk = _prepack_range(costs, i, j)
+    return min(modes, key=lambda m: _mode_memory(w, a, io, dev.runtime_floor_mb, m, pk))
 
 
 def evaluate(costs: StageCosts, dev: Device, i: int, j: int,
@@ -259,7 +282,8 @@ def evaluate(costs: StageCosts, dev: Device, i: int, j: int,
     cm = COMPUTE_FACTOR[mode] * _compute_ms(f, dev)
     t = _transfer_ms(float(costs.cut_bytes[j]), dev)
     io = _io_bytes(costs, i, j)
-    mem = float(_mode_memory(w, a, io, dev.runtime_floor_mb, mode))
+    mem = float(_mode_memory(w, a, io, dev.runtime_floor_mb, mode,
+                             _prepack_range(costs, i, j)))
     weights_mb = (c.weight_factor * whole + c.table_factor * table) / memory.MiB
     act_mb = (c.activation_factor * a + c.io_factor * io) / memory.MiB
     return StagePrediction(
@@ -313,8 +337,11 @@ def _sweep(costs: StageCosts, devices: Sequence[Device], n: int,
     rate = np.array([d.gflops * 1e9 for d in devices])[:, None]
     bw = np.array([d.bandwidth_mbps * 1e6 / 8.0 for d in devices])[:, None]
     reach = _veto_reach(vetoed, n)
+    p32, p8 = _prepack(costs)
     for j, w in _weight_sweep(costs, n):
         act = np.maximum.accumulate(live[:j][::-1])[::-1][None, :]
+        pk = (np.maximum.accumulate(p32[:j][::-1])[::-1][None, :],
+              np.maximum.accumulate(p8[:j][::-1])[::-1][None, :])
         io = (cut[:j] + cut[j])[None, :]
         compute = (pf[j] - pf[:j])[None, :] / rate * 1e3
         send = cut[j] / bw * 1e3
@@ -322,7 +349,7 @@ def _sweep(costs: StageCosts, devices: Sequence[Device], n: int,
         frugal = np.full((len(devices), j), np.inf)
         chosen = np.zeros((len(devices), j), dtype=bool)
         for mode in modes:
-            mem = _mode_memory(w[:, None, :], act, io, floor, mode)
+            mem = _mode_memory(w[:, None, :], act, io, floor, mode, pk)
             if mode == "int8" and reach[j] >= 0:  # vetoed starts: int8 fits nowhere
                 mem = np.where(np.arange(j)[None, :] <= reach[j], np.inf, mem)
             take = (mem <= has) & ~chosen
