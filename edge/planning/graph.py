@@ -28,7 +28,7 @@ from onnx import helper, shape_inference
 
 from edge.errors import GraphError
 from edge.planning.intake import (ANONYMOUS_DIMS as _ANONYMOUS_DIMS, TARGET_OPSET,
-                                  anonymous_dim, check_same, normalize)
+                                  anonymous_dim, check_same, default_opset, normalize)
 from edge.planning.plan import Dim, TensorSpec, dim_expression, dim_value
 from edge.planning.scopes import node_reads
 
@@ -287,17 +287,10 @@ def load_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         if not m.graph.node and not m.opset_import:
             raise GraphError(f"{path}: not an ONNX model: expected a graph and opset_import, "
                              f"the file has neither ({path.stat().st_size} bytes)")
-    if _default_opset(m) is None:
+    if default_opset(m) is None:
         raise GraphError(f"{where}: opset_import: expected the default ('ai.onnx') opset, "
                          "the model imports none")
     return m
-
-
-def _default_opset(m: onnx.ModelProto) -> int | None:
-    for o in m.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            return int(o.version)
-    return None
 
 
 # --------------------------------------------------------------------------- structure

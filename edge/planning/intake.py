@@ -35,7 +35,8 @@ from onnx import helper, numpy_helper
 from edge.errors import GraphError
 from edge.planning.scopes import attr_graphs, node_reads
 
-__all__ = ["ANONYMOUS_DIMS", "TARGET_OPSET", "Intake", "normalize", "check_same", "anonymous_dim"]
+__all__ = ["ANONYMOUS_DIMS", "TARGET_OPSET", "Intake", "normalize", "check_same", "anonymous_dim",
+           "default_opset"]
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,10 @@ class Intake:
 
     Attributes:
         converted_from: the model's opset before conversion; None if it was not converted.
-        folded: nodes replaced by initializers (Constant nodes included).
-        named_dims: per graph input, the axes that were given ``INPUT:AXIS`` names.
         notes: one line per change, printed by ``edge plan`` and ``edge profile``.
     """
 
     converted_from: int | None = None
-    folded: int = 0
-    named_dims: dict[str, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -80,6 +77,7 @@ def anonymous_dim(input_name: str, axis: int) -> str:
 
 
 def default_opset(m: onnx.ModelProto) -> int | None:
+    """The version of the default ('ai.onnx') opset the model imports, or None."""
     for o in m.opset_import:
         if o.domain in ("", "ai.onnx"):
             return int(o.version)
@@ -127,7 +125,6 @@ def normalize(m: onnx.ModelProto, where: str = "model") -> tuple[onnx.ModelProto
         out.ir_version = max(4, min_ir)
     if unnamed:
         _name_dims(out.graph, unnamed)
-        intake.named_dims = unnamed
         names = [anonymous_dim(i, a) for i, axes in unnamed.items() for a in axes]
         intake.notes.append(f"unnamed input dims are named {', '.join(names)} "
                             "(bind them with --dim NAME=SIZE or --sample)")
@@ -137,8 +134,8 @@ def normalize(m: onnx.ModelProto, where: str = "model") -> tuple[onnx.ModelProto
                             "weights of the node that holds them")
     foldable = _foldable(out.graph)
     if foldable:
-        intake.folded = _fold(out, foldable, where)
-        intake.notes.append(f"{intake.folded} constant nodes folded into weights")
+        _fold(out, foldable, where)
+        intake.notes.append(f"{len(foldable)} constant nodes folded into weights")
     return out, intake
 
 
@@ -340,9 +337,9 @@ def _foldable(g: onnx.GraphProto) -> list[int]:
     return sorted(out)
 
 
-def _fold(m: onnx.ModelProto, foldable: list[int], where: str) -> int:
+def _fold(m: onnx.ModelProto, foldable: list[int], where: str) -> None:
     """Evaluate the foldable nodes once in onnxruntime and replace them by initializers of
-    the values that the rest of the graph reads. Returns how many nodes were folded."""
+    the values that the rest of the graph reads."""
     g = m.graph
     fold_set = set(foldable)
     produced = {o for p in foldable for o in g.node[p].output if o}
@@ -390,7 +387,6 @@ def _fold(m: onnx.ModelProto, foldable: list[int], where: str) -> int:
     g.value_info.extend(vis)
     log.info("%s: folded %d constant nodes into %d initializers", where, len(foldable),
              len(needed))
-    return len(foldable)
 
 
 def _ordered(g: onnx.GraphProto, positions: list[int]) -> list[str]:
