@@ -36,6 +36,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -58,6 +59,15 @@ DEFAULT_MODELS = [
     "gpt2-small:3:340",
     "llama-small:3:210",
 ]
+
+
+def _clean(work: Path) -> None:
+    """Remove a run's shards, plans, caches and lab state (GBs per model); the exported
+    models and the host's measured GFLOP/s stay for the next run."""
+    for p in work.iterdir():
+        if p.is_dir() and p.name.startswith(("plan-", "load-", "lab-", "tmp")) \
+                and p.name != "lab-gflops":
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def proc_status(pid: int) -> dict[str, float]:
@@ -365,6 +375,7 @@ def main() -> int:
         for r in got:
             r["label"] = args.label
         rows += got
+        _clean(work)
         print(show(got), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
