@@ -266,3 +266,40 @@ def test_cli_names_a_sample_that_is_not_an_npz(tmp_path):
     assert run.returncode == 2
     assert "--sample" in run.stderr and "write it with np.savez" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_batchnorm_after_conv_is_fused_once_at_plan_time():
+    """onnxruntime fuses BatchNormalization into the Conv before it while the session is
+    built, holding both weights at once; intake fuses it at plan time instead. The result
+    equals the original, and a Conv whose output is also read elsewhere is left alone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge.planning import intake
+
+    rng = np.random.default_rng(0)
+
+    def t(name, *shape, pos=False):
+        a = rng.standard_normal(shape).astype(np.float32)
+        return numpy_helper.from_array(np.abs(a) + 0.5 if pos else a, name)
+
+    inits = [t("w1", 16, 3, 3, 3), t("g1", 16), t("b1", 16), t("m1", 16), t("v1", 16, pos=True),
+             t("w2", 8, 16, 1, 1), t("cb2", 8), t("g2", 8), t("b2", 8), t("m2", 8),
+             t("v2", 8, pos=True)]
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c1", "g1", "b1", "m1", "v1"], ["n1"],
+                          epsilon=1e-3),
+         helper.make_node("Relu", ["n1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "w2", "cb2"], ["c2"]),
+         helper.make_node("BatchNormalization", ["c2", "g2", "b2", "m2", "v2"], ["n2"]),
+         helper.make_node("Add", ["n2", "c2"], ["y"])],  # c2 read twice: not fused
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    out, info = intake.normalize(m)
+    assert info.notes == ["1 BatchNormalization nodes fused into the Conv before them"]
+    assert [nd.op_type for nd in out.graph.node] == ["Conv", "Relu", "Conv",
+                                                     "BatchNormalization", "Add"]
+    x = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    want, got = intake._run(m, x)["y"], intake._run(out, x)["y"]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

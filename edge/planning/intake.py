@@ -15,6 +15,10 @@ Models that nobody here exported arrive in every form the ONNX spec has allowed:
   alone is evaluated once here and replaced by initializers. They are then weights like
   any other: they belong to the stage that uses them, count as weights in memory, never
   cross a cut, and int8 quantizes them. onnxruntime would fold them at load anyway;
+- **BatchNormalization after a Conv** (ONNX model zoo CNNs, Paddle2ONNX): onnxruntime fuses
+  it into the Conv's weights while the session is built, holding the mapped weights and the
+  fused copy at once (a ResNet-50 stage peaked 22% over its plan, an Inception one 31%).
+  Fused here once, the shard holds the fused weights, mapped, and nothing is copied;
 - **input dims without names** (``-1``, ``?``, an empty name): each is named
   ``INPUT:AXIS`` (``x:0``), which is how errors name it and how ``--dim x:0=1`` binds it.
   Unnamed dims elsewhere (``-1`` in Paddle's value_info) are unknown, never a size.
@@ -106,7 +110,7 @@ def normalize(m: onnx.ModelProto, where: str = "model") -> tuple[onnx.ModelProto
     unnamed = _unnamed_input_dims(m.graph, inits)
     nested = _nested_constants(m.graph)
     if (opset >= TARGET_OPSET and not needs_ir and not foldable and not unnamed
-            and not nested):
+            and not nested and not any(nd.op_type == "BatchNormalization" for nd in m.graph.node)):
         return m, intake
 
     out = onnx.ModelProto()
@@ -136,6 +140,10 @@ def normalize(m: onnx.ModelProto, where: str = "model") -> tuple[onnx.ModelProto
     if foldable:
         _fold(out, foldable, where)
         intake.notes.append(f"{len(foldable)} constant nodes folded into weights")
+    fused = _fuse_conv_batchnorm(out.graph)
+    if fused:
+        intake.notes.append(f"{fused} BatchNormalization nodes fused into the Conv before "
+                            "them")
     return out, intake
 
 
@@ -391,3 +399,79 @@ def _fold(m: onnx.ModelProto, foldable: list[int], where: str) -> None:
 
 def _ordered(g: onnx.GraphProto, positions: list[int]) -> list[str]:
     return [o for p in positions for o in g.node[p].output if o]
+
+
+# --------------------------------------------------------------------------- Conv + BN
+
+
+def _fuse_conv_batchnorm(g: onnx.GraphProto) -> int:
+    """Fold each inference BatchNormalization whose input is a Conv's output into that
+    Conv's weights and bias, in place: ``W' = W * s``, ``b' = (b - mean) * s + beta`` with
+    ``s = gamma / sqrt(var + eps)`` per output channel. Only where every tensor involved is
+    a float32 initializer that no other node reads, and the Conv's output feeds only the
+    BatchNormalization. Returns how many were fused."""
+    inits = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    readers: dict[str, int] = {}
+    for nd in g.node:
+        for x in node_reads(nd):
+            readers[x] = readers.get(x, 0) + 1
+    producer = {o: nd for nd in g.node for o in nd.output if o}
+
+    def own_float(name: str) -> bool:
+        t = inits.get(name)
+        return (t is not None and t.data_type == onnx.TensorProto.FLOAT
+                and readers.get(name, 0) == 1)
+
+    fused, drop = 0, set()
+    for bn in g.node:
+        if (bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx")
+                or len(bn.input) != 5 or len([o for o in bn.output if o]) != 1
+                or any(a.name == "training_mode" and a.i for a in bn.attribute)):
+            continue
+        conv = producer.get(bn.input[0])
+        if (conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx")
+                or readers.get(bn.input[0], 0) != 1 or bn.input[0] in outputs
+                or len(conv.input) < 2 or not own_float(conv.input[1])
+                or (len(conv.input) > 2 and conv.input[2] and not own_float(conv.input[2]))
+                or not all(x in inits and inits[x].data_type == onnx.TensorProto.FLOAT
+                           for x in bn.input[1:])):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[x]).astype(np.float64)
+                                  for x in bn.input[1:])
+        w = numpy_helper.to_array(inits[conv.input[1]])
+        if w.shape[0] != gamma.shape[0]:
+            continue
+        scale = gamma / np.sqrt(var + eps)
+        has_bias = len(conv.input) > 2 and bool(conv.input[2])
+        b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_bias
+             else np.zeros_like(scale))
+        new_w = (w.astype(np.float64) * scale.reshape(-1, *([1] * (w.ndim - 1))))
+        inits[conv.input[1]].CopyFrom(numpy_helper.from_array(new_w.astype(np.float32),
+                                                              conv.input[1]))
+        bias_name = conv.input[2] if has_bias else f"{bn.output[0]}.fused_bias"
+        bias = numpy_helper.from_array(((b - mean) * scale + beta).astype(np.float32),
+                                       bias_name)
+        if has_bias:
+            inits[bias_name].CopyFrom(bias)
+        else:
+            g.initializer.append(bias)
+            while len(conv.input) < 3:
+                conv.input.append("")
+            conv.input[2] = bias_name
+        conv.output[0] = bn.output[0]
+        drop.add(id(bn))
+        fused += 1
+    if fused:
+        kept = [nd for nd in g.node if id(nd) not in drop]
+        del g.node[:]
+        g.node.extend(kept)
+        used = {x for nd in g.node for x in node_reads(nd)} | outputs
+        keep = [t for t in g.initializer if t.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        vis = [vi for vi in g.value_info if vi.name in used or vi.name in outputs]
+        del g.value_info[:]
+        g.value_info.extend(vis)
+    return fused
