@@ -49,14 +49,16 @@ MiB = float(1 << 20)
 # KIND-SIZE:DEVICES:MEMORY_MB. The memory is the issue's for the wide UNet; for the others
 # a little below what one device fewer would need, so that the model must be split (the
 # last stage of GPT-2 and of the Llama, the LM head and its logits, needs about as much
-# over 2 devices as over 3: their 3 devices are only a little above it).
+# over 2 devices as over 3: their 3 devices are only a little above it). GPT-2's head
+# stage peaks at 357 MiB while its 147 MiB weight is prepacked, so it needs 380 (at 340
+# the planner now refuses: no split fits).
 DEFAULT_MODELS = [
     "unet-wide:4:220",
     "resnet-50:3:120",
     "convnext-t:3:135",
     "vit-base:4:190",
     "distilbert-base:3:150",
-    "gpt2-small:3:340",
+    "gpt2-small:3:380",
     "llama-small:3:210",
 ]
 
