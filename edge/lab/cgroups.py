@@ -27,7 +27,7 @@ __all__ = ["CpuQuota", "cpu_quota", "Cgroup", "Hierarchy", "detect", "dir_procs"
            "lift_cpu_limit", "remove_dir"]
 
 # The kernel ticks every 4 ms here: with the usual 100 ms period a burst of work shorter
-# than that is not slowed at all, and periods of 2 ms or less over-deliver (EMULATION.md).
+# than that is not slowed at all, and periods of 2 ms or less over-deliver (measured here).
 PERIOD_US = 5000
 # The kernel refuses a quota under 1 ms (and a period over 1 s).
 MIN_QUOTA_US = 1000
