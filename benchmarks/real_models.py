@@ -165,6 +165,11 @@ def main() -> int:
         except LookupError as e:
             print(f"| {name} | skipped: {e} | | | | | |", flush=True)
             continue
+        except Exception as e:  # noqa: BLE001 - one model's failure is a row, not the end
+            print(f"| {name} | **failed**: {type(e).__name__}: {str(e)[:300]} | | | | | |",
+                  flush=True)
+            results.append(dict(model=name, error=f"{type(e).__name__}: {e}"))
+            continue
         results.append(res)
         mem = "; ".join(f"{m['planned_mb']:.0f} → {m['measured_peak_mb']:.0f} "
                         f"({m['error_pct']:+.0f}%)" for m in res["memory"])

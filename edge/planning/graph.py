@@ -766,8 +766,9 @@ def analyze(model: str | Path | onnx.ModelProto,
     bound_inputs, used_bindings = _bind_inputs(m, set(inits), bindings)
     notes = list(intake.notes)
     if intake.converted_from is not None:
-        diff = check_same(original, normalized, input_feeds(bound_inputs, sample, seed=0),
-                          where)
+        diff = check_same(original, intake.converted,
+                          input_feeds(bound_inputs, sample, seed=0), where)
+        intake.converted = None
         notes.append(f"outputs checked against opset {intake.converted_from} in onnxruntime "
                      f"on {'the sample' if sample is not None else 'seeded random inputs'}: "
                      f"largest relative difference {diff:.2g}")

@@ -68,10 +68,14 @@ class Intake:
 
     Attributes:
         converted_from: the model's opset before conversion; None if it was not converted.
+        converted: the model right after conversion, before anything else changed it: what
+            :func:`check_same` compares with the original (None when not converted; the
+            caller drops it once checked).
         notes: one line per change, printed by ``edge plan`` and ``edge profile``.
     """
 
     converted_from: int | None = None
+    converted: onnx.ModelProto | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -119,6 +123,10 @@ def normalize(m: onnx.ModelProto, where: str = "model") -> tuple[onnx.ModelProto
         # Before the IR fix: the converter wants an IR 3 graph's initializers as inputs.
         out = _convert(out, opset, where)
         intake.converted_from = opset
+        # Checked as it is: the folds and fusions below change float rounding, and the
+        # question is whether the conversion kept the outputs.
+        intake.converted = onnx.ModelProto()
+        intake.converted.CopyFrom(out)
         intake.notes.append(f"converted from opset {opset} to {TARGET_OPSET}")
     if needs_ir:
         _drop_initializer_inputs(out)
