@@ -23,6 +23,20 @@ def _parse_dims(items: list[str]) -> dict[str, int]:
     return dims
 
 
+def _positive(kind):
+    """An argparse type: a number of ``kind`` greater than 0, or a message saying what came."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(
+                f"expected a {'whole ' if kind is int else ''}number > 0, got {text!r}")
+        return value
+    return parse
+
+
 def _console():
     from rich.console import Console
 
@@ -463,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "a gRPC pipeline.")
     parser.add_argument("--log-level", default=os.environ.get("EDGE_LOG", "WARNING"),
                         help="logging level (default: WARNING; env EDGE_LOG)")
+    parser.add_argument("--version", action="version", version=f"edge {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("export", help="export a model to ONNX (seeded weights, no download)")
@@ -501,10 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="serve one stage on this device")
     p.add_argument("--listen", default="0.0.0.0:50051")
     p.add_argument("--device", help="this device's profile (see `edge devices`)")
-    p.add_argument("--memory-budget", type=float, help="MiB this worker may use")
+    p.add_argument("--memory-budget", type=_positive(float), help="MiB this worker may use")
     p.add_argument("--cache-dir", help="shard cache (default ~/.cache/edge/shards)")
-    p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
-    p.add_argument("--max-queue", type=int, default=64,
+    p.add_argument("--threads", type=_positive(int), help="onnxruntime threads (default: all cores)")
+    p.add_argument("--max-queue", type=_positive(int), default=64,
                    help="requests waiting for compute (and, apart, for sending) before "
                         "Forward answers RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--port-file", help="write the bound port here once serving")
@@ -515,11 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True,
                    help="plan.json written by `edge plan`, or the folder it is in")
     p.add_argument("--listen", default="0.0.0.0:50050")
-    p.add_argument("--ready-timeout", type=float, default=60.0,
+    p.add_argument("--ready-timeout", type=_positive(float), default=60.0,
                    help="seconds to wait for each worker to be healthy")
     p.add_argument("--model", help="the source .onnx, to re-plan from when a device is lost "
                                    "(default: the one plan.json names)")
-    p.add_argument("--max-in-flight", type=int, default=64,
+    p.add_argument("--max-in-flight", type=_positive(int), default=64,
                    help="requests accepted at once; past it Infer answers RESOURCE_EXHAUSTED "
                         "at once (default 64)")
     p.add_argument("--no-failover", action="store_true",
@@ -534,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", required=True, help="HOST:PORT")
     p.add_argument("--input", required=True, help=".npz keyed by the model's input names")
     p.add_argument("--output", required=True, help=".npz to write the outputs to")
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=_positive(float), default=120.0)
     add_security_arguments(p)
     p.set_defaults(func=cmd_infer)
 
@@ -542,8 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "or live per device of a running pipeline")
     p.add_argument("model", nargs="?", help="an ONNX file (offline profile)")
     p.add_argument("--coordinator", help="HOST:PORT of a running coordinator (live profile)")
-    p.add_argument("--requests", type=int, default=50, help="live: requests to send")
-    p.add_argument("--concurrency", type=int, default=4, help="live: requests in flight")
+    p.add_argument("--requests", type=_positive(int), default=50, help="live: requests to send")
+    p.add_argument("--concurrency", type=_positive(int), default=4, help="live: requests in flight")
     p.add_argument("--input", help="live: an .npz request to send (default: synthetic)")
     p.add_argument("--dim", action="append", metavar="NAME=SIZE", help="offline: sizes")
     p.add_argument("--sample", metavar="FILE.npz", help="offline: " + _SAMPLE_HELP)
@@ -555,8 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="measure a device through its worker; store it in "
                                          "the device's profile")
     p.add_argument("--worker", required=True, help="HOST:PORT of an idle worker")
-    p.add_argument("--seconds", type=float, default=3.0, help="compute benchmark length")
-    p.add_argument("--link-rounds", type=int, default=5)
+    p.add_argument("--seconds", type=_positive(float), default=3.0, help="compute benchmark length")
+    p.add_argument("--link-rounds", type=_positive(int), default=5)
     p.add_argument("--profile", help="profile to update (default: the worker's --device)")
     p.add_argument("--write", action="store_true",
                    help="write the measured numbers into the profile file")
@@ -568,11 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="export, plan, run four local workers and compare")
     p.add_argument("--model", default="bert", choices=["bert", "gpt2", "unet"])
     p.add_argument("--size", default="base")
-    p.add_argument("--devices", type=int, default=4)
+    p.add_argument("--devices", type=_positive(int), default=4)
     p.add_argument("--profile", default="rpi4b-2gb")
-    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--requests", type=_positive(int), default=16)
     p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--sequence", type=int, default=128)
+    p.add_argument("--sequence", type=_positive(int), default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep the model, plan and shards here (default: temporary)")
     p.add_argument("--modes", metavar="MODE,...",
@@ -596,8 +611,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edge")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _log_level_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--log-level`` after the subcommand too (``edge plan ... --log-level INFO``);
+    SUPPRESS keeps the main parser's value when it is not given there."""
+    for action in parser._subparsers._group_actions:  # the COMMAND subparsers
+        for sub in action.choices.values():
+            sub.add_argument("--log-level", default=argparse.SUPPRESS,
+                             help="logging level (also before the command)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _log_level_everywhere(parser)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from edge.errors import EdgeError

@@ -221,7 +221,7 @@ def design(specs: list[DeviceSpec], link: str | None, gflops: float,
         prof = load_profile(spec.profile)
         counts[prof.name] = counts.get(prof.name, 0) + 1
         name = spec.name or f"{prof.name}-{counts[prof.name]}"
-        if not _NAME_RE.match(name) or name in ("br", "host"):
+        if not _NAME_RE.fullmatch(name) or name in ("br", "host"):
             raise LabError(f"lab device name {name!r}: expected 1-40 of a-z, 0-9 and '-', "
                            "and not 'br' or 'host'")
         if any(d.name == name for d in devices):

@@ -503,6 +503,18 @@ def _expression_dims(m: onnx.ModelProto, init_names: set[str],
     return out
 
 
+def _check_dim_names(m: onnx.ModelProto, init_names: set[str],
+                     bindings: Mapping[str, int]) -> None:
+    """A size given for a dim that no graph input has is a typo, not something to ignore."""
+    names = {d for vi in m.graph.input if vi.name not in init_names
+             for d in (_vi_shape(vi) or ()) if isinstance(d, str)}
+    unknown = sorted(set(bindings) - names)
+    if unknown:
+        raise GraphError(f"--dim {', '.join(unknown)}: expected dims of the model's inputs "
+                         f"({', '.join(sorted(names)) or 'it has none'}), got "
+                         f"{'a name' if len(unknown) == 1 else 'names'} it does not have")
+
+
 def _concrete_shapes(m: onnx.ModelProto, nodes: list[onnx.NodeProto],
                      bound_inputs: list[onnx.ValueInfoProto],
                      sample: Mapping[str, np.ndarray] | None = None,
@@ -761,6 +773,7 @@ def analyze(model: str | Path | onnx.ModelProto,
     graph_outputs = [o.name for o in g.output]
 
     bindings = dict(bindings or {})
+    _check_dim_names(m, set(inits), bindings)
     if sample is not None:
         bindings.update(sample_bindings(m, sample, bindings))
     bound_inputs, used_bindings = _bind_inputs(m, set(inits), bindings)

@@ -88,10 +88,18 @@ class ShardCache:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
+        # Uploads cut short by a killed worker: only this worker writes here, and it has
+        # just started, so none of them is in progress (3 kills left 117 MiB of them).
+        for stale in self.root.glob(".incoming-*"):
+            try:
+                stale.unlink()
+                log.info("removed a partial upload left by an earlier run: %s", stale.name)
+            except OSError as e:
+                log.warning("cannot remove partial upload %s: %s", stale, e)
 
     def path(self, sha256: str) -> Path:
         """Where the shard with this digest lives. Only a 64-hex-digit name is accepted."""
-        if not _SHA256.match(sha256 or ""):
+        if not _SHA256.fullmatch(sha256 or ""):
             raise UploadError("invalid", f"expected a sha256 as 64 lowercase hex digits, "
                                          f"got {sha256!r}")
         return self.root / sha256
@@ -176,7 +184,7 @@ class ShardCache:
         folder = self.root / "stages" / key
         wanted = {"model.onnx": self.path(shard_sha256)}
         for name, sha in files:
-            if not _FILE_NAME.match(name) or name == "model.onnx":
+            if not _FILE_NAME.fullmatch(name) or name == "model.onnx":
                 raise UploadError("invalid", f"data file name must be a plain file name, "
                                              f"got {name!r}")
             if name in wanted:

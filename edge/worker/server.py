@@ -527,7 +527,7 @@ def _config_problem(c: pb.StageConfig) -> str | None:
                 f"{c.predicted_memory_mb}")
     if c.next_address:
         host, sep, port = c.next_address.rpartition(":")
-        if (not sep or not _ADDRESS_HOST.match(host) or not port.isdigit()
+        if (not sep or not _ADDRESS_HOST.fullmatch(host) or not port.isdigit()
                 or not 0 < int(port) < 65536):
             return (f"StageConfig: next_address: expected host:port (port 1-65535) or "
                     f"nothing (the last stage), got {c.next_address!r}")
