@@ -315,7 +315,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     try:
         with np.load(args.input, allow_pickle=False) as f:
             inputs = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise SystemExit(f"edge infer: cannot read {args.input} as .npz: {e}")
     with InferClient(args.coordinator, timeout=args.timeout,
                      security=from_arguments(args)) as client:

@@ -59,3 +59,35 @@ def test_a_dim_the_model_does_not_have_is_an_error():
     with pytest.raises(GraphError, match=r"--dim hieght: expected dims of the model's inputs "
                                          r"\(x:0, x:2, x:3\)"):
         analyze(path, {"x:2": 48, "x:3": 192, "hieght": 5})
+
+
+def test_a_truncated_npz_gets_a_message_not_a_traceback(tmp_path):
+    import numpy as np
+
+    good = tmp_path / "in.npz"
+    np.savez(good, x=np.zeros((64, 64), np.float32))
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(good.read_bytes()[:200])
+    run = edge("infer", "--coordinator", "127.0.0.1:9", "--input", str(cut), "--output",
+               str(tmp_path / "out.npz"))
+    assert run.returncode != 0
+    assert "cannot read" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_two_stages_on_one_address_are_refused(tmp_path):
+    import json
+
+    from edge.errors import ConfigError
+    from edge.planning import make_plan
+    from edge.planning.plan import Device, load_plan
+
+    devices = [Device(name=f"d{i}", address=f"127.0.0.1:{5000 + i}", profile="t",
+                      memory_mb=4096, gflops=g, bandwidth_mbps=1000.0)
+               for i, g in enumerate((1.0, 1.5))]
+    make_plan(locate("ppocr-cls"), devices, tmp_path, bindings={"x:2": 48, "x:3": 192})
+    raw = json.loads((tmp_path / "plan.json").read_text())
+    raw["stages"][1]["device"]["address"] = raw["stages"][0]["device"]["address"]
+    (tmp_path / "plan.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r"stages\[1\].device.address.*one address per "
+                                          r"stage.*stage 0 has too"):
+        load_plan(tmp_path / "plan.json")

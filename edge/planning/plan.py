@@ -502,7 +502,16 @@ def load_plan(path: str | Path) -> Plan:
         _check(raw, _PLAN, "")
     except _FieldError as e:
         raise ConfigError(f"{path}: field {e.field!r}: {e}") from None
-    return Plan.from_dict(raw)
+    plan = Plan.from_dict(raw)
+    seen: dict[str, int] = {}
+    for st in plan.stages:
+        if st.device.address in seen:
+            raise ConfigError(
+                f"{path}: field 'stages[{st.index}].device.address': expected one address "
+                f"per stage, got {st.device.address!r}, which stage {seen[st.device.address]} "
+                "has too (one worker serves one stage)")
+        seen[st.device.address] = st.index
+    return plan
 
 
 # --- what plan.json must hold -----------------------------------------------------------
