@@ -28,7 +28,8 @@ from onnx import helper, shape_inference
 
 from edge.errors import GraphError
 from edge.planning.intake import (ANONYMOUS_DIMS as _ANONYMOUS_DIMS, TARGET_OPSET,
-                                  anonymous_dim, check_same, default_opset, normalize)
+                                  anonymous_dim, check_same, default_opset, normalize,
+                                  set_nodes)
 from edge.planning.plan import Dim, TensorSpec, dim_expression, dim_value
 from edge.planning.scopes import node_reads
 
@@ -1074,13 +1075,7 @@ def _fold_weight_transposes(m: onnx.ModelProto) -> onnx.ModelProto:
         g.initializer.append(onnx.numpy_helper.from_array(
             np.ascontiguousarray(np.transpose(w, perm)), nd.output[0]))
     drop = set(fold)
-    kept = [nd for p, nd in enumerate(m.graph.node) if p not in drop]
-    del g.node[:]
-    g.node.extend(kept)
-    used = {x for nd in g.node for x in node_reads(nd)} | outputs
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    set_nodes(g, [nd for p, nd in enumerate(m.graph.node) if p not in drop])
     log.info("folded %d transposes of weights into transposed weights", len(fold))
     return out
 

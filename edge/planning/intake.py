@@ -40,7 +40,7 @@ from edge.errors import GraphError
 from edge.planning.scopes import attr_graphs, node_reads
 
 __all__ = ["ANONYMOUS_DIMS", "TARGET_OPSET", "Intake", "normalize", "check_same", "anonymous_dim",
-           "default_opset"]
+           "default_opset", "set_nodes"]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,19 @@ def normalize(m: onnx.ModelProto, where: str = "model") -> tuple[onnx.ModelProto
         intake.notes.append(f"{fused} BatchNormalization nodes fused into the Conv before "
                             "them")
     return out, intake
+
+
+def set_nodes(g: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> set[str]:
+    """Make ``nodes`` the graph's nodes, in place, and drop the initializers no node reads
+    any more. Returns the names the graph still reads (its outputs included)."""
+    kept = list(nodes)
+    del g.node[:]
+    g.node.extend(kept)
+    used = {x for nd in g.node for x in node_reads(nd)} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return used
 
 
 # --------------------------------------------------------------------------- IR, opset
@@ -387,16 +400,9 @@ def _fold(m: onnx.ModelProto, foldable: list[int], where: str) -> None:
         if bad:
             raise GraphError(f"{where}: constant nodes make string tensors ({bad[:3]}); "
                              "edge cannot cut such a model")
-    kept = [nd for p, nd in enumerate(g.node) if p not in fold_set]
-    del g.node[:]
-    g.node.extend(kept)
     for t in needed:
         g.initializer.append(numpy_helper.from_array(np.asarray(values[t]), t))
-    # Initializers only the folded nodes read are gone with them.
-    used = {x for nd in g.node for x in node_reads(nd)} | {o.name for o in g.output}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    set_nodes(g, [nd for p, nd in enumerate(g.node) if p not in fold_set])
     # value_info of folded tensors would now describe initializers: drop it.
     vis = [vi for vi in g.value_info if vi.name not in produced]
     del g.value_info[:]
@@ -472,14 +478,8 @@ def _fuse_conv_batchnorm(g: onnx.GraphProto) -> int:
         drop.add(id(bn))
         fused += 1
     if fused:
-        kept = [nd for nd in g.node if id(nd) not in drop]
-        del g.node[:]
-        g.node.extend(kept)
-        used = {x for nd in g.node for x in node_reads(nd)} | outputs
-        keep = [t for t in g.initializer if t.name in used]
-        del g.initializer[:]
-        g.initializer.extend(keep)
-        vis = [vi for vi in g.value_info if vi.name in used or vi.name in outputs]
+        used = set_nodes(g, [nd for nd in g.node if id(nd) not in drop])
+        vis = [vi for vi in g.value_info if vi.name in used]
         del g.value_info[:]
         g.value_info.extend(vis)
     return fused
