@@ -26,7 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edge.errors import GraphError
-from edge.planning.graph import node_reads
+from edge.planning.intake import set_nodes
 from edge.shards.build import ShardInfo, save_shard
 
 __all__ = ["quantize_shard", "drift", "cosine"]
@@ -130,13 +130,8 @@ def _prepare(m: onnx.ModelProto) -> int:
             continue
         nodes.append(nd)
     if changed:
-        del g.node[:]
-        g.node.extend(nodes)
         g.initializer.extend(added)
-        used = {x for nd in g.node for x in node_reads(nd)} | {o.name for o in g.output}
-        keep = [t for t in g.initializer if t.name in used]
-        del g.initializer[:]
-        g.initializer.extend(keep)
+        set_nodes(g, nodes)
     return changed
 
 
