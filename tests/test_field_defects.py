@@ -91,3 +91,65 @@ def test_two_stages_on_one_address_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"stages\[1\].device.address.*one address per "
                                           r"stage.*stage 0 has too"):
         load_plan(tmp_path / "plan.json")
+
+
+def test_an_unwritable_cache_answers_a_status_code_and_one_line(tmp_path, monkeypatch):
+    """A read-only cache answered UNKNOWN with a Python traceback (issue 12, item 7)."""
+    import errno
+    import hashlib
+    import os
+
+    import grpc
+
+    import edge.worker.cache as cache_module
+    from edge.proto import edge_pb2 as pb
+    from edge.proto import edge_pb2_grpc as pb_grpc
+    from edge.transport.channels import create_channel
+    from edge.worker.server import WorkerConfig, start_worker
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "cache"))
+
+    monkeypatch.setattr(cache_module.tempfile, "mkstemp", read_only)
+    server, port, servicer, _ = start_worker(WorkerConfig(listen="127.0.0.1:0",
+                                                          cache_dir=tmp_path / "cache"))
+    channel = create_channel(f"127.0.0.1:{port}")
+    try:
+        data = b"x" * 1000
+        sha = hashlib.sha256(data).hexdigest()
+        chunks = iter([pb.ShardChunk(header=pb.ShardHeader(sha256=sha, size=len(data))),
+                       pb.ShardChunk(data=data)])
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.WorkerStub(channel).UploadShard(chunks, timeout=10)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "Read-only file system" in e.value.details()
+        assert "Traceback" not in e.value.details() and "\n" not in e.value.details()
+    finally:
+        channel.close()
+        server.stop(0).wait()
+        servicer.stop()
+
+
+def test_a_full_disk_is_resource_exhausted(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    cache = ShardCache(tmp_path)
+
+    def chunks():
+        yield b"abc"
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(UploadError) as e:
+        cache.receive("a" * 64, 10, chunks())
+    assert e.value.kind == "exhausted" and "disk is full" in str(e.value)
+    assert not list(tmp_path.glob(".incoming-*"))
+
+
+def test_a_cache_that_cannot_be_created_stops_the_worker_with_one_line(tmp_path):
+    """It killed the worker with a traceback (issue 12, item 7)."""
+    (tmp_path / "file").write_text("not a folder")
+    r = edge("worker", "--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path / "file" / "c"))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "cannot create the shard cache" in r.stderr and "--cache-dir" in r.stderr

@@ -19,7 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["ShardCache", "UploadError", "default_cache_dir", "file_sha256", "drop_page_cache"]
+from edge.errors import EdgeError
+
+__all__ = ["ShardCache", "UploadError", "CacheError", "default_cache_dir", "file_sha256", "drop_page_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +30,31 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
 
 
-class UploadError(Exception):
+class UploadError(EdgeError):
     """A cache operation was refused. ``kind`` is 'invalid' (bad request), 'corrupt' (data
-    that does not match its digest or size), 'missing' (not uploaded yet) or 'exhausted'
-    (larger than this cache takes, or the disk is full)."""
+    that does not match its digest or size), 'missing' (not uploaded yet), 'exhausted'
+    (larger than this cache takes, or the disk is full) or 'unwritable' (the cache folder
+    cannot be written: permissions, a read-only filesystem)."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
+
+
+class CacheError(EdgeError):
+    """The cache folder cannot be created or used at all; the worker cannot start."""
+
+
+def _os_error(e: OSError, doing: str) -> UploadError:
+    """An OSError of a cache operation as a one-line UploadError of the right kind."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UploadError("exhausted", f"cannot {doing}: the cache's disk is full "
+                                        f"({e.strerror})")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UploadError("unwritable", f"cannot {doing}: {e.strerror} ({e.filename}); "
+                                         "give the worker a writable --cache-dir")
+    return UploadError("unwritable", f"cannot {doing}: {e.strerror or e} "
+                                     f"({e.filename or 'the shard cache'})")
 
 
 def default_cache_dir() -> Path:
@@ -86,7 +105,18 @@ class ShardCache:
 
     def __init__(self, root: Path, max_shard_bytes: int = 8 << 30):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"cannot create the shard cache {self.root}: {e.strerror}; "
+                             "pass a writable --cache-dir") from None
+        if not self.root.is_dir():
+            raise CacheError(f"the shard cache {self.root} is not a folder; pass a folder "
+                             "as --cache-dir")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            # Shards cached already can still be served; uploads will be refused.
+            log.warning("the shard cache %s is not writable: uploads will be refused",
+                        self.root)
         self.max_shard_bytes = max_shard_bytes
         # Uploads cut short by a killed worker: only this worker writes here, and it has
         # just started, so none of them is in progress (3 kills left 117 MiB of them).
@@ -127,13 +157,19 @@ class ShardCache:
         if size > self.max_shard_bytes:
             raise UploadError("exhausted", f"shard of {size} bytes is larger than this worker "
                                            f"takes; expected at most {self.max_shard_bytes}")
-        free = shutil.disk_usage(self.root).free
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError as e:
+            raise _os_error(e, "read the cache's free space") from None
         if size > free:
             raise UploadError("exhausted", f"shard of {size} bytes does not fit: the cache's "
                                            f"disk has {free} bytes free")
         h = hashlib.sha256()
         got = 0
-        fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=self.root)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=self.root)
+        except OSError as e:
+            raise _os_error(e, f"store shard {sha256[:12]}") from None
         try:
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -145,10 +181,8 @@ class ShardCache:
                         h.update(block)
                         f.write(block)
             except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise UploadError("exhausted", f"disk full after {got} of {size} "
-                                                   f"bytes: {e}") from None
-                raise
+                raise _os_error(e, f"store shard {sha256[:12]} after {got} of {size} "
+                                   "bytes") from None
             if got != size:
                 raise UploadError("corrupt", f"upload truncated: expected {size} bytes, "
                                              f"got {got}")
@@ -156,13 +190,19 @@ class ShardCache:
             if digest != sha256:
                 raise UploadError("corrupt", f"shard data does not match its sha256: expected "
                                              f"{sha256}, got {digest}")
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError as e:
+                raise _os_error(e, f"store shard {sha256[:12]}") from None
             drop_page_cache(final)
             log.info("cached shard %s (%d bytes)", sha256[:12], size)
             return final
         finally:
             if os.path.exists(tmp):
-                os.unlink(tmp)
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass  # removed at the next start
 
     def stage_dir(self, shard_sha256: str, data_files: Iterable[tuple[str, str]]) -> Path:
         """A folder where the stage's ``.onnx`` sits next to its data files under the names
@@ -196,14 +236,20 @@ class ShardCache:
         if missing:
             raise UploadError("missing", f"not in this worker's cache: {', '.join(missing)}; "
                                          "upload them first")
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, source in wanted.items():
-            link = folder / name
-            if link.exists() and os.path.samefile(link, source):
-                continue
-            link.unlink(missing_ok=True)
-            try:
-                os.link(source, link)
-            except OSError:  # a filesystem without hard links
-                os.symlink(source, link)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, source in wanted.items():
+                link = folder / name
+                if link.exists() and os.path.samefile(link, source):
+                    continue
+                link.unlink(missing_ok=True)
+                try:
+                    os.link(source, link)
+                except OSError as e:
+                    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                                   errno.EDQUOT):
+                        raise
+                    os.symlink(source, link)  # a filesystem without hard links
+        except OSError as e:
+            raise _os_error(e, f"lay out the files of shard {shard_sha256[:12]}") from None
         return folder / "model.onnx"

@@ -254,7 +254,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         # loaded if its bytes still match the plan's digests.
         for name, sha in [(path.name, spec.shard_sha256)] + [
                 (name, sha) for name, sha, _ in spec.data_files]:
-            digest = file_sha256(path.parent / name)
+            try:
+                digest = file_sha256(path.parent / name)
+            except OSError as e:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"cannot read cached {name}: {e.strerror}; check the worker's "
+                              "--cache-dir")
             if digest != sha:
                 self.cache.path(sha).unlink(missing_ok=True)
                 context.abort(grpc.StatusCode.DATA_LOSS,
@@ -511,6 +516,7 @@ _UPLOAD_CODES = {
     "corrupt": grpc.StatusCode.DATA_LOSS,
     "missing": grpc.StatusCode.FAILED_PRECONDITION,
     "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unwritable": grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
