@@ -1,7 +1,17 @@
-"""A client of the coordinator's Infer RPC, for `edge infer`, the demo and applications."""
+"""A client of the coordinator's Infer RPC, for `edge infer`, the demo and applications.
+
+Retries come in two layers. gRPC's own retry policy (the channel's service config) sends
+a call again at once when the coordinator answers UNAVAILABLE or the connection drops: a
+blip costs milliseconds and no Python. A coordinator that restarts is gone for seconds,
+longer than gRPC's at most five attempts cover, so :class:`InferClient` keeps trying for
+``retry_for`` seconds (15 by default) with backoff: a restart of a few seconds loses no
+request. Inference has no side effects, so a request sent twice is answered twice, the
+same.
+"""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from typing import Mapping
@@ -16,11 +26,23 @@ from edge.transport.codec import decode_tensors, encode_tensors
 
 __all__ = ["InferClient", "NO_RETRY", "RETRYABLE"]
 
-# Safe to retry: the request was not accepted (overload) or the pipeline was down.
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Safe to retry: the request was not accepted (overload), the pipeline was down, or the
+# coordinator stopped while it had the call (a restart cancels the calls that raced in).
+# This client never cancels a call itself, so a CANCELLED came from the server.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.CANCELLED)
 # Trailing metadata of a refusal that the same request will always get (too large for a
-# device): not retried whatever its code.
+# device): not retried whatever its code. The server also sends gRPC's own
+# ``grpc-retry-pushback-ms: -1``, which stops the channel's retry policy.
 NO_RETRY = "edge-no-retry"
+PUSHBACK = "grpc-retry-pushback-ms"
+
+# gRPC's retry policy for every call to the coordinator (gRPC allows at most 5 attempts).
+_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": "edge.v1.Coordinator"}],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"]}}]})
 
 
 class InferClient:
@@ -29,21 +51,29 @@ class InferClient:
     Args:
         address: the coordinator's ``host:port``.
         timeout: deadline of one Infer call, in seconds.
-        retries: attempts after the first for the codes in ``RETRYABLE``, with backoff.
+        retry_for: seconds to keep retrying the codes in ``RETRYABLE`` (a coordinator
+            restarting, a pipeline recovering, full queues), with backoff.
+        retries: at most this many attempts after the first (None: as many as
+            ``retry_for`` allows; 0: none at all, gRPC's own retries included).
         security: a bundle (``Security.from_dir``) when the coordinator runs with
             ``--certs``; the default, plaintext, reaches a loopback coordinator only.
     """
 
-    def __init__(self, address: str, timeout: float = 120.0, retries: int = 3,
-                 security: Security = Security()):
-        self.channel = create_channel(address, security=security)
+    def __init__(self, address: str, timeout: float = 120.0, retries: int | None = None,
+                 security: Security = Security(), retry_for: float = 15.0):
+        options = [("grpc.service_config", _SERVICE_CONFIG)] if retries != 0 else \
+            [("grpc.enable_retries", 0)]
+        self.channel = create_channel(address, security=security, options=options)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.timeout = timeout
         self.retries = retries
+        self.retry_for = retry_for
 
     def infer_raw(self, inputs: Mapping[str, np.ndarray]) -> pb.InferReply:
         request = pb.InferRequest(inputs=encode_tensors(inputs))
-        for attempt in range(self.retries + 1):
+        start = time.monotonic()
+        attempt = 0
+        while True:
             try:
                 return self.stub.Infer(request, timeout=self.timeout)
             except grpc.RpcError as e:
@@ -52,8 +82,11 @@ class InferClient:
                     raise
                 # Exponential backoff with jitter, so that clients refused together do
                 # not all come back together.
-                time.sleep(min(5.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0))
-        raise AssertionError("unreachable")
+                delay = min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
+                if time.monotonic() - start + delay > self.retry_for:
+                    raise
+                time.sleep(delay)
+                attempt += 1
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one request; returns the model's outputs by name."""

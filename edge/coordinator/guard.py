@@ -16,16 +16,24 @@ it follows from carry its growth.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Iterable, Mapping, Sequence
 
+from edge.errors import EdgeError
 from edge.planning.plan import Plan, TensorSpec, dim_expression, free_sizes
 
-__all__ = ["TooLarge", "request_sizes", "check_fits", "largest", "describe_limits"]
+__all__ = ["TooLarge", "BeyondModel", "request_sizes", "check_fits", "largest",
+           "describe_limits"]
 
 
-class TooLarge(Exception):
+class TooLarge(EdgeError):
     """The request would not fit a device; the message says which and by how much."""
+
+
+class BeyondModel(TooLarge):
+    """The request is larger than the model itself takes (``ModelInfo.limits``: 512
+    learned positions), whatever the memory: the request is wrong, not the cluster."""
 
 
 def request_sizes(specs: Sequence[TensorSpec],
@@ -58,6 +66,12 @@ def check_fits(plan: Plan, sizes: Mapping[str, int]) -> None:
         plan: the plan being served.
         sizes: the request's size of each symbolic dim (``request_sizes``).
     """
+    for dim, size in sizes.items():
+        top = plan.model.limits.get(dim)
+        if top is not None and size > top:
+            raise BeyondModel(f"a request of {dim}={size} is larger than {plan.model.name} "
+                              f"takes: its weights allow {dim} up to {top}; send {dim} <= "
+                              f"{top}")
     bindings = plan.model.bindings
     derived = plan.model.derived
     free = free_sizes(bindings, sizes, derived)
@@ -84,11 +98,20 @@ def _follows(plan: Plan, dim: str) -> bool:
 
 def largest(plan: Plan, dim: str) -> int | None:
     """The largest size of ``dim`` (the other dims at the plan's sizes) that every device
-    of ``plan`` holds by :func:`check_fits`; None if it does not limit it (or the plan does
-    not record how its activations grow, or ``dim`` follows from the others)."""
+    of ``plan`` holds by :func:`check_fits`, and the model itself takes
+    (``ModelInfo.limits``); None if neither limits it (or the plan does not record how its
+    activations grow, or ``dim`` follows from the others)."""
     planned = plan.model.bindings.get(dim)
     if not planned or _follows(plan, dim):
         return None
+    by_memory = _largest_by_memory(plan, dim, planned)
+    by_model = plan.model.limits.get(dim)
+    if by_memory is None or by_model is None:
+        return by_memory if by_model is None else by_model
+    return min(by_memory, by_model)
+
+
+def _largest_by_memory(plan: Plan, dim: str, planned: int) -> int | None:
     limit = None
     for stage in plan.stages:
         p = stage.predicted
@@ -108,8 +131,10 @@ def largest(plan: Plan, dim: str) -> int | None:
 
 
 def _refused(plan: Plan, sizes: Mapping[str, int]) -> bool:
+    """Whether the devices' memory refuses ``sizes`` (the model's own limits aside)."""
+    unlimited = dataclasses.replace(plan, model=dataclasses.replace(plan.model, limits={}))
     try:
-        check_fits(plan, sizes)
+        check_fits(unlimited, sizes)
         return False
     except TooLarge:
         return True

@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2
 
 from edge.coordinator.deploy import DeployError, Link, Progress, WorkerHandle, deploy
 from edge.coordinator.failover import Deployment, NoCapacity, Replanner
-from edge.coordinator.guard import TooLarge, check_fits, request_sizes
+from edge.coordinator.guard import BeyondModel, TooLarge, check_fits, request_sizes
 from edge.errors import EdgeError, TensorError
 from edge.planning.plan import Device, Plan, Stage
 from edge.proto import edge_pb2 as pb
@@ -248,6 +248,8 @@ class Pipeline:
             shapes = [(t.name, tuple(t.shape)) for t in tensors]
         try:
             check_fits(plan, request_sizes(plan.model.inputs, shapes))
+        except BeyondModel as e:
+            raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(e), retryable=False) from None
         except TooLarge as e:
             raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
                              retryable=False) from None

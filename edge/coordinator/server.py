@@ -8,7 +8,7 @@ import math
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from edge.coordinator.client import NO_RETRY
+from edge.coordinator.client import NO_RETRY, PUSHBACK
 from edge.coordinator.pipeline import InferError, Pipeline
 from edge.errors import TensorError
 from edge.proto import edge_pb2 as pb
@@ -36,7 +36,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             result = self.pipeline.infer(arrays, timeout=remaining)
         except InferError as e:
             if not e.retryable:
-                context.set_trailing_metadata(((NO_RETRY, "1"),))
+                context.set_trailing_metadata(((NO_RETRY, "1"), (PUSHBACK, "-1")))
             context.abort(e.code, str(e))
         return pb.InferReply(request_id=result.request_id, outputs=result.outputs,
                              timings=result.timings, latency_ms=result.latency_ms)

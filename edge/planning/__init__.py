@@ -227,6 +227,7 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
         inputs=tuple(costs.specs[t] for t in costs.graph_inputs),
         outputs=tuple(costs.specs[t] for t in costs.graph_outputs),
         bindings=dict(costs.bindings), derived=dict(costs.derived),
+        limits=dict(costs.dim_limits),
         path=os.path.relpath(model_path.resolve(), out_dir.resolve()),
         sample=sample_rel, notes=tuple(costs.notes))
     plan = Plan(model=model, stages=tuple(stages), standby=spares,

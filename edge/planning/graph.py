@@ -31,6 +31,7 @@ from edge.planning.intake import (ANONYMOUS_DIMS as _ANONYMOUS_DIMS, TARGET_OPSE
                                   anonymous_dim, check_same, default_opset, normalize,
                                   set_nodes)
 from edge.planning.plan import Dim, TensorSpec, dim_expression, dim_value
+from edge.planning.limits import dim_limits
 from edge.planning.scopes import node_reads
 
 __all__ = [
@@ -144,6 +145,8 @@ class GraphCosts:
             constants, named dims), one line each for people.
         prepack_bytes, prepack_int8_bytes: per node, bytes of the weight a MatMul or Gemm
             prepacks when its shard is loaded (0 for other nodes), in fp32 and in int8.
+        dim_limits: the largest size of a dim that the model's own weights allow (512
+            learned positions: ``{"sequence": 512}``; see ``edge.planning.limits``).
     """
 
     model: onnx.ModelProto
@@ -175,6 +178,7 @@ class GraphCosts:
     prepack_int8_bytes: np.ndarray | None = None
     derived: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    dim_limits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._weights = WeightIndex(self.num_nodes, self.init_bytes, self.init_uses)
@@ -887,6 +891,10 @@ def analyze(model: str | Path | onnx.ModelProto,
 
     degrees, derived = _tensor_degrees(m, nodes, set(inits), used_bindings,
                                        {t: tensor_bytes[t] for t in producer}, sample)
+    limits = {d: v for d, v in dim_limits(nodes, inits, graph_inputs, degrees, used_bindings,
+                                          shapes).items() if d not in derived}
+    for d, (size, why) in limits.items():
+        notes.append(f"{d} is at most {size}: {why}")
 
     costs = GraphCosts(
         model=m, bindings=used_bindings,
@@ -902,6 +910,7 @@ def analyze(model: str | Path | onnx.ModelProto,
         init_table_uses=tuple(np.asarray(u, dtype=np.int64) for u in table_uses),
         init_int8_bytes=np.where(quantized, (init_bytes + 3) // 4, init_bytes),
         tensor_degrees=degrees, derived=derived,
+        dim_limits={d: size for d, (size, _) in limits.items()},
         prepack_bytes=np.where(prepack >= 0, init_bytes[prepack], 0),
         prepack_int8_bytes=np.where(
             prepack >= 0, np.where(quantized, (init_bytes + 3) // 4, init_bytes)[prepack], 0),

@@ -383,6 +383,9 @@ class ModelInfo:
     # "total_sequence_length": "past_sequence_length + sequence_length"), as the planner
     # found them: a request's memory grows with the dims they follow from, counted once.
     derived: dict[str, str] = field(default_factory=dict)
+    # The largest size of a dim that the model's own weights allow (512 learned positions:
+    # {"sequence": 512}); a larger request is refused whatever the memory.
+    limits: dict[str, int] = field(default_factory=dict)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "ModelInfo":
@@ -397,6 +400,7 @@ class ModelInfo:
             sample=d.get("sample", ""),
             notes=tuple(d.get("notes", ())),
             derived=dict(d.get("derived", {})),
+            limits=dict(d.get("limits", {})),
         )
 
 
@@ -592,7 +596,7 @@ _MODEL = {"name": ("text", True), "sha256": ("text", True), "num_nodes": ("int",
           "inputs": (("list", _TENSOR), True), "outputs": (("list", _TENSOR), True),
           "bindings": ("bindings", False), "path": ("text", False),
           "sample": ("optpath", False), "notes": (("list", "text"), False),
-          "derived": ("derived", False)}
+          "derived": ("derived", False), "limits": ("bindings", False)}
 _PLAN = {"version": ("int", True), "model": (_MODEL, True),
          "stages": (("list", _STAGE), True), "standby": (("list", _DEVICE), False),
          "bottleneck_ms": ("number", False), "latency_ms": ("number", False),

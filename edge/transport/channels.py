@@ -88,8 +88,11 @@ def create_server(address: str, *, max_workers: int = 16, max_concurrent_rpcs: i
     return server, port
 
 
-def create_channel(address: str, *, security: Security = Security()) -> grpc.Channel:
+def create_channel(address: str, *, security: Security = Security(),
+                   options: list[tuple[str, object]] | None = None) -> grpc.Channel:
     """A channel to ``address`` with edge's message limits and keepalives.
+
+    ``options`` are added to edge's (a service config with a retry policy, say).
 
     With a bundle the server must present a certificate of the cluster CA (checked against
     the cluster name, not the address: see ``edge.transport.security``); with a token every
@@ -102,9 +105,10 @@ def create_channel(address: str, *, security: Security = Security()) -> grpc.Cha
     if security.tls:
         channel = grpc.secure_channel(
             address, security.channel_credentials(),
-            options=_OPTIONS + [("grpc.ssl_target_name_override", CLUSTER_NAME)])
+            options=_OPTIONS + [("grpc.ssl_target_name_override", CLUSTER_NAME)]
+            + list(options or ()))
     else:
-        channel = grpc.insecure_channel(address, options=_OPTIONS)
+        channel = grpc.insecure_channel(address, options=_OPTIONS + list(options or ()))
     if security.token:
         channel = grpc.intercept_channel(channel, token_interceptor(security.token))
     return channel
