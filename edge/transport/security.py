@@ -18,8 +18,10 @@ its own bundle, and every connection is mutual TLS:
   (``grpc.ssl_target_name_override``). The ``--host`` names of ``edge certs issue`` are
   added too, for tools that verify addresses;
 * on top, each call carries ``authorization: Bearer TOKEN``, compared in constant time by a
-  server interceptor on every service (health included); a missing or wrong token is
-  UNAUTHENTICATED. The token is a second factor that also works where TLS is off
+  server interceptor on every service but health (``grpc.health.v1.Health`` tells only
+  SERVING or not, and Kubernetes' probes cannot send a token; with mutual TLS they still
+  need a client certificate); a missing or wrong token is UNAUTHENTICATED, and the
+  refused request is not read. The token is a second factor that also works where TLS is off
   (``--insecure --token-file``), and rotating it locks out old bundles without a new CA.
 
 There is no revocation list: a lost device's bundle is trusted until the CA is replaced
@@ -48,7 +50,8 @@ import grpc
 
 from edge.errors import SecurityError
 
-__all__ = ["Security", "CLUSTER_NAME", "TOKEN_HEADER", "BUNDLE_FILES", "is_loopback",
+__all__ = ["Security", "CLUSTER_NAME", "TOKEN_HEADER", "BUNDLE_FILES", "OPEN_SERVICES",
+           "is_loopback",
            "default_certs_dir", "read_token", "TokenCheck", "token_interceptor",
            "add_arguments", "from_arguments"]
 
@@ -245,10 +248,17 @@ class Security:
 # ---------------------------------------------------------------------- the token
 
 
-class TokenCheck(grpc.ServerInterceptor):
-    """Aborts every call, of every service, without the cluster token: UNAUTHENTICATED.
+# Served without the token: the standard health service says SERVING or NOT_SERVING and
+# nothing else, and Kubernetes' gRPC probes and grpc_health_probe cannot send a token.
+# With mutual TLS a probe still needs a client certificate of the cluster.
+OPEN_SERVICES = ("grpc.health.v1.Health",)
 
-    The request is not deserialized before the check passes.
+
+class TokenCheck(grpc.ServerInterceptor):
+    """Aborts every call without the cluster token (UNAUTHENTICATED), of every service but
+    :data:`OPEN_SERVICES`.
+
+    A refused request is neither buffered nor deserialized (see ``_deny``).
     """
 
     def __init__(self, token: str):
@@ -258,6 +268,8 @@ class TokenCheck(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        if _service(handler_call_details.method) in OPEN_SERVICES:
+            return handler
         given = [v for k, v in handler_call_details.invocation_metadata or ()
                  if k == TOKEN_HEADER]
         if len(given) == 1:
@@ -275,20 +287,23 @@ class TokenCheck(grpc.ServerInterceptor):
         return _deny(handler, handler_call_details.method, reason)
 
 
+def _service(method: str) -> str:
+    """``pkg.Service`` of a method path ``/pkg.Service/Method``."""
+    return method.lstrip("/").split("/", 1)[0]
+
+
 def _deny(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.RpcMethodHandler:
-    def abort(_request, context):
+    def abort(_requests, context):
         log.warning("refused %s from %s: %s", method, context.peer(), reason)
         context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
-    # The same kind of handler as the real one, with no deserializer: a refused caller's
-    # bytes are never parsed.
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
+    # A stream-request handler whatever the method's kind, and one that never iterates its
+    # requests: gRPC reads a unary request whole before calling a unary handler, but a
+    # streaming one reads messages only as it asks for them, so a refused caller's message
+    # is neither buffered (up to the server's receive limit) nor parsed.
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+        return grpc.stream_stream_rpc_method_handler(abort)
+    return grpc.stream_unary_rpc_method_handler(abort)
 
 
 class _CallDetails(NamedTuple):
