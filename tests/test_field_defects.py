@@ -289,3 +289,101 @@ def test_health_answers_without_the_token_and_nothing_else_does(tmp_path):
     finally:
         server.stop(0).wait()
         servicer.stop()
+
+
+@pytest.fixture(scope="module")
+def role_pki(tmp_path_factory):
+    """A cluster CA with a node bundle (the default role) and a client bundle."""
+    from edge.cli import main
+
+    root = tmp_path_factory.mktemp("roles")
+    assert main(["certs", "init", "--dir", str(root)]) == 0
+    assert main(["certs", "issue", "pi-0", "--dir", str(root)]) == 0
+    assert main(["certs", "issue", "laptop", "--role", "client", "--dir", str(root)]) == 0
+    return root
+
+
+def test_bundles_carry_their_role(role_pki, capsys):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from edge.cli import main
+
+    for name, role in (("pi-0", "node"), ("laptop", "client")):
+        cert = x509.load_pem_x509_certificate((role_pki / name / "node.crt").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [f"edge:role:{role}"]
+        ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+        assert [a.value for a in ou] == [role]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["certs", "issue", "x", "--role", "admin", "--dir", str(role_pki)])
+    assert "invalid choice: 'admin'" in capsys.readouterr().err
+    assert main(["certs", "issue", "cli", "--role", "client", "--dir", str(role_pki)]) == 0
+    assert "role client" in capsys.readouterr().out
+
+
+def test_a_client_bundle_may_only_send_requests(role_pki, tmp_path):
+    """A client certificate cannot read other requests' results (Subscribe) nor drive a
+    worker (Configure, status, uploads): PERMISSION_DENIED naming the role it needs. It may
+    call the coordinator's client-facing RPCs; a node may call everything."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from edge.coordinator.server import CoordinatorServicer
+    from edge.proto import edge_pb2 as pb
+    from edge.proto import edge_pb2_grpc as pb_grpc
+    from edge.transport.channels import Security, create_channel, create_server
+    from edge.transport.services import add_service
+    from edge.worker.server import WorkerConfig, start_worker
+
+    node, client = (Security.from_dir(role_pki / n) for n in ("pi-0", "laptop"))
+    server, port, servicer, _ = start_worker(WorkerConfig(
+        listen="127.0.0.1:0", cache_dir=tmp_path / "cache", security=node))
+
+    class Pipeline:  # what CoordinatorServicer's status and profile read
+        security = node
+
+        def status(self):
+            return pb.ClusterStatus(plan_id="p")
+
+        def profile(self, since):
+            return pb.ClusterProfile()
+
+    coordinator, cport = create_server("127.0.0.1:0", security=node)
+    add_service(coordinator, CoordinatorServicer(Pipeline()), pb, "Coordinator")
+    coordinator.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        with create_channel(address, security=client) as ch:
+            worker = pb_grpc.WorkerStub(ch)
+            calls = {
+                "Subscribe": lambda: next(worker.Subscribe(pb.SubscribeRequest(), timeout=5)),
+                "Configure": lambda: worker.Configure(pb.StageConfig(), timeout=5),
+                "GetStatus": lambda: worker.GetStatus(pb.StatusRequest(), timeout=5),
+                "UploadShard": lambda: worker.UploadShard(iter([pb.ShardChunk(
+                    header=pb.ShardHeader(sha256="0" * 64, size=1))]), timeout=5),
+            }
+            for name, call in calls.items():
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+                assert f"Worker/{name} needs a certificate of role node" in e.value.details()
+                assert "(laptop) has role client" in e.value.details()
+            assert health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        with create_channel(address, security=node) as ch:
+            assert pb_grpc.WorkerStub(ch).GetStatus(pb.StatusRequest(), timeout=5).version
+        with create_channel(f"127.0.0.1:{cport}", security=client) as ch:
+            stub = pb_grpc.CoordinatorStub(ch)
+            assert stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=5).plan_id == "p"
+            stub.GetClusterProfile(pb.ProfileRequest(), timeout=5)
+            with pytest.raises(grpc.RpcError) as e:  # reaches Infer: it is not refused
+                stub.Infer(pb.InferRequest(inputs=[pb.Tensor(name="x", dtype="nope")]),
+                           timeout=5)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        coordinator.stop(0)
+        server.stop(0).wait()
+        servicer.stop()

@@ -39,11 +39,14 @@ def _certs(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
-    """A cluster CA with bundles coordinator, pi-0, pi-1, laptop; and a stranger's CA."""
+    """A cluster CA with bundles coordinator, pi-0, pi-1 (role node), laptop (role
+    client); and a stranger's CA."""
     root = tmp_path_factory.mktemp("pki")
     _certs("init", "--dir", str(root / "ca"))
-    for name in ("coordinator", "pi-0", "pi-1", "laptop"):
-        _certs("issue", name, "--dir", str(root / "ca"), "--host", "127.0.0.1")
+    _certs("issue", "coordinator", "--dir", str(root / "ca"), "--host", "127.0.0.1")  # node
+    for name in ("pi-0", "pi-1"):
+        _certs("issue", name, "--dir", str(root / "ca"), "--host", "127.0.0.1", "--role", "node")
+    _certs("issue", "laptop", "--dir", str(root / "ca"), "--host", "127.0.0.1", "--role", "client")
     _certs("init", "--dir", str(root / "other"))
     _certs("issue", "stranger", "--dir", str(root / "other"))
     return {"ca": root / "ca", **{n: root / "ca" / n for n in
