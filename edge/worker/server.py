@@ -566,9 +566,10 @@ def message_limit_bytes(config: WorkerConfig) -> int:
 
     ``config.max_message_mb`` if given; else an eighth of the memory budget (or of the
     machine's memory, without one), between 16 and 512 MiB. A received message is held
-    about three times at once (gRPC's buffers, the bytes handed to Python, the parsed
-    message) before its tensors are decoded: an eighth keeps any one call under half of
-    the budget, so a 1 GB board takes messages up to 128 MiB and survives any call.
+    up to four times at once (gRPC's buffers, the bytes handed to Python, the parsed
+    message, its tensors: a refused 458 MiB Forward peaked 1.8 GiB above the worker's
+    RSS, benchmarks/big_calls.py): an eighth keeps any one call within half of the
+    budget, so a 1 GB board takes messages up to 128 MiB and survives any call.
     The worker starts before it knows its plan; the plan's own, tighter bound per stage is
     checked in Forward (``StageConfig.max_request_bytes``).
     """
