@@ -32,10 +32,11 @@ def add_parser(sub) -> None:
                                            "bundle folder DIR/NAME to copy onto it")
     q.add_argument("name", help="the machine, e.g. pi-0, coordinator, laptop")
     q.add_argument("--role", choices=("node", "client"), default="node",
-                   help="node (default): the coordinator or a worker, may call everything; "
-                        "client: a machine that only sends requests (edge infer, edge profile --coordinator, "
-                        "profile) and may call nothing else, e.g. not read other requests' "
-                        "results from a worker. Roles are enforced over TLS only")
+                   help="node (default, as bundles were before roles): the coordinator or a "
+                        "worker, may call everything; client: a machine that only sends "
+                        "requests (edge infer, edge profile --coordinator) and may call "
+                        "nothing else, e.g. not read other requests' results from a worker. "
+                        "Roles are enforced over TLS only")
     q.add_argument("--dir", default=str(home),
                    help=f"the CA folder (default {home}; env EDGE_CERTS)")
     q.add_argument("--host", action="append", default=[], metavar="IP_OR_DNS",
