@@ -18,8 +18,7 @@ import grpc
 from edge.transport.security import CLUSTER_NAME, Security, is_loopback, token_interceptor
 
 __all__ = ["Deadlines", "Security", "MAX_MESSAGE_BYTES", "MIN_RECEIVE_BYTES", "create_server",
-           "create_channel",
-           "serialized_unary", "is_loopback", "wait_for_signal"]
+           "create_channel", "serialized_unary", "is_loopback", "wait_for_signal"]
 
 log = logging.getLogger(__name__)
 
