@@ -196,7 +196,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from edge.profiling.memory import tune_malloc
     from edge.transport.security import from_arguments
-    from edge.worker.server import WorkerConfig, serve
+    from edge.worker.server import WorkerConfig, message_limit_bytes, serve
 
     tune_malloc()
     budget = args.memory_budget
@@ -208,13 +208,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
         listen=args.listen, device=args.device or "unknown",
         cache_dir=Path(args.cache_dir) if args.cache_dir else WorkerConfig().cache_dir,
         memory_budget_mb=budget or 0.0, threads=args.threads, max_queue=args.max_queue,
-        security=from_arguments(args),
+        max_message_mb=args.max_message_mb or 0.0, security=from_arguments(args),
     )
 
     def ready(port: int) -> None:
         host = args.listen.rsplit(":", 1)[0]
         print(f"edge worker ({config.device}) listening on {host}:{port}, "
-              f"shard cache {config.cache_dir}, {config.security.describe()}", flush=True)
+              f"shard cache {config.cache_dir}, messages up to "
+              f"{message_limit_bytes(config) / 2**20:.0f} MiB, {config.security.describe()}",
+              flush=True)
         if args.port_file:
             tmp = Path(args.port_file + ".tmp")
             tmp.write_text(str(port))
@@ -522,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=_positive(int), default=64,
                    help="requests waiting for compute (and, apart, for sending) before "
                         "Forward answers RESOURCE_EXHAUSTED (default 64)")
+    p.add_argument("--max-message-mb", type=_positive(float), metavar="MIB",
+                   help="the largest request message to take; longer ones are refused "
+                        "before they are buffered (default: an eighth of --memory-budget, "
+                        "or of this machine's memory, between 16 and 512)")
     p.add_argument("--port-file", help="write the bound port here once serving")
     add_security_arguments(p)
     p.set_defaults(func=cmd_worker)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -91,6 +92,301 @@ def test_two_stages_on_one_address_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"stages\[1\].device.address.*one address per "
                                           r"stage.*stage 0 has too"):
         load_plan(tmp_path / "plan.json")
+
+
+# ---------------------------------------------------------------------- issue: one call can
+# take a board's memory; roles in bundles; health without the token
+
+MiB = 1 << 20
+TOKEN = "field-defects-token-0123456789"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def activation_bytes(size: int) -> bytes:
+    """A serialized Activation with one float32 tensor of ``size`` bytes, built without a
+    message object (which would hold two more copies)."""
+    shape = _varint(size // 4)
+    tensor = (b"\x0a\x01x\x12\x07float32\x1a" + _varint(len(shape)) + shape + b"\x22"
+              + _varint(size) + b"\0" * size)
+    return b"\x0a\x03big\x12" + _varint(len(tensor)) + tensor
+
+
+def _big_forwards(address: str, payload: bytes, calls: int, token: str | None) -> list:
+    import grpc
+
+    from edge.proto import edge_pb2 as pb
+    from edge.transport.channels import Security, create_channel, serialized_unary
+
+    method = pb.DESCRIPTOR.services_by_name["Worker"].methods_by_name["Forward"]
+    codes = []
+    with create_channel(address, security=Security(token=token)) as ch:
+        forward = serialized_unary(ch, method, pb.Ack)
+        for _ in range(calls):
+            try:
+                forward(payload, timeout=60)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+    return codes
+
+
+@pytest.fixture
+def token_worker(tmp_path):
+    """``start(*args)``: a real `edge worker` process that requires TOKEN; stopped after."""
+    from edge.worker.launch import spawn_worker
+
+    (tmp_path / "token").write_text(TOKEN)
+    started = []
+
+    def start(*args: str):
+        w = spawn_worker(tmp_path, f"w{len(started)}", threads=1,
+                         extra_args=["--token-file", str(tmp_path / "token"), *args])
+        started.append(w)
+        time.sleep(0.5)  # let its startup settle before measuring
+        return w
+
+    try:
+        yield start
+    finally:
+        for w in started:
+            w.stop()
+
+
+def test_a_call_over_the_receive_limit_is_refused_before_it_is_buffered(token_worker):
+    """A 1 GB board (--memory-budget 900: messages up to 112 MiB): 480 MB calls, with and
+    without the token, are refused by gRPC from the message header; the worker's memory
+    does not move (before: peak 1.5-1.9 GiB, 1 GiB left after)."""
+    import grpc
+
+    from edge.profiling.memory import memory_breakdown
+
+    w = token_worker("--memory-budget", "900")
+    assert "messages up to 112 MiB" in w.log()
+    before = memory_breakdown(w.process.pid)["rss"]
+    payload = activation_bytes(480_000_000)
+    bare = _big_forwards(w.address, payload, 3, None)
+    authed = _big_forwards(w.address, payload, 5, TOKEN)
+    del payload
+    # without the token the call is refused before its message is even read
+    assert set(bare) <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert authed == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 5
+    mem = memory_breakdown(w.process.pid)
+    assert mem["peak_rss"] - before < 150 * MiB, mem
+    assert mem["rss"] - before < 150 * MiB, mem
+
+
+def test_refused_calls_within_the_limit_leave_no_memory_behind(token_worker):
+    """Under the receive limit: a call without the token is refused unread (it used to be
+    buffered and parsed first); one with the token that the worker refuses (no stage yet)
+    gives its memory back when it ends (it used to stay as free heap)."""
+    import grpc
+
+    from edge.profiling.memory import memory_breakdown
+
+    w = token_worker("--max-message-mb", "256")
+    pid = w.process.pid
+    before = memory_breakdown(pid)["rss"]
+    payload = activation_bytes(100_000_000)
+    assert _big_forwards(w.address, payload, 3, None) == [grpc.StatusCode.UNAUTHENTICATED] * 3
+    mem = memory_breakdown(pid)
+    assert mem["peak_rss"] - before < 150 * MiB, mem
+    assert _big_forwards(w.address, payload, 5, TOKEN) == \
+        [grpc.StatusCode.FAILED_PRECONDITION] * 5
+    mem = memory_breakdown(pid)
+    assert mem["rss"] - before < 150 * MiB, mem
+
+
+def test_forward_and_upload_chunks_are_bounded_per_method(tmp_path):
+    """A Forward larger than the plan allows the stage, and an upload chunk over 1 MiB,
+    are RESOURCE_EXHAUSTED before they are parsed."""
+    import grpc
+
+    from edge.proto import edge_pb2 as pb
+    from edge.proto import edge_pb2_grpc as pb_grpc
+    from edge.transport.channels import create_channel
+    from edge.worker.server import WorkerConfig, start_worker
+    from test_worker import chunks, config, make_shard
+
+    sha = make_shard(tmp_path / "shard.onnx")
+    server, port, servicer, _ = start_worker(WorkerConfig(listen="127.0.0.1:0",
+                                                          cache_dir=tmp_path / "cache"))
+    try:
+        with create_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.WorkerStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.UploadShard(iter([pb.ShardChunk(header=pb.ShardHeader(sha256=sha,
+                                                                          size=2 * MiB)),
+                                       pb.ShardChunk(data=b"\0" * 2 * MiB)]), timeout=10)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "upload chunks of up to 1 MiB" in e.value.details()
+            stub.UploadShard(chunks(sha, (tmp_path / "shard.onnx").read_bytes()), timeout=10)
+            cfg = config(sha)
+            cfg.max_request_bytes = 64 << 10
+            stub.Configure(cfg, timeout=30)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Forward(pb.Activation.FromString(activation_bytes(100 << 10)), timeout=10)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "expected at most 0.1 MiB (the largest the plan allows stage 0)" in \
+                e.value.details()
+    finally:
+        server.stop(0).wait()
+        servicer.stop()
+
+
+def test_the_plans_largest_request_bounds_the_coordinators_messages(tmp_path):
+    """Every request the memory guard lets through fits the coordinator's receive limit,
+    which is far below the 512 MiB every server took before."""
+    import math
+
+    from edge.coordinator.guard import check_fits, largest, largest_request_bytes
+    from edge.coordinator.server import receive_limit
+    from edge.planning import make_plan
+    from edge.planning.plan import Device
+
+    devices = [Device(name=f"d{i}", address=f"127.0.0.1:{5000 + i}", profile="t",
+                      memory_mb=1024, gflops=g, bandwidth_mbps=1000.0)
+               for i, g in enumerate((1.0, 1.5))]
+    plan = make_plan(locate("ppocr-cls"), devices, tmp_path, bindings={"x:2": 48, "x:3": 192})
+    limit = receive_limit(plan)
+    assert limit == largest_request_bytes(plan) < 256 * MiB
+    for dim in plan.model.bindings:  # each dim at its largest
+        sizes = {**plan.model.bindings, dim: largest(plan, dim)}
+        check_fits(plan, sizes)
+        assert 4 * 3 * math.prod(sizes.values()) < limit
+    for i in range(len(plan.stages)):
+        assert largest_request_bytes(plan, i) <= 1024 * MiB
+
+
+def test_health_answers_without_the_token_and_nothing_else_does(tmp_path):
+    """Kubernetes' gRPC probes and grpc_health_probe cannot send the token."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from edge.proto import edge_pb2 as pb
+    from edge.proto import edge_pb2_grpc as pb_grpc
+    from edge.transport.channels import Security, create_channel
+    from edge.worker.server import WorkerConfig, start_worker
+
+    server, port, servicer, _ = start_worker(WorkerConfig(
+        listen="127.0.0.1:0", cache_dir=tmp_path / "cache", security=Security(token=TOKEN)))
+    try:
+        with create_channel(f"127.0.0.1:{port}") as ch:  # no token
+            for service in ("", "edge.v1.Worker"):
+                reply = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.WorkerStub(ch).GetStatus(pb.StatusRequest(), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop(0).wait()
+        servicer.stop()
+
+
+@pytest.fixture(scope="module")
+def role_pki(tmp_path_factory):
+    """A cluster CA with a node bundle (the default role) and a client bundle."""
+    from edge.cli import main
+
+    root = tmp_path_factory.mktemp("roles")
+    assert main(["certs", "init", "--dir", str(root)]) == 0
+    assert main(["certs", "issue", "pi-0", "--dir", str(root)]) == 0
+    assert main(["certs", "issue", "laptop", "--role", "client", "--dir", str(root)]) == 0
+    return root
+
+
+def test_bundles_carry_their_role(role_pki, capsys):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from edge.cli import main
+
+    for name, role in (("pi-0", "node"), ("laptop", "client")):
+        cert = x509.load_pem_x509_certificate((role_pki / name / "node.crt").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [f"edge:role:{role}"]
+        ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+        assert [a.value for a in ou] == [role]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["certs", "issue", "x", "--role", "admin", "--dir", str(role_pki)])
+    assert "invalid choice: 'admin'" in capsys.readouterr().err
+    assert main(["certs", "issue", "cli", "--role", "client", "--dir", str(role_pki)]) == 0
+    assert "role client" in capsys.readouterr().out
+
+
+def test_a_client_bundle_may_only_send_requests(role_pki, tmp_path):
+    """A client certificate cannot read other requests' results (Subscribe) nor drive a
+    worker (Configure, status, uploads): PERMISSION_DENIED naming the role it needs. It may
+    call the coordinator's client-facing RPCs; a node may call everything."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from edge.coordinator.server import CoordinatorServicer
+    from edge.proto import edge_pb2 as pb
+    from edge.proto import edge_pb2_grpc as pb_grpc
+    from edge.transport.channels import Security, create_channel, create_server
+    from edge.transport.services import add_service
+    from edge.worker.server import WorkerConfig, start_worker
+
+    node, client = (Security.from_dir(role_pki / n) for n in ("pi-0", "laptop"))
+    server, port, servicer, _ = start_worker(WorkerConfig(
+        listen="127.0.0.1:0", cache_dir=tmp_path / "cache", security=node))
+
+    class Pipeline:  # what CoordinatorServicer's status and profile read
+        security = node
+
+        def status(self):
+            return pb.ClusterStatus(plan_id="p")
+
+        def profile(self, since):
+            return pb.ClusterProfile()
+
+    coordinator, cport = create_server("127.0.0.1:0", security=node)
+    add_service(coordinator, CoordinatorServicer(Pipeline()), pb, "Coordinator")
+    coordinator.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        with create_channel(address, security=client) as ch:
+            worker = pb_grpc.WorkerStub(ch)
+            calls = {
+                "Subscribe": lambda: next(worker.Subscribe(pb.SubscribeRequest(), timeout=5)),
+                "Configure": lambda: worker.Configure(pb.StageConfig(), timeout=5),
+                "GetStatus": lambda: worker.GetStatus(pb.StatusRequest(), timeout=5),
+                "UploadShard": lambda: worker.UploadShard(iter([pb.ShardChunk(
+                    header=pb.ShardHeader(sha256="0" * 64, size=1))]), timeout=5),
+            }
+            for name, call in calls.items():
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+                assert f"Worker/{name} needs a certificate of role node" in e.value.details()
+                assert "(laptop) has role client" in e.value.details()
+            assert health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        with create_channel(address, security=node) as ch:
+            assert pb_grpc.WorkerStub(ch).GetStatus(pb.StatusRequest(), timeout=5).version
+        with create_channel(f"127.0.0.1:{cport}", security=client) as ch:
+            stub = pb_grpc.CoordinatorStub(ch)
+            assert stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=5).plan_id == "p"
+            stub.GetClusterProfile(pb.ProfileRequest(), timeout=5)
+            with pytest.raises(grpc.RpcError) as e:  # reaches Infer: it is not refused
+                stub.Infer(pb.InferRequest(inputs=[pb.Tensor(name="x", dtype="nope")]),
+                           timeout=5)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        coordinator.stop(0)
+        server.stop(0).wait()
+        servicer.stop()
 
 
 def test_an_unwritable_cache_answers_a_status_code_and_one_line(tmp_path, monkeypatch):

@@ -39,11 +39,14 @@ def _certs(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
-    """A cluster CA with bundles coordinator, pi-0, pi-1, laptop; and a stranger's CA."""
+    """A cluster CA with bundles coordinator, pi-0, pi-1 (role node), laptop (role
+    client); and a stranger's CA."""
     root = tmp_path_factory.mktemp("pki")
     _certs("init", "--dir", str(root / "ca"))
-    for name in ("coordinator", "pi-0", "pi-1", "laptop"):
-        _certs("issue", name, "--dir", str(root / "ca"), "--host", "127.0.0.1")
+    _certs("issue", "coordinator", "--dir", str(root / "ca"), "--host", "127.0.0.1")  # node
+    for name in ("pi-0", "pi-1"):
+        _certs("issue", name, "--dir", str(root / "ca"), "--host", "127.0.0.1", "--role", "node")
+    _certs("issue", "laptop", "--dir", str(root / "ca"), "--host", "127.0.0.1", "--role", "client")
     _certs("init", "--dir", str(root / "other"))
     _certs("issue", "stranger", "--dir", str(root / "other"))
     return {"ca": root / "ca", **{n: root / "ca" / n for n in
@@ -184,7 +187,7 @@ def test_valid_certificate_with_a_wrong_or_no_token_is_unauthenticated(tls_worke
             worker, health = pb_grpc.WorkerStub(ch), health_pb2_grpc.HealthStub(ch)
             calls = {  # every service and every kind of call
                 "GetStatus": lambda: worker.GetStatus(pb.StatusRequest(), timeout=5),
-                "Health": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5),
+                "Forward": lambda: worker.Forward(pb.Activation(request_id="r"), timeout=5),
                 "Subscribe": lambda: next(worker.Subscribe(pb.SubscribeRequest(), timeout=5)),
                 "UploadShard": lambda: worker.UploadShard(
                     iter([pb.ShardChunk(header=pb.ShardHeader(sha256="0" * 64, size=1))]),
@@ -195,6 +198,9 @@ def test_valid_certificate_with_a_wrong_or_no_token_is_unauthenticated(tls_worke
                 assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (name, e)
                 assert message in e.details(), (name, e.details())
                 assert good.token not in e.details() and TOKEN_WRONG not in e.details()
+            # Health alone needs no token (probes cannot send one), but still the certificate.
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
 
 
 def test_insecure_mode_still_checks_a_token_file(tmp_path):
@@ -203,17 +209,23 @@ def test_insecure_mode_still_checks_a_token_file(tmp_path):
     server_side = Security.from_options(insecure=True, token_file=str(tmp_path / "token"))
     server, port = create_server("127.0.0.1:0", security=server_side)
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {
+        "Echo": grpc.unary_unary_rpc_method_handler(lambda r, c: r)}),))
     server.start()
     try:
         address = f"127.0.0.1:{port}"
-        with create_channel(address) as ch:
-            e = refused(lambda: health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(), timeout=5))
-        assert e.code() == grpc.StatusCode.UNAUTHENTICATED
-        with create_channel(address, security=Security(token=token)) as ch:
-            assert health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(), timeout=5).status == \
-                health_pb2.HealthCheckResponse.SERVING
+        for security, code in ((Security(), grpc.StatusCode.UNAUTHENTICATED),
+                               (Security(token=token), None)):
+            with create_channel(address, security=security) as ch:
+                echo = ch.unary_unary("/t.T/Echo")
+                if code:
+                    assert refused(lambda: echo(b"x", timeout=5)).code() == code
+                else:
+                    assert echo(b"x", timeout=5) == b"x"
+                # health is open, token or not
+                assert health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5).status == \
+                    health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop(0)
 

@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from edge.coordinator.guard import largest_request_bytes
 from edge.errors import EdgeError
 from edge.planning.plan import Plan, Stage
 from edge.proto import edge_pb2 as pb
@@ -171,6 +172,7 @@ def configure(w: WorkerHandle, plan: Plan, epoch: int, deadlines: Deadlines) -> 
         data_files=[pb.ShardFileRef(name=f.name, sha256=f.sha256, random_access=f.random_access)
                     for f in stage.data_files],
         mode=stage.mode, protocol=PROTOCOL_VERSION,
+        max_request_bytes=largest_request_bytes(plan, stage.index) or 0,
     )
     try:
         return w.stub.Configure(config, timeout=deadlines.load)

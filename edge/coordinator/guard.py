@@ -20,11 +20,17 @@ import dataclasses
 import math
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
+
 from edge.errors import EdgeError
 from edge.planning.plan import Plan, TensorSpec, dim_expression, free_sizes
 
 __all__ = ["TooLarge", "BeyondModel", "request_sizes", "check_fits", "largest",
-           "describe_limits"]
+           "describe_limits", "largest_request_bytes", "FRAMING_BYTES"]
+
+# What a request message carries besides its tensors' bytes: names, dtypes, shapes, a
+# request id, stage timings. Generous: it only keeps a bound from being too tight.
+FRAMING_BYTES = 64 << 10
 
 
 class TooLarge(EdgeError):
@@ -153,3 +159,70 @@ def describe_limits(plan: Plan) -> str:
         return ""
     return ("largest requests the devices hold: " + "; ".join(parts)
             + "; larger ones are refused with RESOURCE_EXHAUSTED")
+
+
+
+def _grows_bounded(plan: Plan, index: int) -> bool:
+    """Whether :func:`check_fits` bounds every dim on stage ``index``: the stage records
+    a growth of degree >= 1 for each (else its bound is None and the stage is skipped)."""
+    degrees = plan.stages[index].predicted.activation_degrees
+    return all(degrees.get(dim, 0) >= 1 for dim in plan.model.bindings
+               if not _follows(plan, dim))
+
+
+def largest_request_bytes(plan: Plan, stage: int | None = None) -> int | None:
+    """The largest request message a plan admits, in bytes, plus :data:`FRAMING_BYTES`:
+    with ``stage``, a Forward to that stage; without, an Infer (the model's inputs).
+
+    A stage's inputs are live while it runs, so they are part of its activations; a
+    request that :func:`check_fits` passes has activations of at most what its device
+    holds beyond the stage's weights and runtime floor. That bounds a Forward. An Infer's
+    tensors have known shapes: at the plan's sizes they take ``planned`` bytes, and a
+    request grows them at most as much as it grows some stage's activations (``K``, the
+    most any device allows), so ``2 * planned * K`` (twice, for what the growth model
+    does not see) bounds it too, usually far below the first bound; the smaller is taken.
+
+    None when no bound is known: the plan does not record how activations grow, or a
+    stage does not grow with some dim (then :func:`check_fits` does not bound that dim).
+
+    Args:
+        plan: the plan being served.
+        stage: a stage index, or None for an Infer.
+    """
+    def room_bound(i: int) -> int | None:
+        p = plan.stages[i].predicted
+        if not _grows_bounded(plan, i):
+            return None
+        room_mb = plan.stages[i].device.memory_mb - p.memory_mb + p.activations_mb
+        return int(max(room_mb, p.activations_mb, 0.0) * 2**20) + FRAMING_BYTES
+
+    if stage is not None:
+        return room_bound(stage)
+    bounds = [room_bound(0)]
+    planned = _tensor_bytes(plan.model.inputs, plan.model.bindings)
+    if planned is not None and all(_grows_bounded(plan, i) for i in range(len(plan.stages))):
+        k = max([1.0] + [(s.device.memory_mb - s.predicted.memory_mb)
+                         / s.predicted.activations_mb + 1
+                         for s in plan.stages if s.predicted.activations_mb > 0])
+        bounds.append(int(2 * planned * k) + FRAMING_BYTES)
+    known = [b for b in bounds if b is not None]
+    return min(known) if known else None
+
+
+def _tensor_bytes(specs: Sequence[TensorSpec], sizes: Mapping[str, int]) -> int | None:
+    """Bytes of ``specs`` at ``sizes``; None if a dim or dtype is not known."""
+    total = 0
+    for spec in specs:
+        try:
+            itemsize = np.dtype(spec.dtype).itemsize
+        except TypeError:
+            return None
+        count = 1
+        for dim in spec.shape:
+            size = dim if isinstance(dim, int) else sizes.get(dim) if isinstance(dim, str) \
+                else None
+            if size is None:
+                return None
+            count *= int(size)
+        total += count * itemsize
+    return total

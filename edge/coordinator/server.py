@@ -13,11 +13,13 @@ from edge.coordinator.pipeline import InferError, Pipeline
 from edge.errors import TensorError
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
-from edge.transport.channels import create_server, wait_for_signal
+from edge.coordinator.guard import largest_request_bytes
+from edge.transport.channels import (MAX_MESSAGE_BYTES, MIN_RECEIVE_BYTES, create_server,
+                                     wait_for_signal)
 from edge.transport.codec import decode_tensors
 from edge.transport.services import add_service
 
-__all__ = ["CoordinatorServicer", "start_coordinator", "serve"]
+__all__ = ["CoordinatorServicer", "start_coordinator", "serve", "receive_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return self.pipeline.profile(request.since)
 
 
+def receive_limit(plan) -> int:
+    """The largest request message the coordinator's server takes: the plan's largest
+    Infer (``guard.largest_request_bytes``), so that a larger one is refused before it is
+    buffered; channels' MAX_MESSAGE_BYTES for a plan that does not bound it. A re-plan
+    after a failover keeps the bound the server started with."""
+    limit = largest_request_bytes(plan)
+    if limit is None:
+        log.info("the plan does not bound request sizes; taking messages up to %d MiB",
+                 MAX_MESSAGE_BYTES >> 20)
+        return MAX_MESSAGE_BYTES
+    return max(limit, MIN_RECEIVE_BYTES)
+
+
 def start_coordinator(pipeline: Pipeline, listen: str) -> tuple[grpc.Server, int]:
     """Serve an already started pipeline on ``listen``. Returns the server and its port.
 
@@ -60,7 +75,8 @@ def start_coordinator(pipeline: Pipeline, listen: str) -> tuple[grpc.Server, int
     """
     threads = pipeline.max_in_flight + 8
     server, port = create_server(listen, max_workers=threads, max_concurrent_rpcs=threads,
-                                 security=pipeline.security)
+                                 security=pipeline.security,
+                                 max_receive_bytes=receive_limit(pipeline.plan))
     add_service(server, CoordinatorServicer(pipeline), pb, "Coordinator")
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable
 
 from edge.errors import SecurityError
-from edge.transport.security import CLUSTER_NAME, read_token
+from edge.transport.security import CLUSTER_NAME, ROLE_URI, ROLES, read_token
 
 __all__ = ["init_ca", "issue", "CA_DAYS", "NODE_DAYS"]
 
@@ -130,12 +130,15 @@ def _san(host: str):
 
 
 def issue(directory: str | Path, name: str, *, hosts: Iterable[str] = (),
-          out: str | Path | None = None, force: bool = False, days: int = NODE_DAYS) -> Path:
+          out: str | Path | None = None, force: bool = False, days: int = NODE_DAYS,
+          role: str = "node") -> Path:
     """Sign a key for machine ``name`` and write its bundle (``ca.crt``, ``node.crt``,
     ``node.key``, ``token``) to copy onto it.
 
     The certificate is valid as server and client, for the DNS names ``name`` and
-    :data:`CLUSTER_NAME` (what edge verifies) plus ``hosts``.
+    :data:`CLUSTER_NAME` (what edge verifies) plus ``hosts``, and carries ``role`` as the
+    URI ``edge:role:ROLE`` and as ``OU=ROLE`` in its subject (see
+    ``edge.transport.security``).
 
     Args:
         directory: the CA folder of :func:`init_ca`.
@@ -144,12 +147,15 @@ def issue(directory: str | Path, name: str, *, hosts: Iterable[str] = (),
         out: the bundle folder (default ``directory / name``).
         force: replace an existing bundle.
         days: the certificate's validity.
+        role: ``node`` (coordinator and workers: may call everything) or ``client`` (may
+            call only the coordinator's Infer, status and profile).
 
     Returns:
         The bundle folder.
 
     Raises:
-        SecurityError: no CA in ``directory``, a bad name or host, or the bundle exists.
+        SecurityError: no CA in ``directory``, a bad name, host or role, or the bundle
+            exists.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -157,6 +163,8 @@ def issue(directory: str | Path, name: str, *, hosts: Iterable[str] = (),
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     directory = Path(directory).expanduser()
+    if role not in ROLES:
+        raise SecurityError(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
     if not _NAME_RE.fullmatch(name):
         raise SecurityError(f"certificate name {name!r}: expected 1-63 of letters, digits, "
                             "'.', '_' and '-', starting with a letter or digit")
@@ -171,7 +179,7 @@ def issue(directory: str | Path, name: str, *, hosts: Iterable[str] = (),
                             f"{name} (the old bundle keeps working until the CA changes)")
     sans = [x509.DNSName(name), x509.DNSName(CLUSTER_NAME)] if name != CLUSTER_NAME \
         else [x509.DNSName(CLUSTER_NAME)]
-    sans += [_san(h) for h in hosts]
+    sans += [_san(h) for h in hosts] + [x509.UniformResourceIdentifier(ROLE_URI.format(role))]
     sans = list(dict.fromkeys(sans))  # --host NAME repeated
     try:
         ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
@@ -184,6 +192,7 @@ def issue(directory: str | Path, name: str, *, hosts: Iterable[str] = (),
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edge"),
+                                     x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
                                      x509.NameAttribute(NameOID.COMMON_NAME, name)]))
             .issuer_name(ca_cert.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())

@@ -31,6 +31,12 @@ def add_parser(sub) -> None:
     q = certs_sub.add_parser("issue", help="make a key and certificate for one machine: a "
                                            "bundle folder DIR/NAME to copy onto it")
     q.add_argument("name", help="the machine, e.g. pi-0, coordinator, laptop")
+    q.add_argument("--role", choices=("node", "client"), default="node",
+                   help="node (default, as bundles were before roles): the coordinator or a "
+                        "worker, may call everything; client: a machine that only sends "
+                        "requests (edge infer, edge profile --coordinator) and may call "
+                        "nothing else, e.g. not read other requests' results from a worker. "
+                        "Roles are enforced over TLS only")
     q.add_argument("--dir", default=str(home),
                    help=f"the CA folder (default {home}; env EDGE_CERTS)")
     q.add_argument("--host", action="append", default=[], metavar="IP_OR_DNS",
@@ -56,9 +62,19 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 def cmd_certs_issue(args: argparse.Namespace) -> int:
     from edge.transport.certs import issue
 
-    bundle = issue(args.dir, args.name, hosts=args.host, out=args.out, force=args.force)
+    bundle = issue(args.dir, args.name, hosts=args.host, out=args.out, force=args.force,
+                   role=args.role)
     host = args.host[0] if args.host else "HOST"
-    print(f"wrote {bundle}/ (ca.crt, node.crt, node.key, token)")
+    print(f"wrote {bundle}/ (ca.crt, node.crt, node.key, token), role {args.role}")
+    if args.role == "client":
+        print("a client may call the coordinator's Infer, status and profile, nothing else")
+        print(f"on another machine: scp -rp {bundle} USER@{host}:edge-certs, then there "
+              "`edge infer --coordinator HOST:PORT --certs ~/edge-certs ...`")
+        print(f"on this machine: --certs {bundle}, e.g. `edge profile --coordinator HOST:PORT "
+              f"--certs {bundle}`")
+        return 0
+    print("a node (coordinator or worker) may call everything; for a machine that only "
+          "sends requests, issue a bundle with --role client")
     print(f"on another machine: scp -rp {bundle} USER@{host}:edge-certs, then there "
           "`edge worker --certs ~/edge-certs`")
     print(f"on this machine: --certs {bundle}, e.g. "

@@ -17,8 +17,8 @@ import grpc
 
 from edge.transport.security import CLUSTER_NAME, Security, is_loopback, token_interceptor
 
-__all__ = ["Deadlines", "Security", "MAX_MESSAGE_BYTES", "create_server", "create_channel",
-           "serialized_unary", "is_loopback", "wait_for_signal"]
+__all__ = ["Deadlines", "Security", "MAX_MESSAGE_BYTES", "MIN_RECEIVE_BYTES", "create_server",
+           "create_channel", "serialized_unary", "is_loopback", "wait_for_signal"]
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,12 @@ _OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
-_SERVER_OPTIONS = _OPTIONS + [
+_SERVER_OPTIONS = [o for o in _OPTIONS if o[0] != "grpc.max_receive_message_length"] + [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.so_reuseport", 0),
 ]
+# The smallest receive limit a server takes: every control message fits many times over.
+MIN_RECEIVE_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ class Deadlines:
 
 
 def create_server(address: str, *, max_workers: int = 16, max_concurrent_rpcs: int | None = None,
-                  security: Security = Security()) -> tuple[grpc.Server, int]:
+                  security: Security = Security(),
+                  max_receive_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
     """A gRPC server bound to ``address`` (port 0 picks a free port).
 
     Args:
@@ -67,7 +70,13 @@ def create_server(address: str, *, max_workers: int = 16, max_concurrent_rpcs: i
         max_concurrent_rpcs: calls served at once; past it, gRPC answers
             RESOURCE_EXHAUSTED at once instead of queueing without bound (None: no bound).
         security: how to secure it: mutual TLS if it has a bundle, the token checked on
-            every call of every service if it has one.
+            every call of every service (but health) if it has one.
+        max_receive_bytes: the largest request message it takes (at least
+            :data:`MIN_RECEIVE_BYTES`). gRPC reads a message's length from its 5-byte
+            header and refuses a longer one with RESOURCE_EXHAUSTED before buffering its
+            body, for every caller, token or not: the one bound that holds before
+            authentication. Size it from what the server can hold, not from the 512 MiB
+            that channels allow.
 
     Returns:
         The server, not started, and the bound port.
@@ -76,8 +85,10 @@ def create_server(address: str, *, max_workers: int = 16, max_concurrent_rpcs: i
         SecurityError: plaintext on a non-loopback address without ``insecure``.
     """
     security.require_safe(address, "listen on")
+    limit = max(MIN_RECEIVE_BYTES, min(int(max_receive_bytes), MAX_MESSAGE_BYTES))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=_SERVER_OPTIONS, interceptors=security.server_interceptors(),
+                         options=_SERVER_OPTIONS + [("grpc.max_receive_message_length", limit)],
+                         interceptors=security.server_interceptors(),
                          maximum_concurrent_rpcs=max_concurrent_rpcs)
     if security.tls:
         port = server.add_secure_port(address, security.server_credentials())

@@ -18,9 +18,22 @@ its own bundle, and every connection is mutual TLS:
   (``grpc.ssl_target_name_override``). The ``--host`` names of ``edge certs issue`` are
   added too, for tools that verify addresses;
 * on top, each call carries ``authorization: Bearer TOKEN``, compared in constant time by a
-  server interceptor on every service (health included); a missing or wrong token is
-  UNAUTHENTICATED. The token is a second factor that also works where TLS is off
+  server interceptor on every service but health (``grpc.health.v1.Health`` tells only
+  SERVING or not, and Kubernetes' probes cannot send a token; with mutual TLS they still
+  need a client certificate); a missing or wrong token is UNAUTHENTICATED, and the
+  refused request is not read. The token is a second factor that also works where TLS is off
   (``--insecure --token-file``), and rotating it locks out old bundles without a new CA.
+
+Roles: every certificate says what its holder is, ``node`` (the coordinator and workers)
+or ``client`` (people and programs that send requests: ``edge infer``, ``edge profile
+--coordinator``, ``InferClient``), as the URI ``edge:role:ROLE`` in its subject alternative
+names (and ``OU=ROLE`` in its subject, for people). Servers read it from the peer's
+verified certificate (gRPC's ``peer_uri``) on every call: a client may call only the
+coordinator's client-facing RPCs (:data:`CLIENT_METHODS`); a node may call everything.
+Anything else a client calls (a worker's Subscribe, which streams every request's results,
+or Configure) is PERMISSION_DENIED, naming the role it needs. A certificate without a role
+(issued before roles existed) counts as a node, as it was trusted before. Roles need TLS:
+with ``--insecure --token-file`` there are no certificates, and the token alone grants all.
 
 There is no revocation list: a lost device's bundle is trusted until the CA is replaced
 (``edge certs init --force``, then re-issue every bundle).
@@ -48,7 +61,8 @@ import grpc
 
 from edge.errors import SecurityError
 
-__all__ = ["Security", "CLUSTER_NAME", "TOKEN_HEADER", "BUNDLE_FILES", "is_loopback",
+__all__ = ["Security", "CLUSTER_NAME", "TOKEN_HEADER", "BUNDLE_FILES", "OPEN_SERVICES",
+           "ROLES", "ROLE_URI", "CLIENT_METHODS", "RoleCheck", "peer_role", "is_loopback",
            "default_certs_dir", "read_token", "TokenCheck", "token_interceptor",
            "add_arguments", "from_arguments"]
 
@@ -58,6 +72,15 @@ log = logging.getLogger(__name__)
 CLUSTER_NAME = "edge-cluster"
 TOKEN_HEADER = "authorization"
 BUNDLE_FILES = ("ca.crt", "node.crt", "node.key", "token")
+# What a certificate's holder may do (see the module docstring), written into it as the
+# URI ROLE_URI.format(role) by `edge certs issue --role`.
+ROLES = ("client", "node")
+ROLE_URI = "edge:role:{}"
+# All a client-role certificate may call: what `edge infer`, `edge profile --coordinator`
+# and InferClient (infer, status, profile) use; and health, open to all.
+CLIENT_METHODS = frozenset({"/edge.v1.Coordinator/Infer",
+                            "/edge.v1.Coordinator/GetClusterStatus",
+                            "/edge.v1.Coordinator/GetClusterProfile"})
 _TOKEN_RE = re.compile(r"[\x21-\x7e]{16,512}")  # printable ASCII, no spaces: a metadata value
 
 
@@ -239,16 +262,25 @@ class Security:
                                             certificate_chain=self.cert)
 
     def server_interceptors(self) -> list[grpc.ServerInterceptor]:
-        return [TokenCheck(self.token)] if self.token else []
+        """The token check (with a token), then the role check (with TLS)."""
+        return ([TokenCheck(self.token)] if self.token else []) + \
+            ([RoleCheck()] if self.tls else [])
 
 
 # ---------------------------------------------------------------------- the token
 
 
-class TokenCheck(grpc.ServerInterceptor):
-    """Aborts every call, of every service, without the cluster token: UNAUTHENTICATED.
+# Served without the token: the standard health service says SERVING or NOT_SERVING and
+# nothing else, and Kubernetes' gRPC probes and grpc_health_probe cannot send a token.
+# With mutual TLS a probe still needs a client certificate of the cluster.
+OPEN_SERVICES = ("grpc.health.v1.Health",)
 
-    The request is not deserialized before the check passes.
+
+class TokenCheck(grpc.ServerInterceptor):
+    """Aborts every call without the cluster token (UNAUTHENTICATED), of every service but
+    :data:`OPEN_SERVICES`.
+
+    A refused request is neither buffered nor deserialized (see ``_deny``).
     """
 
     def __init__(self, token: str):
@@ -258,6 +290,8 @@ class TokenCheck(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        if _service(handler_call_details.method) in OPEN_SERVICES:
+            return handler
         given = [v for k, v in handler_call_details.invocation_metadata or ()
                  if k == TOKEN_HEADER]
         if len(given) == 1:
@@ -275,20 +309,80 @@ class TokenCheck(grpc.ServerInterceptor):
         return _deny(handler, handler_call_details.method, reason)
 
 
+def _service(method: str) -> str:
+    """``pkg.Service`` of a method path ``/pkg.Service/Method``."""
+    return method.lstrip("/").split("/", 1)[0]
+
+
 def _deny(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.RpcMethodHandler:
-    def abort(_request, context):
+    def abort(_requests, context):
         log.warning("refused %s from %s: %s", method, context.peer(), reason)
         context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
-    # The same kind of handler as the real one, with no deserializer: a refused caller's
-    # bytes are never parsed.
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
+    # A stream-request handler whatever the method's kind, and one that never iterates its
+    # requests: gRPC reads a unary request whole before calling a unary handler, but a
+    # streaming one reads messages only as it asks for them, so a refused caller's message
+    # is neither buffered (up to the server's receive limit) nor parsed.
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+        return grpc.stream_stream_rpc_method_handler(abort)
+    return grpc.stream_unary_rpc_method_handler(abort)
+
+
+# ---------------------------------------------------------------------- roles
+
+
+def peer_role(context: grpc.ServicerContext) -> str | None:
+    """The role in the caller's verified certificate: ``client`` or ``node`` (``node``
+    for a certificate without one); None when the call came without a certificate
+    (plaintext)."""
+    auth = context.auth_context() or {}
+    if auth.get("transport_security_type") != [b"ssl"] or not auth.get("x509_pem_cert"):
+        return None
+    uris = {u.decode(errors="replace") for u in auth.get("peer_uri", ())}
+    roles = {r for r in ROLES if ROLE_URI.format(r) in uris}
+    # One role per certificate is what `edge certs` issues; of several, the least.
+    return next((r for r in ROLES if r in roles), "node")
+
+
+class RoleCheck(grpc.ServerInterceptor):
+    """Refuses a client-role certificate everything but :data:`CLIENT_METHODS` (and
+    :data:`OPEN_SERVICES`): PERMISSION_DENIED, saying which role is needed.
+
+    The role is known only from the call's context, so the check runs first thing in
+    the handler, before the servicer's method; the request has been read by then only
+    for a unary handler (edge's services take theirs as a stream: not read yet).
+    """
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method in CLIENT_METHODS or _service(method) in OPEN_SERVICES:
+            return handler
+        return _require_node(handler, method)
+
+
+def _require_node(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def check(behaviour):
+        def checked(request, context):
+            role = peer_role(context)
+            if role not in (None, "node"):  # None: plaintext, no certificates, no roles
+                auth = context.auth_context()
+                name = b",".join(auth.get("x509_common_name", ())).decode(errors="replace")
+                reason = (f"{method} needs a certificate of role node (the coordinator and "
+                          f"workers); the caller's ({name or 'no name'}) has role {role}, "
+                          f"which may call only {', '.join(sorted(CLIENT_METHODS))}. A "
+                          "machine of the cluster needs a bundle from `edge certs issue "
+                          "NAME --role node`")
+                log.warning("refused %s from %s: %s", method, context.peer(), reason)
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+            return behaviour(request, context)
+        return checked
+
+    kind = (("stream" if handler.request_streaming else "unary") + "_"
+            + ("stream" if handler.response_streaming else "unary"))
+    make = getattr(grpc, f"{kind}_rpc_method_handler")
+    return make(check(getattr(handler, kind)), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
 
 
 class _CallDetails(NamedTuple):

@@ -25,6 +25,7 @@ from typing import Iterator
 
 import grpc
 import numpy as np
+import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import edge
@@ -34,16 +35,16 @@ from edge.profiling.memory import device_facts, memory_breakdown, release_free_h
 from edge.profiling.sampler import Sampler
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
-from edge.transport.channels import (Deadlines, Security, create_channel, create_server,
-                                     serialized_unary, wait_for_signal)
+from edge.transport.channels import (MAX_MESSAGE_BYTES, Deadlines, Security, create_channel,
+                                     create_server, serialized_unary, wait_for_signal)
 from edge.transport.codec import (PROTOCOL_VERSION, decode_specs, decode_tensors,
                                   encode_activation)
 from edge.transport.services import add_service
 from edge.worker.cache import ShardCache, UploadError, default_cache_dir, file_sha256
 from edge.worker.stage import ShardMismatch, StageRunner, StageSpec, describe_ort_error
 
-__all__ = ["WorkerConfig", "WorkerServicer", "serve", "start_worker", "MAX_SUBSCRIBERS",
-           "MAX_CALIBRATE_SECONDS"]
+__all__ = ["WorkerConfig", "WorkerServicer", "serve", "start_worker", "message_limit_bytes",
+           "MAX_SUBSCRIBERS", "MAX_CALIBRATE_SECONDS", "MAX_CHUNK_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,14 @@ _FORWARD = pb.DESCRIPTOR.services_by_name["Worker"].methods_by_name["Forward"]
 MAX_SUBSCRIBERS = 8
 MAX_CALIBRATE_SECONDS = 60.0
 MAX_REQUEST_ID = 256  # characters
+MiB = 1 << 20
+# Without --max-message-mb, the receive limit is this share of the memory budget, between
+# the floor and channels' MAX_MESSAGE_BYTES (see message_limit_bytes).
+MESSAGE_SHARE = 8
+MESSAGE_FLOOR_MB = 16
+# An UploadShard message: a chunk of up to 1 MiB (the coordinator sends 256 KiB) and its
+# framing. Larger ones are refused before they are parsed.
+MAX_CHUNK_BYTES = (1 << 20) + 1024
 # What a receiving worker accepts as its next hop's address.
 _ADDRESS_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)$")
 
@@ -72,6 +81,9 @@ class WorkerConfig:
         max_queue: requests waiting for compute before Forward answers RESOURCE_EXHAUSTED.
         sample_interval_s: seconds between the memory samples `edge profile` reads.
         sample_window_s: seconds of samples kept (older ones are dropped).
+        max_message_mb: the largest request message the server takes, in MiB (0: from the
+            memory budget, see :func:`message_limit_bytes`); a longer one is refused with
+            RESOURCE_EXHAUSTED before it is buffered, token or not.
         deadlines: per-call deadlines for calls this worker makes.
         security: how the server and the channel to the next worker are secured
             (``Security.from_dir(bundle)``: mutual TLS and the token; default plaintext,
@@ -88,6 +100,7 @@ class WorkerConfig:
     # The sampler's default of 36,000 samples (an hour at 0.1 s) is ~14 MiB of Python
     # objects that a long-running worker accumulates on top of its peak: 10 minutes, 2 MiB.
     sample_window_s: float = 600.0
+    max_message_mb: float = 0.0
     deadlines: Deadlines = Deadlines()
     security: Security = Security()
 
@@ -238,6 +251,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             plan_id=request.plan_id, predicted_memory_mb=request.predicted_memory_mb,
             data_files=tuple((f.name, f.sha256, f.random_access) for f in request.data_files),
             mode=request.mode or "fp32",
+            max_request_bytes=request.max_request_bytes,
         )
         budget = self.config.memory_budget_mb
         if budget and spec.predicted_memory_mb > budget:
@@ -401,6 +415,19 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     # ------------------------------------------------------------------ internals
 
+    def message_limits(self) -> dict:
+        """Per method, the bound on one request message (see ``add_service``): a Forward
+        up to the plan's largest for this stage, upload chunks of about 1 MiB."""
+        def forward() -> tuple[int, str]:
+            runner = self._runner
+            if runner is None or not runner.spec.max_request_bytes:
+                return 0, ""
+            return (runner.spec.max_request_bytes,
+                    f"the largest the plan allows {runner.spec.where}")
+
+        return {"Forward": forward,
+                "UploadShard": lambda: (MAX_CHUNK_BYTES, "upload chunks of up to 1 MiB")}
+
     def _stale(self, job: _Job) -> bool:
         """True if the worker was re-configured (a new epoch) since ``job`` came."""
         runner = self._runner
@@ -540,6 +567,24 @@ def _config_problem(c: pb.StageConfig) -> str | None:
     return None
 
 
+def message_limit_bytes(config: WorkerConfig) -> int:
+    """The largest request message the worker's server takes.
+
+    ``config.max_message_mb`` if given; else an eighth of the memory budget (or of the
+    machine's memory, without one), between 16 and 512 MiB. A received message is held
+    up to four times at once (gRPC's buffers, the bytes handed to Python, the parsed
+    message, its tensors: a refused 458 MiB Forward peaked 1.8 GiB above the worker's
+    RSS, benchmarks/big_calls.py): an eighth keeps any one call within half of the
+    budget, so a 1 GB board takes messages up to 128 MiB and survives any call.
+    The worker starts before it knows its plan; the plan's own, tighter bound per stage is
+    checked in Forward (``StageConfig.max_request_bytes``).
+    """
+    if config.max_message_mb:
+        return int(config.max_message_mb * MiB)
+    budget = config.memory_budget_mb or psutil.virtual_memory().total / MiB
+    return int(min(max(budget / MESSAGE_SHARE, MESSAGE_FLOOR_MB), MAX_MESSAGE_BYTES / MiB) * MiB)
+
+
 def start_worker(config: WorkerConfig) -> tuple[grpc.Server, int, WorkerServicer,
                                                 health.HealthServicer]:
     """Build and start a worker server.
@@ -551,9 +596,10 @@ def start_worker(config: WorkerConfig) -> tuple[grpc.Server, int, WorkerServicer
     # Subscribe stream per coordinator. Past this many at once: RESOURCE_EXHAUSTED.
     server, port = create_server(config.listen, max_workers=16,
                                  max_concurrent_rpcs=config.max_queue + 64,
-                                 security=config.security)
+                                 security=config.security,
+                                 max_receive_bytes=message_limit_bytes(config))
     servicer = WorkerServicer(config)
-    add_service(server, servicer, pb, "Worker")
+    add_service(server, servicer, pb, "Worker", limits=servicer.message_limits())
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.start()

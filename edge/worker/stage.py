@@ -44,6 +44,7 @@ class StageSpec:
     predicted_memory_mb: float = 0.0
     data_files: tuple[tuple[str, str, bool], ...] = ()  # (name, sha256, random_access)
     mode: str = "fp32"
+    max_request_bytes: int = 0  # the largest Forward the plan allows (0: no bound known)
 
     @property
     def is_last(self) -> bool:
