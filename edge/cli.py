@@ -614,10 +614,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
+    import edge
+
     try:
-        return version("edge")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
+        return version(edge.DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree (PYTHONPATH) without installing
+        return f"{edge.__version__} (not installed as {edge.DISTRIBUTION})"
 
 
 def _log_level_everywhere(parser: argparse.ArgumentParser) -> None:
@@ -637,10 +639,19 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from edge.errors import EdgeError
 
+    from edge._extras import missing_package
+
     try:
         return args.func(args)
     except EdgeError as e:
         print(f"edge {args.command}: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        # torch (export, demo, bench) or matplotlib (charts): the pip command, no traceback.
+        missing = missing_package(e.name or "")
+        if missing is None:
+            raise
+        print(f"edge {args.command}: {missing}", file=sys.stderr)
         return 2
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +96,164 @@ def test_two_stages_on_one_address_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"stages\[1\].device.address.*one address per "
                                           r"stage.*stage 0 has too"):
         load_plan(tmp_path / "plan.json")
+
+
+# --- issue 13, item 1: the distribution is edge-runtime; the worker installer ----------
+
+REPO = Path(__file__).resolve().parents[1]
+INSTALLER = REPO / "devices" / "install-worker.sh"
+UNIT = REPO / "devices" / "edge-worker.service"
+_INDEX_NAME = re.compile(r"^edge(\[[^\]]*\])?([=<>~!;].*)?$")  # "edge" as an index requirement
+
+
+def test_the_distribution_is_edge_runtime_and_the_command_edge():
+    import tomllib
+
+    import edge
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["name"] == edge.DISTRIBUTION == "edge-runtime"
+    assert project["scripts"] == {"edge": "edge.cli:main"}
+    assert "edge-runtime[export,plot]" in project["optional-dependencies"]["dev"]
+
+
+def _pip_install_arguments(text: str):
+    for line in text.splitlines():
+        for command in re.split(r"&&|\|\||[;|`]", line.split("#", 1)[0]):
+            m = re.search(r"\bpip3?\b.*?\binstall\b(.*)", command)
+            if m:
+                for token in m.group(1).split():
+                    yield line, token.strip("'\"()")
+
+
+def test_nothing_installs_the_name_edge_from_an_index():
+    files = [REPO / "README.md", REPO / "BENCHMARKS.md", *REPO.glob("devices/*"),
+             *REPO.glob("edge/**/*.py")]
+    for path in files:
+        if not path.is_file():
+            continue
+        for line, token in _pip_install_arguments(path.read_text(errors="replace")):
+            assert not _INDEX_NAME.match(token), f"{path.name}: {line.strip()}"
+
+
+def test_installer_and_unit_parse():
+    for shell in ("sh", "bash"):
+        r = subprocess.run([shell, "-n", str(INSTALLER)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    text = UNIT.read_text()
+    # Parsed by hand: configparser refuses the repeated Environment= keys systemd allows.
+    sections: dict[str, dict[str, list[str]]] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, value = line.split("=", 1)
+        current.setdefault(key, []).append(value)
+    service, unit = sections["Service"], sections["Unit"]
+    assert service["User"] == ["edge"] and service["StateDirectory"] == ["edge"]
+    exec_start = service["ExecStart"][0]
+    assert exec_start.startswith("/opt/edge/venv/bin/edge worker ")
+    assert "--cache-dir /var/lib/edge/cache" in exec_start  # in the state directory
+    assert int(unit["StartLimitBurst"][0]) > 0  # a worker that cannot start is not retried forever
+    if shutil.which("systemd-analyze"):
+        # verify wants ExecStart's binary to exist; the unit is otherwise checked as is.
+        d = Path(tempfile.mkdtemp())
+        (d / UNIT.name).write_text(text.replace("/opt/edge/venv/bin/edge", "/bin/true"))
+        r = subprocess.run(["systemd-analyze", "verify", str(d / UNIT.name)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and "Unknown" not in r.stderr, r.stderr
+
+
+def _run_installer(tmp_path: Path, script: Path, *args: str, **env: str):
+    """The installer with every command that changes this machine stubbed to fail loudly,
+    and `id -u` saying "not root": these runs must stop in its checks."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    for name in ("apt-get", "useradd", "systemctl", "python3", "chown", "journalctl"):
+        (stubs / name).write_text("#!/bin/sh\necho \"stub $0 reached\" >&2\nexit 99\n")
+        (stubs / name).chmod(0o755)
+    (stubs / "id").write_text("#!/bin/sh\necho 1000\n")
+    (stubs / "id").chmod(0o755)
+    return subprocess.run(["sh", str(script), *args], capture_output=True, text=True,
+                          timeout=30, cwd=tmp_path,
+                          env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", **env})
+
+
+@pytest.mark.parametrize("spec", ["edge", "edge==0.4.0", "edge-runtime", "edge[plot]"])
+def test_installer_refuses_to_install_from_an_index(tmp_path, spec):
+    r = _run_installer(tmp_path, INSTALLER, "rpi4b-2gb", "--from", spec)
+    assert r.returncode == 1
+    assert "unrelated package" in r.stderr and "not published yet" in r.stderr
+    assert "stub" not in r.stderr
+
+
+def test_installer_defaults_to_its_clone_and_says_so_outside_one(tmp_path):
+    # In the clone: the checks pass and it stops at the bundle (or at "run as root").
+    r = _run_installer(tmp_path, INSTALLER, "rpi4b-2gb", CERTS=str(tmp_path / "none"))
+    assert r.returncode == 1 and "CERTS=" in r.stderr and "stub" not in r.stderr, r.stderr
+    # A copy outside a clone: no PyPI fallback.
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(INSTALLER, lone)
+    shutil.copy(REPO / "devices" / "rpi4b-2gb.yaml", lone)
+    r = _run_installer(tmp_path, lone / INSTALLER.name, "rpi4b-2gb")
+    assert r.returncode == 1 and "not on PyPI yet" in r.stderr and "--from" in r.stderr
+
+
+def test_installer_checks_the_service_and_restarts_it():
+    text = INSTALLER.read_text()
+    assert "systemctl restart" in text  # a second run runs the new code
+    assert "systemctl is-active" in text and "journalctl -u" in text
+    assert text.index("systemctl is-active") < text.index("listening on port")
+    assert "chown -R edge" not in text  # the worker does not own its code
+
+
+# --- issue 13, item 3: a missing optional package gets the pip command -----------------
+
+
+def _without(tmp_path: Path, *modules: str) -> dict:
+    """An environment whose Python cannot import ``modules`` (a sitecustomize puts None in
+    sys.modules for them, as if they were not installed)."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in modules))
+    path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path}
+
+
+@pytest.mark.parametrize("args", [["export", "bert", "--size", "tiny", "--out", "m.onnx"],
+                                  ["demo", "--size", "tiny"]])
+def test_a_missing_torch_gets_the_pip_command(tmp_path, args):
+    r = subprocess.run([sys.executable, "-m", "edge", *args], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path, env=_without(tmp_path, "torch"))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr  # one line
+    assert "torch is not installed" in r.stderr
+    assert "pip install torch==2.13.0 && pip install -e '" in r.stderr
+    assert "[export]'" in r.stderr
+
+
+def test_a_missing_matplotlib_gets_the_pip_command(tmp_path):
+    from edge._extras import TORCH_PIN, missing_package
+    from edge.errors import MissingPackageError
+    from edge.profiling.report import matplotlib_agg
+
+    code = ("from edge.profiling.report import matplotlib_agg\n"
+            "matplotlib_agg('memory.png')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, env=_without(tmp_path, "matplotlib"))
+    assert "MissingPackageError" in r.stderr and "[plot]'" in r.stderr
+    assert "drawing memory.png" in r.stderr
+    err = missing_package("matplotlib.figure")
+    assert isinstance(err, MissingPackageError) and err.extra == "plot"
+    assert missing_package("numpy") is None  # a core dependency: a real bug, not a hint
+    import tomllib
+
+    export = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["export"]
+    assert TORCH_PIN in export  # the command names the version pyproject pins
+    assert matplotlib_agg  # imported fine here

@@ -196,8 +196,10 @@ def plot_scaling(r: Mapping, path: str | Path) -> Path:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise RuntimeError(f"drawing {path} needs matplotlib: pip install 'edge[plot]' "
-                           f"({e})") from None
+        from edge._extras import missing_package
+
+        raise (missing_package(e.name or "matplotlib", f"drawing {path}")
+               or e) from None
 
     points = r["d_scaling"]["points"]
     xs = [p["devices"] for p in points]
