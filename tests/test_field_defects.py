@@ -257,3 +257,60 @@ def test_a_missing_matplotlib_gets_the_pip_command(tmp_path):
         "optional-dependencies"]["export"]
     assert TORCH_PIN in export  # the command names the version pyproject pins
     assert matplotlib_agg  # imported fine here
+
+
+# --- issue 13, item 2: workers started from a folder that holds an `edge/` -------------
+
+
+@pytest.mark.parametrize("decoy", ["clone", "broken"])
+def test_a_folder_named_edge_does_not_shadow_the_workers_package(tmp_path, monkeypatch, decoy):
+    """The Quick start runs from a folder holding the clone as `edge/`: `python -m edge`
+    imported that folder (a namespace package) and every status call failed."""
+    from edge.proto import edge_pb2 as pb
+    from edge.proto import edge_pb2_grpc as pb_grpc
+    from edge.transport.channels import create_channel
+    from edge.worker.launch import spawn_worker
+
+    here = tmp_path / "here"
+    (here / "edge").mkdir(parents=True)
+    # "clone" is the Quick start's layout: the clone's top, no __init__.py, a namespace
+    # package. It shadows only an editable install (its finder comes after the current
+    # folder's); under PYTHONPATH the real package wins anyway. "broken" shadows always.
+    if decoy == "clone":
+        (here / "edge" / "pyproject.toml").write_text("[project]\nname = 'edge-runtime'\n")
+    else:
+        (here / "edge" / "__init__.py").write_text("raise ImportError('the decoy edge')\n")
+    monkeypatch.chdir(here)
+    w = spawn_worker(tmp_path / "w", "w", timeout=60)
+    try:
+        with create_channel(w.address) as channel:
+            status = pb_grpc.WorkerStub(channel).GetStatus(pb.StatusRequest(), timeout=10)
+    finally:
+        w.stop()
+    assert status.peak_rss_bytes > 10 << 20 and status.version
+
+
+def test_a_missing_peak_is_not_measured_and_fails():
+    from edge.bench.report import _rss_row
+    from edge.demo import NOT_MEASURED, measured_peak_mib
+    from edge.proto import edge_pb2 as pb
+
+    status = pb.ClusterStatus()
+    failed = status.stages.add(stage=0, healthy=False)  # its status call failed
+    zero = status.stages.add(stage=1, healthy=True)
+    zero.worker.peak_rss_bytes = 0
+    good = status.stages.add(stage=2, healthy=True)
+    good.worker.peak_rss_bytes = 150 << 20
+    assert [measured_peak_mib(s) for s in status.stages] == [None, None, 150.0]
+    assert NOT_MEASURED == "not measured"
+
+    b = {"targets": {"peak_rss_ratio_max": 0.5}, "peak_rss_ratio_max": None, "met_rss": False,
+         "rss_not_measured": [1],
+         "stages": [{"stage": 0, "edge_peak_rss_mib": 40.0, "torch_peak_rss_mib": 300.0},
+                    {"stage": 1, "edge_peak_rss_mib": None, "torch_peak_rss_mib": 300.0}]}
+    row = _rss_row(b)
+    assert row[1] == "not measured" and row[-1] == "**no**" and "stage(s) 1" in row[3]
+    b.update(rss_not_measured=[], peak_rss_ratio_max=0.13, met_rss=True)
+    b["stages"][1]["edge_peak_rss_mib"] = 38.0
+    assert _rss_row(b)[1] == "40 MiB max" and _rss_row(b)[-1] == "yes"
+
