@@ -241,10 +241,36 @@ def _lab_diagnose(plan):
     return lab.diagnose
 
 
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def format_upload(planned: int, to_send: int, sent: int, seconds: float) -> str:
+    """One stage's upload, for the progress bar.
+
+    Only bytes actually sent count towards the rate; cached files are said to be cached.
+
+    Args:
+        planned: bytes of the stage's files.
+        to_send: of those, bytes the worker's cache lacks.
+        sent: bytes sent so far.
+        seconds: since the first byte was sent.
+    """
+    cached = planned - to_send
+    if to_send <= 0:
+        return f"all {_mb(planned)} cached, nothing uploaded"
+    text = f"{_mb(sent)}/{_mb(to_send)} uploaded"
+    if sent and seconds >= 0.05:  # shorter: a rate of noise
+        text += f" at {_mb(sent / seconds)}/s"
+    return text + (f", {_mb(cached)} cached" if cached else "")
+
+
 def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | None = None,
                    failover: bool = True, max_in_flight: int = 64, security=None):
     """Load a plan and deploy it with a progress bar. Returns the started Pipeline."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn
 
     from edge.coordinator.pipeline import Pipeline
     from edge.planning.plan import load_plan, plan_file
@@ -262,12 +288,26 @@ def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | N
                         diagnose=_lab_diagnose(plan), failover=failover,
                         max_in_flight=max_in_flight, security=security or Security(),
                         model=Path(model) if model else None, on_change=changed)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), console=console, transient=False) as bar:
-        tasks = {s.index: bar.add_task(f"stage {s.index} → {s.device.name}", total=s.total_bytes)
+    # rich's own speed column would count cached files as transferred in no time ("16 MB at
+    # 11.6 GB/s" with nothing sent): the text is format_upload's, from bytes really sent.
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.fields[upload]}"), console=console,
+                  transient=False) as bar:
+        tasks = {s.index: bar.add_task(f"stage {s.index} → {s.device.name}", total=s.total_bytes,
+                                       upload="waiting for the worker")
                  for s in plan.stages}
-        pipeline.start(progress=lambda stage, sent, total: bar.update(
-            tasks[stage.index], completed=sent, total=total))
+        first_byte: dict[int, float] = {}
+
+        def progress(stage, sent: int, to_send: int) -> None:
+            now = time.monotonic()
+            if sent:
+                first_byte.setdefault(stage.index, now)
+            seconds = now - first_byte.get(stage.index, now)
+            planned = stage.total_bytes
+            bar.update(tasks[stage.index], total=planned, completed=planned - to_send + sent,
+                       upload=format_upload(planned, to_send, sent, seconds))
+
+        pipeline.start(progress=progress)
     return pipeline
 
 

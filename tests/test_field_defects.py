@@ -314,3 +314,54 @@ def test_a_missing_peak_is_not_measured_and_fails():
     b["stages"][1]["edge_peak_rss_mib"] = 38.0
     assert _rss_row(b)[1] == "40 MiB max" and _rss_row(b)[-1] == "yes"
 
+
+
+def test_a_corrupt_last_shard_fails_before_any_upload(tmp_path):
+    """Every file of the plan is checked before the first upload: the workers' caches stay
+    empty and the error names the file, the digest expected and the one found."""
+    from edge.coordinator.deploy import DeployError, connect, deploy
+    from edge.planning import make_plan
+    from edge.planning.plan import Device
+    from edge.transport.channels import Deadlines, Security
+    from edge.worker.launch import spawn_worker
+
+    workers = [spawn_worker(tmp_path / "w", f"w{i}") for i in range(2)]
+    try:
+        devices = [Device(name=f"d{i}", address=w.address, profile="t", memory_mb=4096,
+                          gflops=g, bandwidth_mbps=1000.0)
+                   for i, (w, g) in enumerate(zip(workers, (1.0, 1.5)))]
+        plan = make_plan(locate("ppocr-cls"), devices, tmp_path / "build",
+                         bindings={"x:2": 48, "x:3": 192})
+        assert len(plan.stages) == 2
+        last = tmp_path / "build" / plan.stages[-1].shard
+        data = bytearray(last.read_bytes())
+        data[-1] ^= 0xFF  # same size, another digest
+        last.write_bytes(bytes(data))
+        handles = [connect(s, Security()) for s in plan.stages]
+        try:
+            with pytest.raises(DeployError) as e:
+                deploy(plan, tmp_path / "build", handles, 1, Deadlines(ready=20))
+        finally:
+            for h in handles:
+                h.close()
+        msg = str(e.value)
+        assert last.name in msg and f"expected sha256 {plan.stages[-1].sha256}" in msg
+        assert "nothing was uploaded" in msg
+        for w in workers:  # not even stage 0's shard
+            assert not [p for p in w.cache_dir.rglob("*") if p.is_file()], w.cache_dir
+    finally:
+        for w in workers:
+            w.stop()
+
+
+# --- issue 13, item 5: the upload line when everything is cached ----------------------
+
+
+def test_upload_progress_counts_only_bytes_sent():
+    from edge.cli import format_upload
+
+    assert format_upload(16_000_000, 0, 0, 0.0) == "all 16.0 MB cached, nothing uploaded"
+    assert "GB/s" not in format_upload(16_000_000, 0, 0, 0.001)
+    assert (format_upload(16_000_000, 12_000_000, 6_000_000, 2.0)
+            == "6.0 MB/12.0 MB uploaded at 3.0 MB/s, 4.0 MB cached")
+    assert format_upload(8_000_000, 8_000_000, 8_000_000, 0.01) == "8.0 MB/8.0 MB uploaded"
