@@ -465,7 +465,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if not profile or profile == "unknown":
             raise SystemExit("edge calibrate: which profile? the worker was started without "
                              "--device; pass --profile NAME")
-        from edge.planning.cluster import update_profile
+        from edge.planning.cluster import update_profile, user_profiles_dir
 
         values = {"runtime_floor_mb": round(floor_mb, 1), "gflops": round(reply.gflops, 1)}
         if not args.no_link:
@@ -474,6 +474,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 f"{datetime.date.today().isoformat()}")
         path = update_profile(profile, values, note)
         print(f"wrote {', '.join(values)} into {path}")
+        if path.parent == user_profiles_dir():
+            print(f"  profiles in {path.parent} are read before the shipped ones of the same "
+                  "name; delete the file to go back")
     return 0
 
 
@@ -614,7 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link-rounds", type=_positive(int), default=5)
     p.add_argument("--profile", help="profile to update (default: the worker's --device)")
     p.add_argument("--write", action="store_true",
-                   help="write the measured numbers into the profile file")
+                   help="write the measured numbers into the profile: a --profile path in "
+                        "place, a name into ~/.config/edge/devices (read before the shipped "
+                        "profiles; $EDGE_DEVICES_DIR if set)")
     p.add_argument("--no-link", action="store_true",
                    help="do not store the link speed (when measured from another network)")
     add_security_arguments(p)

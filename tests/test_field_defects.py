@@ -365,3 +365,37 @@ def test_upload_progress_counts_only_bytes_sent():
     assert (format_upload(16_000_000, 12_000_000, 6_000_000, 2.0)
             == "6.0 MB/12.0 MB uploaded at 3.0 MB/s, 4.0 MB cached")
     assert format_upload(8_000_000, 8_000_000, 8_000_000, 0.01) == "8.0 MB/8.0 MB uploaded"
+
+
+# --- issue 13, item 3: calibrated profiles go to the user's folder --------------------
+
+
+def test_calibrate_write_goes_to_the_users_folder_not_the_package(tmp_path, monkeypatch):
+    from edge.planning.cluster import (list_profiles, load_profile, profiles_dir,
+                                       update_profile, user_profiles_dir)
+    from edge.worker.launch import spawn_worker
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("EDGE_DEVICES_DIR", raising=False)
+    shipped = profiles_dir() / "rpi4b-2gb.yaml"
+    before = shipped.read_text()
+    w = spawn_worker(tmp_path, "w", device="rpi4b-2gb")
+    try:
+        r = subprocess.run([sys.executable, "-m", "edge", "calibrate", "--worker", w.address,
+                            "--seconds", "0.3", "--link-rounds", "1", "--no-link", "--write"],
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "HOME": str(home)})
+    finally:
+        w.stop()
+    assert r.returncode == 0, r.stderr
+    mine = home / ".config" / "edge" / "devices" / "rpi4b-2gb.yaml"
+    assert user_profiles_dir() == mine.parent and str(mine) in r.stdout
+    assert shipped.read_text() == before  # the package is untouched
+    assert mine.read_text().count("measured by edge calibrate") == 2
+    # Read first: the measured profile overrides the shipped one of the same name.
+    assert load_profile("rpi4b-2gb") == load_profile(mine) != load_profile(shipped)
+    assert list_profiles().count("rpi4b-2gb") == 1
+    update_profile("rpi4b-2gb", {"gflops": 3.25}, "by hand")  # again: in the same file
+    assert load_profile("rpi4b-2gb").gflops == 3.25 and shipped.read_text() == before
