@@ -19,6 +19,7 @@ import datetime
 import ipaddress
 import json
 import logging
+import shlex
 import signal
 import subprocess
 import time
@@ -224,7 +225,7 @@ class Lab:
                 cmd += ["--memory-budget", f"{dev.memory_budget_mb:g}"]
             with open(dev.log, "ab") as out:
                 out.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} "
-                          f"edge lab up: {' '.join(cmd)}\n".encode())
+                          f"edge lab up: {shlex.join(cmd)}\n".encode())
                 out.flush()
                 # A session of its own: the worker outlives `edge lab up` and its terminal.
                 p = subprocess.Popen(dev.cgroup.enter_command(cmd), stdout=out,
