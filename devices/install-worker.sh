@@ -1,55 +1,145 @@
 #!/bin/sh
 # Install an edge worker on Raspberry Pi OS / Debian (arm64) as a systemd service.
-# Worker only: no torch, just edge's core dependencies (numpy, onnx, onnxruntime, grpcio,
-# grpcio-health-checking, protobuf, psutil, pyyaml, rich).
+# Worker only: no torch, just edge-runtime's core dependencies (numpy, onnx, onnxruntime,
+# grpcio, grpcio-health-checking, protobuf, psutil, pyyaml, rich, cryptography).
 #
-# Usage: sudo CERTS=~/edge-certs sh install-worker.sh PROFILE [PIP_SPEC]
+# Usage: sudo CERTS=~/edge-certs sh install-worker.sh PROFILE [--from PATH|URL]
 #   PROFILE   a profile in this folder, e.g. rpi4b-2gb, rpi5-8gb, rpi-zero-2w
-#   PIP_SPEC  what to pip install (default: edge); e.g. a wheel path or git+https://... URL
+#   --from    what to install edge-runtime from: a clone of the repository, a wheel
+#             (edge_runtime-*.whl) or a pip URL (git+https://...). Default: the clone this
+#             script is in. edge-runtime is not on PyPI yet, and "edge" on PyPI is an
+#             unrelated package: this script never installs either name from an index.
 #   CERTS     this board's bundle, made on the machine with the cluster CA by
 #             `edge certs issue NAME --host BOARD_IP` and copied here (scp -rp); it goes
 #             to /opt/edge/certs. Already there from an earlier run: CERTS may be left out.
+#
+# Layout: /opt/edge (the venv, profiles and bundle) belongs to root and is readable by the
+# service user `edge`, which cannot change its own code; the shard cache is systemd's state
+# directory /var/lib/edge/cache. Running it again upgrades edge-runtime and restarts the
+# worker.
 set -eu
+umask 022
 
-PROFILE=${1:?usage: sudo CERTS=BUNDLE_DIR sh install-worker.sh PROFILE [PIP_SPEC]}
-SPEC=${2:-edge}
+USAGE="usage: sudo CERTS=BUNDLE_DIR sh install-worker.sh PROFILE [--from PATH|URL]"
 HERE=$(cd "$(dirname "$0")" && pwd)
 PREFIX=/opt/edge
+STATE=/var/lib/edge
+UNIT=edge-worker
 
-[ "$(id -u)" -eq 0 ] || { echo "run as root (sudo)" >&2; exit 1; }
+fail() { echo "install-worker.sh: $*" >&2; exit 1; }
+
+PROFILE=
+SPEC=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --from) [ $# -ge 2 ] || fail "--from needs a PATH or URL; $USAGE"; SPEC=$2; shift 2 ;;
+    --from=*) SPEC=${1#--from=}; shift ;;
+    -h|--help) echo "$USAGE"; exit 0 ;;
+    -*) fail "unknown option $1; $USAGE" ;;
+    *) [ -z "$PROFILE" ] || fail "one PROFILE only, got $PROFILE and $1; $USAGE"
+       PROFILE=$1; shift ;;
+  esac
+done
+[ -n "$PROFILE" ] || fail "$USAGE"
+
+# Everything is checked before anything on this machine changes.
+[ -f "$HERE/$PROFILE.yaml" ] || fail "unknown profile $PROFILE; known: $(cd "$HERE" && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
+
+if [ -z "$SPEC" ]; then
+  # The clone this script is in (devices/ is at its top).
+  if [ -f "$HERE/../pyproject.toml" ] && grep -q '^name = "edge-runtime"' "$HERE/../pyproject.toml"; then
+    SPEC=$(cd "$HERE/.." && pwd)
+  else
+    fail "$HERE is not in a clone of edge, and edge-runtime is not on PyPI yet: pass --from with a clone, a wheel (edge_runtime-*.whl) or a URL (git+https://...)"
+  fi
+fi
+# A bare name or requirement would come from an index: "edge" there is someone else's
+# package, and edge-runtime is not published yet.
+if [ ! -e "$SPEC" ] && printf '%s' "$SPEC" | grep -Eqi '^(edge|edge[-_.]runtime)[[:space:]]*([=<>~!;[].*)?$'; then
+  fail "--from $SPEC would install from PyPI, where \"edge\" is an unrelated package and edge-runtime is not published yet; pass a clone, a wheel or a git+https:// URL"
+fi
+if [ -d "$SPEC" ]; then
+  [ -f "$SPEC/pyproject.toml" ] && grep -q '^name = "edge-runtime"' "$SPEC/pyproject.toml" \
+    || fail "--from $SPEC: expected a clone of edge (a pyproject.toml naming edge-runtime)"
+elif [ -e "$SPEC" ]; then
+  case "$SPEC" in
+    *.whl) ;;
+    *) fail "--from $SPEC: expected a folder (a clone), a .whl or a URL" ;;
+  esac
+else
+  case "$SPEC" in
+    *://*) ;;
+    *) fail "--from $SPEC: no such file or folder" ;;
+  esac
+fi
+
 if [ -n "${CERTS:-}" ]; then
   for f in ca.crt node.crt node.key token; do
-    [ -f "$CERTS/$f" ] || { echo "CERTS=$CERTS: expected a bundle of \`edge certs issue NAME\` with ca.crt, node.crt, node.key, token; $f is missing" >&2; exit 1; }
+    [ -f "$CERTS/$f" ] || fail "CERTS=$CERTS: expected a bundle of \`edge certs issue NAME\` with ca.crt, node.crt, node.key, token; $f is missing"
   done
 elif [ ! -f "$PREFIX/certs/node.crt" ]; then
-  echo "no certificate bundle: on the machine with the cluster CA run \`edge certs issue NAME --host BOARD_IP\`, copy DIR/NAME here (scp -rp), then: sudo CERTS=PATH sh $0 $PROFILE" >&2
-  exit 1
+  fail "no certificate bundle: on the machine with the cluster CA run \`edge certs issue NAME --host BOARD_IP\`, copy DIR/NAME here (scp -rp), then: sudo CERTS=PATH sh $0 $PROFILE"
 fi
-[ -f "$HERE/$PROFILE.yaml" ] || { echo "unknown profile $PROFILE; known:" $(cd "$HERE" && ls *.yaml | sed 's/\.yaml$//') >&2; exit 1; }
 case "$(uname -m)" in
   aarch64|x86_64) ;;
-  *) echo "$(uname -m): onnxruntime has no wheels for it; install a 64-bit OS" >&2; exit 1 ;;
+  *) fail "$(uname -m): onnxruntime has no wheels for it; install a 64-bit OS" ;;
 esac
+[ "$(id -u)" -eq 0 ] || fail "run as root (sudo)"
 
 apt-get update
 apt-get install -y --no-install-recommends python3 python3-venv python3-pip
 
-id edge >/dev/null 2>&1 || useradd --system --home-dir "$PREFIX" --shell /usr/sbin/nologin edge
+# The service user: no login, no home of its own to write code into.
+id edge >/dev/null 2>&1 || useradd --system --no-create-home --home-dir "$STATE" \
+  --shell /usr/sbin/nologin edge
+
+# Root owns /opt/edge: a worker that is broken into cannot rewrite what it runs.
 mkdir -p "$PREFIX/devices"
+chown root:root "$PREFIX" "$PREFIX/devices"
+chmod 755 "$PREFIX" "$PREFIX/devices"
 cp "$HERE"/*.yaml "$PREFIX/devices/"
+chmod 644 "$PREFIX"/devices/*.yaml
 [ -d "$PREFIX/venv" ] || python3 -m venv "$PREFIX/venv"
 "$PREFIX/venv/bin/pip" install --upgrade pip
 # Plain install: core dependencies only. Never the [export] extra (torch) on a worker.
-"$PREFIX/venv/bin/pip" install "$SPEC"
+if [ -d "$SPEC" ]; then
+  # Built from a copy: pip builds in the source tree, and root's build/ and *.egg-info
+  # would be left in the user's clone.
+  SRC=$(mktemp -d)
+  trap 'rm -rf "$SRC"' EXIT
+  cp -r "$SPEC/pyproject.toml" "$SPEC/README.md" "$SPEC/edge" "$SPEC/devices" "$SRC/"
+  "$PREFIX/venv/bin/pip" install --upgrade "$SRC"
+else
+  "$PREFIX/venv/bin/pip" install --upgrade "$SPEC"
+fi
+chown -R root:root "$PREFIX/venv"
+
 if [ -n "${CERTS:-}" ]; then
   rm -rf "$PREFIX/certs" && mkdir -p "$PREFIX/certs"
   cp "$CERTS"/ca.crt "$CERTS"/node.crt "$CERTS"/node.key "$CERTS"/token "$PREFIX/certs/"
 fi
-chown -R edge:edge "$PREFIX"
-chmod 700 "$PREFIX/certs" && chmod 600 "$PREFIX/certs/node.key" "$PREFIX/certs/token"
+# Readable by the worker (group edge), writable by root only.
+chown -R root:edge "$PREFIX/certs"
+chmod 750 "$PREFIX/certs"
+chmod 644 "$PREFIX/certs/ca.crt" "$PREFIX/certs/node.crt"
+chmod 640 "$PREFIX/certs/node.key" "$PREFIX/certs/token"
 
 sed "s/^Environment=EDGE_DEVICE=.*/Environment=EDGE_DEVICE=$PROFILE/" \
-  "$HERE/edge-worker.service" > /etc/systemd/system/edge-worker.service
+  "$HERE/edge-worker.service" > /etc/systemd/system/$UNIT.service
 systemctl daemon-reload
-systemctl enable --now edge-worker
-echo "edge worker ($PROFILE) listening on port 50051 (mutual TLS, bundle $PREFIX/certs); logs: journalctl -u edge-worker -f"
+systemctl enable "$UNIT"
+# restart, not start: on a second run the worker must pick up the new code and profile.
+systemctl reset-failed "$UNIT" 2>/dev/null || true
+systemctl restart "$UNIT"
+
+# A worker that crashes at start is "active" for a moment: wait, then check that it is
+# still active and has not been restarted.
+sleep 5
+if systemctl is-active --quiet "$UNIT" \
+    && [ "$(systemctl show -p NRestarts --value "$UNIT" 2>/dev/null || echo 0)" = 0 ]; then
+  echo "edge worker ($PROFILE) listening on port 50051 (mutual TLS, bundle $PREFIX/certs, cache $STATE/cache); logs: journalctl -u $UNIT -f"
+else
+  echo "install-worker.sh: the edge worker did not start ($(systemctl is-active "$UNIT" || true)); its log:" >&2
+  journalctl -u "$UNIT" -n 30 --no-pager >&2 || true
+  exit 1
+fi

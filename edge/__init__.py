@@ -9,3 +9,5 @@ The package has two halves that meet only at the plan file:
 """
 
 __version__ = "0.1.0"
+# The name pip knows it by (pyproject.toml): "edge" on PyPI is an unrelated package.
+DISTRIBUTION = "edge-runtime"

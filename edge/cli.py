@@ -243,10 +243,36 @@ def _lab_diagnose(plan):
     return lab.diagnose
 
 
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def format_upload(planned: int, to_send: int, sent: int, seconds: float) -> str:
+    """One stage's upload, for the progress bar.
+
+    Only bytes actually sent count towards the rate; cached files are said to be cached.
+
+    Args:
+        planned: bytes of the stage's files.
+        to_send: of those, bytes the worker's cache lacks.
+        sent: bytes sent so far.
+        seconds: since the first byte was sent.
+    """
+    cached = planned - to_send
+    if to_send <= 0:
+        return f"all {_mb(planned)} cached, nothing uploaded"
+    text = f"{_mb(sent)}/{_mb(to_send)} uploaded"
+    if sent and seconds >= 0.05:  # shorter: a rate of noise
+        text += f" at {_mb(sent / seconds)}/s"
+    return text + (f", {_mb(cached)} cached" if cached else "")
+
+
 def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | None = None,
                    failover: bool = True, max_in_flight: int = 64, security=None):
     """Load a plan and deploy it with a progress bar. Returns the started Pipeline."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn
 
     from edge.coordinator.pipeline import Pipeline
     from edge.planning.plan import load_plan, plan_file
@@ -264,12 +290,26 @@ def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | N
                         diagnose=_lab_diagnose(plan), failover=failover,
                         max_in_flight=max_in_flight, security=security or Security(),
                         model=Path(model) if model else None, on_change=changed)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), console=console, transient=False) as bar:
-        tasks = {s.index: bar.add_task(f"stage {s.index} → {s.device.name}", total=s.total_bytes)
+    # rich's own speed column would count cached files as transferred in no time ("16 MB at
+    # 11.6 GB/s" with nothing sent): the text is format_upload's, from bytes really sent.
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.fields[upload]}"), console=console,
+                  transient=False) as bar:
+        tasks = {s.index: bar.add_task(f"stage {s.index} → {s.device.name}", total=s.total_bytes,
+                                       upload="waiting for the worker")
                  for s in plan.stages}
-        pipeline.start(progress=lambda stage, sent, total: bar.update(
-            tasks[stage.index], completed=sent, total=total))
+        first_byte: dict[int, float] = {}
+
+        def progress(stage, sent: int, to_send: int) -> None:
+            now = time.monotonic()
+            if sent:
+                first_byte.setdefault(stage.index, now)
+            seconds = now - first_byte.get(stage.index, now)
+            planned = stage.total_bytes
+            bar.update(tasks[stage.index], total=planned, completed=planned - to_send + sent,
+                       upload=format_upload(planned, to_send, sent, seconds))
+
+        pipeline.start(progress=progress)
     return pipeline
 
 
@@ -427,7 +467,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if not profile or profile == "unknown":
             raise SystemExit("edge calibrate: which profile? the worker was started without "
                              "--device; pass --profile NAME")
-        from edge.planning.cluster import update_profile
+        from edge.planning.cluster import update_profile, user_profiles_dir
 
         values = {"runtime_floor_mb": round(floor_mb, 1), "gflops": round(reply.gflops, 1)}
         if not args.no_link:
@@ -436,6 +476,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 f"{datetime.date.today().isoformat()}")
         path = update_profile(profile, values, note)
         print(f"wrote {', '.join(values)} into {path}")
+        if path.parent == user_profiles_dir():
+            print(f"  profiles in {path.parent} are read before the shipped ones of the same "
+                  "name; delete the file to go back")
     return 0
 
 
@@ -580,7 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link-rounds", type=_positive(int), default=5)
     p.add_argument("--profile", help="profile to update (default: the worker's --device)")
     p.add_argument("--write", action="store_true",
-                   help="write the measured numbers into the profile file")
+                   help="write the measured numbers into the profile: a --profile path in "
+                        "place, a name into ~/.config/edge/devices (read before the shipped "
+                        "profiles; $EDGE_DEVICES_DIR if set)")
     p.add_argument("--no-link", action="store_true",
                    help="do not store the link speed (when measured from another network)")
     add_security_arguments(p)
@@ -620,10 +665,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
+    import edge
+
     try:
-        return version("edge")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
+        return version(edge.DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree (PYTHONPATH) without installing
+        return f"{edge.__version__} (not installed as {edge.DISTRIBUTION})"
 
 
 def _log_level_everywhere(parser: argparse.ArgumentParser) -> None:
@@ -643,10 +690,19 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from edge.errors import EdgeError
 
+    from edge._extras import missing_package
+
     try:
         return args.func(args)
     except EdgeError as e:
         print(f"edge {args.command}: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        # torch (export, demo, bench) or matplotlib (charts): the pip command, no traceback.
+        missing = missing_package(e.name or "")
+        if missing is None:
+            raise
+        print(f"edge {args.command}: {missing}", file=sys.stderr)
         return 2
 
 

@@ -10,6 +10,7 @@ __all__ = [
     "NoFitError",
     "TensorError",
     "SecurityError",
+    "MissingPackageError",
 ]
 
 
@@ -58,3 +59,18 @@ class TensorError(EdgeError):
 class SecurityError(EdgeError):
     """A connection would be unprotected, or a certificate bundle or token is missing or
     malformed. The message says what to pass instead (``--certs DIR``, ``--insecure``)."""
+
+
+class MissingPackageError(EdgeError):
+    """An optional package (an extra of pyproject.toml) is not installed. The message
+    is the pip command that installs it (see ``edge._extras``).
+
+    Attributes:
+        package: the missing top-level module, e.g. ``torch``.
+        extra: the extra that provides it, e.g. ``export``.
+    """
+
+    def __init__(self, message: str, package: str, extra: str):
+        super().__init__(message)
+        self.package = package
+        self.extra = extra

@@ -25,6 +25,10 @@ __all__ = ["lab_pipeline_vs_one"]
 log = logging.getLogger(__name__)
 
 
+def _round(mib: float | None) -> float | None:
+    return None if mib is None else round(mib, 1)  # None: not measured
+
+
 def _throughput(pipeline, inputs, in_flight: int) -> float:
     t = time.perf_counter()
     with ThreadPoolExecutor(in_flight) as pool:
@@ -65,6 +69,7 @@ def lab_pipeline_vs_one(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
         cannot run here (not root, a lab already up, ...).
     """
     from edge.coordinator.pipeline import Pipeline
+    from edge.demo import measured_peak_mib
     from edge.lab import DeviceSpec, Lab, LabError
     from edge.planning import make_plan
     from edge.planning.cluster import load_cluster
@@ -111,7 +116,7 @@ def lab_pipeline_vs_one(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
         "throughput_ratio": round(many_rps / one_rps, 3),
         "one_device_latency_ms": round(statistics.median(lat["one"]), 1),
         "pipeline_latency_ms": round(statistics.median(lat["many"]), 1),
-        "peak_rss_mib": {k: [round(s.worker.peak_rss_bytes / 2**20, 1) for s in v.stages]
+        "peak_rss_mib": {k: [_round(measured_peak_mib(s)) for s in v.stages]
                          for k, v in status.items()},
         "note": "measured in edge lab: CPU quotas scaled to the profile's GFLOP/s emulate "
                 "a board's throughput, not its per-operation latency; not measured on a Pi",

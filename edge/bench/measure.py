@@ -154,10 +154,12 @@ class Deployment:
         self.throughputs.append(rps)
         return records, rps
 
-    def peak_rss_mib(self) -> list[float]:
-        """Each worker's peak RSS (VmHWM) so far, by stage, MiB."""
-        status = self.pipeline.status()
-        return [s.worker.peak_rss_bytes / 2**20 for s in status.stages]
+    def peak_rss_mib(self) -> list[float | None]:
+        """Each worker's peak RSS (VmHWM) so far, by stage, MiB; None for a worker whose
+        status could not be read (logged by the pipeline): not measured, never 0."""
+        from edge.demo import measured_peak_mib
+
+        return [measured_peak_mib(s) for s in self.pipeline.status().stages]
 
     def stage_compute_ms(self) -> list[float]:
         """Median compute time of each stage over the one-at-a-time requests."""

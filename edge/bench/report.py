@@ -17,6 +17,26 @@ def _met(flag) -> str:
     return "—" if flag is None else ("yes" if flag else "**no**")
 
 
+def _mib(v) -> str:
+    """A peak in MiB; None was not measured (a worker's status failed), never 0."""
+    return "not measured" if v is None else f"{v:.0f}"
+
+
+def _rss_row(b: Mapping) -> tuple[str, ...]:
+    name = "b. peak RSS per device ÷ torch's (worst stage)"
+    target = f"≤ {b['targets']['peak_rss_ratio_max']:g}×"
+    torch = f"{max(s['torch_peak_rss_mib'] for s in b['stages']):.0f} MiB max"
+    missing = b.get("rss_not_measured") or [s["stage"] for s in b["stages"]
+                                            if s["edge_peak_rss_mib"] is None]
+    if missing:
+        # Not measured is a failed check, with the reason, never a ratio of 0.
+        return (name, "not measured", torch,
+                f"stage(s) {', '.join(map(str, missing))}: worker status failed", target,
+                _met(False))
+    return (name, f"{max(s['edge_peak_rss_mib'] for s in b['stages']):.0f} MiB max", torch,
+            f"{b['peak_rss_ratio_max']:.2f}×", target, _met(b["met_rss"]))
+
+
 def _lab_rows(a: Mapping, n: int) -> list[tuple[str, ...]]:
     lab = a.get("lab") or {}
     name = f"a. throughput, {n} stages ÷ one device, measured in the emulated lab"
@@ -48,11 +68,7 @@ def summary_rows(r: Mapping) -> list[tuple[str, ...]]:
         ("a. latency, one request at a time (median)",
          f"{pipe['latency_ms']['median']:.1f} ms", f"{one['latency_ms']['median']:.1f} ms",
          f"{pipe['latency_ms']['median'] / one['latency_ms']['median']:.2f}×", "—", "—"),
-        ("b. peak RSS per device ÷ torch's (worst stage)",
-         f"{max(s['edge_peak_rss_mib'] for s in b['stages']):.0f} MiB max",
-         f"{max(s['torch_peak_rss_mib'] for s in b['stages']):.0f} MiB max",
-         f"{b['peak_rss_ratio_max']:.2f}×", f"≤ {b['targets']['peak_rss_ratio_max']:g}×",
-         _met(b["met_rss"])),
+        _rss_row(b),
         (f"b. throughput ÷ torch's ({b['torch_microbatches']} microbatches)",
          f"{b['edge_throughput_rps']:.2f} req/s", f"{b['torch_throughput_rps']:.2f} req/s",
          f"{b['throughput_ratio']:.2f}×", f"≥ {b['targets']['throughput_ratio']:g}×",
@@ -119,13 +135,13 @@ def markdown(r: Mapping) -> str:
         *_table(("stage", "holds", "mode", "compute ms (here)", "modelled stage ms",
                  "planned MiB", "peak RSS MiB"),
                 [(s["stage"], s["holds"], s["mode"], f"{s['compute_ms']:.1f}",
-                  f"{ms:.0f}", f"{s['planned_mib']:.0f}", f"{s['peak_rss_mib']:.0f}")
+                  f"{ms:.0f}", f"{s['planned_mib']:.0f}", _mib(s["peak_rss_mib"]))
                  for s, ms in zip(a["pipeline"]["stages"],
                                   a["pipeline"]["modelled"]["stage_ms"])]),
         "",
         f"One device: compute {a['one_device']['stages'][0]['compute_ms']:.1f} ms here, "
         f"modelled {a['one_device']['modelled']['period_ms']:.0f} ms per request on the "
-        f"device; peak RSS {a['one_device']['stages'][0]['peak_rss_mib']:.0f} MiB.",
+        f"device; peak RSS {_mib(a['one_device']['stages'][0]['peak_rss_mib'])} MiB.",
         "",
         "## b. torch.distributed.pipelining",
         "",
@@ -137,8 +153,9 @@ def markdown(r: Mapping) -> str:
         "",
         *_table(("stage", "edge holds", "torch holds", "edge peak MiB", "torch peak MiB",
                  "edge ÷ torch", "torch after imports MiB"),
-                [(s["stage"], s["edge_holds"], s["holds"], f"{s['edge_peak_rss_mib']:.0f}",
-                  f"{s['torch_peak_rss_mib']:.0f}", f"{s['rss_ratio']:.2f}",
+                [(s["stage"], s["edge_holds"], s["holds"], _mib(s["edge_peak_rss_mib"]),
+                  f"{s['torch_peak_rss_mib']:.0f}",
+                  "—" if s["rss_ratio"] is None else f"{s['rss_ratio']:.2f}",
                   f"{s['torch_rss_after_imports_mib']:.0f}") for s in b["stages"]]),
         "",
         "## c. One hop",
@@ -196,8 +213,10 @@ def plot_scaling(r: Mapping, path: str | Path) -> Path:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise RuntimeError(f"drawing {path} needs matplotlib: pip install 'edge[plot]' "
-                           f"({e})") from None
+        from edge._extras import missing_package
+
+        raise (missing_package(e.name or "matplotlib", f"drawing {path}")
+               or e) from None
 
     points = r["d_scaling"]["points"]
     xs = [p["devices"] for p in points]

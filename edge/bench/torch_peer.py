@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 
 from edge.bench.split import LayerSplit
 from edge.errors import EdgeError
+from edge.worker.launch import module_command
 
 __all__ = ["BertStage", "PeerError", "TorchPeer", "save_stages", "run_stages"]
 
@@ -222,8 +223,9 @@ class TorchPeer:
             for rank, path in enumerate(self.stage_files):
                 log_file = open(self.workdir / f"rank-{rank}.log", "ab")
                 p = subprocess.Popen(
-                    [sys.executable, "-m", "edge.bench.torch_peer", "--rank", str(rank),
-                     "--world", str(self.world), "--master", master, "--stage", str(path)],
+                    module_command("edge.bench.torch_peer", "--rank", str(rank),
+                                   "--world", str(self.world), "--master", master,
+                                   "--stage", str(path)),
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
                     text=True, bufsize=1, env=env)
                 log_file.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from edge.transport.channels import Deadlines, Security, create_channel
 from edge.transport.codec import PROTOCOL_VERSION, encode_spec
 
 __all__ = ["DeployError", "Link", "WorkerHandle", "connect", "wait_healthy", "upload_shard",
-           "deploy", "CHUNK_BYTES"]
+           "deploy", "check_plan_files", "CHUNK_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,9 @@ log = logging.getLogger(__name__)
 # with 256 KiB ones, in the same time over loopback (benchmarks/load_memory.py).
 CHUNK_BYTES = 1 << 18
 
-# (stage, bytes sent so far, total bytes) for a progress bar.
+# (stage, bytes sent so far, bytes to send) for a progress bar. Files the worker has cached
+# are not sent: they are taken off "to send" (down to 0 when all are cached), never counted
+# as sent, so a rate computed from these numbers is a real transfer rate.
 Progress = Callable[[Stage, int, int], None]
 
 
@@ -111,6 +115,67 @@ def wait_healthy(w: WorkerHandle, deadlines: Deadlines) -> None:
         delay = min(delay * 2, 1.0)
 
 
+def _stage_files(stage: Stage) -> list[tuple[str, str, int]]:
+    """(path relative to the plan, sha256, size) of the stage's ``.onnx`` and data files."""
+    return [(stage.shard, stage.sha256, stage.shard_bytes)] + [
+        (f.path, f.sha256, f.size) for f in stage.data_files]
+
+
+# Digests already checked, by (path, size, mtime): a failover deploys the same files again.
+_checked: dict[tuple[str, int, int], str] = {}
+_checked_lock = threading.Lock()
+
+
+def _file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _checked_lock:
+        if key in _checked:
+            return _checked[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    with _checked_lock:
+        _checked[key] = h.hexdigest()
+    return _checked[key]
+
+
+def check_plan_files(stages: list[Stage], plan_dir: Path) -> None:
+    """Check every file of ``stages`` against the plan before anything is uploaded: a
+    missing or changed last shard would otherwise be found after the others were sent.
+
+    Args:
+        stages: the stages about to be deployed.
+        plan_dir: the plan's folder (file paths in the plan are relative to it).
+
+    Raises:
+        DeployError: FAILED_PRECONDITION, naming every file that is missing, of the wrong
+            size or of the wrong sha256, with what the plan expects and what is there.
+    """
+    problems = []
+    for stage in stages:
+        for rel, sha, size in _stage_files(stage):
+            path = plan_dir / rel
+            if not path.is_file():
+                problems.append(f"stage {stage.index}: {path}: no such file (the plan expects "
+                                f"{size} bytes, sha256 {sha})")
+                continue
+            got_size = path.stat().st_size
+            if got_size != size:
+                problems.append(f"stage {stage.index}: {path}: expected {size} bytes, got "
+                                f"{got_size}")
+                continue
+            got = _file_sha256(path)
+            if got != sha:
+                problems.append(f"stage {stage.index}: {path}: expected sha256 {sha}, got "
+                                f"{got}")
+    if problems:
+        raise DeployError("the plan's files do not match it; nothing was uploaded (re-run "
+                          "`edge plan`, or copy the plan's folder again): "
+                          + "; ".join(problems), grpc.StatusCode.FAILED_PRECONDITION)
+
+
 def _chunks(sha256: str, path: Path, sent: list[int],
             progress: Callable[[int], None] | None) -> Iterator[pb.ShardChunk]:
     size = path.stat().st_size
@@ -131,10 +196,8 @@ def upload_shard(w: WorkerHandle, plan_dir: Path, deadlines: Deadlines,
         Bytes sent (0 if the cache had everything).
     """
     stage = w.stage
-    files = [(stage.shard, stage.sha256, stage.shard_bytes)] + [
-        (f.path, f.sha256, f.size) for f in stage.data_files]
-    total, done, sent = stage.total_bytes, 0, [0]
-    for rel, sha, size in files:
+    to_send, sent = stage.total_bytes, [0]
+    for rel, sha, size in _stage_files(stage):
         try:
             have = w.stub.HasShard(pb.ShardRef(sha256=sha), timeout=deadlines.control)
         except grpc.RpcError as e:
@@ -142,15 +205,15 @@ def upload_shard(w: WorkerHandle, plan_dir: Path, deadlines: Deadlines,
                               e.code())
         if have.present:
             log.info("%s already has %s", w.label, rel)
-            done += size
+            to_send -= size
             if progress:
-                progress(stage, done + sent[0], total)
+                progress(stage, sent[0], to_send)
             continue
         path = plan_dir / rel
         if not path.is_file():
             raise DeployError(f"plan names {path} for stage {stage.index}, but there is no "
                               "such file", grpc.StatusCode.FAILED_PRECONDITION)
-        report = (lambda n: progress(stage, done + n, total)) if progress else None
+        report = (lambda n: progress(stage, n, to_send)) if progress else None
         try:
             w.stub.UploadShard(_chunks(sha, path, sent, report), timeout=deadlines.upload)
         except grpc.RpcError as e:
@@ -190,7 +253,12 @@ def deploy(plan: Plan, plan_dir: Path, workers: list[WorkerHandle], epoch: int,
 
     Returns:
         Shard bytes uploaded (0 when every worker had its shard cached).
+
+    Raises:
+        DeployError: a file of the plan is missing or differs from it (before any upload),
+            or a worker cannot be reached, sent its shard or configured.
     """
+    check_plan_files([w.stage for w in workers], plan_dir)
     for w in workers:
         wait_healthy(w, deadlines)
     uploaded = sum(upload_shard(w, plan_dir, deadlines, progress) for w in workers)

@@ -651,7 +651,11 @@ class Pipeline:
                 s.worker.CopyFrom(w.stub.GetStatus(pb.StatusRequest(),
                                                    timeout=self.deadlines.control))
                 s.healthy = True
-            except grpc.RpcError:
+            except grpc.RpcError as e:
+                # Said, not swallowed: a caller reading this worker's memory gets nothing.
+                log.warning("status of stage %d on %s (%s) failed: %s: %s", w.stage.index,
+                            w.stage.device.name, w.stage.device.address, e.code().name,
+                            e.details())
                 s.healthy = False
         return out
 

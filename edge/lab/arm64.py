@@ -55,6 +55,8 @@ PYTHON_VERSION = "3.11"
 PLATFORMS = ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64")
 VENV = "/opt/edge/venv"          # inside the root
 WHEELS_IN_ROOT = "/mnt/wheels"   # where the host's wheel folder is bind-mounted
+# A wheel's file name spells the distribution (edge-runtime) with an underscore.
+_WHEEL_PREFIX = "edge_runtime-"
 RUN_IN_ROOT = "/tmp/edge-arm64"  # the worker's port file and shard cache
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
 HOST_TOOLS = {"debootstrap": "debootstrap", "qemu-aarch64-static": "qemu-user-static",
@@ -225,7 +227,8 @@ def build_wheels(wheels: Path, log_file: Path) -> Path:
     """A wheel of this checkout plus its dependencies as aarch64 cp311 wheels, in ``wheels``.
 
     The dependency list is the wheel's own metadata (pyproject's ``dependencies``), so
-    the root gets exactly what ``pip install edge`` on a Pi gets; torch is only in extras.
+    the root gets exactly what ``pip install edge-runtime`` on a Pi gets; torch is only in
+    extras.
 
     Returns:
         The edge wheel.
@@ -243,8 +246,9 @@ def build_wheels(wheels: Path, log_file: Path) -> Path:
         shutil.copytree(repo / "devices", src / "devices", ignore=ignore)
         _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
               "-w", Path(tmp) / "dist", src], log_file)
-        built = next((Path(tmp) / "dist").glob("edge-*.whl"))
-        for old in wheels.glob("edge-*.whl"):
+        built = next((Path(tmp) / "dist").glob(f"{_WHEEL_PREFIX}*.whl"))
+        # "edge-*": wheels of before the distribution was renamed edge-runtime.
+        for old in [*wheels.glob(f"{_WHEEL_PREFIX}*.whl"), *wheels.glob("edge-*.whl")]:
             old.unlink()
         wheel = wheels / built.name
         shutil.copy2(built, wheel)
@@ -372,7 +376,7 @@ def install_worker(config: SmokeConfig, wheel: Path, wheels: Path, log_file: Pat
     pip = [py, "-m", "pip", "install", "--no-index", "--find-links", WHEELS_IN_ROOT]
     stamp = root / "opt/edge/installed-wheels.txt"
     deps = "\n".join(sorted(p.name for p in wheels.glob("*.whl")
-                            if not p.name.startswith("edge-"))) + "\n"
+                            if not p.name.startswith((_WHEEL_PREFIX, "edge-")))) + "\n"
     in_root = f"{WHEELS_IN_ROOT}/{wheel.name}"
     if not stamp.is_file() or stamp.read_text() != deps:
         _run(_in_root(root, [*pip, in_root]), log_file, ROOT_ENV)

@@ -19,9 +19,9 @@ import datetime
 import ipaddress
 import json
 import logging
+import shlex
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from edge.lab.devices import (HOST_IP, MAX_DEVICES, SUBNET, DeviceSpec, LabDevic
 from edge.lab.system import (CERTS_DIR, STATE_FILE, LabError, check_tools, default_cache_dir,
                              default_state_dir, process_alive, require_root, write_json)
 from edge.lab.cleanup import TeardownReport, leftovers, teardown
+from edge.worker.launch import module_command
 
 __all__ = ["Lab", "DeviceStatus"]
 
@@ -213,17 +214,18 @@ class Lab:
             port_file = self._port_file(dev)
             port_file.unlink(missing_ok=True)
             Path(dev.cache_dir).mkdir(parents=True, exist_ok=True)
-            cmd = ["ip", "netns", "exec", dev.namespace,
-                   sys.executable, "-m", "edge", "--log-level", "INFO", "worker",
-                   "--listen", dev.address, "--device", dev.profile,
-                   "--cache-dir", dev.cache_dir, "--threads", str(dev.threads),
-                   "--port-file", str(port_file), "--certs", str(_bundle(self.state_dir, dev))]
+            # module_command: the folder `edge lab up` runs in cannot shadow the package.
+            cmd = ["ip", "netns", "exec", dev.namespace, *module_command(
+                "edge", "--log-level", "INFO", "worker",
+                "--listen", dev.address, "--device", dev.profile,
+                "--cache-dir", dev.cache_dir, "--threads", str(dev.threads),
+                "--port-file", str(port_file), "--certs", str(_bundle(self.state_dir, dev)))]
             profile_budget = load_profile(dev.profile).memory_budget_mb
             if dev.memory_budget_mb != profile_budget:
                 cmd += ["--memory-budget", f"{dev.memory_budget_mb:g}"]
             with open(dev.log, "ab") as out:
                 out.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} "
-                          f"edge lab up: {' '.join(cmd)}\n".encode())
+                          f"edge lab up: {shlex.join(cmd)}\n".encode())
                 out.flush()
                 # A session of its own: the worker outlives `edge lab up` and its terminal.
                 p = subprocess.Popen(dev.cgroup.enter_command(cmd), stdout=out,

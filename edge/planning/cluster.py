@@ -26,6 +26,8 @@ __all__ = [
     "DeviceProfile",
     "Cluster",
     "profiles_dir",
+    "user_profiles_dir",
+    "profile_dirs",
     "list_profiles",
     "load_profile",
     "load_cluster",
@@ -109,12 +111,30 @@ def profiles_dir() -> Path:
     return Path(sys.prefix) / "share" / "edge" / "devices"
 
 
+def user_profiles_dir() -> Path:
+    """Where ``edge calibrate --write`` puts measured profiles: ``~/.config/edge/devices``,
+    next to the certificates (``~/.config/edge/certs``). Not the installed package, whose
+    files an upgrade replaces."""
+    return Path.home() / ".config" / "edge" / "devices"
+
+
+def profile_dirs() -> list[Path]:
+    """The folders profiles are looked up in, first match wins.
+
+    ``$EDGE_DEVICES_DIR`` alone if set; else ``user_profiles_dir()`` (measured profiles
+    override the shipped ones of the same name), then ``profiles_dir()``.
+
+    Raises:
+        ConfigError: ``$EDGE_DEVICES_DIR`` is set but is not a folder.
+    """
+    if os.environ.get(_ENV_DIR):
+        return [profiles_dir()]
+    return [user_profiles_dir(), profiles_dir()]
+
+
 def list_profiles() -> list[str]:
-    """Names of the profiles in ``profiles_dir()``, sorted."""
-    d = profiles_dir()
-    if not d.is_dir():
-        return []
-    return sorted(p.stem for p in d.glob("*.yaml"))
+    """Names of the profiles in ``profile_dirs()``, sorted."""
+    return sorted({p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.yaml")})
 
 
 # --- field checking ---------------------------------------------------------------------
@@ -197,22 +217,30 @@ _LINKS = ("gige", "wifi")
 _PROFILE_FIELDS = {"name", "description", *_PROFILE_NUMBERS, "link", "cores", "arch"}
 
 
+def _is_path(s: str) -> bool:
+    """A yaml file's path rather than a profile's name."""
+    return s.endswith((".yaml", ".yml")) or os.sep in s or "/" in s
+
+
 def _profile_path(name_or_path: str | os.PathLike[str]) -> Path:
     s = os.fspath(name_or_path)
-    if s.endswith((".yaml", ".yml")) or os.sep in s or "/" in s:
+    if _is_path(s):
         return Path(s)
-    path = profiles_dir() / f"{s}.yaml"
-    if not path.is_file():
-        known = ", ".join(list_profiles()) or "(none)"
-        raise ConfigError(f"unknown profile {s!r} (looked in {profiles_dir()}); known: {known}")
-    return path
+    dirs = profile_dirs()
+    for d in dirs:
+        path = d / f"{s}.yaml"
+        if path.is_file():
+            return path
+    known = ", ".join(list_profiles()) or "(none)"
+    raise ConfigError(f"unknown profile {s!r} (looked in {', '.join(map(str, dirs))}); "
+                      f"known: {known}")
 
 
 def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
     """Load a device profile.
 
     Args:
-        name_or_path: a profile name (``rpi4b-2gb``, looked up in ``profiles_dir()``) or the
+        name_or_path: a profile name (``rpi4b-2gb``, looked up in ``profile_dirs()``) or the
             path of a yaml file.
 
     Raises:
@@ -403,6 +431,10 @@ def update_profile(name_or_path: str | os.PathLike[str], values: Mapping[str, fl
     Each ``key: value  # comment`` line named in ``values`` becomes
     ``key: <measured>  # <note>``; keys the file lacks are appended.
 
+    A path is updated in place. A name is written to ``user_profiles_dir()`` (or
+    ``$EDGE_DEVICES_DIR`` when set), starting from the profile it resolves to now: never
+    into the installed package, where an upgrade would lose it.
+
     Args:
         name_or_path: profile name or yaml path.
         values: e.g. ``{"gflops": 9.7, "runtime_floor_mb": 58}``.
@@ -414,12 +446,13 @@ def update_profile(name_or_path: str | os.PathLike[str], values: Mapping[str, fl
     Raises:
         ConfigError: unknown key, or the result is not a valid profile.
     """
-    path = _profile_path(name_or_path)
+    source = _profile_path(name_or_path)
+    path = source if _is_path(os.fspath(name_or_path)) else profile_dirs()[0] / source.name
     known = {f.name for f in dataclasses.fields(DeviceProfile)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{path.name}: cannot set unknown field(s) {', '.join(unknown)}")
-    lines = path.read_text().splitlines()
+    lines = source.read_text().splitlines()
     pending = dict(values)
     for i, line in enumerate(lines):
         key = line.split(":", 1)[0].strip()
@@ -427,6 +460,7 @@ def update_profile(name_or_path: str | os.PathLike[str], values: Mapping[str, fl
             lines[i] = f"{key}: {_fmt(pending.pop(key))}  # {note}"
     lines += [f"{k}: {_fmt(v)}  # {note}" for k, v in pending.items()]
     text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as d:
         tmp = Path(d) / path.name  # same name: a profile's name must match its file
         tmp.write_text(text)

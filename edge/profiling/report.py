@@ -50,13 +50,15 @@ _BUDGET_SHOWN_RATIO = 1.5
 
 def matplotlib_agg(path) -> tuple:
     """matplotlib's ``Figure`` and ``FigureCanvasAgg`` (a bare figure on an Agg canvas, not
-    pyplot: no display, no global state), or a RuntimeError naming the extra to install."""
+    pyplot: no display, no global state), or a MissingPackageError naming the pip command."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise RuntimeError(f"drawing {path} needs matplotlib: pip install 'edge[plot]' "
-                           f"({e})") from None
+        from edge._extras import missing_package
+
+        raise (missing_package(e.name or "matplotlib", f"drawing {path}")
+               or e) from None
     return Figure, FigureCanvasAgg
 
 def _num(x: Any) -> float | None:

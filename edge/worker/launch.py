@@ -10,7 +10,30 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["WorkerProcess", "spawn_worker", "LocalWorkers", "stop_process"]
+__all__ = ["WorkerProcess", "spawn_worker", "LocalWorkers", "stop_process", "module_command"]
+
+# `python -m edge` puts the current folder first on sys.path. Run from a folder that holds
+# the clone as `edge/` (the Quick start's layout), that folder is imported as a namespace
+# package `edge` that shadows the installed one: the worker still starts, through the
+# editable finder, but `edge.__version__` is missing and every status call fails. `-P`
+# (PYTHONSAFEPATH) would drop the folder, but only from Python 3.11; we support 3.10.
+# `-c` puts '' (the current folder) first instead; the code removes it before importing.
+_RUN_MODULE = (
+    "import runpy, sys\n"
+    "if not getattr(sys.flags, 'safe_path', False) and sys.path[:1] == ['']:\n"
+    "    del sys.path[0]\n"
+    "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)\n")
+
+
+def module_command(module: str, *args: str) -> list[str]:
+    """``python -m MODULE ARGS`` with this interpreter, without the current folder on
+    ``sys.path``, so a folder named like the package cannot shadow it.
+
+    Args:
+        module: e.g. ``edge`` or ``edge.bench.torch_peer``.
+        args: its arguments.
+    """
+    return [sys.executable, "-c", _RUN_MODULE, module, *args]
 
 
 def stop_process(process: subprocess.Popen, timeout: float) -> int:
@@ -69,9 +92,9 @@ def spawn_worker(workdir: Path, name: str, device: str | None = None,
     port_file.unlink(missing_ok=True)
     cache_dir = cache_dir or workdir / f"cache-{name}"
     log_path = workdir / f"{name}.log"
-    cmd = [sys.executable, "-m", "edge", "--log-level", os.environ.get("EDGE_LOG", "INFO"),
-           "worker", "--listen", f"127.0.0.1:{port}", "--port-file", str(port_file),
-           "--cache-dir", str(cache_dir)]
+    cmd = module_command("edge", "--log-level", os.environ.get("EDGE_LOG", "INFO"),
+                         "worker", "--listen", f"127.0.0.1:{port}", "--port-file", str(port_file),
+                         "--cache-dir", str(cache_dir))
     if device:
         cmd += ["--device", device]
     if threads:
