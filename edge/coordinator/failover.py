@@ -104,9 +104,11 @@ class Replanner:
         placed, spares = self.layout(up)
         lost = [d.name for d in self.original.devices if d.address not in up]
         if not placed:
-            raise NoCapacity(f"no device can serve (lost {', '.join(lost)}; no standby device "
-                             "answers); start their workers or add standby devices to "
-                             "cluster.yaml")
+            gone = [d.name for d in self.original.standby if d.address not in up]
+            spares = (f"standby {', '.join(gone)} does not answer either" if gone
+                      else "there is no standby device")
+            raise NoCapacity(f"no device can serve: lost {', '.join(lost)}, and {spares}; "
+                             "start their workers or add standby devices to cluster.yaml")
         key = tuple(d.address for d in placed)
         with self._lock:
             if key == tuple(d.address for d in self.original.devices):
