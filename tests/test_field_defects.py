@@ -393,3 +393,8 @@ def test_strangers_streams_cannot_lock_the_coordinator_out(owned_cluster, bert_t
         finally:
             for s in strangers:
                 s.cancel()
+
+
+def test_edge_coordinator_has_take_over():
+    run = edge("coordinator", "--help")
+    assert run.returncode == 0 and "--take-over" in run.stdout, run.stdout

@@ -788,10 +788,7 @@ class Pipeline:
                                requests_failed=self.requests_failed, in_flight=self.in_flight,
                                model_inputs=[encode_spec(t) for t in self.plan.model.inputs],
                                bindings=self.plan.model.bindings, model=self.plan.model.name,
-                               coordinator_id=self.coordinator_id,
-                               not_serving=self._unavailable or (
-                                   "" if self._serving.is_set()
-                                   else "recovering from a lost device"))
+                               coordinator_id=self.coordinator_id)
         for w in self.workers:
             s = out.stages.add(stage=w.stage.index, device=w.stage.device.name,
                                address=w.stage.device.address,
@@ -802,8 +799,14 @@ class Pipeline:
                 # Answering is not enough: it must serve this coordinator's stage.
                 s.healthy = (s.worker.coordinator_id == self.coordinator_id
                              and s.worker.epoch == self.epoch)
+                owner = s.worker.coordinator_id
+                if owner and owner != self.coordinator_id:
+                    self._taken(w, f"it now belongs to coordinator {owner} (plan "
+                                   f"{s.worker.plan_id}, epoch {s.worker.epoch})")
             except grpc.RpcError:
                 s.healthy = False
+        out.not_serving = self._unavailable or (
+            "" if self._serving.is_set() else "recovering from a lost device")
         return out
 
     def profile(self, since: float = 0.0) -> pb.ClusterProfile:
