@@ -334,6 +334,49 @@ def test_a_coordinator_taken_over_says_so_and_stops_serving(owned_cluster, bert_
     assert len(errors) == 1, [r.getMessage() for r in errors]
 
 
+def test_requests_in_flight_at_a_take_over_end_at_once(owned_cluster):
+    """Item 3: before, requests in flight on the old coordinator hung to their deadline."""
+    import threading
+    import time
+
+    import grpc
+
+    from edge.coordinator.pipeline import InferError
+
+    x = _tiny_input()
+    outcomes: list[tuple[str, float]] = []
+    stop = threading.Event()
+    with _pipeline(owned_cluster) as old:
+        old.start()
+
+        def client() -> None:
+            while not stop.is_set():
+                start = time.monotonic()
+                try:
+                    old.infer(x, timeout=30)
+                    outcomes.append(("OK", time.monotonic() - start))
+                except InferError as e:
+                    outcomes.append((e.code.name, time.monotonic() - start))
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            _until(lambda: len(outcomes) >= 8, 20, "the old coordinator serves")
+            with _pipeline(owned_cluster, take_over=True) as new:
+                new.start()
+                _until(lambda: old.taken_over, 10, "the old coordinator notices")
+                _until(lambda: outcomes[-1][0] != "OK", 10, "its requests fail")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(35)
+    assert not any(t.is_alive() for t in threads)
+    failed = [o for o in outcomes if o[0] != "OK"]
+    assert {code for code, _ in failed} == {grpc.StatusCode.UNAVAILABLE.name}, failed
+    assert max(seconds for _, seconds in outcomes) < 10, outcomes
+
+
 def test_a_configure_within_the_owners_grace_is_refused(owned_cluster):
     """A coordinator that configured a worker owns it until it subscribes (a deploy
     configures every stage first), even before it holds a stream."""
