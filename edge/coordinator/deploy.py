@@ -18,8 +18,8 @@ from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import Deadlines, Security, create_channel
 from edge.transport.codec import PROTOCOL_VERSION, encode_spec
 
-__all__ = ["DeployError", "REFUSALS", "Link", "WorkerHandle", "connect", "wait_healthy", "upload_shard",
-           "deploy", "CHUNK_BYTES"]
+__all__ = ["DeployError", "REFUSALS", "Link", "WorkerHandle", "connect", "wait_healthy",
+           "upload_shard", "configure", "deploy", "CHUNK_BYTES"]
 
 log = logging.getLogger(__name__)
 
