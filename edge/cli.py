@@ -268,7 +268,8 @@ def format_upload(planned: int, to_send: int, sent: int, seconds: float) -> str:
 
 
 def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | None = None,
-                   failover: bool = True, max_in_flight: int = 64, security=None):
+                   failover: bool = True, max_in_flight: int = 64, security=None,
+                   take_over: bool = False):
     """Load a plan and deploy it with a progress bar. Returns the started Pipeline."""
     import time
 
@@ -289,7 +290,8 @@ def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | N
     pipeline = Pipeline(plan, Path(plan_path).parent, deadlines=Deadlines(ready=ready_timeout),
                         diagnose=_lab_diagnose(plan), failover=failover,
                         max_in_flight=max_in_flight, security=security or Security(),
-                        model=Path(model) if model else None, on_change=changed)
+                        model=Path(model) if model else None, on_change=changed,
+                        take_over=take_over)
     # rich's own speed column would count cached files as transferred in no time ("16 MB at
     # 11.6 GB/s" with nothing sent): the text is format_upload's, from bytes really sent.
     with Progress(TextColumn("{task.description}"), BarColumn(),
@@ -324,7 +326,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     security.require_safe(args.listen, "listen on")  # before deploying, not after
     pipeline = start_pipeline(args.plan, args.ready_timeout, console, model=args.model,
                               failover=not args.no_failover, max_in_flight=args.max_in_flight,
-                              security=security)
+                              security=security, take_over=args.take_over)
 
     def ready(port: int) -> None:
         host = args.listen.rsplit(":", 1)[0]
@@ -590,6 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail the requests in flight when a device is lost, instead of moving "
                         "its stage to the devices that remain (and standby ones) and "
                         "sending them again")
+    p.add_argument("--take-over", action="store_true",
+                   help="configure the workers even if another coordinator that is still "
+                        "running owns them; that one stops serving (NOT_SERVING). Without "
+                        "it such workers refuse, naming the other coordinator")
     p.add_argument("--port-file", help="write the bound port here once serving")
     add_security_arguments(p)
     p.set_defaults(func=cmd_coordinator)

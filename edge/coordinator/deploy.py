@@ -21,8 +21,8 @@ from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import Deadlines, Security, create_channel
 from edge.transport.codec import PROTOCOL_VERSION, encode_spec
 
-__all__ = ["DeployError", "Link", "WorkerHandle", "connect", "wait_healthy", "upload_shard",
-           "deploy", "check_plan_files", "CHUNK_BYTES"]
+__all__ = ["DeployError", "REFUSALS", "Link", "WorkerHandle", "connect", "wait_healthy",
+           "upload_shard", "configure", "deploy", "check_plan_files", "CHUNK_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,43 @@ CHUNK_BYTES = 1 << 18
 Progress = Callable[[Stage, int, int], None]
 
 
-class DeployError(EdgeError):
-    """A worker could not be reached, loaded or configured. ``code`` is a grpc.StatusCode."""
+# Answers by which a worker that is up says it will not take a stage (disk or memory too
+# small, a shard it cannot load, another coordinator owning it, a token or protocol it
+# refuses). Trying it again at once gets the same answer; any other code (UNAVAILABLE,
+# DEADLINE_EXCEEDED, ...) says it is gone or did not answer.
+REFUSALS = frozenset({
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.DATA_LOSS, grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.INTERNAL})
 
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE):
+
+class DeployError(EdgeError):
+    """A worker could not be reached, loaded or configured.
+
+    Attributes:
+        code: the grpc.StatusCode of the failure.
+        address: the address of the device that failed ("" when no one device did).
+        device: that device's name.
+        kind: "refused" (the device answered with a refusal, see :data:`REFUSALS`) or
+            "gone" (it did not answer, or the connection broke).
+        configured: addresses that took their new stage before the failure (their
+            previous one is gone).
+    """
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+                 address: str = "", device: str = ""):
         super().__init__(message)
         self.code = code
+        self.address = address
+        self.device = device
+        self.kind = "refused" if code in REFUSALS else "gone"
+        self.configured: tuple[str, ...] = ()
+
+    @staticmethod
+    def at(w: "WorkerHandle", message: str, code: grpc.StatusCode) -> "DeployError":
+        """A failure of the worker behind ``w``."""
+        return DeployError(message, code, w.stage.device.address, w.stage.device.name)
 
 
 @dataclass
@@ -105,12 +136,14 @@ def wait_healthy(w: WorkerHandle, deadlines: Deadlines) -> None:
             last = f"health is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # waiting will not fix a token
-                raise DeployError(f"{w.label} refused the coordinator: {e.details()}",
-                                  e.code()) from None
+                raise DeployError.at(w, f"{w.label} refused the coordinator: {e.details()}",
+                                     e.code()) from None
             last = f"{e.code().name}: {e.details()}"
         if time.monotonic() + delay > end:
-            raise DeployError(f"{w.label} is not reachable after {deadlines.ready:.0f} s: {last}. "
-                              f"Is `edge worker` running there and the address right?")
+            raise DeployError.at(
+                w, f"{w.label} is not reachable after {deadlines.ready:.0f} s: {last}. "
+                   "Is `edge worker` running there and the address right?",
+                grpc.StatusCode.UNAVAILABLE)
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
 
@@ -201,8 +234,8 @@ def upload_shard(w: WorkerHandle, plan_dir: Path, deadlines: Deadlines,
         try:
             have = w.stub.HasShard(pb.ShardRef(sha256=sha), timeout=deadlines.control)
         except grpc.RpcError as e:
-            raise DeployError(f"{w.label}: cannot query its shard cache: {e.details()}",
-                              e.code())
+            raise DeployError.at(w, f"{w.label}: cannot query its shard cache: "
+                                    f"{e.code().name}: {e.details()}", e.code())
         if have.present:
             log.info("%s already has %s", w.label, rel)
             to_send -= size
@@ -217,12 +250,23 @@ def upload_shard(w: WorkerHandle, plan_dir: Path, deadlines: Deadlines,
         try:
             w.stub.UploadShard(_chunks(sha, path, sent, report), timeout=deadlines.upload)
         except grpc.RpcError as e:
-            raise DeployError(f"{w.label}: upload of {path.name} failed: {e.code().name}: "
-                              f"{e.details()}", e.code())
+            raise DeployError.at(w, f"{w.label}: upload of {path.name} failed: "
+                                    f"{e.code().name}: {e.details()}", e.code())
     return sent[0]
 
 
-def configure(w: WorkerHandle, plan: Plan, epoch: int, deadlines: Deadlines) -> pb.ConfigureReply:
+def configure(w: WorkerHandle, plan: Plan, epoch: int, deadlines: Deadlines,
+              coordinator_id: str = "", take_over: bool = False) -> pb.ConfigureReply:
+    """Load the stage's shard on its worker and wire it to the next stage.
+
+    Args:
+        coordinator_id: who configures it (see ``StageConfig.coordinator_id``); "" for
+            tools that own nothing.
+        take_over: replace the worker's owner even if that coordinator is alive.
+
+    Raises:
+        DeployError: naming the device; ``kind`` "refused" if the worker said no.
+    """
     stage = w.stage
     last = stage.index == len(plan.stages) - 1
     config = pb.StageConfig(
@@ -236,34 +280,56 @@ def configure(w: WorkerHandle, plan: Plan, epoch: int, deadlines: Deadlines) -> 
                     for f in stage.data_files],
         mode=stage.mode, protocol=PROTOCOL_VERSION,
         max_request_bytes=largest_request_bytes(plan, stage.index) or 0,
+        coordinator_id=coordinator_id, take_over=take_over,
     )
     try:
         return w.stub.Configure(config, timeout=deadlines.load)
     except grpc.RpcError as e:
-        raise DeployError(f"{w.label}: cannot load its shard: {e.code().name}: {e.details()}",
-                          e.code())
+        raise DeployError.at(w, f"{w.label}: cannot load its shard: {e.code().name}: "
+                                f"{e.details()}", e.code())
 
 
 def deploy(plan: Plan, plan_dir: Path, workers: list[WorkerHandle], epoch: int,
-           deadlines: Deadlines, progress: Progress | None = None) -> int:
+           deadlines: Deadlines, progress: Progress | None = None, *,
+           coordinator_id: str = "", take_over: bool = False,
+           serving: frozenset[str] = frozenset()) -> int:
     """Put every stage of ``plan`` on its worker.
 
     Stages are configured from the last to the first, so a stage only starts receiving
-    once everything downstream of it is ready.
+    once everything downstream of it is ready. Devices that serve the running pipeline
+    (``serving``) are configured after the others: a newcomer that refuses its stage then
+    fails the deployment before the running pipeline was touched. (A newcomer receives
+    nothing until its upstream is re-wired, and that comes later.)
+
+    Args:
+        coordinator_id: who deploys (see :func:`configure`).
+        take_over: replace the workers' owner even if that coordinator is alive.
+        serving: addresses of the devices in the pipeline that runs now.
 
     Returns:
         Shard bytes uploaded (0 when every worker had its shard cached).
 
     Raises:
         DeployError: a file of the plan is missing or differs from it (before any upload),
-            or a worker cannot be reached, sent its shard or configured.
+            or a worker cannot be reached, sent its shard or configured; it names the
+            device that failed, and ``configured`` lists the devices that took their new
+            stage before it.
     """
     check_plan_files([w.stage for w in workers], plan_dir)
     for w in workers:
         wait_healthy(w, deadlines)
     uploaded = sum(upload_shard(w, plan_dir, deadlines, progress) for w in workers)
-    for w in reversed(workers):
-        reply = configure(w, plan, epoch, deadlines)
+    order = list(reversed(workers))
+    order = ([w for w in order if w.stage.device.address not in serving]
+             + [w for w in order if w.stage.device.address in serving])
+    done: list[str] = []
+    for w in order:
+        try:
+            reply = configure(w, plan, epoch, deadlines, coordinator_id, take_over)
+        except DeployError as e:
+            e.configured = tuple(done)
+            raise
+        done.append(w.stage.device.address)
         log.info("%s loaded its shard in %.0f ms (RSS %.0f MiB)", w.label, reply.load_ms,
                  reply.rss_bytes / 2**20)
     return uploaded

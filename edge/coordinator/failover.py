@@ -104,7 +104,10 @@ class Replanner:
         placed, spares = self.layout(up)
         lost = [d.name for d in self.original.devices if d.address not in up]
         if not placed:
-            raise NoCapacity(f"no device answers (lost {', '.join(lost)}); "
+            gone = [d.name for d in self.original.standby if d.address not in up]
+            spares = (f"standby {', '.join(gone)} does not answer either" if gone
+                      else "there is no standby device")
+            raise NoCapacity(f"no device can serve: lost {', '.join(lost)}, and {spares}; "
                              "start their workers or add standby devices to cluster.yaml")
         key = tuple(d.address for d in placed)
         with self._lock:
@@ -139,7 +142,11 @@ class Replanner:
 
         model = self._checked_model(lost)
         sample = self._sample()
-        tries = [placed] + ([placed + spares] if spares else [])
+        # A standby device placed in the pipeline holds a stage like any other: make_plan
+        # would keep a device marked standby out of the split (with nothing else left, it
+        # had "no devices to plan for").
+        active = lambda ds: [dataclasses.replace(d, standby=False) for d in ds]  # noqa: E731
+        tries = [active(placed)] + ([active(placed + spares)] if spares else [])
         error: NoFitError | None = None
         for devices in tries:
             name = hashlib.sha256("|".join(d.address for d in devices).encode()).hexdigest()
@@ -151,6 +158,11 @@ class Replanner:
             except NoFitError as e:
                 error = e
                 continue
+            except EdgeError as e:  # any other reason the planner cannot split it there
+                raise NoCapacity(
+                    f"lost {', '.join(lost) or 'no device'}; cannot re-plan "
+                    f"{self.original.model.name} over {', '.join(d.name for d in devices)}: "
+                    f"{type(e).__name__}: {e}") from None
             log.info("re-planned %s over %s into %s", model.name,
                      ", ".join(d.name for d in devices), out)
             return Deployment(plan, out, "re-planned")

@@ -40,6 +40,12 @@ __all__ = ["Pipeline", "InferError", "InferResult", "Recovery"]
 
 log = logging.getLogger(__name__)
 
+# A device that failed to take a stage is left out of the layouts for this long, doubling
+# with each failure in a row, up to the cap: re-plan over the rest meanwhile, and do not
+# hammer a device that keeps saying no (a full disk, a budget below cluster.yaml's).
+BACKOFF_S = 1.0
+BACKOFF_MAX_S = 60.0
+
 # Failures a stage reports that say nothing about the request itself: it is sent again
 # (a next hop gone or full, a stage on another epoch, a call cut by a re-wiring).
 _RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -119,6 +125,13 @@ class _InFlight:
 
 
 @dataclass
+class _Backoff:
+    failures: int = 0         # deployments in a row it failed
+    until: float = 0.0        # monotonic time before which it is left out
+    why: str = ""
+
+
+@dataclass
 class _Probe:
     misses: int = 0
     suspect: str = ""         # why we think it is gone ("" if we do not)
@@ -150,6 +163,16 @@ class Pipeline:
             (say, an input so large the kernel kills the worker for memory) must not
             take down the devices it is resent to, one after another.
         on_change: called with each :class:`Recovery` (``edge coordinator`` prints it).
+        take_over: configure the workers even if another coordinator that is alive owns
+            them (``edge coordinator --take-over``); that one then stops serving. Without
+            it, such a worker refuses, and :meth:`start` raises naming the owner. Only
+            the first deployment takes over: failover never takes a device from another
+            coordinator.
+        backoff_s: seconds a device that failed to take a stage is first left out of the
+            layouts (doubling with each failure in a row, up to ``BACKOFF_MAX_S``).
+
+    Every Pipeline has its own ``coordinator_id`` (a uuid), sent with each Configure and
+    Subscribe: see the README's "Two coordinators" for the ownership rule.
     """
 
     def __init__(self, plan: Plan, plan_dir: Path, *, deadlines: Deadlines = Deadlines(),
@@ -157,7 +180,8 @@ class Pipeline:
                  diagnose: Callable[[Device], str | None] | None = None,
                  failover: bool = True, model: Path | None = None,
                  health_interval: float = 0.5, misses: int = 3, max_losses: int = 1,
-                 on_change: Callable[[Recovery], None] | None = None):
+                 on_change: Callable[[Recovery], None] | None = None,
+                 take_over: bool = False, backoff_s: float = BACKOFF_S):
         self.plan = plan
         self.plan_dir = Path(plan_dir)
         self.deadlines = deadlines
@@ -169,6 +193,9 @@ class Pipeline:
         self.misses = misses
         self.max_losses = max_losses
         self.on_change = on_change
+        self.take_over = take_over
+        self.backoff_s = backoff_s
+        self.coordinator_id = uuid.uuid4().hex
         self.replanner = Replanner(plan, self.plan_dir,
                                    Path(model) if model else plan.source_model(self.plan_dir))
         self.epoch = 0
@@ -188,12 +215,17 @@ class Pipeline:
         self._monitor: threading.Thread | None = None
         self._stale = False                     # a worker restarted and forgot its stage
         self._failed_layout: tuple[str, ...] = ()  # devices no plan fitted on
+        self._excluded: dict[str, _Backoff] = {}  # devices that failed to take a stage
+        self._taken_over = ""         # why another coordinator owns our workers now
+        self._serving_watchers: list[Callable[[str], None]] = []
+        self._refused_streams: dict[str, grpc.StatusCode] = {}  # logged once per address
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, progress: Progress | None = None) -> None:
         """Wait for every worker, upload missing shards, wire the chain, listen for results."""
-        self._switch(Deployment(self.plan, self.plan_dir, "original"), progress)
+        self._switch(Deployment(self.plan, self.plan_dir, "original"), progress,
+                     take_over=self.take_over)
         if self.failover:
             self._monitor = threading.Thread(target=self._watch, daemon=True,
                                              name="edge-monitor")
@@ -257,7 +289,8 @@ class Pipeline:
         request = _InFlight(uuid.uuid4().hex, tensors, time.perf_counter())
         with self._lock:
             if self._unavailable:
-                raise InferError(grpc.StatusCode.UNAVAILABLE, self._unavailable)
+                raise InferError(grpc.StatusCode.UNAVAILABLE, self._unavailable,
+                                 retryable=not self._taken_over)
             if len(self._in_flight) >= self.max_in_flight:
                 raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"{self.max_in_flight} requests already in flight; retry later")
@@ -320,13 +353,15 @@ class Pipeline:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             code = grpc.StatusCode.UNAVAILABLE
         if self.failover and code in _RETRY:
-            self._retry_later(request, epoch, first, f"{code.name}: {call.details()}")
+            self._retry_later(request, epoch, first, code, call.details())
             return
         why = self._why(first) if code == grpc.StatusCode.UNAVAILABLE else ""
         self._resolve(request.request_id, error=InferError(
             code, f"{first.label} refused request {request.request_id}: {call.details()}{why}"))
 
-    def _retry_later(self, request: _InFlight, epoch: int, w: WorkerHandle, why: str) -> None:
+    def _retry_later(self, request: _InFlight, epoch: int, w: WorkerHandle,
+                     code: grpc.StatusCode, details: str) -> None:
+        why = f"{code.name}: {details}"
         if request.attempts >= 8:
             self._resolve(request.request_id, error=InferError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -336,7 +371,7 @@ class Pipeline:
         with self._lock:
             if request.sent_epoch == epoch:
                 request.retry_at = time.monotonic() + min(2.0, 0.05 * 2 ** request.attempts)
-        if "UNAVAILABLE" in why:
+        if code == grpc.StatusCode.UNAVAILABLE:
             self._suspect(w.stage.device.address, why)
         self._wake.set()
 
@@ -363,16 +398,34 @@ class Pipeline:
         while not self._closed.is_set():
             with self._lock:
                 w = next((w for w in self.workers if w.stage.device.address == address), None)
-            if w is None:
-                return  # no longer in the pipeline
+            if w is None or self._taken_over:
+                return  # no longer in the pipeline, or no longer ours
             try:
-                for event in w.stub.Subscribe(pb.SubscribeRequest()):
+                # No deadline: the stream lasts as long as the pipeline; keepalives and
+                # health checks tell when its device is gone.
+                for event in w.stub.Subscribe(
+                        pb.SubscribeRequest(coordinator_id=self.coordinator_id)):
+                    self._refused_streams.pop(address, None)
                     delay = 0.1
                     self._on_event(event)
             except grpc.RpcError as e:
                 if self._closed.is_set():
                     return
-                self._stream_broke(w, f"{e.code().name}: {e.details()}")
+                code = e.code()
+                if code == grpc.StatusCode.ABORTED:
+                    # The worker ends the stream of the coordinator it was taken from.
+                    self._taken(w, e.details())
+                    return
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                grpc.StatusCode.DEADLINE_EXCEEDED) \
+                        and self._refused_streams.get(address) != code:
+                    # Refused (too many streams, a token): results from it cannot arrive
+                    # until it accepts one. Said once until a stream is accepted again.
+                    self._refused_streams[address] = code
+                    log.warning("%s refused this coordinator's event stream: %s: %s; its "
+                                "results cannot arrive until it accepts one (retrying)",
+                                w.label, code.name, e.details())
+                self._stream_broke(w, f"{code.name}: {e.details()}")
             if self._closed.wait(delay):
                 return
             delay = min(delay * 2, 2.0)
@@ -397,7 +450,7 @@ class Pipeline:
         if self.failover and code in _RETRY and request is not None:
             target = next_stage if code == grpc.StatusCode.UNAVAILABLE and next_stage \
                 else workers[min(f.stage, len(workers) - 1)]
-            self._retry_later(request, f.epoch, target, f"{code.name}: {message}")
+            self._retry_later(request, f.epoch, target, code, message)
             return
         if code == grpc.StatusCode.UNAVAILABLE and next_stage is not None:
             message += self._why(next_stage)  # a stage could not reach the next one
@@ -481,6 +534,11 @@ class Pipeline:
                 try:
                     status = current[address].stub.GetStatus(pb.StatusRequest(),
                                                              timeout=self.deadlines.control)
+                    if status.coordinator_id and status.coordinator_id != self.coordinator_id:
+                        self._taken(current[address], (
+                            f"it now belongs to coordinator {status.coordinator_id} (plan "
+                            f"{status.plan_id}, epoch {status.epoch})"))
+                        return up
                     if not (status.configured and status.epoch == self.epoch):
                         self._stale = True  # up, but its stage must be deployed again
                 except grpc.RpcError:
@@ -496,12 +554,13 @@ class Pipeline:
         while not self._closed.is_set():
             self._wake.wait(self.health_interval)
             self._wake.clear()
-            if self._closed.is_set():
-                return
+            if self._closed.is_set() or self._taken_over:
+                return  # taken over: another coordinator serves; do not fight it
             try:
                 up = self._probe()
-                if self._closed.is_set():
+                if self._closed.is_set() or self._taken_over:
                     return
+                up -= self._left_out()
                 with self._lock:
                     current = tuple(w.stage.device.address for w in self.workers)
                     unavailable = self._unavailable
@@ -530,7 +589,7 @@ class Pipeline:
         try:
             deployment = self.replanner.deployment(up)
         except NoCapacity as e:
-            self._give_up(str(e), lost, start, wanted, noticed)
+            self._give_up(f"{e}{self._left_out_note()}", lost, start, wanted, noticed)
             return
         joined = tuple(d.name for d in deployment.plan.devices if d.address not in before)
         log.info("failover: %s; deploying %s plan onto %s", ", ".join(
@@ -540,10 +599,20 @@ class Pipeline:
         try:
             uploaded = self._switch(deployment, None)
         except DeployError as e:
-            # Another device went while deploying: the next round sees it and tries again.
-            log.warning("failover deploy failed, will retry: %s", e)
-            for d in deployment.plan.devices:
-                self._suspect(d.address, f"failed during a deployment: {e}")
+            if self._taken_over:
+                return
+            if not e.address:  # not one device's fault (a shard file missing here)
+                self._give_up(str(e), lost, start, wanted, noticed)
+                return
+            # That device is left out of the next layouts for a while (it is up, so health
+            # checks alone would put it straight back), and the next round, at once, finds
+            # a layout over the rest.
+            self._leave_out(e)
+            if set(e.configured) & set(before):
+                self._stale = True  # the running pipeline was partly re-wired: redo it
+            elif before and all(a in up for a in before):
+                self._serving.set()  # the running pipeline is untouched and whole
+            self._wake.set()
             return
         with self._lock:
             pending = [r for r in self._in_flight.values() if not r.future.done()]
@@ -575,6 +644,7 @@ class Pipeline:
             self._failed_layout = layout
             pending = [r for r in self._in_flight.values() if not r.future.done()]
         self._serving.set()  # waiting requests wake up and see _unavailable
+        self._tell_serving(why)
         for r in pending:
             self._resolve(r.request_id, error=InferError(grpc.StatusCode.UNAVAILABLE, why))
         self._record(Recovery(lost=lost, joined=(), how="unavailable", devices=(),
@@ -594,22 +664,30 @@ class Pipeline:
             except Exception:
                 log.exception("on_change failed")
 
-    def _switch(self, deployment: Deployment, progress: Progress | None) -> int:
+    def _switch(self, deployment: Deployment, progress: Progress | None,
+                take_over: bool = False) -> int:
         """Deploy under a new epoch and make it the current one. Returns bytes uploaded."""
         handles = [self._handle(s) for s in deployment.plan.stages]
         epoch = max(time.time_ns() // 1000, self.epoch + 1)
         deadlines = self.deadlines
         if self.workers:  # a recovery: every device answered a health check just now
             deadlines = dataclasses.replace(deadlines, ready=min(deadlines.ready, 5.0))
-        uploaded = deploy(deployment.plan, deployment.plan_dir, handles, epoch, deadlines,
-                          progress)
         with self._lock:
+            serving = frozenset(w.stage.device.address for w in self.workers)
+        uploaded = deploy(deployment.plan, deployment.plan_dir, handles, epoch, deadlines,
+                          progress, coordinator_id=self.coordinator_id, take_over=take_over,
+                          serving=serving)
+        with self._lock:
+            if self._taken_over:  # taken over while deploying: do not undo it
+                raise DeployError(self._unavailable, grpc.StatusCode.ABORTED)
             self.plan, self.plan_dir = deployment.plan, deployment.plan_dir
             self.workers, self.epoch = handles, epoch
             self._unavailable = ""
             for w in handles:
                 probe = self._probes.setdefault(w.stage.device.address, _Probe())
                 probe.suspect, probe.since = "", 0.0
+                self._excluded.pop(w.stage.device.address, None)
+        self._tell_serving("")
         for w in handles:
             address = w.stage.device.address
             t = self._listeners.get(address)
@@ -620,6 +698,75 @@ class Pipeline:
                 t.start()
         self._serving.set()
         return uploaded
+
+    def _leave_out(self, e: DeployError) -> None:
+        """Leave the device ``e`` names out of the layouts, for longer each time in a row."""
+        with self._lock:
+            b = self._excluded.setdefault(e.address, _Backoff())
+            b.failures += 1
+            delay = min(BACKOFF_MAX_S, self.backoff_s * 2 ** (b.failures - 1))
+            b.until, b.why = time.monotonic() + delay, f"{e.kind}: {e}"
+        # Once per backoff, not once per monitor round.
+        log.warning("failover: leaving device %s (%s) out for %.0f s (failure %d in a row), "
+                    "re-planning over the rest: it %s its stage: %s",
+                    e.device, e.address, delay, b.failures,
+                    "refused" if e.kind == "refused" else "did not take", e)
+
+    def _left_out(self) -> set[str]:
+        """Addresses still in their backoff."""
+        now = time.monotonic()
+        with self._lock:
+            return {a for a, b in self._excluded.items() if b.until > now}
+
+    def _left_out_note(self) -> str:
+        now = time.monotonic()
+        names = {d.address: d.name for d in self.replanner.devices}
+        with self._lock:
+            out = [f"{names.get(a, a)} (tried again in {b.until - now:.0f} s; {b.why})"
+                   for a, b in self._excluded.items() if b.until > now]
+        return f"; left out after failing to take a stage: {'; '.join(out)}" if out else ""
+
+    def _taken(self, w: WorkerHandle, why: str) -> None:
+        """Another coordinator took our workers: say so once, stop serving, fail what is in
+        flight, and do not fight back (no re-deploy)."""
+        message = (f"this coordinator ({self.coordinator_id}) was taken over by another "
+                   f"one: {w.label} says: {why}. It no longer serves requests: send them to "
+                   "the coordinator that took over, or stop that one and restart this one")
+        with self._lock:
+            if self._taken_over:
+                return
+            self._taken_over = why
+            self._unavailable = message
+            pending = [r for r in self._in_flight.values() if not r.future.done()]
+        log.error("%s", message)
+        self._serving.set()  # waiting requests wake up and see _unavailable
+        self._wake.set()
+        self._tell_serving(message)
+        for r in pending:
+            self._resolve(r.request_id, error=InferError(grpc.StatusCode.UNAVAILABLE, message,
+                                                         retryable=False))
+
+    @property
+    def taken_over(self) -> str:
+        """Why another coordinator owns the workers now ("" while they are ours)."""
+        return self._taken_over
+
+    def watch_serving(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(why)`` now and each time the pipeline stops serving (why it
+        cannot) or serves again (""); ``edge coordinator`` sets its health service by it.
+
+        Args:
+            callback: takes the reason, "" when serving.
+        """
+        self._serving_watchers.append(callback)
+        callback(self._unavailable)
+
+    def _tell_serving(self, why: str) -> None:
+        for callback in list(self._serving_watchers):
+            try:
+                callback(why)
+            except Exception:
+                log.exception("a serving watcher failed")
 
     def _resend_due(self) -> None:
         """Send again the requests whose retry time has come or that were sent under an
@@ -642,7 +789,8 @@ class Pipeline:
         out = pb.ClusterStatus(plan_id=self.plan.plan_id, requests_done=self.requests_done,
                                requests_failed=self.requests_failed, in_flight=self.in_flight,
                                model_inputs=[encode_spec(t) for t in self.plan.model.inputs],
-                               bindings=self.plan.model.bindings, model=self.plan.model.name)
+                               bindings=self.plan.model.bindings, model=self.plan.model.name,
+                               coordinator_id=self.coordinator_id)
         for w in self.workers:
             s = out.stages.add(stage=w.stage.index, device=w.stage.device.name,
                                address=w.stage.device.address,
@@ -650,13 +798,21 @@ class Pipeline:
             try:
                 s.worker.CopyFrom(w.stub.GetStatus(pb.StatusRequest(),
                                                    timeout=self.deadlines.control))
-                s.healthy = True
+                # Answering is not enough: it must serve this coordinator's stage.
+                s.healthy = (s.worker.coordinator_id == self.coordinator_id
+                             and s.worker.epoch == self.epoch)
+                owner = s.worker.coordinator_id
+                if owner and owner != self.coordinator_id:
+                    self._taken(w, f"it now belongs to coordinator {owner} (plan "
+                                   f"{s.worker.plan_id}, epoch {s.worker.epoch})")
             except grpc.RpcError as e:
                 # Said, not swallowed: a caller reading this worker's memory gets nothing.
                 log.warning("status of stage %d on %s (%s) failed: %s: %s", w.stage.index,
                             w.stage.device.name, w.stage.device.address, e.code().name,
                             e.details())
                 s.healthy = False
+        out.not_serving = self._unavailable or (
+            "" if self._serving.is_set() else "recovering from a lost device")
         return out
 
     def profile(self, since: float = 0.0) -> pb.ClusterProfile:

@@ -81,8 +81,16 @@ def start_coordinator(pipeline: Pipeline, listen: str) -> tuple[grpc.Server, int
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.start()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("edge.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
+
+    def serving(why: str) -> None:
+        # NOT_SERVING while no request can be served: nothing fits on the devices that
+        # answer, or another coordinator took the workers over.
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if why
+                  else health_pb2.HealthCheckResponse.SERVING)
+        for name in ("", "edge.v1.Coordinator"):
+            health_servicer.set(name, status)
+
+    pipeline.watch_serving(serving)
     return server, port
 
 

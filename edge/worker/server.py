@@ -44,7 +44,7 @@ from edge.worker.cache import ShardCache, UploadError, default_cache_dir, file_s
 from edge.worker.stage import ShardMismatch, StageRunner, StageSpec, describe_ort_error
 
 __all__ = ["WorkerConfig", "WorkerServicer", "serve", "start_worker", "message_limit_bytes",
-           "MAX_SUBSCRIBERS", "MAX_CALIBRATE_SECONDS", "MAX_CHUNK_BYTES"]
+           "MAX_SUBSCRIBERS", "MAX_CALIBRATE_SECONDS", "MAX_CHUNK_BYTES", "OWNER_GRACE_S"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,10 @@ _FORWARD = pb.DESCRIPTOR.services_by_name["Worker"].methods_by_name["Forward"]
 
 # Each Subscribe stream holds one of the server's handler threads for as long as it is
 # open: past this many, more are refused so that the other calls still find a thread.
-MAX_SUBSCRIBERS = 8
+MAX_SUBSCRIBERS = 8  # besides the owning coordinator's own stream, always accepted
+# How long a coordinator that configured this worker and has not subscribed yet still owns
+# it: a deploy configures every stage (loading each shard) before it subscribes.
+OWNER_GRACE_S = 30.0
 MAX_CALIBRATE_SECONDS = 60.0
 MAX_REQUEST_ID = 256  # characters
 MiB = 1 << 20
@@ -119,41 +122,155 @@ class _Job:
     outputs: dict[str, np.ndarray] | None = None
 
 
-class _EventBus:
-    """Fan-out of results and failures to the coordinator's Subscribe stream.
+class _Refused(Exception):
+    """A Subscribe or Configure the ownership rule refuses: ``code`` and the message."""
 
-    Events produced while nobody listens are kept (bounded), so a coordinator that
-    reconnects still gets them.
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+_END = object()  # put in a stream's queue to end it with the stream's ``ended`` status
+
+
+@dataclass(eq=False)
+class _Stream:
+    coordinator_id: str
+    queue: queue.Queue = field(default_factory=queue.Queue)
+    ended: tuple[grpc.StatusCode, str] | None = None
+
+    def end(self, code: grpc.StatusCode, message: str) -> None:
+        self.ended = (code, message)
+        self.queue.put(_END)
+
+
+class _EventBus:
+    """Who owns this worker, and the fan-out of its results and failures to the owner's
+    Subscribe stream.
+
+    A worker belongs to the coordinator that configured it (by ``coordinator_id``) while
+    that coordinator is alive: it holds a Subscribe stream here, or it configured the
+    worker less than :data:`OWNER_GRACE_S` ago and has not subscribed since (a deploy
+    configures every stage before it subscribes). Another coordinator's Configure is then
+    refused unless it says ``take_over``; a restarted coordinator (its old process is gone,
+    and so is its stream) is accepted. An empty id (a tool, a test) owns nothing: anyone
+    may replace it.
+
+    Only the owner's streams get events, and the owner's stream is always accepted (a new
+    one replaces its older ones), so that streams opened by anyone else, which are limited,
+    cannot lock the coordinator out. Events produced while the owner has no stream are
+    kept (bounded), so a coordinator that reconnects still gets them.
     """
 
     def __init__(self, backlog: int = 4096):
         self._lock = threading.Lock()
-        self._subscribers: list[queue.Queue] = []
+        self._streams: list[_Stream] = []
         self._backlog: collections.deque = collections.deque(maxlen=backlog)
+        self.owner: str | None = None      # None: never configured
+        self._configured_at = 0.0          # monotonic time of the owner's last Configure
+        self._owner_subscribed = False     # the owner held a stream since that Configure
+        # Coordinators that were taken over, and by whom: their Subscribe is refused with
+        # ABORTED so that they learn it even if their stream was down at the time.
+        self._former: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def _is_owner(self, coordinator_id: str) -> bool:
+        return self.owner is not None and coordinator_id == self.owner
 
     def publish(self, event: pb.Event) -> None:
         with self._lock:
-            if not self._subscribers:
+            targets = [s for s in self._streams if self._is_owner(s.coordinator_id)]
+            if not targets:
                 self._backlog.append(event)
-            for q in self._subscribers:
-                q.put(event)
+            for s in targets:
+                s.queue.put(event)
 
-    def subscribe(self, limit: int | None = None) -> queue.Queue | None:
-        """A queue of events from now on (and the backlog, for the first subscriber);
-        None if ``limit`` subscribers are listening already."""
-        q: queue.Queue = queue.Queue()
+    def subscribe(self, coordinator_id: str, limit: int) -> _Stream:
+        """A stream of events from now on (and the backlog, for the owner's first stream).
+
+        Raises:
+            _Refused: ABORTED for a coordinator that was taken over; RESOURCE_EXHAUSTED
+                when ``limit`` streams of others than the owner are open already.
+        """
         with self._lock:
-            if limit is not None and len(self._subscribers) >= limit:
+            if coordinator_id and coordinator_id in self._former:
+                raise _Refused(grpc.StatusCode.ABORTED, self._former[coordinator_id])
+            stream = _Stream(coordinator_id)
+            if coordinator_id and self._is_owner(coordinator_id):
+                # Its older stream is one it gave up on (a reconnect after a network blip).
+                for old in [s for s in self._streams if s.coordinator_id == coordinator_id]:
+                    old.end(grpc.StatusCode.CANCELLED,
+                            "replaced by a newer stream of the same coordinator")
+                    self._streams.remove(old)
+                self._owner_subscribed = True
+            else:
+                others = [s for s in self._streams
+                          if not (s.coordinator_id and self._is_owner(s.coordinator_id))]
+                if len(others) >= limit:
+                    raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{limit} subscribers are listening already; expected one "
+                                   "per coordinator: close a stale one and retry")
+            if self._is_owner(coordinator_id):
+                while self._backlog:
+                    stream.queue.put(self._backlog.popleft())
+            self._streams.append(stream)
+        return stream
+
+    def unsubscribe(self, stream: _Stream) -> None:
+        with self._lock:
+            if stream in self._streams:
+                self._streams.remove(stream)
+
+    def refusal(self, coordinator_id: str, take_over: bool, serving: str) -> str | None:
+        """Why ``coordinator_id`` may not configure this worker now, or None if it may.
+
+        Args:
+            serving: what the worker serves now, for the message ("plan P, epoch E").
+        """
+        with self._lock:
+            owner = self.owner
+            if not owner or owner == coordinator_id or take_over:
                 return None
-            while self._backlog:
-                q.put(self._backlog.popleft())
-            self._subscribers.append(q)
-        return q
+            if any(s.coordinator_id == owner for s in self._streams):
+                alive = "it holds this worker's event stream"
+            else:
+                ago = time.monotonic() - self._configured_at
+                if self._owner_subscribed or ago >= OWNER_GRACE_S:
+                    return None  # gone (a restarted coordinator is the common case)
+                alive = (f"it configured this worker {ago:.1f} s ago and has not subscribed "
+                         f"yet (its claim lapses in {OWNER_GRACE_S - ago:.0f} s)")
+        said = coordinator_id or "a coordinator that gave no id"
+        return (f"this worker belongs to coordinator {owner} ({serving}), which is alive: "
+                f"{alive}; expected a Configure from it, got one from {said}. Two "
+                "coordinators on one cluster would take each other's workers: stop the other "
+                "coordinator, or start this one with `edge coordinator --take-over` to replace "
+                "it")
 
-    def unsubscribe(self, q: queue.Queue) -> None:
+    def claim(self, coordinator_id: str, serving: str) -> None:
+        """Make ``coordinator_id`` the owner; a previous owner's streams end with ABORTED."""
         with self._lock:
-            if q in self._subscribers:
-                self._subscribers.remove(q)
+            previous = self.owner
+            if previous != coordinator_id:
+                self._backlog.clear()  # the previous owner's results are not the new one's
+                if previous:
+                    why = (f"this worker was taken over by coordinator "
+                           f"{coordinator_id or '(no id)'} ({serving}); coordinator {previous} "
+                           "no longer owns it")
+                    self._former[previous] = why
+                    while len(self._former) > 16:
+                        self._former.popitem(last=False)
+                    for s in [s for s in self._streams if s.coordinator_id == previous]:
+                        s.end(grpc.StatusCode.ABORTED, why)
+                        self._streams.remove(s)
+                    log.warning("%s", why)
+            self._former.pop(coordinator_id, None)
+            self.owner = coordinator_id
+            self._configured_at = time.monotonic()
+            self._owner_subscribed = bool(coordinator_id) and any(
+                s.coordinator_id == coordinator_id for s in self._streams)
+            if self._owner_subscribed:
+                stream = next(s for s in self._streams if s.coordinator_id == coordinator_id)
+                while self._backlog:
+                    stream.queue.put(self._backlog.popleft())
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
@@ -239,6 +356,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         problem = _config_problem(request)
         if problem:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        refusal = self._events.refusal(request.coordinator_id, request.take_over, self._serving())
+        if refusal:  # before loading anything: refused at once
+            log.warning("refused a Configure: %s", refusal)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
         try:
             inputs = decode_specs(request.inputs, "inputs")
             outputs = decode_specs(request.outputs, "outputs")
@@ -290,6 +411,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"cannot load shard {spec.shard_sha256[:12]}: "
                               f"{describe_ort_error(e)[1]}")
+            # Checked again where it is decided: two coordinators may configure at once.
+            refusal = self._events.refusal(request.coordinator_id, request.take_over,
+                                           self._serving())
+            if refusal:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
             old_channel = self._next_channel
             if spec.next_address:
                 try:
@@ -302,6 +428,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             else:
                 self._next_channel = self._next_forward = None
             self._runner = runner
+            self._events.claim(request.coordinator_id,
+                               f"plan {spec.plan_id or '?'}, epoch {spec.epoch}")
             if old_channel is not None:
                 old_channel.close()
         release_free_heap()
@@ -347,19 +475,27 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return pb.Ack()
 
     def Subscribe(self, request: pb.SubscribeRequest, context) -> Iterator[pb.Event]:
-        q = self._events.subscribe(limit=MAX_SUBSCRIBERS)
-        if q is None:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{MAX_SUBSCRIBERS} subscribers are listening already; expected one "
-                          "per coordinator: close a stale one and retry")
+        try:
+            stream = self._events.subscribe(request.coordinator_id, MAX_SUBSCRIBERS)
+        except _Refused as e:
+            log.warning("refused a Subscribe from %s: %s",
+                        request.coordinator_id or "a caller without a coordinator id", e)
+            context.abort(e.code, str(e))
+        # Gone from the table as soon as the call ends, not at the next poll: whether the
+        # owner holds a stream decides whether another coordinator may configure us.
+        context.add_callback(lambda: self._events.unsubscribe(stream))
         try:
             while context.is_active() and not self._stopping.is_set():
                 try:
-                    yield q.get(timeout=0.25)
+                    item = stream.queue.get(timeout=0.25)
                 except queue.Empty:
                     continue
+                if item is _END:
+                    assert stream.ended is not None
+                    context.abort(*stream.ended)
+                yield item
         finally:
-            self._events.unsubscribe(q)
+            self._events.unsubscribe(stream)
 
     def GetProfile(self, request: pb.ProfileRequest, context) -> pb.WorkerProfile:
         if not (math.isfinite(request.since) and request.since >= 0):
@@ -411,6 +547,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             status.stage, status.shard_sha256 = s.stage, s.shard_sha256
             status.plan_id, status.epoch = s.plan_id, s.epoch
             status.mode = s.mode
+        status.coordinator_id = self._events.owner or ""
         return status
 
     # ------------------------------------------------------------------ internals
@@ -427,6 +564,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
         return {"Forward": forward,
                 "UploadShard": lambda: (MAX_CHUNK_BYTES, "upload chunks of up to 1 MiB")}
+
+    def _serving(self) -> str:
+        """What this worker serves, for messages: "plan P, epoch E" or "no stage"."""
+        runner = self._runner
+        if runner is None:
+            return "no stage"
+        return f"plan {runner.spec.plan_id or '?'}, epoch {runner.spec.epoch}"
 
     def _stale(self, job: _Job) -> bool:
         """True if the worker was re-configured (a new epoch) since ``job`` came."""
