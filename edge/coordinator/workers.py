@@ -12,6 +12,7 @@ implementation (a fake raises :class:`CallError`): callers decide by status code
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, runtime_checkable
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from edge.planning.plan import Stage
 
 __all__ = ["WorkerClient", "WorkerFactory", "GrpcWorker", "Link", "StageWorker", "CallError",
-           "Done", "SERVING", "grpc_workers"]
+           "Done", "SERVING", "grpc_workers", "WorkerPool"]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 _HEALTH = health_pb2.HealthCheckRequest(service="edge.v1.Worker")
@@ -186,3 +187,33 @@ class StageWorker:
     def label(self) -> str:
         d = self.stage.device
         return f"device {d.name} ({d.address}, stage {self.stage.index})"
+
+
+class WorkerPool:
+    """One client per address, made by ``factory`` on first use and kept across plans: a
+    failover re-uses the channels it already has.
+
+    Args:
+        factory: makes the client of the worker at an address.
+    """
+
+    def __init__(self, factory: WorkerFactory):
+        self.factory = factory
+        self._lock = threading.Lock()
+        self._clients: dict[str, WorkerClient] = {}
+
+    def __call__(self, address: str) -> WorkerClient:
+        with self._lock:
+            if address not in self._clients:
+                self._clients[address] = self.factory(address)
+            return self._clients[address]
+
+    def place(self, stage: "Stage") -> StageWorker:
+        """``stage`` on the worker at its device's address."""
+        return StageWorker(stage, self(stage.device.address))
+
+    def close(self) -> None:
+        with self._lock:
+            clients = list(self._clients.values())
+        for client in clients:
+            client.close()
