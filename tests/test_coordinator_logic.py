@@ -18,7 +18,7 @@ import pytest
 from edge.coordinator.deploy import DeployError
 from edge.coordinator.fake import FakeCluster, FakeReplanner, as_array, fake_devices, fake_plan
 from edge.coordinator.pipeline import InferError, Pipeline
-from edge.coordinator.workers import WorkerClient
+from edge.coordinator.workers import GrpcWorker, WorkerClient
 from edge.transport.channels import Deadlines
 
 X = {"x": np.arange(4, dtype=np.float32).reshape(1, 4)}
@@ -89,9 +89,10 @@ def _names(p: Pipeline) -> list[str]:
     return [w.stage.device.name for w in p.workers]
 
 
-def test_the_fake_is_a_worker_client(setup):
+def test_the_fake_and_grpc_are_worker_clients(setup):
     s = setup(1)
     assert isinstance(s.cluster.client(s.primaries[0].address), WorkerClient)
+    assert isinstance(GrpcWorker(None, "127.0.0.1:1"), WorkerClient)
     p = s.pipeline()
     _answer(p, 1)
     assert p.requests_done == 1 and p.in_flight == 0
