@@ -8,17 +8,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Union
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edge.coordinator.guard import largest_request_bytes
+from edge.coordinator.workers import SERVING, GrpcWorker, Link, StageWorker
 from edge.errors import EdgeError
 from edge.planning.plan import Plan, Stage
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
-from edge.transport.channels import Deadlines, Security, create_channel
+from edge.transport.channels import Deadlines, Security
 from edge.transport.codec import PROTOCOL_VERSION, encode_spec
 
 __all__ = ["DeployError", "REFUSALS", "Link", "WorkerHandle", "connect", "wait_healthy",
@@ -71,7 +72,7 @@ class DeployError(EdgeError):
         self.configured: tuple[str, ...] = ()
 
     @staticmethod
-    def at(w: "WorkerHandle", message: str, code: grpc.StatusCode) -> "DeployError":
+    def at(w: "Placed", message: str, code: grpc.StatusCode) -> "DeployError":
         """A failure of the worker behind ``w``."""
         return DeployError(message, code, w.stage.device.address, w.stage.device.name)
 
@@ -89,35 +90,25 @@ class WorkerHandle:
     def label(self) -> str:
         return f"device {self.stage.device.name} ({self.stage.device.address}, stage {self.stage.index})"
 
-    def close(self) -> None:
-        self.channel.close()
-
-
-@dataclass
-class Link:
-    """An open channel to one worker, with its stubs; outlives the stage it serves."""
-
-    channel: grpc.Channel
-    stub: pb_grpc.WorkerStub
-    health: health_pb2_grpc.HealthStub
-
-    @staticmethod
-    def open(address: str, security: Security) -> "Link":
-        channel = create_channel(address, security=security)
-        return Link(channel, pb_grpc.WorkerStub(channel), health_pb2_grpc.HealthStub(channel))
-
-    def handle(self, stage: Stage) -> WorkerHandle:
-        return WorkerHandle(stage, self.channel, self.stub, self.health)
+    @property
+    def client(self) -> GrpcWorker:
+        """This worker as a :class:`~edge.coordinator.workers.WorkerClient`."""
+        return GrpcWorker(self, self.stage.device.address)
 
     def close(self) -> None:
         self.channel.close()
+
+
+# What the functions below deploy onto: a stage with a client (``.stage``, ``.label``,
+# ``.client``), over gRPC or not.
+Placed = Union[WorkerHandle, StageWorker]
 
 
 def connect(stage: Stage, security: Security) -> WorkerHandle:
     return Link.open(stage.device.address, security).handle(stage)
 
 
-def wait_healthy(w: WorkerHandle, deadlines: Deadlines) -> None:
+def wait_healthy(w: Placed, deadlines: Deadlines) -> None:
     """Poll the standard health service until SERVING, with backoff, up to ``deadlines.ready``.
 
     Raises:
@@ -129,11 +120,11 @@ def wait_healthy(w: WorkerHandle, deadlines: Deadlines) -> None:
     delay, last = 0.05, "no answer"
     while True:
         try:
-            reply = w.health.Check(health_pb2.HealthCheckRequest(service="edge.v1.Worker"),
-                                   timeout=min(deadlines.control, max(0.1, end - time.monotonic())))
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            status = w.client.health(
+                min(deadlines.control, max(0.1, end - time.monotonic()))).result()
+            if status == SERVING:
                 return
-            last = f"health is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+            last = f"health is {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # waiting will not fix a token
                 raise DeployError.at(w, f"{w.label} refused the coordinator: {e.details()}",
@@ -221,7 +212,7 @@ def _chunks(sha256: str, path: Path, sent: list[int],
                 progress(sent[0])
 
 
-def upload_shard(w: WorkerHandle, plan_dir: Path, deadlines: Deadlines,
+def upload_shard(w: Placed, plan_dir: Path, deadlines: Deadlines,
                  progress: Progress | None = None) -> int:
     """Upload the stage's ``.onnx`` and data files that the worker's cache lacks.
 
@@ -232,11 +223,11 @@ def upload_shard(w: WorkerHandle, plan_dir: Path, deadlines: Deadlines,
     to_send, sent = stage.total_bytes, [0]
     for rel, sha, size in _stage_files(stage):
         try:
-            have = w.stub.HasShard(pb.ShardRef(sha256=sha), timeout=deadlines.control)
+            present = w.client.has_shard(sha, deadlines.control)
         except grpc.RpcError as e:
             raise DeployError.at(w, f"{w.label}: cannot query its shard cache: "
                                     f"{e.code().name}: {e.details()}", e.code())
-        if have.present:
+        if present:
             log.info("%s already has %s", w.label, rel)
             to_send -= size
             if progress:
@@ -248,14 +239,14 @@ def upload_shard(w: WorkerHandle, plan_dir: Path, deadlines: Deadlines,
                               "such file", grpc.StatusCode.FAILED_PRECONDITION)
         report = (lambda n: progress(stage, n, to_send)) if progress else None
         try:
-            w.stub.UploadShard(_chunks(sha, path, sent, report), timeout=deadlines.upload)
+            w.client.upload(_chunks(sha, path, sent, report), deadlines.upload)
         except grpc.RpcError as e:
             raise DeployError.at(w, f"{w.label}: upload of {path.name} failed: "
                                     f"{e.code().name}: {e.details()}", e.code())
     return sent[0]
 
 
-def configure(w: WorkerHandle, plan: Plan, epoch: int, deadlines: Deadlines,
+def configure(w: Placed, plan: Plan, epoch: int, deadlines: Deadlines,
               coordinator_id: str = "", take_over: bool = False) -> pb.ConfigureReply:
     """Load the stage's shard on its worker and wire it to the next stage.
 
@@ -283,13 +274,13 @@ def configure(w: WorkerHandle, plan: Plan, epoch: int, deadlines: Deadlines,
         coordinator_id=coordinator_id, take_over=take_over,
     )
     try:
-        return w.stub.Configure(config, timeout=deadlines.load)
+        return w.client.configure(config, deadlines.load)
     except grpc.RpcError as e:
         raise DeployError.at(w, f"{w.label}: cannot load its shard: {e.code().name}: "
                                 f"{e.details()}", e.code())
 
 
-def deploy(plan: Plan, plan_dir: Path, workers: list[WorkerHandle], epoch: int,
+def deploy(plan: Plan, plan_dir: Path, workers: list[Placed], epoch: int,
            deadlines: Deadlines, progress: Progress | None = None, *,
            coordinator_id: str = "", take_over: bool = False,
            serving: frozenset[str] = frozenset()) -> int:

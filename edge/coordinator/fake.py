@@ -1,0 +1,377 @@
+"""In-memory workers for testing the coordinator without processes or sockets.
+
+A :class:`FakeCluster` holds :class:`FakeWorker` devices by address; its :meth:`client`
+is a ``Pipeline(worker_factory=...)``: each coordinator gets its own connections
+(:class:`FakeConnection`, a :class:`~edge.coordinator.workers.WorkerClient`). A fake
+worker runs its stage as a python function on numpy arrays (add one, by default), hands
+the outputs to the next stage's fake worker, and publishes the last stage's result on
+its event streams, as a real worker does over gRPC. Tests make it fail as real devices
+do: :meth:`FakeWorker.kill`, :meth:`~FakeWorker.restart` (empty), :meth:`~FakeWorker.hang`,
+``refuse`` (Configure answers a refusal), and :meth:`~FakeWorker.hold` (requests wait in
+the stage until released: a request in flight when something happens).
+
+:func:`fake_plan` makes a plan over fake devices, with small shard files on disk, and
+:class:`FakeReplanner` re-plans over any devices without a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import queue
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2
+
+from edge.coordinator.failover import Deployment, Replanner
+from edge.coordinator.workers import CallError, Done
+from edge.planning.plan import Device, ModelInfo, Plan, Stage, StagePrediction, TensorSpec
+from edge.proto import edge_pb2 as pb
+from edge.transport.codec import decode_tensors, encode_tensors
+
+__all__ = ["FakeCluster", "FakeWorker", "FakeConnection", "FakeReplanner", "fake_plan",
+           "fake_devices", "add_one"]
+
+Code = grpc.StatusCode
+StageFn = Callable[[pb.StageConfig, dict], dict]
+
+
+def add_one(config: pb.StageConfig, arrays: dict) -> dict:
+    """The default stage: every array plus one (n stages add n)."""
+    return {k: v + 1 for k, v in arrays.items()}
+
+
+class _Stream:
+    def __init__(self, coordinator_id: str):
+        self.coordinator_id = coordinator_id
+        self.queue: queue.Queue = queue.Queue()
+
+
+class FakeWorker:
+    """One device's worker, in memory.
+
+    Attributes:
+        alive: answers calls (False after :meth:`kill`).
+        hung: up but never answers (calls fail with DEADLINE_EXCEEDED at once).
+        refuse: the code Configure answers with (None: it takes its stage).
+        config: the stage it serves (None: none).
+        owner: the coordinator that owns it ("" none).
+        configured: how many times it took a stage.
+        full: the next this many Forwards are refused with RESOURCE_EXHAUSTED (a full
+            queue).
+        forwards: Forwards it accepted.
+    """
+
+    def __init__(self, cluster: "FakeCluster", address: str):
+        self.cluster, self.address = cluster, address
+        self.alive, self.hung = True, False
+        self.refuse: grpc.StatusCode | None = None
+        self.config: pb.StageConfig | None = None
+        self.owner = ""
+        self.configured = 0
+        self.full = 0
+        self.forwards = 0
+        self.cache: set[str] = set()
+        self._lock = threading.Lock()
+        self._streams: list[_Stream] = []
+        self._taken_from: set[str] = set()
+        self._holding = False
+        self._held: list[pb.Activation] = []
+
+    # ------------------------------------------------------------------ faults
+
+    def kill(self) -> None:
+        """The device dies: its streams break, what it holds is lost."""
+        self.alive, self._holding = False, False
+        self._held.clear()
+        self._end_streams(lambda s: (Code.UNAVAILABLE, "connection reset"))
+
+    def restart(self, empty: bool = True) -> None:
+        """The worker comes back, with no stage and no owner (and, ``empty``, no shards)."""
+        self.alive, self.hung = True, False
+        self.config, self.owner = None, ""
+        if empty:
+            self.cache.clear()
+
+    def hang(self) -> None:
+        self.hung = True
+
+    def hold(self) -> None:
+        """Keep the requests it takes from now on until :meth:`release`."""
+        self._holding = True
+
+    @property
+    def subscribers(self) -> int:
+        """Event streams of its owner open now (results published meanwhile reach them)."""
+        with self._lock:
+            return sum(s.coordinator_id == self.owner for s in self._streams)
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def release(self, n: int | None = None) -> None:
+        """Run ``n`` (default all) held requests, oldest first, and stop holding."""
+        self._holding = False
+        with self._lock:
+            n = len(self._held) if n is None else n
+            batch, self._held = self._held[:n], self._held[n:]
+        for activation in batch:
+            self._run(activation)
+
+    # ------------------------------------------------------------------ calls
+
+    def _check(self) -> None:
+        if not self.alive:
+            raise CallError(Code.UNAVAILABLE, f"failed to connect to {self.address}")
+        if self.hung:
+            raise CallError(Code.DEADLINE_EXCEEDED, "deadline exceeded")
+
+    def forward(self, activation: pb.Activation) -> tuple[grpc.StatusCode, str]:
+        try:
+            self._check()
+        except CallError as e:
+            return e.code(), e.details()
+        config = self.config
+        if config is None:
+            return Code.FAILED_PRECONDITION, "this worker has no stage yet"
+        if activation.epoch != config.epoch:
+            return Code.FAILED_PRECONDITION, (f"request belongs to epoch {activation.epoch}, "
+                                              f"this worker serves epoch {config.epoch}")
+        if self.full > 0:
+            self.full -= 1
+            return Code.RESOURCE_EXHAUSTED, "queue full; retry later"
+        self.forwards += 1
+        with self._lock:
+            if self._holding:
+                self._held.append(activation)
+                return Code.OK, ""
+        threading.Thread(target=self._run, args=(activation,), daemon=True).start()
+        return Code.OK, ""
+
+    def _run(self, activation: pb.Activation) -> None:
+        config = self.config
+        if not self.alive or config is None:
+            return
+        outputs = self.cluster.stage_fn(config, decode_tensors(activation.tensors))
+        out = pb.Activation(request_id=activation.request_id, epoch=activation.epoch,
+                            tensors=encode_tensors(outputs))
+        if not config.next_address:
+            self._publish(pb.Event(result=out))
+            return
+        code, details = self.cluster.workers[config.next_address].forward(out)
+        if code != Code.OK:
+            self._publish(pb.Event(failure=pb.Failure(
+                request_id=activation.request_id, stage=config.stage, code=code.value[0],
+                message=f"stage {config.stage + 1} at {config.next_address}: {details}",
+                epoch=activation.epoch)))
+
+    def _publish(self, event: pb.Event) -> None:
+        with self._lock:
+            streams = [s for s in self._streams if s.coordinator_id == self.owner]
+        for s in streams:
+            s.queue.put(event)
+
+    def _end_streams(self, why: Callable[[_Stream], tuple | None]) -> None:
+        with self._lock:
+            for s in list(self._streams):
+                ended = why(s)
+                if ended:
+                    s.queue.put(CallError(*ended))
+                    self._streams.remove(s)
+
+    def subscribe(self, coordinator_id: str) -> _Stream:
+        self._check()
+        if coordinator_id in self._taken_from:
+            raise CallError(Code.ABORTED, f"taken over by coordinator {self.owner}")
+        stream = _Stream(coordinator_id)
+        with self._lock:
+            self._streams.append(stream)
+        return stream
+
+    def unsubscribe(self, stream: _Stream) -> None:
+        with self._lock:
+            if stream in self._streams:
+                self._streams.remove(stream)
+
+    def configure(self, config: pb.StageConfig) -> pb.ConfigureReply:
+        self._check()
+        if self.refuse is not None:
+            raise CallError(self.refuse, f"{self.address} refuses stage {config.stage}")
+        if config.shard_sha256 not in self.cache:
+            raise CallError(Code.FAILED_PRECONDITION, f"no shard {config.shard_sha256[:12]}")
+        owner, new = self.owner, config.coordinator_id
+        if owner and owner != new:
+            if not config.take_over:
+                raise CallError(Code.FAILED_PRECONDITION,
+                                f"{self.address} belongs to coordinator {owner}")
+            self._taken_from.add(owner)
+            self._end_streams(lambda s: (Code.ABORTED, f"taken over by coordinator {new}")
+                              if s.coordinator_id == owner else None)
+        self.config, self.owner = config, new
+        self.configured += 1
+        return pb.ConfigureReply(load_ms=1.0)
+
+    def status(self) -> pb.WorkerStatus:
+        self._check()
+        c = self.config
+        return pb.WorkerStatus(device=self.address, configured=c is not None,
+                               stage=c.stage if c else 0, epoch=c.epoch if c else 0,
+                               plan_id=c.plan_id if c else "", coordinator_id=self.owner)
+
+
+class FakeConnection:
+    """One coordinator's connection to a :class:`FakeWorker`: a WorkerClient."""
+
+    def __init__(self, worker: FakeWorker):
+        self.worker = worker
+        self.address = worker.address
+        self._closed = threading.Event()
+        self._streams: list[_Stream] = []
+
+    def forward(self, activation: pb.Activation, timeout: float, done: Done) -> None:
+        if not self._closed.is_set():
+            done(*self.worker.forward(activation))
+
+    def subscribe(self, coordinator_id: str) -> Iterator[pb.Event]:
+        self._gone()
+        stream = self.worker.subscribe(coordinator_id)
+        self._streams.append(stream)
+        return self._events(stream)
+
+    def _events(self, stream: _Stream) -> Iterator[pb.Event]:
+        try:
+            while True:
+                try:
+                    item = stream.queue.get(timeout=0.01)
+                except queue.Empty:
+                    self._gone()
+                    continue
+                if isinstance(item, CallError):
+                    raise item
+                yield item
+        finally:
+            self.worker.unsubscribe(stream)
+
+    def _gone(self) -> None:
+        if self._closed.is_set():
+            raise CallError(Code.CANCELLED, "channel closed")
+
+    def status(self, timeout: float) -> pb.WorkerStatus:
+        self._gone()
+        return self.worker.status()
+
+    def health(self, timeout: float) -> Future:
+        out: Future = Future()
+        try:
+            self._gone()
+            self.worker._check()
+            out.set_result(health_pb2.HealthCheckResponse.SERVING)
+        except CallError as e:
+            out.set_exception(e)
+        return out
+
+    def has_shard(self, sha256: str, timeout: float) -> bool:
+        self._gone()
+        self.worker._check()
+        return sha256 in self.worker.cache
+
+    def upload(self, chunks: Iterator[pb.ShardChunk], timeout: float) -> None:
+        self._gone()
+        self.worker._check()
+        sha = next(chunks).header.sha256
+        for _ in chunks:
+            pass
+        self.worker.cache.add(sha)
+
+    def configure(self, config: pb.StageConfig, timeout: float) -> pb.ConfigureReply:
+        self._gone()
+        return self.worker.configure(config)
+
+    def profile(self, since: float, timeout: float) -> pb.WorkerProfile:
+        self._gone()
+        self.worker._check()
+        return pb.WorkerProfile()
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+class FakeCluster:
+    """Fake workers by address.
+
+    Args:
+        addresses: the devices' addresses.
+        stage_fn: what a stage computes, ``fn(config, arrays) -> arrays`` (default
+            :func:`add_one`).
+    """
+
+    def __init__(self, addresses: Sequence[str], stage_fn: StageFn = add_one):
+        self.stage_fn = stage_fn
+        self.workers = {a: FakeWorker(self, a) for a in addresses}
+
+    def __getitem__(self, address: str) -> FakeWorker:
+        return self.workers[address]
+
+    def client(self, address: str) -> FakeConnection:
+        """A ``worker_factory`` for :class:`~edge.coordinator.pipeline.Pipeline`."""
+        return FakeConnection(self.workers[address])
+
+
+def fake_devices(n: int, prefix: str = "fake", standby: bool = False,
+                 memory_mb: float = 512.0) -> list[Device]:
+    return [Device(name=f"{prefix}-{i}", address=f"{prefix}-{i}:50051", profile="fake",
+                   memory_mb=memory_mb, gflops=1.0, bandwidth_mbps=100.0, standby=standby)
+            for i in range(n)]
+
+
+def fake_plan(plan_dir: Path, devices: Sequence[Device], standby: Sequence[Device] = (),
+              shape: tuple[int, ...] = (1, 4)) -> Plan:
+    """A plan of one stage per device over a float32 ``x`` of ``shape``, with a small shard
+    file per stage under ``plan_dir`` (deploy checks them against the plan)."""
+    plan_dir = Path(plan_dir)
+    (plan_dir / "shards").mkdir(parents=True, exist_ok=True)
+    x = (TensorSpec("x", "float32", tuple(shape)),)
+    stages = []
+    for i, device in enumerate(devices):
+        data = f"stage {i} of {len(devices)} in {plan_dir}".encode()
+        rel = f"shards/stage{i}.onnx"
+        (plan_dir / rel).write_bytes(data)
+        stages.append(Stage(
+            index=i, device=device, node_range=(i, i + 1), inputs=x, outputs=x, shard=rel,
+            sha256=hashlib.sha256(data).hexdigest(), shard_bytes=len(data),
+            predicted=StagePrediction(weights_mb=1, activations_mb=1, runtime_floor_mb=1,
+                                      memory_mb=64, gflops=0.1, compute_ms=1,
+                                      transfer_ms=1, time_ms=2)))
+    model = ModelInfo(name="fake", sha256="0" * 64, num_nodes=len(devices), inputs=x,
+                      outputs=x)
+    return Plan(model=model, stages=tuple(stages), standby=tuple(standby))
+
+
+class FakeReplanner(Replanner):
+    """A :class:`Replanner` that re-plans over any devices with :func:`fake_plan`.
+
+    Attributes:
+        replans: the device names of each re-plan made.
+    """
+
+    def __init__(self, original: Plan, plan_dir: Path):
+        super().__init__(original, plan_dir, None)
+        self.replans: list[tuple[str, ...]] = []
+
+    def _replan(self, placed: list[Device], spares: list[Device],
+                lost: list[str]) -> Deployment:
+        devices = [dataclasses.replace(d, standby=False) for d in placed]
+        out = self.plan_dir / "replans" / "-".join(d.name for d in devices)
+        self.replans.append(tuple(d.name for d in devices))
+        return Deployment(fake_plan(out, devices), out, "re-planned")
+
+
+def as_array(tensors) -> np.ndarray:
+    """The ``x`` of a result's wire tensors."""
+    return decode_tensors(tensors)["x"]

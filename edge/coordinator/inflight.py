@@ -1,0 +1,258 @@
+"""The in-flight table: every request accepted and not yet answered, with its inputs.
+
+A request is admitted (or refused at once: the pipeline cannot serve, or too many are in
+flight), sent to the first stage of the current epoch, and kept here until its result or
+its failure arrives. A refusal that is not the request's fault (a stage gone, full, or on
+another epoch) schedules it to be sent again with backoff; a re-deployment under a new
+epoch sends it again at once. Results are matched by request id, so a result computed
+under an older epoch still answers, and a request answered twice is answered once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+
+from edge.coordinator.state import Current
+from edge.coordinator.workers import StageWorker
+from edge.errors import EdgeError
+from edge.proto import edge_pb2 as pb
+
+__all__ = ["InFlight", "InferError", "InferResult", "Request", "RETRY", "MAX_ATTEMPTS"]
+
+log = logging.getLogger(__name__)
+
+# Failures a stage reports that say nothing about the request itself: it is sent again
+# (a next hop gone or full, a stage on another epoch, a call cut by a re-wiring).
+RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                   grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION,
+                   grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
+
+# Sends of one request before it fails: a request that no stage ever completes must end.
+MAX_ATTEMPTS = 8
+
+
+class InferError(EdgeError):
+    """A request failed. ``code`` is the grpc.StatusCode to answer with; ``retryable``
+    False when sending the same request again cannot succeed even for a code clients
+    retry (a request too large for a device gets RESOURCE_EXHAUSTED, as a full queue does)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+
+
+@dataclass
+class InferResult:
+    request_id: str
+    outputs: list[pb.Tensor]
+    timings: list[pb.StageTiming]
+    latency_ms: float
+
+
+@dataclass
+class Request:
+    request_id: str
+    tensors: list[pb.Tensor]
+    started: float
+    future: Future = field(default_factory=Future)
+    sent_epoch: int = -1      # the epoch it was last sent under (-1: not sent yet)
+    retry_at: float = 0.0     # monotonic time of its next send, when it waits for one
+    attempts: int = 0         # sends so far
+    losses: int = 0           # device losses it was in flight through
+
+
+class InFlight:
+    """Admits requests, sends them, retries them, and answers each once.
+
+    Args:
+        current: the deployment to send to.
+        forward_timeout: deadline of one Forward call.
+        max_in_flight: requests accepted at once; past it, RESOURCE_EXHAUSTED.
+        failover: retry refusals in :data:`RETRY` (False: they answer the request).
+        suspect: told ``(address, why)`` of a stage that refused with UNAVAILABLE.
+        why: what is known about why a worker stopped answering ("; ..." or "").
+    """
+
+    def __init__(self, current: Current, forward_timeout: float, max_in_flight: int,
+                 failover: bool, suspect: Callable[[str, str], None],
+                 why: Callable[[StageWorker], str]):
+        self.current = current
+        self.forward_timeout = forward_timeout
+        self.max_in_flight = max_in_flight
+        self.failover = failover
+        self.suspect = suspect
+        self.why = why
+        self.done = 0
+        self.failed = 0
+        self._requests: dict[str, Request] = {}
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def get(self, request_id: str) -> Request | None:
+        with self.current.lock:
+            return self._requests.get(request_id)
+
+    def pending(self, count_loss: bool = False) -> list[Request]:
+        """Requests not answered yet; ``count_loss``: each was in flight through one more
+        device loss."""
+        with self.current.lock:
+            pending = [r for r in self._requests.values() if not r.future.done()]
+            for r in pending if count_loss else ():
+                r.losses += 1
+            return pending
+
+    def admit(self, tensors: list[pb.Tensor]) -> Request:
+        """Take a request in, or refuse it at once.
+
+        Raises:
+            InferError: UNAVAILABLE while nothing can serve (not retryable once taken
+                over), RESOURCE_EXHAUSTED when ``max_in_flight`` are in flight.
+        """
+        request = Request(uuid.uuid4().hex, tensors, time.perf_counter())
+        cur = self.current
+        with cur.lock:
+            if cur.unavailable:
+                raise InferError(grpc.StatusCode.UNAVAILABLE, cur.unavailable,
+                                 retryable=not cur.taken_over)
+            if len(self._requests) >= self.max_in_flight:
+                raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"{self.max_in_flight} requests already in flight; retry later")
+            self._requests[request.request_id] = request
+        return request
+
+    def wait(self, request: Request, timeout: float) -> pb.Activation:
+        """Send an admitted request once the pipeline serves, and wait for its answer.
+
+        Raises:
+            InferError: its failure, or DEADLINE_EXCEEDED after ``timeout`` seconds.
+        """
+        try:
+            if self.current.serving.wait(timeout):
+                self.send(request)
+            activation = request.future.result(
+                max(0.0, timeout - (time.perf_counter() - request.started)))
+        except FutureTimeout:
+            self._count(failed=True)
+            raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"request {request.request_id} got no result within "
+                             f"{timeout:.0f} s{self.current.note()}") from None
+        except InferError:
+            self._count(failed=True)
+            raise
+        finally:
+            with self.current.lock:
+                self._requests.pop(request.request_id, None)
+        self._count(failed=False)
+        return activation
+
+    def _count(self, failed: bool) -> None:
+        with self.current.lock:
+            if failed:
+                self.failed += 1
+            else:
+                self.done += 1
+
+    def send(self, request: Request) -> None:
+        """Hand the request to the first stage, without waiting for it to be accepted.
+
+        A refusal that is not the request's fault (the stage is gone, full, or on another
+        epoch) leaves it to be sent again; other refusals answer it.
+        """
+        cur = self.current
+        with cur.lock:
+            if request.future.done() or not cur.workers:
+                return
+            first, epoch = cur.workers[0], cur.epoch
+            request.sent_epoch, request.attempts = epoch, request.attempts + 1
+        message = pb.Activation(request_id=request.request_id, tensors=request.tensors,
+                                epoch=epoch)
+        first.client.forward(message, self.forward_timeout,
+                             lambda code, details: self._sent(request, epoch, first, code,
+                                                              details))
+
+    def _sent(self, request: Request, epoch: int, first: StageWorker, code: grpc.StatusCode,
+              details: str) -> None:
+        if code == grpc.StatusCode.OK:
+            return
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            code = grpc.StatusCode.UNAVAILABLE
+        if self.failover and code in RETRY:
+            self.retry_later(request, epoch, first, code, details)
+            return
+        why = self.why(first) if code == grpc.StatusCode.UNAVAILABLE else ""
+        self.resolve(request.request_id, error=InferError(
+            code, f"{first.label} refused request {request.request_id}: {details}{why}"))
+
+    def retry_later(self, request: Request, epoch: int, w: StageWorker,
+                    code: grpc.StatusCode, details: str) -> None:
+        """Schedule ``request``, refused by ``w`` under ``epoch``, to be sent again with
+        backoff (or fail it after :data:`MAX_ATTEMPTS` sends)."""
+        why = f"{code.name}: {details}"
+        if request.attempts >= MAX_ATTEMPTS:
+            self.resolve(request.request_id, error=InferError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"request {request.request_id} was sent {request.attempts} times and never "
+                f"completed; last: {w.label}: {why}"))
+            return
+        with self.current.lock:
+            if request.sent_epoch == epoch:
+                request.retry_at = time.monotonic() + min(2.0, 0.05 * 2 ** request.attempts)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self.suspect(w.stage.device.address, why)
+        self.current.wake.set()
+
+    def resolve(self, request_id: str, result: pb.Activation | None = None,
+                error: InferError | None = None) -> None:
+        """Answer a request with its result or its error; the first answer stands."""
+        with self.current.lock:
+            request = self._requests.get(request_id)
+        if request is None or request.future.done():
+            return  # answered already, or timed out
+        try:
+            if error is not None:
+                request.future.set_exception(error)
+            else:
+                request.future.set_result(result)
+        except Exception:  # set twice by two threads at once: the first answer stands
+            pass
+
+    def fail_all(self, error: Callable[[Request], InferError]) -> None:
+        """Answer every request not answered yet with ``error(request)``."""
+        for r in self.pending():
+            self.resolve(r.request_id, error=error(r))
+
+    def resend_due(self) -> None:
+        """Send again the requests whose retry time has come or that were sent under an
+        older epoch."""
+        cur = self.current
+        if not cur.serving.is_set() or cur.unavailable:
+            return
+        now = time.monotonic()
+        with cur.lock:
+            due = [r for r in self._requests.values() if not r.future.done() and (
+                (r.sent_epoch != -1 and r.sent_epoch != cur.epoch)
+                or (r.retry_at and r.retry_at <= now))]
+            for r in due:
+                r.retry_at = 0.0
+        for r in due:
+            self.send(r)
+
+    def close(self) -> None:
+        """Fail everything in flight: the coordinator is shutting down."""
+        with self.current.lock:
+            pending = list(self._requests.values())
+            self._requests.clear()
+        for r in pending:
+            if not r.future.done():
+                r.future.set_exception(InferError(grpc.StatusCode.UNAVAILABLE,
+                                                  "the coordinator is shutting down"))
