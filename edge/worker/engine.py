@@ -1,0 +1,283 @@
+"""A worker's stage engine: the stage it serves and the two threads that run it.
+
+A request moves through two threads so that a stage computes request n+1 while it still
+sends request n:
+
+    submit (Forward) -> jobs -> compute thread -> outbox -> send thread -> next worker
+                                                                      \\-> events (last stage)
+
+The engine knows nothing of gRPC handlers: it raises the typed errors of
+``edge.worker.errors`` and the servicer maps them to status codes. A re-configure swaps
+the StageRunner (and the channel to the next hop) under a lock; jobs of an older epoch
+are then dropped, since the coordinator resends them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from edge.errors import SecurityError, TensorError
+from edge.proto import edge_pb2 as pb
+from edge.transport.channels import Deadlines, Security, create_channel, serialized_unary
+from edge.transport.codec import encode_activation
+from edge.worker.errors import (RUN_FAILURE_CODES, NextHopRefused, QueueFull,
+                                ShardLoadError)
+from edge.worker.events import EventBus
+from edge.worker.stage import ShardMismatch, StageRunner, StageSpec, describe_ort_error
+
+__all__ = ["Job", "StageEngine"]
+
+log = logging.getLogger(__name__)
+
+_FORWARD = pb.DESCRIPTOR.services_by_name["Worker"].methods_by_name["Forward"]
+
+
+@dataclass
+class Job:
+    """One request on its way through the engine."""
+
+    request_id: str
+    epoch: int
+    arrays: dict[str, np.ndarray]
+    timings: list[pb.StageTiming]
+    received: float  # perf_counter
+    runner: StageRunner
+    received_ns: int = 0  # time.time_ns(), reported in StageTiming
+    compute_ms: float = 0.0
+    queue_ms: float = 0.0
+    outputs: dict[str, np.ndarray] | None = None
+
+
+class StageEngine:
+    """Runs the current stage on queued requests and hands the outputs on.
+
+    Args:
+        events: where results (last stage) and failures go.
+        max_queue: requests waiting for compute (and for sending) at most.
+        threads: onnxruntime intra-op threads (None: all cores).
+        deadlines: per-call deadlines for the calls to the next hop.
+        security: how the channel to the next hop is secured.
+    """
+
+    def __init__(self, events: EventBus, max_queue: int = 64, threads: int | None = None,
+                 deadlines: Deadlines = Deadlines(), security: Security = Security()):
+        self.events = events
+        self.max_queue = max_queue
+        self.threads = threads
+        self.deadlines = deadlines
+        self.security = security
+        self.runner: StageRunner | None = None  # swapped whole, read without the lock
+        self._configure_lock = threading.Lock()
+        self._jobs: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._outbox: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._next_channel: grpc.Channel | None = None
+        self._next_forward: grpc.UnaryUnaryMultiCallable | None = None  # takes bytes
+        self._stats_lock = threading.Lock()
+        self._done = 0
+        self._failed = 0
+        self._compute_ms_total = 0.0
+        self.stopping = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._compute_loop, name="edge-compute", daemon=True),
+            threading.Thread(target=self._send_loop, name="edge-send", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    # ------------------------------------------------------------------ state
+
+    def serving(self) -> str:
+        """What this worker serves, for messages: "plan P, epoch E" or "no stage"."""
+        runner = self.runner
+        if runner is None:
+            return "no stage"
+        return f"plan {runner.spec.plan_id or '?'}, epoch {runner.spec.epoch}"
+
+    def stats(self) -> tuple[int, int, float]:
+        """Requests done, requests failed, and their total compute ms."""
+        with self._stats_lock:
+            return self._done, self._failed, self._compute_ms_total
+
+    def counters(self) -> tuple[int, int]:
+        """Requests done and the queue's depth, for the memory sampler."""
+        return self._done, self._jobs.qsize()
+
+    def queue_depth(self) -> int:
+        return self._jobs.qsize()
+
+    def busy(self) -> bool:
+        """True while requests wait for compute or for sending."""
+        return bool(self._jobs.qsize() or self._outbox.qsize())
+
+    # ------------------------------------------------------------------ configure
+
+    def install(self, spec: StageSpec, path: Path, coordinator_id: str,
+                take_over: bool) -> StageRunner:
+        """Serve ``spec`` from the shard at ``path``: load it (or re-wire the current
+        runner, when only the wiring changed), connect the next hop, swap, and make
+        ``coordinator_id`` the owner.
+
+        Raises:
+            ShardMismatch, ShardLoadError: the shard does not load or keep the contract.
+            OwnedElsewhere: another live coordinator configured this worker meanwhile.
+            NextHopRefused: the channel to the next hop cannot be secured.
+        """
+        with self._configure_lock:
+            runner = self._load(spec, path)
+            # Checked again where it is decided: two coordinators may configure at once.
+            self.events.check_may_configure(coordinator_id, take_over, self.serving())
+            old_channel = self._next_channel
+            self._connect_next_hop(spec)
+            self.runner = runner
+            self.events.claim(coordinator_id,
+                              f"plan {spec.plan_id or '?'}, epoch {spec.epoch}")
+            if old_channel is not None:
+                old_channel.close()
+        return runner
+
+    def _load(self, spec: StageSpec, path: Path) -> StageRunner:
+        try:
+            current = self.runner
+            return ((current.rewired(spec) if current is not None else None)
+                    or StageRunner(spec, path, self.threads))
+        except ShardMismatch:
+            raise
+        except Exception as e:  # onnxruntime cannot load it
+            raise ShardLoadError(f"cannot load shard {spec.shard_sha256[:12]}: "
+                                 f"{describe_ort_error(e)[1]}") from None
+
+    def _connect_next_hop(self, spec: StageSpec) -> None:
+        if not spec.next_address:
+            self._next_channel = self._next_forward = None
+            return
+        try:
+            self._next_channel = create_channel(spec.next_address, security=self.security)
+        except SecurityError as e:  # plaintext to a LAN address without --insecure
+            raise NextHopRefused(f"{spec.where} cannot forward to {spec.next_address}: "
+                                 f"{e}") from None
+        self._next_forward = serialized_unary(self._next_channel, _FORWARD, pb.Ack)
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` for compute.
+
+        Raises:
+            QueueFull: ``max_queue`` requests wait already.
+        """
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{job.runner.spec.where} has {self.max_queue} requests queued; "
+                            "retry later") from None
+
+    def _stale(self, job: Job) -> bool:
+        """True if the worker was re-configured (a new epoch) since ``job`` came."""
+        runner = self.runner
+        return runner is None or job.epoch != runner.spec.epoch
+
+    def _fail(self, job: Job, code: grpc.StatusCode, message: str) -> None:
+        with self._stats_lock:
+            self._failed += 1
+        log.warning("request %s failed: %s", job.request_id, message)
+        self.events.publish(pb.Event(failure=pb.Failure(
+            request_id=job.request_id, stage=job.runner.spec.stage, code=code.value[0],
+            message=message, epoch=job.epoch)))
+
+    def _compute_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                job = self._jobs.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if self._stale(job):
+                continue  # re-configured since it was queued: the coordinator resends it
+            start = time.perf_counter()
+            job.queue_ms = (start - job.received) * 1e3
+            try:
+                job.outputs = job.runner.run(job.arrays)
+            except Exception as e:
+                kind, msg = describe_ort_error(e)
+                code = RUN_FAILURE_CODES.get(kind, grpc.StatusCode.INTERNAL)
+                self._fail(job, code, f"{job.runner.spec.where} could not run request "
+                                      f"{job.request_id}: {msg}")
+                continue
+            job.compute_ms = (time.perf_counter() - start) * 1e3
+            job.arrays = {}  # free the inputs before the outputs are sent
+            with self._stats_lock:
+                self._done += 1
+                self._compute_ms_total += job.compute_ms
+            self._outbox.put(job)
+
+    def _send_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                job = self._outbox.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if self._stale(job):
+                continue  # re-configured since: the coordinator resends it
+            self._send(job)
+
+    def _send(self, job: Job) -> None:
+        start = time.perf_counter()
+        spec = job.runner.spec
+        timing = pb.StageTiming(stage=spec.stage, queue_ms=job.queue_ms,
+                                compute_ms=job.compute_ms, received_unix_ns=job.received_ns)
+
+        def timings() -> list[pb.StageTiming]:
+            timing.send_ms = (time.perf_counter() - start) * 1e3  # the encoding
+            return job.timings + [timing]
+
+        # Straight to wire bytes: one copy of the outputs instead of three.
+        try:
+            data = encode_activation(job.request_id, job.epoch, job.outputs, timings)
+        except TensorError as e:
+            self._fail(job, grpc.StatusCode.INTERNAL, f"{spec.where} cannot send the "
+                                                      f"outputs of {job.request_id}: {e}")
+            return
+        finally:
+            job.outputs = None
+        if spec.is_last:
+            event = pb.Event()
+            event.result.MergeFromString(data)
+            del data
+            self.events.publish(event)
+            return
+        forward = self._next_forward
+        try:
+            call = forward.future(data, timeout=self.deadlines.forward)
+            # A next hop that hangs (unplugged, stopped) must not hold this loop for a
+            # whole deadline once the coordinator has moved the pipeline elsewhere.
+            while not self.stopping.is_set():
+                try:
+                    call.result(timeout=0.25)
+                    break
+                except grpc.FutureTimeoutError:
+                    if self._stale(job):
+                        call.cancel()
+                        break
+        except grpc.RpcError as e:
+            if self._stale(job):
+                return  # the hop was re-wired meanwhile: the coordinator resends it
+            code = e.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                code = grpc.StatusCode.UNAVAILABLE
+            self._fail(job, code, f"{spec.where} could not hand request {job.request_id} "
+                                  f"to stage {spec.stage + 1} at {spec.next_address}: "
+                                  f"{e.code().name}: {e.details()}")
+        finally:
+            del data  # not kept while the loop waits for and encodes the next one
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._next_channel is not None:
+            self._next_channel.close()

@@ -1,0 +1,169 @@
+"""Who owns a worker, and the fan-out of its results and failures to the owner's Subscribe
+stream.
+
+A worker belongs to the coordinator that configured it (by ``coordinator_id``) while
+that coordinator is alive: it holds a Subscribe stream here, or it configured the worker
+less than :data:`OWNER_GRACE_S` ago and has not subscribed since (a deploy configures
+every stage before it subscribes). Another coordinator's Configure is then refused unless
+it says ``take_over``; a restarted coordinator (its old process is gone, and so is its
+stream) is accepted. An empty id (a tool, a test) owns nothing: anyone may replace it.
+
+Only the owner's streams get events, and the owner's stream is always accepted (a new one
+replaces its older ones), so that streams opened by anyone else, which are limited, cannot
+lock the coordinator out. Events produced while the owner has no stream are kept
+(bounded), so a coordinator that reconnects still gets them.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from edge.proto import edge_pb2 as pb
+from edge.worker.errors import OwnedElsewhere, Replaced, TakenOver, TooManySubscribers
+
+__all__ = ["EventBus", "Stream", "END", "OWNER_GRACE_S"]
+
+log = logging.getLogger(__name__)
+
+# How long a coordinator that configured this worker and has not subscribed yet still owns
+# it: a deploy configures every stage (loading each shard) before it subscribes.
+OWNER_GRACE_S = 30.0
+
+END = object()  # put in a stream's queue to end it with the stream's ``ended`` error
+
+
+@dataclass(eq=False)
+class Stream:
+    """One Subscribe call's events; ``ended``: the error it ends with once it gets END."""
+
+    coordinator_id: str
+    queue: queue.Queue = field(default_factory=queue.Queue)
+    ended: Exception | None = None
+
+    def end(self, error: Exception) -> None:
+        self.ended = error
+        self.queue.put(END)
+
+
+class EventBus:
+    """The owner of a worker and its event streams; see the module docstring."""
+
+    def __init__(self, backlog: int = 4096):
+        self._lock = threading.Lock()
+        self._streams: list[Stream] = []
+        self._backlog: collections.deque = collections.deque(maxlen=backlog)
+        self.owner: str | None = None      # None: never configured
+        self._configured_at = 0.0          # monotonic time of the owner's last Configure
+        self._owner_subscribed = False     # the owner held a stream since that Configure
+        # Coordinators that were taken over, and by whom: their Subscribe is refused with
+        # ABORTED so that they learn it even if their stream was down at the time.
+        self._former: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def _is_owner(self, coordinator_id: str) -> bool:
+        return self.owner is not None and coordinator_id == self.owner
+
+    def publish(self, event: pb.Event) -> None:
+        with self._lock:
+            targets = [s for s in self._streams if self._is_owner(s.coordinator_id)]
+            if not targets:
+                self._backlog.append(event)
+            for s in targets:
+                s.queue.put(event)
+
+    def subscribe(self, coordinator_id: str, limit: int) -> Stream:
+        """A stream of events from now on (and the backlog, for the owner's first stream).
+
+        Raises:
+            TakenOver: for a coordinator that was taken over.
+            TooManySubscribers: when ``limit`` streams of others than the owner are open.
+        """
+        with self._lock:
+            if coordinator_id and coordinator_id in self._former:
+                raise TakenOver(self._former[coordinator_id])
+            stream = Stream(coordinator_id)
+            if coordinator_id and self._is_owner(coordinator_id):
+                # Its older stream is one it gave up on (a reconnect after a network blip).
+                for old in [s for s in self._streams if s.coordinator_id == coordinator_id]:
+                    old.end(Replaced("replaced by a newer stream of the same coordinator"))
+                    self._streams.remove(old)
+                self._owner_subscribed = True
+            else:
+                others = [s for s in self._streams
+                          if not (s.coordinator_id and self._is_owner(s.coordinator_id))]
+                if len(others) >= limit:
+                    raise TooManySubscribers(
+                        f"{limit} subscribers are listening already; expected one per "
+                        "coordinator: close a stale one and retry")
+            if self._is_owner(coordinator_id):
+                while self._backlog:
+                    stream.queue.put(self._backlog.popleft())
+            self._streams.append(stream)
+        return stream
+
+    def unsubscribe(self, stream: Stream) -> None:
+        with self._lock:
+            if stream in self._streams:
+                self._streams.remove(stream)
+
+    def refusal(self, coordinator_id: str, take_over: bool, serving: str) -> str | None:
+        """Why ``coordinator_id`` may not configure this worker now, or None if it may.
+
+        Args:
+            serving: what the worker serves now, for the message ("plan P, epoch E").
+        """
+        with self._lock:
+            owner = self.owner
+            if not owner or owner == coordinator_id or take_over:
+                return None
+            if any(s.coordinator_id == owner for s in self._streams):
+                alive = "it holds this worker's event stream"
+            else:
+                ago = time.monotonic() - self._configured_at
+                if self._owner_subscribed or ago >= OWNER_GRACE_S:
+                    return None  # gone (a restarted coordinator is the common case)
+                alive = (f"it configured this worker {ago:.1f} s ago and has not subscribed "
+                         f"yet (its claim lapses in {OWNER_GRACE_S - ago:.0f} s)")
+        said = coordinator_id or "a coordinator that gave no id"
+        return (f"this worker belongs to coordinator {owner} ({serving}), which is alive: "
+                f"{alive}; expected a Configure from it, got one from {said}. Two "
+                "coordinators on one cluster would take each other's workers: stop the other "
+                "coordinator, or start this one with `edge coordinator --take-over` to replace "
+                "it")
+
+    def check_may_configure(self, coordinator_id: str, take_over: bool, serving: str) -> None:
+        """Raise OwnedElsewhere with :meth:`refusal`'s reason, if there is one."""
+        refusal = self.refusal(coordinator_id, take_over, serving)
+        if refusal:
+            raise OwnedElsewhere(refusal)
+
+    def claim(self, coordinator_id: str, serving: str) -> None:
+        """Make ``coordinator_id`` the owner; a previous owner's streams end with TakenOver."""
+        with self._lock:
+            previous = self.owner
+            if previous != coordinator_id:
+                self._backlog.clear()  # the previous owner's results are not the new one's
+                if previous:
+                    why = (f"this worker was taken over by coordinator "
+                           f"{coordinator_id or '(no id)'} ({serving}); coordinator {previous} "
+                           "no longer owns it")
+                    self._former[previous] = why
+                    while len(self._former) > 16:
+                        self._former.popitem(last=False)
+                    for s in [s for s in self._streams if s.coordinator_id == previous]:
+                        s.end(TakenOver(why))
+                        self._streams.remove(s)
+                    log.warning("%s", why)
+            self._former.pop(coordinator_id, None)
+            self.owner = coordinator_id
+            self._configured_at = time.monotonic()
+            self._owner_subscribed = bool(coordinator_id) and any(
+                s.coordinator_id == coordinator_id for s in self._streams)
+            if self._owner_subscribed:
+                stream = next(s for s in self._streams if s.coordinator_id == coordinator_id)
+                while self._backlog:
+                    stream.queue.put(self._backlog.popleft())
