@@ -523,7 +523,7 @@ def load_plan(path: str | Path) -> Plan:
 # ("list", kind) is a list of that kind.
 
 
-class _FieldError(ValueError):
+class _FieldError(ConfigError, ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field

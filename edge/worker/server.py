@@ -29,7 +29,7 @@ import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import edge
-from edge.errors import SecurityError, TensorError
+from edge.errors import EdgeError, SecurityError, TensorError
 from edge.planning.plan import MODES
 from edge.profiling.memory import device_facts, memory_breakdown, release_free_heap, rss_bytes
 from edge.profiling.sampler import Sampler
@@ -122,7 +122,7 @@ class _Job:
     outputs: dict[str, np.ndarray] | None = None
 
 
-class _Refused(Exception):
+class _Refused(EdgeError):
     """A Subscribe or Configure the ownership rule refuses: ``code`` and the message."""
 
     def __init__(self, code: grpc.StatusCode, message: str):

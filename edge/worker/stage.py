@@ -25,7 +25,7 @@ __all__ = ["StageSpec", "StageRunner", "ShardMismatch"]
 log = logging.getLogger(__name__)
 
 
-class ShardMismatch(Exception):
+class ShardMismatch(TensorError):
     """The shard's graph does not provide what the stage config promises."""
 
 
