@@ -21,6 +21,7 @@ import yaml
 
 from edge.errors import ConfigError
 from edge.planning.plan import Device
+from edge.transport.address import AddressError, parse_address
 
 __all__ = [
     "DeviceProfile",
@@ -281,9 +282,10 @@ _DEVICE_FIELDS = {"name", "address", "profile", "memory_mb", "gflops", "bandwidt
 
 def _check_address(v: Any, where: str) -> str:
     addr = _string(v, where)
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{where}: expected host:port (port 1-65535), got {addr!r}")
+    try:
+        parse_address(addr)
+    except AddressError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return addr
 
 

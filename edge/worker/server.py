@@ -16,7 +16,6 @@ import collections
 import logging
 import math
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import (MAX_MESSAGE_BYTES, Deadlines, Security, create_channel,
                                      create_server, serialized_unary, wait_for_signal)
+from edge.transport.address import AddressError, parse_address
 from edge.transport.codec import (PROTOCOL_VERSION, decode_specs, decode_tensors,
                                   encode_activation)
 from edge.transport.services import add_service
@@ -67,8 +67,6 @@ MESSAGE_FLOOR_MB = 16
 # An UploadShard message: a chunk of up to 1 MiB (the coordinator sends 256 KiB) and its
 # framing. Larger ones are refused before they are parsed.
 MAX_CHUNK_BYTES = (1 << 20) + 1024
-# What a receiving worker accepts as its next hop's address.
-_ADDRESS_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)$")
 
 
 @dataclass(frozen=True)
@@ -703,9 +701,9 @@ def _config_problem(c: pb.StageConfig) -> str | None:
         return (f"StageConfig: predicted_memory_mb: expected MiB >= 0, got "
                 f"{c.predicted_memory_mb}")
     if c.next_address:
-        host, sep, port = c.next_address.rpartition(":")
-        if (not sep or not _ADDRESS_HOST.fullmatch(host) or not port.isdigit()
-                or not 0 < int(port) < 65536):
+        try:
+            parse_address(c.next_address)
+        except AddressError:
             return (f"StageConfig: next_address: expected host:port (port 1-65535) or "
                     f"nothing (the last stage), got {c.next_address!r}")
     return None
