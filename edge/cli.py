@@ -10,6 +10,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from edge.transport.address import parse_address  # stdlib only: `edge --help` stays instant
+
 __all__ = ["main"]
 
 
@@ -212,7 +214,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
 
     def ready(port: int) -> None:
-        host = args.listen.rsplit(":", 1)[0]
+        host = parse_address(args.listen, allow_port_zero=True)[0]
         print(f"edge worker ({config.device}) listening on {host}:{port}, "
               f"shard cache {config.cache_dir}, messages up to "
               f"{message_limit_bytes(config) / 2**20:.0f} MiB, {config.security.describe()}",
@@ -329,7 +331,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                               security=security, take_over=args.take_over)
 
     def ready(port: int) -> None:
-        host = args.listen.rsplit(":", 1)[0]
+        host = parse_address(args.listen, allow_port_zero=True)[0]
         console.print(f"edge coordinator serving {pipeline.plan.model.name} over "
                       f"{len(pipeline.plan.stages)} workers on {host}:{port}")
         from edge.coordinator.guard import describe_limits

@@ -1,4 +1,5 @@
-"""Shared fixtures: small models exported once per test session."""
+"""Shared fixtures: small models exported once per test session. Shared helpers that are
+not fixtures are in helpers.py."""
 
 from __future__ import annotations
 
@@ -6,24 +7,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _run_chain(plan_dir: Path, plan, feeds: dict) -> dict:
-    """Run a plan's shards one after another in onnxruntime, as the workers would: each
-    stage reads its inputs, and forwards the tensors it passes through untouched."""
-    import onnxruntime as ort
-
-    from edge.shards.runtime import session_options
-
-    cur = dict(feeds)
-    for st in plan.stages:
-        sess = ort.InferenceSession(str(Path(plan_dir) / st.shard), session_options(1),
-                                    providers=["CPUExecutionProvider"])
-        assert set(cur) == {t.name for t in st.inputs}
-        res = sess.run(None, {i.name: cur[i.name] for i in sess.get_inputs()})
-        nxt = {k: cur[k] for k in st.passthrough}
-        nxt.update(zip([o.name for o in sess.get_outputs()], res))
-        cur = nxt
-    return cur
+from helpers import run_chain as _run_chain
 
 
 @pytest.fixture

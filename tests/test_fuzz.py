@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,16 +28,14 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from edge.coordinator.deploy import connect, upload_shard
-from edge.coordinator.pipeline import Pipeline
 from edge.coordinator.server import start_coordinator
-from edge.planning import make_plan
-from edge.planning.cluster import cluster_from_profile
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import Deadlines, create_channel
 from edge.transport.codec import (PROTOCOL_VERSION, decode_tensors, encode_spec, encode_tensor,
                                   encode_tensors)
 from edge.worker.launch import spawn_worker
+from helpers import Events, Local, local_pipeline, reference
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -86,39 +83,6 @@ def call(rpc: str, fn, expect: set, *words: str):
 # ---------------------------------------------------------------------------- set-up
 
 
-class Events:
-    """A worker's Subscribe stream, collected by request id on a thread."""
-
-    def __init__(self, stub):
-        self.by_id: dict[str, pb.Event] = {}
-        self.cond = threading.Condition()
-        self.call = stub.Subscribe(pb.SubscribeRequest())
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        try:
-            for e in self.call:
-                kind = e.WhichOneof("kind")
-                rid = e.result.request_id if kind == "result" else e.failure.request_id
-                with self.cond:
-                    self.by_id[rid] = e
-                    self.cond.notify_all()
-        except grpc.RpcError:
-            pass
-
-    def wait(self, ids, timeout: float = 60.0) -> dict[str, pb.Event]:
-        end = time.monotonic() + timeout
-        with self.cond:
-            while not all(i in self.by_id for i in ids):
-                left = end - time.monotonic()
-                assert left > 0, f"no event for {sorted(set(ids) - set(self.by_id))[:5]}"
-                self.cond.wait(left)
-            return {i: self.by_id.pop(i) for i in ids}
-
-    def close(self):
-        self.call.cancel()
-
-
 def stage_config(stage, epoch: int = EPOCH) -> pb.StageConfig:
     """The stage's config as a coordinator sends it, but as the last stage (results go to
     Subscribe), so that one worker can be fuzzed on its own."""
@@ -133,20 +97,19 @@ def stage_config(stage, epoch: int = EPOCH) -> pb.StageConfig:
 
 
 class Env:
-    def __init__(self, root: Path, model: Path):
+    """The fuzzed worker, alone, and a two-stage pipeline of bert-tiny behind a coordinator."""
+
+    def __init__(self, root: Path, model: Path, local: Local):
         self.root, self.model = root, model
         self.worker = spawn_worker(root, "fuzzed", threads=1,
                                    extra_args=["--memory-budget", str(BUDGET_MB)])
-        self.workers = [spawn_worker(root, f"pipe-{i}", threads=1) for i in range(2)]
-        cluster = cluster_from_profile("rpi4b-2gb", 2, addresses=[w.address for w in self.workers])
+        self.workers = local.workers.workers
         self.plan_dir = root / "plan"
-        self.plan = make_plan(model, cluster.devices, self.plan_dir,
-                              bindings={"batch": 1, "sequence": 16})
+        self.plan = local.plan
         assert len(self.plan.stages) == 2
         self.channel = create_channel(self.worker.address)
         self.stub = pb_grpc.WorkerStub(self.channel)
-        self.pipeline = Pipeline(self.plan, self.plan_dir, deadlines=Deadlines(infer=60))
-        self.pipeline.start()
+        self.pipeline = local.pipeline
         self.server, port = start_coordinator(self.pipeline, "127.0.0.1:0")
         self.coordinator_channel = create_channel(f"127.0.0.1:{port}")
         self.coordinator = pb_grpc.CoordinatorStub(self.coordinator_channel)
@@ -175,20 +138,20 @@ class Env:
             self.events.close()
         self.coordinator_channel.close()
         self.server.stop(0)
-        self.pipeline.close()
         self.channel.close()
-        for w in [self.worker, *self.workers]:
-            w.stop()
+        self.worker.stop()  # the pipeline and its workers are local_pipeline's to stop
 
 
 @pytest.fixture(scope="module")
 def env(bert_tiny, tmp_path_factory, request):
-    e = Env(tmp_path_factory.mktemp("fuzz"), bert_tiny)
+    root = tmp_path_factory.mktemp("fuzz")
     request.config._edge_fuzz_counts = COUNTS  # printed by conftest's terminal summary
-    try:
-        yield e
-    finally:
-        e.close()
+    with local_pipeline(bert_tiny, 2, root, plan_dir=root / "plan") as local:
+        e = Env(root, bert_tiny, local)
+        try:
+            yield e
+        finally:
+            e.close()
 
 
 def model_inputs(batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
@@ -197,11 +160,6 @@ def model_inputs(batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
     mask = np.ones((batch, seq), np.int64)
     mask[:, seq // 2 + 1:] = rng.integers(0, 2)
     return {"input_ids": ids, "attention_mask": mask}
-
-
-def reference(env: Env, x: dict) -> dict[str, np.ndarray]:
-    s = ort.InferenceSession(str(env.model), providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in s.get_outputs()], s.run(None, x)))
 
 
 def stage0_outputs(env: Env, x: dict) -> dict[str, np.ndarray]:
@@ -510,129 +468,193 @@ def test_has_shard(env):
     run()
 
 
-def test_configure(env):
-    """Bad StageConfigs are refused with the right code; the stage it served stays."""
+# Configure: each mutation of a valid StageConfig, the code it must get, and words one of
+# which its message must contain. A mutation is ``mutate(draw, cfg, k, env)``: it damages
+# ``cfg``, the config of stage ``k``, drawing what it needs (and ``assume``-ing away draws
+# that happen to be valid).
+
+GARBAGE = b"not an onnx model at all" * 10
+GARBAGE_SHA = hashlib.sha256(GARBAGE).hexdigest()
+
+
+def _mode(draw, cfg, k, env):
+    cfg.mode = draw(st.one_of(WEIRD_NAMES, st.sampled_from(["FP32", "int4", "fp16"])))
+    assume(cfg.mode not in ("", "fp32", "fp32-lean", "int8"))
+
+
+def _protocol(draw, cfg, k, env):
+    cfg.protocol = draw(st.integers(0, 2**32 - 1).filter(lambda p: p != PROTOCOL_VERSION))
+
+
+def _sha_invalid(draw, cfg, k, env):
+    cfg.shard_sha256 = draw(st.one_of(WEIRD_NAMES, st.just(cfg.shard_sha256.upper())))
+
+
+def _sha_missing(draw, cfg, k, env):
+    cfg.shard_sha256 = hashlib.sha256(draw(st.binary(min_size=1))).hexdigest()
+    assume(not (env.worker.cache_dir / cfg.shard_sha256).exists())
+
+
+def _data_name(draw, cfg, k, env):
+    assume(cfg.data_files)
+    cfg.data_files[draw(st.integers(0, len(cfg.data_files) - 1))].name = draw(
+        st.one_of(st.sampled_from(["../../etc/passwd", "/etc/passwd", "a\0b", "",
+                                   ".hidden", "model.onnx", "a/b", "..", "名前", "x" * 300]),
+                  st.text(max_size=20).map(lambda s: "../" + s)))
+
+
+def _data_sha_invalid(draw, cfg, k, env):
+    assume(cfg.data_files)
+    bad = draw(WEIRD_NAMES)
+    assume(not (len(bad) == 64 and all(c in "0123456789abcdef" for c in bad)))
+    cfg.data_files[0].sha256 = bad
+
+
+def _data_sha_missing(draw, cfg, k, env):
+    assume(cfg.data_files)
+    bad = hashlib.sha256(draw(st.binary(min_size=1))).hexdigest()
+    assume(not (env.worker.cache_dir / bad).is_file())
+    cfg.data_files[0].sha256 = bad
+
+
+def _data_dup(draw, cfg, k, env):
+    assume(cfg.data_files)
+    dup = cfg.data_files.add()
+    dup.CopyFrom(cfg.data_files[0])
+    if draw(st.booleans()):
+        dup.sha256 = env.plan.stages[1 - k].sha256
+
+
+def _spec_dtype(draw, cfg, k, env):
+    stage = env.plan.stages[k]
+    spec = draw(st.sampled_from(list(cfg.inputs) + list(cfg.outputs)))
+    spec.dtype = draw(WEIRD_DTYPES)
+    assume(spec.dtype != next(s.dtype for s in stage.inputs + stage.outputs
+                              if s.name == spec.name))
+
+
+def _spec_name(draw, cfg, k, env):
+    spec = draw(st.sampled_from(list(cfg.inputs)))
+    spec.name = draw(WEIRD_NAMES)
+    assume(spec.name not in {s.name for s in env.plan.stages[k].inputs})
+
+
+def _spec_dup(draw, cfg, k, env):
+    specs = draw(st.sampled_from([cfg.inputs, cfg.outputs]))
+    specs.add().CopyFrom(specs[0])
+
+
+def _spec_dim(draw, cfg, k, env):
+    spec = draw(st.sampled_from(list(cfg.inputs)))
+    spec.shape.add().size = draw(st.integers(-2**63, -1))
+
+
+def _output(draw, cfg, k, env):
+    stage = env.plan.stages[k]
+    cfg.outputs.add().CopyFrom(encode_spec(stage.inputs[0]))
+    cfg.outputs[-1].name = draw(WEIRD_NAMES)
+    assume(cfg.outputs[-1].name not in {s.name for s in stage.inputs + stage.outputs})
+
+
+def _memory(draw, cfg, k, env):
+    cfg.predicted_memory_mb = draw(BAD_FLOATS)
+
+
+def _budget(draw, cfg, k, env):
+    cfg.predicted_memory_mb = draw(st.floats(BUDGET_MB + 1, 1e300))
+
+
+def _stage(draw, cfg, k, env):
+    cfg.num_stages = draw(st.integers(0, 5))
+    cfg.stage = draw(st.integers(cfg.num_stages, 2**32 - 1))
+
+
+def _next_address(draw, cfg, k, env):
+    cfg.next_address = draw(st.one_of(
+        st.sampled_from(["\0", "host", "host:", ":50051", "host:0", "host:99999",
+                         "host:port", "a b:1", "[::1:80", "unix:/tmp/x\0"]),
+        st.text(max_size=20).filter(lambda s: ":" not in s and s)))
+
+
+def _other_shard(draw, cfg, k, env):
+    cfg.shard_sha256 = env.plan.stages[1 - k].sha256
+
+
+def _garbage_shard(draw, cfg, k, env):
+    cfg.shard_sha256 = GARBAGE_SHA
+    del cfg.data_files[:]
+
+
+CONFIGURE_MUTATIONS = [
+    # (name, mutation, expected code, expected message part or "" for any)
+    ("mode", _mode, INVALID, "unknown mode"),
+    ("protocol", _protocol, PRECONDITION, "protocol"),
+    ("sha_invalid", _sha_invalid, INVALID, "64 lowercase hex"),
+    ("sha_missing", _sha_missing, PRECONDITION, "upload"),
+    ("data_name", _data_name, INVALID, "plain file name"),
+    ("data_sha_invalid", _data_sha_invalid, INVALID, "64 lowercase hex"),
+    ("data_sha_missing", _data_sha_missing, PRECONDITION, "upload"),
+    ("data_dup", _data_dup, INVALID, "twice"),
+    ("spec_dtype", _spec_dtype, INVALID, "dtype"),
+    ("spec_name", _spec_name, INVALID, ""),
+    ("spec_dup", _spec_dup, INVALID, "twice"),
+    ("spec_dim", _spec_dim, INVALID, "negative"),
+    ("output", _output, INVALID, ""),
+    ("memory", _memory, INVALID, "predicted_memory_mb"),
+    ("budget", _budget, EXHAUSTED, "budget"),
+    ("stage", _stage, INVALID, "stage"),
+    ("next_address", _next_address, INVALID, "host:port"),
+    ("other_shard", _other_shard, INVALID, ""),
+    ("garbage_shard", _garbage_shard, INVALID, "cannot load shard"),
+]
+
+
+@pytest.fixture(scope="module")
+def configured(env):
+    """The fuzzed worker with every shard cached, a garbage "shard" too, serving stage 1."""
     env.upload_all()
     env.configure(1)
-    stages = env.plan.stages
-    garbage = b"not an onnx model at all" * 10
-    garbage_sha = hashlib.sha256(garbage).hexdigest()
-    env.stub.UploadShard(iter([pb.ShardChunk(header=pb.ShardHeader(sha256=garbage_sha,
-                                                                   size=len(garbage))),
-                               pb.ShardChunk(data=garbage)]), timeout=10)
+    env.stub.UploadShard(iter([pb.ShardChunk(header=pb.ShardHeader(sha256=GARBAGE_SHA,
+                                                                   size=len(GARBAGE))),
+                               pb.ShardChunk(data=GARBAGE)]), timeout=10)
+    return env
 
-    @fuzz_settings(250)
+
+def test_configure_valid(configured):
+    """A valid re-configuration of each stage is accepted."""
+    env = configured
+    for stage in env.plan.stages:
+        cfg = stage_config(stage)
+        call("Worker.Configure", lambda: env.stub.Configure(cfg, timeout=60), {OK})
+
+
+@pytest.mark.parametrize("name, mutate, code, words", CONFIGURE_MUTATIONS,
+                         ids=[m[0] for m in CONFIGURE_MUTATIONS])
+def test_configure(configured, name, mutate, code, words):
+    """Bad StageConfigs are refused with the right code; the stage it served stays."""
+    env = configured
+
+    @fuzz_settings(max(250 // len(CONFIGURE_MUTATIONS), 12))
     @given(st.data())
-    @example(None)
     def run(data):
-        if data is None:  # one valid re-configuration of each stage
-            for stage in stages:
-                cfg = stage_config(stage)
-                call("Worker.Configure", lambda: env.stub.Configure(cfg, timeout=60), {OK})
-            return
-        draw = data.draw
-        k = draw(st.integers(0, 1))
-        cfg = stage_config(stages[k])
-        kind = draw(st.sampled_from([
-            "mode", "protocol", "sha_invalid", "sha_missing", "data_name", "data_sha",
-            "data_dup", "spec_dtype", "spec_name", "spec_dup", "spec_dim", "output",
-            "memory", "budget", "stage", "next_address", "other_shard", "garbage_shard"]))
-        if kind == "mode":
-            cfg.mode = draw(st.one_of(WEIRD_NAMES, st.sampled_from(["FP32", "int4", "fp16"])))
-            assume(cfg.mode not in ("", "fp32", "fp32-lean", "int8"))
-            expect, words = {INVALID}, ("unknown mode",)
-        elif kind == "protocol":
-            cfg.protocol = draw(st.integers(0, 2**32 - 1).filter(lambda p: p != PROTOCOL_VERSION))
-            expect, words = {PRECONDITION}, ("protocol",)
-        elif kind == "sha_invalid":
-            cfg.shard_sha256 = draw(st.one_of(WEIRD_NAMES, st.just(cfg.shard_sha256.upper())))
-            expect, words = {INVALID}, ("64 lowercase hex",)
-        elif kind == "sha_missing":
-            cfg.shard_sha256 = hashlib.sha256(draw(st.binary(min_size=1))).hexdigest()
-            assume(not (env.worker.cache_dir / cfg.shard_sha256).exists())
-            expect, words = {PRECONDITION}, ("upload",)
-        elif kind == "data_name":
-            assume(cfg.data_files)
-            cfg.data_files[draw(st.integers(0, len(cfg.data_files) - 1))].name = draw(
-                st.one_of(st.sampled_from(["../../etc/passwd", "/etc/passwd", "a\0b", "",
-                                           ".hidden", "model.onnx", "a/b", "..", "名前",
-                                           "x" * 300]),
-                          st.text(max_size=20).map(lambda s: "../" + s)))
-            expect, words = {INVALID}, ("plain file name",)
-        elif kind == "data_sha":
-            assume(cfg.data_files)
-            bad = draw(st.one_of(WEIRD_NAMES, st.binary(min_size=1).map(
-                lambda b: hashlib.sha256(b).hexdigest())))
-            cfg.data_files[0].sha256 = bad
-            is_sha = len(bad) == 64 and all(c in "0123456789abcdef" for c in bad)
-            assume(not (is_sha and (env.worker.cache_dir / bad).is_file()))
-            expect = {PRECONDITION if is_sha else INVALID}
-            words = ("upload",) if PRECONDITION in expect else ("64 lowercase hex",)
-        elif kind == "data_dup":
-            assume(cfg.data_files)
-            dup = cfg.data_files.add()
-            dup.CopyFrom(cfg.data_files[0])
-            if draw(st.booleans()):
-                dup.sha256 = stages[1 - k].sha256
-            expect, words = {INVALID}, ("twice",)
-        elif kind == "spec_dtype":
-            spec = draw(st.sampled_from(list(cfg.inputs) + list(cfg.outputs)))
-            spec.dtype = draw(WEIRD_DTYPES)
-            assume(spec.dtype != next(s.dtype for s in stages[k].inputs + stages[k].outputs
-                                      if s.name == spec.name))
-            expect, words = {INVALID}, ("dtype",)
-        elif kind == "spec_name":
-            spec = draw(st.sampled_from(list(cfg.inputs)))
-            spec.name = draw(WEIRD_NAMES)
-            assume(spec.name not in {s.name for s in stages[k].inputs})
-            expect, words = {INVALID}, ()
-        elif kind == "spec_dup":
-            specs = draw(st.sampled_from([cfg.inputs, cfg.outputs]))
-            specs.add().CopyFrom(specs[0])
-            expect, words = {INVALID}, ("twice",)
-        elif kind == "spec_dim":
-            spec = draw(st.sampled_from(list(cfg.inputs)))
-            spec.shape.add().size = draw(st.integers(-2**63, -1))
-            expect, words = {INVALID}, ("negative",)
-        elif kind == "output":
-            cfg.outputs.add().CopyFrom(encode_spec(stages[k].inputs[0]))
-            cfg.outputs[-1].name = draw(WEIRD_NAMES)
-            assume(cfg.outputs[-1].name not in {s.name for s in stages[k].inputs + stages[k].outputs})
-            expect, words = {INVALID}, ()
-        elif kind == "memory":
-            cfg.predicted_memory_mb = draw(BAD_FLOATS)
-            expect, words = {INVALID}, ("predicted_memory_mb",)
-        elif kind == "budget":
-            cfg.predicted_memory_mb = draw(st.floats(BUDGET_MB + 1, 1e300))
-            expect, words = {EXHAUSTED}, ("budget",)
-        elif kind == "stage":
-            cfg.num_stages = draw(st.integers(0, 5))
-            cfg.stage = draw(st.integers(cfg.num_stages, 2**32 - 1))
-            expect, words = {INVALID}, ("stage",)
-        elif kind == "next_address":
-            cfg.next_address = draw(st.one_of(
-                st.sampled_from(["\0", "host", "host:", ":50051", "host:0", "host:99999",
-                                 "host:port", "a b:1", "[::1:80", "unix:/tmp/x\0"]),
-                st.text(max_size=20).filter(lambda s: ":" not in s and s)))
-            expect, words = {INVALID}, ("host:port",)
-        elif kind == "other_shard":
-            cfg.shard_sha256 = stages[1 - k].sha256
-            expect, words = {INVALID}, ()
-        else:
-            cfg.shard_sha256 = garbage_sha
-            del cfg.data_files[:]
-            expect, words = {INVALID}, ("cannot load shard",)
-        call("Worker.Configure", lambda: env.stub.Configure(cfg, timeout=60), expect, *words)
+        k = data.draw(st.integers(0, 1))
+        cfg = stage_config(env.plan.stages[k])
+        mutate(data.draw, cfg, k, env)
+        call("Worker.Configure", lambda: env.stub.Configure(cfg, timeout=60), {code},
+             *([words] if words else []))
 
     run()
     status = env.stub.GetStatus(pb.StatusRequest(), timeout=10)
     assert status.configured and status.epoch == EPOCH
 
-    # A next hop that nobody answers at: the configuration is fine, each request fails
-    # UNAVAILABLE naming the address, and the worker goes on.
+
+def test_configure_unreachable_next_hop(configured):
+    """A next hop that nobody answers at: the configuration is fine, each request fails
+    UNAVAILABLE naming the address, and the worker goes on."""
+    env = configured
     if env.events is None:
         env.events = Events(env.stub)
-    cfg = stage_config(stages[1])
+    cfg = stage_config(env.plan.stages[1])
     cfg.next_address, cfg.num_stages = "127.0.0.1:1", 2
     call("Worker.Configure", lambda: env.stub.Configure(cfg, timeout=60), {OK})
     x = stage0_outputs(env, model_inputs(1, 5, 1))
@@ -872,7 +894,7 @@ def test_infer(env):
             pb.InferRequest(inputs=tensors), timeout=60), expect, *words)
         if reply is not None and checked[0] < 10:  # a few against onnxruntime
             checked[0] += 1
-            want = reference(env, x)
+            want = reference(env.model, x)
             got = decode_tensors(reply.outputs)
             for k in want:
                 np.testing.assert_allclose(got[k], want[k], atol=1e-4, rtol=0)
@@ -906,7 +928,7 @@ def test_still_alive_and_correct(env):
     for w in env.workers:
         assert w.process.poll() is None, w.log()
     x = model_inputs(2, 11, 42)
-    want = reference(env, x)
+    want = reference(env.model, x)
     env.configure(1)
     rid = "final"
     env.stub.Forward(pb.Activation(request_id=rid, epoch=EPOCH,

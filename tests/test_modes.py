@@ -20,6 +20,7 @@ from edge.planning.planner import (COMPUTE_FACTOR, CostArrays, brute_force, eval
                                    partition)
 from edge.shards.quantize import cosine, drift
 from edge.shards.runtime import session_options
+from helpers import local_pipeline, reference, run_chain
 
 MiB = float(1 << 20)
 BERT = {"batch": 1, "sequence": 128}
@@ -29,18 +30,6 @@ def _dev(name: str, memory_mb: float = 1e6, gflops: float = 1.0, bw: float = 100
          floor: float = 72.0) -> Device:
     return Device(name=name, address=f"{name}:50051", profile="test", memory_mb=memory_mb,
                   gflops=gflops, bandwidth_mbps=bw, runtime_floor_mb=floor)
-
-
-def _run_chain(out, plan, feeds):
-    cur = dict(feeds)
-    for st in plan.stages:
-        sess = ort.InferenceSession(str(out / st.shard), session_options(1, st.mode),
-                                    providers=["CPUExecutionProvider"])
-        res = sess.run(None, {i.name: cur[i.name] for i in sess.get_inputs()})
-        nxt = {k: cur[k] for k in st.passthrough}
-        nxt.update(zip([o.name for o in sess.get_outputs()], res))
-        cur = nxt
-    return cur
 
 
 def _frugal(costs, dev, i, j):
@@ -101,12 +90,10 @@ def test_int8_pipeline_stays_close_to_fp32_model(bert_tiny, bert_int8):
         m = onnx.load(str(out / st.shard), load_external_data=False)
         assert any(nd.op_type == "MatMulInteger" for nd in m.graph.node)
         onnx.checker.check_model(str(out / st.shard), full_check=True)
-    full = ort.InferenceSession(str(bert_tiny), session_options(1),
-                                providers=["CPUExecutionProvider"])
     for batch, seq in ((1, 16), (2, 40)):
         feeds = example_inputs("bert", "tiny", batch=batch, seq=seq, seed=3)
-        want = dict(zip([o.name for o in full.get_outputs()], full.run(None, feeds)))
-        got = _run_chain(out, plan, feeds)
+        want = reference(bert_tiny, feeds, session_options(1))
+        got = run_chain(out, plan, feeds)
         for name in want:
             assert got[name].shape == want[name].shape
             assert cosine(got[name], want[name]) >= 0.99, name
@@ -212,38 +199,36 @@ def test_int8_plan_runs_end_to_end_on_workers(bert_tiny, bert_int8):
     the unsharded fp32 model, and every worker serves the int8 shard the plan names, in int8."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from edge.coordinator.pipeline import Pipeline
-    from edge.planning.cluster import cluster_from_profile
+    from edge.transport.channels import Deadlines
     from edge.transport.codec import decode_tensors
-    from edge.worker.launch import LocalWorkers
 
     out, plan = bert_int8
-    full = ort.InferenceSession(str(bert_tiny), providers=["CPUExecutionProvider"])
-    with LocalWorkers(3, out / "workers", device="rpi4b-2gb", threads=1) as workers:
-        cluster = cluster_from_profile("rpi4b-2gb", 3, addresses=workers.addresses)
-        plan = make_plan(bert_tiny, cluster.devices, out / "deployed", bindings=BERT,
-                         modes=("int8",))
+
+    def int8_plan(devices):
+        plan = make_plan(bert_tiny, devices, out / "deployed", bindings=BERT, modes=("int8",))
         assert [s.mode for s in plan.stages] == ["int8"] * 3
-        with Pipeline(plan, out / "deployed") as pipeline:
-            pipeline.start()
-            cases = [example_inputs("bert", "tiny", batch=b, seq=s, seed=k)
-                     for k, (b, s) in enumerate([(1, 16), (2, 40), (1, 128)])]
-            with ThreadPoolExecutor(3) as pool:
-                results = list(pool.map(pipeline.infer, cases * 2))
-            for x, r in zip(cases * 2, results):
-                got = decode_tensors(r.outputs)
-                want = dict(zip([o.name for o in full.get_outputs()], full.run(None, x)))
-                assert set(got) == set(want)
-                for name in want:
-                    assert got[name].shape == want[name].shape
-                    assert cosine(got[name], want[name]) >= 0.99, name
-                # int8 is not fp32: the outputs do differ
-                assert max(float(np.abs(got[k] - want[k]).max()) for k in want) > 1e-6
-            status = pipeline.status()
-            assert all(s.healthy and s.worker.configured for s in status.stages)
-            assert [s.worker.mode for s in status.stages] == ["int8"] * 3
-            assert [s.worker.shard_sha256 for s in status.stages] == [
-                s.sha256 for s in plan.stages]
+        return plan
+
+    with local_pipeline(bert_tiny, 3, out, plan_dir=out / "deployed", make=int8_plan,
+                        device="rpi4b-2gb", deadlines=Deadlines()) as (workers, plan, pipeline):
+        cases = [example_inputs("bert", "tiny", batch=b, seq=s, seed=k)
+                 for k, (b, s) in enumerate([(1, 16), (2, 40), (1, 128)])]
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(pipeline.infer, cases * 2))
+        for x, r in zip(cases * 2, results):
+            got = decode_tensors(r.outputs)
+            want = reference(bert_tiny, x)
+            assert set(got) == set(want)
+            for name in want:
+                assert got[name].shape == want[name].shape
+                assert cosine(got[name], want[name]) >= 0.99, name
+            # int8 is not fp32: the outputs do differ
+            assert max(float(np.abs(got[k] - want[k]).max()) for k in want) > 1e-6
+        status = pipeline.status()
+        assert all(s.healthy and s.worker.configured for s in status.stages)
+        assert [s.worker.mode for s in status.stages] == ["int8"] * 3
+        assert [s.worker.shard_sha256 for s in status.stages] == [
+            s.sha256 for s in plan.stages]
 
 
 def test_precision_first_int8_only_when_fp32_cannot_fit():

@@ -12,6 +12,7 @@ from edge.planning import make_plan
 from edge.planning.plan import Device, load_plan
 from edge.shards.runtime import session_options
 from edge.shards.build import gather_tables
+from helpers import reference
 
 CASES = {
     # kind: (bindings, [(batch, seq-or-side), ...])
@@ -91,11 +92,9 @@ def test_each_shard_valid_alone(planned, tmp_path):
 
 def test_chained_equals_full(planned, run_chain):
     kind, model, out, plan = planned
-    full = ort.InferenceSession(str(model), session_options(1),
-                                providers=["CPUExecutionProvider"])
     for batch, size in CASES[kind][1]:
         feeds = example_inputs(kind, "tiny", batch=batch, seq=size, seed=1)
-        want = dict(zip([o.name for o in full.get_outputs()], full.run(None, feeds)))
+        want = reference(model, feeds, session_options(1))
         got = run_chain(out, plan, feeds)
         assert set(got) == set(want)
         for name in want:

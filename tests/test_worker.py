@@ -7,8 +7,6 @@ end-to-end tests cover real models.
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
 from pathlib import Path
 
 import grpc
@@ -23,6 +21,7 @@ from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import create_channel
 from edge.transport.codec import PROTOCOL_VERSION, decode_tensors, encode_spec, encode_tensors
 from edge.worker.launch import spawn_worker
+from helpers import Events
 
 W = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
 B = np.arange(3, dtype=np.float32)
@@ -61,28 +60,6 @@ def config(sha: str, epoch: int = 1) -> pb.StageConfig:
                           protocol=PROTOCOL_VERSION,
                           inputs=[encode_spec(s) for s in INPUTS],
                           outputs=[encode_spec(s) for s in OUTPUTS])
-
-
-class Events:
-    """The worker's Subscribe stream, collected on a thread."""
-
-    def __init__(self, stub):
-        self.q: queue.Queue = queue.Queue()
-        self.call = stub.Subscribe(pb.SubscribeRequest())
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        try:
-            for e in self.call:
-                self.q.put(e)
-        except grpc.RpcError:
-            pass
-
-    def next(self, timeout: float = 20) -> pb.Event:
-        return self.q.get(timeout=timeout)
-
-    def close(self):
-        self.call.cancel()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -16,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from edge.coordinator.guard import largest_request_bytes
 from edge.coordinator.workers import SERVING, GrpcWorker, Link, StageWorker
 from edge.errors import EdgeError
+from edge.files import file_sha256
 from edge.planning.plan import Plan, Stage
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
@@ -156,12 +156,9 @@ def _file_sha256(path: Path) -> str:
     with _checked_lock:
         if key in _checked:
             return _checked[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    digest = file_sha256(path)
     with _checked_lock:
-        _checked[key] = h.hexdigest()
+        _checked[key] = digest
     return _checked[key]
 
 

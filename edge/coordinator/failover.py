@@ -27,6 +27,7 @@ from typing import Collection
 import numpy as np
 
 from edge.errors import EdgeError, NoFitError
+from edge.files import file_sha256
 from edge.planning.plan import Device, Plan
 
 __all__ = ["Deployment", "NoCapacity", "Replanner"]
@@ -191,11 +192,7 @@ class Replanner:
         elif not self.model.is_file():
             why = f"the source model {self.model} is not there"
         elif not self._model_checked:
-            h = hashlib.sha256()
-            with open(self.model, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            if h.hexdigest() != self.original.model.sha256:
+            if file_sha256(self.model) != self.original.model.sha256:
                 why = f"{self.model} changed since the plan was made (sha256 differs)"
             else:
                 self._model_checked = True

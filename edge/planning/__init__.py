@@ -7,12 +7,13 @@ and the planner are imported lazily here, never at import time.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from edge.files import file_sha256
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,14 +36,6 @@ def __getattr__(name: str) -> Any:
         from edge.planning.planner import partition
         return partition
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # Rounds of (measure the int8 stages, veto those too far from fp32, partition again) before
@@ -223,7 +216,7 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence["Device"],
             data_files=tuple(ShardFile(f"shards/{f.path.name}", f.sha256, f.size,
                                        f.random_access) for f in info.data_files)))
     model = ModelInfo(
-        name=model_path.stem, sha256=_sha256_file(model_path), num_nodes=n,
+        name=model_path.stem, sha256=file_sha256(model_path), num_nodes=n,
         inputs=tuple(costs.specs[t] for t in costs.graph_inputs),
         outputs=tuple(costs.specs[t] for t in costs.graph_outputs),
         bindings=dict(costs.bindings), derived=dict(costs.derived),

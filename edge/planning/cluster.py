@@ -9,7 +9,6 @@ naming the file and the field, what was expected and what came.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import yaml
 
 from edge.errors import ConfigError
 from edge.planning.plan import Device
+from edge.planning.schema import FieldError, Schema, Table
+from edge.transport.address import AddressError, parse_address
 
 __all__ = [
     "DeviceProfile",
@@ -159,54 +160,20 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML{at}: {what}") from None
 
 
-def _type_name(v: Any) -> str:
-    return "null" if v is None else type(v).__name__
+# Values are shown as Python writes them ('lots', True): close to how YAML writes them.
+_SCHEMA = Schema(kinds={"link": ("one of gige, wifi", lambda v: v in _LINKS)})
 
 
-def _got(v: Any) -> str:
-    """``str 'lots'``, ``null``: the type and (shortened) value of what came."""
-    if v is None:
-        return "null"
-    r = repr(v)
-    return f"{type(v).__name__} {r if len(r) <= 60 else r[:57] + '...'}"
+def _address(v: Any, where: str) -> None:
+    """A kind: ``host:port`` of a worker."""
+    _SCHEMA.fields(v, "str", where)
+    try:
+        parse_address(v)
+    except AddressError as e:
+        raise FieldError(where, str(e)) from None
 
 
-def _mapping(v: Any, where: str, what: str) -> Mapping[str, Any]:
-    if not isinstance(v, Mapping):
-        raise ConfigError(f"{where}: expected {what} (a mapping), got {_got(v)}")
-    return v
-
-
-def _require(d: Mapping[str, Any], key: str, where: str) -> Any:
-    if key not in d or d[key] is None:
-        raise ConfigError(f"{where}: {key}: missing; expected a value")
-    return d[key]
-
-
-def _number(v: Any, where: str, integer: bool = False, positive: bool = True) -> float:
-    # bool is an int subclass: `memory_mb: yes` must not read as 1.
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    kind = "an integer" if integer else "a number"
-    if isinstance(v, bool) or not ok or (isinstance(v, float) and not math.isfinite(v)):
-        raise ConfigError(f"{where}: expected {kind}, got {_got(v)}")
-    if positive and v <= 0:
-        raise ConfigError(f"{where}: expected {kind} > 0, got {v!r}")
-    return v
-
-
-def _string(v: Any, where: str) -> str:
-    if not isinstance(v, str) or not v.strip():
-        raise ConfigError(f"{where}: expected a non-empty string, got {_got(v)}")
-    return v
-
-
-def _check_unknown(d: Mapping[str, Any], known: set[str], where: str) -> None:
-    # A typo ('memory_md') silently ignored would make the planner use the profile's
-    # number instead of the user's: reject it.
-    extra = sorted(str(k) for k in d if k not in known)
-    if extra:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(extra)}; "
-                          f"expected some of {', '.join(sorted(known))}")
+_address.what = "host:port of its worker"  # type: ignore[attr-defined]
 
 
 # --- profiles ---------------------------------------------------------------------------
@@ -214,7 +181,10 @@ def _check_unknown(d: Mapping[str, Any], known: set[str], where: str) -> None:
 _PROFILE_NUMBERS = ("memory_mb", "memory_budget_mb", "runtime_floor_mb", "gflops",
                     "bandwidth_mbps")
 _LINKS = ("gige", "wifi")
-_PROFILE_FIELDS = {"name", "description", *_PROFILE_NUMBERS, "link", "cores", "arch"}
+_PROFILE = Table({"name": ("str", False), "description": ("any", False),
+                  **{k: ("positive", True) for k in _PROFILE_NUMBERS},
+                  "link": ("link", True), "cores": ("count", True), "arch": ("str", True)},
+                 what="a device profile")
 
 
 def _is_path(s: str) -> bool:
@@ -248,58 +218,64 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
     """
     path = _profile_path(name_or_path)
     f = path.name
-    d = _mapping(_read_yaml(path), f, "a device profile")
-    _check_unknown(d, _PROFILE_FIELDS, f)
-    name = _string(d.get("name", path.stem), f"{f}: name")
+    d = _read_yaml(path)
+    _SCHEMA.check(d, _PROFILE, f)
+    name = d.get("name", path.stem)
     if name != path.stem:
         # Devices record the profile by name; the name must find this file again.
         raise ConfigError(f"{f}: name: expected {path.stem!r} (the file's name), got {name!r}")
-    nums = {k: float(_number(_require(d, k, f), f"{f}: {k}")) for k in _PROFILE_NUMBERS}
+    nums = {k: float(d[k]) for k in _PROFILE_NUMBERS}
     if nums["memory_budget_mb"] > nums["memory_mb"]:
         raise ConfigError(f"{f}: memory_budget_mb: expected at most memory_mb "
                           f"({nums['memory_mb']:g}), got {nums['memory_budget_mb']:g}")
     if nums["runtime_floor_mb"] >= nums["memory_budget_mb"]:
         raise ConfigError(f"{f}: runtime_floor_mb: expected less than memory_budget_mb "
                           f"({nums['memory_budget_mb']:g}), got {nums['runtime_floor_mb']:g}")
-    link = _require(d, "link", f)
-    if link not in _LINKS:
-        raise ConfigError(f"{f}: link: expected one of {', '.join(_LINKS)}, got {link!r}")
     return DeviceProfile(
         name=name,
         description=str(d.get("description", "")),
-        link=link,
-        cores=int(_number(_require(d, "cores", f), f"{f}: cores", integer=True)),
-        arch=_string(_require(d, "arch", f), f"{f}: arch"),
+        link=d["link"],
+        cores=d["cores"],
+        arch=d["arch"],
         **nums,
     )
 
 
 # --- clusters ---------------------------------------------------------------------------
 
-_DEVICE_FIELDS = {"name", "address", "profile", "memory_mb", "gflops", "bandwidth_mbps"}
+_DEVICE = Table({"name": ("str", True), "address": (_address, True), "profile": ("str", True),
+                 "memory_mb": ("count", False), "gflops": ("positive", False),
+                 "bandwidth_mbps": ("positive", False)}, what="a device")
+
+
+def _devices(required: bool) -> Any:
+    """A kind: a list of devices; ``standby:`` left empty is no standby devices."""
+    def check(v: Any, where: str) -> None:
+        if v is None and not required:
+            return
+        _SCHEMA.fields(v, ("list", _DEVICE), where)
+        if required and not v:
+            raise FieldError(where, "expected at least one device, got an empty list")
+    check.what = "a list of devices"  # type: ignore[attr-defined]
+    return check
+
+
+_CLUSTER = Table({"devices": (_devices(True), True), "standby": (_devices(False), False)},
+                 what="a cluster with a 'devices' list")
 
 
 def _check_address(v: Any, where: str) -> str:
-    addr = _string(v, where)
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{where}: expected host:port (port 1-65535), got {addr!r}")
-    return addr
+    try:
+        _address(v, "")
+    except FieldError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return v
 
 
-def _device(entry: Any, where: str, f: str, standby: bool,
+def _device(e: Mapping[str, Any], where: str, f: str, standby: bool,
             profiles: dict[str, DeviceProfile]) -> Device:
-    e = _mapping(entry, f"{f}: {where}", "a device")
-    _check_unknown(e, _DEVICE_FIELDS, f"{f}: {where}")
-    for key in ("name", "address", "profile"):
-        if e.get(key) is None:
-            raise ConfigError(f"{f}: {where}.{key}: missing; expected "
-                              + {"name": "a device name",
-                                 "address": "host:port of its worker",
-                                 "profile": "a profile name"}[key])
-    name = _string(e["name"], f"{f}: {where}.name")
-    address = _check_address(e["address"], f"{f}: {where}.address")
-    pname = _string(e["profile"], f"{f}: {where}.profile")
+    """A device entry that the schema has checked, with its profile's numbers."""
+    pname = e["profile"]
     if pname not in profiles:
         try:
             profiles[pname] = load_profile(pname)
@@ -309,38 +285,20 @@ def _device(entry: Any, where: str, f: str, standby: bool,
             raise ConfigError(f"{f}: {where}.profile: unknown profile {pname!r}; known: "
                               f"{', '.join(list_profiles()) or '(none)'}") from None
     prof = profiles[pname]
-
-    def override(key: str, default: float) -> float:
-        if key not in e:
-            return default
-        return float(_number(e[key], f"{f}: {where}.{key}", integer=(key == "memory_mb")))
-
-    memory = override("memory_mb", prof.memory_budget_mb)
+    memory = float(e.get("memory_mb", prof.memory_budget_mb))
     if memory <= prof.runtime_floor_mb:
         raise ConfigError(f"{f}: {where}.memory_mb: expected more than the runtime floor "
                           f"of {prof.name} ({prof.runtime_floor_mb:g} MiB), got {memory:g}")
     return Device(
-        name=name,
-        address=address,
+        name=e["name"],
+        address=e["address"],
         profile=prof.name,
         memory_mb=memory,
-        gflops=override("gflops", prof.gflops),
-        bandwidth_mbps=override("bandwidth_mbps", prof.bandwidth_mbps),
+        gflops=float(e.get("gflops", prof.gflops)),
+        bandwidth_mbps=float(e.get("bandwidth_mbps", prof.bandwidth_mbps)),
         runtime_floor_mb=prof.runtime_floor_mb,
         standby=standby,
     )
-
-
-def _device_list(v: Any, key: str, f: str, required: bool) -> list[Any]:
-    if v is None:
-        if required:
-            raise ConfigError(f"{f}: {key}: missing; expected a list of devices")
-        return []
-    if not isinstance(v, list):
-        raise ConfigError(f"{f}: {key}: expected a list of devices, got {_type_name(v)}")
-    if required and not v:
-        raise ConfigError(f"{f}: {key}: expected at least one device, got an empty list")
-    return v
 
 
 def cluster_from_dict(d: Any, source: str = "cluster.yaml") -> Cluster:
@@ -353,14 +311,12 @@ def cluster_from_dict(d: Any, source: str = "cluster.yaml") -> Cluster:
     Raises:
         ConfigError: a missing or malformed field.
     """
-    d = _mapping(d, source, "a cluster with a 'devices' list")
-    _check_unknown(d, {"devices", "standby"}, source)
+    _SCHEMA.check(d, _CLUSTER, source)
     profiles: dict[str, DeviceProfile] = {}
     groups: dict[str, list[Device]] = {}
     for key, standby in (("devices", False), ("standby", True)):
-        entries = _device_list(d.get(key), key, source, required=not standby)
         groups[key] = [_device(e, f"{key}[{i}]", source, standby, profiles)
-                       for i, e in enumerate(entries)]
+                       for i, e in enumerate(d.get(key) or [])]
     seen: dict[str, str] = {}
     seen_addr: dict[str, str] = {}
     for key, devs in groups.items():

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Union
 
 from edge.errors import ConfigError
+from edge.planning.schema import FieldError, Schema, Table, is_int, is_number, show_json
 
 __all__ = [
     "PLAN_VERSION",
@@ -502,10 +503,7 @@ def load_plan(path: str | Path) -> Plan:
         raise ConfigError(
             f"{path}: field 'version': expected {PLAN_VERSION}, got {version!r} "
             "(re-run `edge plan` with this version of edge)")
-    try:
-        _check(raw, _PLAN, "")
-    except _FieldError as e:
-        raise ConfigError(f"{path}: field {e.field!r}: {e}") from None
+    _SCHEMA.check(raw, _PLAN, str(path))
     plan = Plan.from_dict(raw)
     seen: dict[str, int] = {}
     for st in plan.stages:
@@ -519,31 +517,11 @@ def load_plan(path: str | Path) -> Plan:
 
 
 # --- what plan.json must hold -----------------------------------------------------------
-# A schema per object: field -> (kind, required). Kinds are names below or nested schemas;
-# ("list", kind) is a list of that kind.
+# A table per object: field -> (kind, required), checked by edge.planning.schema like
+# cluster.yaml and device profiles. Kinds are names below or in schema.SCALARS, nested
+# tables, ("list", kind), or functions for values whose checks reach inside them.
 
-
-class _FieldError(ValueError):
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-
-
-def _got(v: Any) -> str:
-    if v is None:
-        return "null"
-    r = json.dumps(v) if isinstance(v, (str, int, float, bool, list, dict)) else repr(v)
-    return f"{type(v).__name__} {r if len(r) <= 60 else r[:57] + '...'}"
-
-
-def _is_number(v: Any) -> bool:
-    import math
-
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_FieldError = FieldError  # the name plan.json's checks used before edge.planning.schema
 
 
 def _is_relpath(v: Any) -> bool:
@@ -551,14 +529,9 @@ def _is_relpath(v: Any) -> bool:
             and ".." not in v.replace("\\", "/").split("/"))
 
 
-_SCALARS: dict[str, tuple[str, Any]] = {
+_PLAN_KINDS: dict[str, tuple[str, Any]] = {
+    # plan.json's strings are written by `edge plan`: any non-empty one will do.
     "str": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
-    "text": ("a string", lambda v: isinstance(v, str)),
-    "int": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
-    "count": ("an integer > 0", lambda v: _is_int(v) and v > 0),
-    "number": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
-    "positive": ("a number > 0", lambda v: _is_number(v) and v > 0),
-    "bool": ("true or false", lambda v: isinstance(v, bool)),
     "sha256": ("a sha256 as 64 lowercase hex digits",
                lambda v: isinstance(v, str) and len(v) == 64
                and all(c in "0123456789abcdef" for c in v)),
@@ -566,103 +539,80 @@ _SCALARS: dict[str, tuple[str, Any]] = {
     "optpath": ("\"\" or a path inside the plan's folder (relative, no '..')",
                 lambda v: v == "" or _is_relpath(v)),
     "dim": ("a size >= 0, a symbol or null",
-            lambda v: v is None or (isinstance(v, str) and bool(v)) or (_is_int(v) and v >= 0)),
+            lambda v: v is None or (isinstance(v, str) and bool(v)) or (is_int(v) and v >= 0)),
     "mode": (f"one of {', '.join(MODES)}", lambda v: v in MODES),
-    "cosine": ("a cosine similarity in [-1, 1]", lambda v: _is_number(v) and -1 <= v <= 1),
+    "cosine": ("a cosine similarity in [-1, 1]", lambda v: is_number(v) and -1 <= v <= 1),
     "cosine?": ("a cosine similarity in [-1, 1] or null",
-                lambda v: v is None or (_is_number(v) and -1 <= v <= 1)),
+                lambda v: v is None or (is_number(v) and -1 <= v <= 1)),
     "range": ("[start, end] with 0 <= start <= end",
-              lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)
+              lambda v: isinstance(v, list) and len(v) == 2 and all(is_int(x) for x in v)
               and 0 <= v[0] <= v[1]),
 }
+_SCHEMA = Schema(kinds=_PLAN_KINDS, show=show_json, label="field {!r}")
 
-_TENSOR = {"name": ("str", True), "dtype": ("str", True), "shape": (("list", "dim"), True)}
-_DEVICE = {"name": ("str", True), "address": ("str", True), "profile": ("str", True),
-           "memory_mb": ("positive", True), "gflops": ("positive", True),
-           "bandwidth_mbps": ("positive", True), "runtime_floor_mb": ("number", False),
-           "standby": ("bool", False)}
-_PREDICTION = {k: ("number", True) for k in (
+
+def _each(what: str, ok: Any, expected: str) -> Any:
+    """A kind: an object whose every value passes ``ok``."""
+    def check(v: Any, where: str) -> None:
+        if not isinstance(v, dict):
+            raise FieldError(where, f"expected {what}, got {_SCHEMA.got(v)}")
+        for k, item in v.items():
+            if not ok(item):
+                raise FieldError(f"{where}.{k}", f"expected {expected}, got {_SCHEMA.got(item)}")
+    check.what = what  # type: ignore[attr-defined]
+    return check
+
+
+_DEGREES = _each("an object of powers", lambda d: is_int(d) and 0 <= d <= 8,
+                 "an integer 0-8")
+_DERIVED = _each("an object of dim expressions",
+                 lambda e: isinstance(e, str) and bool(dim_expression(e)),
+                 "a sum of dims and integers (past_sequence_length + sequence_length)")
+_BINDINGS = _each("an object of sizes", lambda n: is_int(n) and n > 0, "an integer > 0")
+
+
+def _stages(v: Any, where: str) -> None:
+    """The stage list: at least one, each checked, their indexes in order."""
+    _SCHEMA.fields(v, ("list", _STAGE), where)
+    if not v:
+        raise FieldError(where, "expected at least one stage, got none")
+    for i, stage in enumerate(v):
+        if stage["index"] != i:
+            raise FieldError(f"{where}[{i}].index",
+                             f"expected {i} (stages in order), got {stage['index']}")
+
+
+_stages.what = "a list"  # type: ignore[attr-defined]
+
+_TENSOR = Table({"name": ("str", True), "dtype": ("str", True),
+                 "shape": (("list", "dim"), True)})
+_DEVICE = Table({"name": ("str", True), "address": ("str", True), "profile": ("str", True),
+                 "memory_mb": ("positive", True), "gflops": ("positive", True),
+                 "bandwidth_mbps": ("positive", True), "runtime_floor_mb": ("number", False),
+                 "standby": ("bool", False)})
+_PREDICTION = Table({k: ("number", True) for k in (
     "weights_mb", "activations_mb", "runtime_floor_mb", "memory_mb", "gflops", "compute_ms",
-    "transfer_ms", "time_ms")} | {"activation_degrees": ("degrees", False),
-                                "activation_growth": (("list", "degrees"), False)}
-_SHARD_FILE = {"path": ("relpath", True), "sha256": ("sha256", True), "size": ("int", True),
-               "random_access": ("bool", False)}
-_STAGE = {"index": ("int", True), "device": (_DEVICE, True), "node_range": ("range", True),
-          "inputs": (("list", _TENSOR), True), "outputs": (("list", _TENSOR), True),
-          "shard": ("relpath", True), "sha256": ("sha256", True), "shard_bytes": ("count", True),
-          "predicted": (_PREDICTION, True), "data_files": (("list", _SHARD_FILE), False),
-          "mode": ("mode", False), "int8_cosine": ("cosine?", False)}
-_MODEL = {"name": ("text", True), "sha256": ("text", True), "num_nodes": ("int", True),
-          "inputs": (("list", _TENSOR), True), "outputs": (("list", _TENSOR), True),
-          "bindings": ("bindings", False), "path": ("text", False),
-          "sample": ("optpath", False), "notes": (("list", "text"), False),
-          "derived": ("derived", False), "limits": ("bindings", False)}
-_PLAN = {"version": ("int", True), "model": (_MODEL, True),
-         "stages": (("list", _STAGE), True), "standby": (("list", _DEVICE), False),
-         "bottleneck_ms": ("number", False), "latency_ms": ("number", False),
-         "modes": (("list", "mode"), False), "int8_min_cosine": ("cosine", False)}
-
-
-def _describe(kind: Any) -> str:
-    if isinstance(kind, dict):
-        return "an object"
-    if isinstance(kind, tuple):
-        return "a list"
-    if kind in ("bindings", "degrees"):
-        return "an object of sizes" if kind == "bindings" else "an object of powers"
-    if kind == "derived":
-        return "an object of dim expressions"
-    return _SCALARS[kind][0]
+    "transfer_ms", "time_ms")} | {"activation_degrees": (_DEGREES, False),
+                                "activation_growth": (("list", _DEGREES), False)})
+_SHARD_FILE = Table({"path": ("relpath", True), "sha256": ("sha256", True),
+                     "size": ("int", True), "random_access": ("bool", False)})
+_STAGE = Table({"index": ("int", True), "device": (_DEVICE, True),
+                "node_range": ("range", True), "inputs": (("list", _TENSOR), True),
+                "outputs": (("list", _TENSOR), True), "shard": ("relpath", True),
+                "sha256": ("sha256", True), "shard_bytes": ("count", True),
+                "predicted": (_PREDICTION, True), "data_files": (("list", _SHARD_FILE), False),
+                "mode": ("mode", False), "int8_cosine": ("cosine?", False)})
+_MODEL = Table({"name": ("text", True), "sha256": ("text", True), "num_nodes": ("int", True),
+                "inputs": (("list", _TENSOR), True), "outputs": (("list", _TENSOR), True),
+                "bindings": (_BINDINGS, False), "path": ("text", False),
+                "sample": ("optpath", False), "notes": (("list", "text"), False),
+                "derived": (_DERIVED, False), "limits": (_BINDINGS, False)})
+_PLAN = Table({"version": ("int", True), "model": (_MODEL, True), "stages": (_stages, True),
+               "standby": (("list", _DEVICE), False), "bottleneck_ms": ("number", False),
+               "latency_ms": ("number", False), "modes": (("list", "mode"), False),
+               "int8_min_cosine": ("cosine", False)})
 
 
 def _check(v: Any, kind: Any, where: str) -> None:
-    """Raise _FieldError naming the first field of ``v`` that is not of ``kind``."""
-    if isinstance(kind, dict):
-        if not isinstance(v, dict):
-            raise _FieldError(where, f"expected an object, got {_got(v)}")
-        unknown = sorted(str(k) for k in v if k not in kind)
-        if unknown:
-            raise _FieldError(f"{where}.{unknown[0]}".lstrip("."),
-                              f"unknown field; expected some of {', '.join(kind)}")
-        for key, (sub, required) in kind.items():
-            field = f"{where}.{key}".lstrip(".")
-            if key not in v:
-                if required:
-                    raise _FieldError(field, f"missing; expected {_describe(sub)}")
-                continue
-            _check(v[key], sub, field)
-    elif isinstance(kind, tuple):  # ("list", item)
-        if not isinstance(v, list):
-            raise _FieldError(where, f"expected a list, got {_got(v)}")
-        for i, item in enumerate(v):
-            _check(item, kind[1], f"{where}[{i}]")
-        if where == "stages":
-            if not v:
-                raise _FieldError(where, "expected at least one stage, got none")
-            for i, stage in enumerate(v):
-                if stage["index"] != i:
-                    raise _FieldError(f"stages[{i}].index",
-                                      f"expected {i} (stages in order), got {stage['index']}")
-    elif kind == "degrees":
-        if not isinstance(v, dict):
-            raise _FieldError(where, f"expected an object of powers, got {_got(v)}")
-        for k, d in v.items():
-            if not (_is_int(d) and 0 <= d <= 8):
-                raise _FieldError(f"{where}.{k}", f"expected an integer 0-8, got {_got(d)}")
-    elif kind == "derived":
-        if not isinstance(v, dict):
-            raise _FieldError(where, f"expected an object of dim expressions, got {_got(v)}")
-        for k, e in v.items():
-            if not (isinstance(e, str) and dim_expression(e)):
-                raise _FieldError(f"{where}.{k}", "expected a sum of dims and integers "
-                                  f"(past_sequence_length + sequence_length), got {_got(e)}")
-    elif kind == "bindings":
-        if not isinstance(v, dict):
-            raise _FieldError(where, f"expected an object of sizes, got {_got(v)}")
-        for k, size in v.items():
-            if not (_is_int(size) and size > 0):
-                raise _FieldError(f"{where}.{k}", f"expected an integer > 0, got {_got(size)}")
-    else:
-        what, ok = _SCALARS[kind]
-        if not ok(v):
-            raise _FieldError(where, f"expected {what}, got {_got(v)}")
+    """Raise FieldError naming the first field of ``v`` that is not of ``kind``."""
+    _SCHEMA.fields(v, kind, where)

@@ -60,6 +60,7 @@ from typing import Callable, NamedTuple
 import grpc
 
 from edge.errors import SecurityError
+from edge.transport.address import AddressError, parse_address
 
 __all__ = ["Security", "CLUSTER_NAME", "TOKEN_HEADER", "BUNDLE_FILES", "OPEN_SERVICES",
            "ROLES", "ROLE_URI", "CLIENT_METHODS", "RoleCheck", "peer_role", "is_loopback",
@@ -94,7 +95,10 @@ def is_loopback(address: str) -> bool:
     """True if ``host:port`` (or a ``unix:`` socket) names this machine only."""
     if address.startswith(("unix:", "unix-abstract:")):
         return True
-    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        host = parse_address(address, allow_port_zero=True)[0].strip("[]")
+    except AddressError:
+        host = address  # no port: a bare host name or IP address
     if host == "localhost":
         return True
     try:

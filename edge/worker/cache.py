@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from edge.errors import EdgeError
+from edge.files import file_sha256 as _file_sha256
 
 __all__ = ["ShardCache", "UploadError", "CacheError", "default_cache_dir", "file_sha256", "drop_page_cache"]
 
@@ -65,12 +66,11 @@ def default_cache_dir() -> Path:
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    """``edge.files.file_sha256``, then drop the pages read from the kernel's cache
+    (see ``drop_page_cache``): hashing a shard must not leave it resident."""
+    digest = _file_sha256(path, chunk)
     drop_page_cache(path)
-    return h.hexdigest()
+    return digest
 
 
 def drop_page_cache(path: Path) -> None:

@@ -9,7 +9,6 @@ servicer maps them to status codes. Loading and swapping the stage is the engine
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import edge
@@ -17,6 +16,7 @@ from edge.errors import TensorError
 from edge.planning.plan import MODES
 from edge.proto import edge_pb2 as pb
 from edge.transport.codec import PROTOCOL_VERSION, decode_specs
+from edge.transport.address import AddressError, parse_address
 from edge.worker.cache import ShardCache, file_sha256
 from edge.worker.errors import (BadRequest, CacheUnreadable, DigestMismatch, OverBudget,
                                 ProtocolMismatch)
@@ -24,10 +24,6 @@ from edge.worker.stage import StageSpec
 
 __all__ = ["check_protocol", "check_stage_config", "stage_spec", "check_budget",
            "verified_stage_path"]
-
-# What a receiving worker accepts as its next hop's address.
-_ADDRESS_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)$")
-
 
 def check_protocol(c: pb.StageConfig) -> None:
     """Raise ProtocolMismatch unless the coordinator speaks this worker's protocol."""
@@ -52,9 +48,9 @@ def _config_problem(c: pb.StageConfig) -> str | None:
         return (f"StageConfig: predicted_memory_mb: expected MiB >= 0, got "
                 f"{c.predicted_memory_mb}")
     if c.next_address:
-        host, sep, port = c.next_address.rpartition(":")
-        if (not sep or not _ADDRESS_HOST.fullmatch(host) or not port.isdigit()
-                or not 0 < int(port) < 65536):
+        try:
+            parse_address(c.next_address)
+        except AddressError:
             return (f"StageConfig: next_address: expected host:port (port 1-65535) or "
                     f"nothing (the last stage), got {c.next_address!r}")
     return None
