@@ -63,7 +63,7 @@ def measure(kind: str, size: str, devices: int, mode: str, work: Path, profile: 
     from edge.coordinator.pipeline import Pipeline
     from edge.coordinator.server import start_coordinator
     from edge.export import example_inputs, export_model
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.planning.graph import analyze
     from edge.profiling.live import collect
@@ -112,7 +112,7 @@ def speed(kind: str, size: str, devices: int, work: Path, threads: int, seq: int
     import onnxruntime as ort
 
     from edge.export import example_inputs, export_model
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.plan import MODES, Device
     from edge.shards.runtime import session_options
 

@@ -176,7 +176,7 @@ def _parse_cosine(text: str | None) -> float | None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import load_cluster
 
     cluster = load_cluster(args.cluster)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.spec import MODE_TABLE
+
 __all__ = ["DemoConfig", "run_demo", "TOLERANCE", "INT8_MIN_COSINE", "measured_peak_mib",
            "NOT_MEASURED"]
 
@@ -81,7 +83,7 @@ def run_demo(config: DemoConfig) -> int:
     from edge.coordinator.client import InferClient
     from edge.coordinator.server import start_coordinator
     from edge.export import example_inputs, export_model
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.profiling.memory import tune_malloc
     from edge.shards.runtime import session_options
@@ -185,7 +187,7 @@ def run_demo(config: DemoConfig) -> int:
                       f"{len(sequential)}, one at a time)")
         console.print(f"pipeline throughput: {len(inputs) / elapsed:.1f} requests/s "
                       f"({len(inputs)} requests, {config.concurrency} in flight)")
-        if any(s.mode == "int8" for s in plan.stages):
+        if any(MODE_TABLE[s.mode].quantized for s in plan.stages):
             # Quantized stages are not exact: judge them by the drift bound instead.
             ok = least_cos >= INT8_MIN_COSINE
             console.print(f"max |sharded − unsharded| = {worst:.2e}; int8 stages: least "

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from edge.coordinator.deploy import connect, upload_shard
 from edge.coordinator.pipeline import Pipeline
 from edge.coordinator.server import start_coordinator
-from edge.planning import make_plan
+from edge.build import make_plan
 from edge.planning.cluster import cluster_from_profile
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc

@@ -71,7 +71,7 @@ def lab_pipeline_vs_one(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
     from edge.coordinator.pipeline import Pipeline
     from edge.demo import measured_peak_mib
     from edge.lab import DeviceSpec, Lab, LabError
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import load_cluster
 
     in_flight = in_flight or 2 * devices

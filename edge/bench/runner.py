@@ -357,7 +357,7 @@ def _deploy(model: Path, config: BenchConfig, workers: list, where: Path):
     memory budget (the baseline stays one worker-like process)."""
     from edge.bench.measure import Deployment, start_workers
     from edge.errors import NoFitError
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
 
     bindings = {"batch": 1, "sequence": config.sequence}

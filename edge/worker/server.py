@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import edge
 from edge.errors import SecurityError, TensorError
-from edge.planning.plan import MODES
+from edge.spec import MODES
 from edge.profiling.memory import device_facts, memory_breakdown, release_free_heap, rss_bytes
 from edge.profiling.sampler import Sampler
 from edge.proto import edge_pb2 as pb
