@@ -25,7 +25,7 @@ def run_one(kind: str, size: str, devices: int, profile: str, requests: int, wor
     from edge.export import example_inputs, export_model
     from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
-    from edge.profiling.live import collect
+    from edge.coordinator.live_profile import collect
     from edge.profiling.report import summarize
     from edge.worker.launch import LocalWorkers
 

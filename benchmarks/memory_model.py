@@ -66,7 +66,7 @@ def measure(kind: str, size: str, devices: int, mode: str, work: Path, profile: 
     from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.planning.graph import analyze
-    from edge.profiling.live import collect
+    from edge.coordinator.live_profile import collect
     from edge.profiling.report import summarize
     from edge.worker.launch import LocalWorkers
 

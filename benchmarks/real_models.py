@@ -96,7 +96,7 @@ def serve(path: Path, inputs: list[dict], devices: int, work: Path, modes, reque
     from edge.coordinator.server import start_coordinator
     from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
-    from edge.profiling.live import collect
+    from edge.coordinator.live_profile import collect
     from edge.profiling.report import summarize
     from edge.transport.codec import decode_tensors
     from edge.worker.launch import LocalWorkers

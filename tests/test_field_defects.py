@@ -733,7 +733,7 @@ def test_a_folder_named_edge_does_not_shadow_the_workers_package(tmp_path, monke
 
 def test_a_missing_peak_is_not_measured_and_fails():
     from edge.bench.report import _rss_row
-    from edge.demo import NOT_MEASURED, measured_peak_mib
+    from edge.console import NOT_MEASURED, measured_peak_mib
     from edge.proto import edge_pb2 as pb
 
     status = pb.ClusterStatus()
@@ -799,7 +799,7 @@ def test_a_corrupt_last_shard_fails_before_any_upload(tmp_path):
 
 
 def test_upload_progress_counts_only_bytes_sent():
-    from edge.cli import format_upload
+    from edge.console import format_upload
 
     assert format_upload(16_000_000, 0, 0, 0.0) == "all 16.0 MB cached, nothing uploaded"
     assert "GB/s" not in format_upload(16_000_000, 0, 0, 0.001)

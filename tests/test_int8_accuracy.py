@@ -254,7 +254,7 @@ def test_bert_int8_records_cosine_measured_on_the_sample(bert_tiny, tmp_path):
     the plan table shows it."""
     from rich.console import Console
 
-    from edge.cli import print_plan
+    from edge.console import print_plan
 
     sample = example_inputs("bert", "tiny", batch=1, seq=128, seed=5)
     plan = make_plan(bert_tiny, [_dev("a"), _dev("b")], tmp_path / "plan", bindings=BERT,

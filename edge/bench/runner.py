@@ -396,7 +396,7 @@ def _assemble(config, profile, host_gflops, rounds, deployments, splits, torch_m
               diff, hops, timeline, lab_a) -> dict:
     from edge.bench.measure import summary
     from edge.bench.modelled import modelled_pipeline
-    from edge.demo import stage_layers
+    from edge.console import stage_layers
     from edge.profiling.memory import device_facts
 
     def edge_figures(n: int) -> dict:
