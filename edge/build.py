@@ -176,12 +176,28 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
         np.savez(out_dir / sample_rel, **{k: np.asarray(v) for k, v in sample.items()})
     split, cosines = _accurate_split(costs, active, modes, sample, min_cosine, shard_dir)
 
+    stages = _build_stages(costs, active, split, cosines, out_dir, shard_dir)
+    model = _model_info(model_path, costs, out_dir, sample_rel)
+    plan = Plan(model=model, stages=tuple(stages), standby=spares,
+                bottleneck_ms=split.bottleneck_ms, latency_ms=split.latency_ms,
+                modes=MODES if modes is None else tuple(modes), int8_min_cosine=min_cosine)
+    plan.save(out_dir / "plan.json")
+    log.info("plan %s: %d stages, period %.1f ms, latency %.1f ms -> %s", plan.plan_id,
+             len(stages), plan.bottleneck_ms, plan.latency_ms, out_dir / "plan.json")
+    return plan
+
+
+def _build_stages(costs: GraphCosts, devices: Sequence[Device], split: Split,
+                  cosines: Mapping[tuple[int, int], float], out_dir: Path, shard_dir: Path
+                  ) -> list[Stage]:
+    """Write each stage's shard (quantized in a quantized mode) and describe the stage."""
     n = costs.num_nodes
     stages = []
-    for k, (dev, (i, j), pred, mode) in enumerate(zip(active, split.ranges,
+    for k, (dev, (i, j), pred, mode) in enumerate(zip(devices, split.ranges,
                                                       split.predictions, split.modes)):
         rel = f"shards/stage-{k}.onnx"
-        if MODE_TABLE[mode].quantized:
+        quantized = MODE_TABLE[mode].quantized
+        if quantized:
             # Quantize the fp32 shard built in a folder of its own, then write the int8
             # one in the same layout.
             with tempfile.TemporaryDirectory(prefix="edge-fp32-", dir=shard_dir) as tmp:
@@ -197,21 +213,20 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
             predicted=dataclasses.replace(
                 pred, activation_degrees=costs.activation_degrees(i, j),
                 activation_growth=tuple(costs.activation_growth(i, j))), mode=mode,
-            int8_cosine=cosines.get((i, j)) if MODE_TABLE[mode].quantized else None,
+            int8_cosine=cosines.get((i, j)) if quantized else None,
             data_files=tuple(ShardFile(f"shards/{f.path.name}", f.sha256, f.size,
                                        f.random_access) for f in info.data_files)))
-    model = ModelInfo(
-        name=model_path.stem, sha256=_sha256_file(model_path), num_nodes=n,
+    return stages
+
+
+def _model_info(model_path: Path, costs: GraphCosts, out_dir: Path, sample_rel: str
+                ) -> ModelInfo:
+    """What the plan records of its source model."""
+    return ModelInfo(
+        name=model_path.stem, sha256=_sha256_file(model_path), num_nodes=costs.num_nodes,
         inputs=tuple(costs.specs[t] for t in costs.graph_inputs),
         outputs=tuple(costs.specs[t] for t in costs.graph_outputs),
         bindings=dict(costs.bindings), derived=dict(costs.derived),
         limits=dict(costs.dim_limits),
         path=os.path.relpath(model_path.resolve(), out_dir.resolve()),
         sample=sample_rel, notes=tuple(costs.notes))
-    plan = Plan(model=model, stages=tuple(stages), standby=spares,
-                bottleneck_ms=split.bottleneck_ms, latency_ms=split.latency_ms,
-                modes=MODES if modes is None else tuple(modes), int8_min_cosine=min_cosine)
-    plan.save(out_dir / "plan.json")
-    log.info("plan %s: %d stages, period %.1f ms, latency %.1f ms -> %s", plan.plan_id,
-             len(stages), plan.bottleneck_ms, plan.latency_ms, out_dir / "plan.json")
-    return plan

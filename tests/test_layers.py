@@ -65,6 +65,15 @@ MAX_CLASS_LINES = 300
 # Being split into smaller modules by other work in progress (issue 13): checked once that
 # lands. edge/proto is generated.
 LENGTH_EXEMPT = {"edge/coordinator/pipeline.py", "edge/worker/server.py"}
+# Over the limit today and not yet split (issue 13): this list only shrinks. A definition
+# named here that grows, or any other that passes the limit, fails.
+KNOWN_LONG = {
+    "edge/bench/report.py:markdown": 89,
+    "edge/lab/lab.py:Lab": 355,
+    "edge/planning/graph.py:_tensor_degrees": 83,
+    "edge/profiling/report.py:plot_memory": 94,
+    "edge/transport/certs.py:issue": 98,
+}
 
 
 def _module_name(path: Path) -> str:
@@ -204,6 +213,6 @@ def test_no_overlong_definitions():
                 continue
             first = min([node.lineno] + [d.lineno for d in node.decorator_list])
             lines = node.end_lineno - first + 1
-            if lines > limit:
+            if lines > max(limit, KNOWN_LONG.get(f"{rel}:{node.name}", 0)):
                 long.append(f"{rel}:{node.lineno} {node.name}: {lines} lines (> {limit})")
     assert not long, "split these:\n" + "\n".join(sorted(long))
