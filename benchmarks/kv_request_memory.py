@@ -154,9 +154,9 @@ def main() -> int:
     from edge.coordinator.guard import TooLarge, check_fits, request_sizes
     from edge.coordinator.pipeline import Pipeline
     from edge.coordinator.server import start_coordinator
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
-    from edge.profiling.live import collect
+    from edge.coordinator.live_profile import collect
     from edge.profiling.report import summarize
     from edge.worker.launch import LocalWorkers
 

@@ -108,7 +108,7 @@ def exported(kind: str, size: str, work: Path) -> Path:
 def plan_for(kind: str, size: str, devices: int, memory_mb: float, work: Path,
              addresses: list[str], seq: int, modes: tuple[str, ...], profile: str):
     """Plan the model over ``devices`` devices of ``memory_mb`` at ``addresses``."""
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
 
     model = exported(kind, size, work)
@@ -265,7 +265,7 @@ def lab_run(kind: str, size: str, devices: int, memory_mb: float, work: Path, se
     from edge.coordinator.pipeline import Pipeline
     from edge.export import example_inputs
     from edge.lab import DeviceSpec, Lab
-    from edge.planning import make_plan
+    from edge.build import make_plan
 
     model = exported(kind, size, work)
     x = example_inputs(kind, size, batch=1, seq=seq)

@@ -23,9 +23,9 @@ def run_one(kind: str, size: str, devices: int, profile: str, requests: int, wor
     from edge.coordinator.pipeline import Pipeline
     from edge.coordinator.server import start_coordinator
     from edge.export import example_inputs, export_model
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
-    from edge.profiling.live import collect
+    from edge.coordinator.live_profile import collect
     from edge.profiling.report import summarize
     from edge.worker.launch import LocalWorkers
 

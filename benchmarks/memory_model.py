@@ -63,10 +63,10 @@ def measure(kind: str, size: str, devices: int, mode: str, work: Path, profile: 
     from edge.coordinator.pipeline import Pipeline
     from edge.coordinator.server import start_coordinator
     from edge.export import example_inputs, export_model
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.planning.graph import analyze
-    from edge.profiling.live import collect
+    from edge.coordinator.live_profile import collect
     from edge.profiling.report import summarize
     from edge.worker.launch import LocalWorkers
 
@@ -112,7 +112,7 @@ def speed(kind: str, size: str, devices: int, work: Path, threads: int, seq: int
     import onnxruntime as ort
 
     from edge.export import example_inputs, export_model
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.plan import MODES, Device
     from edge.shards.runtime import session_options
 

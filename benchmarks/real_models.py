@@ -94,9 +94,9 @@ def serve(path: Path, inputs: list[dict], devices: int, work: Path, modes, reque
     """Plan over ``devices`` fresh loopback workers, serve, and profile."""
     from edge.coordinator.pipeline import Pipeline
     from edge.coordinator.server import start_coordinator
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
-    from edge.profiling.live import collect
+    from edge.coordinator.live_profile import collect
     from edge.profiling.report import summarize
     from edge.transport.codec import decode_tensors
     from edge.worker.launch import LocalWorkers

@@ -193,7 +193,7 @@ def run_child(spec: dict) -> dict:
 
 def build_plan(work: Path) -> Path:
     from edge.export import export_model
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
 
     m = export_model("bert", size="base", seed=0, out=str(work / "bert-base.onnx"))

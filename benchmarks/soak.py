@@ -48,7 +48,7 @@ def main() -> int:
 
     from edge.coordinator.pipeline import InferError, Pipeline
     from edge.export import example_inputs, export_model
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.profiling.memory import tune_malloc
     from edge.transport.codec import decode_tensors

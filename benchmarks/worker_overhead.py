@@ -81,7 +81,7 @@ def reset_peak(pid: int) -> bool:
 def build(kind: str, size: str, devices: int, mode: str, work: Path, profile: str,
           seq: int):
     """The exported model and a plan with every stage in ``mode`` (cached in ``work``)."""
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.planning.plan import load_plan
 

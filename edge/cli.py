@@ -1,16 +1,32 @@
-"""The `edge` command line. Each subcommand imports what it needs when it runs, so that
-`edge worker` on a Pi never loads torch and `edge --help` is instant."""
+"""The `edge` command line.
+
+Each subcommand imports its implementation when it runs (the imports inside ``cmd_*``): a
+worker on a Pi runs `edge worker`, which must load neither onnx and the planner nor torch
+nor rich's tables, and `edge --help` stays instant. Light modules are imported here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import os
+import statistics
 import sys
+import time
 import zipfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from edge.transport.address import parse_address  # stdlib only: `edge --help` stays instant
+from edge.address import parse_address  # stdlib only: `edge --help` stays instant
+import edge
+from edge._extras import missing_package
+from edge.bench.cli import add_parser as add_bench_parser
+from edge.errors import ConfigError, EdgeError
+from edge.lab.cli import add_parser as add_lab_parser
+from edge.spec import MODES
+from edge.transport.certs_cli import add_parser as add_certs_parser
+from edge.transport.security import add_arguments as add_security_arguments
 
 __all__ = ["main"]
 
@@ -39,12 +55,6 @@ def _positive(kind):
     return parse
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=False, highlight=False)
-
-
 # ---------------------------------------------------------------------- export
 
 
@@ -64,44 +74,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- plan
-
-
-def print_plan(plan, console) -> None:
-    import math
-
-    from rich.table import Table
-
-    for note in plan.model.notes:
-        console.print(f"[yellow]intake:[/yellow] {note}")
-    dims = ", ".join(f"{k}={v}" for k, v in plan.model.bindings.items())
-    table = Table(title=f"plan: {plan.model.name}, {plan.model.num_nodes} nodes, {dims}")
-    for col in ("stage", "device", "nodes", "mode", "shard", "memory / budget MiB",
-                "compute", "send", "sends"):
-        table.add_column(col, justify="left" if col in ("device", "nodes", "mode")
-                         else "right")
-    for s in plan.stages:
-        p = s.predicted
-        shard_mb = (s.shard_bytes + sum(f.size for f in s.data_files)) / 2**20
-        # An int8 stage shows the cosine of the model's outputs with it quantized, rounded
-        # down so that 0.99996 reads 0.9999, not 1.0000.
-        mode = (s.mode if s.int8_cosine is None
-                else f"{s.mode} (cos {math.floor(s.int8_cosine * 1e4) / 1e4:.4f})")
-        table.add_row(str(s.index), f"{s.device.name} ({s.device.profile})",
-                      f"{s.node_range[0]}–{s.node_range[1]}", mode, f"{shard_mb:.0f} MiB",
-                      f"{p.memory_mb:.0f} / {s.device.memory_mb:.0f}",
-                      f"{p.compute_ms:.0f} ms", f"{p.transfer_ms:.1f} ms",
-                      f"{len(s.outputs)} tensors")
-    console.print(table)
-    console.print(f"modelled from the device profiles: bottleneck {plan.bottleneck_ms:.0f} ms "
-                  f"per request, latency {plan.latency_ms:.0f} ms")
-    if any(s.int8_cosine is not None for s in plan.stages):
-        console.print(f"cos: the model's outputs with that stage in int8 against fp32 "
-                      f"(int8 needs >= {plan.int8_min_cosine})")
-    from edge.coordinator.guard import describe_limits
-
-    limits = describe_limits(plan)
-    if limits:
-        console.print(limits)
 
 
 # Sizes a plan is costed at unless --dim says otherwise, for the dims a model names so.
@@ -125,8 +97,6 @@ def load_sample(path: str | None) -> dict | None:
         with f:
             return {k: f[k] for k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        from edge.errors import ConfigError
-
         raise ConfigError(f"--sample {path}: expected an .npz of arrays keyed by the "
                           f"model's input names, got a file that does not read as one ({e})"
                           ) from None
@@ -150,9 +120,6 @@ def plan_dims(model: str | Path, given: dict[str, int], sample: dict | None = No
 
 
 def _parse_modes(text: str | None) -> tuple[str, ...] | None:
-    from edge.errors import ConfigError
-    from edge.planning.plan import MODES
-
     if not text:
         return None
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
@@ -164,8 +131,6 @@ def _parse_modes(text: str | None) -> tuple[str, ...] | None:
 
 
 def _parse_cosine(text: str | None) -> float | None:
-    from edge.errors import ConfigError
-
     if text is None:
         return None
     try:
@@ -178,7 +143,8 @@ def _parse_cosine(text: str | None) -> float | None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from edge.planning import make_plan
+    from edge.build import make_plan
+    from edge.console import console, print_plan
     from edge.planning.cluster import load_cluster
 
     cluster = load_cluster(args.cluster)
@@ -187,7 +153,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      bindings=plan_dims(args.model, _parse_dims(args.dim), sample),
                      standby=cluster.standby, modes=_parse_modes(args.modes), sample=sample,
                      int8_min_cosine=_parse_cosine(args.int8_min_cosine))
-    print_plan(plan, _console())
+    print_plan(plan, console())
     print(f"wrote {Path(args.out) / 'plan.json'} and {len(plan.stages)} shard(s)")
     return 0
 
@@ -231,99 +197,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- coordinator
 
 
-def _lab_diagnose(plan):
-    """The device lab's ``diagnose`` when the plan's workers run in an `edge lab`, so that a
-    lost worker's error says why (e.g. killed at its memory cap); None otherwise."""
-    from edge.lab.lab import Lab, LabError
-
-    try:
-        lab = Lab.load()
-        for stage in plan.stages:
-            lab.device(stage.device.address)
-    except (LabError, OSError):
-        return None
-    return lab.diagnose
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
-def format_upload(planned: int, to_send: int, sent: int, seconds: float) -> str:
-    """One stage's upload, for the progress bar.
-
-    Only bytes actually sent count towards the rate; cached files are said to be cached.
-
-    Args:
-        planned: bytes of the stage's files.
-        to_send: of those, bytes the worker's cache lacks.
-        sent: bytes sent so far.
-        seconds: since the first byte was sent.
-    """
-    cached = planned - to_send
-    if to_send <= 0:
-        return f"all {_mb(planned)} cached, nothing uploaded"
-    text = f"{_mb(sent)}/{_mb(to_send)} uploaded"
-    if sent and seconds >= 0.05:  # shorter: a rate of noise
-        text += f" at {_mb(sent / seconds)}/s"
-    return text + (f", {_mb(cached)} cached" if cached else "")
-
-
-def start_pipeline(plan_path: str, ready_timeout: float, console, model: str | None = None,
-                   failover: bool = True, max_in_flight: int = 64, security=None,
-                   take_over: bool = False):
-    """Load a plan and deploy it with a progress bar. Returns the started Pipeline."""
-    import time
-
-    from rich.progress import BarColumn, Progress, TextColumn
-
-    from edge.coordinator.pipeline import Pipeline
-    from edge.planning.plan import load_plan, plan_file
-    from edge.transport.channels import Deadlines, Security
-
-    plan_path = plan_file(plan_path)
-    plan = load_plan(plan_path)
-
-    def changed(recovery) -> None:
-        style = "red" if recovery.how == "unavailable" else "yellow"
-        what = "failover" if recovery.lost or not recovery.joined else "rejoin"
-        console.print(f"[{style}]{what}:[/{style}] {recovery.describe()}")
-
-    pipeline = Pipeline(plan, Path(plan_path).parent, deadlines=Deadlines(ready=ready_timeout),
-                        diagnose=_lab_diagnose(plan), failover=failover,
-                        max_in_flight=max_in_flight, security=security or Security(),
-                        model=Path(model) if model else None, on_change=changed,
-                        take_over=take_over)
-    # rich's own speed column would count cached files as transferred in no time ("16 MB at
-    # 11.6 GB/s" with nothing sent): the text is format_upload's, from bytes really sent.
-    with Progress(TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.fields[upload]}"), console=console,
-                  transient=False) as bar:
-        tasks = {s.index: bar.add_task(f"stage {s.index} → {s.device.name}", total=s.total_bytes,
-                                       upload="waiting for the worker")
-                 for s in plan.stages}
-        first_byte: dict[int, float] = {}
-
-        def progress(stage, sent: int, to_send: int) -> None:
-            now = time.monotonic()
-            if sent:
-                first_byte.setdefault(stage.index, now)
-            seconds = now - first_byte.get(stage.index, now)
-            planned = stage.total_bytes
-            bar.update(tasks[stage.index], total=planned, completed=planned - to_send + sent,
-                       upload=format_upload(planned, to_send, sent, seconds))
-
-        pipeline.start(progress=progress)
-    return pipeline
-
-
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    from edge.console import console as make_console, start_pipeline
+    from edge.coordinator.guard import describe_limits
     from edge.coordinator.server import serve
     from edge.profiling.memory import tune_malloc
     from edge.transport.security import from_arguments
 
     tune_malloc()
-    console = _console()
+    console = make_console()
     security = from_arguments(args)
     security.require_safe(args.listen, "listen on")  # before deploying, not after
     pipeline = start_pipeline(args.plan, args.ready_timeout, console, model=args.model,
@@ -334,8 +216,6 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         host = parse_address(args.listen, allow_port_zero=True)[0]
         console.print(f"edge coordinator serving {pipeline.plan.model.name} over "
                       f"{len(pipeline.plan.stages)} workers on {host}:{port}")
-        from edge.coordinator.guard import describe_limits
-
         limits = describe_limits(pipeline.plan)
         if limits:
             console.print(limits)
@@ -356,6 +236,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edge.coordinator.client import InferClient
+    from edge.transport.codec import decode_tensors
     from edge.transport.security import from_arguments
 
     try:
@@ -370,8 +251,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             print(f"edge infer: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
-    from edge.transport.codec import decode_tensors
-
     outputs = decode_tensors(reply.outputs)
     np.savez(args.output, **outputs)
     stages = ", ".join(f"stage {t.stage} {t.compute_ms:.1f} ms" for t in reply.timings)
@@ -383,7 +262,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    console = _console()
+    from edge.console import console as make_console
+
+    console = make_console()
     if bool(args.model) == bool(args.coordinator):
         raise SystemExit("edge profile: give either MODEL.onnx (offline) or --coordinator "
                          "HOST:PORT (live), not both")
@@ -400,7 +281,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from edge.profiling.live import collect
+    from edge.coordinator.live_profile import collect
     from edge.profiling.report import render_live, write_live
     from edge.transport.security import from_arguments
 
@@ -425,15 +306,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import datetime
-    import statistics
-    import time
-
     import grpc
 
     from edge.proto import edge_pb2 as pb
     from edge.proto import edge_pb2_grpc as pb_grpc
     from edge.transport.channels import create_channel
+    from edge.planning.cluster import update_profile, user_profiles_dir
     from edge.transport.security import from_arguments
 
     with create_channel(args.worker, security=from_arguments(args)) as channel:
@@ -471,8 +349,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if not profile or profile == "unknown":
             raise SystemExit("edge calibrate: which profile? the worker was started without "
                              "--device; pass --profile NAME")
-        from edge.planning.cluster import update_profile, user_profiles_dir
-
         values = {"runtime_floor_mb": round(floor_mb, 1), "gflops": round(reply.gflops, 1)}
         if not args.no_link:
             values["bandwidth_mbps"] = round(mbps)
@@ -502,6 +378,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     from rich.table import Table
 
+    from edge.console import console
     from edge.planning.cluster import list_profiles, load_profile
 
     table = Table(title="device profiles")
@@ -511,24 +388,15 @@ def cmd_devices(args: argparse.Namespace) -> int:
         p = load_profile(name)
         table.add_row(p.name, str(p.memory_mb), str(p.memory_budget_mb), str(p.gflops),
                       str(p.bandwidth_mbps), p.description)
-    _console().print(table)
+    console().print(table)
     return 0
 
 
 # ---------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from edge.transport.security import add_arguments as add_security_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="edge", description="Split a neural network across small devices and run it as "
-                                 "a gRPC pipeline.")
-    parser.add_argument("--log-level", default=os.environ.get("EDGE_LOG", "WARNING"),
-                        help="logging level (default: WARNING; env EDGE_LOG)")
-    parser.add_argument("--version", action="version", version=f"edge {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_export(sub) -> None:
+    """`edge export`."""
     p = sub.add_parser("export", help="export a model to ONNX (seeded weights, no download)")
     # edge.export.kinds(), spelled out: importing edge.export here would load numpy for
     # every `edge` command.
@@ -542,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", help="with `hf`: a local Hugging Face model folder")
     p.set_defaults(func=cmd_export)
 
+
+def _add_plan(sub) -> None:
+    """`edge plan`."""
     p = sub.add_parser("plan", help="split a model into shards for a cluster")
     p.add_argument("model", help="an ONNX file (any opset from 7: older ones are converted "
                                  "to 17 and checked; external data is fine)")
@@ -562,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "inputs at the planned sizes)")
     p.set_defaults(func=cmd_plan)
 
+
+def _add_worker(sub) -> None:
+    """`edge worker`."""
     p = sub.add_parser("worker", help="serve one stage on this device")
     p.add_argument("--listen", default="0.0.0.0:50051")
     p.add_argument("--device", help="this device's profile (see `edge devices`)")
@@ -579,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_arguments(p)
     p.set_defaults(func=cmd_worker)
 
+
+def _add_coordinator(sub) -> None:
+    """`edge coordinator`."""
     p = sub.add_parser("coordinator", help="deploy a plan's shards and serve requests")
     p.add_argument("--plan", required=True,
                    help="plan.json written by `edge plan`, or the folder it is in")
@@ -602,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_arguments(p)
     p.set_defaults(func=cmd_coordinator)
 
+
+def _add_infer(sub) -> None:
+    """`edge infer`."""
     p = sub.add_parser("infer", help="send one request to a coordinator")
     p.add_argument("--coordinator", required=True, help="HOST:PORT")
     p.add_argument("--input", required=True, help=".npz keyed by the model's input names")
@@ -610,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_arguments(p)
     p.set_defaults(func=cmd_infer)
 
+
+def _add_profile(sub) -> None:
+    """`edge profile`."""
     p = sub.add_parser("profile", help="where memory and compute go: offline for a model, "
                                        "or live per device of a running pipeline")
     p.add_argument("model", nargs="?", help="an ONNX file (offline profile)")
@@ -624,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_arguments(p)
     p.set_defaults(func=cmd_profile)
 
+
+def _add_calibrate(sub) -> None:
+    """`edge calibrate`."""
     p = sub.add_parser("calibrate", help="measure a device through its worker; store it in "
                                          "the device's profile")
     p.add_argument("--worker", required=True, help="HOST:PORT of an idle worker")
@@ -639,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_arguments(p)
     p.set_defaults(func=cmd_calibrate)
 
+
+def _add_demo(sub) -> None:
+    """`edge demo`."""
     p = sub.add_parser("demo", help="export, plan, run four local workers and compare")
     p.add_argument("--model", default="bert", choices=["bert", "gpt2", "unet"])
     p.add_argument("--size", default="base")
@@ -653,28 +542,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modes the planner may use, as for edge plan (e.g. int8)")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_devices(sub) -> None:
+    """`edge devices`."""
     p = sub.add_parser("devices", help="list the device profiles")
     p.set_defaults(func=cmd_devices)
 
-    from edge.transport.certs_cli import add_parser as add_certs_parser
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge", description="Split a neural network across small devices and run it as "
+                                 "a gRPC pipeline.")
+    parser.add_argument("--log-level", default=os.environ.get("EDGE_LOG", "WARNING"),
+                        help="logging level (default: WARNING; env EDGE_LOG)")
+    parser.add_argument("--version", action="version", version=f"edge {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_export(sub)
+    _add_plan(sub)
+    _add_worker(sub)
+    _add_coordinator(sub)
+    _add_infer(sub)
+    _add_profile(sub)
+    _add_calibrate(sub)
+    _add_demo(sub)
+    _add_devices(sub)
+    # Subcommands defined next to their implementations.
     add_certs_parser(sub)
-
-    from edge.lab.cli import add_parser as add_lab_parser
-
     add_lab_parser(sub)
-
-    from edge.bench.cli import add_parser as add_bench_parser
-
     add_bench_parser(sub)
     return parser
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import edge
-
     try:
         return version(edge.DISTRIBUTION)
     except PackageNotFoundError:  # run from a source tree (PYTHONPATH) without installing
@@ -696,10 +596,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from edge.errors import EdgeError
-
-    from edge._extras import missing_package
-
     try:
         return args.func(args)
     except EdgeError as e:

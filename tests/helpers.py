@@ -94,7 +94,7 @@ def local_pipeline(model: str | Path, count: int, root: Path, *,
         pipeline_args: for Pipeline (default ``deadlines=Deadlines(infer=60)``).
     """
     from edge.coordinator.pipeline import Pipeline
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.transport.channels import Deadlines
     from edge.worker.launch import LocalWorkers

@@ -17,7 +17,7 @@ from edge.coordinator.client import InferClient
 from edge.coordinator.pipeline import InferError
 from edge.coordinator.server import start_coordinator
 from edge.export import example_inputs
-from edge.planning import make_plan
+from edge.build import make_plan
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import Deadlines, create_channel
 from edge.worker.launch import spawn_worker

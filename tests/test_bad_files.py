@@ -48,7 +48,7 @@ def test_malformed_cluster_yaml(tmp_path, bert_tiny, text, words):
 
 @pytest.fixture(scope="module")
 def plan_json(bert_tiny, tmp_path_factory) -> dict:
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
 
     out = tmp_path_factory.mktemp("plan")

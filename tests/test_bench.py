@@ -97,7 +97,7 @@ def test_torch_stages_split_like_edge_and_compute_the_model(bert_tiny, tmp_path)
     from edge.bench.split import layer_splits
     from edge.bench.torch_peer import run_stages, save_stages
     from edge.export import example_inputs
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
 
     plan = make_plan(bert_tiny, cluster_from_profile("rpi4b-2gb", 3).devices, tmp_path / "p",

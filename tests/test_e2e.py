@@ -17,7 +17,7 @@ import yaml
 from edge.coordinator.deploy import DeployError
 from edge.coordinator.pipeline import InferError, Pipeline
 from edge.export import example_inputs
-from edge.planning import make_plan
+from edge.build import make_plan
 from edge.planning.cluster import cluster_from_profile
 from edge.planning.plan import load_plan
 from edge.transport.channels import Deadlines

@@ -15,7 +15,7 @@ import pytest
 
 from edge.coordinator.pipeline import InferError, Pipeline
 from edge.export import example_inputs
-from edge.planning import make_plan
+from edge.build import make_plan
 from edge.transport.channels import Deadlines
 from edge.transport.codec import decode_tensors
 from edge.worker.launch import LocalWorkers, spawn_worker

@@ -84,7 +84,7 @@ def test_two_stages_on_one_address_are_refused(tmp_path):
     import json
 
     from edge.errors import ConfigError
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.plan import Device, load_plan
 
     devices = [Device(name=f"d{i}", address=f"127.0.0.1:{5000 + i}", profile="t",
@@ -253,7 +253,7 @@ def test_the_plans_largest_request_bounds_the_coordinators_messages(tmp_path):
 
     from edge.coordinator.guard import check_fits, largest, largest_request_bytes
     from edge.coordinator.server import receive_limit
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.plan import Device
 
     devices = [Device(name=f"d{i}", address=f"127.0.0.1:{5000 + i}", profile="t",
@@ -464,7 +464,7 @@ def test_the_guard_knows_the_models_own_length_limit(bert_tiny, tmp_path):
     from edge.coordinator.guard import BeyondModel, check_fits, describe_limits, largest
     from edge.coordinator.pipeline import InferError, Pipeline
     from edge.export import example_inputs
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.planning.plan import load_plan
 
@@ -498,7 +498,7 @@ def test_the_default_client_rides_out_a_coordinator_restart(bert_tiny, tmp_path)
     from edge.coordinator.pipeline import Pipeline
     from edge.coordinator.server import start_coordinator
     from edge.export import example_inputs
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.worker.launch import LocalWorkers
 
@@ -733,7 +733,7 @@ def test_a_folder_named_edge_does_not_shadow_the_workers_package(tmp_path, monke
 
 def test_a_missing_peak_is_not_measured_and_fails():
     from edge.bench.report import _rss_row
-    from edge.demo import NOT_MEASURED, measured_peak_mib
+    from edge.console import NOT_MEASURED, measured_peak_mib
     from edge.proto import edge_pb2 as pb
 
     status = pb.ClusterStatus()
@@ -761,7 +761,7 @@ def test_a_corrupt_last_shard_fails_before_any_upload(tmp_path):
     """Every file of the plan is checked before the first upload: the workers' caches stay
     empty and the error names the file, the digest expected and the one found."""
     from edge.coordinator.deploy import DeployError, connect, deploy
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.plan import Device
     from edge.transport.channels import Deadlines, Security
     from edge.worker.launch import spawn_worker
@@ -799,7 +799,7 @@ def test_a_corrupt_last_shard_fails_before_any_upload(tmp_path):
 
 
 def test_upload_progress_counts_only_bytes_sent():
-    from edge.cli import format_upload
+    from edge.console import format_upload
 
     assert format_upload(16_000_000, 0, 0, 0.0) == "all 16.0 MB cached, nothing uploaded"
     assert "GB/s" not in format_upload(16_000_000, 0, 0, 0.001)
@@ -895,7 +895,7 @@ def test_a_standby_that_refuses_its_stage_is_backed_off_and_the_rest_re_planned(
     import time
 
     from edge.coordinator.pipeline import Pipeline
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.transport.channels import Deadlines
     from edge.worker.launch import LocalWorkers, spawn_worker
@@ -938,7 +938,7 @@ def test_only_the_standby_left_serves_then_nothing_fails_at_once(bert_tiny, tmp_
     import grpc
 
     from edge.coordinator.pipeline import InferError, Pipeline
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.transport.channels import Deadlines
     from edge.worker.launch import LocalWorkers
@@ -970,7 +970,7 @@ def test_only_the_standby_left_serves_then_nothing_fails_at_once(bert_tiny, tmp_
 @pytest.fixture(scope="module")
 def owned_cluster(tmp_path_factory, bert_tiny):
     """Two local workers and a two-stage plan of BERT-tiny over them."""
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.worker.launch import LocalWorkers
 

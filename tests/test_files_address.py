@@ -10,7 +10,7 @@ import pytest
 
 from edge.errors import ConfigError
 from edge.files import file_sha256
-from edge.transport.address import AddressError, parse_address
+from edge.address import AddressError, parse_address
 from edge.transport.security import is_loopback
 
 
@@ -55,7 +55,7 @@ def test_is_loopback(address, loopback):
 
 def test_helpers_are_stdlib_only():
     # The worker imports both; neither may pull in grpc, numpy or yaml.
-    code = ("import sys, edge.files, edge.transport.address; "
+    code = ("import sys, edge.files, edge.address; "
             "print(sorted(m for m in ('grpc', 'numpy', 'yaml', 'onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

@@ -240,7 +240,7 @@ def test_bound_holds_for_every_tensor(style, past):
 def plan_for(style: str, tmp_path, addresses, memory_mb: float = 120):
     """A plan for past 24 of ``style``'s decoder (written to ``tmp_path``), on devices of
     ``memory_mb``; (the model's path, the plan as loaded)."""
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
 
     total, bindings = STYLES[style]

@@ -18,15 +18,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge.errors import ConfigError, NoFitError
 from edge.export.inputs import example_inputs
-from edge.planning import make_plan
+from edge.build import make_plan
 from edge.planning.graph import analyze
-from edge.planning.plan import INT8_MIN_COSINE, MODES, Device, load_plan
+from edge.planning.plan import INT8_MIN_COSINE, Device, load_plan
 from edge.planning.planner import (CostArrays, brute_force, evaluate, int8_vetoed_on,
                                    partition)
 from edge.shards.accuracy import Int8Accuracy, format_cosine, synthetic_inputs
 from edge.shards.build import build_shard
 from edge.shards.quantize import cosine, quantize_shard
 from edge.shards.runtime import session_options
+from edge.spec import MODE_TABLE, MODES
 
 MiB = float(1 << 20)
 BERT = {"batch": 1, "sequence": 128}
@@ -83,11 +84,10 @@ def outlier_cnn(tmp_path_factory):
 def int8_cheaper(monkeypatch):
     """Tiny models' weights are too small for int8 to save memory under the fitted
     constants; give int8 a lower fixed cost so a budget can force it (as test_modes)."""
-    from edge.planning import memory
-
     for mode in MODES:
-        monkeypatch.setitem(memory.CONSTANTS, mode, dataclasses.replace(
-            memory.CONSTANTS[mode], session_overhead_mb=5.0 if mode == "int8" else 10.0))
+        m = MODE_TABLE[mode]
+        monkeypatch.setitem(MODE_TABLE, mode, dataclasses.replace(m, memory=dataclasses.replace(
+            m.memory, session_overhead_mb=5.0 if m.quantized else 10.0)))
 
 
 def _run(path, mode, feeds):
@@ -254,7 +254,7 @@ def test_bert_int8_records_cosine_measured_on_the_sample(bert_tiny, tmp_path):
     the plan table shows it."""
     from rich.console import Console
 
-    from edge.cli import print_plan
+    from edge.console import print_plan
 
     sample = example_inputs("bert", "tiny", batch=1, seq=128, seed=5)
     plan = make_plan(bert_tiny, [_dev("a"), _dev("b")], tmp_path / "plan", bindings=BERT,
@@ -303,7 +303,7 @@ def test_vetoed_stage_is_not_int8(outlier_cnn, tmp_path, int8_cheaper, caplog):
     assert evaluate(costs, a, 0, 1, "fp32").memory_mb > budget
     first = partition(costs, [a, big])
     assert first.modes[0] == "int8" and first.ranges[0][1] > OUTLIER_NODE  # would hold it
-    with caplog.at_level(logging.WARNING, logger="edge.planning"):
+    with caplog.at_level(logging.WARNING, logger="edge.build"):
         plan = make_plan(outlier_cnn, [a, big], tmp_path / "plan", bindings={"batch": 1})
     assert [s.mode for s in plan.stages] == ["int8", "fp32"]
     i, j = plan.stages[0].node_range
@@ -346,13 +346,13 @@ def test_gives_up_on_int8_after_the_rounds(outlier_cnn, tmp_path, int8_cheaper, 
                                            caplog):
     """When every round still rejects a stage, the planner stops measuring and plans
     without int8; here device a then fits nothing, and the error says why."""
-    import edge.planning
+    import edge.build
 
-    monkeypatch.setattr(edge.planning, "_INT8_ROUNDS", 1)
+    monkeypatch.setattr(edge.build, "_INT8_ROUNDS", 1)
     costs = analyze(outlier_cnn, {"batch": 1})
     big = _dev("b")
     a = _dev("a", memory_mb=evaluate(costs, big, 0, costs.num_nodes, "int8").memory_mb + 0.5)
-    with caplog.at_level(logging.WARNING, logger="edge.planning"):
+    with caplog.at_level(logging.WARNING, logger="edge.build"):
         with pytest.raises(NoFitError) as ei:
             make_plan(outlier_cnn, [a, big], tmp_path, bindings={"batch": 1})
     assert any("planning without int8" in r.getMessage() for r in caplog.records)

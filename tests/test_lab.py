@@ -348,7 +348,7 @@ class TestLab:
     def test_pipeline_over_the_lab_equals_unsharded_model(self, lab, bert_small, tmp_path):
         from edge.coordinator.pipeline import Pipeline
         from edge.export import example_inputs
-        from edge.planning import make_plan
+        from edge.build import make_plan
         from edge.transport.codec import decode_tensors
 
         devices = [d for d in lab.cluster().devices
@@ -375,7 +375,7 @@ class TestLab:
         still gets the unsharded answer, and the device rejoins when the link is back."""
         from edge.coordinator.pipeline import Pipeline
         from edge.export import example_inputs
-        from edge.planning import make_plan
+        from edge.build import make_plan
         from edge.transport.codec import decode_tensors
 
         devices = [d for d in lab.cluster().devices
@@ -428,7 +428,7 @@ class TestLab:
             self, lab, bert_tiny, tmp_path):
         from edge.coordinator.pipeline import InferError, Pipeline
         from edge.export import example_inputs
-        from edge.planning import make_plan
+        from edge.build import make_plan
         from edge.transport.channels import Deadlines
 
         tight = lab.device("tight")

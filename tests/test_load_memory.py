@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge.coordinator.pipeline import Pipeline
-from edge.planning import make_plan
+from edge.build import make_plan
 from edge.planning.cluster import cluster_from_profile
 from edge.profiling.memory import peak_rss_bytes
 from edge.transport.codec import decode_tensors

@@ -13,13 +13,13 @@ import pytest
 
 from edge.errors import NoFitError
 from edge.export.inputs import example_inputs
-from edge.planning import make_plan
+from edge.build import make_plan
 from edge.planning.graph import analyze
-from edge.planning.plan import MODES, Device, load_plan
-from edge.planning.planner import (COMPUTE_FACTOR, CostArrays, brute_force, evaluate,
-                                   partition)
+from edge.planning.plan import Device, load_plan
+from edge.planning.planner import CostArrays, brute_force, evaluate, partition
 from edge.shards.quantize import cosine, drift
 from edge.shards.runtime import session_options
+from edge.spec import MODE_TABLE, MODES
 from helpers import local_pipeline, reference, run_chain
 
 MiB = float(1 << 20)
@@ -50,11 +50,10 @@ def test_small_budgets_force_a_frugal_mode(bert_tiny, tmp_path, monkeypatch):
     # fitted constants: every mode's prediction is the floor. Give each mode a fixed cost
     # above the floor, int8 a lower one, so the rule has a frugal mode to choose on a tiny
     # model; the plumbing under test is the same.
-    from edge.planning import memory
-
     for mode in MODES:
-        monkeypatch.setitem(memory.CONSTANTS, mode, dataclasses.replace(
-            memory.CONSTANTS[mode], session_overhead_mb=5.0 if mode == "int8" else 10.0))
+        m = MODE_TABLE[mode]
+        monkeypatch.setitem(MODE_TABLE, mode, dataclasses.replace(m, memory=dataclasses.replace(
+            m.memory, session_overhead_mb=5.0 if m.quantized else 10.0)))
     costs = analyze(bert_tiny, BERT)
     devs = [_dev(f"pi-{k}") for k in range(3)]
     split = partition(costs, devs)
@@ -169,12 +168,12 @@ def test_int8_drift_other_models(kind, bindings, bert_tiny, models_dir, tmp_path
 
 
 def test_int8_is_faster_per_flop():
-    assert COMPUTE_FACTOR["fp32"] == 1.0
-    assert 0 < COMPUTE_FACTOR["int8"] <= 1.0
+    assert MODE_TABLE["fp32"].compute_factor == 1.0
+    assert 0 < MODE_TABLE["int8"].compute_factor <= 1.0
     costs = CostArrays(flops=np.full(2, 1e9), live_bytes=np.ones(2), cut_bytes=np.zeros(3))
     d = _dev("a")
     assert evaluate(costs, d, 0, 2, "int8").compute_ms == pytest.approx(
-        COMPUTE_FACTOR["int8"] * evaluate(costs, d, 0, 2, "fp32").compute_ms)
+        MODE_TABLE["int8"].compute_factor * evaluate(costs, d, 0, 2, "fp32").compute_ms)
 
 
 def test_no_fit_uses_most_frugal_mode():

@@ -145,7 +145,8 @@ def test_memory_limits_a_stage():
 def test_a_big_prepacked_weight_bounds_the_load():
     """One MatMul of a 96 MiB weight: at load its mapped pages and its packed copy are both
     resident, so the stage needs that much more than its weights while it loads."""
-    from edge.planning.memory import CONSTANTS, MiB
+    from edge.planning.memory import MiB
+    from edge.spec import MODE_TABLE
 
     w = 96 * MiB
     arrays = dict(flops=np.ones(2), live_bytes=np.array([MiB, MiB]),
@@ -156,7 +157,7 @@ def test_a_big_prepacked_weight_bounds_the_load():
     plain = evaluate(CostArrays(**arrays), dev, 0, 2, mode="fp32")
     packed = evaluate(CostArrays(**arrays, prepack_bytes=np.array([0.0, w])), dev, 0, 2,
                       mode="fp32")
-    c = CONSTANTS["fp32"]
+    c = MODE_TABLE["fp32"].memory
     load = 72.0 + c.session_overhead_mb + c.weight_factor * 96 + 96
     assert packed.memory_mb == pytest.approx(max(plain.memory_mb, load))
     assert packed.memory_mb > plain.memory_mb + 80

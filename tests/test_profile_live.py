@@ -9,7 +9,7 @@ import sys
 
 from edge.coordinator.pipeline import Pipeline
 from edge.coordinator.server import start_coordinator
-from edge.planning import make_plan
+from edge.build import make_plan
 from edge.planning.cluster import cluster_from_profile
 from edge.worker.launch import LocalWorkers
 

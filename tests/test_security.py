@@ -313,7 +313,7 @@ def test_tls_pipeline_equals_unsharded_model(pki, bert_tiny, tmp_path):
     from edge.coordinator.pipeline import Pipeline
     from edge.coordinator.server import start_coordinator
     from edge.export import example_inputs
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.transport.channels import Deadlines
     from edge.transport.codec import decode_tensors

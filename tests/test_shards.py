@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from edge.export.inputs import example_inputs
-from edge.planning import make_plan
+from edge.build import make_plan
 from edge.planning.plan import Device, load_plan
 from edge.shards.runtime import session_options
 from edge.shards.build import gather_tables

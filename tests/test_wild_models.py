@@ -15,7 +15,7 @@ import pytest
 
 from edge.errors import GraphError
 from edge.export.zoo import light_model, locate, ZOO
-from edge.planning import make_plan
+from edge.build import make_plan
 from edge.planning.graph import analyze
 from edge.planning.plan import Device, load_plan
 

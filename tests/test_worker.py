@@ -373,7 +373,7 @@ def test_stage_with_external_data_files(worker, tmp_path):
 
 def _first_stage(model, tmp_path, sequence):
     """The plan's first stage (it holds the embedding table) over two devices, its spec."""
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.plan import Device
     from edge.worker.stage import StageSpec
 

@@ -105,7 +105,7 @@ def _deploy_pair(model: Path, workdir: Path, devices: list, workers: list,
     """Plans and deployments: ``devices[0]`` serves the whole model, ``devices[1:3]`` the
     two halves. ``workers`` are stopped by the second deployment's close; ``security``
     reaches them (default: plaintext on loopback)."""
-    from edge.planning import make_plan
+    from edge.build import make_plan
 
     plan1 = make_plan(model, devices[:1], workdir / "one")
     plan2 = make_plan(model, devices[1:3], workdir / "two")

@@ -69,9 +69,9 @@ def lab_pipeline_vs_one(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
         cannot run here (not root, a lab already up, ...).
     """
     from edge.coordinator.pipeline import Pipeline
-    from edge.demo import measured_peak_mib
+    from edge.console import measured_peak_mib
     from edge.lab import DeviceSpec, Lab, LabError
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import load_cluster
 
     in_flight = in_flight or 2 * devices

@@ -157,7 +157,7 @@ class Deployment:
     def peak_rss_mib(self) -> list[float | None]:
         """Each worker's peak RSS (VmHWM) so far, by stage, MiB; None for a worker whose
         status could not be read (logged by the pipeline): not measured, never 0."""
-        from edge.demo import measured_peak_mib
+        from edge.console import measured_peak_mib
 
         return [measured_peak_mib(s) for s in self.pipeline.status().stages]
 

@@ -170,7 +170,6 @@ def run_bench(config: BenchConfig, say: Callable[[str], None] | None = None) -> 
 
 
 def _run(config: BenchConfig, size: str, work: Path, say: Callable[[str], None]) -> dict:
-    from edge.bench import hop
     from edge.bench.measure import Deployment, start_workers
     from edge.bench.split import layer_splits
     from edge.bench.torch_peer import TorchPeer, save_stages
@@ -232,32 +231,8 @@ def _run(config: BenchConfig, size: str, work: Path, say: Callable[[str], None])
         torch_mem = peer.memory()
         edge_rss = {n: d.peak_rss_mib() for n, d in deployments.items()}
 
-        from edge.bench.timeline import (NEEDED_FOR_EXACT, from_timestamps, overlap_ms,
-                                         reconstruct, render)
-
         say("drawing the timeline")
-        bars = from_timestamps(rounds.last_concurrent)
-        exact = bars is not None
-        if not exact:
-            bars = reconstruct(rounds.last_concurrent, main.num_stages)
-        timeline_png = Path(config.out) / "timeline.png"
-        render(bars, main.num_stages, timeline_png,
-               f"edge: {config.model} over {config.devices} loopback workers, "
-               f"{len(rounds.last_concurrent)} requests, {max(2, main.num_stages)} in flight",
-               note=("From the workers' clocks: each stage's arrival time and its own "
-                     "queue, compute and encode durations." if exact else
-                     "Reconstructed: compute/queue/encode durations are the workers' own; "
-                     "positions assume the unreported time (hops, coordinator) is spread "
-                     "evenly over each request's hops."))
-        timeline = {"png": timeline_png.name, "requests": len(rounds.last_concurrent),
-                    "source": ("the workers' arrival timestamps (one clock on loopback) and "
-                               "per-stage durations" if exact else
-                               "reconstructed from per-stage durations and the bench's own "
-                               "send/receive times"),
-                    "max_compute_overlap_ms": round(overlap_ms(bars), 2),
-                    "bars": [[b.request, b.stage, b.kind, round(b.start_ms, 3),
-                              round(b.end_ms, 3)] for b in bars],
-                    "needed_for_exact": "" if exact else NEEDED_FOR_EXACT}
+        timeline = _timeline(config, rounds, main)
     finally:
         say("stopping the workers and torch ranks")
         # Together: each worker takes a moment to stop gracefully.
@@ -266,6 +241,46 @@ def _run(config: BenchConfig, size: str, work: Path, say: Callable[[str], None])
                 pool.submit(peer.stop)
             for d in deployments.values():
                 pool.submit(d.close)
+
+    hops = _hops(config, work, say)
+    lab_a = _lab_comparison(config, model, size, work, say)
+    return _assemble(config, profile, host_gflops, rounds, deployments, splits, torch_mem,
+                     edge_rss, diff, hops, timeline, lab_a)
+
+
+def _timeline(config: BenchConfig, rounds: _Rounds, main) -> dict:
+    """Draw the last concurrent round's timeline (timeline.png); its figures for results."""
+    from edge.bench.timeline import (NEEDED_FOR_EXACT, from_timestamps, overlap_ms,
+                                     reconstruct, render)
+
+    bars = from_timestamps(rounds.last_concurrent)
+    exact = bars is not None
+    if not exact:
+        bars = reconstruct(rounds.last_concurrent, main.num_stages)
+    timeline_png = Path(config.out) / "timeline.png"
+    render(bars, main.num_stages, timeline_png,
+           f"edge: {config.model} over {config.devices} loopback workers, "
+           f"{len(rounds.last_concurrent)} requests, {max(2, main.num_stages)} in flight",
+           note=("From the workers' clocks: each stage's arrival time and its own "
+                 "queue, compute and encode durations." if exact else
+                 "Reconstructed: compute/queue/encode durations are the workers' own; "
+                 "positions assume the unreported time (hops, coordinator) is spread "
+                 "evenly over each request's hops."))
+    timeline = {"png": timeline_png.name, "requests": len(rounds.last_concurrent),
+                "source": ("the workers' arrival timestamps (one clock on loopback) and "
+                           "per-stage durations" if exact else
+                           "reconstructed from per-stage durations and the bench's own "
+                           "send/receive times"),
+                "max_compute_overlap_ms": round(overlap_ms(bars), 2),
+                "bars": [[b.request, b.stage, b.kind, round(b.start_ms, 3),
+                          round(b.end_ms, 3)] for b in bars],
+                "needed_for_exact": "" if exact else NEEDED_FOR_EXACT}
+    return timeline
+
+
+def _hops(config: BenchConfig, work: Path, say: Callable[[str], None]) -> dict:
+    """One hop of an activation: on loopback, and over a gigabit link in the lab."""
+    from edge.bench import hop
 
     say(f"measuring one hop of a {hop.activation_bytes() // 1024} KiB activation on loopback")
     hops = {"activation_bytes": hop.activation_bytes(),
@@ -283,6 +298,13 @@ def _run(config: BenchConfig, size: str, work: Path, say: Callable[[str], None])
                             "reason": f"{type(e).__name__}: {e}"}
     else:
         hops["gige"] = {"link": "gige", "status": "unavailable", "reason": "skipped (--no-lab)"}
+    return hops
+
+
+def _lab_comparison(config: BenchConfig, model: Path, size: str, work: Path,
+                    say: Callable[[str], None]) -> dict:
+    """The pipeline against one emulated device in edge lab, or why it was not measured."""
+    from edge.export import example_inputs
 
     if config.lab:
         from edge.bench.lab_pipeline import lab_pipeline_vs_one
@@ -301,9 +323,7 @@ def _run(config: BenchConfig, size: str, work: Path, say: Callable[[str], None])
             lab_a = {"status": "unavailable", "reason": f"{type(e).__name__}: {e}"}
     else:
         lab_a = {"status": "unavailable", "reason": "skipped (--no-lab)"}
-
-    return _assemble(config, profile, host_gflops, rounds, deployments, splits, torch_mem,
-                     edge_rss, diff, hops, timeline, lab_a)
+    return lab_a
 
 
 @dataclass
@@ -357,7 +377,7 @@ def _deploy(model: Path, config: BenchConfig, workers: list, where: Path):
     memory budget (the baseline stays one worker-like process)."""
     from edge.bench.measure import Deployment, start_workers
     from edge.errors import NoFitError
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
 
     bindings = {"batch": 1, "sequence": config.sequence}
@@ -394,52 +414,13 @@ def _median(values) -> float:
 
 def _assemble(config, profile, host_gflops, rounds, deployments, splits, torch_mem, edge_rss,
               diff, hops, timeline, lab_a) -> dict:
-    from edge.bench.measure import summary
-    from edge.bench.modelled import modelled_pipeline
-    from edge.demo import stage_layers
     from edge.profiling.memory import device_facts
 
-    def edge_figures(n: int) -> dict:
-        d = deployments[n]
-        compute = d.stage_compute_ms()
-        modelled = modelled_pipeline(compute, [s.predicted.transfer_ms for s in d.plan.stages],
-                                     host_gflops, [s.device.gflops for s in d.plan.stages])
-        stages = [{"stage": s.index, "holds": stage_layers(d.plan_dir / s.shard),
-                   "mode": s.mode, "compute_ms": round(c, 2),
-                   "transfer_ms_modelled": round(s.predicted.transfer_ms, 2),
-                   "planned_mib": round(s.predicted.memory_mb, 1),
-                   "peak_rss_mib": None if rss is None else round(rss, 1)}  # None: not measured
-                  for s, c, rss in zip(d.plan.stages, compute, edge_rss[n])]
-        return {"devices": n, "stages": stages,
-                "latency_ms": summary([r.latency_ms for r in d.sequential]),
-                "throughput_rps": round(statistics.median(d.throughputs), 3),
-                "throughput_rps_per_round": [round(x, 3) for x in d.throughputs],
-                "in_flight": max(2, d.num_stages),
-                "modelled": modelled, **({"note": d.note} if d.note else {})}
-
-    figures = {n: edge_figures(n) for n in deployments}
+    figures = {n: _edge_figures(n, deployments[n], host_gflops, edge_rss[n])
+               for n in deployments}
     one, main = figures[1], figures[config.devices]
     measured_ratio = main["throughput_rps"] / one["throughput_rps"]
     modelled_ratio = main["modelled"]["throughput_rps"] / one["modelled"]["throughput_rps"]
-
-    torch_stages = []
-    for split, mem, edge_stage in zip(splits, torch_mem, main["stages"]):
-        edge_peak = edge_stage["peak_rss_mib"]
-        torch_stages.append({
-            **split.to_dict(), "edge_holds": edge_stage["holds"],
-            "edge_peak_rss_mib": edge_stage["peak_rss_mib"],
-            "torch_peak_rss_mib": round(mem["peak_rss"] / 2**20, 1),
-            "torch_rss_after_imports_mib": round(mem["rss_after_imports"] / 2**20, 1),
-            "torch_rss_after_load_mib": round(mem["rss_after_load"] / 2**20, 1),
-            "rss_ratio": (None if edge_peak is None else
-                          round(edge_peak / (mem["peak_rss"] / 2**20), 3))})
-    # A peak that was not measured fails the memory target: it is never taken as small.
-    rss_missing = [s["stage"] for s in torch_stages if s["rss_ratio"] is None]
-    rss_ratio = None if rss_missing else max(s["rss_ratio"] for s in torch_stages)
-    torch_thr = round(statistics.median(rounds.torch_rps), 3)
-    thr_ratio = main["throughput_rps"] / torch_thr
-    rounded = [s for s in splits[:-1] if s.rounded]
-
     gige = hops["gige"]
     hop_gige = gige["hop_ms"]["median"] if gige.get("status") == "measured" else None
     return {
@@ -468,32 +449,7 @@ def _assemble(config, profile, host_gflops, rounds, deployments, splits, torch_m
                                f"{profile.bandwidth_mbps:g} Mbit/s; period = slowest stage. "
                                "Not measured on a Pi."),
         },
-        "b_torch": {
-            "peer": ("torch.distributed.pipelining PipelineStage + ScheduleGPipe (forward "
-                     f"only), gloo on loopback, {config.devices} ranks as processes, "
-                     f"OMP_WAIT_POLICY=PASSIVE, {torch_mem[0]['threads']} intra-op threads "
-                     "each; each rank loads only its own stage"),
-            "split_note": ("edge's cuts inside an encoder layer were rounded to the nearest "
-                           "layer boundary (by node count): " + "; ".join(
-                               f"after stage {s.stage} at layer {s.cut_at:.2f} → {s.layers[1]}"
-                               for s in rounded)) if rounded else
-                          "every edge cut is on a layer boundary",
-            "stages": torch_stages,
-            "edge_latency_ms": main["latency_ms"],
-            "torch_latency_ms": summary(rounds.torch_latency_ms),
-            "edge_throughput_rps": main["throughput_rps"],
-            "torch_throughput_rps": torch_thr,
-            "torch_throughput_rps_per_round": [round(x, 3) for x in rounds.torch_rps],
-            "torch_microbatches": config.requests,
-            "throughput_ratio": round(thr_ratio, 3),
-            "peak_rss_ratio_max": rss_ratio,
-            "targets": {"peak_rss_ratio_max": TARGETS["edge_vs_torch_peak_rss"],
-                        "throughput_ratio": TARGETS["edge_vs_torch_throughput"]},
-            "met_rss": rss_ratio is not None and rss_ratio <= TARGETS["edge_vs_torch_peak_rss"],
-            "rss_not_measured": rss_missing,
-            "met_throughput": thr_ratio >= TARGETS["edge_vs_torch_throughput"],
-            "max_abs_diff_vs_edge": diff,
-        },
+        "b_torch": _torch_section(config, rounds, main, splits, torch_mem, diff),
         "c_hop": {**hops, "target_gige_ms": TARGETS["hop_gige_ms"],
                   "met_gige": None if hop_gige is None else hop_gige <= TARGETS["hop_gige_ms"]},
         "d_scaling": {"points": [
@@ -506,6 +462,78 @@ def _assemble(config, profile, host_gflops, rounds, deployments, splits, torch_m
                                        / one["modelled"]["throughput_rps"], 3)}
             for n, f in sorted(figures.items())]},
         "e_timeline": timeline,
+    }
+
+
+def _edge_figures(devices: int, d, host_gflops: float, peak_rss: list) -> dict:
+    """One deployment's measured and modelled figures, per stage and in all."""
+    from edge.bench.measure import summary
+    from edge.bench.modelled import modelled_pipeline
+    from edge.console import stage_layers
+
+    compute = d.stage_compute_ms()
+    modelled = modelled_pipeline(compute, [s.predicted.transfer_ms for s in d.plan.stages],
+                                 host_gflops, [s.device.gflops for s in d.plan.stages])
+    stages = [{"stage": s.index, "holds": stage_layers(d.plan_dir / s.shard),
+               "mode": s.mode, "compute_ms": round(c, 2),
+               "transfer_ms_modelled": round(s.predicted.transfer_ms, 2),
+               "planned_mib": round(s.predicted.memory_mb, 1),
+               "peak_rss_mib": None if rss is None else round(rss, 1)}  # None: not measured
+              for s, c, rss in zip(d.plan.stages, compute, peak_rss)]
+    return {"devices": devices, "stages": stages,
+            "latency_ms": summary([r.latency_ms for r in d.sequential]),
+            "throughput_rps": round(statistics.median(d.throughputs), 3),
+            "throughput_rps_per_round": [round(x, 3) for x in d.throughputs],
+            "in_flight": max(2, d.num_stages),
+            "modelled": modelled, **({"note": d.note} if d.note else {})}
+
+
+def _torch_section(config, rounds, main: dict, splits, torch_mem, diff: float) -> dict:
+    """Part b of the results: edge against torch.distributed.pipelining, stage by stage."""
+    from edge.bench.measure import summary
+
+    torch_stages = []
+    for split, mem, edge_stage in zip(splits, torch_mem, main["stages"]):
+        edge_peak = edge_stage["peak_rss_mib"]
+        torch_stages.append({
+            **split.to_dict(), "edge_holds": edge_stage["holds"],
+            "edge_peak_rss_mib": edge_stage["peak_rss_mib"],
+            "torch_peak_rss_mib": round(mem["peak_rss"] / 2**20, 1),
+            "torch_rss_after_imports_mib": round(mem["rss_after_imports"] / 2**20, 1),
+            "torch_rss_after_load_mib": round(mem["rss_after_load"] / 2**20, 1),
+            "rss_ratio": (None if edge_peak is None else
+                          round(edge_peak / (mem["peak_rss"] / 2**20), 3))})
+    # A peak that was not measured fails the memory target: it is never taken as small.
+    rss_missing = [s["stage"] for s in torch_stages if s["rss_ratio"] is None]
+    rss_ratio = None if rss_missing else max(s["rss_ratio"] for s in torch_stages)
+    torch_thr = round(statistics.median(rounds.torch_rps), 3)
+    thr_ratio = main["throughput_rps"] / torch_thr
+    rounded = [s for s in splits[:-1] if s.rounded]
+    return {
+        "peer": ("torch.distributed.pipelining PipelineStage + ScheduleGPipe (forward "
+                 f"only), gloo on loopback, {config.devices} ranks as processes, "
+                 f"OMP_WAIT_POLICY=PASSIVE, {torch_mem[0]['threads']} intra-op threads "
+                 "each; each rank loads only its own stage"),
+        "split_note": ("edge's cuts inside an encoder layer were rounded to the nearest "
+                       "layer boundary (by node count): " + "; ".join(
+                           f"after stage {s.stage} at layer {s.cut_at:.2f} → {s.layers[1]}"
+                           for s in rounded)) if rounded else
+                      "every edge cut is on a layer boundary",
+        "stages": torch_stages,
+        "edge_latency_ms": main["latency_ms"],
+        "torch_latency_ms": summary(rounds.torch_latency_ms),
+        "edge_throughput_rps": main["throughput_rps"],
+        "torch_throughput_rps": torch_thr,
+        "torch_throughput_rps_per_round": [round(x, 3) for x in rounds.torch_rps],
+        "torch_microbatches": config.requests,
+        "throughput_ratio": round(thr_ratio, 3),
+        "peak_rss_ratio_max": rss_ratio,
+        "targets": {"peak_rss_ratio_max": TARGETS["edge_vs_torch_peak_rss"],
+                    "throughput_ratio": TARGETS["edge_vs_torch_throughput"]},
+        "met_rss": rss_ratio is not None and rss_ratio <= TARGETS["edge_vs_torch_peak_rss"],
+        "rss_not_measured": rss_missing,
+        "met_throughput": thr_ratio >= TARGETS["edge_vs_torch_throughput"],
+        "max_abs_diff_vs_edge": diff,
     }
 
 

@@ -26,6 +26,7 @@ from typing import Collection
 
 import numpy as np
 
+from edge.build import make_plan
 from edge.errors import EdgeError, NoFitError
 from edge.files import file_sha256
 from edge.planning.plan import Device, Plan
@@ -139,8 +140,6 @@ class Replanner:
 
     def _replan(self, placed: list[Device], spares: list[Device],
                 lost: list[str]) -> Deployment:
-        from edge.planning import make_plan
-
         model = self._checked_model(lost)
         sample = self._sample()
         # A standby device placed in the pipeline holds a stage like any other: make_plan

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol, runtime_checkabl
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from edge.errors import EdgeError
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import Security, create_channel
@@ -37,8 +38,9 @@ _HEALTH = health_pb2.HealthCheckRequest(service="edge.v1.Worker")
 Done = Callable[[grpc.StatusCode, str], None]
 
 
-class CallError(grpc.RpcError):
-    """A failed call, as gRPC reports one: ``code()`` and ``details()``."""
+class CallError(EdgeError, grpc.RpcError):
+    """A failed call, as gRPC reports one: ``code()`` and ``details()`` (a grpc.RpcError, so
+    callers handle a fake's failures and gRPC's alike)."""
 
     def __init__(self, code: grpc.StatusCode, details: str = ""):
         super().__init__(f"{code.name}: {details}")

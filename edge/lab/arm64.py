@@ -465,7 +465,7 @@ def prepare_on_host(work: Path, sequence: int) -> Prepared:
     import onnxruntime as ort
 
     from edge.export import example_inputs, export_model
-    from edge.planning import make_plan
+    from edge.build import make_plan
     from edge.planning.cluster import cluster_from_profile
     from edge.shards.runtime import session_options
 

@@ -21,7 +21,7 @@ import yaml
 from edge.errors import ConfigError
 from edge.planning.plan import Device
 from edge.planning.schema import FieldError, Schema, Table
-from edge.transport.address import AddressError, parse_address
+from edge.address import AddressError, parse_address
 
 __all__ = [
     "DeviceProfile",

@@ -757,26 +757,94 @@ def analyze(model: str | Path | onnx.ModelProto,
     where = "model" if isinstance(model, onnx.ModelProto) else str(model)
     original = load_model(model)
     normalized, intake = normalize(original, where)
-    m = _fold_weight_transposes(normalized)
+    m, nodes = _sorted_model(_fold_weight_transposes(normalized))
     g = m.graph
-    nodes = _toposort(m)
-    if list(nodes) != list(g.node):
-        m = _with_nodes(m, nodes)
-        g = m.graph
     n = len(nodes)
-    if n == 0:
-        raise GraphError("model has no nodes")
-
     inits = {t.name: t for t in g.initializer}
     for st in g.sparse_initializer:
         raise GraphError(f"sparse initializers are not supported (found {st.values.name!r})")
     init_names = list(inits)
-    init_index = {name: k for k, name in enumerate(init_names)}
     init_bytes = np.array([_tensor_nbytes(inits[t]) for t in init_names], dtype=np.int64)
-
     graph_inputs = [i.name for i in g.input if i.name not in inits]
     graph_outputs = [o.name for o in g.output]
 
+    bound_inputs, used_bindings, notes = _bind(m, inits, bindings, sample, original, intake,
+                                               where)
+    shapes, types = _concrete_shapes(m, nodes, bound_inputs, sample)
+    for name, t in inits.items():
+        shapes[name] = tuple(int(d) for d in t.dims)
+        types[name] = t.data_type
+
+    tensor_bytes_of = _sizer(shapes, types)
+    scan = _scan_nodes(nodes, inits, init_bytes, graph_inputs, shapes, tensor_bytes_of)
+    for o in graph_outputs:
+        if o in inits:
+            raise GraphError(f"graph output {o!r} is an initializer; cannot cut such a model")
+        scan.last_use[o] = n
+    tensor_bytes, cut_bytes = _cut_bytes(scan.producer, scan.last_use, n, tensor_bytes_of)
+    specs = _specs(scan.producer, _symbolic_value_info(m, nodes), shapes, types)
+
+    degrees, derived = _tensor_degrees(m, nodes, set(inits), used_bindings,
+                                       {t: tensor_bytes[t] for t in scan.producer}, sample)
+    limits = {d: v for d, v in dim_limits(nodes, inits, graph_inputs, degrees, used_bindings,
+                                          shapes).items() if d not in derived}
+    for d, (size, why) in limits.items():
+        notes.append(f"{d} is at most {size}: {why}")
+
+    int8_bytes = np.where(scan.quantized, (init_bytes + 3) // 4, init_bytes)
+    costs = GraphCosts(
+        model=m, bindings=used_bindings,
+        node_names=[nd.name or f"{nd.op_type}_{p}" for p, nd in enumerate(nodes)],
+        op_types=[nd.op_type for nd in nodes],
+        param_bytes=scan.param_bytes, node_inits=scan.node_inits,
+        node_inputs=scan.node_inputs, node_outputs=scan.node_outputs, flops=scan.flops,
+        output_bytes=scan.output_bytes, cut_bytes=cut_bytes,
+        live_bytes=cut_bytes[:n] + scan.output_bytes, specs=specs, tensor_bytes=tensor_bytes,
+        producer=scan.producer, last_use=scan.last_use, graph_inputs=graph_inputs,
+        graph_outputs=graph_outputs, init_names=init_names, init_bytes=init_bytes,
+        init_uses=tuple(np.asarray(u, dtype=np.int64) for u in scan.init_uses),
+        concrete_shapes={t: shapes[t] for t in scan.producer},
+        init_table_uses=tuple(np.asarray(u, dtype=np.int64) for u in scan.table_uses),
+        init_int8_bytes=int8_bytes,
+        tensor_degrees=degrees, derived=derived,
+        dim_limits={d: size for d, (size, _) in limits.items()},
+        prepack_bytes=np.where(scan.prepack >= 0, init_bytes[scan.prepack], 0),
+        prepack_int8_bytes=np.where(scan.prepack >= 0, int8_bytes[scan.prepack], 0),
+        notes=notes,
+    )
+    log.info("analysed model: %s", costs.summary())
+    return costs
+
+
+def _sizer(shapes: Mapping[str, tuple[int, ...]], types: Mapping[str, int]):
+    """A function giving a tensor's bytes at its measured shape."""
+    def tensor_bytes_of(t: str) -> int:
+        s = shapes.get(t)
+        if s is None:
+            raise GraphError(f"shape of tensor {t!r} is unknown even after measuring")
+        return int(math.prod(s)) * _itemsize(types.get(t, onnx.TensorProto.FLOAT))
+    return tensor_bytes_of
+
+
+def _sorted_model(m: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.NodeProto]]:
+    """``m`` with its nodes in topological order, and those nodes."""
+    nodes = _toposort(m)
+    if list(nodes) != list(m.graph.node):
+        m = _with_nodes(m, nodes)
+    if not nodes:
+        raise GraphError("model has no nodes")
+    return m, list(nodes)
+
+
+def _bind(m: onnx.ModelProto, inits: Mapping[str, onnx.TensorProto],
+          bindings: dict[str, int] | None, sample: Mapping[str, np.ndarray] | None,
+          original: onnx.ModelProto, intake, where: str):
+    """Bind the model's symbolic dims (from ``bindings`` and the sample), and check a
+    converted model against its original on the bound inputs.
+
+    Returns:
+        (bound input shapes, the bindings used, intake notes).
+    """
     bindings = dict(bindings or {})
     _check_dim_names(m, set(inits), bindings)
     if sample is not None:
@@ -792,14 +860,13 @@ def analyze(model: str | Path | onnx.ModelProto,
                      f"largest relative difference {diff:.2g}")
     for note in notes:
         log.info("%s: %s", where, note)
-    shapes, types = _concrete_shapes(m, nodes, bound_inputs, sample)
-    for name, t in inits.items():
-        shapes[name] = tuple(int(d) for d in t.dims)
-        types[name] = t.data_type
+    return bound_inputs, used_bindings, notes
 
-    # Symbolic shapes for the plan's TensorSpecs: the model's own value_info first (dynamo
-    # writes symbolic shapes there), then symbolic inference to fill gaps.
-    sym = {name: vi for name, vi in _vi_map(g).items()}
+
+def _symbolic_value_info(m: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> dict:
+    """Symbolic shapes for the plan's TensorSpecs: the model's own value_info first (dynamo
+    writes symbolic shapes there), then symbolic inference to fill gaps."""
+    sym = dict(_vi_map(m.graph))
     if any(o not in sym for nd in nodes for o in nd.output if o):
         try:
             inf = shape_inference.infer_shapes(_light_model(m, None, keep_value_info=True))
@@ -807,68 +874,81 @@ def analyze(model: str | Path | onnx.ModelProto,
                 sym.setdefault(name, vi)
         except Exception as e:
             log.warning("symbolic shape inference failed (%s); unknown dims become None", e)
+    return sym
 
-    def tensor_bytes_of(t: str) -> int:
-        s = shapes.get(t)
-        if s is None:
-            raise GraphError(f"shape of tensor {t!r} is unknown even after measuring")
-        return int(math.prod(s)) * _itemsize(types.get(t, onnx.TensorProto.FLOAT))
 
-    producer: dict[str, int] = {t: -1 for t in graph_inputs}
-    last_use: dict[str, int] = {t: 0 for t in graph_inputs}  # every model input enters stage 0
-    node_inits: list[list[str]] = []
-    node_inputs: list[list[str]] = []
-    node_outputs: list[list[str]] = []
-    param_bytes = np.zeros(n, dtype=np.int64)
-    init_uses: list[list[int]] = [[] for _ in init_names]
-    table_uses: list[list[int]] = [[] for _ in init_names]
-    quantized = np.zeros(len(init_names), dtype=bool)
+@dataclass
+class _NodeScan:
+    """Per node and per initializer facts gathered in one pass over the sorted nodes."""
+
+    producer: dict[str, int]
+    last_use: dict[str, int]
+    node_inits: list[list[str]]
+    node_inputs: list[list[str]]
+    node_outputs: list[list[str]]
+    param_bytes: np.ndarray
+    init_uses: list[list[int]]
+    table_uses: list[list[int]]
+    quantized: np.ndarray
+    flops: np.ndarray
+    output_bytes: np.ndarray
+    prepack: np.ndarray  # per node, the initializer it prepacks, or -1
+
+
+def _scan_nodes(nodes: list[onnx.NodeProto], inits: Mapping[str, onnx.TensorProto],
+                init_bytes: np.ndarray, graph_inputs: list[str],
+                shapes: Mapping[str, tuple[int, ...]], tensor_bytes_of) -> _NodeScan:
+    """Who produces and last reads each tensor, and each node's weights, flops, outputs."""
+    n = len(nodes)
+    init_index = {name: k for k, name in enumerate(inits)}
+    scan = _NodeScan(
+        producer={t: -1 for t in graph_inputs},
+        last_use={t: 0 for t in graph_inputs},  # every model input enters stage 0
+        node_inits=[], node_inputs=[], node_outputs=[],
+        param_bytes=np.zeros(n, dtype=np.int64), init_uses=[[] for _ in inits],
+        table_uses=[[] for _ in inits], quantized=np.zeros(len(inits), dtype=bool),
+        flops=np.zeros(n, dtype=np.float64), output_bytes=np.zeros(n, dtype=np.int64),
+        prepack=np.full(n, -1, dtype=np.int64))
     seen_inits: set[str] = set()
-    flops = np.zeros(n, dtype=np.float64)
-    output_bytes = np.zeros(n, dtype=np.int64)
-    prepack = np.full(n, -1, dtype=np.int64)  # per node, the initializer it prepacks
-
     for p, node in enumerate(nodes):
         reads = node_reads(node)
         my_inits = [x for x in reads if x in inits]
         my_inputs = [x for x in reads if x not in inits]
         for x in my_inputs:
-            if x not in producer:
+            if x not in scan.producer:
                 raise GraphError(f"node {n_name(node, p)} reads {x!r}, which nothing produces")
-            last_use[x] = max(last_use[x], p)
+            scan.last_use[x] = max(scan.last_use[x], p)
         for x in my_inits:
-            init_uses[init_index[x]].append(p)
+            scan.init_uses[init_index[x]].append(p)
             if x not in seen_inits:
                 seen_inits.add(x)
-                param_bytes[p] += init_bytes[init_index[x]]
+                scan.param_bytes[p] += init_bytes[init_index[x]]
         table = _gather_table(node, inits)
         if table is not None:
-            table_uses[init_index[table]].append(p)
+            scan.table_uses[init_index[table]].append(p)
         for x in _int8_weights(node, inits):
-            quantized[init_index[x]] = True
+            scan.quantized[init_index[x]] = True
         packed = _prepacked_weight(node, inits)
         if packed is not None:
-            prepack[p] = init_index[packed]
+            scan.prepack[p] = init_index[packed]
         outs = [o for o in node.output if o]
         for o in outs:
-            producer[o] = p
-            last_use[o] = -1
-        node_inits.append(my_inits)
-        node_inputs.append(my_inputs)
-        node_outputs.append(outs)
-        ob = sum(tensor_bytes_of(o) for o in outs)
-        output_bytes[p] = ob
+            scan.producer[o] = p
+            scan.last_use[o] = -1
+        scan.node_inits.append(my_inits)
+        scan.node_inputs.append(my_inputs)
+        scan.node_outputs.append(outs)
+        scan.output_bytes[p] = sum(tensor_bytes_of(o) for o in outs)
         first = outs[0] if outs else None
         out_elems = int(math.prod(shapes[first])) if first in shapes else 0
-        flops[p] = _node_flops(node, shapes, out_elems)
+        scan.flops[p] = _node_flops(node, shapes, out_elems)
+    return scan
 
-    for o in graph_outputs:
-        if o in inits:
-            raise GraphError(f"graph output {o!r} is an initializer; cannot cut such a model")
-        last_use[o] = n
 
-    # cut_bytes via a difference array: tensor t is in crossing(p) for p in
-    # (producer, last_use].
+def _cut_bytes(producer: Mapping[str, int], last_use: Mapping[str, int], n: int,
+               tensor_bytes_of) -> tuple[dict[str, int], np.ndarray]:
+    """Bytes of every tensor, and (n + 1,) bytes crossing each cut."""
+    # A difference array: tensor t is in crossing(p) for p in (producer, last_use].
     tensor_bytes: dict[str, int] = {}
     diff = np.zeros(n + 2, dtype=np.int64)
     for t, d in producer.items():
@@ -878,9 +958,12 @@ def analyze(model: str | Path | onnx.ModelProto,
         if lu > d:
             diff[d + 1] += b
             diff[lu + 1] -= b
-    cut_bytes = np.cumsum(diff)[: n + 1]
-    live_bytes = cut_bytes[:n] + output_bytes
+    return tensor_bytes, np.cumsum(diff)[: n + 1]
 
+
+def _specs(producer: Mapping[str, int], sym: Mapping, shapes: Mapping, types: Mapping
+           ) -> dict[str, TensorSpec]:
+    """A TensorSpec per tensor: symbolic dims where known, None for the others."""
     specs: dict[str, TensorSpec] = {}
     for t in producer:
         vi = sym.get(t)
@@ -888,36 +971,7 @@ def analyze(model: str | Path | onnx.ModelProto,
         if shape is None or len(shape) != len(shapes[t]):
             shape = tuple(None for _ in shapes[t])
         specs[t] = TensorSpec(name=t, dtype=_np_dtype_name(types[t]), shape=shape)
-
-    degrees, derived = _tensor_degrees(m, nodes, set(inits), used_bindings,
-                                       {t: tensor_bytes[t] for t in producer}, sample)
-    limits = {d: v for d, v in dim_limits(nodes, inits, graph_inputs, degrees, used_bindings,
-                                          shapes).items() if d not in derived}
-    for d, (size, why) in limits.items():
-        notes.append(f"{d} is at most {size}: {why}")
-
-    costs = GraphCosts(
-        model=m, bindings=used_bindings,
-        node_names=[nd.name or f"{nd.op_type}_{p}" for p, nd in enumerate(nodes)],
-        op_types=[nd.op_type for nd in nodes],
-        param_bytes=param_bytes, node_inits=node_inits, node_inputs=node_inputs,
-        node_outputs=node_outputs, flops=flops, output_bytes=output_bytes,
-        cut_bytes=cut_bytes, live_bytes=live_bytes, specs=specs, tensor_bytes=tensor_bytes,
-        producer=producer, last_use=last_use, graph_inputs=graph_inputs,
-        graph_outputs=graph_outputs, init_names=init_names, init_bytes=init_bytes,
-        init_uses=tuple(np.asarray(u, dtype=np.int64) for u in init_uses),
-        concrete_shapes={t: shapes[t] for t in producer},
-        init_table_uses=tuple(np.asarray(u, dtype=np.int64) for u in table_uses),
-        init_int8_bytes=np.where(quantized, (init_bytes + 3) // 4, init_bytes),
-        tensor_degrees=degrees, derived=derived,
-        dim_limits={d: size for d, (size, _) in limits.items()},
-        prepack_bytes=np.where(prepack >= 0, init_bytes[prepack], 0),
-        prepack_int8_bytes=np.where(
-            prepack >= 0, np.where(quantized, (init_bytes + 3) // 4, init_bytes)[prepack], 0),
-        notes=notes,
-    )
-    log.info("analysed model: %s", costs.summary())
-    return costs
+    return specs
 
 
 def _tensor_degrees(m: onnx.ModelProto, nodes: list[onnx.NodeProto], init_names: set[str],

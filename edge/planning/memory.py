@@ -6,10 +6,10 @@
              + activation_factor * peak live activations
              + io_factor         * bytes received + bytes sent per request
 
-with the factors of the stage's mode (``CONSTANTS[mode]``), and never less than the
-runtime floor (the idle worker's RSS, which its peak includes) + ``FLOOR_MARGIN_MB``. The
-session overhead is negative: a loaded worker unmaps library pages of its floor that
-serving does not use.
+with the factors of the stage's mode (``edge.spec.MODE_TABLE[mode].memory``), and never
+less than the runtime floor (the idle worker's RSS, which its peak includes) +
+``FLOOR_MARGIN_MB``. The session overhead is negative: a loaded worker unmaps library pages
+of its floor that serving does not use.
 
 All in MiB. Weights count at their size in the mode's representation (int8: a quarter for
 MatMul/Conv weights and Gather tables, ``GraphCosts.init_int8_bytes``). The constants are
@@ -27,33 +27,19 @@ touched pages become resident.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+
+from edge.spec import MODE_TABLE
 
 __all__ = [
     "MiB",
-    "ModeConstants",
-    "CONSTANTS",
     "FLOOR_MARGIN_MB",
     "stage_memory_mb",
 ]
 
 MiB = float(1 << 20)
 
-
-@dataclass(frozen=True)
-class ModeConstants:
-    """Fitted constants of one mode (see the module docstring)."""
-
-    weight_factor: float
-    table_factor: float
-    activation_factor: float
-    session_overhead_mb: float
-    io_factor: float = 0.0
-
-
-# Fitted by benchmarks/memory_model.py from REAL workers: each model planned with every
+# The constants of MODE_TABLE[mode].memory were fitted by benchmarks/memory_model.py from REAL workers: each model planned with every
 # stage forced into one mode, deployed on loopback `edge worker` processes (rpi4b-2gb
 # profile, floor = its runtime_floor_mb = 72 MiB, the measured idle worker on x86-64),
 # 12 requests, 2 in flight, peak RSS (VmHWM) from the workers' own sampler, as
@@ -128,14 +114,9 @@ class ModeConstants:
 # their load (GPT-2's embedding-only stage 0) measured 74.0-74.2 MiB over a 72 MiB floor.
 FLOOR_MARGIN_MB = 2.0
 
-CONSTANTS: dict[str, ModeConstants] = {
-    "fp32": ModeConstants(weight_factor=1.036, table_factor=0.033, activation_factor=2.158,
-                          session_overhead_mb=-14.4, io_factor=2.711),
-    "fp32-lean": ModeConstants(weight_factor=0.912, table_factor=0.003, activation_factor=6.118,
-                               session_overhead_mb=-13.2, io_factor=0.0),
-    "int8": ModeConstants(weight_factor=1.002, table_factor=0.0, activation_factor=3.378,
-                          session_overhead_mb=-15.3, io_factor=1.922),
-}
+# The constants themselves are MODE_TABLE[mode].memory (edge.spec), next to the mode's other
+# properties.
+
 
 def stage_memory_mb(weight_bytes, activation_bytes, runtime_floor_mb, table_bytes=0.0,
                     mode: str = "fp32", io_bytes=0.0, prepack_bytes=0.0):
@@ -147,13 +128,13 @@ def stage_memory_mb(weight_bytes, activation_bytes, runtime_floor_mb, table_byte
         activation_bytes: peak bytes of live activations in the shard's node range.
         runtime_floor_mb: RSS of the idle worker process on the device.
         table_bytes: bytes of the shard's Gather tables, in the mode's representation.
-        mode: one of ``edge.planning.plan.MODES``.
+        mode: one of ``edge.spec.MODES``.
         io_bytes: bytes the stage receives plus sends per request (its cuts).
         prepack_bytes: the largest weight a MatMul or Gemm of the shard prepacks, in the
             mode's representation. While it is packed at load, both its mapped pages and
             its packed copy are resident: the load peaks that much above the weights.
     """
-    c = CONSTANTS[mode]
+    c = MODE_TABLE[mode].memory
     weights = (runtime_floor_mb + c.session_overhead_mb + c.weight_factor * weight_bytes / MiB
                + c.table_factor * table_bytes / MiB)
     # The load's peak against serving's: a stage of one big MatMul (GPT-2's 147 MiB head,

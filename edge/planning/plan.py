@@ -8,15 +8,17 @@ read by the coordinator. Nothing in here imports onnx, onnxruntime or grpc, so b
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
 from edge.errors import ConfigError
 from edge.planning.schema import FieldError, Schema, Table, is_int, is_number, show_json
+from edge.spec import MODES, Dim, TensorSpec
 
 __all__ = [
     "PLAN_VERSION",
@@ -39,40 +41,14 @@ __all__ = [
 
 PLAN_VERSION = 1
 
-# How a stage holds its weights, from most faithful to most frugal. The planner takes the
-# first one that fits the device:
-#   fp32       weights memory-mapped from external data files; onnxruntime's arena on;
-#   fp32-lean  as fp32, with the arena and memory-pattern planning off (less resident
-#              memory for a little speed);
-#   int8       weights quantized per channel (onnxruntime dynamic quantization), lean.
-MODES = ("fp32", "fp32-lean", "int8")
+# How a stage holds its weights (MODES, in order of preference) and what each mode costs:
+# edge.spec.MODE_TABLE.
 
 # The lowest cosine similarity with the fp32 model's outputs that the planner accepts for a
 # stage in int8 (measured at plan time on the whole model, that stage quantized:
 # edge.shards.accuracy). onnxruntime's dynamic quantization of resnet50 keeps 0.984, which
 # is too far; per-channel int8 BERT stages keep >= 0.999.
 INT8_MIN_COSINE = 0.99
-
-# A dimension is a fixed size (int), a named symbolic size shared across tensors ("batch"),
-# or None when nothing is known about it.
-Dim = Union[int, str, None]
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, numpy dtype name and shape of a tensor that crosses a boundary."""
-
-    name: str
-    dtype: str
-    shape: tuple[Dim, ...]
-
-    def describe(self) -> str:
-        dims = ",".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name} {self.dtype}[{dims}]"
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> "TensorSpec":
-        return TensorSpec(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
 
 
 @dataclass(frozen=True)
@@ -445,8 +421,6 @@ class Plan:
     @property
     def plan_id(self) -> str:
         """A short id that changes whenever any stage's shard changes."""
-        import hashlib
-
         h = hashlib.sha256()
         for s in self.stages:
             h.update(f"{s.index}:{s.device.name}:{s.sha256};".encode())

@@ -14,7 +14,7 @@ fits, so a faster int8 stage never displaces an fp32 plan that fits. A range tha
 allowed mode is infeasible on that device. Within one set of allowed modes the mode is a
 function of (device, range) alone, so the stage's time is too:
 
-    stage time   = COMPUTE_FACTOR[mode] * flops[i:j] / (gflops * 1e9)
+    stage time   = MODE_TABLE[mode].compute_factor * flops[i:j] / (gflops * 1e9)
                    + cut_bytes[j] / (bandwidth_mbps * 1e6 / 8)
     stage memory = see edge.planning.memory.stage_memory_mb (weights, peak live
                    activations, and the bytes the stage receives and sends: cut_bytes[i]
@@ -43,10 +43,10 @@ import numpy as np
 
 from edge.errors import NoFitError, PlanError
 from edge.planning import memory
-from edge.planning.plan import MODES, Device, StagePrediction
+from edge.planning.plan import Device, StagePrediction
+from edge.spec import MODE_TABLE, MODES, quantized_modes
 
 __all__ = [
-    "COMPUTE_FACTOR",
     "StageCosts",
     "CostArrays",
     "Split",
@@ -63,12 +63,8 @@ log = logging.getLogger(__name__)
 # so float rounding in a different summation order never makes the optimum infeasible.
 _REL_TOL = 1e-12
 
-# Compute time of a stage in each mode relative to fp32, at the same flops. fp32-lean: the
-# arena off costs nothing measurable (benchmarks/shard_memory_modes.py, BERT-base stages).
-# int8: BERT-base stages took 21.4 / 22.1 ms against 65.0 / 69.1 ms in fp32 (2 threads,
-# benchmarks/worker_overhead.py) on this x86-64 host with 8-bit dot-product instructions;
-# a Cortex-A72 (Pi 4) has none, so int8 gains less there: re-measure on the device.
-COMPUTE_FACTOR = {"fp32": 1.0, "fp32-lean": 1.0, "int8": 0.33}
+# A stage's compute time in a mode is MODE_TABLE[mode].compute_factor times fp32's
+# (edge.spec).
 
 
 class StageCosts(Protocol):
@@ -177,7 +173,7 @@ def _weights_brute(costs: StageCosts, i: int, j: int) -> np.ndarray:
 def _mode_weights(w, mode: str):
     """(bytes read whole, bytes of Gather tables) in ``mode``'s representation, from the
     4 channels of ``w`` (first axis)."""
-    return (w[_W8], w[_T8]) if mode == "int8" else (w[_W32], w[_T32])
+    return (w[_W8], w[_T8]) if MODE_TABLE[mode].quantized else (w[_W32], w[_T32])
 
 
 def _mode_memory(w, a, io, floor, mode: str, pk=(0.0, 0.0)):
@@ -186,7 +182,7 @@ def _mode_memory(w, a, io, floor, mode: str, pk=(0.0, 0.0)):
     weight ``pk`` (fp32 bytes, int8 bytes)."""
     whole, table = _mode_weights(w, mode)
     return memory.stage_memory_mb(whole, a, floor, table_bytes=table, mode=mode, io_bytes=io,
-                                  prepack_bytes=pk[1] if mode == "int8" else pk[0])
+                                  prepack_bytes=pk[1] if MODE_TABLE[mode].quantized else pk[0])
 
 
 def _prepack(costs: StageCosts) -> tuple[np.ndarray, np.ndarray]:
@@ -234,8 +230,8 @@ def int8_vetoed_on(vetoed: Collection[tuple[int, int]], i: int, j: int) -> bool:
 def _range_modes(modes: Sequence[str], i: int, j: int,
                  vetoed: Collection[tuple[int, int]]) -> tuple[str, ...]:
     """``modes`` allowed on nodes ``[i, j)``: without int8 where it is vetoed."""
-    if "int8" in modes and int8_vetoed_on(vetoed, i, j):
-        return tuple(m for m in modes if m != "int8")
+    if quantized_modes(modes) and int8_vetoed_on(vetoed, i, j):
+        return tuple(m for m in modes if not MODE_TABLE[m].quantized)
     return tuple(modes)
 
 
@@ -274,12 +270,12 @@ def evaluate(costs: StageCosts, dev: Device, i: int, j: int,
     """
     if mode is None:
         mode = stage_mode(costs, dev, i, j) or _frugal_mode(costs, dev, i, j)
-    c = memory.CONSTANTS[mode]
+    c = MODE_TABLE[mode].memory
     w = _weights_brute(costs, i, j)
     whole, table = _mode_weights(w, mode)
     a = float(np.max(costs.live_bytes[i:j]))
     f = float(np.sum(costs.flops[i:j], dtype=np.float64))
-    cm = COMPUTE_FACTOR[mode] * _compute_ms(f, dev)
+    cm = MODE_TABLE[mode].compute_factor * _compute_ms(f, dev)
     t = _transfer_ms(float(costs.cut_bytes[j]), dev)
     io = _io_bytes(costs, i, j)
     mem = float(_mode_memory(w, a, io, dev.runtime_floor_mb, mode,
@@ -350,10 +346,10 @@ def _sweep(costs: StageCosts, devices: Sequence[Device], n: int,
         chosen = np.zeros((len(devices), j), dtype=bool)
         for mode in modes:
             mem = _mode_memory(w[:, None, :], act, io, floor, mode, pk)
-            if mode == "int8" and reach[j] >= 0:  # vetoed starts: int8 fits nowhere
+            if MODE_TABLE[mode].quantized and reach[j] >= 0:  # vetoed starts: int8 fits nowhere
                 mem = np.where(np.arange(j)[None, :] <= reach[j], np.inf, mem)
             take = (mem <= has) & ~chosen
-            time = np.where(take, COMPUTE_FACTOR[mode] * compute + send, time)
+            time = np.where(take, MODE_TABLE[mode].compute_factor * compute + send, time)
             chosen |= take
             frugal = np.minimum(frugal, mem)
         yield j, _Vectors(time=time, frugal=frugal)
@@ -473,7 +469,8 @@ def _no_fit(costs: StageCosts, devices: Sequence[Device],
         needs[dev.name] = p.memory_mb
         has[dev.name] = dev.memory_mb
         verdict = "OVER" if p.memory_mb > dev.memory_mb else "ok"
-        rejected = ("; int8 rejected for accuracy" if "int8" in modes and mode != "int8"
+        rejected = ("; int8 rejected for accuracy" if quantized_modes(modes)
+                    and not MODE_TABLE[mode].quantized
                     and int8_vetoed_on(vetoed, i, j) else "")
         lines.append(
             f"  {dev.name}: needs {p.memory_mb:.0f} MiB, has {dev.memory_mb:.0f} MiB "
@@ -547,7 +544,7 @@ def _log_split(costs: StageCosts, devices: Sequence[Device], split: Split,
             why.append("bottleneck stage")
         if mode != modes[0]:
             why.append(f"{mode}: does not fit in {', '.join(modes[:modes.index(mode)])}")
-        if "int8" in modes and int8_vetoed_on(vetoed, i, j):
+        if quantized_modes(modes) and int8_vetoed_on(vetoed, i, j):
             why.append("int8 rejected for accuracy")
         if j < n and stage_mode(costs, dev, i, j + 1,
                                 _range_modes(modes, i, j + 1, vetoed)) is None:

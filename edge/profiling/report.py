@@ -2,7 +2,7 @@
 file, a CSV time series and a plot.
 
 The input is a plain dict (built from the workers' gRPC replies by
-:func:`edge.profiling.live.collect`)::
+:func:`edge.coordinator.live_profile.collect`)::
 
     {"model": "bert-base", "plan_id": "ab12...", "requests": 50, "errors": 0,
      "latency_ms": {"mean": .., "p50": .., "p95": ..}, "throughput_rps": ..,

@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import onnxruntime as ort
 
+from edge.spec import MODE_TABLE
+
 __all__ = ["session_options", "DISABLED_OPTIMIZERS"]
 
 # onnxruntime graph transformers no shard runs with (see session_options).
 DISABLED_OPTIMIZERS = ("NchwcTransformer",)
 
 
-# Modes whose sessions turn off onnxruntime's CPU arena. Only fp32-lean: without the arena
-# every activation goes through malloc, and in a live worker, where gRPC buffers come and
-# go between runs, that heap fragments. int8 was lean too, and its worker peaked 5-7 MiB
-# higher than with the arena (benchmarks/worker_overhead.py). Prepacking stays on in every
-# mode: with weights mapped from files, turning it off only moved memory from anonymous
-# to file-backed, at +17-19% latency.
-LEAN_MODES = frozenset({"fp32-lean"})
+# Which modes' sessions turn off onnxruntime's CPU arena is MODE_TABLE[mode].arena
+# (edge.spec, with why). Prepacking stays on in every mode: with weights mapped from files,
+# turning it off only moved memory from anonymous to file-backed, at +17-19% latency.
 
 
 def session_options(threads: int | None = None, mode: str = "fp32") -> ort.SessionOptions:
@@ -27,7 +25,7 @@ def session_options(threads: int | None = None, mode: str = "fp32") -> ort.Sessi
 
     Args:
         threads: intra-op threads; None lets onnxruntime use one per core.
-        mode: the stage's mode (``edge.planning.plan.MODES``).
+        mode: the stage's mode (``edge.spec.MODES``).
     """
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or 0
@@ -53,6 +51,6 @@ def session_options(threads: int | None = None, mode: str = "fp32") -> ort.Sessi
     # chunks of the first run, so a BERT-base stage's activations were resident twice
     # (+9 MiB fp32, +9 MiB int8 peak RSS; no slower: benchmarks/worker_overhead.py).
     so.enable_mem_pattern = False
-    if mode in LEAN_MODES:
+    if not MODE_TABLE[mode].arena:
         so.enable_cpu_mem_arena = False
     return so

@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from edge.errors import TensorError
-from edge.planning.plan import Dim, TensorSpec
+from edge.spec import Dim, TensorSpec
 from edge.proto import edge_pb2 as pb
 
 __all__ = [

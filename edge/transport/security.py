@@ -60,7 +60,7 @@ from typing import Callable, NamedTuple
 import grpc
 
 from edge.errors import SecurityError
-from edge.transport.address import AddressError, parse_address
+from edge.address import AddressError, parse_address
 
 __all__ = ["Security", "CLUSTER_NAME", "TOKEN_HEADER", "BUNDLE_FILES", "OPEN_SERVICES",
            "ROLES", "ROLE_URI", "CLIENT_METHODS", "RoleCheck", "peer_role", "is_loopback",

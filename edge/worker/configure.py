@@ -13,10 +13,10 @@ from pathlib import Path
 
 import edge
 from edge.errors import TensorError
-from edge.planning.plan import MODES
+from edge.spec import MODES
 from edge.proto import edge_pb2 as pb
 from edge.transport.codec import PROTOCOL_VERSION, decode_specs
-from edge.transport.address import AddressError, parse_address
+from edge.address import AddressError, parse_address
 from edge.worker.cache import ShardCache, file_sha256
 from edge.worker.errors import (BadRequest, CacheUnreadable, DigestMismatch, OverBudget,
                                 ProtocolMismatch)

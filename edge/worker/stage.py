@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge.errors import TensorError
-from edge.planning.plan import TensorSpec
+from edge.spec import TensorSpec
 from edge.profiling.memory import release_file_pages
 from edge.shards.runtime import session_options
 from edge.transport.codec import check_tensors

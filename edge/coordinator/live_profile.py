@@ -1,5 +1,10 @@
 """Live profile: drive requests through a running pipeline and gather every device's
-memory samples, as a plain dict that :mod:`edge.profiling.report` renders."""
+memory samples, as a plain dict that :mod:`edge.profiling.report` renders.
+
+A client of the coordinator, so it lives here: ``edge.profiling`` (measuring a process, a
+device, a model offline) is imported by the transport and the worker, and so must import
+neither them nor the coordinator.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,224 @@
+"""Building a plan: analyse an ONNX model, split it over devices, write shards and ``plan.json``.
+
+The one place where planning (``edge.planning``: costs, the partition, the plan data) and
+shard building (``edge.shards``) meet, so that neither package imports the other's caller:
+``edge.shards`` reads ``edge.planning``, and this module reads both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from edge.errors import NoFitError, PlanError
+from edge.files import file_sha256
+from edge.planning.graph import GraphCosts, analyze
+from edge.planning.plan import INT8_MIN_COSINE, Device, ModelInfo, Plan, ShardFile, Stage
+from edge.planning.planner import Split, partition
+from edge.shards.accuracy import Int8Accuracy, format_cosine, synthetic_inputs
+from edge.shards.build import build_shard
+from edge.shards.quantize import quantize_shard
+from edge.spec import MODE_TABLE, MODES, quantized_modes
+
+__all__ = ["make_plan"]
+
+log = logging.getLogger(__name__)
+
+
+# Rounds of (measure the int8 stages, veto those too far from fp32, partition again) before
+# the planner gives up on int8 for the model. Each round vetoes, per failing stage, the small
+# range inside it that costs the accuracy (Int8Accuracy.failing_core) and with it every
+# range holding that one, so few rounds are ever needed.
+_INT8_ROUNDS = 4
+
+
+def _rejected_no_fit(e: NoFitError, rejected: Mapping[tuple[int, int], float],
+                     min_cosine: float, on: str) -> NoFitError:
+    """``e`` with a line saying which int8 ranges were rejected for accuracy."""
+    worst = sorted(rejected.items(), key=lambda kv: kv[1] if kv[1] == kv[1] else -2.0)
+    said = "; ".join(f"nodes [{i}, {j}) in int8 keep {format_cosine(c)}"
+                     for (i, j), c in worst[:5])
+    more = f" and {len(worst) - 5} more" if len(worst) > 5 else ""
+    msg = (f"{e}\nint8 was rejected for accuracy where it would have fitted: the model's "
+           f"outputs must keep cosine >= {min_cosine} with fp32 (measured on {on}); "
+           f"{said}{more}")
+    return NoFitError(msg, needs=e.needs, has=e.has, min_memory_mb=e.min_memory_mb)
+
+
+def _accurate_split(costs: GraphCosts, devices: Sequence[Device],
+                    modes: Sequence[str] | None, sample: Mapping[str, np.ndarray] | None,
+                    min_cosine: float, workdir: Path
+                    ) -> tuple[Split, dict[tuple[int, int], float]]:
+    """Partition with int8 only where the model's outputs keep ``min_cosine``.
+
+    A stage below ``min_cosine`` gets int8 vetoed on the range inside it that fails on
+    its own (found by bisection), and so on every range holding that; then the model is
+    partitioned again.
+
+    Returns:
+        The split and, per int8 stage's range, its measured cosine.
+
+    Raises:
+        NoFitError: nothing fits once int8 is rejected where it is too inaccurate; the
+            message lists the rejected ranges and their cosines.
+    """
+    modes = MODES if modes is None else tuple(modes)
+    split = partition(costs, devices, modes=modes)
+    if not quantized_modes(split.modes):
+        return split, {}
+    on = "the sample" if sample is not None else "synthetic inputs"
+    inputs = sample if sample is not None else synthetic_inputs(costs)
+    rejected: dict[tuple[int, int], float] = {}
+    with Int8Accuracy(costs, inputs, workdir=workdir) as acc:
+        for attempt in range(_INT8_ROUNDS):
+            measured = {r: acc.cosine(*r) for r, m in zip(split.ranges, split.modes)
+                        if MODE_TABLE[m].quantized}
+            bad = {r: c for r, c in measured.items() if not c >= min_cosine}  # NaN is bad
+            if not bad:
+                return split, measured
+            for k, r in enumerate(split.ranges):
+                if r in bad:
+                    a, b, c = acc.failing_core(r[0], r[1], min_cosine)
+                    rejected[(a, b)] = c
+                    log.warning("stage %d (nodes [%d, %d)) in int8 keeps cosine %s < %s of "
+                                "the model's outputs with fp32 on %s; nodes [%d, %d) alone "
+                                "keep %s: int8 rejected on every range holding them, "
+                                "re-planning", k, r[0], r[1], format_cosine(bad[r]),
+                                min_cosine, on, a, b, format_cosine(c))
+            if attempt == _INT8_ROUNDS - 1:
+                break
+            try:
+                split = partition(costs, devices, modes=modes, int8_vetoed=tuple(rejected))
+            except NoFitError as e:
+                raise _rejected_no_fit(e, rejected, min_cosine, on) from None
+            if not quantized_modes(split.modes):
+                return split, {}
+    # Still finding new int8 ranges to reject: stop measuring and do without int8.
+    left = tuple(m for m in modes if not MODE_TABLE[m].quantized)
+    log.warning("int8 rejected for accuracy on %d node ranges; planning without int8",
+                len(rejected))
+    if not left:
+        raise NoFitError(
+            f"int8, the only mode allowed, keeps the model's outputs below cosine "
+            f"{min_cosine} with fp32 on {len(rejected)} splits tried (measured on {on}): "
+            + "; ".join(f"nodes [{i}, {j}) keep {format_cosine(c)}"
+                        for (i, j), c in rejected.items())
+            + "; allow fp32 or add devices", needs={},
+            has={d.name: d.memory_mb for d in devices}, min_memory_mb=float("inf"))
+    try:
+        return partition(costs, devices, modes=left), {}
+    except NoFitError as e:
+        raise _rejected_no_fit(e, rejected, min_cosine, on) from None
+
+
+def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
+              out_dir: str | Path, bindings: dict[str, int] | None = None,
+              standby: Sequence[Device] = (),
+              modes: Sequence[str] | None = None,
+              sample: Mapping[str, np.ndarray] | None = None,
+              int8_min_cosine: float | None = None) -> Plan:
+    """Analyse a model, split it over the devices, write the shards and ``plan.json``.
+
+    Args:
+        model_path: the source ``.onnx`` (external data next to it is loaded).
+        cluster_devices: devices in pipeline order; those with ``standby=True`` hold no
+            stage and go to ``Plan.standby``.
+        out_dir: folder for ``plan.json`` and ``shards/stage-<i>.onnx`` with their data
+            files (``.onnx.data``, ``.onnx.gather.data``); a stage whose mode is int8 is
+            built in fp32 and quantized (``edge.shards.quantize``).
+        bindings: sizes of symbolic dims to cost at, e.g. ``{"batch": 1, "sequence": 128}``.
+        standby: extra spare devices.
+        modes: the modes a stage may take, in order of preference; None for all of
+            ``MODES`` (fp32, then fp32-lean, then int8: each stage gets the first that fits).
+        sample: a real input, one array per model input (``edge plan --sample``): it binds
+            the model's dims, shapes are measured on it, and so is int8 accuracy (without
+            one, seeded synthetic inputs at the bound shapes:
+            ``edge.shards.accuracy.synthetic_inputs``). Saved as ``sample.npz`` next to
+            ``plan.json``, for re-plans.
+        int8_min_cosine: a stage is planned in int8 only if the model's outputs, with that
+            stage quantized, keep at least this cosine similarity with the fp32 model's
+            (``Stage.int8_cosine`` records it); None for ``INT8_MIN_COSINE`` (0.99).
+
+    Returns:
+        The plan, also saved as ``out_dir/plan.json``.
+
+    Raises:
+        GraphError: the model cannot be analysed or cut.
+        NoFitError: no split fits the devices' memory (in a mode accurate enough).
+    """
+    model_path = Path(model_path)
+    out_dir = Path(out_dir)
+    active = [d for d in cluster_devices if not d.standby]
+    spares = tuple(d for d in cluster_devices if d.standby) + tuple(standby)
+    min_cosine = INT8_MIN_COSINE if int8_min_cosine is None else float(int8_min_cosine)
+    if not -1.0 <= min_cosine <= 1.0:
+        raise PlanError(f"int8_min_cosine: expected a cosine in [-1, 1], got {min_cosine}")
+    costs = analyze(model_path, bindings, sample)
+    shard_dir = out_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    sample_rel = ""
+    if sample is not None:
+        sample_rel = "sample.npz"
+        np.savez(out_dir / sample_rel, **{k: np.asarray(v) for k, v in sample.items()})
+    split, cosines = _accurate_split(costs, active, modes, sample, min_cosine, shard_dir)
+
+    stages = _build_stages(costs, active, split, cosines, out_dir, shard_dir)
+    model = _model_info(model_path, costs, out_dir, sample_rel)
+    plan = Plan(model=model, stages=tuple(stages), standby=spares,
+                bottleneck_ms=split.bottleneck_ms, latency_ms=split.latency_ms,
+                modes=MODES if modes is None else tuple(modes), int8_min_cosine=min_cosine)
+    plan.save(out_dir / "plan.json")
+    log.info("plan %s: %d stages, period %.1f ms, latency %.1f ms -> %s", plan.plan_id,
+             len(stages), plan.bottleneck_ms, plan.latency_ms, out_dir / "plan.json")
+    return plan
+
+
+def _build_stages(costs: GraphCosts, devices: Sequence[Device], split: Split,
+                  cosines: Mapping[tuple[int, int], float], out_dir: Path, shard_dir: Path
+                  ) -> list[Stage]:
+    """Write each stage's shard (quantized in a quantized mode) and describe the stage."""
+    n = costs.num_nodes
+    stages = []
+    for k, (dev, (i, j), pred, mode) in enumerate(zip(devices, split.ranges,
+                                                      split.predictions, split.modes)):
+        rel = f"shards/stage-{k}.onnx"
+        quantized = MODE_TABLE[mode].quantized
+        if quantized:
+            # Quantize the fp32 shard built in a folder of its own, then write the int8
+            # one in the same layout.
+            with tempfile.TemporaryDirectory(prefix="edge-fp32-", dir=shard_dir) as tmp:
+                fp32 = build_shard(costs.model, costs, i, j, Path(tmp) / f"stage-{k}.onnx")
+                info = quantize_shard(fp32.path, out_dir / rel)
+        else:
+            info = build_shard(costs.model, costs, i, j, out_dir / rel)
+        outputs = (tuple(costs.specs[t] for t in costs.graph_outputs) if j == n
+                   else costs.crossing_specs(j))
+        stages.append(Stage(
+            index=k, device=dev, node_range=(i, j), inputs=costs.crossing_specs(i),
+            outputs=outputs, shard=rel, sha256=info.sha256, shard_bytes=info.size,
+            predicted=dataclasses.replace(
+                pred, activation_degrees=costs.activation_degrees(i, j),
+                activation_growth=tuple(costs.activation_growth(i, j))), mode=mode,
+            int8_cosine=cosines.get((i, j)) if quantized else None,
+            data_files=tuple(ShardFile(f"shards/{f.path.name}", f.sha256, f.size,
+                                       f.random_access) for f in info.data_files)))
+    return stages
+
+
+def _model_info(model_path: Path, costs: GraphCosts, out_dir: Path, sample_rel: str
+                ) -> ModelInfo:
+    """What the plan records of its source model."""
+    return ModelInfo(
+        name=model_path.stem, sha256=file_sha256(model_path), num_nodes=costs.num_nodes,
+        inputs=tuple(costs.specs[t] for t in costs.graph_inputs),
+        outputs=tuple(costs.specs[t] for t in costs.graph_outputs),
+        bindings=dict(costs.bindings), derived=dict(costs.derived),
+        limits=dict(costs.dim_limits),
+        path=os.path.relpath(model_path.resolve(), out_dir.resolve()),
+        sample=sample_rel, notes=tuple(costs.notes))
