@@ -11,12 +11,14 @@ import dataclasses
 import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import onnx
 
-from edge.errors import NoFitError, PlanError
+from edge.errors import ConfigError, NoFitError, PlanError
 from edge.files import file_sha256
 from edge.planning.graph import GraphCosts, analyze
 from edge.planning.plan import INT8_MIN_COSINE, Device, ModelInfo, Plan, ShardFile, Stage
@@ -26,9 +28,43 @@ from edge.shards.build import build_shard
 from edge.shards.quantize import quantize_shard
 from edge.spec import MODE_TABLE, MODES, quantized_modes
 
-__all__ = ["make_plan"]
+__all__ = ["make_plan", "plan_dims", "load_sample", "DEFAULT_DIMS"]
 
 log = logging.getLogger(__name__)
+
+
+# Sizes a plan is costed at unless --dim says otherwise, for the dims a model names so.
+DEFAULT_DIMS = {"batch": 1, "sequence": 128}
+
+def load_sample(path: str | None) -> dict | None:
+    """The arrays of ``--sample FILE.npz``, or None without one."""
+    if not path:
+        return None
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("a single array (np.save); write it with np.savez")
+        with f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"--sample {path}: expected an .npz of arrays keyed by the "
+                          f"model's input names, got a file that does not read as one ({e})"
+                          ) from None
+
+
+def plan_dims(model: str | Path, given: dict[str, int], sample: dict | None = None,
+              ) -> dict[str, int]:
+    """``given`` plus DEFAULT_DIMS for the model's symbolic input dims that it leaves open
+    (none with a sample: its shapes bind every dim)."""
+    if sample is not None:
+        return given
+
+    try:
+        graph = onnx.load(str(model), load_external_data=False).graph
+    except Exception:
+        return given  # analyze() reports an unreadable model with a better message
+    names = {d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim}
+    return {**{k: v for k, v in DEFAULT_DIMS.items() if k in names}, **given}
 
 
 # Rounds of (measure the int8 stages, veto those too far from fp32, partition again) before

@@ -76,47 +76,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- plan
 
 
-# Sizes a plan is costed at unless --dim says otherwise, for the dims a model names so.
-DEFAULT_DIMS = {"batch": 1, "sequence": 128}
-
 _SAMPLE_HELP = ("a real input, one array per model input name (np.savez): it sets every "
                 "dynamic dim, and shapes are measured on it rather than on zeros (needed "
                 "when the model branches on an input's value)")
-
-
-def load_sample(path: str | None) -> dict | None:
-    """The arrays of ``--sample FILE.npz``, or None without one."""
-    if not path:
-        return None
-    import numpy as np
-
-    try:
-        f = np.load(path, allow_pickle=False)
-        if not isinstance(f, np.lib.npyio.NpzFile):
-            raise ValueError("a single array (np.save); write it with np.savez")
-        with f:
-            return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ConfigError(f"--sample {path}: expected an .npz of arrays keyed by the "
-                          f"model's input names, got a file that does not read as one ({e})"
-                          ) from None
-
-
-def plan_dims(model: str | Path, given: dict[str, int], sample: dict | None = None,
-              ) -> dict[str, int]:
-    """``given`` plus DEFAULT_DIMS for the model's symbolic input dims that it leaves open
-    (none with a sample: its shapes bind every dim)."""
-    import onnx
-
-    if sample is not None:
-        return given
-
-    try:
-        graph = onnx.load(str(model), load_external_data=False).graph
-    except Exception:
-        return given  # analyze() reports an unreadable model with a better message
-    names = {d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim}
-    return {**{k: v for k, v in DEFAULT_DIMS.items() if k in names}, **given}
 
 
 def _parse_modes(text: str | None) -> tuple[str, ...] | None:
@@ -143,7 +105,7 @@ def _parse_cosine(text: str | None) -> float | None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from edge.build import make_plan
+    from edge.build import load_sample, make_plan, plan_dims
     from edge.console import console, print_plan
     from edge.planning.cluster import load_cluster
 
@@ -269,6 +231,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise SystemExit("edge profile: give either MODEL.onnx (offline) or --coordinator "
                          "HOST:PORT (live), not both")
     if args.model:
+        from edge.build import load_sample, plan_dims
         from edge.profiling.offline import profile_model, render_offline, write_offline
 
         sample = load_sample(args.sample)
