@@ -269,6 +269,9 @@ def configure(w: Placed, plan: Plan, epoch: int, deadlines: Deadlines,
         mode=stage.mode, protocol=PROTOCOL_VERSION,
         max_request_bytes=largest_request_bytes(plan, stage.index) or 0,
         coordinator_id=coordinator_id, take_over=take_over,
+        state=[pb.StatePair(input=a, output=b) for a, b in stage.state],
+        max_sequences=plan.model.generation.sequences if plan.model.generation else 0,
+        context=plan.model.generation.context if plan.model.generation else 0,
     )
     try:
         return w.client.configure(config, deadlines.load)

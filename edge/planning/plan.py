@@ -29,6 +29,7 @@ __all__ = [
     "INT8_MIN_COSINE",
     "ShardFile",
     "StagePrediction",
+    "Generation",
     "Stage",
     "ModelInfo",
     "Plan",
@@ -293,6 +294,10 @@ class Stage:
         int8_cosine: for an int8 stage, the cosine similarity of the model's outputs with
             this stage quantized (the rest fp32) against the fp32 model, measured when
             planning; None for other modes and in plans made before it was measured.
+        state: for a decoder with KV caches, the stage's (past input, present output)
+            pairs (``past_key_values.3.key``, ``present.3.key``): kept on the stage per
+            sequence, never sent. Empty for models without state.
+        kv_bytes_per_token: bytes those caches grow by per token of one sequence.
     """
 
     index: int
@@ -307,6 +312,8 @@ class Stage:
     data_files: tuple[ShardFile, ...] = ()
     mode: str = "fp32"
     int8_cosine: float | None = None
+    state: tuple[tuple[str, str], ...] = ()
+    kv_bytes_per_token: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -334,7 +341,37 @@ class Stage:
             data_files=tuple(ShardFile.from_dict(f) for f in d.get("data_files", ())),
             mode=d.get("mode", "fp32"),
             int8_cosine=d.get("int8_cosine"),
+            state=tuple((a, b) for a, b in d.get("state", ())),
+            kv_bytes_per_token=d.get("kv_bytes_per_token", 0),
         )
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How a decoder with KV caches is served (``edge plan --context --sequences``).
+
+    Attributes:
+        context: tokens per sequence, prompt and generated, that the caches are planned for;
+            a longer request is refused before it reaches a worker.
+        sequences: sequences whose caches the stages hold at once; more wait in the
+            coordinator's queue.
+        prefill: the longest prompt the stages' activations were planned for.
+        tokenizer: the folder (relative to plan.json) with ``tokenizer.json`` and the chat
+            template, copied from beside the model; "" when the model came without one.
+        eos_token_ids: tokens that end a sequence.
+    """
+
+    context: int
+    sequences: int
+    prefill: int
+    tokenizer: str = ""
+    eos_token_ids: tuple[int, ...] = ()
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Generation":
+        return Generation(context=d["context"], sequences=d["sequences"],
+                          prefill=d["prefill"], tokenizer=d.get("tokenizer", ""),
+                          eos_token_ids=tuple(d.get("eos_token_ids", ())))
 
 
 @dataclass(frozen=True)
@@ -363,6 +400,8 @@ class ModelInfo:
     # The largest size of a dim that the model's own weights allow (512 learned positions:
     # {"sequence": 512}); a larger request is refused whatever the memory.
     limits: dict[str, int] = field(default_factory=dict)
+    # A decoder served with KV caches (edge generate); None for other models.
+    generation: Generation | None = None
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "ModelInfo":
@@ -378,6 +417,8 @@ class ModelInfo:
             notes=tuple(d.get("notes", ())),
             derived=dict(d.get("derived", {})),
             limits=dict(d.get("limits", {})),
+            generation=(Generation.from_dict(d["generation"]) if d.get("generation")
+                        else None),
         )
 
 
@@ -427,7 +468,10 @@ class Plan:
         return h.hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["model"].get("generation") is None:
+            d["model"].pop("generation", None)  # not a decoder served with KV caches
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -575,12 +619,18 @@ _STAGE = Table({"index": ("int", True), "device": (_DEVICE, True),
                 "outputs": (("list", _TENSOR), True), "shard": ("relpath", True),
                 "sha256": ("sha256", True), "shard_bytes": ("count", True),
                 "predicted": (_PREDICTION, True), "data_files": (("list", _SHARD_FILE), False),
-                "mode": ("mode", False), "int8_cosine": ("cosine?", False)})
+                "mode": ("mode", False), "int8_cosine": ("cosine?", False),
+                "state": (("list", ("list", "text")), False),
+                "kv_bytes_per_token": ("int", False)})
+_GENERATION = Table({"context": ("count", True), "sequences": ("count", True),
+                     "prefill": ("count", True), "tokenizer": ("optpath", False),
+                     "eos_token_ids": (("list", "int"), False)})
 _MODEL = Table({"name": ("text", True), "sha256": ("text", True), "num_nodes": ("int", True),
                 "inputs": (("list", _TENSOR), True), "outputs": (("list", _TENSOR), True),
                 "bindings": (_BINDINGS, False), "path": ("text", False),
                 "sample": ("optpath", False), "notes": (("list", "text"), False),
-                "derived": (_DERIVED, False), "limits": (_BINDINGS, False)})
+                "derived": (_DERIVED, False), "limits": (_BINDINGS, False),
+                "generation": (_GENERATION, False)})
 _PLAN = Table({"version": ("int", True), "model": (_MODEL, True), "stages": (_stages, True),
                "standby": (("list", _DEVICE), False), "bottleneck_ms": ("number", False),
                "latency_ms": ("number", False), "modes": (("list", "mode"), False),

@@ -51,16 +51,44 @@ class StageTiming(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., send_ms: _Optional[float] = ..., received_unix_ns: _Optional[int] = ...) -> None: ...
 
 class Activation(_message.Message):
-    __slots__ = ("request_id", "tensors", "timings", "epoch")
+    __slots__ = ("request_id", "tensors", "timings", "epoch", "step", "tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     epoch: int
-    def __init__(self, request_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    step: Step
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., epoch: _Optional[int] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Sampling(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class Step(_message.Message):
+    __slots__ = ("sequence_id", "position", "release", "sampling")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: str
+    position: int
+    release: bool
+    sampling: Sampling
+    def __init__(self, sequence_id: _Optional[str] = ..., position: _Optional[int] = ..., release: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ()
@@ -117,7 +145,7 @@ class ShardFileRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., random_access: _Optional[bool] = ...) -> None: ...
 
 class StageConfig(_message.Message):
-    __slots__ = ("stage", "num_stages", "shard_sha256", "inputs", "outputs", "next_address", "epoch", "plan_id", "predicted_memory_mb", "data_files", "mode", "protocol", "max_request_bytes", "coordinator_id", "take_over")
+    __slots__ = ("stage", "num_stages", "shard_sha256", "inputs", "outputs", "next_address", "epoch", "plan_id", "predicted_memory_mb", "data_files", "mode", "protocol", "max_request_bytes", "coordinator_id", "take_over", "state", "max_sequences", "context")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
     SHARD_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +161,9 @@ class StageConfig(_message.Message):
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     TAKE_OVER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     stage: int
     num_stages: int
     shard_sha256: str
@@ -148,7 +179,18 @@ class StageConfig(_message.Message):
     max_request_bytes: int
     coordinator_id: str
     take_over: bool
-    def __init__(self, stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., plan_id: _Optional[str] = ..., predicted_memory_mb: _Optional[float] = ..., data_files: _Optional[_Iterable[_Union[ShardFileRef, _Mapping]]] = ..., mode: _Optional[str] = ..., protocol: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., take_over: _Optional[bool] = ...) -> None: ...
+    state: _containers.RepeatedCompositeFieldContainer[StatePair]
+    max_sequences: int
+    context: int
+    def __init__(self, stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., plan_id: _Optional[str] = ..., predicted_memory_mb: _Optional[float] = ..., data_files: _Optional[_Iterable[_Union[ShardFileRef, _Mapping]]] = ..., mode: _Optional[str] = ..., protocol: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., take_over: _Optional[bool] = ..., state: _Optional[_Iterable[_Union[StatePair, _Mapping]]] = ..., max_sequences: _Optional[int] = ..., context: _Optional[int] = ...) -> None: ...
+
+class StatePair(_message.Message):
+    __slots__ = ("input", "output")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    input: str
+    output: str
+    def __init__(self, input: _Optional[str] = ..., output: _Optional[str] = ...) -> None: ...
 
 class ConfigureReply(_message.Message):
     __slots__ = ("load_ms", "rss_bytes")
@@ -337,6 +379,46 @@ class InferReply(_message.Message):
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     latency_ms: float
     def __init__(self, request_id: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., latency_ms: _Optional[float] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "chat", "prompt_tokens", "max_tokens", "sampling", "stop")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    chat: bool
+    prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
+    max_tokens: int
+    sampling: Sampling
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[bool] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_ms", "tokens_per_s", "finish_reason")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    tokens_per_s: float
+    finish_reason: str
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+
+class GenerateReply(_message.Message):
+    __slots__ = ("tokens", "text", "usage")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    usage: Usage
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()

@@ -417,6 +417,11 @@ class CoordinatorStub:
                 request_serializer=edge_dot_proto_dot_edge__pb2.InferRequest.SerializeToString,
                 response_deserializer=edge_dot_proto_dot_edge__pb2.InferReply.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/edge.v1.Coordinator/Generate',
+                request_serializer=edge_dot_proto_dot_edge__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=edge_dot_proto_dot_edge__pb2.GenerateReply.FromString,
+                _registered_method=True)
         self.GetClusterStatus = channel.unary_unary(
                 '/edge.v1.Coordinator/GetClusterStatus',
                 request_serializer=edge_dot_proto_dot_edge__pb2.ClusterStatusRequest.SerializeToString,
@@ -434,6 +439,13 @@ class CoordinatorServicer:
 
     def Infer(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Generates text from a prompt, streamed as it comes (a plan of a decoder with KV caches).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -458,6 +470,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=edge_dot_proto_dot_edge__pb2.InferRequest.FromString,
                     response_serializer=edge_dot_proto_dot_edge__pb2.InferReply.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=edge_dot_proto_dot_edge__pb2.GenerateRequest.FromString,
+                    response_serializer=edge_dot_proto_dot_edge__pb2.GenerateReply.SerializeToString,
             ),
             'GetClusterStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetClusterStatus,
@@ -497,6 +514,33 @@ class Coordinator:
             '/edge.v1.Coordinator/Infer',
             edge_dot_proto_dot_edge__pb2.InferRequest.SerializeToString,
             edge_dot_proto_dot_edge__pb2.InferReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edge.v1.Coordinator/Generate',
+            edge_dot_proto_dot_edge__pb2.GenerateRequest.SerializeToString,
+            edge_dot_proto_dot_edge__pb2.GenerateReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,7 +79,7 @@ ROLES = ("client", "node")
 ROLE_URI = "edge:role:{}"
 # All a client-role certificate may call: what `edge infer`, `edge profile --coordinator`
 # and InferClient (infer, status, profile) use; and health, open to all.
-CLIENT_METHODS = frozenset({"/edge.v1.Coordinator/Infer",
+CLIENT_METHODS = frozenset({"/edge.v1.Coordinator/Infer", "/edge.v1.Coordinator/Generate",
                             "/edge.v1.Coordinator/GetClusterStatus",
                             "/edge.v1.Coordinator/GetClusterProfile"})
 _TOKEN_RE = re.compile(r"[\x21-\x7e]{16,512}")  # printable ASCII, no spaces: a metadata value
