@@ -125,7 +125,9 @@ class _FlatKV:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=position_ids, use_cache=True,
                                  return_dict=True, **{cache_arg: cache})
-                new = getattr(out, "past_key_values", None) or cache
+                # The cache is updated in place; transformers 5 also returns it as
+                # out.cache (4.x: out.past_key_values, deprecated in 5).
+                new = out.cache if "cache" in out else out.past_key_values
                 flat: list[torch.Tensor] = []
                 for layer in new.layers:
                     flat += [layer.keys, layer.values]
@@ -296,7 +298,11 @@ def export_decoder(model: Any, out: str | Path, opset: int = 18, verify: bool = 
     from torch.export import Dim
 
     out = Path(out)
-    model = model.float().eval()
+    # Only when needed: a model read from a GGUF is flagged as quantized (though already
+    # dequantized to float32), and transformers refuses .float() on it.
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = model.float()
+    model = model.eval()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
     info = decoder_info(model)
@@ -320,6 +326,9 @@ def export_decoder(model: Any, out: str | Path, opset: int = 18, verify: bool = 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # All pasts share the batch and past_sequence Dims on purpose; torch warns that it
+        # keeps one name per constraint, which is what we want.
+        warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used")
         torch.onnx.export(wrapper, _torch_args(trace, inputs), str(out), dynamo=True,
                           external_data=True, opset_version=opset, input_names=inputs,
                           output_names=outputs, dynamic_shapes=dynamic, verbose=False)
