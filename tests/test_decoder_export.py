@@ -146,6 +146,45 @@ def test_hf_decoder_greedy_matches_generate(family, tmp_path):
     assert got == _torch_greedy(model, PROMPT, 8)
 
 
+def test_opset_17_is_refused_not_silently_18(tmp_path):
+    from edge.export import ExportError
+    from edge.export.decoder import build_llama, export_decoder
+
+    with pytest.raises(ExportError, match="expected opset 17"):
+        export_decoder(build_llama("tiny"), tmp_path / "model.onnx", opset=17, verify=False)
+
+
+def test_export_gguf_names_a_missing_file(tmp_path):
+    from edge.export import ExportError
+    from edge.export.decoder import export_gguf
+
+    with pytest.raises(ExportError, match="expected a GGUF file"):
+        export_gguf(tmp_path / "nope.gguf", tmp_path / "model.onnx")
+
+
+def test_render_chat_matches_transformers_rendering():
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from edge.text import render_chat
+
+    # A template using what HF's environment provides: trim/lstrip blocks, loop controls,
+    # tojson, raise_exception and the special tokens as variables.
+    template = (
+        "{{ bos_token }}{% for m in messages %}\n"
+        "  {% if m['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('bad role') }}{% endif %}\n"
+        "  {% if m['content'] == 'skip' %}{% continue %}{% endif %}\n"
+        "<|{{ m['role'] }}|>{{ m['content'] | tojson }}{{ eos_token }}\n"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    config = {"chat_template": template, "bos_token": "<s>", "eos_token": "</s>"}
+    messages = [{"role": "system", "content": "Be brief. <b>é</b>"},
+                {"role": "user", "content": "skip"}, {"role": "user", "content": "Hi"}]
+    want = _compile_jinja_template(template).render(
+        messages=messages, add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
+    assert render_chat(config, messages) == want
+    assert '"Be brief. <b>é</b>"' in want
+
+
 def test_serving_modules_do_not_import_torch():
     code = ("import sys, edge.text, edge.export.generate; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "

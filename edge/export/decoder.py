@@ -212,11 +212,19 @@ def _torch_args(feeds: dict[str, np.ndarray], inputs: Sequence[str]) -> tuple[An
     return (t[0], t[1], t[2], t[3:])
 
 
-def _rename_total_dim(out: Path) -> None:
-    """Name the mask's length ``total_sequence`` instead of the exporter's symbol."""
+def _finish_graph(out: Path, opset: int) -> None:
+    """Check the opset; name the mask's length ``total_sequence`` (not the exporter's
+    symbol)."""
     import onnx
 
     m = onnx.load(str(out), load_external_data=False)
+    got = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:
+        # The dynamo exporter builds opset 18 and converts down with ONNX's version
+        # converter, which fails on these graphs (ReduceMean axes from a computed tensor)
+        # and then silently keeps 18.
+        raise ExportError(f"{out}: expected opset {opset}, the exporter wrote opset {got}; "
+                          f"export decoders at opset 18")
     mask = next(i for i in m.graph.input if i.name == "attention_mask")
     old = mask.type.tensor_type.shape.dim[1].dim_param
     if not old or old == _TOTAL:
@@ -294,7 +302,8 @@ def export_decoder(model: Any, out: str | Path, opset: int = 18, verify: bool = 
         model: a ``PreTrainedModel`` with an LM head, float32. Its attention is switched
             to ``eager`` (the plain MatMul/Softmax graph every runtime runs).
         out: the ``.onnx`` path; parent dirs are made.
-        opset: ONNX opset (17 or 18).
+        opset: ONNX opset: 18 (the dynamo exporter cannot convert these graphs down to
+            17: ``ExportError``).
         verify: compare onnxruntime with torch at prefill and decode shapes (max abs diff
             <= 1e-4) and raise ``ExportError`` if they differ.
         extra: more keys for ``generation.json``.
@@ -340,7 +349,7 @@ def export_decoder(model: Any, out: str | Path, opset: int = 18, verify: bool = 
         torch.onnx.export(wrapper, _torch_args(trace, inputs), str(out), dynamo=True,
                           external_data=True, opset_version=opset, input_names=inputs,
                           output_names=outputs, dynamic_shapes=dynamic, verbose=False)
-    _rename_total_dim(out)
+    _finish_graph(out, opset)
     log.info("exported %s (%d layers) in %.1f s", out, info["num_layers"],
              time.perf_counter() - t0)
     if verify:
