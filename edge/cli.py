@@ -60,17 +60,38 @@ def _positive(kind):
 
 def cmd_export(args: argparse.Namespace) -> int:
     from edge.export import export_hf, export_model
+    from edge.export.decoder import export_gguf, export_hf_decoder, export_llama
 
     if args.model == "hf":
         if not args.model_dir:
             raise SystemExit("edge export hf: --model-dir is required (a local Hugging Face "
                              "model folder; nothing is downloaded)")
-        path = export_hf(args.model_dir, args.out, opset=args.opset)
+        export = export_hf_decoder if _is_decoder(args.model_dir) else export_hf
+        path = export(args.model_dir, args.out, opset=args.opset)
+    elif args.model == "gguf":
+        if not args.source:
+            raise SystemExit("edge export gguf: expected the .gguf file, e.g. `edge export "
+                             "gguf SmolLM2-135M-Instruct.Q4_1.gguf --out smollm2.onnx`")
+        path = export_gguf(args.source, args.out, opset=args.opset)
+    elif args.model == "llama":  # a decoder: with its KV cache, for `edge generate`
+        path = export_llama(args.size, seed=args.seed, out=args.out)
     else:
         path = export_model(args.model, size=args.size, seed=args.seed, out=args.out,
                             opset=args.opset)
     print(f"wrote {path}")
     return 0
+
+
+def _is_decoder(model_dir: str) -> bool:
+    """Whether a Hugging Face folder holds a causal LM (exported with its KV cache)."""
+    import json
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # the exporter says what is wrong with the folder
+    return any(a.endswith(("ForCausalLM", "LMHeadModel"))
+               for a in config.get("architectures") or ())
 
 
 # ---------------------------------------------------------------------- plan
@@ -364,13 +385,20 @@ def _add_export(sub) -> None:
     # edge.export.kinds(), spelled out: importing edge.export here would load numpy for
     # every `edge` command.
     p.add_argument("model", choices=["bert", "gpt2", "unet", "resnet", "convnext", "vit",
-                                     "distilbert", "llama", "hf"])
+                                     "distilbert", "llama", "hf", "gguf"],
+                   help="a seeded config (llama: a decoder with its KV cache, for `edge "
+                        "generate`), `hf` a local Hugging Face folder (decoders with their KV "
+                        "cache), or `gguf` a GGUF file (real weights, dequantized)")
+    p.add_argument("source", nargs="?", help="with `gguf`: the .gguf file")
     p.add_argument("--size", default="tiny", help="tiny, or a larger size of the kind "
                    "(bert: small, base; unet: small, wide; resnet: 50; convnext: t; ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--model-dir", help="with `hf`: a local Hugging Face model folder")
+    p.epilog = ("Decoders (llama, gguf, hf causal LMs) get past_key_values.N.* inputs and "
+                "present.N.* outputs, and generation.json (and the tokenizer with its chat "
+                "template, when there is one) beside the .onnx.")
     p.set_defaults(func=cmd_export)
 
 
