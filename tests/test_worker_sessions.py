@@ -510,3 +510,47 @@ def test_top_p_keeps_the_nucleus():
     row = np.broadcast_to(logits, (1, 2, 4))
     drawn = {draw_tokens(row, 1.0, 0, 0.75, 3, k)[0] for k in range(200)}
     assert drawn == {0, 1}
+
+
+def test_random_step_streams_never_break_a_stage(pair, events):
+    """Steps, releases and restarts in any order, over a few sequences: each accepted one
+    ends in a result or a refusal with a real code, the workers live on, and the caches'
+    lengths are what the accepted steps made them."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    epoch = pair.configure(max_sequences=2, context=12)
+    lengths: dict[str, int] = {}  # what the stages must hold: the model of the store
+    codes = {grpc.StatusCode.FAILED_PRECONDITION.value[0],
+             grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+             grpc.StatusCode.INVALID_ARGUMENT.value[0]}
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from("abc"), st.sampled_from(["step", "step", "release", "restart"]),
+           st.integers(1, 4), st.integers(-1, 1))
+    def run(sequence, kind, n, skew):
+        cached = lengths.get(sequence, 0)
+        if kind == "release":
+            rid = send_release(pair.stubs[0], epoch, sequence)
+            assert result(events, rid).result.step.release
+            lengths.pop(sequence, None)
+            return
+        position = 0 if kind == "restart" else max(cached + skew, 0)
+        rid = send_step(pair.stubs[0], epoch, sequence, [1] * n, position)
+        ok = ((position == 0 and (sequence in lengths or len(lengths) < 2))
+              or (position == cached and sequence in lengths)) and position + n <= 12
+        if ok:
+            e = result(events, rid)
+            assert e.WhichOneof("kind") == "result", e
+            lengths[sequence] = position + n
+        else:  # refused by stage 0, which holds the same sequences as stage 1
+            e = events[0].wait([rid])[rid]
+            assert e.WhichOneof("kind") == "failure" and e.failure.code in codes, e
+
+    run()
+    st_ = [status(s) for s in pair.stubs]
+    assert [s.sequences for s in st_] == [len(lengths)] * 2
+    per_token = pair.toy.heads * pair.toy.head_dim * 4
+    assert st_[0].kv_cache_bytes == sum(lengths.values()) * per_token
+    assert all(w.process.poll() is None for w in pair.workers)

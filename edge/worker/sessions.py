@@ -202,12 +202,11 @@ def run_step(runner: StageRunner, store: SessionStore, epoch: int,
     if not spec.is_last:
         return outputs, None
     logits = outputs.get("logits")
-    if logits is None and len(outputs) == 1:
-        logits = next(iter(outputs.values()))
     if logits is None or logits.ndim != 3:
         raise ShardMismatch(
-            f"{spec.where} draws tokens from logits [batch, sequence, vocab]; its outputs "
-            f"are {', '.join(f'{k}{list(v.shape)}' for k, v in outputs.items())}")
+            f"{spec.where} draws the next token from logits [batch, sequence, vocab]; "
+            "expected an output named logits, got "
+            f"{', '.join(f'{k}{list(v.shape)}' for k, v in outputs.items()) or 'none'}")
     s = step.sampling
     tokens = draw_tokens(logits, s.temperature, s.top_k, s.top_p, s.seed, step.position)
     return {}, tokens
