@@ -72,12 +72,6 @@ class SessionStore:
         with self._lock:
             return len(self._sessions), sum(s.nbytes for s in self._sessions.values())
 
-    def length(self, sequence_id: str) -> int:
-        """Tokens cached for ``sequence_id`` (0: none)."""
-        with self._lock:
-            s = self._sessions.get(sequence_id)
-            return s.length if s else 0
-
     def reset(self, key: Hashable) -> int:
         """Serve wiring ``key`` (plan, epoch): all caches of another one are freed.
 
@@ -105,7 +99,11 @@ class SessionStore:
             TooManySequences: a new sequence while ``bound`` are held.
         """
         with self._lock:
-            held = self._sessions.get(sequence_id) if key == self._key else None
+            if key != self._key:
+                # Re-configured while the step waited: the engine drops what it computes,
+                # and the store, which serves the new wiring, is not touched.
+                return None
+            held = self._sessions.get(sequence_id)
             if position == 0:
                 self._sessions.pop(sequence_id, None)
                 if held is None and len(self._sessions) >= bound:
@@ -181,7 +179,8 @@ def run_step(runner: StageRunner, store: SessionStore, epoch: int,
 
     Raises:
         PositionMismatch, TooManySequences, ContextExceeded: the step is refused; the
-            sequence's caches are as they were.
+            sequence's caches are as they were (but a restart, position 0, has freed
+            them already).
     """
     spec = runner.spec
     key = (spec.plan_id, epoch)
