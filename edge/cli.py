@@ -160,6 +160,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         cache_dir=Path(args.cache_dir) if args.cache_dir else WorkerConfig().cache_dir,
         memory_budget_mb=budget or 0.0, threads=args.threads, max_queue=args.max_queue,
         max_message_mb=args.max_message_mb or 0.0, security=from_arguments(args),
+        session_idle_s=args.session_idle,
     )
 
     def ready(port: int) -> None:
@@ -440,6 +441,9 @@ def _add_worker(sub) -> None:
                    help="the largest request message to take; longer ones are refused "
                         "before they are buffered (default: an eighth of --memory-budget, "
                         "or of this machine's memory, between 16 and 512)")
+    p.add_argument("--session-idle", type=_positive(float), default=120.0, metavar="S",
+                   help="free a generated sequence's KV caches after S seconds without a "
+                        "step (default 120)")
     p.add_argument("--port-file", help="write the bound port here once serving")
     add_security_arguments(p)
     p.set_defaults(func=cmd_worker)

@@ -227,7 +227,7 @@ class DeviceFacts(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., machine: _Optional[str] = ..., system: _Optional[str] = ..., cpu_count: _Optional[int] = ..., cpu_freq_mhz: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., python: _Optional[str] = ..., onnxruntime: _Optional[str] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("device", "version", "configured", "stage", "shard_sha256", "plan_id", "epoch", "rss_bytes", "peak_rss_bytes", "memory_budget_mb", "requests_done", "requests_failed", "mean_compute_ms", "queue_depth", "facts", "rss_anon_bytes", "rss_file_bytes", "memory_warning", "mode", "coordinator_id")
+    __slots__ = ("device", "version", "configured", "stage", "shard_sha256", "plan_id", "epoch", "rss_bytes", "peak_rss_bytes", "memory_budget_mb", "requests_done", "requests_failed", "mean_compute_ms", "queue_depth", "facts", "rss_anon_bytes", "rss_file_bytes", "memory_warning", "mode", "coordinator_id", "sequences", "kv_cache_bytes")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CONFIGURED_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +248,8 @@ class WorkerStatus(_message.Message):
     MEMORY_WARNING_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     device: str
     version: str
     configured: bool
@@ -268,7 +270,9 @@ class WorkerStatus(_message.Message):
     memory_warning: str
     mode: str
     coordinator_id: str
-    def __init__(self, device: _Optional[str] = ..., version: _Optional[str] = ..., configured: _Optional[bool] = ..., stage: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., plan_id: _Optional[str] = ..., epoch: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., memory_budget_mb: _Optional[float] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., mean_compute_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., rss_anon_bytes: _Optional[int] = ..., rss_file_bytes: _Optional[int] = ..., memory_warning: _Optional[str] = ..., mode: _Optional[str] = ..., coordinator_id: _Optional[str] = ...) -> None: ...
+    sequences: int
+    kv_cache_bytes: int
+    def __init__(self, device: _Optional[str] = ..., version: _Optional[str] = ..., configured: _Optional[bool] = ..., stage: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., plan_id: _Optional[str] = ..., epoch: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., memory_budget_mb: _Optional[float] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., mean_compute_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., rss_anon_bytes: _Optional[int] = ..., rss_file_bytes: _Optional[int] = ..., memory_warning: _Optional[str] = ..., mode: _Optional[str] = ..., coordinator_id: _Optional[str] = ..., sequences: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class CalibrateRequest(_message.Message):
     __slots__ = ("seconds", "payload")

@@ -129,7 +129,9 @@ _DATA_KEY = _varint(pb.Tensor.DESCRIPTOR.fields_by_name["data"].number << 3 | 2)
 
 def encode_activation(request_id: str, epoch: int, arrays: Mapping[str, np.ndarray],
                       timings: Iterable[pb.StageTiming]
-                      | Callable[[], Iterable[pb.StageTiming]] = ()) -> bytes:
+                      | Callable[[], Iterable[pb.StageTiming]] = (),
+                      step: pb.Step | None = None,
+                      tokens: Iterable[int] = ()) -> bytes:
     """A serialized ``Activation`` holding ``arrays``, with each tensor's bytes copied once.
 
     Building ``pb.Tensor`` messages copies every activation three times before gRPC sees
@@ -144,6 +146,8 @@ def encode_activation(request_id: str, epoch: int, arrays: Mapping[str, np.ndarr
         arrays: tensors by name (as :func:`encode_tensor` takes them).
         timings: the stage timings, or a function that returns them once the tensors are
             encoded (so that a timing can include the encoding).
+        step: the generation step it belongs to, if any.
+        tokens: the tokens drawn (a step's result).
     """
     parts: list = []
     for name, a in arrays.items():
@@ -156,8 +160,9 @@ def encode_activation(request_id: str, epoch: int, arrays: Mapping[str, np.ndarr
             parts.append(a.reshape(-1).view(np.uint8).data)
     if callable(timings):
         timings = timings()
-    parts.append(pb.Activation(request_id=request_id, epoch=epoch,
-                               timings=list(timings)).SerializeToString())
+    parts.append(pb.Activation(request_id=request_id, epoch=epoch, timings=list(timings),
+                               step=step, tokens=[int(t) for t in tokens]
+                               ).SerializeToString())
     return b"".join(parts)
 
 

@@ -74,6 +74,10 @@ def stage_spec(c: pb.StageConfig) -> StageSpec:
         outputs = decode_specs(c.outputs, "outputs")
     except TensorError as e:
         raise BadRequest(f"StageConfig: {e}") from None
+    state = tuple((p.input, p.output) for p in c.state)
+    problem = _state_problem(state, inputs, outputs)
+    if problem:
+        raise BadRequest(f"StageConfig: {problem}")
     return StageSpec(
         stage=c.stage, num_stages=c.num_stages,
         shard_sha256=c.shard_sha256, inputs=inputs, outputs=outputs,
@@ -82,7 +86,35 @@ def stage_spec(c: pb.StageConfig) -> StageSpec:
         data_files=tuple((f.name, f.sha256, f.random_access) for f in c.data_files),
         mode=c.mode or "fp32",
         max_request_bytes=c.max_request_bytes,
+        state=state, max_sequences=c.max_sequences, context=c.context,
     )
+
+
+def _state_problem(state: tuple[tuple[str, str], ...], inputs: tuple, outputs: tuple
+                   ) -> str | None:
+    """What is wrong with a StageConfig's state pairs against its wire tensors, or None.
+
+    The pasts come from the stage's own caches and the presents stay there: neither may
+    be among the tensors that travel. (That they are the shard's is checked once it is
+    loaded, by the StageRunner.)
+    """
+    wire_in, wire_out = {s.name for s in inputs}, {s.name for s in outputs}
+    seen: set[str] = set()
+    for past, present in state:
+        if not past or not present:
+            return (f"state pair {past!r} -> {present!r}: expected a past input and a "
+                    "present output, both named")
+        if past in wire_in:
+            return (f"state input {past} is also among the inputs; expected it only in "
+                    "the state (it is fed from this stage's cache, never sent)")
+        if present in wire_out:
+            return (f"state output {present} is also among the outputs; expected it only "
+                    "in the state (it is kept in this stage's cache, never sent)")
+        for name in (past, present):
+            if name in seen:
+                return f"state: {name} appears in two pairs; expected each name once"
+            seen.add(name)
+    return None
 
 
 def check_budget(spec: StageSpec, budget_mb: float) -> None:

@@ -10,6 +10,10 @@ The engine knows nothing of gRPC handlers: it raises the typed errors of
 ``edge.worker.errors`` and the servicer maps them to status codes. A re-configure swaps
 the StageRunner (and the channel to the next hop) under a lock; jobs of an older epoch
 are then dropped, since the coordinator resends them.
+
+A generation step (``Activation.step``) runs with its sequence's caches from the
+engine's session store (``edge.worker.sessions``), in the order the steps came; a
+release frees them and goes on to the next stage like a step, with no tensors.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import grpc
 import numpy as np
 
 from edge.errors import SecurityError, TensorError
+from edge.profiling.memory import release_free_heap
 from edge.proto import edge_pb2 as pb
 from edge.transport.channels import Deadlines, Security, create_channel, serialized_unary
 from edge.transport.codec import encode_activation
 from edge.worker.errors import (RUN_FAILURE_CODES, NextHopRefused, QueueFull,
-                                ShardLoadError)
+                                ShardLoadError, WorkerError, status_code)
 from edge.worker.events import EventBus
+from edge.worker.sessions import DEFAULT_IDLE_S, SessionStore, run_step
 from edge.worker.stage import ShardMismatch, StageRunner, StageSpec, describe_ort_error
 
 __all__ = ["Job", "StageEngine"]
@@ -38,6 +44,9 @@ __all__ = ["Job", "StageEngine"]
 log = logging.getLogger(__name__)
 
 _FORWARD = pb.DESCRIPTOR.services_by_name["Worker"].methods_by_name["Forward"]
+# Freed caches of at least this many bytes are handed back to the kernel at once: glibc
+# keeps up to 32 MiB of free heap (edge.profiling.memory.tune_malloc) otherwise.
+_TRIM_BYTES = 1 << 20
 
 
 @dataclass
@@ -54,6 +63,8 @@ class Job:
     compute_ms: float = 0.0
     queue_ms: float = 0.0
     outputs: dict[str, np.ndarray] | None = None
+    step: pb.Step | None = None  # a generation step (a release has no arrays)
+    tokens: np.ndarray | None = None  # drawn by the last stage for a step
 
 
 class StageEngine:
@@ -65,10 +76,12 @@ class StageEngine:
         threads: onnxruntime intra-op threads (None: all cores).
         deadlines: per-call deadlines for the calls to the next hop.
         security: how the channel to the next hop is secured.
+        session_idle_s: seconds after which a sequence without a step loses its caches.
     """
 
     def __init__(self, events: EventBus, max_queue: int = 64, threads: int | None = None,
-                 deadlines: Deadlines = Deadlines(), security: Security = Security()):
+                 deadlines: Deadlines = Deadlines(), security: Security = Security(),
+                 session_idle_s: float = DEFAULT_IDLE_S):
         self.events = events
         self.max_queue = max_queue
         self.threads = threads
@@ -84,6 +97,8 @@ class StageEngine:
         self._done = 0
         self._failed = 0
         self._compute_ms_total = 0.0
+        self.sessions = SessionStore(session_idle_s)
+        self._next_sweep = 0.0
         self.stopping = threading.Event()
         self._threads = [
             threading.Thread(target=self._compute_loop, name="edge-compute", daemon=True),
@@ -137,6 +152,9 @@ class StageEngine:
             old_channel = self._next_channel
             self._connect_next_hop(spec)
             self.runner = runner
+            # Another plan or epoch: the stage's layers, or its sequences' owner, may have
+            # changed; the coordinator replays its sequences from position 0.
+            self._trim(self.sessions.reset((spec.plan_id, spec.epoch)))
             self.events.claim(coordinator_id,
                               f"plan {spec.plan_id or '?'}, epoch {spec.epoch}")
             if old_channel is not None:
@@ -192,18 +210,45 @@ class StageEngine:
             request_id=job.request_id, stage=job.runner.spec.stage, code=code.value[0],
             message=message, epoch=job.epoch)))
 
+    @staticmethod
+    def _trim(freed: int) -> None:
+        if freed >= _TRIM_BYTES:
+            release_free_heap()
+
+    def _sweep(self) -> None:
+        """Free the caches of idle sequences, at most about once a second."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + min(1.0, self.sessions.idle_s / 4)
+            self._trim(self.sessions.sweep())
+
     def _compute_loop(self) -> None:
         while not self.stopping.is_set():
+            self._sweep()
             try:
                 job = self._jobs.get(timeout=0.25)
             except queue.Empty:
                 continue
             if self._stale(job):
                 continue  # re-configured since it was queued: the coordinator resends it
+            if job.step is not None and job.step.release:
+                self._trim(self.sessions.release(job.step.sequence_id))
+                job.outputs = {}
+                self._outbox.put(job)  # and on to the next stage (the last: a result)
+                continue
             start = time.perf_counter()
             job.queue_ms = (start - job.received) * 1e3
             try:
-                job.outputs = job.runner.run(job.arrays)
+                if job.step is None:
+                    job.outputs = job.runner.run(job.arrays)
+                else:
+                    job.outputs, job.tokens = run_step(job.runner, self.sessions, job.epoch,
+                                                       job.arrays, job.step)
+            except WorkerError as e:  # a step refused: its position, the bounds
+                job.arrays = {}
+                self._fail(job, status_code(e) or grpc.StatusCode.INTERNAL,
+                           f"request {job.request_id}: {e}")
+                continue
             except Exception as e:
                 kind, msg = describe_ort_error(e)
                 code = RUN_FAILURE_CODES.get(kind, grpc.StatusCode.INTERNAL)
@@ -239,7 +284,9 @@ class StageEngine:
 
         # Straight to wire bytes: one copy of the outputs instead of three.
         try:
-            data = encode_activation(job.request_id, job.epoch, job.outputs, timings)
+            data = encode_activation(job.request_id, job.epoch, job.outputs, timings,
+                                     step=job.step,
+                                     tokens=() if job.tokens is None else job.tokens)
         except TensorError as e:
             self._fail(job, grpc.StatusCode.INTERNAL, f"{spec.where} cannot send the "
                                                       f"outputs of {job.request_id}: {e}")

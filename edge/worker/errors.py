@@ -20,7 +20,8 @@ from edge.worker.cache import UploadError
 __all__ = ["WorkerError", "BadRequest", "NotConfigured", "StaleEpoch", "ProtocolMismatch",
            "OverBudget", "QueueFull", "Busy", "OwnedElsewhere", "TakenOver", "Replaced",
            "TooManySubscribers", "CacheUnreadable", "DigestMismatch", "ShardLoadError",
-           "NextHopRefused", "STATUS_CODES", "RUN_FAILURE_CODES", "status_code",
+           "NextHopRefused", "PositionMismatch", "TooManySequences", "ContextExceeded",
+           "STATUS_CODES", "RUN_FAILURE_CODES", "status_code",
            "grpc_errors"]
 
 C = grpc.StatusCode
@@ -91,6 +92,19 @@ class NextHopRefused(WorkerError):
     """The channel to the next worker cannot be made as secured as this worker's."""
 
 
+class PositionMismatch(WorkerError):
+    """A generation step's position is not the length this stage caches for its sequence
+    (a replay of a step already run, or one that skips steps)."""
+
+
+class TooManySequences(WorkerError):
+    """A new sequence came while the stage holds caches for ``max_sequences`` already."""
+
+
+class ContextExceeded(WorkerError):
+    """A step would make its sequence longer than the stage's context."""
+
+
 # The first class in the error's method resolution order that is here decides. UploadError
 # carries its kind: a dict from kind to code.
 STATUS_CODES: dict[type[Exception], grpc.StatusCode | dict[str, grpc.StatusCode]] = {
@@ -104,8 +118,11 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode | dict[str, grpc.StatusCode]
     Busy: C.FAILED_PRECONDITION,
     CacheUnreadable: C.FAILED_PRECONDITION,
     NextHopRefused: C.FAILED_PRECONDITION,
+    PositionMismatch: C.FAILED_PRECONDITION,
+    ContextExceeded: C.INVALID_ARGUMENT,
     OverBudget: C.RESOURCE_EXHAUSTED,
     QueueFull: C.RESOURCE_EXHAUSTED,
+    TooManySequences: C.RESOURCE_EXHAUSTED,
     TooManySubscribers: C.RESOURCE_EXHAUSTED,
     DigestMismatch: C.DATA_LOSS,
     TakenOver: C.ABORTED,

@@ -43,6 +43,7 @@ from edge.worker.engine import Job, StageEngine
 from edge.worker.errors import (BadRequest, Busy, NotConfigured, OwnedElsewhere, StaleEpoch,
                                 TakenOver, TooManySubscribers, grpc_errors)
 from edge.worker.events import END, OWNER_GRACE_S, EventBus
+from edge.worker.sessions import DEFAULT_IDLE_S, check_step
 
 __all__ = ["WorkerConfig", "WorkerServicer", "serve", "start_worker", "message_limit_bytes",
            "MAX_SUBSCRIBERS", "MAX_CALIBRATE_SECONDS", "MAX_CHUNK_BYTES", "OWNER_GRACE_S"]
@@ -86,6 +87,8 @@ class WorkerConfig:
         security: how the server and the channel to the next worker are secured
             (``Security.from_dir(bundle)``: mutual TLS and the token; default plaintext,
             loopback only).
+        session_idle_s: seconds after which a generated sequence without a step loses
+            its KV caches on this worker.
     """
 
     listen: str = "127.0.0.1:50051"
@@ -101,6 +104,7 @@ class WorkerConfig:
     max_message_mb: float = 0.0
     deadlines: Deadlines = Deadlines()
     security: Security = Security()
+    session_idle_s: float = DEFAULT_IDLE_S
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
@@ -113,7 +117,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.events = EventBus()
         self.engine = StageEngine(self.events, max_queue=config.max_queue,
                                   threads=config.threads, deadlines=config.deadlines,
-                                  security=config.security)
+                                  security=config.security,
+                                  session_idle_s=config.session_idle_s)
         self._loaded: tuple[int, float] = (0, 0.0)  # RSS right after the last load, load ms
         # Before any shard: what this device pays for a worker at all (its runtime floor).
         self.startup_rss = rss_bytes()
@@ -197,13 +202,27 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if request.epoch != runner.spec.epoch:
             raise StaleEpoch(f"request {request.request_id} belongs to pipeline epoch "
                              f"{request.epoch}, this worker serves epoch {runner.spec.epoch}")
-        arrays = decode_tensors(request.tensors)
-        runner.check(arrays)
+        step = None
+        if request.HasField("step"):
+            problem = check_step(request.step)
+            if problem:
+                raise BadRequest(f"request {request.request_id}: {problem}")
+            step = pb.Step()
+            step.CopyFrom(request.step)
+        if step is not None and step.release:
+            if request.tensors:
+                raise BadRequest(f"request {request.request_id} releases sequence "
+                                 f"{step.sequence_id}; expected no tensors, got "
+                                 f"{len(request.tensors)}")
+            arrays = {}
+        else:
+            arrays = decode_tensors(request.tensors)
+            runner.check(arrays)
         # Copies of the timings, not references into the request: a reference keeps the
         # whole request message, tensor bytes included, alive until the job is sent.
         timings = [pb.StageTiming.FromString(t.SerializeToString()) for t in request.timings]
         self.engine.submit(Job(request.request_id, request.epoch, arrays, timings, received,
-                               runner, received_ns=received_ns))
+                               runner, received_ns=received_ns, step=step))
         return pb.Ack()
 
     @grpc_errors
@@ -280,6 +299,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             status.plan_id, status.epoch = s.plan_id, s.epoch
             status.mode = s.mode
         status.coordinator_id = self.events.owner or ""
+        status.sequences, status.kv_cache_bytes = self.engine.sessions.stats()
         return status
 
     # ------------------------------------------------------------------ internals

@@ -20,7 +20,7 @@ from edge.profiling.memory import release_file_pages
 from edge.shards.runtime import session_options
 from edge.transport.codec import check_tensors
 
-__all__ = ["StageSpec", "StageRunner", "ShardMismatch"]
+__all__ = ["StageSpec", "StageRunner", "ShardMismatch", "batch_size"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,12 @@ class StageSpec:
     data_files: tuple[tuple[str, str, bool], ...] = ()  # (name, sha256, random_access)
     mode: str = "fp32"
     max_request_bytes: int = 0  # the largest Forward the plan allows (0: no bound known)
+    # Generation: (past input, present output) pairs kept per sequence on this stage (they
+    # never travel), how many sequences at once (0: DEFAULT_MAX_SEQUENCES), and the
+    # tokens per sequence at most (0: no bound).
+    state: tuple[tuple[str, str], ...] = ()
+    max_sequences: int = 0
+    context: int = 0
 
     @property
     def is_last(self) -> bool:
@@ -101,7 +107,8 @@ class StageRunner:
         self._tables_checked = False
         self._feeds = [i.name for i in self.session.get_inputs()]
         self._fetches = [o.name for o in self.session.get_outputs()]
-        received = {s.name for s in spec.inputs}
+        self._past_shapes = self._check_state()
+        received = {s.name for s in spec.inputs} | {i for i, _ in spec.state}
         sent = {s.name for s in spec.outputs}
         if not set(self._feeds) <= received:
             raise ShardMismatch(f"shard needs {sorted(set(self._feeds) - received)} which "
@@ -121,6 +128,43 @@ class StageRunner:
                                         f"{specs[a.name].dtype}; expected {dtype}, as the "
                                         f"shard {what} it")
 
+    def _check_state(self) -> dict[str, tuple[str, int, int]]:
+        """Each past input's (dtype, kv_heads, head_dim), from the shard.
+
+        Raises:
+            ShardMismatch: a pair's names are not the shard's, or its past's heads and
+                head size are not fixed ints (in the past input's or the present's shape).
+        """
+        inputs = {a.name: a for a in self.session.get_inputs()}
+        outputs = {a.name: a for a in self.session.get_outputs()}
+        shapes = {}
+        for past, present in self.spec.state:
+            if past not in inputs or present not in outputs:
+                raise ShardMismatch(
+                    f"{self.spec.where}: state pair {past} -> {present}: expected a past "
+                    f"among the shard's inputs ({', '.join(inputs)}) and a present among "
+                    f"its outputs ({', '.join(outputs)})")
+            dims = None
+            for arg in (inputs[past], outputs[present]):
+                shape = list(arg.shape or ())
+                if (len(shape) == 4 and isinstance(shape[1], int)
+                        and isinstance(shape[3], int)):
+                    dims = shape[1], shape[3]
+                    break
+            if dims is None:
+                raise ShardMismatch(
+                    f"{self.spec.where}: state input {past} has shape "
+                    f"{inputs[past].shape}; expected [batch, kv_heads, past_sequence, "
+                    "head_dim] with kv_heads and head_dim fixed (in it or in "
+                    f"{present})")
+            shapes[past] = (_ort_dtype(inputs[past].type) or "float32", *dims)
+        return shapes
+
+    def empty_pasts(self, batch: int) -> dict[str, np.ndarray]:
+        """Zero-length pasts ([batch, kv_heads, 0, head_dim]): a new sequence's caches."""
+        return {name: np.zeros((batch, heads, 0, size), dtype=dtype)
+                for name, (dtype, heads, size) in self._past_shapes.items()}
+
     def rewired(self, spec: StageSpec) -> "StageRunner | None":
         """This runner's session under ``spec`` (another epoch, position or next hop), if
         ``spec`` runs the same shard the same way; else None.
@@ -129,8 +173,10 @@ class StageRunner:
         (a second session would double their memory for a while, and take seconds).
         """
         old = self.spec
-        same = (spec.shard_sha256, spec.mode, spec.data_files, spec.inputs, spec.outputs)
-        if same != (old.shard_sha256, old.mode, old.data_files, old.inputs, old.outputs):
+        same = (spec.shard_sha256, spec.mode, spec.data_files, spec.inputs, spec.outputs,
+                spec.state)
+        if same != (old.shard_sha256, old.mode, old.data_files, old.inputs, old.outputs,
+                    old.state):
             return None
         runner = copy.copy(self)
         runner.spec = spec
@@ -142,8 +188,23 @@ class StageRunner:
         check_tensors(arrays, self.spec.inputs, self.spec.where)
 
     def run(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Compute the stage. ``arrays`` must have passed :meth:`check`."""
-        produced = self.session.run(self._fetches, {n: arrays[n] for n in self._feeds})
+        """Compute the stage. ``arrays`` must have passed :meth:`check`.
+
+        A stage with state runs as a sequence of its own (empty pasts), its presents
+        dropped: a plain request through a decoder's stages.
+        """
+        pasts = self.empty_pasts(batch_size(arrays)) if self.spec.state else {}
+        return self.run_state(arrays, pasts)[0]
+
+    def run_state(self, arrays: dict[str, np.ndarray], pasts: dict[str, np.ndarray]
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Compute the stage with these pasts (one per state pair).
+
+        Returns:
+            What goes on (as :meth:`run`), and the presents by past input name.
+        """
+        feeds = arrays | pasts
+        produced = self.session.run(self._fetches, {n: feeds[n] for n in self._feeds})
         if self._tables:
             if not self._tables_checked:
                 # Once, after the first run: dropping written pages would lose the writes.
@@ -156,8 +217,21 @@ class StageRunner:
             if self._tables:
                 drop_pages(self._tables)
         out = dict(zip(self._fetches, produced))
-        return {s.name: out[s.name] if s.name in out else arrays[s.name]
-                for s in self.spec.outputs}
+        del produced
+        # Copied out of onnxruntime: its outputs are views of its own buffers (the CPU
+        # arena), which never shrinks, so caches kept in them stayed resident after their
+        # release (the toy decoder of tests/test_worker_sessions.py: 64 MiB of released
+        # caches, RSS did not drop at all). Copies live on the heap and are trimmed once
+        # freed; the arena reuses its buffer for the next step.
+        presents = {past: np.array(out.pop(present), copy=True)
+                    for past, present in self.spec.state}
+        return ({s.name: out[s.name] if s.name in out else arrays[s.name]
+                 for s in self.spec.outputs}, presents)
+
+
+def batch_size(arrays: dict[str, np.ndarray]) -> int:
+    """The batch size of a request: the first dim of its first tensor that has one."""
+    return next((a.shape[0] for a in arrays.values() if a.ndim), 1)
 
 
 def _ort_dtype(ort_type: str) -> str | None:

@@ -1,0 +1,211 @@
+"""The sequences a stage is generating: their KV caches, and how one step runs with them.
+
+Each stage keeps, per ``sequence_id``, the presents of its own layers (the StageConfig's
+state pairs) and feeds them back as the pasts of the sequence's next step, so that a
+decode step sends one token's activations instead of the whole sequence's. The caches are
+bounded (``max_sequences`` at once), freed on a release, after ``idle_s`` without a
+step, and all at once when the stage is re-configured under another plan or epoch (its
+layers, or the sequences' owner, may have changed; the coordinator replays from
+position 0).
+
+Only the compute thread runs steps and sweeps; a re-configure resets from the gRPC
+thread, so the store is locked, and a step computed under an older wiring stores
+nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+import numpy as np
+
+from edge.proto import edge_pb2 as pb
+from edge.worker.errors import ContextExceeded, PositionMismatch, TooManySequences
+from edge.worker.sampling import draw_tokens
+from edge.worker.stage import ShardMismatch, StageRunner, batch_size
+
+__all__ = ["SessionStore", "Session", "run_step", "check_step", "DEFAULT_MAX_SEQUENCES",
+           "DEFAULT_IDLE_S", "MAX_SEQUENCE_ID"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SEQUENCES = 8  # a StageConfig that gives none (0)
+DEFAULT_IDLE_S = 120.0     # a sequence's caches without a step for this long are freed
+MAX_SEQUENCE_ID = 256      # characters
+
+
+@dataclass
+class Session:
+    """One sequence's caches on this stage."""
+
+    caches: dict[str, np.ndarray]  # by past input name: [batch, kv_heads, length, head_dim]
+    length: int                    # tokens cached
+    last_used: float               # the store's clock
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.caches.values())
+
+
+class SessionStore:
+    """sequence_id -> :class:`Session`, under one wiring (``key``) at a time.
+
+    Args:
+        idle_s: seconds without a step after which a sequence's caches are freed.
+        clock: monotonic seconds (a test's fake clock).
+    """
+
+    def __init__(self, idle_s: float = DEFAULT_IDLE_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.idle_s = idle_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._sessions: dict[str, Session] = {}
+        self._key: Hashable = None
+
+    def stats(self) -> tuple[int, int]:
+        """Sequences held, and the bytes of their caches."""
+        with self._lock:
+            return len(self._sessions), sum(s.nbytes for s in self._sessions.values())
+
+    def reset(self, key: Hashable) -> int:
+        """Serve wiring ``key`` (plan, epoch): all caches of another one are freed.
+
+        Returns:
+            The bytes freed.
+        """
+        with self._lock:
+            if key == self._key:
+                return 0
+            self._key = key
+            freed = sum(s.nbytes for s in self._sessions.values())
+            if self._sessions:
+                log.info("freed the caches of %d sequence(s) (%.1f MiB): re-configured",
+                         len(self._sessions), freed / 2**20)
+            self._sessions.clear()
+        return freed
+
+    def take(self, key: Hashable, sequence_id: str, position: int, bound: int,
+             where: str) -> dict[str, np.ndarray] | None:
+        """The caches a step of ``sequence_id`` at ``position`` continues from; None when
+        it starts the sequence (position 0, whose old caches, if any, are freed now).
+
+        Raises:
+            PositionMismatch: the caches hold another length than ``position``.
+            TooManySequences: a new sequence while ``bound`` are held.
+        """
+        with self._lock:
+            if key != self._key:
+                # Re-configured while the step waited: the engine drops what it computes,
+                # and the store, which serves the new wiring, is not touched.
+                return None
+            held = self._sessions.get(sequence_id)
+            if position == 0:
+                self._sessions.pop(sequence_id, None)
+                if held is None and len(self._sessions) >= bound:
+                    raise TooManySequences(
+                        f"{where} holds the caches of {len(self._sessions)} sequences, its "
+                        f"max_sequences is {bound}; expected a release (or an idle one to "
+                        f"expire) before sequence {sequence_id} starts")
+                return None
+            cached = held.length if held else 0
+            if cached != position:
+                raise PositionMismatch(
+                    f"{where} has {cached} tokens cached for sequence {sequence_id}, the "
+                    f"step is at position {position}; expected position {cached} (or 0 to "
+                    "restart the sequence)")
+            held.last_used = self._clock()
+            return dict(held.caches)
+
+    def put(self, key: Hashable, sequence_id: str, caches: dict[str, np.ndarray],
+            length: int) -> bool:
+        """Keep ``caches`` as the sequence's; False (nothing kept) if the store serves
+        another wiring since the step began."""
+        with self._lock:
+            if key != self._key:
+                return False
+            self._sessions[sequence_id] = Session(caches, length, self._clock())
+            return True
+
+    def release(self, sequence_id: str) -> int:
+        """Free a sequence's caches (an unknown one is fine). Returns the bytes freed."""
+        with self._lock:
+            s = self._sessions.pop(sequence_id, None)
+        return s.nbytes if s else 0
+
+    def sweep(self) -> int:
+        """Free the caches idle for longer than ``idle_s``. Returns the bytes freed."""
+        now = self._clock()
+        with self._lock:
+            idle = [k for k, s in self._sessions.items() if now - s.last_used > self.idle_s]
+            gone = [self._sessions.pop(k) for k in idle]
+        if gone:
+            log.info("freed the caches of %d sequence(s) idle for over %.0f s", len(gone),
+                     self.idle_s)
+        return sum(s.nbytes for s in gone)
+
+
+def check_step(step: pb.Step) -> str | None:
+    """What is wrong with a step's plain fields, or None."""
+    if not 0 < len(step.sequence_id) <= MAX_SEQUENCE_ID:
+        return (f"step: expected a sequence id of 1-{MAX_SEQUENCE_ID} characters, got "
+                f"{len(step.sequence_id)}")
+    return None
+
+
+def run_step(runner: StageRunner, store: SessionStore, epoch: int,
+             arrays: dict[str, np.ndarray], step: pb.Step
+             ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Run one generation step of a sequence on this stage.
+
+    Feeds the sequence's caches as the pasts (empty ones at position 0), keeps the
+    presents, and on the last stage draws the next token from the logits, which then
+    stay here.
+
+    Args:
+        runner: the stage.
+        store: the stage's sequences.
+        epoch: the wiring the step came under (with the plan id, the store's key).
+        arrays: the step's tensors, checked.
+        step: its sequence, position and sampling.
+
+    Returns:
+        The tensors that go on (none on the last stage), and the drawn tokens (last
+        stage) or None.
+
+    Raises:
+        PositionMismatch, TooManySequences, ContextExceeded: the step is refused; the
+            sequence's caches are as they were (but a restart, position 0, has freed
+            them already).
+    """
+    spec = runner.spec
+    key = (spec.plan_id, epoch)
+    pasts: dict[str, np.ndarray] = {}
+    if spec.state:
+        held = store.take(key, step.sequence_id, step.position,
+                          spec.max_sequences or DEFAULT_MAX_SEQUENCES, spec.where)
+        pasts = held if held is not None else runner.empty_pasts(batch_size(arrays))
+    outputs, presents = runner.run_state(arrays, pasts)
+    del pasts
+    if presents:
+        length = next(iter(presents.values())).shape[2]
+        if spec.context and length > spec.context:
+            raise ContextExceeded(
+                f"{spec.where}: sequence {step.sequence_id} would hold {length} tokens; "
+                f"expected at most the context of {spec.context}")
+        store.put(key, step.sequence_id, presents, length)
+    if not spec.is_last:
+        return outputs, None
+    logits = outputs.get("logits")
+    if logits is None or logits.ndim != 3:
+        raise ShardMismatch(
+            f"{spec.where} draws the next token from logits [batch, sequence, vocab]; "
+            "expected an output named logits, got "
+            f"{', '.join(f'{k}{list(v.shape)}' for k, v in outputs.items()) or 'none'}")
+    s = step.sampling
+    tokens = draw_tokens(logits, s.temperature, s.top_k, s.top_p, s.seed, step.position)
+    return {}, tokens
