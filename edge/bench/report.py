@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Mapping
 
+from edge._extras import missing_package
+
 __all__ = ["summary_rows", "markdown", "plot_scaling", "write_results"]
 
 _COLUMNS = ("comparison", "edge", "baseline", "ratio / value", "target", "met")
@@ -243,12 +245,10 @@ def plot_scaling(r: Mapping, path: str | Path) -> Path:
         r: the results.
         path: the ``.png`` to write.
     """
-    try:
+    try:  # matplotlib: an optional extra, needed only to draw
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        from edge._extras import missing_package
-
         raise (missing_package(e.name or "matplotlib", f"drawing {path}")
                or e) from None
 

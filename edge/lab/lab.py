@@ -35,6 +35,9 @@ from edge.lab.system import (CERTS_DIR, STATE_FILE, LabError, check_tools, defau
 from edge.lab.cleanup import TeardownReport, leftovers, teardown
 from edge.lab.workers import (DeviceStatus, bundle_dir, device_status, start_worker,
                               wait_listening)
+from edge.planning.cluster import cluster_from_dict
+from edge.transport.certs import init_ca, issue
+from edge.transport.security import Security
 
 __all__ = ["Lab", "DeviceStatus"]
 
@@ -210,8 +213,6 @@ class Lab:
         Raises:
             SecurityError: the lab was set up without certificates (an older edge).
         """
-        from edge.transport.security import Security
-
         return Security.from_dir(self.coordinator_bundle)
 
     # ------------------------------------------------------------------ using it
@@ -261,8 +262,6 @@ class Lab:
 
     def cluster(self):
         """The lab as an ``edge.planning.cluster.Cluster``, to plan for."""
-        from edge.planning.cluster import cluster_from_dict
-
         return cluster_from_dict(self.cluster_dict(), source="the lab")
 
     def write_cluster(self, path: Path) -> Path:
@@ -360,8 +359,6 @@ class Lab:
 
 def _make_certs(state_dir: Path, devices: list[LabDevice], host_ip: str) -> None:
     """A fresh CA for this lab, a bundle per device and one for the host's side."""
-    from edge.transport.certs import init_ca, issue
-
     ca = state_dir / CERTS_DIR
     init_ca(ca, force=True)
     for dev in devices:

@@ -12,6 +12,7 @@ measured by running the model once in onnxruntime with every intermediate as an 
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import math
@@ -23,6 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import helper, shape_inference
 
@@ -333,7 +335,6 @@ def _toposort(m: onnx.ModelProto) -> list[onnx.NodeProto]:
         missing = [x for x in r if x not in producers and x not in available]
         if missing:
             raise GraphError(f"node {n_name(nodes[k], k)} reads undefined tensors {missing}")
-    import heapq
     ready = [k for k in range(len(nodes)) if indeg[k] == 0]
     heapq.heapify(ready)
     out = []
@@ -666,8 +667,6 @@ def _measure_shapes(m: onnx.ModelProto, bound_inputs: list[onnx.ValueInfoProto],
                     names: list[str], types: dict[str, int],
                     sample: Mapping[str, np.ndarray] | None = None,
                     ) -> dict[str, tuple[tuple[int, ...], int]]:
-    import onnxruntime as ort
-
     probe = onnx.ModelProto()
     probe.CopyFrom(m)
     known_out = {o.name for o in probe.graph.output}

@@ -26,6 +26,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from edge._extras import missing_package
+
 __all__ = [
     "TOLERANCE_PCT",
     "SAMPLE_FIELDS",
@@ -55,8 +57,6 @@ def matplotlib_agg(path) -> tuple:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        from edge._extras import missing_package
-
         raise (missing_package(e.name or "matplotlib", f"drawing {path}")
                or e) from None
     return Figure, FigureCanvasAgg
