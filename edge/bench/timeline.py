@@ -25,7 +25,7 @@ NEEDED_FOR_EXACT = (
     "each worker would add absolute times of the same request: received, compute start, "
     "compute end, handed to the next hop (e.g. fixed64 received_unix_ns = 5, "
     "compute_start_unix_ns = 6, compute_end_unix_ns = 7, sent_unix_ns = 8 from "
-    "time.time_ns(), set in edge/worker/server.py where queue_ms/compute_ms/send_ms are "
+    "time.time_ns(), set in edge/worker/engine.py where queue_ms/compute_ms/send_ms are "
     "measured). On loopback all workers share one clock; across boards the coordinator "
     "would also need each worker's clock offset (e.g. from a timed GetStatus round trip).")
 
