@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import shlex
+from importlib.metadata import PackageNotFoundError, requires
 from pathlib import Path
 
+import edge
 from edge.errors import MissingPackageError
 
 __all__ = ["EXTRA_OF", "TORCH_PIN", "install_command", "missing_package"]
@@ -30,10 +32,6 @@ def _source_tree() -> Path | None:
 
 def _extra_requirements(extra: str) -> list[str] | None:
     """The requirements of ``extra`` in the installed distribution's metadata."""
-    from importlib.metadata import PackageNotFoundError, requires
-
-    import edge
-
     try:
         reqs = requires(edge.DISTRIBUTION) or []
     except PackageNotFoundError:

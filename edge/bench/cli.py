@@ -9,6 +9,8 @@ import argparse
 import shlex
 import time
 
+from edge.errors import ConfigError
+
 __all__ = ["add_parser"]
 
 
@@ -42,7 +44,6 @@ def add_parser(sub) -> None:
 
 def _config(args: argparse.Namespace):
     from edge.bench.runner import BenchConfig, parse_devices, parse_model
-    from edge.errors import ConfigError
 
     profile, count = parse_devices(args.devices)
     try:

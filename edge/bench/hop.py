@@ -19,8 +19,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from edge.bench.measure import Deployment, start_workers, summary
+from edge.build import make_plan
+from edge.lab.devices import DeviceSpec, load_profile
+from edge.lab.lab import Lab
+from edge.lab.system import LabError
+from edge.planning.cluster import cluster_from_profile
 
 __all__ = ["ACTIVATION_SHAPE", "activation_bytes", "chain_model", "measure_hop",
            "loopback_hop", "lab_hop"]
@@ -44,9 +51,6 @@ def chain_model(path: Path, nodes: int = 4) -> Path:
         path: the ``.onnx`` to write.
         nodes: how many Adds.
     """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     names = ["x"] + [f"t{i}" for i in range(1, nodes)] + ["y"]
     graph = helper.make_graph(
         [helper.make_node("Add", [names[i], "c"], [names[i + 1]], name=f"add_{i}")
@@ -105,8 +109,6 @@ def _deploy_pair(model: Path, workdir: Path, devices: list, workers: list,
     """Plans and deployments: ``devices[0]`` serves the whole model, ``devices[1:3]`` the
     two halves. ``workers`` are stopped by the second deployment's close; ``security``
     reaches them (default: plaintext on loopback)."""
-    from edge.build import make_plan
-
     plan1 = make_plan(model, devices[:1], workdir / "one")
     plan2 = make_plan(model, devices[1:3], workdir / "two")
     crossing = sum(int(np.prod([d if isinstance(d, int) else 1 for d in t.shape]))
@@ -124,8 +126,6 @@ def loopback_hop(workdir: Path, profile: str, rounds: int) -> dict:
         profile: the workers' device profile.
         rounds: request pairs.
     """
-    from edge.planning.cluster import cluster_from_profile
-
     model = chain_model(workdir / "chain.onnx")
     workers = start_workers(3, workdir / "workers", profile, prefix="hop")
     try:
@@ -167,11 +167,6 @@ def lab_hop(workdir: Path, profile: str, rounds: int, link: str = "gige",
         The measurement, or ``{"link": link, "status": "unavailable", "reason": ...}``
         when the lab cannot run here (not root, no tc, a lab already up, ...).
     """
-    try:
-        from edge.lab import DeviceSpec, Lab, LabError
-        from edge.lab.devices import load_profile
-    except ImportError as e:
-        return {"link": link, "status": "unavailable", "reason": f"edge.lab: {e}"}
     up = lab_factory or Lab.up
     model = chain_model(workdir / "chain.onnx")
     try:

@@ -20,6 +20,14 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from edge.build import make_plan
+from edge.console import measured_peak_mib
+from edge.coordinator.pipeline import Pipeline
+from edge.lab.devices import DeviceSpec
+from edge.lab.lab import Lab
+from edge.lab.system import LabError
+from edge.planning.cluster import load_cluster
+
 __all__ = ["lab_pipeline_vs_one"]
 
 log = logging.getLogger(__name__)
@@ -68,12 +76,6 @@ def lab_pipeline_vs_one(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
         The measurement, or ``{"status": "unavailable", "reason": ...}`` when the lab
         cannot run here (not root, a lab already up, ...).
     """
-    from edge.coordinator.pipeline import Pipeline
-    from edge.console import measured_peak_mib
-    from edge.lab import DeviceSpec, Lab, LabError
-    from edge.build import make_plan
-    from edge.planning.cluster import load_cluster
-
     in_flight = in_flight or 2 * devices
     try:
         lab = Lab.up([DeviceSpec(profile)] * (devices + 1), state_dir=workdir / "lab",

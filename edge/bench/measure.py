@@ -18,6 +18,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from edge.console import measured_peak_mib
+from edge.coordinator.pipeline import Pipeline
+from edge.transport.codec import decode_tensors
+from edge.transport.security import Security
+from edge.worker.launch import spawn_worker
+
 __all__ = ["RequestRecord", "Deployment", "start_workers", "summary"]
 
 log = logging.getLogger(__name__)
@@ -57,8 +63,6 @@ def start_workers(count: int, workdir: Path, profile: str, prefix: str = "worker
     Returns:
         ``edge.worker.launch.WorkerProcess`` objects; stop them with ``.stop()``.
     """
-    from edge.worker.launch import spawn_worker
-
     with ThreadPoolExecutor(count) as pool:
         futures = [pool.submit(spawn_worker, Path(workdir), f"{prefix}-{i}", profile)
                    for i in range(count)]
@@ -91,9 +95,6 @@ class Deployment:
 
     def __init__(self, name: str, plan, plan_dir: Path, workers: Sequence = (),
                  security=None):
-        from edge.coordinator.pipeline import Pipeline
-        from edge.transport.security import Security
-
         self.name = name
         self.plan = plan
         self.plan_dir = Path(plan_dir)
@@ -120,8 +121,6 @@ class Deployment:
         return len(self.plan.stages)
 
     def _one(self, inputs: Mapping[str, np.ndarray]) -> tuple[RequestRecord, dict]:
-        from edge.transport.codec import decode_tensors
-
         t0 = time.perf_counter()
         result = self.pipeline.infer(inputs)
         t1 = time.perf_counter()
@@ -157,8 +156,6 @@ class Deployment:
     def peak_rss_mib(self) -> list[float | None]:
         """Each worker's peak RSS (VmHWM) so far, by stage, MiB; None for a worker whose
         status could not be read (logged by the pipeline): not measured, never 0."""
-        from edge.console import measured_peak_mib
-
         return [measured_peak_mib(s) for s in self.pipeline.status().stages]
 
     def stage_compute_ms(self) -> list[float]:

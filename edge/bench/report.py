@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Mapping
 
+from edge._extras import missing_package
+
 __all__ = ["summary_rows", "markdown", "plot_scaling", "write_results"]
 
 _COLUMNS = ("comparison", "edge", "baseline", "ratio / value", "target", "met")
@@ -102,11 +104,16 @@ def _table(header: tuple[str, ...], rows) -> list[str]:
 
 def markdown(r: Mapping) -> str:
     """The results as Markdown: targets, then one section per comparison."""
-    a, b, c, d, e = (r["a_one_device"], r["b_torch"], r["c_hop"], r["d_scaling"],
-                     r["e_timeline"])
+    lines = [*_md_header(r), *_md_one_device(r), *_md_torch(r), *_md_hop(r),
+             *_md_scaling_and_timeline(r)]
+    return "\n".join(lines)
+
+
+def _md_header(r: Mapping) -> list[str]:
+    """The title, the machine, how the run measured, and the summary table."""
     m = r["machine"]
-    n = a["pipeline"]["devices"]
-    lines = [
+    n = r["a_one_device"]["pipeline"]["devices"]
+    return [
         f"# edge bench: {r['model']} over {n} × {r['profile']['name']}",
         "",
         f"Command: `{r['command'] or 'edge bench'}`  ",
@@ -127,6 +134,14 @@ def markdown(r: Mapping) -> str:
         "",
         *_table(_COLUMNS, summary_rows(r)),
         "",
+    ]
+
+
+def _md_one_device(r: Mapping) -> list[str]:
+    """Section a: one device against the pipeline, stage by stage."""
+    a = r["a_one_device"]
+    n = a["pipeline"]["devices"]
+    return [
         f"## a. One device vs {n} stages",
         "",
         f"Baseline: {a['baseline']}, {a['one_device']['in_flight']} requests in flight. "
@@ -143,6 +158,13 @@ def markdown(r: Mapping) -> str:
         f"modelled {a['one_device']['modelled']['period_ms']:.0f} ms per request on the "
         f"device; peak RSS {_mib(a['one_device']['stages'][0]['peak_rss_mib'])} MiB.",
         "",
+    ]
+
+
+def _md_torch(r: Mapping) -> list[str]:
+    """Section b: edge against torch.distributed.pipelining."""
+    a, b = r["a_one_device"], r["b_torch"]
+    return [
         "## b. torch.distributed.pipelining",
         "",
         f"Peer: {b['peer']}. {b['split_note'].capitalize()}. Latency: one microbatch per "
@@ -158,6 +180,13 @@ def markdown(r: Mapping) -> str:
                   "—" if s["rss_ratio"] is None else f"{s['rss_ratio']:.2f}",
                   f"{s['torch_rss_after_imports_mib']:.0f}") for s in b["stages"]]),
         "",
+    ]
+
+
+def _md_hop(r: Mapping) -> list[str]:
+    """Section c: the cost of one hop, on loopback and on a shaped link."""
+    c = r["c_hop"]
+    return [
         "## c. One hop",
         "",
         f"A {c['activation_bytes']:,}-byte float32 activation: a chain of Adds served "
@@ -168,6 +197,14 @@ def markdown(r: Mapping) -> str:
                  "encode ms", "receive→compute ms"),
                 [_hop_row(c[k]) for k in ("loopback", "gige")]),
         "",
+    ]
+
+
+def _md_scaling_and_timeline(r: Mapping) -> list[str]:
+    """Sections d and e: speedup by device count, and the timeline figure."""
+    d, e = r["d_scaling"], r["e_timeline"]
+    n = r["a_one_device"]["pipeline"]["devices"]
+    return [
         "## d. Scaling",
         "",
         *_table(("devices", "latency ms", "throughput req/s", "speedup", "modelled latency ms",
@@ -188,7 +225,6 @@ def markdown(r: Mapping) -> str:
         f"exact timeline). {e['needed_for_exact']}",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _hop_row(h: Mapping) -> tuple:
@@ -209,12 +245,10 @@ def plot_scaling(r: Mapping, path: str | Path) -> Path:
         r: the results.
         path: the ``.png`` to write.
     """
-    try:
+    try:  # matplotlib: an optional extra, needed only to draw
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        from edge._extras import missing_package
-
         raise (missing_package(e.name or "matplotlib", f"drawing {path}")
                or e) from None
 

@@ -29,8 +29,23 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnxruntime
 
-from edge.errors import ConfigError
+from edge.bench import hop
+from edge.bench.lab_pipeline import lab_pipeline_vs_one
+from edge.bench.measure import Deployment, start_workers, summary
+from edge.bench.modelled import modelled_pipeline
+from edge.bench.report import write_results
+from edge.bench.split import layer_splits
+from edge.bench.timeline import (NEEDED_FOR_EXACT, from_timestamps, overlap_ms, reconstruct,
+                                 render)
+from edge.build import make_plan
+from edge.console import stage_layers
+from edge.errors import ConfigError, NoFitError
+from edge.export import example_inputs, export_model, sizes
+from edge.planning.cluster import cluster_from_profile, load_profile
+from edge.profiling.calibrate import measure_gflops
+from edge.profiling.memory import device_facts, tune_malloc
 
 __all__ = ["BenchConfig", "run_bench", "parse_model", "parse_devices", "TARGETS"]
 
@@ -105,8 +120,6 @@ def parse_model(text: str) -> tuple[str, str]:
     Raises:
         ConfigError: not ``bert-<size>`` with a size edge.export knows.
     """
-    from edge.export import sizes
-
     kind, _, size = text.partition("-")
     if kind != "bert" or size not in sizes("bert"):
         raise ConfigError(f"--model: expected bert-{{{','.join(sizes('bert'))}}} (the torch "
@@ -120,8 +133,6 @@ def parse_devices(text: str) -> tuple[str, int]:
     Raises:
         ConfigError: not ``PROFILE[:COUNT]`` with COUNT >= 1, or an unknown profile.
     """
-    from edge.planning.cluster import load_profile
-
     profile, sep, count = text.rpartition(":")
     if not sep:
         profile, count = text, "1"
@@ -144,8 +155,6 @@ def run_bench(config: BenchConfig, say: Callable[[str], None] | None = None) -> 
     Returns:
         The results (also ``bench.json``), with ``files`` naming what was written.
     """
-    from edge.profiling.memory import tune_malloc
-
     say = say or log.info
     tune_malloc()  # as `edge demo` and the coordinator: fast activation encoding
     _, size = parse_model(config.model)
@@ -163,18 +172,13 @@ def run_bench(config: BenchConfig, say: Callable[[str], None] | None = None) -> 
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     result["duration_s"] = round(time.time() - started, 1)
-    from edge.bench.report import write_results
-
     result["files"] = {k: str(v) for k, v in write_results(result, Path(config.out)).items()}
     return result
 
 
 def _run(config: BenchConfig, size: str, work: Path, say: Callable[[str], None]) -> dict:
-    from edge.bench.measure import Deployment, start_workers
-    from edge.bench.split import layer_splits
+    # torch_peer imports torch: only a run that compares with it loads it.
     from edge.bench.torch_peer import TorchPeer, save_stages
-    from edge.export import example_inputs, export_model
-    from edge.planning.cluster import load_profile
 
     profile = load_profile(config.profile)
     counts = sorted({1, config.devices, *config.scaling})
@@ -250,9 +254,6 @@ def _run(config: BenchConfig, size: str, work: Path, say: Callable[[str], None])
 
 def _timeline(config: BenchConfig, rounds: _Rounds, main) -> dict:
     """Draw the last concurrent round's timeline (timeline.png); its figures for results."""
-    from edge.bench.timeline import (NEEDED_FOR_EXACT, from_timestamps, overlap_ms,
-                                     reconstruct, render)
-
     bars = from_timestamps(rounds.last_concurrent)
     exact = bars is not None
     if not exact:
@@ -280,8 +281,6 @@ def _timeline(config: BenchConfig, rounds: _Rounds, main) -> dict:
 
 def _hops(config: BenchConfig, work: Path, say: Callable[[str], None]) -> dict:
     """One hop of an activation: on loopback, and over a gigabit link in the lab."""
-    from edge.bench import hop
-
     say(f"measuring one hop of a {hop.activation_bytes() // 1024} KiB activation on loopback")
     hops = {"activation_bytes": hop.activation_bytes(),
             "wire_ms_at_940_mbps": round(hop.activation_bytes() * 8 / (_GIGE_GOODPUT_MBPS * 1e3),
@@ -304,11 +303,7 @@ def _hops(config: BenchConfig, work: Path, say: Callable[[str], None]) -> dict:
 def _lab_comparison(config: BenchConfig, model: Path, size: str, work: Path,
                     say: Callable[[str], None]) -> dict:
     """The pipeline against one emulated device in edge lab, or why it was not measured."""
-    from edge.export import example_inputs
-
     if config.lab:
-        from edge.bench.lab_pipeline import lab_pipeline_vs_one
-
         say(f"measuring {config.devices} emulated {config.profile} against one in edge lab "
             f"({config.lab_requests} requests a block)")
         lab_inputs = [example_inputs("bert", size, batch=1, seq=config.sequence,
@@ -341,8 +336,6 @@ def _measure_rounds(config: BenchConfig, deployments: dict, peer, inputs: list,
     """Each round: this host's GFLOP/s; latency, request by request across every edge
     deployment and the torch peer in turn; then a throughput block of each. The order
     rotates every round, so no configuration always follows a given other one."""
-    from edge.profiling.calibrate import measure_gflops
-
     out = _Rounds()
     batch = {k: np.concatenate([x[k] for x in inputs]) for k in inputs[0]}
     entries: list = [*deployments, "torch"]
@@ -375,11 +368,6 @@ def _deploy(model: Path, config: BenchConfig, workers: list, where: Path):
     """Plan the model over ``workers`` (devices of the profile) and deploy it there. A
     model too big for one device is planned and served anyway by one worker without a
     memory budget (the baseline stays one worker-like process)."""
-    from edge.bench.measure import Deployment, start_workers
-    from edge.errors import NoFitError
-    from edge.build import make_plan
-    from edge.planning.cluster import cluster_from_profile
-
     bindings = {"batch": 1, "sequence": config.sequence}
     n = len(workers)
     devices = cluster_from_profile(config.profile, n, [w.address for w in workers]).devices
@@ -414,8 +402,6 @@ def _median(values) -> float:
 
 def _assemble(config, profile, host_gflops, rounds, deployments, splits, torch_mem, edge_rss,
               diff, hops, timeline, lab_a) -> dict:
-    from edge.profiling.memory import device_facts
-
     figures = {n: _edge_figures(n, deployments[n], host_gflops, edge_rss[n])
                for n in deployments}
     one, main = figures[1], figures[config.devices]
@@ -467,10 +453,6 @@ def _assemble(config, profile, host_gflops, rounds, deployments, splits, torch_m
 
 def _edge_figures(devices: int, d, host_gflops: float, peak_rss: list) -> dict:
     """One deployment's measured and modelled figures, per stage and in all."""
-    from edge.bench.measure import summary
-    from edge.bench.modelled import modelled_pipeline
-    from edge.console import stage_layers
-
     compute = d.stage_compute_ms()
     modelled = modelled_pipeline(compute, [s.predicted.transfer_ms for s in d.plan.stages],
                                  host_gflops, [s.device.gflops for s in d.plan.stages])
@@ -490,8 +472,6 @@ def _edge_figures(devices: int, d, host_gflops: float, peak_rss: list) -> dict:
 
 def _torch_section(config, rounds, main: dict, splits, torch_mem, diff: float) -> dict:
     """Part b of the results: edge against torch.distributed.pipelining, stage by stage."""
-    from edge.bench.measure import summary
-
     torch_stages = []
     for split, mem, edge_stage in zip(splits, torch_mem, main["stages"]):
         edge_peak = edge_stage["peak_rss_mib"]
@@ -538,8 +518,7 @@ def _torch_section(config, rounds, main: dict, splits, torch_mem, diff: float) -
 
 
 def _machine(facts: dict, host_gflops: float, per_round: list[float]) -> dict:
-    import onnxruntime
-    import torch
+    import torch  # loaded by the torch peer already; never at import time
 
     cpu = platform.processor()
     try:

@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
 from edge.errors import EdgeError
 
 __all__ = ["LayerSplit", "SplitError", "node_layers", "layer_splits"]
@@ -77,8 +79,6 @@ def node_layers(model_path: str | Path) -> dict[str, int]:
     Args:
         model_path: a BERT exported by ``edge.export`` (the dynamo exporter).
     """
-    import onnx
-
     model = onnx.load(str(model_path), load_external_data=False)
     out: dict[str, int] = {}
     for node in model.graph.node:
@@ -110,8 +110,6 @@ def layer_splits(plan, plan_dir: str | Path, model_path: str | Path) -> list[Lay
     Raises:
         SplitError: no node could be placed in a layer.
     """
-    import onnx
-
     layer_of = node_layers(model_path)
     if not layer_of:
         raise SplitError(f"{model_path}: no node carries an encoder-layer scope "

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from edge.profiling.report import matplotlib_agg
+
 __all__ = ["Bar", "from_timestamps", "reconstruct", "overlap_ms", "render", "NEEDED_FOR_EXACT"]
 
 NEEDED_FOR_EXACT = (
@@ -23,7 +25,7 @@ NEEDED_FOR_EXACT = (
     "each worker would add absolute times of the same request: received, compute start, "
     "compute end, handed to the next hop (e.g. fixed64 received_unix_ns = 5, "
     "compute_start_unix_ns = 6, compute_end_unix_ns = 7, sent_unix_ns = 8 from "
-    "time.time_ns(), set in edge/worker/server.py where queue_ms/compute_ms/send_ms are "
+    "time.time_ns(), set in edge/worker/engine.py where queue_ms/compute_ms/send_ms are "
     "measured). On loopback all workers share one clock; across boards the coordinator "
     "would also need each worker's clock offset (e.g. from a timed GetStatus round trip).")
 
@@ -127,10 +129,8 @@ def render(bars: Sequence[Bar], num_stages: int, path: str | Path, title: str,
     Returns:
         ``path``.
     """
-    from edge.profiling.report import matplotlib_agg
-
     Figure, FigureCanvasAgg = matplotlib_agg(path)
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch  # optional extra: matplotlib_agg checked it is there
 
     # A bare Figure on an Agg canvas, not pyplot: no display and no global state.
     fig = Figure(figsize=(12, 1.6 + 0.75 * num_stages), layout="constrained")
@@ -172,6 +172,6 @@ def render(bars: Sequence[Bar], num_stages: int, path: str | Path, title: str,
 
 
 def _color(i: int):
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # optional extra, loaded only to draw
 
     return colormaps["tab20"](i % 20)

@@ -33,10 +33,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from edge.bench.split import LayerSplit
 from edge.errors import EdgeError
+from edge.export import build_model
+from edge.export.specs import get_spec
 from edge.worker.launch import module_command
 
 __all__ = ["BertStage", "PeerError", "TorchPeer", "save_stages", "run_stages"]
@@ -74,7 +76,7 @@ class BertStage(torch.nn.Module):
         self.pooler = bert.pooler if split.pooler else None
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor):
-        from transformers.masking_utils import create_bidirectional_mask
+        from transformers.masking_utils import create_bidirectional_mask  # heavy: ranks only
 
         hidden = self.embeddings(input_ids=x) if self.embeddings is not None else x
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden,
@@ -99,8 +101,6 @@ def save_stages(size: str, seed: int, splits: Sequence[LayerSplit], out_dir: Pat
     Returns:
         The files, by stage.
     """
-    from edge.export import build_model
-
     bert = build_model("bert", size, seed).model  # the wrapper's transformers BertModel
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -120,10 +120,7 @@ def save_stages(size: str, seed: int, splits: Sequence[LayerSplit], out_dir: Pat
 def load_stage(path: Path) -> "BertStage":
     """A stage saved by ``save_stages``: built on the meta device (no memory for the parts
     of BERT it does not hold), then given its own tensors from the file."""
-    from safetensors.torch import load_file
-    from transformers import BertConfig, BertModel
-
-    from edge.export.specs import get_spec
+    from transformers import BertConfig, BertModel  # heavy: only the ranks load it
 
     meta = json.loads(Path(path).with_suffix(".json").read_text())
     split = meta["split"]
@@ -360,6 +357,7 @@ def _rank_main(argv: Sequence[str] | None = None) -> int:
     def reply(obj: Any) -> None:
         reply_out.write(json.dumps(obj) + "\n")
 
+    # Here, not at the top: the rank measures its memory after these imports.
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
     import transformers.models.bert.modeling_bert  # noqa: F401  (imported before the mark)

@@ -108,7 +108,7 @@ class Link:
 
     def handle(self, stage: "Stage"):
         """A :class:`~edge.coordinator.deploy.WorkerHandle` of ``stage`` on this channel."""
-        from edge.coordinator.deploy import WorkerHandle
+        from edge.coordinator.deploy import WorkerHandle  # deploy imports this module
 
         return WorkerHandle(stage, self.channel, self.stub, self.health)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
+import onnxruntime as ort
 
 from edge.errors import EdgeError
 from edge.export.inputs import example_inputs, text_inputs
@@ -177,7 +178,6 @@ def verify_onnx(model: "torch.nn.Module", onnx_path: str | Path,
     Raises:
         ExportError: an output differs by more than ``atol`` or has another shape.
     """
-    import onnxruntime as ort
     import torch
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

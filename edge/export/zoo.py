@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 __all__ = ["ZooModel", "ZOO", "locate", "light_model"]
 
@@ -97,8 +98,6 @@ def locate(name: str) -> Path:
 def light_model(name: str) -> Path:
     """A model of the onnx package's backend test data (``light_resnet50`` ...): IR version 3,
     opset 9, every weight built by a ConstantOfShape from its shape."""
-    import onnx
-
     path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"{name}.onnx"
     if not path.is_file():
         raise LookupError(f"onnx {onnx.__version__} ships no {path.name}")

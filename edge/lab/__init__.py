@@ -17,8 +17,9 @@ Modules, mechanism first:
 - ``cgroups``: memory caps, CPU quotas and OOM counters, cgroup v1 or v2.
 - ``devices``: policy: what each profile becomes (address, link rate, memory cap, CPU
   quota against this host's measured GFLOP/s).
-- ``lab``: the lifecycle: building devices, starting workers, the state file, status
-  (why a worker died).
+- ``lab``: the lifecycle: building devices, starting workers, the state file, status.
+- ``workers``: the workers' processes: starting one in its device, waiting for it to
+  listen, and why one died.
 - ``cleanup``: removing it all, from the state file or by name after a crash.
 - ``cli``: ``edge lab up | status | down``.
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 __all__ = ["Lab", "LabDevice", "DeviceSpec", "DeviceStatus", "LabError", "parse_device_specs",
            "teardown", "leftovers"]
 
-_WHERE = {"Lab": "lab", "DeviceStatus": "lab", "LabDevice": "devices", "DeviceSpec": "devices",
+_WHERE = {"Lab": "lab", "DeviceStatus": "workers", "LabDevice": "devices", "DeviceSpec": "devices",
           "parse_device_specs": "devices", "LabError": "system", "teardown": "cleanup",
           "leftovers": "cleanup"}
 

@@ -40,7 +40,20 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from edge.build import make_plan
+from edge.coordinator.deploy import DeployError, configure, connect, upload_shard, wait_healthy
 from edge.errors import EdgeError
+from edge.export import example_inputs, export_model
+from edge.planning.cluster import cluster_from_profile
+from edge.proto import edge_pb2 as pb
+from edge.shards.runtime import session_options
+from edge.transport.channels import Deadlines, Security
+from edge.transport.codec import decode_tensors, encode_tensors
+from edge.worker.launch import stop_process
 
 if TYPE_CHECKING:
     from edge.planning.plan import Plan
@@ -438,8 +451,6 @@ class RootWorker:
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM (graceful: the worker stops its server), SIGKILL if it takes too long."""
-        from edge.worker.launch import stop_process
-
         return stop_process(self.process, timeout)
 
 
@@ -462,13 +473,6 @@ def prepare_on_host(work: Path, sequence: int) -> Prepared:
     The reference runs the shard as the worker does (its outputs, plus the inputs it only
     passes on), with plain onnxruntime: none of the worker's code.
     """
-    import onnxruntime as ort
-
-    from edge.export import example_inputs, export_model
-    from edge.build import make_plan
-    from edge.planning.cluster import cluster_from_profile
-    from edge.shards.runtime import session_options
-
     model = export_model("bert", size="tiny", seed=0, out=work / "bert-tiny.onnx")
     # The addresses are placeholders: stage 0 is pointed at the aarch64 worker later.
     cluster = cluster_from_profile("rpi4b-2gb", 2)
@@ -502,13 +506,6 @@ def forward_once(address: str, prepared: Prepared, timeout: float) -> tuple[dict
     Raises:
         SmokeError: a call failed, or the worker reported a failure.
     """
-    import grpc
-
-    from edge.coordinator.deploy import DeployError, configure, connect, upload_shard, wait_healthy
-    from edge.proto import edge_pb2 as pb
-    from edge.transport.channels import Deadlines, Security
-    from edge.transport.codec import decode_tensors, encode_tensors
-
     plan = prepared.plan
     stage = plan.stages[0]
     stage = dataclasses.replace(stage, device=dataclasses.replace(stage.device, address=address))
@@ -564,8 +561,6 @@ def forward_once(address: str, prepared: Prepared, timeout: float) -> tuple[dict
 
 def compare(got: dict, expected: dict) -> dict[str, float]:
     """Max abs difference per output. Raises SmokeError if the names or shapes differ."""
-    import numpy as np
-
     if set(got) != set(expected):
         raise SmokeError(f"the worker sent {sorted(got)}, expected {sorted(expected)}")
     diffs = {}

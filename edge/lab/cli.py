@@ -61,7 +61,7 @@ def add_parser(sub) -> None:
 
 
 def _console():
-    from rich.console import Console
+    from rich.console import Console  # as the handlers: `edge --help` does not load rich
 
     console = Console(highlight=False)
     if not console.is_terminal:

@@ -25,6 +25,8 @@ from typing import Iterable
 from edge.lab import cgroups, netns, shaping
 from edge.lab.cgroups import Cgroup
 from edge.lab.system import LabError, write_json
+from edge.planning import cluster
+from edge.profiling.calibrate import measure_gflops
 
 __all__ = ["SUBNET", "HOST_IP", "WORKER_PORT", "MAX_DEVICES", "DeviceSpec", "LabDevice",
            "parse_device_specs", "load_profile", "host_cores", "host_gflops", "design"]
@@ -176,7 +178,6 @@ def host_gflops(state_dir: Path, seconds: float = 1.0) -> tuple[float, str]:
             return float(cached["gflops"]), f"measured {cached['measured']}, cached in {cache}"
     except (OSError, ValueError):
         pass
-    from edge.profiling.calibrate import measure_gflops
 
     gflops, _runs = measure_gflops(seconds)
     now = datetime.datetime.now().isoformat(timespec="seconds")
@@ -190,8 +191,6 @@ def host_gflops(state_dir: Path, seconds: float = 1.0) -> tuple[float, str]:
 
 def load_profile(name: str):
     """A device profile (``edge.planning.cluster.load_profile``), or LabError naming it."""
-    from edge.planning import cluster
-
     try:
         return cluster.load_profile(name)
     except Exception as e:  # ConfigError: name the lab in the message

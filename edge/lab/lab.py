@@ -19,8 +19,6 @@ import datetime
 import ipaddress
 import json
 import logging
-import shlex
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -29,40 +27,21 @@ from pathlib import Path
 import yaml
 
 from edge.lab import cgroups, netns, shaping
-from edge.lab.cgroups import Cgroup, CpuQuota
+from edge.lab.cgroups import CpuQuota
 from edge.lab.devices import (HOST_IP, MAX_DEVICES, SUBNET, DeviceSpec, LabDevice, design,
                               host_cores, host_gflops, load_profile)
 from edge.lab.system import (CERTS_DIR, STATE_FILE, LabError, check_tools, default_cache_dir,
-                             default_state_dir, process_alive, require_root, write_json)
+                             default_state_dir, require_root, write_json)
 from edge.lab.cleanup import TeardownReport, leftovers, teardown
-from edge.worker.launch import module_command
+from edge.lab.workers import (DeviceStatus, bundle_dir, device_status, start_worker,
+                              wait_listening)
+from edge.planning.cluster import cluster_from_dict
+from edge.transport.certs import init_ca, issue
+from edge.transport.security import Security
 
 __all__ = ["Lab", "DeviceStatus"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DeviceStatus:
-    """What the lab knows about a device now.
-
-    Attributes:
-        device: the device.
-        alive: its worker process runs.
-        oom_kills: processes the kernel's OOM killer killed in its cgroup (None: unknown).
-        memory_mb: memory charged to its cgroup now (page cache included).
-        peak_mb: the most it was ever charged.
-        exit_code: the worker's exit status, when this process started it and it ended.
-        reason: one line for people: ``running``, or why it is not.
-    """
-
-    device: LabDevice
-    alive: bool
-    oom_kills: int | None
-    memory_mb: float | None
-    peak_mb: float | None
-    exit_code: int | None
-    reason: str
 
 
 # ---------------------------------------------------------------------- the lab
@@ -211,52 +190,15 @@ class Lab:
 
     def _start_workers(self, timeout: float) -> None:
         for i, dev in enumerate(self._state.devices):
-            port_file = self._port_file(dev)
-            port_file.unlink(missing_ok=True)
-            Path(dev.cache_dir).mkdir(parents=True, exist_ok=True)
-            # module_command: the folder `edge lab up` runs in cannot shadow the package.
-            cmd = ["ip", "netns", "exec", dev.namespace, *module_command(
-                "edge", "--log-level", "INFO", "worker",
-                "--listen", dev.address, "--device", dev.profile,
-                "--cache-dir", dev.cache_dir, "--threads", str(dev.threads),
-                "--port-file", str(port_file), "--certs", str(_bundle(self.state_dir, dev)))]
-            profile_budget = load_profile(dev.profile).memory_budget_mb
-            if dev.memory_budget_mb != profile_budget:
-                cmd += ["--memory-budget", f"{dev.memory_budget_mb:g}"]
-            with open(dev.log, "ab") as out:
-                out.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} "
-                          f"edge lab up: {shlex.join(cmd)}\n".encode())
-                out.flush()
-                # A session of its own: the worker outlives `edge lab up` and its terminal.
-                p = subprocess.Popen(dev.cgroup.enter_command(cmd), stdout=out,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+            p = start_worker(dev, self.state_dir)
             self._processes[dev.name] = p
             self._state.devices[i] = dataclasses.replace(dev, pid=p.pid)
-            self._save()
-        end = time.monotonic() + timeout
-        waiting = list(self._state.devices)
-        while waiting:
-            for dev in list(waiting):
-                p = self._processes[dev.name]
-                if self._port_file(dev).exists():
-                    waiting.remove(dev)
-                elif p.poll() is not None:
-                    raise LabError(f"the worker of {dev.name} exited with {p.returncode} "
-                                   f"before listening on {dev.address}; its log "
-                                   f"({dev.log}) ends:\n{_tail(dev.log)}")
-            if waiting and time.monotonic() > end:
-                names = ", ".join(d.name for d in waiting)
-                raise LabError(f"the workers of {names} did not listen within {timeout:.0f} s;"
-                               f" see {waiting[0].log}:\n{_tail(waiting[0].log)}")
-            time.sleep(0.05)
+            self._save()  # each pid as it comes, for `down` to stop if setup fails
+        wait_listening(self._state.devices, self._processes, self.state_dir, timeout)
         # Workers boot at host speed and get their quota now: the quota emulates the
         # device's compute, not its boot (a Zero's share would make `up` take 15 s).
         for dev in self._state.devices:
             dev.cgroup.limit_cpu(CpuQuota(dev.cpu_quota_us, dev.cpu_period_us))
-
-    def _port_file(self, dev: LabDevice) -> Path:
-        return self.state_dir / f"{dev.name}.port"
 
     @property
     def coordinator_bundle(self) -> Path:
@@ -271,8 +213,6 @@ class Lab:
         Raises:
             SecurityError: the lab was set up without certificates (an older edge).
         """
-        from edge.transport.security import Security
-
         return Security.from_dir(self.coordinator_bundle)
 
     # ------------------------------------------------------------------ using it
@@ -322,8 +262,6 @@ class Lab:
 
     def cluster(self):
         """The lab as an ``edge.planning.cluster.Cluster``, to plan for."""
-        from edge.planning.cluster import cluster_from_dict
-
         return cluster_from_dict(self.cluster_dict(), source="the lab")
 
     def write_cluster(self, path: Path) -> Path:
@@ -360,38 +298,7 @@ class Lab:
         return [self._status(d) for d in self._state.devices]
 
     def _status(self, dev: LabDevice) -> DeviceStatus:
-        p = self._processes.get(dev.name)
-        exit_code = p.poll() if p is not None else None
-        alive = exit_code is None and dev.pid is not None and _running(dev.pid, dev.cgroup)
-        ooms = dev.cgroup.oom_kills()
-        now, peak = dev.cgroup.memory_bytes()
-        mb = (lambda b: None if b is None else b / 2**20)
-        cap = f"{dev.memory_cap_mb:.0f} MiB"
-        if alive:
-            reason = "running"
-            if ooms:
-                reason += (f"; the kernel's OOM killer killed {ooms} other process(es) at "
-                           f"its {cap} memory cap")
-        elif ooms:
-            reason = (f"killed by the kernel: out of memory at its {cap} memory cap "
-                      f"(cgroup OOM kills: {ooms}, peak {mb(peak) or 0:.0f} MiB)")
-        elif exit_code is not None:
-            how = f"exited with {exit_code}"
-            if exit_code < 0:
-                try:
-                    how = f"was killed by {signal.Signals(-exit_code).name}"
-                except ValueError:
-                    how = f"was killed by signal {-exit_code}"
-            reason = f"its worker {how}; log {dev.log}"
-        elif dev.pid is None:
-            reason = "its worker was never started"
-        else:
-            reason = f"its worker (pid {dev.pid}) is gone; log {dev.log}"
-        if not alive and not ooms:
-            last = _tail(dev.log, 1)
-            if last:
-                reason += f": {last}"
-        return DeviceStatus(dev, alive, ooms, mb(now), mb(peak), exit_code, reason)
+        return device_status(dev, self._processes.get(dev.name))
 
     def diagnose(self, device) -> str | None:
         """Why a device's worker stopped answering, as far as the lab can tell.
@@ -450,18 +357,12 @@ class Lab:
         self.down()
 
 
-def _bundle(state_dir: Path, dev: LabDevice) -> Path:
-    return state_dir / CERTS_DIR / "devices" / dev.name
-
-
 def _make_certs(state_dir: Path, devices: list[LabDevice], host_ip: str) -> None:
     """A fresh CA for this lab, a bundle per device and one for the host's side."""
-    from edge.transport.certs import init_ca, issue
-
     ca = state_dir / CERTS_DIR
     init_ca(ca, force=True)
     for dev in devices:
-        issue(ca, dev.name, hosts=[dev.ip], out=_bundle(state_dir, dev), force=True)
+        issue(ca, dev.name, hosts=[dev.ip], out=bundle_dir(state_dir, dev), force=True)
     issue(ca, "coordinator", hosts=[host_ip], out=ca / "coordinator", force=True)
 
 
@@ -472,16 +373,3 @@ def _build_device(dev: LabDevice, index: int, hierarchy: cgroups.Hierarchy) -> N
     shaping.apply(netns.BRIDGE_NS, dev.bridge_port, shape)        # downlink
     # Memory is capped from the start; the CPU quota comes once the worker listens.
     hierarchy.create(dev.cgroup.name).limit_memory(int(dev.memory_cap_mb * 2**20))
-
-
-def _running(pid: int, group: Cgroup) -> bool:
-    """The process is in its cgroup (so not a reused pid) and not a zombie."""
-    return pid in group.procs() and process_alive(pid)
-
-
-def _tail(path: str | Path, lines: int = 15) -> str:
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])

@@ -12,6 +12,7 @@ measured by running the model once in onnxruntime with every intermediate as an 
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import math
@@ -23,6 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import helper, shape_inference
 
@@ -333,7 +335,6 @@ def _toposort(m: onnx.ModelProto) -> list[onnx.NodeProto]:
         missing = [x for x in r if x not in producers and x not in available]
         if missing:
             raise GraphError(f"node {n_name(nodes[k], k)} reads undefined tensors {missing}")
-    import heapq
     ready = [k for k in range(len(nodes)) if indeg[k] == 0]
     heapq.heapify(ready)
     out = []
@@ -666,8 +667,6 @@ def _measure_shapes(m: onnx.ModelProto, bound_inputs: list[onnx.ValueInfoProto],
                     names: list[str], types: dict[str, int],
                     sample: Mapping[str, np.ndarray] | None = None,
                     ) -> dict[str, tuple[tuple[int, ...], int]]:
-    import onnxruntime as ort
-
     probe = onnx.ModelProto()
     probe.CopyFrom(m)
     known_out = {o.name for o in probe.graph.output}
@@ -1005,29 +1004,13 @@ def _tensor_degrees(m: onnx.ModelProto, nodes: list[onnx.NodeProto], init_names:
             log.info("sizes at %s not measurable (%s)", trial, e)
             return None
 
-    def vary(sym: str, relations: dict[str, str]):
-        n = bindings[sym]
-        # Halved where that is still a real size (cheaper: it runs the model smaller);
-        # doubled for small ones (batch 1), where 1 may be special (broadcasting).
-        tries = (n // 2, 2 * n) if n >= 16 else (2 * n, n // 2) if n >= 2 else (2 * n,)
-        for k in tries:
-            trial = {**bindings, sym: k}
-            for d, expression in relations.items():
-                trial[d] = dim_value(expression, trial)
-            if min(trial.values()) < 1:
-                continue
-            got = measure(trial)
-            if got is not None:
-                return k, got
-        return None
-
-    found = {sym: vary(sym, {}) for sym in bindings}
+    found = {sym: _vary(sym, {}, bindings, measure) for sym in bindings}
     stuck = [sym for sym in bindings if found[sym] is None]
     derived = _linked_dims(stuck, bindings, measure) if len(stuck) >= 2 else {}
     for d, expression in list(derived.items()):
         parts = dim_expression(expression)[0]
         for sym in parts:
-            found[sym] = vary(sym, derived)
+            found[sym] = _vary(sym, derived, bindings, measure)
         if any(found[sym] is None for sym in parts):
             log.info("%s = %s does not hold at other sizes; not derived", d, expression)
             del derived[d]
@@ -1041,22 +1024,43 @@ def _tensor_degrees(m: onnx.ModelProto, nodes: list[onnx.NodeProto], init_names:
             continue
         other, (shapes, types) = found[sym] or (None, (None, None))
         for t, size in sizes.items():
-            if other is None:
+            if other is None or shapes.get(t) is None or size == 0:
                 degree = 2
             else:
-                s = shapes.get(t)
-                if s is None or size == 0:
-                    degree = 2
-                else:
-                    size_k = int(math.prod(s)) * _itemsize(types.get(t, onnx.TensorProto.FLOAT))
-                    big, small, ratio = ((size_k, size, other / n) if other > n
-                                         else (size, size_k, n / other))
-                    # ratio**d = big/small; rounded up, with slack for sizes like n + 1
-                    degree = (0 if big <= small else
-                              max(1, math.ceil(math.log(big / max(small, 1), ratio) - 0.05)))
+                size_k = (int(math.prod(shapes[t]))
+                          * _itemsize(types.get(t, onnx.TensorProto.FLOAT)))
+                degree = _degree(size, n, size_k, other)
             if degree:
                 out[t][sym] = degree
     return out, derived
+
+
+def _vary(sym: str, relations: dict[str, str], bindings: dict[str, int], measure):
+    """Measure the shapes with ``sym`` moved off its binding (and the dims derived from it,
+    ``relations``, following): ``(its new size, measure's result)``, or None when no size
+    tried runs."""
+    n = bindings[sym]
+    # Halved where that is still a real size (cheaper: it runs the model smaller);
+    # doubled for small ones (batch 1), where 1 may be special (broadcasting).
+    tries = (n // 2, 2 * n) if n >= 16 else (2 * n, n // 2) if n >= 2 else (2 * n,)
+    for k in tries:
+        trial = {**bindings, sym: k}
+        for d, expression in relations.items():
+            trial[d] = dim_value(expression, trial)
+        if min(trial.values()) < 1:
+            continue
+        got = measure(trial)
+        if got is not None:
+            return k, got
+    return None
+
+
+def _degree(size: int, n: int, size_k: int, k: int) -> int:
+    """The power ``d`` with ``size_k / size == (k / n) ** d``, rounded up (0: no growth)."""
+    big, small, ratio = (size_k, size, k / n) if k > n else (size, size_k, n / k)
+    # ratio**d = big/small; rounded up, with slack for sizes like n + 1
+    return (0 if big <= small else
+            max(1, math.ceil(math.log(big / max(small, 1), ratio) - 0.05)))
 
 
 def _linked_dims(stuck: list[str], bindings: dict[str, int], measure) -> dict[str, str]:

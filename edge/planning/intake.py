@@ -34,7 +34,8 @@ from typing import Mapping
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnxruntime as ort
+from onnx import helper, numpy_helper, version_converter
 
 from edge.errors import GraphError
 from edge.planning.scopes import attr_graphs, node_reads
@@ -179,8 +180,6 @@ def _drop_initializer_inputs(m: onnx.ModelProto) -> None:
 
 
 def _convert(m: onnx.ModelProto, opset: int, where: str) -> onnx.ModelProto:
-    from onnx import version_converter
-
     try:
         out = version_converter.convert_version(m, TARGET_OPSET)
     except Exception as e:  # the converter raises RuntimeError, ValueError, its own kinds
@@ -248,8 +247,6 @@ def check_same(original: onnx.ModelProto, converted: onnx.ModelProto,
 
 
 def _run(m: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
     copy = onnx.ModelProto()
     copy.CopyFrom(m)  # saving with external data rewrites the initializers in place
     with tempfile.TemporaryDirectory() as d:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import onnxruntime as ort
+
+from edge.shards.runtime import session_options
 
 __all__ = ["measure_gflops"]
 
 
 def _mlp_model(tokens: int, hidden: int, inner: int) -> bytes:
     """A BERT-like feed-forward block (two MatMuls and a GELU-ish Relu), as ONNX bytes."""
+    # onnx only while calibrating: the worker imports this module and must not load it.
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -42,10 +46,6 @@ def measure_gflops(seconds: float = 3.0, threads: int | None = None, tokens: int
     Returns:
         (GFLOP/s, number of timed runs).
     """
-    import onnxruntime as ort
-
-    from edge.shards.runtime import session_options
-
     session = ort.InferenceSession(_mlp_model(tokens, hidden, inner),
                                    sess_options=session_options(threads),
                                    providers=["CPUExecutionProvider"])

@@ -86,7 +86,7 @@ def device_facts() -> dict:
     """What psutil and platform know about this machine."""
     freq = psutil.cpu_freq()
     vm = psutil.virtual_memory()
-    try:
+    try:  # only for its version, when asked: the transport imports this module
         import onnxruntime
 
         ort_version = onnxruntime.__version__

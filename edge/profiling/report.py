@@ -26,6 +26,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from edge._extras import missing_package
+
 __all__ = [
     "TOLERANCE_PCT",
     "SAMPLE_FIELDS",
@@ -55,8 +57,6 @@ def matplotlib_agg(path) -> tuple:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        from edge._extras import missing_package
-
         raise (missing_package(e.name or "matplotlib", f"drawing {path}")
                or e) from None
     return Figure, FigureCanvasAgg
@@ -237,60 +237,88 @@ def plot_memory(report: Mapping, path: str | Path) -> Path:
     handles: dict[str, Any] = {}
 
     for ax, dev, row in zip(axes, devices, summary):
-        samples = _samples(dev)
-        ts = [float(s["time"]) - t0 for s in samples]
-        rss = [_num(s.get("rss_mb")) for s in samples]
-        anon = [_num(s.get("anon_mb")) for s in samples]
-        file_ = [_num(s.get("file_mb")) for s in samples]
-        shown = [v for v in rss if v is not None]
-        if samples and all(v is not None for v in anon + file_):
-            areas = ax.stackplot(ts, anon, file_, colors=["#c6dbef", "#fdd0a2"], alpha=0.8,
-                                 labels=["anonymous", "file-backed"])
-            handles.setdefault("anonymous", areas[0])
-            handles.setdefault("file-backed", areas[1])
-        if shown:
-            (line,) = ax.plot(ts, [v if v is not None else float("nan") for v in rss],
-                              color="#08306b", lw=1.8, label="RSS")
-            handles.setdefault("RSS", line)
-        planned, budget = row["planned_mb"], row["budget_mb"]
-        measured = row["measured_peak_mb"]
-        if planned is not None:
-            shown.append(planned)
-            hl = ax.axhline(planned, color="black", ls=":", lw=1.4, label="planned peak")
-            handles.setdefault("planned peak", hl)
-        if measured is not None:
-            shown.append(measured)
-            # Mark the peak where it happened; a peak reached before sampling started
-            # (the load) is drawn at the first sample.
-            peak_ts = [t for t, s in zip(ts, samples)
-                       if _num(s.get("peak_mb")) is not None
-                       and float(s["peak_mb"]) >= measured - 1e-9] or [
-                t for t, v in zip(ts, rss) if v is not None and v >= measured - 1e-9]
-            tx = peak_ts[0] if peak_ts else (ts[0] if ts else 0.0)
-            mk = ax.plot([tx], [measured], marker="v", ms=9, color="crimson", ls="none",
-                         label="measured peak")[0]
-            handles.setdefault("measured peak", mk)
-        top = max(shown) if shown else 1.0
-        if budget is not None and budget <= _BUDGET_SHOWN_RATIO * top:
-            bl = ax.axhline(budget, color="firebrick", ls="--", lw=1.4, label="budget")
-            handles.setdefault("budget", bl)
-            top = max(top, budget)
-        elif budget is not None:
-            ax.text(0.995, 0.97, f"budget {budget:.0f} MiB ↑", transform=ax.transAxes,
-                    ha="right", va="top", fontsize=8, color="firebrick")
-        ax.set_ylim(0, top * 1.18)
-        err = row["error_pct"]
-        nums = f"planned {_f(planned, '{:.0f}')}, peak {_f(measured, '{:.0f}')} MiB"
-        if err is not None:
-            nums += f", error {err:+.1f}%" + ("" if row["within_tolerance"] else " (!)")
-        ax.set_title(f"stage {row['stage']}: {row['device']} ({row['profile'] or '?'}), "
-                     f"{Path(str(row['shard'] or '')).name}: {nums}", fontsize=9, loc="left")
-        ax.set_ylabel("MiB")
-        ax.grid(True, alpha=0.3)
+        _plot_device(ax, dev, row, t0, handles)
     if not devices:
         axes[0].text(0.5, 0.5, "no devices", ha="center", va="center",
                      transform=axes[0].transAxes)
     axes[-1].set_xlabel("time since first sample (s)")
+    _legend_and_title(fig, report, handles)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _plot_device(ax: Any, dev: Mapping, row: Mapping, t0: float,
+                 handles: dict[str, Any]) -> None:
+    """One device's subplot: anon/file areas, RSS, planned and measured peaks, budget.
+
+    The first artist of each kind goes into ``handles``, for the figure's one legend.
+    """
+    samples = _samples(dev)
+    ts = [float(s["time"]) - t0 for s in samples]
+    rss = [_num(s.get("rss_mb")) for s in samples]
+    anon = [_num(s.get("anon_mb")) for s in samples]
+    file_ = [_num(s.get("file_mb")) for s in samples]
+    shown = [v for v in rss if v is not None]
+    if samples and all(v is not None for v in anon + file_):
+        areas = ax.stackplot(ts, anon, file_, colors=["#c6dbef", "#fdd0a2"], alpha=0.8,
+                             labels=["anonymous", "file-backed"])
+        handles.setdefault("anonymous", areas[0])
+        handles.setdefault("file-backed", areas[1])
+    if shown:
+        (line,) = ax.plot(ts, [v if v is not None else float("nan") for v in rss],
+                          color="#08306b", lw=1.8, label="RSS")
+        handles.setdefault("RSS", line)
+    planned, budget = row["planned_mb"], row["budget_mb"]
+    measured = row["measured_peak_mb"]
+    if planned is not None:
+        shown.append(planned)
+        hl = ax.axhline(planned, color="black", ls=":", lw=1.4, label="planned peak")
+        handles.setdefault("planned peak", hl)
+    if measured is not None:
+        shown.append(measured)
+        tx = _peak_time(ts, samples, rss, measured)
+        mk = ax.plot([tx], [measured], marker="v", ms=9, color="crimson", ls="none",
+                     label="measured peak")[0]
+        handles.setdefault("measured peak", mk)
+    top = max(shown) if shown else 1.0
+    if budget is not None and budget <= _BUDGET_SHOWN_RATIO * top:
+        bl = ax.axhline(budget, color="firebrick", ls="--", lw=1.4, label="budget")
+        handles.setdefault("budget", bl)
+        top = max(top, budget)
+    elif budget is not None:
+        ax.text(0.995, 0.97, f"budget {budget:.0f} MiB ↑", transform=ax.transAxes,
+                ha="right", va="top", fontsize=8, color="firebrick")
+    ax.set_ylim(0, top * 1.18)
+    ax.set_title(_device_title(row), fontsize=9, loc="left")
+    ax.set_ylabel("MiB")
+    ax.grid(True, alpha=0.3)
+
+
+def _peak_time(ts: list[float], samples: list, rss: list, measured: float) -> float:
+    """When the measured peak happened: the first sample that reached it.
+
+    A peak reached before sampling started (the load) is drawn at the first sample.
+    """
+    peak_ts = [t for t, s in zip(ts, samples)
+               if _num(s.get("peak_mb")) is not None
+               and float(s["peak_mb"]) >= measured - 1e-9] or [
+        t for t, v in zip(ts, rss) if v is not None and v >= measured - 1e-9]
+    return peak_ts[0] if peak_ts else (ts[0] if ts else 0.0)
+
+
+def _device_title(row: Mapping) -> str:
+    """A subplot's title: stage, device, shard, planned and measured peaks, the error."""
+    planned, measured, err = row["planned_mb"], row["measured_peak_mb"], row["error_pct"]
+    nums = f"planned {_f(planned, '{:.0f}')}, peak {_f(measured, '{:.0f}')} MiB"
+    if err is not None:
+        nums += f", error {err:+.1f}%" + ("" if row["within_tolerance"] else " (!)")
+    return (f"stage {row['stage']}: {row['device']} ({row['profile'] or '?'}), "
+            f"{Path(str(row['shard'] or '')).name}: {nums}")
+
+
+def _legend_and_title(fig: Any, report: Mapping, handles: dict[str, Any]) -> None:
+    """One legend below the subplots, in a fixed order, and the figure's title."""
     order = [h for h in ("RSS", "anonymous", "file-backed", "planned peak", "measured peak",
                          "budget") if h in handles]
     if order:
@@ -299,9 +327,6 @@ def plot_memory(report: Mapping, path: str | Path) -> Path:
     fig.suptitle(f"{report.get('model', 'model')}: memory per device "
                  f"({report.get('requests', 0)} requests)", x=0.01, ha="left",
                  fontsize=11)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
 
 
 def write_live(report: Mapping, out_dir: str | Path) -> dict[str, Path]:

@@ -27,10 +27,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from edge.errors import GraphError, PlanError
 from edge.planning.graph import GraphCosts
-from edge.shards.quantize import cosine
+from edge.shards.build import build_shard
+from edge.shards.quantize import cosine, quantize_shard
+from edge.shards.runtime import session_options
 
 __all__ = ["Int8Accuracy", "synthetic_inputs", "output_cosine", "format_cosine"]
 
@@ -169,10 +172,6 @@ class Int8Accuracy:
     # ------------------------------------------------------------------ runs
 
     def _session(self, path: Path, mode: str):
-        import onnxruntime as ort
-
-        from edge.shards.runtime import session_options
-
         return ort.InferenceSession(str(path), session_options(self.threads, mode),
                                     providers=["CPUExecutionProvider"])
 
@@ -191,8 +190,6 @@ class Int8Accuracy:
 
         One run of the whole model for every cut not seen before (none if all were).
         """
-        from edge.shards.build import build_shard
-
         costs = self.costs
         new = sorted({int(p) for p in cuts} - set(self._at))
         if self._final is not None and not new:
@@ -220,8 +217,6 @@ class Int8Accuracy:
         return self._final
 
     def _rest_shard(self, j: int) -> Path:
-        from edge.shards.build import build_shard
-
         if j not in self._rest:
             self._rest[j] = build_shard(self.costs.model, self.costs, j, self.costs.num_nodes,
                                         self._dir / f"rest-{j}" / "rest.onnx",
@@ -235,9 +230,6 @@ class Int8Accuracy:
         Args:
             i, j: the node range, ``0 <= i < j <= n``.
         """
-        from edge.shards.build import build_shard
-        from edge.shards.quantize import quantize_shard
-
         key = (int(i), int(j))
         if key in self._cos:
             return self._cos[key]

@@ -23,11 +23,13 @@ from typing import Mapping
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from edge.errors import GraphError
 from edge.planning.intake import set_nodes
 from edge.shards.build import ShardInfo, save_shard
+from edge.shards.runtime import session_options
 
 __all__ = ["quantize_shard", "drift", "cosine"]
 
@@ -45,6 +47,7 @@ def quantize_shard(src: str | Path, dst: str | Path, check: bool = True) -> Shar
     Returns:
         ShardInfo of ``dst`` (sha256 and size of the ``.onnx``; its data files).
     """
+    # Slow to import (it loads onnx's and its own tooling): only int8 plans need it.
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = Path(src), Path(dst)
@@ -161,10 +164,6 @@ def drift(fp32_shard: str | Path, int8_shard: str | Path,
         fp32_shard, int8_shard: the two ``.onnx`` files (data files beside them).
         feeds: the stage's inputs (extra names are ignored).
     """
-    import onnxruntime as ort
-
-    from edge.shards.runtime import session_options
-
     outs = []
     for path, mode in ((fp32_shard, "fp32"), (int8_shard, "int8")):
         sess = ort.InferenceSession(str(path), session_options(1, mode),

@@ -23,6 +23,11 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from edge.errors import SecurityError
 from edge.transport.security import CLUSTER_NAME, ROLE_URI, ROLES, read_token
 
@@ -56,15 +61,11 @@ def _private_dir(path: Path) -> None:
 
 
 def _pem_key(key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
 def _pem_cert(cert) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -82,11 +83,6 @@ def init_ca(directory: str | Path, *, force: bool = False, days: int = CA_DAYS) 
     Raises:
         SecurityError: a CA is there already and ``force`` is not set.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     directory = Path(directory).expanduser()
     if (directory / "ca.key").exists() and not force:
         raise SecurityError(f"{directory} has a CA already; issue bundles from it with "
@@ -118,8 +114,6 @@ def init_ca(directory: str | Path, *, force: bool = False, days: int = CA_DAYS) 
 
 
 def _san(host: str):
-    from cryptography import x509
-
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
@@ -157,12 +151,39 @@ def issue(directory: str | Path, name: str, *, hosts: Iterable[str] = (),
         SecurityError: no CA in ``directory``, a bad name, host or role, or the bundle
             exists.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     directory = Path(directory).expanduser()
+    bundle = _bundle_folder(directory, name, role, out, force)
+    sans = [x509.DNSName(name), x509.DNSName(CLUSTER_NAME)] if name != CLUSTER_NAME \
+        else [x509.DNSName(CLUSTER_NAME)]
+    sans += [_san(h) for h in hosts] + [x509.UniformResourceIdentifier(ROLE_URI.format(role))]
+    sans = list(dict.fromkeys(sans))  # --host NAME repeated
+    try:
+        ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+        ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    except (OSError, ValueError) as e:
+        raise SecurityError(f"cannot read the CA in {directory}: {e}") from None
+    token = read_token(directory / "token")
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _node_cert(name, role, sans, key, ca_key, ca_cert, days)
+
+    # Written to a fresh folder and swapped in, so a bundle is never half old, half new.
+    tmp = bundle.with_name(f".{bundle.name}.new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _private_dir(tmp)
+    _write_private(tmp / "ca.crt", (directory / "ca.crt").read_bytes(), 0o644)
+    _write_private(tmp / "node.crt", _pem_cert(cert), 0o644)
+    _write_private(tmp / "node.key", _pem_key(key))
+    _write_private(tmp / "token", (token + "\n").encode())
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    os.replace(tmp, bundle)
+    return bundle
+
+
+def _bundle_folder(directory: Path, name: str, role: str, out: str | Path | None,
+                   force: bool) -> Path:
+    """Where :func:`issue` writes ``name``'s bundle, once the arguments are checked."""
     if role not in ROLES:
         raise SecurityError(f"role: expected one of {', '.join(ROLES)}, got {role!r}")
     if not _NAME_RE.fullmatch(name):
@@ -177,20 +198,14 @@ def issue(directory: str | Path, name: str, *, hosts: Iterable[str] = (),
     if (bundle / "node.crt").exists() and not force:
         raise SecurityError(f"bundle {bundle} exists; pass --force to issue a new key for "
                             f"{name} (the old bundle keeps working until the CA changes)")
-    sans = [x509.DNSName(name), x509.DNSName(CLUSTER_NAME)] if name != CLUSTER_NAME \
-        else [x509.DNSName(CLUSTER_NAME)]
-    sans += [_san(h) for h in hosts] + [x509.UniformResourceIdentifier(ROLE_URI.format(role))]
-    sans = list(dict.fromkeys(sans))  # --host NAME repeated
-    try:
-        ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
-        ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
-    except (OSError, ValueError) as e:
-        raise SecurityError(f"cannot read the CA in {directory}: {e}") from None
-    token = read_token(directory / "token")
+    return bundle
 
-    key = ec.generate_private_key(ec.SECP256R1())
+
+def _node_cert(name: str, role: str, sans: list, key, ca_key, ca_cert, days: int):
+    """A machine's certificate, signed by the CA: server and client, ``role`` in its
+    subject, valid no longer than the CA."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder()
+    return (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edge"),
                                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
                                      x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -214,16 +229,3 @@ def issue(directory: str | Path, name: str, *, hosts: Iterable[str] = (),
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
-
-    # Written to a fresh folder and swapped in, so a bundle is never half old, half new.
-    tmp = bundle.with_name(f".{bundle.name}.new")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _private_dir(tmp)
-    _write_private(tmp / "ca.crt", (directory / "ca.crt").read_bytes(), 0o644)
-    _write_private(tmp / "node.crt", _pem_cert(cert), 0o644)
-    _write_private(tmp / "node.key", _pem_key(key))
-    _write_private(tmp / "token", (token + "\n").encode())
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    os.replace(tmp, bundle)
-    return bundle

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from edge.transport.security import default_certs_dir
+
 __all__ = ["add_parser"]
 
 
 def add_parser(sub) -> None:
     """Add ``certs`` and its subcommands to the ``edge`` parser's subparsers."""
-    from edge.transport.security import default_certs_dir
-
     p = sub.add_parser("certs", help="make the cluster's CA and token, and a certificate "
                                      "bundle per machine (mutual TLS)")
     certs_sub = p.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
@@ -49,7 +49,6 @@ def add_parser(sub) -> None:
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
     from edge.transport.certs import init_ca
-    from edge.transport.security import default_certs_dir
 
     path = init_ca(args.dir, force=args.force)
     dir_arg = "" if Path(args.dir) == default_certs_dir() else f" --dir {path}"

@@ -28,6 +28,7 @@ import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import edge
+from edge.profiling.calibrate import measure_gflops
 from edge.profiling.memory import device_facts, memory_breakdown, release_free_heap, rss_bytes
 from edge.profiling.sampler import Sampler
 from edge.proto import edge_pb2 as pb
@@ -271,7 +272,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if request.seconds > 0:
             if self.engine.busy():
                 raise Busy("this worker is serving requests; calibrate an idle worker")
-            from edge.profiling.calibrate import measure_gflops
 
             reply.gflops, reply.runs = measure_gflops(seconds, self.config.threads)
         return reply
