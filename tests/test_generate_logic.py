@@ -7,6 +7,7 @@ sequence is computed here and every step's position is checked by the fake stage
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -57,12 +58,30 @@ def _until(condition, seconds: float = 2.0, what: str = "condition") -> None:
         time.sleep(0.002)
 
 
+def write_tokenizer(folder) -> None:
+    """A real tokenizer.json (``tokenizers``): letters a..z are ids 0..25, ids 26..49 are
+    ``<id>``; one character per token, decoded without spaces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {chr(ord("a") + i): i for i in range(26)}
+    vocab.update({f"<{i}>": i for i in range(26, 50)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<26>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+
+
 class Setup:
-    def __init__(self, root, n=2, standby=0, sequences=2, context=32, eos=()):
+    def __init__(self, root, n=2, standby=0, sequences=2, context=32, eos=(),
+                 tokenizer=False):
         self.primaries = fake_devices(n)
         self.spares = fake_devices(standby, prefix="spare", standby=True)
+        if tokenizer:
+            write_tokenizer(root / "plan" / "tokenizer")
         self.plan = fake_decoder_plan(root / "plan", self.primaries, self.spares,
-                                      context=context, sequences=sequences, eos_token_ids=eos)
+                                      context=context, sequences=sequences, eos_token_ids=eos,
+                                      tokenizer="tokenizer" if tokenizer else "")
         self.cluster = FakeCluster([d.address for d in self.primaries + self.spares],
                                    decoder_stage)
         self.pipeline = Pipeline(self.plan, root / "plan", worker_factory=self.cluster.client,
@@ -276,3 +295,103 @@ def test_sampling_travels_with_every_step(setup):
     assert [x.position for x in steps] == [0, 2, 3]
     assert len({x.sampling.seed for x in steps}) == 1 and steps[0].sampling.seed != 0
     assert all(x.sampling.top_k == 5 for x in steps) and seen[-1].release
+
+
+# ---------------------------------------------------------------------- the RPC, client, CLI
+
+
+@pytest.fixture
+def served(setup):
+    """A coordinator's gRPC server (port 0, in this process) over the fake decoder."""
+    from edge.coordinator.server import CoordinatorServicer, start_coordinator
+
+    s = setup()
+    server, port = start_coordinator(s.pipeline, "127.0.0.1:0")
+    try:
+        yield s, f"127.0.0.1:{port}", server
+    finally:
+        server.stop(0).wait()
+
+
+def test_generate_streams_over_grpc_and_ends_with_the_usage(served):
+    from edge.coordinator.client import InferClient
+
+    s, address, _ = served
+    with InferClient(address, timeout=10) as client:
+        replies = list(client.generate_raw(prompt_tokens=PROMPT, max_tokens=4))
+        assert [t for r in replies for t in r.tokens] == expected(PROMPT, 4)
+        assert not any(r.HasField("usage") for r in replies[:-1])
+        u = replies[-1].usage
+        assert (u.prompt_tokens, u.completion_tokens, u.finish_reason) == (2, 4, "length")
+        for kw, code in (({"prompt_tokens": list(range(40))}, "INVALID_ARGUMENT"),
+                         ({}, "INVALID_ARGUMENT"),
+                         ({"prompt": "hi"}, "INVALID_ARGUMENT")):  # no tokenizer
+            with pytest.raises(grpc.RpcError) as e:
+                list(client.generate_raw(**kw))
+            assert e.value.code().name == code, kw
+        with pytest.raises(grpc.RpcError) as e:
+            list(client.generate_raw(prompt_tokens=list(range(40))))
+        assert "context of 32" in e.value.details()
+
+
+def test_generate_on_a_plan_without_generation_fails_precondition(tmp_path):
+    from edge.coordinator.client import InferClient
+    from edge.coordinator.fake import fake_plan
+    from edge.coordinator.server import start_coordinator
+
+    devices = fake_devices(1)
+    plan = fake_plan(tmp_path / "plan", devices)
+    cluster = FakeCluster([d.address for d in devices])
+    with Pipeline(plan, tmp_path / "plan", worker_factory=cluster.client,
+                  deadlines=Deadlines(infer=5, ready=0.5), health_interval=0.01) as p:
+        p.start()
+        server, port = start_coordinator(p, "127.0.0.1:0")
+        try:
+            with InferClient(f"127.0.0.1:{port}", timeout=10) as client:
+                with pytest.raises(grpc.RpcError) as e:
+                    list(client.generate_raw(prompt_tokens=[1]))
+                assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        finally:
+            server.stop(0).wait()
+
+
+def test_a_client_that_goes_away_frees_the_caches(served):
+    from edge.coordinator.client import InferClient
+
+    s, address, _ = served
+    s.worker("fake-1").hold()
+    with InferClient(address, timeout=10) as client:
+        stream = client.stub.Generate(pb.GenerateRequest(prompt_tokens=PROMPT, max_tokens=20),
+                                      timeout=10)
+        _until(lambda: s.worker("fake-1").held == 1, what="the prefill in flight")
+        stream.cancel()
+    s.worker("fake-1").release()
+    _until(lambda: all(not w.sequences for w in s.cluster.workers.values()),
+           what="every stage to free the sequence")
+
+
+def test_edge_generate_prints_json_and_lists_its_arguments(setup, capsys):
+    from edge.cli import build_parser, main
+    from edge.coordinator.server import start_coordinator
+
+    parser = build_parser()
+    help_text = parser._subparsers._group_actions[0].choices["generate"].format_help()
+    for flag in ("--coordinator", "--prompt", "--chat", "--max-tokens", "--temperature",
+                 "--top-p", "--top-k", "--seed", "--stop", "--json", "--certs"):
+        assert flag in help_text
+    s = setup(tokenizer=True)  # a real tokenizer.json, loaded with edge.text
+    server, port = start_coordinator(s.pipeline, "127.0.0.1:0")
+    try:
+        prompt = [ord(c) - ord("a") for c in "hello"]
+        want = expected(prompt, 5)
+        assert main(["generate", "--coordinator", f"127.0.0.1:{port}", "--prompt", "hello",
+                     "--max-tokens", "5", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["tokens"] == want and out["finish_reason"] == "length"
+        assert out["text"] == "".join(chr(ord("a") + t) if t < 26 else f"<{t}>" for t in want)
+        assert out["prompt_tokens"] == 5 and out["ttft_ms"] > 0
+        assert main(["generate", "--coordinator", f"127.0.0.1:{port}", "--prompt", "hello",
+                     "--max-tokens", "5", "--stop", out["text"][2:4]]) == 0
+        assert capsys.readouterr().out == out["text"][:2] + "\n"
+    finally:
+        server.stop(0).wait()

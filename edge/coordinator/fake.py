@@ -419,14 +419,15 @@ def fake_plan(plan_dir: Path, devices: Sequence[Device], standby: Sequence[Devic
 
 def fake_decoder_plan(plan_dir: Path, devices: Sequence[Device], standby: Sequence[Device] = (),
                       context: int = 32, sequences: int = 2,
-                      eos_token_ids: tuple[int, ...] = ()) -> Plan:
+                      eos_token_ids: tuple[int, ...] = (), tokenizer: str = "") -> Plan:
     """A :func:`fake_plan` of a decoder (``input_ids``, ``attention_mask``,
-    ``position_ids``) with ``generation`` set; run it with :func:`decoder_stage`."""
+    ``position_ids``) with ``generation`` set; run it with :func:`decoder_stage`.
+    ``tokenizer``: the folder under ``plan_dir`` with its tokenizer.json ("" none)."""
     inputs = (TensorSpec("input_ids", "int64", ("batch", "sequence")),
               TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
               TensorSpec("position_ids", "int64", ("batch", "sequence")))
     return fake_plan(plan_dir, devices, standby, inputs=inputs, generation=Generation(
-        context=context, sequences=sequences, prefill=context,
+        context=context, sequences=sequences, prefill=context, tokenizer=tokenizer,
         eos_token_ids=tuple(eos_token_ids)))
 
 

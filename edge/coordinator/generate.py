@@ -259,6 +259,22 @@ class Generator:
                                      add_generation_prompt=True))
         return list(tok.encode(prompt))
 
+    def start_request(self, request: pb.GenerateRequest) -> "Generation":
+        """:meth:`start` for a Generate RPC: its prompt tokens, or its prompt tokenized
+        (``chat``: as one user message in the chat template).
+
+        Raises:
+            InferError: FAILED_PRECONDITION for a plan without generation, INVALID_ARGUMENT
+                for a prompt that is empty, too long, or text without a tokenizer.
+        """
+        check_context(self.pipeline.plan, 1, 0)  # a plan without generation, first
+        ids = list(request.prompt_tokens)
+        if not ids and request.prompt:
+            ids = self.prompt_ids(request.prompt, request.chat)
+        return self.start(ids, request.max_tokens,
+                          request.sampling if request.HasField("sampling") else None,
+                          list(request.stop))
+
     def start(self, prompt_tokens: Sequence[int], max_tokens: int = 0,
               sampling: pb.Sampling | None = None, stop: Sequence[str] = ()) -> "Generation":
         """Check a request and return its :class:`Generation` (iterate it to run it).
