@@ -232,9 +232,20 @@ class Generator:
         self.pipeline = pipeline
         self._tokenizer = tokenizer
         self._loaded = tokenizer is not None
-        gen = pipeline.plan.model.generation
-        sequences = gen.sequences if gen else 1
-        self.slots = _Slots(sequences, 4 * sequences if queue is None else queue)
+        self._queue = queue
+        self._slots: _Slots | None = None
+        self._lock = threading.Lock()  # two first requests at once make one _Slots
+
+    @property
+    def slots(self) -> "_Slots":
+        """The sequences generating and waiting (sized from the plan on first use)."""
+        with self._lock:
+            if self._slots is None:
+                gen = self.pipeline.plan.model.generation
+                sequences = gen.sequences if gen else 1
+                self._slots = _Slots(sequences,
+                                     4 * sequences if self._queue is None else self._queue)
+            return self._slots
 
     @property
     def tokenizer(self) -> Tokenizer | None:
