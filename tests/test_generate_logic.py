@@ -74,7 +74,7 @@ def write_tokenizer(folder) -> None:
 
 class Setup:
     def __init__(self, root, n=2, standby=0, sequences=2, context=32, eos=(),
-                 tokenizer=False):
+                 tokenizer=False, **kw):
         self.primaries = fake_devices(n)
         self.spares = fake_devices(standby, prefix="spare", standby=True)
         if tokenizer:
@@ -86,7 +86,7 @@ class Setup:
                                    decoder_stage)
         self.pipeline = Pipeline(self.plan, root / "plan", worker_factory=self.cluster.client,
                                  deadlines=Deadlines(infer=5, ready=0.5), health_interval=0.01,
-                                 backoff_s=5.0)
+                                 backoff_s=5.0, **kw)
         self.pipeline.start()
         self.pool = ThreadPoolExecutor(8)
 
@@ -249,6 +249,15 @@ def test_a_stage_that_lost_its_caches_gets_the_replay(setup):
     assert out == expected(PROMPT, 6)
     # stage 1 refused the step at position 3; its replay restarted both stages
     assert first[:3] == [(3, 1), (0, 4), (4, 1)]
+
+
+def test_without_failover_a_position_mismatch_still_gets_the_replay(setup):
+    s = setup(failover=False)
+    generation = iter(Generator(s.pipeline).start(PROMPT, max_tokens=5))
+    out = next(generation).tokens
+    s.worker("fake-0").sequences.clear()
+    out += [t for c in generation for t in c.tokens]
+    assert out == expected(PROMPT, 5)
 
 
 def test_cancellation_releases_the_caches_on_every_stage(setup):

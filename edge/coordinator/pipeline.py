@@ -10,7 +10,9 @@ request, and a request answered twice is answered once.
 The parts, each with one job:
 
 - ``state``: what is deployed now and whether it serves;
-- ``inflight``: admission, the in-flight table, retries with backoff, resends;
+- ``inflight``: admission, the in-flight table, retries with backoff, resends (a step of a
+  generated sequence is resent as its replay);
+- ``generate``: the token loop of ``edge generate`` over :meth:`Pipeline.step`;
 - ``events``: the workers' event streams (results and failures);
 - ``monitor``: health probes, suspects, backoff of devices that refused a stage;
 - ``recovery``: deploy, recover, give up, and take-over (with ``failover.Replanner``);
