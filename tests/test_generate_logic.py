@@ -119,11 +119,15 @@ def spy_steps(worker) -> list[tuple[int, int]]:
     seen, real = [], worker.forward
 
     def forward(activation):
+        # noted before the call: the stage's own thread may run it, fail downstream and
+        # get the replay sent before this call returns
+        ids = [t for t in activation.tensors if t.name == "input_ids"]
+        entry = (-1, 0) if activation.step.release else (activation.step.position,
+                                                          ids[0].shape[1])
+        seen.append(entry)
         code, details = real(activation)
-        if code == grpc.StatusCode.OK:
-            ids = [t for t in activation.tensors if t.name == "input_ids"]
-            seen.append((-1, 0) if activation.step.release else
-                        (activation.step.position, ids[0].shape[1]))
+        if code != grpc.StatusCode.OK:
+            seen.remove(entry)
         return code, details
 
     worker.forward = forward
