@@ -8,6 +8,7 @@
         print(pipe.address)
     with edge.Client("HOST:50050") as client:
         outputs = client(inputs)
+        print(client.generate("Hello", max_tokens=32).text)   # a plan with --context
 
 The defaults are the command line's: sizes ``batch=1, sequence=128`` for the dims a model
 names so, every mode (fp32, fp32-lean, int8) allowed, plaintext on loopback unless
@@ -187,6 +188,36 @@ class Client(InferClient):
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.infer(inputs)
+
+    def generate(self, prompt: str, *, chat: bool = False, max_tokens: int = 0,
+                 temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, seed: int = 0,
+                 stop: Sequence[str] = (), stream: bool = False):
+        """Generate text from a prompt, on a coordinator serving a decoder with KV caches.
+
+        Args:
+            prompt: the text; the coordinator tokenizes it with the model's tokenizer.
+            chat: wrap it as one user message in the model's chat template.
+            max_tokens: tokens to generate at most (0: up to the plan's context).
+            temperature: 0 (default) draws the most likely token each time.
+            top_p, top_k: draw among the most likely tokens (0: all).
+            seed: fixes the draws when ``temperature`` > 0 (0: the coordinator picks one).
+            stop: strings that end the text (not included).
+            stream: yield the text as it comes, piece by piece.
+
+        Returns:
+            With ``stream``, an iterator of text pieces; else the whole
+            :class:`~edge.coordinator.client.Completion` (``.text``, ``.tokens``,
+            ``.finish_reason``, ``.ttft_ms``, ``.tokens_per_s``).
+
+        Raises:
+            grpc.RpcError: FAILED_PRECONDITION for a plan not made for generation,
+                INVALID_ARGUMENT for an empty prompt or one beyond the plan's context.
+        """
+        kw = dict(chat=chat, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                  top_k=top_k, seed=seed, stop=stop)
+        if stream:
+            return (r.text for r in self.generate_raw(prompt, **kw) if r.text)
+        return self.generate_all(prompt, **kw)
 
     def __enter__(self) -> "Client":
         return self

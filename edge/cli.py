@@ -242,6 +242,37 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    import grpc
+
+    from edge.coordinator.client import InferClient
+    from edge.transport.security import from_arguments
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    with InferClient(args.coordinator, timeout=args.timeout,
+                     security=from_arguments(args)) as client:
+        try:
+            done = client.generate_all(
+                args.prompt, on_text=None if args.json else show, chat=args.chat,
+                max_tokens=args.max_tokens or 0, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop=args.stop or ())
+        except grpc.RpcError as e:
+            print(f"\nedge generate: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(done.to_dict()))
+    else:
+        print()
+        print(f"[{len(done.tokens)} tokens, {done.finish_reason}; first after "
+              f"{done.ttft_ms:.0f} ms, {done.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------------- profile
 
 
@@ -486,6 +517,31 @@ def _add_infer(sub) -> None:
     p.set_defaults(func=cmd_infer)
 
 
+def _add_generate(sub) -> None:
+    """`edge generate`."""
+    p = sub.add_parser("generate", help="generate text from a prompt on a coordinator "
+                                        "serving a decoder (a plan made with --context)")
+    p.add_argument("--coordinator", required=True, help="HOST:PORT")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as one user message in the model's chat template")
+    p.add_argument("--max-tokens", type=_positive(int), default=None,
+                   help="tokens to generate at most (default: up to the plan's context)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely (0: all)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="fixes the draws with --temperature (0: the coordinator picks one)")
+    p.add_argument("--stop", nargs="+", action="extend", metavar="STR", help="stop at these strings "
+                                                            "(not printed)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object at the end instead of streaming the text")
+    p.add_argument("--timeout", type=_positive(float), default=300.0,
+                   help="seconds the whole generation may take")
+    add_security_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+
 def _add_profile(sub) -> None:
     """`edge profile`."""
     p = sub.add_parser("profile", help="where memory and compute go: offline for a model, "
@@ -558,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker(sub)
     _add_coordinator(sub)
     _add_infer(sub)
+    _add_generate(sub)
     _add_profile(sub)
     _add_calibrate(sub)
     _add_demo(sub)

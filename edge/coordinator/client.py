@@ -1,4 +1,5 @@
-"""A client of the coordinator's Infer RPC, for `edge infer`, the demo and applications.
+"""A client of the coordinator's Infer and Generate RPCs, for `edge infer`, `edge generate`,
+the demo and applications.
 
 Retries come in two layers. gRPC's own retry policy (the channel's service config) sends
 a call again at once when the coordinator answers UNAVAILABLE or the connection drops: a
@@ -6,7 +7,8 @@ blip costs milliseconds and no Python. A coordinator that restarts is gone for s
 longer than gRPC's at most five attempts cover, so :class:`InferClient` keeps trying for
 ``retry_for`` seconds (15 by default) with backoff: a restart of a few seconds loses no
 request. Inference has no side effects, so a request sent twice is answered twice, the
-same.
+same. A generation is retried the same way only until its first reply arrives: after
+that, text has been handed out, and a sequence started again could differ (sampling).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import json
 import random
 import time
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -24,7 +27,7 @@ from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import Security, create_channel
 from edge.transport.codec import decode_tensors, encode_tensors
 
-__all__ = ["InferClient", "NO_RETRY", "RETRYABLE"]
+__all__ = ["InferClient", "Completion", "NO_RETRY", "RETRYABLE"]
 
 # Safe to retry: the request was not accepted (overload), the pipeline was down, or the
 # coordinator stopped while it had the call (a restart cancels the calls that raced in).
@@ -43,6 +46,32 @@ _SERVICE_CONFIG = json.dumps({"methodConfig": [{
     "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s",
                     "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"]}}]})
+
+
+@dataclass
+class Completion:
+    """A whole generation: its text, its tokens and the coordinator's usage report."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    ttft_ms: float = 0.0
+    tokens_per_s: float = 0.0
+    finish_reason: str = ""
+
+    def add(self, reply: pb.GenerateReply) -> None:
+        """Take one reply of the stream in."""
+        self.text += reply.text
+        self.tokens.extend(reply.tokens)
+        if reply.HasField("usage"):
+            u = reply.usage
+            self.prompt_tokens, self.ttft_ms = u.prompt_tokens, u.ttft_ms
+            self.tokens_per_s, self.finish_reason = u.tokens_per_s, u.finish_reason
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
+                "ttft_ms": self.ttft_ms, "tokens_per_s": self.tokens_per_s,
+                "finish_reason": self.finish_reason}
 
 
 class InferClient:
@@ -91,6 +120,58 @@ class InferClient:
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one request; returns the model's outputs by name."""
         return decode_tensors(self.infer_raw(inputs).outputs)
+
+    def generate_raw(self, prompt: str = "", *, chat: bool = False,
+                     prompt_tokens: Sequence[int] = (), max_tokens: int = 0,
+                     temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
+                     seed: int = 0, stop: Sequence[str] = ()) -> Iterator[pb.GenerateReply]:
+        """Generate from a prompt; yields the coordinator's replies as they come (tokens
+        and the text they add; the last one has the usage). ``timeout`` bounds the whole
+        stream.
+
+        Args:
+            prompt: the text (tokenized by the coordinator), or ``prompt_tokens`` instead.
+            chat: wrap the prompt as one user message in the model's chat template.
+            prompt_tokens: token ids, as they are.
+            max_tokens: tokens to generate at most (0: up to the plan's context).
+            temperature: 0 draws the most likely token; higher draws more freely.
+            top_p: draw among the most likely tokens whose probability reaches it (0: all).
+            top_k: draw among the k most likely (0: all).
+            seed: fixes the draws (0: the coordinator picks one).
+            stop: stop when the text reaches one of these (not included).
+        """
+        request = pb.GenerateRequest(
+            prompt=prompt, chat=chat, prompt_tokens=list(prompt_tokens), max_tokens=max_tokens,
+            sampling=pb.Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+            stop=list(stop))
+        start, attempt = time.monotonic(), 0
+        while True:
+            received = False
+            try:
+                for reply in self.stub.Generate(request, timeout=self.timeout):
+                    received = True
+                    yield reply
+                return
+            except grpc.RpcError as e:
+                final = any(k == NO_RETRY for k, _ in (e.trailing_metadata() or ()))
+                if received or e.code() not in RETRYABLE or final or attempt == self.retries:
+                    raise
+                delay = min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
+                if time.monotonic() - start + delay > self.retry_for:
+                    raise
+                time.sleep(delay)
+                attempt += 1
+
+    def generate_all(self, prompt: str = "", *, on_text: Callable[[str], None] | None = None,
+                     **kw) -> Completion:
+        """:meth:`generate_raw` gathered into a :class:`Completion`; ``on_text`` is called
+        with each piece of text as it comes (same arguments otherwise)."""
+        out = Completion()
+        for reply in self.generate_raw(prompt, **kw):
+            out.add(reply)
+            if on_text is not None and reply.text:
+                on_text(reply.text)
+        return out
 
     def status(self) -> pb.ClusterStatus:
         return self.stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=10)

@@ -10,6 +10,14 @@ do: :meth:`FakeWorker.kill`, :meth:`~FakeWorker.restart` (empty), :meth:`~FakeWo
 ``refuse`` (Configure answers a refusal), and :meth:`~FakeWorker.hold` (requests wait in
 the stage until released: a request in flight when something happens).
 
+Steps of generated sequences (``Activation.step``) are honoured as the contract of
+``edge generate`` says: each fake stage counts the tokens it caches per sequence, refuses
+a step whose position is not that count (FAILED_PRECONDITION) or a new sequence past
+``max_sequences`` (RESOURCE_EXHAUSTED), frees a sequence on a release, and the last stage
+publishes ``tokens`` instead of tensors. :func:`decoder_stage` is a stage function that
+"draws" ``(last token * 7 + its position) % DECODER_VOCAB``, and :func:`fake_decoder_plan`
+a plan with ``generation`` set over it.
+
 :func:`fake_plan` makes a plan over fake devices, with small shard files on disk, and
 :class:`FakeReplanner` re-plans over any devices without a model.
 """
@@ -30,12 +38,14 @@ from grpc_health.v1 import health_pb2
 
 from edge.coordinator.failover import Deployment, Replanner
 from edge.coordinator.workers import CallError, Done
-from edge.planning.plan import Device, ModelInfo, Plan, Stage, StagePrediction, TensorSpec
+from edge.planning.plan import (Device, Generation, ModelInfo, Plan, Stage, StagePrediction,
+                                TensorSpec)
 from edge.proto import edge_pb2 as pb
 from edge.transport.codec import decode_tensors, encode_tensors
 
 __all__ = ["FakeCluster", "FakeWorker", "FakeConnection", "FakeReplanner", "fake_plan",
-           "fake_devices", "add_one"]
+           "fake_devices", "add_one", "decoder_stage", "fake_decoder_plan", "fake_next_token",
+           "DECODER_VOCAB"]
 
 Code = grpc.StatusCode
 StageFn = Callable[[pb.StageConfig, dict], dict]
@@ -44,6 +54,24 @@ StageFn = Callable[[pb.StageConfig, dict], dict]
 def add_one(config: pb.StageConfig, arrays: dict) -> dict:
     """The default stage: every array plus one (n stages add n)."""
     return {k: v + 1 for k, v in arrays.items()}
+
+
+DECODER_VOCAB = 50
+
+
+def fake_next_token(token: int, position: int) -> int:
+    """The token :func:`decoder_stage` draws after ``token`` at ``position``."""
+    return (int(token) * 7 + int(position)) % DECODER_VOCAB
+
+
+def decoder_stage(config: pb.StageConfig, arrays: dict) -> dict:
+    """A fake decoder's stage: the first stages pass their inputs on; the last draws
+    :func:`fake_next_token` of the last input token (as ``tokens``, one per row)."""
+    if config.next_address:
+        return dict(arrays)
+    ids, positions = arrays["input_ids"], arrays["position_ids"]
+    return {"tokens": np.array([fake_next_token(i, p) for i, p in
+                                zip(ids[:, -1], positions[:, -1])], dtype=np.int64)}
 
 
 class _Stream:
@@ -77,6 +105,7 @@ class FakeWorker:
         self.full = 0
         self.forwards = 0
         self.cache: set[str] = set()
+        self.sequences: dict[str, int] = {}  # tokens cached per generated sequence
         self._lock = threading.Lock()
         self._streams: list[_Stream] = []
         self._taken_from: set[str] = set()
@@ -89,12 +118,14 @@ class FakeWorker:
         """The device dies: its streams break, what it holds is lost."""
         self.alive, self._holding = False, False
         self._held.clear()
+        self.sequences.clear()
         self._end_streams(lambda s: (Code.UNAVAILABLE, "connection reset"))
 
     def restart(self, empty: bool = True) -> None:
         """The worker comes back, with no stage and no owner (and, ``empty``, no shards)."""
         self.alive, self.hung = True, False
         self.config, self.owner = None, ""
+        self.sequences.clear()
         if empty:
             self.cache.clear()
 
@@ -146,6 +177,10 @@ class FakeWorker:
         if self.full > 0:
             self.full -= 1
             return Code.RESOURCE_EXHAUSTED, "queue full; retry later"
+        if activation.HasField("step"):
+            refused = self._check_step(activation.step, config)
+            if refused:
+                return refused
         self.forwards += 1
         with self._lock:
             if self._holding:
@@ -154,13 +189,40 @@ class FakeWorker:
         threading.Thread(target=self._run, args=(activation,), daemon=True).start()
         return Code.OK, ""
 
+    def _check_step(self, step: pb.Step, config: pb.StageConfig) -> tuple | None:
+        """The refusal of a step that does not match this stage's caches, or None."""
+        if step.release:
+            return None
+        cached = self.sequences.get(step.sequence_id)
+        if step.position != 0 and step.position != (cached or 0):
+            return Code.FAILED_PRECONDITION, (
+                f"sequence {step.sequence_id}: step at position {step.position}, stage "
+                f"{config.stage} caches {cached or 0} tokens of it")
+        if cached is None and config.max_sequences and \
+                len(self.sequences) >= config.max_sequences:
+            return Code.RESOURCE_EXHAUSTED, (f"{config.max_sequences} sequences already "
+                                             f"cached on stage {config.stage}")
+        return None
+
     def _run(self, activation: pb.Activation) -> None:
         config = self.config
         if not self.alive or config is None:
             return
-        outputs = self.cluster.stage_fn(config, decode_tensors(activation.tensors))
-        out = pb.Activation(request_id=activation.request_id, epoch=activation.epoch,
-                            tensors=encode_tensors(outputs))
+        step = activation.step if activation.HasField("step") else None
+        out = pb.Activation(request_id=activation.request_id, epoch=activation.epoch)
+        if step is not None:
+            out.step.CopyFrom(step)
+        if step is not None and step.release:
+            self.sequences.pop(step.sequence_id, None)
+        else:
+            arrays = decode_tensors(activation.tensors)
+            outputs = self.cluster.stage_fn(config, arrays)
+            if step is not None:
+                self.sequences[step.sequence_id] = step.position + arrays["input_ids"].shape[1]
+            if step is not None and not config.next_address:
+                out.tokens.extend(int(t) for t in outputs["tokens"])
+            else:
+                out.tensors.extend(encode_tensors(outputs))
         if not config.next_address:
             self._publish(pb.Event(result=out))
             return
@@ -331,12 +393,14 @@ def fake_devices(n: int, prefix: str = "fake", standby: bool = False,
 
 
 def fake_plan(plan_dir: Path, devices: Sequence[Device], standby: Sequence[Device] = (),
-              shape: tuple[int, ...] = (1, 4)) -> Plan:
-    """A plan of one stage per device over a float32 ``x`` of ``shape``, with a small shard
-    file per stage under ``plan_dir`` (deploy checks them against the plan)."""
+              shape: tuple[int, ...] = (1, 4), inputs: tuple[TensorSpec, ...] | None = None,
+              generation: Generation | None = None) -> Plan:
+    """A plan of one stage per device over a float32 ``x`` of ``shape`` (or ``inputs``,
+    passed from stage to stage), with a small shard file per stage under ``plan_dir``
+    (deploy checks them against the plan)."""
     plan_dir = Path(plan_dir)
     (plan_dir / "shards").mkdir(parents=True, exist_ok=True)
-    x = (TensorSpec("x", "float32", tuple(shape)),)
+    x = inputs or (TensorSpec("x", "float32", tuple(shape)),)
     stages = []
     for i, device in enumerate(devices):
         data = f"stage {i} of {len(devices)} in {plan_dir}".encode()
@@ -349,8 +413,22 @@ def fake_plan(plan_dir: Path, devices: Sequence[Device], standby: Sequence[Devic
                                       memory_mb=64, gflops=0.1, compute_ms=1,
                                       transfer_ms=1, time_ms=2)))
     model = ModelInfo(name="fake", sha256="0" * 64, num_nodes=len(devices), inputs=x,
-                      outputs=x)
+                      outputs=x, generation=generation)
     return Plan(model=model, stages=tuple(stages), standby=tuple(standby))
+
+
+def fake_decoder_plan(plan_dir: Path, devices: Sequence[Device], standby: Sequence[Device] = (),
+                      context: int = 32, sequences: int = 2,
+                      eos_token_ids: tuple[int, ...] = (), tokenizer: str = "") -> Plan:
+    """A :func:`fake_plan` of a decoder (``input_ids``, ``attention_mask``,
+    ``position_ids``) with ``generation`` set; run it with :func:`decoder_stage`.
+    ``tokenizer``: the folder under ``plan_dir`` with its tokenizer.json ("" none)."""
+    inputs = (TensorSpec("input_ids", "int64", ("batch", "sequence")),
+              TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
+              TensorSpec("position_ids", "int64", ("batch", "sequence")))
+    return fake_plan(plan_dir, devices, standby, inputs=inputs, generation=Generation(
+        context=context, sequences=sequences, prefill=context, tokenizer=tokenizer,
+        eos_token_ids=tuple(eos_token_ids)))
 
 
 class FakeReplanner(Replanner):

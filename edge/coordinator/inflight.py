@@ -6,6 +6,15 @@ its failure arrives. A refusal that is not the request's fault (a stage gone, fu
 another epoch) schedules it to be sent again with backoff; a re-deployment under a new
 epoch sends it again at once. Results are matched by request id, so a result computed
 under an older epoch still answers, and a request answered twice is answered once.
+
+A step of a generated sequence (``Request.step``) is a request like any other, with one
+difference: the stages keep its sequence's KV caches, so sending the same step again may
+find caches that already moved on (a stage before the one that failed ran it) or are gone
+(a device replaced). Such a request carries its *replay*: a prefill at position 0 of every
+token of the sequence so far, which restarts the sequence's caches on every stage and draws
+the same token (the last stage seeds its draw by position). Every send after the first, and
+a first send under another epoch than the one whose caches the step builds on, sends the
+replay.
 """
 
 from __future__ import annotations
@@ -68,6 +77,22 @@ class Request:
     retry_at: float = 0.0     # monotonic time of its next send, when it waits for one
     attempts: int = 0         # sends so far
     losses: int = 0           # device losses it was in flight through
+    step: pb.Step | None = None    # a step of a generated sequence (None: an Infer)
+    # The step restarted at position 0: what every send after the first sends instead.
+    replay: tuple[list[pb.Tensor], pb.Step] | None = None
+    cache_epoch: int = -1     # the epoch whose caches the step builds on (-1: none)
+    replayed: bool = False    # its replay was sent
+
+    def message(self, epoch: int) -> pb.Activation:
+        """What to send under ``epoch`` (its ``attempts`` counting this send)."""
+        tensors, step = self.tensors, self.step
+        if self.replay is not None and (self.replayed or self.attempts > 1 or (
+                self.cache_epoch >= 0 and self.cache_epoch != epoch)):
+            (tensors, step), self.replayed = self.replay, True
+        out = pb.Activation(request_id=self.request_id, tensors=tensors, epoch=epoch)
+        if step is not None:
+            out.step.CopyFrom(step)
+        return out
 
 
 class InFlight:
@@ -111,14 +136,23 @@ class InFlight:
                 r.losses += 1
             return pending
 
-    def admit(self, tensors: list[pb.Tensor]) -> Request:
+    def admit(self, tensors: list[pb.Tensor], step: pb.Step | None = None,
+              replay: tuple[list[pb.Tensor], pb.Step] | None = None,
+              cache_epoch: int = -1) -> Request:
         """Take a request in, or refuse it at once.
+
+        Args:
+            tensors: its inputs.
+            step: for a step of a generated sequence: the step.
+            replay: for a step: its replay (the module's docstring says when it is sent).
+            cache_epoch: for a step: the epoch whose caches it builds on (-1: none).
 
         Raises:
             InferError: UNAVAILABLE while nothing can serve (not retryable once taken
                 over), RESOURCE_EXHAUSTED when ``max_in_flight`` are in flight.
         """
-        request = Request(uuid.uuid4().hex, tensors, time.perf_counter())
+        request = Request(uuid.uuid4().hex, tensors, time.perf_counter(), step=step,
+                          replay=replay, cache_epoch=cache_epoch)
         cur = self.current
         with cur.lock:
             if cur.unavailable:
@@ -174,8 +208,7 @@ class InFlight:
                 return
             first, epoch = cur.workers[0], cur.epoch
             request.sent_epoch, request.attempts = epoch, request.attempts + 1
-        message = pb.Activation(request_id=request.request_id, tensors=request.tensors,
-                                epoch=epoch)
+            message = request.message(epoch)
         first.client.forward(message, self.forward_timeout,
                              lambda code, details: self._sent(request, epoch, first, code,
                                                               details))
@@ -206,7 +239,12 @@ class InFlight:
             return
         with self.current.lock:
             if request.sent_epoch == epoch:
-                request.retry_at = time.monotonic() + min(2.0, 0.05 * 2 ** request.attempts)
+                # A step's first refusal is sent again at once, as its replay: a stage
+                # whose caches do not match it (FAILED_PRECONDITION) will not change its
+                # mind, and the replay does not depend on any cache.
+                first_replay = request.replay is not None and not request.replayed
+                request.retry_at = time.monotonic() + (
+                    0.0001 if first_replay else min(2.0, 0.05 * 2 ** request.attempts))
         if code == grpc.StatusCode.UNAVAILABLE:
             self.suspect(w.stage.device.address, why)
         self.current.wake.set()
@@ -246,6 +284,23 @@ class InFlight:
                 r.retry_at = 0.0
         for r in due:
             self.send(r)
+
+    def send_once(self, step: pb.Step) -> None:
+        """Send a step without tensors (a release) to the first stage, without keeping it:
+        best effort, a refusal is logged (caches idle too long are freed anyway)."""
+        cur = self.current
+        with cur.lock:
+            if not cur.workers:
+                return
+            first, epoch = cur.workers[0], cur.epoch
+        message = pb.Activation(request_id=uuid.uuid4().hex, epoch=epoch, step=step)
+
+        def done(code: grpc.StatusCode, details: str) -> None:
+            if code != grpc.StatusCode.OK:
+                log.info("release of sequence %s refused by %s: %s: %s", step.sequence_id,
+                         first.label, code.name, details)
+
+        first.client.forward(message, self.forward_timeout, done)
 
     def close(self) -> None:
         """Fail everything in flight: the coordinator is shutting down."""

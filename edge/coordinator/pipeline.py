@@ -10,7 +10,9 @@ request, and a request answered twice is answered once.
 The parts, each with one job:
 
 - ``state``: what is deployed now and whether it serves;
-- ``inflight``: admission, the in-flight table, retries with backoff, resends;
+- ``inflight``: admission, the in-flight table, retries with backoff, resends (a step of a
+  generated sequence is resent as its replay);
+- ``generate``: the token loop of ``edge generate`` over :meth:`Pipeline.step`;
 - ``events``: the workers' event streams (results and failures);
 - ``monitor``: health probes, suspects, backoff of devices that refused a stage;
 - ``recovery``: deploy, recover, give up, and take-over (with ``failover.Replanner``);
@@ -234,6 +236,42 @@ class Pipeline:
         return InferResult(request.request_id, list(activation.tensors),
                            list(activation.timings),
                            (time.perf_counter() - request.started) * 1e3)
+
+    def step(self, tensors: list[pb.Tensor], step: pb.Step,
+             replay: tuple[list[pb.Tensor], pb.Step], cache_epoch: int = -1,
+             timeout: float | None = None,
+             on_admit: Callable[[str], None] | None = None) -> pb.Activation:
+        """Run one step of a generated sequence and wait for its result (``tokens`` set).
+
+        Sent, retried and resent like an Infer, except that every send after the first,
+        and one under another epoch than ``cache_epoch``, sends ``replay`` instead (see
+        :mod:`edge.coordinator.inflight`). The tensors are not checked against the plan:
+        :mod:`edge.coordinator.generate` builds them from it.
+
+        Args:
+            tensors: the step's inputs (``input_ids``, ``attention_mask``, ``position_ids``).
+            step: the sequence, position and sampling.
+            replay: the same step restarted at position 0 with every token so far.
+            cache_epoch: the epoch of the sequence's last result (-1: a prefill).
+            timeout: seconds to wait (default: the infer deadline).
+            on_admit: told the request id once admitted (to :meth:`cancel` it).
+
+        Raises:
+            InferError: with the status code to report.
+        """
+        request = self._requests.admit(tensors, step, replay, cache_epoch)
+        if on_admit is not None:
+            on_admit(request.request_id)
+        return self._requests.wait(request, timeout or self.deadlines.infer)
+
+    def cancel(self, request_id: str, why: str) -> None:
+        """Answer a request in flight with CANCELLED (its caller went away)."""
+        self._requests.resolve(request_id, error=InferError(grpc.StatusCode.CANCELLED, why,
+                                                            retryable=False))
+
+    def release(self, sequence_id: str) -> None:
+        """Free a sequence's caches on every stage: best effort, not waited for."""
+        self._requests.send_once(pb.Step(sequence_id=sequence_id, release=True))
 
     def _why(self, w: StageWorker) -> str:
         """``"; <what diagnose says about w's device>"``, or "" when it says nothing."""

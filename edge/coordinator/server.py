@@ -1,4 +1,4 @@
-"""The coordinator's gRPC face: Infer and cluster status, over a :class:`Pipeline`."""
+"""The coordinator's gRPC face: Infer, Generate and cluster status, over a :class:`Pipeline`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edge.coordinator.client import NO_RETRY, PUSHBACK
+from edge.coordinator.generate import Generator
 from edge.coordinator.pipeline import InferError, Pipeline
 from edge.errors import TensorError
 from edge.proto import edge_pb2 as pb
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, pipeline: Pipeline):
+    def __init__(self, pipeline: Pipeline, generator: Generator | None = None):
         self.pipeline = pipeline
+        self.generator = generator or Generator(pipeline)
 
     def Infer(self, request: pb.InferRequest, context) -> pb.InferReply:
         try:
@@ -42,6 +44,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             context.abort(e.code, str(e))
         return pb.InferReply(request_id=result.request_id, outputs=result.outputs,
                              timings=result.timings, latency_ms=result.latency_ms)
+
+    def Generate(self, request: pb.GenerateRequest, context):
+        """Stream the tokens and text of a generation, then a last reply with the usage.
+        A client that goes away cancels the sequence and frees its caches."""
+        try:
+            generation = self.generator.start_request(request)
+        except InferError as e:
+            context.abort(e.code, str(e))
+        context.add_callback(generation.cancel)
+        try:
+            for chunk in generation:
+                yield chunk.to_proto()
+        except InferError as e:
+            if not e.retryable:
+                context.set_trailing_metadata(((NO_RETRY, "1"), (PUSHBACK, "-1")))
+            context.abort(e.code, str(e))
 
     def GetClusterStatus(self, request, context) -> pb.ClusterStatus:
         return self.pipeline.status()
