@@ -191,6 +191,11 @@ class GraphCosts:
     state: tuple[tuple[str, str], ...] = ()
     cut_ok: np.ndarray | None = None
     kv_token_bytes: np.ndarray | None = None
+    # Set when planning for generation (edge.build): the caches' bytes per node at the
+    # plan's context and sequences, and the costs of one decode step (edge.planner).
+    kv_bytes: np.ndarray | None = None
+    decode_flops: np.ndarray | None = None
+    decode_cut_bytes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self._weights = WeightIndex(self.num_nodes, self.init_bytes, self.init_uses)
