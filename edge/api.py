@@ -46,7 +46,7 @@ def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluste
          sample: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
          modes: Sequence[str] | None = None, int8_min_cosine: float | None = None,
          context: int | None = None, sequences: int | None = None,
-         prefill: int | None = None) -> Plan:
+         prefill: int | None = None, generate: bool = False) -> Plan:
     """Plan ``model`` over a cluster and write ``out/plan.json`` and its shards.
 
     Args:
@@ -63,7 +63,9 @@ def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluste
         context, sequences, prefill: for a decoder with KV caches, the tokens per sequence
             the caches hold, the sequences held at once and the longest prompt
             (``edge.planning.generation``; defaults: the model's positions up to 2048, 1,
-            min(context, 128)). A model without caches refuses them.
+            min(context, 128)). Any of them, or ``generate=True``, plans the model for
+            generation; a model without caches refuses them.
+        generate: plan for generation with the defaults.
 
     Returns:
         The plan, as written to ``out/plan.json``.
@@ -83,7 +85,7 @@ def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluste
                      bindings=plan_dims(model, dict(dims or {}), arrays),
                      standby=devices.standby, modes=tuple(modes) if modes else None,
                      sample=arrays, int8_min_cosine=int8_min_cosine,
-                     generation=GenerationRequest(context, sequences, prefill))
+                     generation=GenerationRequest(context, sequences, prefill, generate))
 
 
 class Served:

@@ -182,13 +182,14 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
             one, seeded synthetic inputs at the bound shapes:
             ``edge.shards.accuracy.synthetic_inputs``). Saved as ``sample.npz`` next to
             ``plan.json``, for re-plans.
-        generation: for a decoder with KV caches, the context, sequences and prefill to
-            plan for (``edge.planning.generation``: None or unset fields take the
-            defaults; a ``Generation`` from an earlier plan is kept as it is). Such a
-            model is always planned for generation: it is costed at its prefill with
-            empty caches, each stage's memory holds its caches for context x sequences
-            tokens, and the objective is the decode step. A model without state refuses
-            it.
+        generation: plan a decoder with KV caches for generation, with this context,
+            sequences and prefill (``edge.planning.generation``; unset fields take the
+            defaults; a ``Generation`` from an earlier plan is kept as it is): it is
+            costed at its prefill with empty caches, each stage keeps its layers' caches
+            (never sent) and its memory holds them for context x sequences tokens, and
+            the objective is the decode step. None or an empty request: planned as any
+            model (caches travel as inputs and outputs). A model without caches refuses
+            a request.
         int8_min_cosine: a stage is planned in int8 only if the model's outputs, with that
             stage quantized, keep at least this cosine similarity with the fp32 model's
             (``Stage.int8_cosine`` records it); None for ``INT8_MIN_COSINE`` (0.99).
@@ -208,7 +209,7 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
     if not -1.0 <= min_cosine <= 1.0:
         raise PlanError(f"int8_min_cosine: expected a cosine in [-1, 1], got {min_cosine}")
     gen, bindings = _generation(model_path, bindings, generation)
-    costs = analyze(model_path, bindings, sample)
+    costs = analyze(model_path, bindings, sample, state=gen is not None)
     if gen is not None:
         _add_decode_costs(costs, model_path, gen)
         gen = dataclasses.replace(gen, tokenizer=gen_plan.copy_tokenizer(model_path, out_dir))
@@ -300,12 +301,17 @@ def _generation(model_path: Path, bindings: dict[str, int] | None,
     inputs, outputs = _input_specs(model_path)
     pairs = state_pairs([s.name for s in inputs], outputs)
     request = asked if isinstance(asked, GenerationRequest) else GenerationRequest()
-    if not pairs:
-        if asked is not None and (request.given or isinstance(asked, Generation)):
-            raise PlanError(
-                f"--context/--sequences/--prefill: {model_path.name} has no KV caches (no "
-                "input past_key_values.N.* or past.N.* with a matching present.N.* "
-                "output), so there is nothing to plan them for; plan it without them")
+    wanted = isinstance(asked, Generation) or request.given
+    if wanted and not pairs:
+        raise PlanError(
+            f"--generate/--context/--sequences/--prefill: {model_path.name} has no KV "
+            "caches (no input past_key_values.N.* or past.N.* with a matching present.N.* "
+            "output), so there is nothing to plan them for; plan it without them")
+    if not wanted:
+        if pairs:
+            log.info("%s has KV caches (%d): planned for one request at a time, caches "
+                     "travelling; pass --generate or --context to plan it for generation",
+                     model_path.name, len(pairs))
         return None, bindings
     gen = asked if isinstance(asked, Generation) else gen_plan.resolve(model_path, request)
     pasts = {a for a, _ in pairs}
@@ -320,7 +326,7 @@ def _add_decode_costs(costs: GraphCosts, model_path: Path, gen: Generation) -> N
     planner reads (``edge.planning.planner``)."""
     inputs = [costs.specs[t] for t in costs.graph_inputs]
     pasts = {a for a, _ in costs.state}
-    decode = analyze(model_path, gen_plan.decode_bindings(inputs, pasts, gen))
+    decode = analyze(model_path, gen_plan.decode_bindings(inputs, pasts, gen), state=True)
     if decode.node_names != costs.node_names:
         raise PlanError(f"{model_path.name}: the decode step's graph differs from the "
                         "prefill's after normalising; cannot cost it")

@@ -117,7 +117,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      bindings=plan_dims(args.model, _parse_dims(args.dim), sample),
                      standby=cluster.standby, modes=_parse_modes(args.modes), sample=sample,
                      int8_min_cosine=_parse_cosine(args.int8_min_cosine),
-                     generation=GenerationRequest(args.context, args.sequences, args.prefill))
+                     generation=GenerationRequest(args.context, args.sequences, args.prefill,
+                                                  args.generate))
     print_plan(plan, console())
     print(f"wrote {Path(args.out) / 'plan.json'} and {len(plan.stages)} shard(s)")
     return 0
@@ -397,7 +398,11 @@ def _add_plan(sub) -> None:
                         "keep at least this cosine similarity with fp32 (default 0.99; "
                         "measured on the sample if one is given, else on seeded synthetic "
                         "inputs at the planned sizes)")
-    gen = p.add_argument_group("generation (decoders with KV caches only)")
+    gen = p.add_argument_group("generation (decoders with KV caches only; any of these "
+                               "plans the model for `edge generate`)")
+    gen.add_argument("--generate", action="store_true",
+                     help="plan for generation: each stage keeps its layers' KV caches, "
+                          "with the defaults below")
     gen.add_argument("--context", type=_positive(int), metavar="N",
                      help="tokens per sequence, prompt and generated, that every stage "
                           "holds caches for (default: the model's positions from "

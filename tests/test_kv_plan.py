@@ -66,7 +66,7 @@ def test_state_pairs_in_every_naming_style():
 
 def test_state_crosses_no_cut(llama_tiny):
     costs = analyze(llama_tiny, {"batch": 1, "sequence": 8, "past_sequence": 0,
-                                 "total_sequence": 8})
+                                 "total_sequence": 8}, state=True)
     state = {t for pair in costs.state for t in pair}
     assert len(costs.state) == 4
     for p in range(costs.num_nodes + 1):
@@ -157,7 +157,7 @@ def test_planned_shards_reproduce_the_model_with_caches(llama_tiny, tmp_path):
 
 def test_shards_one_layer_each_reproduce_the_model(llama_tiny, tmp_path):
     costs = analyze(llama_tiny, {"batch": 1, "sequence": 5, "past_sequence": 0,
-                                 "total_sequence": 5})
+                                 "total_sequence": 5}, state=True)
     made = sorted({costs.producer[b] for _, b in costs.state})
     # the first allowed cuts after each layer's cache: one layer per stage, then the head
     cuts = [next(p for p in range(made[k] + 1, costs.num_nodes) if costs.cut_ok[p])
@@ -250,6 +250,14 @@ def test_a_model_without_state_refuses_context(tmp_path):
         make_plan(model, _devices(1), tmp_path / "out", generation=GenerationRequest(context=8))
     plan = make_plan(model, _devices(1), tmp_path / "plain")  # and plans as before without
     assert plan.model.generation is None and plan.stages[0].state == ()
+
+
+def test_a_decoder_planned_without_generation_keeps_its_caches_travelling(llama_tiny, tmp_path):
+    plan = make_plan(llama_tiny, _devices(1), tmp_path, modes=("fp32",),
+                     bindings={"sequence": 4, "past_sequence": 4, "total_sequence": 8})
+    assert plan.model.generation is None and plan.stages[0].state == ()
+    assert "past_key_values.1.value" in {t.name for t in plan.stages[0].inputs}
+    assert "present.1.value" in {t.name for t in plan.stages[0].outputs}
 
 
 # --------------------------------------------------------------------------- guard

@@ -43,15 +43,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", GENERATION_FILE)
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What ``edge plan --context --sequences --prefill`` asked for; None: the default."""
+    """What ``edge plan --generate --context --sequences --prefill`` asked for; None: the
+    default. Any of them plans the model for generation."""
 
     context: int | None = None
     sequences: int | None = None
     prefill: int | None = None
+    generate: bool = False
 
     @property
     def given(self) -> bool:
-        return any(v is not None for v in (self.context, self.sequences, self.prefill))
+        return self.generate or any(v is not None for v in (self.context, self.sequences,
+                                                            self.prefill))
 
 
 def _model_info(model_path: Path) -> dict:

@@ -765,7 +765,7 @@ def _node_flops(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]],
 
 def analyze(model: str | Path | onnx.ModelProto,
             bindings: dict[str, int] | None = None,
-            sample: Mapping[str, np.ndarray] | None = None) -> GraphCosts:
+            sample: Mapping[str, np.ndarray] | None = None, state: bool = False) -> GraphCosts:
     """Compute per-node and per-cut costs of an ONNX model at concrete sizes.
 
     The model is first normalized (``edge.planning.intake``): an older opset is converted
@@ -779,20 +779,19 @@ def analyze(model: str | Path | onnx.ModelProto,
             any other unbound symbolic input dim raises GraphError naming it.
         sample: a real input, one array per graph input name: it binds every symbolic
             dim, and shapes are measured on it instead of on zeros.
+        state: keep a decoder's KV caches off the cuts (``edge.planning.state``).
 
     Returns:
         GraphCosts with arrays indexed by node position and cut position.
     """
     where = "model" if isinstance(model, onnx.ModelProto) else str(model)
-    original = load_model(model)
-    normalized, intake = normalize(original, where)
+    normalized, intake = normalize(original := load_model(model), where)
     m, nodes = _sorted_model(_fold_weight_transposes(normalized))
-    g = m.graph
-    n = len(nodes)
+    g, n = m.graph, len(nodes)
     inits, init_names, init_bytes = _initializers(g)
     graph_inputs = [i.name for i in g.input if i.name not in inits]
     graph_outputs = [o.name for o in g.output]
-    pairs = state_pairs(graph_inputs, graph_outputs)
+    pairs = state_pairs(graph_inputs, graph_outputs) if state else []
     nodes = list(g.node) if share_shape_reads(g, pairs) else nodes
 
     bound_inputs, used_bindings, notes = _bind(m, inits, bindings, sample, original, intake,

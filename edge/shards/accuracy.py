@@ -245,7 +245,8 @@ class Int8Accuracy:
         if not 0 <= i < j <= n:
             raise PlanError(f"node range: expected 0 <= i < j <= {n}, got [{i}, {j})")
         want = self.reference([i])
-        cur = dict(self._at[i])
+        # a decoder's pasts are read where their layer is, never crossing a cut
+        cur = {**self.inputs, **self._at[i]}
         where = self._dir / f"stage-{i}-{j}"
         fp32 = build_shard(self.costs.model, self.costs, i, j, where / "fp32" / "stage.onnx",
                            check=False)
