@@ -25,6 +25,13 @@ The last stage's transfer is the model's outputs going back to the coordinator
 costs too much accuracy, ``edge.shards.accuracy``): on a vetoed range, and on every range
 holding one, a stage may take only the other modes.
 
+A decoder planned for generation (``edge.planning.generation``) adds three things, read
+from optional cost arrays: each stage's memory holds its layers' KV caches at the plan's
+context and sequences (``kv_bytes``, fp32 in every mode); no cut falls inside a layer's
+cache (``cut_ok``: the cache stays on one stage); and the stage time is that of one decode
+step (``decode_flops``, ``decode_cut_bytes``), so the objective is the decode period, the
+slowest stage's time per generated token. The prefill's time is recorded beside it.
+
 Exact for contiguous splits under that per-stage rule: two dynamic
 programs over (device, end position), each vectorised over the start position. The first
 finds the optimal bottleneck B*; the second minimises total latency subject to every stage

@@ -67,6 +67,10 @@ def share_shape_reads(graph: onnx.GraphProto, pairs: Sequence[tuple[str, str]]) 
     """Point ``Shape`` nodes that read a past at the past (declared with the same shape)
     whose data is read first, in place; nodes must be in topological order.
 
+    Args:
+        graph: the model's graph, changed in place.
+        pairs: its (past, present) pairs (``state_pairs``).
+
     Returns:
         How many nodes were rewired.
     """
