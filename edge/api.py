@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from edge.build import load_sample, make_plan, plan_dims
+from edge.planning.generation import GenerationRequest
 from edge.coordinator.client import InferClient
 from edge.coordinator.pipeline import Pipeline
 from edge.coordinator.server import start_coordinator
@@ -44,7 +45,9 @@ def _security(certs: str | os.PathLike[str] | None, insecure: bool) -> Security:
 def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluster,
          out: str | os.PathLike[str], *, dims: Mapping[str, int] | None = None,
          sample: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
-         modes: Sequence[str] | None = None, int8_min_cosine: float | None = None) -> Plan:
+         modes: Sequence[str] | None = None, int8_min_cosine: float | None = None,
+         context: int | None = None, sequences: int | None = None,
+         prefill: int | None = None, generate: bool = False) -> Plan:
     """Plan ``model`` over a cluster and write ``out/plan.json`` and its shards.
 
     Args:
@@ -58,6 +61,12 @@ def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluste
         modes: the modes stages may run in, in order of preference (default all:
             ``fp32``, ``fp32-lean``, ``int8``).
         int8_min_cosine: the least cosine an int8 stage may keep with fp32 (default 0.99).
+        context, sequences, prefill: for a decoder with KV caches, the tokens per sequence
+            the caches hold, the sequences held at once and the longest prompt
+            (``edge.planning.generation``; defaults: the model's positions up to 2048, 1,
+            min(context, 128)). Any of them, or ``generate=True``, plans the model for
+            generation; a model without caches refuses them.
+        generate: plan for generation with the defaults.
 
     Returns:
         The plan, as written to ``out/plan.json``.
@@ -76,7 +85,8 @@ def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluste
     return make_plan(model, devices.devices, out,
                      bindings=plan_dims(model, dict(dims or {}), arrays),
                      standby=devices.standby, modes=tuple(modes) if modes else None,
-                     sample=arrays, int8_min_cosine=int8_min_cosine)
+                     sample=arrays, int8_min_cosine=int8_min_cosine,
+                     generation=GenerationRequest(context, sequences, prefill, generate))
 
 
 class Served:

@@ -20,11 +20,15 @@ import onnx
 
 from edge.errors import ConfigError, NoFitError, PlanError
 from edge.files import file_sha256
+from edge.planning import generation as gen_plan
+from edge.planning.generation import GenerationRequest
 from edge.planning.graph import GraphCosts, analyze
-from edge.planning.plan import INT8_MIN_COSINE, Device, ModelInfo, Plan, ShardFile, Stage
+from edge.planning.plan import (INT8_MIN_COSINE, Device, Generation, ModelInfo, Plan,
+                                ShardFile, Stage, TensorSpec)
 from edge.planning.planner import Split, partition
+from edge.planning.state import kv_bytes_per_token, state_pairs
 from edge.shards.accuracy import Int8Accuracy, format_cosine, synthetic_inputs
-from edge.shards.build import build_shard
+from edge.shards.build import build_shard, stage_state
 from edge.shards.quantize import quantize_shard
 from edge.spec import MODE_TABLE, MODES, quantized_modes
 
@@ -158,7 +162,8 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
               standby: Sequence[Device] = (),
               modes: Sequence[str] | None = None,
               sample: Mapping[str, np.ndarray] | None = None,
-              int8_min_cosine: float | None = None) -> Plan:
+              int8_min_cosine: float | None = None,
+              generation: GenerationRequest | Generation | None = None) -> Plan:
     """Analyse a model, split it over the devices, write the shards and ``plan.json``.
 
     Args:
@@ -177,6 +182,14 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
             one, seeded synthetic inputs at the bound shapes:
             ``edge.shards.accuracy.synthetic_inputs``). Saved as ``sample.npz`` next to
             ``plan.json``, for re-plans.
+        generation: plan a decoder with KV caches for generation, with this context,
+            sequences and prefill (``edge.planning.generation``; unset fields take the
+            defaults; a ``Generation`` from an earlier plan is kept as it is): it is
+            costed at its prefill with empty caches, each stage keeps its layers' caches
+            (never sent) and its memory holds them for context x sequences tokens, and
+            the objective is the decode step. None or an empty request: planned as any
+            model (caches travel as inputs and outputs). A model without caches refuses
+            a request.
         int8_min_cosine: a stage is planned in int8 only if the model's outputs, with that
             stage quantized, keep at least this cosine similarity with the fp32 model's
             (``Stage.int8_cosine`` records it); None for ``INT8_MIN_COSINE`` (0.99).
@@ -195,7 +208,11 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
     min_cosine = INT8_MIN_COSINE if int8_min_cosine is None else float(int8_min_cosine)
     if not -1.0 <= min_cosine <= 1.0:
         raise PlanError(f"int8_min_cosine: expected a cosine in [-1, 1], got {min_cosine}")
-    costs = analyze(model_path, bindings, sample)
+    gen, bindings = _generation(model_path, bindings, generation)
+    costs = analyze(model_path, bindings, sample, state=gen is not None)
+    if gen is not None:
+        _add_decode_costs(costs, model_path, gen)
+        gen = dataclasses.replace(gen, tokenizer=gen_plan.copy_tokenizer(model_path, out_dir))
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     sample_rel = ""
@@ -205,7 +222,8 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
     split, cosines = _accurate_split(costs, active, modes, sample, min_cosine, shard_dir)
 
     stages = _build_stages(costs, active, split, cosines, out_dir, shard_dir)
-    model = _model_info(model_path, costs, out_dir, sample_rel)
+    model = dataclasses.replace(_model_info(model_path, costs, out_dir, sample_rel),
+                                generation=gen)
     plan = Plan(model=model, stages=tuple(stages), standby=spares,
                 bottleneck_ms=split.bottleneck_ms, latency_ms=split.latency_ms,
                 modes=MODES if modes is None else tuple(modes), int8_min_cosine=min_cosine)
@@ -233,15 +251,17 @@ def _build_stages(costs: GraphCosts, devices: Sequence[Device], split: Split,
                 info = quantize_shard(fp32.path, out_dir / rel)
         else:
             info = build_shard(costs.model, costs, i, j, out_dir / rel)
-        outputs = (tuple(costs.specs[t] for t in costs.graph_outputs) if j == n
+        outputs = (tuple(costs.specs[t] for t in costs.travelling_outputs) if j == n
                    else costs.crossing_specs(j))
+        state = tuple(stage_state(costs, i, j))
         stages.append(Stage(
             index=k, device=dev, node_range=(i, j), inputs=costs.crossing_specs(i),
             outputs=outputs, shard=rel, sha256=info.sha256, shard_bytes=info.size,
             predicted=dataclasses.replace(
                 pred, activation_degrees=costs.activation_degrees(i, j),
                 activation_growth=tuple(costs.activation_growth(i, j))), mode=mode,
-            int8_cosine=cosines.get((i, j)) if quantized else None,
+            int8_cosine=cosines.get((i, j)) if quantized else None, state=state,
+            kv_bytes_per_token=kv_bytes_per_token(costs.specs, [b for _, b in state]),
             data_files=tuple(ShardFile(f"shards/{f.path.name}", f.sha256, f.size,
                                        f.random_access) for f in info.data_files)))
     return stages
@@ -252,9 +272,64 @@ def _model_info(model_path: Path, costs: GraphCosts, out_dir: Path, sample_rel: 
     """What the plan records of its source model."""
     return ModelInfo(
         name=model_path.stem, sha256=file_sha256(model_path), num_nodes=costs.num_nodes,
-        inputs=tuple(costs.specs[t] for t in costs.graph_inputs),
-        outputs=tuple(costs.specs[t] for t in costs.graph_outputs),
+        inputs=tuple(costs.specs[t] for t in costs.travelling_inputs),
+        outputs=tuple(costs.specs[t] for t in costs.travelling_outputs),
         bindings=dict(costs.bindings), derived=dict(costs.derived),
         limits=dict(costs.dim_limits),
         path=os.path.relpath(model_path.resolve(), out_dir.resolve()),
         sample=sample_rel, notes=tuple(costs.notes))
+
+
+def _input_specs(model_path: Path) -> tuple[list[TensorSpec], list[str]]:
+    """The model's graph inputs (symbolic shapes) and output names, weights not loaded."""
+    try:
+        g = onnx.load(str(model_path), load_external_data=False).graph
+    except Exception:
+        return [], []  # analyze() reports an unreadable model with a better message
+    inits = {t.name for t in g.initializer}
+    specs = [TensorSpec(name=i.name, dtype="float32", shape=tuple(
+        d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+        for d in i.type.tensor_type.shape.dim)) for i in g.input if i.name not in inits]
+    return specs, [o.name for o in g.output]
+
+
+def _generation(model_path: Path, bindings: dict[str, int] | None,
+                asked: GenerationRequest | Generation | None
+                ) -> tuple[Generation | None, dict[str, int] | None]:
+    """The generation settings (None for a model without state) and the bindings to cost
+    at: the prefill's, with empty caches, for a decoder."""
+    inputs, outputs = _input_specs(model_path)
+    pairs = state_pairs([s.name for s in inputs], outputs)
+    request = asked if isinstance(asked, GenerationRequest) else GenerationRequest()
+    wanted = isinstance(asked, Generation) or request.given
+    if wanted and not pairs:
+        raise PlanError(
+            f"--generate/--context/--sequences/--prefill: {model_path.name} has no KV "
+            "caches (no input past_key_values.N.* or past.N.* with a matching present.N.* "
+            "output), so there is nothing to plan them for; plan it without them")
+    if not wanted:
+        if pairs:
+            log.info("%s has KV caches (%d): planned for one request at a time, caches "
+                     "travelling; pass --generate or --context to plan it for generation",
+                     model_path.name, len(pairs))
+        return None, bindings
+    gen = asked if isinstance(asked, Generation) else gen_plan.resolve(model_path, request)
+    pasts = {a for a, _ in pairs}
+    log.info("planning %s for generation: context %d, %d sequence(s), prefill %d",
+             model_path.name, gen.context, gen.sequences, gen.prefill)
+    return gen, {**(bindings or {}), **gen_plan.prefill_bindings(inputs, pasts, gen)}
+
+
+def _add_decode_costs(costs: GraphCosts, model_path: Path, gen: Generation) -> None:
+    """Give ``costs`` the KV caches' bytes per node at the plan's context and sequences,
+    and the flops and cut bytes of one decode step (measured at its sizes), which the
+    planner reads (``edge.planning.planner``)."""
+    inputs = [costs.specs[t] for t in costs.graph_inputs]
+    pasts = {a for a, _ in costs.state}
+    decode = analyze(model_path, gen_plan.decode_bindings(inputs, pasts, gen), state=True)
+    if decode.node_names != costs.node_names:
+        raise PlanError(f"{model_path.name}: the decode step's graph differs from the "
+                        "prefill's after normalising; cannot cost it")
+    costs.decode_flops = decode.flops
+    costs.decode_cut_bytes = decode.cut_bytes
+    costs.kv_bytes = costs.kv_token_bytes * float(gen.context * gen.sequences)

@@ -132,10 +132,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cluster = load_cluster(args.cluster)
     sample = load_sample(args.sample)
+    from edge.planning.generation import GenerationRequest
+
     plan = make_plan(args.model, cluster.devices, args.out,
                      bindings=plan_dims(args.model, _parse_dims(args.dim), sample),
                      standby=cluster.standby, modes=_parse_modes(args.modes), sample=sample,
-                     int8_min_cosine=_parse_cosine(args.int8_min_cosine))
+                     int8_min_cosine=_parse_cosine(args.int8_min_cosine),
+                     generation=GenerationRequest(args.context, args.sequences, args.prefill,
+                                                  args.generate))
     print_plan(plan, console())
     print(f"wrote {Path(args.out) / 'plan.json'} and {len(plan.stages)} shard(s)")
     return 0
@@ -454,6 +458,21 @@ def _add_plan(sub) -> None:
                         "keep at least this cosine similarity with fp32 (default 0.99; "
                         "measured on the sample if one is given, else on seeded synthetic "
                         "inputs at the planned sizes)")
+    gen = p.add_argument_group("generation (decoders with KV caches only; any of these "
+                               "plans the model for `edge generate`)")
+    gen.add_argument("--generate", action="store_true",
+                     help="plan for generation: each stage keeps its layers' KV caches, "
+                          "with the defaults below")
+    gen.add_argument("--context", type=_positive(int), metavar="N",
+                     help="tokens per sequence, prompt and generated, that every stage "
+                          "holds caches for (default: the model's positions from "
+                          "generation.json beside it, at most 2048)")
+    gen.add_argument("--sequences", type=_positive(int), metavar="S",
+                     help="sequences whose caches the stages hold at once (default 1: each "
+                          "one multiplies the caches on every stage; more wait in a queue)")
+    gen.add_argument("--prefill", type=_positive(int), metavar="P",
+                     help="the longest prompt the activations are planned for (default "
+                          "min(context, 128))")
     p.set_defaults(func=cmd_plan)
 
 

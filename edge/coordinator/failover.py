@@ -154,7 +154,8 @@ class Replanner:
             try:
                 plan = make_plan(model, devices, out, bindings=dict(self.original.model.bindings),
                                  modes=self.original.modes, sample=sample,
-                                 int8_min_cosine=self.original.int8_min_cosine)
+                                 int8_min_cosine=self.original.int8_min_cosine,
+                                 generation=self.original.model.generation)
             except NoFitError as e:
                 error = e
                 continue

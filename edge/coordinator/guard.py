@@ -25,7 +25,7 @@ import numpy as np
 from edge.errors import EdgeError
 from edge.planning.plan import Plan, TensorSpec, dim_expression, free_sizes
 
-__all__ = ["TooLarge", "BeyondModel", "request_sizes", "check_fits", "largest",
+__all__ = ["TooLarge", "BeyondModel", "BeyondContext", "check_context", "request_sizes", "check_fits", "largest",
            "describe_limits", "largest_request_bytes", "FRAMING_BYTES"]
 
 # What a request message carries besides its tensors' bytes: names, dtypes, shapes, a
@@ -40,6 +40,40 @@ class TooLarge(EdgeError):
 class BeyondModel(TooLarge):
     """The request is larger than the model itself takes (``ModelInfo.limits``: 512
     learned positions), whatever the memory: the request is wrong, not the cluster."""
+
+
+class BeyondContext(BeyondModel):
+    """The prompt is longer than the context the plan's KV caches were planned for
+    (``Generation.context``): the request is wrong, not the cluster (INVALID_ARGUMENT)."""
+
+
+def check_context(plan: Plan, prompt_tokens: int, max_tokens: int) -> int:
+    """How many tokens a generation request may draw: ``max_tokens``, cut so that prompt
+    and generated tokens fit the plan's context (the stages' caches hold no more); 0
+    when the prompt fills the context exactly.
+
+    Args:
+        plan: a plan made for generation (``ModelInfo.generation``).
+        prompt_tokens: the prompt's length in tokens.
+        max_tokens: the most tokens the client asked for.
+
+    Raises:
+        BeyondContext: the prompt alone does not fit the context, or the plan is not one
+            for generation.
+    """
+    gen = plan.model.generation
+    if gen is None:
+        raise BeyondContext(f"{plan.model.name} was not planned for generation (no KV "
+                            "caches); re-plan it with `edge plan --context N`")
+    if prompt_tokens < 1:
+        raise BeyondContext(f"a prompt needs at least 1 token, got {prompt_tokens}")
+    if prompt_tokens > gen.context:
+        raise BeyondContext(
+            f"a prompt of {prompt_tokens} tokens does not fit the context of "
+            f"{gen.context} tokens that {plan.model.name}'s caches were planned for (prompt "
+            f"and generated tokens together); send at most {gen.context} prompt tokens, "
+            f"or re-plan with a larger --context")
+    return max(0, min(int(max_tokens), gen.context - prompt_tokens))
 
 
 def request_sizes(specs: Sequence[TensorSpec],

@@ -35,6 +35,7 @@ from edge.planning.intake import (ANONYMOUS_DIMS as _ANONYMOUS_DIMS, TARGET_OPSE
 from edge.planning.plan import Dim, TensorSpec, dim_expression, dim_value
 from edge.planning.limits import dim_limits
 from edge.planning.scopes import node_reads
+from edge.planning.state import apply_state, kv_bytes_per_token, share_shape_reads, state_pairs
 
 __all__ = [
     "MIN_OPSET",
@@ -149,6 +150,14 @@ class GraphCosts:
             prepacks when its shard is loaded (0 for other nodes), in fp32 and in int8.
         dim_limits: the largest size of a dim that the model's own weights allow (512
             learned positions: ``{"sequence": 512}``; see ``edge.planning.limits``).
+        state: a decoder's (past input, present output) pairs (``edge.planning.state``):
+            they stay on the stage holding their layer and never cross a cut, so
+            ``producer``/``last_use`` start a past at its first consumer and end a
+            present at its last one, and ``cut_bytes``/``live_bytes`` never count them.
+        cut_ok: (n + 1,) bool, None when every cut is allowed: False where a cut would
+            split a state pair over two stages.
+        kv_token_bytes: (n,) per node, bytes per token of one sequence of the presents it
+            produces; None for a model without state.
     """
 
     model: onnx.ModelProto
@@ -181,6 +190,14 @@ class GraphCosts:
     derived: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     dim_limits: dict[str, int] = field(default_factory=dict)
+    state: tuple[tuple[str, str], ...] = ()
+    cut_ok: np.ndarray | None = None
+    kv_token_bytes: np.ndarray | None = None
+    # Set when planning for generation (edge.build): the caches' bytes per node at the
+    # plan's context and sequences, and the costs of one decode step (edge.planner).
+    kv_bytes: np.ndarray | None = None
+    decode_flops: np.ndarray | None = None
+    decode_cut_bytes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self._weights = WeightIndex(self.num_nodes, self.init_bytes, self.init_uses)
@@ -199,6 +216,18 @@ class GraphCosts:
         if not 0 <= p <= self.num_nodes:
             raise IndexError(f"cut position must be in [0, {self.num_nodes}], got {p}")
         return [t for t in self._tensor_order if self.producer[t] < p <= self.last_use[t]]
+
+    @property
+    def travelling_inputs(self) -> list[str]:
+        """The graph inputs that travel (stage 0 receives them): all but state."""
+        pasts = {a for a, _ in self.state}
+        return [t for t in self.graph_inputs if t not in pasts]
+
+    @property
+    def travelling_outputs(self) -> list[str]:
+        """The graph outputs that travel (the last stage sends them): all but state."""
+        presents = {b for _, b in self.state}
+        return [t for t in self.graph_outputs if t not in presents]
 
     def crossing_specs(self, p: int) -> tuple[TensorSpec, ...]:
         """TensorSpecs (symbolic shapes) of ``crossing(p)``."""
@@ -735,7 +764,7 @@ def _node_flops(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]],
 
 def analyze(model: str | Path | onnx.ModelProto,
             bindings: dict[str, int] | None = None,
-            sample: Mapping[str, np.ndarray] | None = None) -> GraphCosts:
+            sample: Mapping[str, np.ndarray] | None = None, state: bool = False) -> GraphCosts:
     """Compute per-node and per-cut costs of an ONNX model at concrete sizes.
 
     The model is first normalized (``edge.planning.intake``): an older opset is converted
@@ -749,23 +778,20 @@ def analyze(model: str | Path | onnx.ModelProto,
             any other unbound symbolic input dim raises GraphError naming it.
         sample: a real input, one array per graph input name: it binds every symbolic
             dim, and shapes are measured on it instead of on zeros.
+        state: keep a decoder's KV caches off the cuts (``edge.planning.state``).
 
     Returns:
         GraphCosts with arrays indexed by node position and cut position.
     """
     where = "model" if isinstance(model, onnx.ModelProto) else str(model)
-    original = load_model(model)
-    normalized, intake = normalize(original, where)
+    normalized, intake = normalize(original := load_model(model), where)
     m, nodes = _sorted_model(_fold_weight_transposes(normalized))
-    g = m.graph
-    n = len(nodes)
-    inits = {t.name: t for t in g.initializer}
-    for st in g.sparse_initializer:
-        raise GraphError(f"sparse initializers are not supported (found {st.values.name!r})")
-    init_names = list(inits)
-    init_bytes = np.array([_tensor_nbytes(inits[t]) for t in init_names], dtype=np.int64)
+    g, n = m.graph, len(nodes)
+    inits, init_names, init_bytes = _initializers(g)
     graph_inputs = [i.name for i in g.input if i.name not in inits]
     graph_outputs = [o.name for o in g.output]
+    pairs = state_pairs(graph_inputs, graph_outputs) if state else []
+    nodes = list(g.node) if share_shape_reads(g, pairs) else nodes
 
     bound_inputs, used_bindings, notes = _bind(m, inits, bindings, sample, original, intake,
                                                where)
@@ -780,6 +806,7 @@ def analyze(model: str | Path | onnx.ModelProto,
         if o in inits:
             raise GraphError(f"graph output {o!r} is an initializer; cannot cut such a model")
         scan.last_use[o] = n
+    cut_ok = apply_state(scan.producer, scan.last_use, scan.node_inputs, pairs, n)
     tensor_bytes, cut_bytes = _cut_bytes(scan.producer, scan.last_use, n, tensor_bytes_of)
     specs = _specs(scan.producer, _symbolic_value_info(m, nodes), shapes, types)
 
@@ -807,12 +834,36 @@ def analyze(model: str | Path | onnx.ModelProto,
         init_int8_bytes=int8_bytes,
         tensor_degrees=degrees, derived=derived,
         dim_limits={d: size for d, (size, _) in limits.items()},
-        prepack_bytes=np.where(scan.prepack >= 0, init_bytes[scan.prepack], 0),
-        prepack_int8_bytes=np.where(scan.prepack >= 0, int8_bytes[scan.prepack], 0),
-        notes=notes,
+        prepack_bytes=np.where(scan.prepack >= 0, np.append(init_bytes, 0)[scan.prepack], 0),
+        prepack_int8_bytes=np.where(scan.prepack >= 0, np.append(int8_bytes, 0)[scan.prepack], 0),
+        notes=notes, state=tuple(pairs), cut_ok=cut_ok,
+        kv_token_bytes=_kv_token_bytes(specs, scan.producer, pairs, n),
     )
     log.info("analysed model: %s", costs.summary())
     return costs
+
+
+def _initializers(g: onnx.GraphProto) -> tuple[dict[str, onnx.TensorProto], list[str],
+                                                np.ndarray]:
+    """The graph's initializers by name, their names and their bytes."""
+    inits = {t.name: t for t in g.initializer}
+    for st in g.sparse_initializer:
+        raise GraphError(f"sparse initializers are not supported (found {st.values.name!r})")
+    init_names = list(inits)
+    return inits, init_names, np.array([_tensor_nbytes(inits[t]) for t in init_names],
+                                       dtype=np.int64)
+
+
+def _kv_token_bytes(specs: Mapping[str, TensorSpec], producer: Mapping[str, int],
+                    pairs: Sequence[tuple[str, str]], n: int) -> np.ndarray | None:
+    """Per node, the bytes per token of one sequence of the presents it produces (its
+    layer's KV cache); None for a model without state."""
+    if not pairs:
+        return None
+    out = np.zeros(n, dtype=np.int64)
+    for _, present in pairs:
+        out[producer[present]] += kv_bytes_per_token(specs, [present])
+    return out
 
 
 def _sizer(shapes: Mapping[str, tuple[int, ...]], types: Mapping[str, int]):

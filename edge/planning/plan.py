@@ -126,6 +126,11 @@ class StagePrediction:
     # GraphCosts.activation_growth); empty in plans made before it was recorded, which
     # are then bounded by activation_degrees alone.
     activation_growth: tuple[dict[str, int], ...] = ()
+    # A decoder's KV caches at the plan's context and sequences (MiB, included in
+    # memory_mb), and the time of one decode step (ms; the planner's objective for such
+    # a plan: time_ms is then the prefill's). 0 for other models and older plans.
+    kv_cache_mb: float = 0.0
+    decode_ms: float = 0.0
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "StagePrediction":
@@ -155,6 +160,8 @@ class StagePrediction:
         free = free_sizes(bindings, sizes, derived)
         ratio = {}
         for sym, planned in bindings.items():
+            if planned <= 0:  # a decoder's empty past at prefill: its cache is the KV term
+                continue
             k = free.get(sym, planned) / planned
             if sym not in derived and k > 1:
                 if sym not in self.activation_degrees:
@@ -587,6 +594,8 @@ _DERIVED = _each("an object of dim expressions",
                  lambda e: isinstance(e, str) and bool(dim_expression(e)),
                  "a sum of dims and integers (past_sequence_length + sequence_length)")
 _BINDINGS = _each("an object of sizes", lambda n: is_int(n) and n > 0, "an integer > 0")
+# A decoder is costed at its prefill, with an empty past (past_sequence 0).
+_SIZES = _each("an object of sizes", lambda n: is_int(n) and n >= 0, "an integer >= 0")
 
 
 def _stages(v: Any, where: str) -> None:
@@ -611,7 +620,9 @@ _DEVICE = Table({"name": ("str", True), "address": ("str", True), "profile": ("s
 _PREDICTION = Table({k: ("number", True) for k in (
     "weights_mb", "activations_mb", "runtime_floor_mb", "memory_mb", "gflops", "compute_ms",
     "transfer_ms", "time_ms")} | {"activation_degrees": (_DEGREES, False),
-                                "activation_growth": (("list", _DEGREES), False)})
+                                "activation_growth": (("list", _DEGREES), False),
+                                "kv_cache_mb": ("number", False),
+                                "decode_ms": ("number", False)})
 _SHARD_FILE = Table({"path": ("relpath", True), "sha256": ("sha256", True),
                      "size": ("int", True), "random_access": ("bool", False)})
 _STAGE = Table({"index": ("int", True), "device": (_DEVICE, True),
@@ -627,7 +638,7 @@ _GENERATION = Table({"context": ("count", True), "sequences": ("count", True),
                      "eos_token_ids": (("list", "int"), False)})
 _MODEL = Table({"name": ("text", True), "sha256": ("text", True), "num_nodes": ("int", True),
                 "inputs": (("list", _TENSOR), True), "outputs": (("list", _TENSOR), True),
-                "bindings": (_BINDINGS, False), "path": ("text", False),
+                "bindings": (_SIZES, False), "path": ("text", False),
                 "sample": ("optpath", False), "notes": (("list", "text"), False),
                 "derived": (_DERIVED, False), "limits": (_BINDINGS, False),
                 "generation": (_GENERATION, False)})

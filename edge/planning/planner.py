@@ -25,6 +25,13 @@ The last stage's transfer is the model's outputs going back to the coordinator
 costs too much accuracy, ``edge.shards.accuracy``): on a vetoed range, and on every range
 holding one, a stage may take only the other modes.
 
+A decoder planned for generation (``edge.planning.generation``) adds three things, read
+from optional cost arrays: each stage's memory holds its layers' KV caches at the plan's
+context and sequences (``kv_bytes``, fp32 in every mode); no cut falls inside a layer's
+cache (``cut_ok``: the cache stays on one stage); and the stage time is that of one decode
+step (``decode_flops``, ``decode_cut_bytes``), so the objective is the decode period, the
+slowest stage's time per generated token. The prefill's time is recorded beside it.
+
 Exact for contiguous splits under that per-stage rule: two dynamic
 programs over (device, end position), each vectorised over the start position. The first
 finds the optimal bottleneck B*; the second minimises total latency subject to every stage
@@ -176,13 +183,42 @@ def _mode_weights(w, mode: str):
     return (w[_W8], w[_T8]) if MODE_TABLE[mode].quantized else (w[_W32], w[_T32])
 
 
-def _mode_memory(w, a, io, floor, mode: str, pk=(0.0, 0.0)):
+def _mode_memory(w, a, io, floor, mode: str, pk=(0.0, 0.0), kv=0.0):
     """Stage memory in ``mode`` from channel bytes ``w`` (first axis: the 4 channels), peak
-    live activations ``a``, bytes received plus sent ``io`` and the largest prepacked
-    weight ``pk`` (fp32 bytes, int8 bytes)."""
+    live activations ``a``, bytes received plus sent ``io``, the largest prepacked
+    weight ``pk`` (fp32 bytes, int8 bytes) and the KV caches ``kv`` (bytes, fp32 in every
+    mode: only weights are quantized)."""
     whole, table = _mode_weights(w, mode)
     return memory.stage_memory_mb(whole, a, floor, table_bytes=table, mode=mode, io_bytes=io,
-                                  prepack_bytes=pk[1] if MODE_TABLE[mode].quantized else pk[0])
+                                  prepack_bytes=pk[1] if MODE_TABLE[mode].quantized else pk[0]
+                                  ) + kv / memory.MiB
+
+
+# A decoder served with KV caches (optional, read with getattr like the prepack arrays):
+# ``kv_bytes`` (n,) per node, the bytes of the caches it writes at the plan's context and
+# sequences; ``cut_ok`` (n + 1,) False where a cut would split a layer's cache from its
+# layer; ``decode_flops`` (n,) and ``decode_cut_bytes`` (n + 1,) the costs of one decode
+# step. With the decode arrays, the objective is the decode step's period (the slowest
+# stage's per-token time), since generating is that step repeated; the prefill's time
+# is still recorded (``StagePrediction.time_ms``).
+def _kv_range(costs: StageCosts, i: int, j: int) -> float:
+    kv = getattr(costs, "kv_bytes", None)
+    return 0.0 if kv is None else float(np.sum(kv[i:j], dtype=np.float64))
+
+
+def _time_arrays(costs: StageCosts) -> tuple[np.ndarray, np.ndarray]:
+    """(flops, cut bytes) the objective's stage times are computed from."""
+    f = getattr(costs, "decode_flops", None)
+    c = getattr(costs, "decode_cut_bytes", None)
+    if f is None or c is None:
+        return np.asarray(costs.flops, dtype=np.float64), np.asarray(costs.cut_bytes,
+                                                                     dtype=np.float64)
+    return np.asarray(f, dtype=np.float64), np.asarray(c, dtype=np.float64)
+
+
+def _cut_ok(costs: StageCosts, n: int) -> np.ndarray:
+    ok = getattr(costs, "cut_ok", None)
+    return np.ones(n + 1, dtype=bool) if ok is None else np.asarray(ok, dtype=bool)
 
 
 def _prepack(costs: StageCosts) -> tuple[np.ndarray, np.ndarray]:
@@ -242,8 +278,9 @@ def stage_mode(costs: StageCosts, dev: Device, i: int, j: int,
     a = float(np.max(costs.live_bytes[i:j]))
     io = _io_bytes(costs, i, j)
     pk = _prepack_range(costs, i, j)
+    kv = _kv_range(costs, i, j)
     for mode in modes:
-        if _mode_memory(w, a, io, dev.runtime_floor_mb, mode, pk) <= dev.memory_mb:
+        if _mode_memory(w, a, io, dev.runtime_floor_mb, mode, pk, kv) <= dev.memory_mb:
             return mode
     return None
 
@@ -254,7 +291,8 @@ def _frugal_mode(costs: StageCosts, dev: Device, i: int, j: int,
     a = float(np.max(costs.live_bytes[i:j]))
     io = _io_bytes(costs, i, j)
     pk = _prepack_range(costs, i, j)
-    return min(modes, key=lambda m: _mode_memory(w, a, io, dev.runtime_floor_mb, m, pk))
+    kv = _kv_range(costs, i, j)
+    return min(modes, key=lambda m: _mode_memory(w, a, io, dev.runtime_floor_mb, m, pk, kv))
 
 
 def evaluate(costs: StageCosts, dev: Device, i: int, j: int,
@@ -278,14 +316,21 @@ def evaluate(costs: StageCosts, dev: Device, i: int, j: int,
     cm = MODE_TABLE[mode].compute_factor * _compute_ms(f, dev)
     t = _transfer_ms(float(costs.cut_bytes[j]), dev)
     io = _io_bytes(costs, i, j)
+    kv = _kv_range(costs, i, j)
     mem = float(_mode_memory(w, a, io, dev.runtime_floor_mb, mode,
-                             _prepack_range(costs, i, j)))
+                             _prepack_range(costs, i, j), kv))
     weights_mb = (c.weight_factor * whole + c.table_factor * table) / memory.MiB
     act_mb = (c.activation_factor * a + c.io_factor * io) / memory.MiB
+    decode_ms = 0.0
+    if getattr(costs, "decode_flops", None) is not None:
+        df, dc = _time_arrays(costs)
+        decode_ms = (MODE_TABLE[mode].compute_factor * _compute_ms(float(np.sum(df[i:j])), dev)
+                     + _transfer_ms(float(dc[j]), dev))
     return StagePrediction(
         weights_mb=weights_mb, activations_mb=act_mb,
-        runtime_floor_mb=mem - weights_mb - act_mb,
-        memory_mb=mem, gflops=f / 1e9, compute_ms=cm, transfer_ms=t, time_ms=cm + t)
+        runtime_floor_mb=mem - weights_mb - act_mb - kv / memory.MiB,
+        memory_mb=mem, gflops=f / 1e9, compute_ms=cm, transfer_ms=t, time_ms=cm + t,
+        kv_cache_mb=kv / memory.MiB, decode_ms=decode_ms)
 
 
 def _weight_sweep(costs: StageCosts, n: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -325,7 +370,11 @@ class _Vectors:
 def _sweep(costs: StageCosts, devices: Sequence[Device], n: int,
            modes: Sequence[str], vetoed: Collection[tuple[int, int]] = ()
            ) -> Iterator[tuple[int, _Vectors]]:
-    pf = np.concatenate([[0.0], np.cumsum(np.asarray(costs.flops, dtype=np.float64))])
+    tflops, tcut = _time_arrays(costs)
+    pf = np.concatenate([[0.0], np.cumsum(tflops)])
+    kvb = getattr(costs, "kv_bytes", None)
+    pkv = np.concatenate([[0.0], np.cumsum(np.zeros(n) if kvb is None
+                                           else np.asarray(kvb, dtype=np.float64))])
     live = np.asarray(costs.live_bytes, dtype=np.float64)
     cut = np.asarray(costs.cut_bytes, dtype=np.float64)
     floor = np.array([d.runtime_floor_mb for d in devices])[:, None]
@@ -340,12 +389,13 @@ def _sweep(costs: StageCosts, devices: Sequence[Device], n: int,
               np.maximum.accumulate(p8[:j][::-1])[::-1][None, :])
         io = (cut[:j] + cut[j])[None, :]
         compute = (pf[j] - pf[:j])[None, :] / rate * 1e3
-        send = cut[j] / bw * 1e3
+        send = tcut[j] / bw * 1e3
+        kv = (pkv[j] - pkv[:j])[None, :]
         time = np.full((len(devices), j), np.inf)
         frugal = np.full((len(devices), j), np.inf)
         chosen = np.zeros((len(devices), j), dtype=bool)
         for mode in modes:
-            mem = _mode_memory(w[:, None, :], act, io, floor, mode, pk)
+            mem = _mode_memory(w[:, None, :], act, io, floor, mode, pk, kv)
             if MODE_TABLE[mode].quantized and reach[j] >= 0:  # vetoed starts: int8 fits nowhere
                 mem = np.where(np.arange(j)[None, :] <= reach[j], np.inf, mem)
             take = (mem <= has) & ~chosen
@@ -377,6 +427,7 @@ def _dp(costs: StageCosts, devices: Sequence[Device], n: int, mode: str,
     best = np.full((D, n + 1), np.inf)
     arg = np.full((D, n + 1), -1, dtype=np.int64)
     cap = limit * (1 + _REL_TOL) + 1e-300 if np.isfinite(limit) else np.inf
+    ok = _cut_ok(costs, n)
     for j, v in _sweep(costs, devices, n, modes, vetoed):
         for d in range(D):
             # Device d's stage ends at j, starts at i; devices before it need >= d nodes, and
@@ -387,7 +438,7 @@ def _dp(costs: StageCosts, devices: Sequence[Device], n: int, mode: str,
                 prev = np.full(j, np.inf)
                 prev[0] = 0.0
             else:
-                prev = best[d - 1, :j].copy()
+                prev = np.where(ok[:j], best[d - 1, :j], np.inf)  # no cut inside a cache
             if mode in ("bottleneck", "latency"):
                 stage = v.time[d]
                 fits = np.isfinite(stage)
@@ -449,8 +500,14 @@ def _make_split(costs: StageCosts, devices: Sequence[Device],
     preds = tuple(evaluate(costs, dev, i, j, m)
                   for dev, (i, j), m in zip(devices, ranges, chosen))
     return Split(ranges=tuple((int(i), int(j)) for i, j in ranges), predictions=preds,
-                 bottleneck_ms=max(p.time_ms for p in preds),
-                 latency_ms=sum(p.time_ms for p in preds), modes=chosen)
+                 bottleneck_ms=max(_objective_ms(costs, p) for p in preds),
+                 latency_ms=sum(_objective_ms(costs, p) for p in preds), modes=chosen)
+
+
+def _objective_ms(costs: StageCosts, p: StagePrediction) -> float:
+    """The stage time the planner minimises: per decode step for a decoder with decode
+    costs, else per request."""
+    return p.decode_ms if getattr(costs, "decode_flops", None) is not None else p.time_ms
 
 
 def _no_fit(costs: StageCosts, devices: Sequence[Device],
@@ -476,7 +533,8 @@ def _no_fit(costs: StageCosts, devices: Sequence[Device],
             f"  {dev.name}: needs {p.memory_mb:.0f} MiB, has {dev.memory_mb:.0f} MiB "
             f"[{verdict}] (nodes [{i}, {j}) in {mode}: weights {p.weights_mb:.0f} + "
             f"activations {p.activations_mb:.0f} + runtime {p.runtime_floor_mb:.0f} MiB"
-            f"{rejected})")
+            + (f" + KV cache {p.kv_cache_mb:.0f} MiB" if p.kv_cache_mb else "")
+            + f"{rejected})")
     msg = (f"no split of the model's {len(costs.flops)} nodes over {len(devices)} devices "
            f"fits in memory, even in the most frugal mode ({', '.join(modes)} tried); the "
            "closest split (smallest worst overshoot) needs:\n"
@@ -597,7 +655,10 @@ def _brute(costs: StageCosts, devices: Sequence[Device], modes: Sequence[str],
     D = len(devices)
     best_key, best_ranges = None, None
     min_mem, closest, closest_over = np.inf, None, np.inf
+    ok = _cut_ok(costs, n)
     for cuts in itertools.combinations(range(1, n), D - 1):
+        if not all(ok[c] for c in cuts):
+            continue
         bounds = (0, *cuts, n)
         ranges = list(zip(bounds[:-1], bounds[1:]))
         frugal = [min((evaluate(costs, dev, i, j, m).memory_mb
@@ -613,7 +674,8 @@ def _brute(costs: StageCosts, devices: Sequence[Device], modes: Sequence[str],
         if None in chosen:
             continue
         preds = [evaluate(costs, dev, i, j, m) for dev, (i, j), m in zip(devices, ranges, chosen)]
-        key = (max(p.time_ms for p in preds), sum(p.time_ms for p in preds))
+        key = (max(_objective_ms(costs, p) for p in preds),
+               sum(_objective_ms(costs, p) for p in preds))
         if best_key is None or key[0] < best_key[0] * (1 - 1e-12) or (
                 key[0] <= best_key[0] * (1 + 1e-12) and key[1] < best_key[1]):
             best_key, best_ranges = key, ranges

@@ -5,7 +5,9 @@ GraphCosts) and only the initializers they use, and as graph inputs only the
 tensors crossing the cut at ``start`` that those nodes read; as outputs, the tensors
 crossing the cut at ``end`` that it produces. Tensors crossing both cuts without being
 produced inside are pass-throughs: the worker forwards them (``Stage.passthrough``), so they
-are not part of the shard graph.
+are not part of the shard graph. A decoder's KV caches are the exception to "only what
+crosses": a stage takes its layers' pasts as inputs and gives their presents as outputs,
+which its worker keeps per sequence (``stage_state``).
 
 Built directly from the protobuf (``onnx.utils.extract_model`` re-infers shapes and takes
 seconds per shard).
@@ -33,7 +35,7 @@ from edge.errors import GraphError
 from edge.planning.graph import GraphCosts, node_reads
 from edge.planning.plan import TensorSpec
 
-__all__ = ["DataFile", "ShardInfo", "build_shard", "shard_io", "externalize", "gather_tables",
+__all__ = ["DataFile", "ShardInfo", "build_shard", "shard_io", "stage_state", "externalize", "gather_tables",
            "save_shard"]
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,23 @@ def shard_io(costs: GraphCosts, start: int, end: int) -> tuple[list[str], list[s
         read.update(costs.node_inputs[p])
     inputs = [t for t in costs.crossing(start) if t in read]
     outputs = [t for t in costs.crossing(end) if start <= costs.producer[t] < end]
+    # The KV caches of the layers it holds: the past in, the present out (state never
+    # crosses a cut, so a pair is wholly inside one stage).
+    for past, present in stage_state(costs, start, end):
+        if past in read:
+            inputs.append(past)
+        outputs.append(present)
     return inputs, outputs
+
+
+def stage_state(costs: GraphCosts, start: int, end: int) -> list[tuple[str, str]]:
+    """The (past, present) pairs of the layers that nodes ``[start, end)`` hold.
+
+    Args:
+        costs: the analysed source graph.
+        start, end: the node range.
+    """
+    return [(a, b) for a, b in costs.state if start <= costs.producer[b] < end]
 
 
 def _value_info(spec: TensorSpec, elem_type: int) -> onnx.ValueInfoProto:

@@ -1,0 +1,145 @@
+"""Planning a decoder for generation: the sizes it is costed at, and what it needs beside it.
+
+A decoder with KV caches (``edge.planning.state``) is planned for a *context* (tokens per
+sequence, prompt and generated), a number of *sequences* whose caches the stages hold at
+once, and a *prefill* (the longest prompt the activations are planned for):
+
+- memory: every stage holds its layers' caches for ``context x sequences`` tokens
+  (``Stage.kv_bytes_per_token`` times that), on top of its weights and the prefill's
+  activations;
+- time: generating is one decode step per token, so the planner minimises the slowest
+  stage's decode step, costed at one new token after ``context / 2`` cached ones (the
+  average over a sequence that fills its context); the prefill's time is recorded beside.
+
+Defaults: the context is the model's ``max_position_embeddings`` from ``generation.json``
+beside it, capped at 2048 (a board's memory, not the model, is usually the limit); one
+sequence, because every sequence held multiplies the caches on every stage, and a single
+board pipeline gains more from a longer context than from concurrency (more sequences wait
+in the coordinator's queue); a prefill of min(context, 128).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from edge.errors import PlanError
+from edge.planning.plan import Generation, TensorSpec, dim_expression
+
+__all__ = ["DEFAULT_CONTEXT", "TOKENIZER_FILES", "GenerationRequest", "resolve",
+           "prefill_bindings", "decode_bindings", "copy_tokenizer"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 2048
+DEFAULT_PREFILL = 128
+GENERATION_FILE = "generation.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", GENERATION_FILE)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What ``edge plan --generate --context --sequences --prefill`` asked for; None: the
+    default. Any of them plans the model for generation."""
+
+    context: int | None = None
+    sequences: int | None = None
+    prefill: int | None = None
+    generate: bool = False
+
+    @property
+    def given(self) -> bool:
+        return self.generate or any(v is not None for v in (self.context, self.sequences,
+                                                            self.prefill))
+
+
+def _model_info(model_path: Path) -> dict:
+    path = model_path.parent / GENERATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable (%s); using generation defaults", path, e)
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def resolve(model_path: str | Path, asked: GenerationRequest) -> Generation:
+    """The generation settings: what was asked, the rest from ``generation.json`` beside
+    the model and the defaults (module docstring). ``tokenizer`` is left "".
+
+    Raises:
+        PlanError: a size below 1, or a prefill longer than the context.
+    """
+    info = _model_info(Path(model_path))
+    most = info.get("max_position_embeddings")
+    if asked.context is not None:
+        context = asked.context
+    else:
+        context = min(most, DEFAULT_CONTEXT) if isinstance(most, int) else DEFAULT_CONTEXT
+    sequences = 1 if asked.sequences is None else asked.sequences
+    prefill = min(context, DEFAULT_PREFILL) if asked.prefill is None else asked.prefill
+    for name, v in (("context", context), ("sequences", sequences), ("prefill", prefill)):
+        if not isinstance(v, int) or v < 1:
+            raise PlanError(f"--{name}: expected an integer >= 1, got {v!r}")
+    if prefill > context:
+        raise PlanError(f"--prefill: expected at most the context ({context}), got {prefill}")
+    if isinstance(most, int) and context > most:
+        log.warning("context %d is beyond the model's %d positions", context, most)
+    eos = info.get("eos_token_ids") or []
+    return Generation(context=context, sequences=sequences, prefill=prefill,
+                      eos_token_ids=tuple(int(t) for t in eos if isinstance(t, int)))
+
+
+def _dim_roles(inputs: Sequence[TensorSpec], pasts: set[str]) -> dict[str, str]:
+    """Each plain symbolic input dim's role: "batch" (on the pasts and on other inputs),
+    "past" (on the pasts only), "total" (named so: ``total_sequence``, the mask's length)
+    or "new" (the tokens of this step)."""
+    on_past = {d for s in inputs if s.name in pasts for d in s.shape if isinstance(d, str)}
+    other = {d for s in inputs if s.name not in pasts for d in s.shape if isinstance(d, str)}
+    roles = {}
+    for d in on_past | other:
+        if dim_expression(d) is not None:
+            continue  # an expression (past + 1) follows from the others: never bound
+        roles[d] = ("batch" if d in on_past and d in other else "past" if d in on_past
+                    else "total" if "total" in d.lower() else "new")
+    return roles
+
+
+def prefill_bindings(inputs: Sequence[TensorSpec], pasts: set[str], gen: Generation
+                     ) -> dict[str, int]:
+    """The sizes a decoder is costed at for memory: one sequence's prefill, empty caches."""
+    size = {"batch": 1, "past": 0, "total": gen.prefill, "new": gen.prefill}
+    return {d: size[r] for d, r in _dim_roles(inputs, pasts).items()}
+
+
+def decode_bindings(inputs: Sequence[TensorSpec], pasts: set[str], gen: Generation
+                    ) -> dict[str, int]:
+    """The sizes of one decode step: one new token after ``context // 2`` cached."""
+    past = max(1, gen.context // 2)
+    size = {"batch": 1, "past": past, "total": past + 1, "new": 1}
+    return {d: size[r] for d, r in _dim_roles(inputs, pasts).items()}
+
+
+def copy_tokenizer(model_path: str | Path, out_dir: str | Path) -> str:
+    """Copy ``tokenizer.json``, ``tokenizer_config.json`` and ``generation.json`` from
+    beside the model into ``out_dir/tokenizer/``.
+
+    Returns:
+        "tokenizer" (the folder, relative to ``out_dir``) when a ``tokenizer.json`` was
+        copied, else "" (the coordinator then takes token ids only).
+    """
+    src = Path(model_path).parent
+    found = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if not found:
+        return ""
+    dest = Path(out_dir) / "tokenizer"
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in found:
+        shutil.copyfile(src / f, dest / f)
+    return "tokenizer" if "tokenizer.json" in found else ""
