@@ -316,7 +316,7 @@ def test_sampling_travels_with_every_step(setup):
 @pytest.fixture
 def served(setup):
     """A coordinator's gRPC server (port 0, in this process) over the fake decoder."""
-    from edge.coordinator.server import CoordinatorServicer, start_coordinator
+    from edge.coordinator.server import start_coordinator
 
     s = setup()
     server, port = start_coordinator(s.pipeline, "127.0.0.1:0")

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import grpc
 import numpy as np
 
+from edge.coordinator import guard
 from edge.coordinator.inflight import InferError
 from edge.planning.plan import Plan
 from edge.proto import edge_pb2 as pb
@@ -149,20 +150,20 @@ def check_context(plan: Plan, prompt_tokens: int, max_tokens: int) -> int:
         InferError: FAILED_PRECONDITION for a plan without generation; INVALID_ARGUMENT for
             an empty prompt or one that leaves no room in the context.
     """
-    # TODO(issue 14): replace by guard.check_context once the KV-aware planning lands.
     gen = plan.model.generation
     if gen is None:
         raise InferError(grpc.StatusCode.FAILED_PRECONDITION,
                          f"plan {plan.plan_id} ({plan.model.name}) is not planned for "
                          f"generation; plan a decoder with KV caches (edge plan --context)",
                          retryable=False)
-    if prompt_tokens == 0:
-        raise InferError(_INVALID, "empty prompt: expected at least one token", False)
-    if prompt_tokens >= gen.context:
+    try:
+        room = guard.check_context(plan, prompt_tokens, gen.context)
+    except guard.BeyondContext as e:
+        raise InferError(_INVALID, str(e), retryable=False) from None
+    if room == 0:
         raise InferError(_INVALID, f"a prompt of {prompt_tokens} tokens leaves no room in "
                                    f"the plan's context of {gen.context} tokens (prompt and "
                                    f"generated); send at most {gen.context - 1}", False)
-    room = gen.context - prompt_tokens
     return min(max_tokens, room) if max_tokens > 0 else room
 
 
