@@ -215,7 +215,8 @@ def test_smollm2_gguf_chat_answers_paris(tmp_path):
     from edge.text import load_tokenizer
 
     gguf = _smollm2_gguf()
-    path = export_gguf(gguf, tmp_path / "smollm2" / "model.onnx")
+    # No torch verification inside the export: this test compares the tokens instead.
+    path = export_gguf(gguf, tmp_path / "smollm2" / "model.onnx", verify=False)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation.json"):
         assert (path.parent / name).is_file(), name
     info = json.loads((path.parent / "generation.json").read_text())
