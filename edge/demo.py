@@ -35,7 +35,7 @@ from edge.spec import MODE_TABLE
 from edge.transport.codec import decode_tensors
 from edge.worker.launch import LocalWorkers
 
-__all__ = ["DemoConfig", "run_demo", "TOLERANCE", "INT8_MIN_COSINE"]
+__all__ = ["DemoConfig", "run_demo", "workdir", "TOLERANCE", "INT8_MIN_COSINE"]
 
 TOLERANCE = 1e-4
 # Outputs of a plan with int8 stages must keep this cosine similarity with the fp32 model.
@@ -54,6 +54,10 @@ class DemoConfig:
     seed: int = 0
     workdir: str | None = None
     modes: tuple[str, ...] | None = None  # None: the planner's choice (see edge plan --modes)
+    # Text generation (edge.demo_generate): the plan's context (None: the planner's
+    # default) and the tokens to generate at most.
+    context: int | None = None
+    max_tokens: int = 48
 
 
 @dataclass
@@ -75,11 +79,21 @@ class _Served:
     status: object = None
 
 
+# Where a demo whose export is slow keeps it between runs when no --workdir is given.
+CACHE_DIR = Path.home() / ".cache" / "edge" / "demo"
+
+
 @contextlib.contextmanager
-def _workdir(config: DemoConfig) -> Iterator[Path]:
-    """``config.workdir`` (kept), or a temporary folder removed afterwards."""
-    if config.workdir:
-        work = Path(config.workdir)
+def workdir(config: DemoConfig, keep: bool = False) -> Iterator[Path]:
+    """``config.workdir`` (kept), else ``CACHE_DIR`` when ``keep``, else a temporary
+    folder removed afterwards.
+
+    Args:
+        config: the demo's settings.
+        keep: keep the folder without a ``workdir`` (a slow export is cached in it).
+    """
+    if config.workdir or keep:
+        work = Path(config.workdir) if config.workdir else CACHE_DIR
         work.mkdir(parents=True, exist_ok=True)
         yield work
         return
@@ -231,7 +245,7 @@ def run_demo(config: DemoConfig) -> int:
     """
     tune_malloc()
     console = Console(highlight=False)
-    with _workdir(config) as work:
+    with workdir(config) as work:
         name = f"{config.model}-{config.size}"
         console.rule(f"edge demo: {name} over {config.devices} × {config.profile}")
         t0 = time.perf_counter()

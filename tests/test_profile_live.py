@@ -45,3 +45,36 @@ def test_live_profile_has_samples_from_every_worker(bert_tiny, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     for device in report["devices"]:
         assert device["device"] in r.stdout
+
+
+def test_live_profile_of_a_generation_plan_shows_kv_caches(tmp_path):
+    """A decoder planned for generation: the load is short generations, and each device's
+    KV caches (from the worker's status while they run) stand beside the plan's."""
+    from edge.export.decoder import export_llama
+    from edge.planning.generation import GenerationRequest
+
+    llama = export_llama("tiny", seed=0, out=tmp_path / "llama" / "model.onnx")
+    with LocalWorkers(2, tmp_path / "w", threads=1) as workers:
+        cluster = cluster_from_profile("rpi4b-2gb", 2, addresses=workers.addresses)
+        plan = make_plan(llama, cluster.devices, tmp_path / "build", modes=("fp32",),
+                         generation=GenerationRequest(context=64, sequences=2, prefill=16))
+        with Pipeline(plan, tmp_path / "build") as pipeline:
+            pipeline.start()
+            server, port = start_coordinator(pipeline, "127.0.0.1:0")
+            try:
+                r = subprocess.run(
+                    [sys.executable, "-m", "edge", "profile", "--coordinator", f"127.0.0.1:{port}",
+                     "--requests", "4", "--concurrency", "2", "--out", str(tmp_path / "report")],
+                    capture_output=True, text=True, timeout=120,
+                    env={**os.environ, "COLUMNS": "240"})
+            finally:
+                server.stop(0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["errors"] == 0 and report["requests"] == 4
+    planned = {s.index: s.predicted.kv_cache_mb for s in plan.stages}
+    for device in report["devices"]:
+        assert device["planned_kv_mb"] == planned[device["stage"]]
+    holding = [d for d in report["devices"] if d["planned_kv_mb"] > 0]
+    assert holding and all(d["kv_cache_mb"] > 0 and d["sequences"] >= 1 for d in holding)
+    assert "KV MiB measured / planned" in r.stdout

@@ -112,3 +112,24 @@ def test_write_live_no_devices(tmp_path):
     paths = write_live({"model": "m", "devices": []}, tmp_path)
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths["csv"].read_text().count("\n") == 1  # the header only
+
+
+def test_render_live_shows_kv_caches_for_a_generation_plan():
+    report = _report()
+    for dev, (planned, measured, seqs) in zip(report["devices"],
+                                              [(11.2, 0.35, 1), (11.2, 0.35, 1), (0.0, 0.0, 0)]):
+        dev.update(planned_kv_mb=planned, kv_cache_mb=measured, sequences=seqs)
+    rows = summarize(report)
+    assert [(r["planned_kv_mb"], r["kv_cache_mb"], r["sequences"]) for r in rows] == \
+        [(11.2, 0.35, 1), (11.2, 0.35, 1), (0.0, 0.0, 0)]
+    buf = io.StringIO()
+    render_live(report, Console(file=buf, width=220, color_system=None))
+    text = buf.getvalue()
+    assert "KV MiB measured / planned" in text
+    assert text.count("0.35 (1 seq) / 11.2") == 2 and "0.00 (0 seq) / 0.0" in text
+
+
+def test_render_live_has_no_kv_column_for_other_plans():
+    buf = io.StringIO()
+    render_live(_report(), Console(file=buf, width=220, color_system=None))
+    assert "KV MiB" not in buf.getvalue()

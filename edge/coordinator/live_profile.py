@@ -1,6 +1,12 @@
 """Live profile: drive requests through a running pipeline and gather every device's
 memory samples, as a plain dict that :mod:`edge.profiling.report` renders.
 
+For a plan of a decoder with KV caches (its stages report a planned ``kv_cache_mb``) the
+requests are generations of ``GENERATE_TOKENS`` tokens from a prompt of
+``GENERATE_PROMPT`` token ids, and each device's KV caches are read from its status while
+they run (a sequence's caches are freed when it ends): the largest seen, and the number of
+sequences then held.
+
 A client of the coordinator, so it lives here: ``edge.profiling`` (measuring a process, a
 device, a model offline) is imported by the transport and the worker, and so must import
 neither them nor the coordinator.
@@ -24,6 +30,8 @@ from edge.transport.codec import decode_spec
 __all__ = ["synthetic_inputs", "collect"]
 
 MiB = float(1 << 20)
+GENERATE_PROMPT = 16
+GENERATE_TOKENS = 16
 
 
 def synthetic_inputs(status: pb.ClusterStatus, seed: int = 0) -> dict[str, np.ndarray]:
@@ -55,6 +63,43 @@ def _sample(s: pb.MemorySample) -> dict:
                 requests_done=s.requests_done, queue_depth=s.queue_depth)
 
 
+def _sample_kv(client: InferClient, into: dict[int, tuple[int, int]]) -> None:
+    """Keep each stage's largest KV caches (bytes, sequences) seen in one status call."""
+    for st in client.status().stages:
+        if st.HasField("worker") and st.worker.kv_cache_bytes >= into.get(st.stage, (0, 0))[0]:
+            into[st.stage] = (st.worker.kv_cache_bytes, st.worker.sequences)
+
+
+def _request(client: InferClient, status: pb.ClusterStatus,
+             inputs: Mapping[str, np.ndarray] | None, kv: dict[int, tuple[int, int]]):
+    """One request of the load: an Infer, or for a plan for generation a short greedy
+    generation whose caches are sampled once its first token came."""
+    if not any(st.planned_kv_cache_mb > 0 for st in status.stages):
+        x = dict(inputs) if inputs is not None else synthetic_inputs(status)
+        return lambda: client.infer_raw(x)
+
+    def generate() -> None:
+        for i, _ in enumerate(client.generate_raw(prompt_tokens=[1] * GENERATE_PROMPT,
+                                                  max_tokens=GENERATE_TOKENS)):
+            if i == 0:
+                _sample_kv(client, kv)
+
+    return generate
+
+
+def _device(st: pb.StageProfile, status: pb.ClusterStatus,
+            kv: dict[int, tuple[int, int]]) -> dict:
+    d = st.profile_data
+    planned_kv = {s.stage: s.planned_kv_cache_mb for s in status.stages}
+    kv_bytes, sequences = kv.get(st.stage, (0, 0))
+    return dict(
+        stage=st.stage, device=st.device, address=st.address, profile=st.profile,
+        shard=st.shard, planned_mb=st.planned_memory_mb, budget_mb=st.budget_mb,
+        rss_at_load_mb=d.rss_at_load_bytes / MiB, error=st.error,
+        planned_kv_mb=planned_kv.get(st.stage, 0.0), kv_cache_mb=kv_bytes / MiB,
+        sequences=sequences, samples=[_sample(s) for s in d.samples])
+
+
 def collect(address: str, requests: int = 50, concurrency: int = 4,
             inputs: Mapping[str, np.ndarray] | None = None,
             security: Security = Security()) -> dict:
@@ -64,7 +109,8 @@ def collect(address: str, requests: int = 50, concurrency: int = 4,
         address: the coordinator's ``host:port``.
         requests: how many requests to send.
         concurrency: how many in flight at once.
-        inputs: one request's inputs (default: :func:`synthetic_inputs`).
+        inputs: one request's inputs (default: :func:`synthetic_inputs`; unused for a
+            plan for generation, which is sent token prompts).
         security: how to reach the coordinator (its bundle, or plaintext on loopback).
 
     Returns:
@@ -72,7 +118,8 @@ def collect(address: str, requests: int = 50, concurrency: int = 4,
     """
     with InferClient(address, security=security) as client:
         status = client.status()
-        x = dict(inputs) if inputs is not None else synthetic_inputs(status)
+        kv: dict[int, tuple[int, int]] = {}
+        send = _request(client, status, inputs, kv)
         start = time.time() - 1.0  # include the samples from just before the load
         latencies: list[float] = []
         errors: list[str] = []
@@ -80,7 +127,7 @@ def collect(address: str, requests: int = 50, concurrency: int = 4,
         def one(_: int) -> None:
             t = time.perf_counter()
             try:
-                client.infer_raw(x)
+                send()
                 latencies.append((time.perf_counter() - t) * 1e3)
             except grpc.RpcError as e:
                 errors.append(f"{e.code().name}: {e.details()}")
@@ -91,14 +138,7 @@ def collect(address: str, requests: int = 50, concurrency: int = 4,
         elapsed = time.perf_counter() - t0
         time.sleep(0.3)  # let each worker take a sample after the last request
         profile = client.profile(since=start)
-    devices = []
-    for st in profile.stages:
-        d = st.profile_data
-        devices.append(dict(
-            stage=st.stage, device=st.device, address=st.address, profile=st.profile,
-            shard=st.shard, planned_mb=st.planned_memory_mb, budget_mb=st.budget_mb,
-            rss_at_load_mb=d.rss_at_load_bytes / MiB, error=st.error,
-            samples=[_sample(s) for s in d.samples]))
+    devices = [_device(st, status, kv) for st in profile.stages]
     lat = sorted(latencies)
     return dict(
         model=status.model, plan_id=status.plan_id, requests=requests, errors=len(errors),

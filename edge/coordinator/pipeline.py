@@ -297,7 +297,8 @@ class Pipeline:
         for w in self.workers:
             s = out.stages.add(stage=w.stage.index, device=w.stage.device.name,
                                address=w.stage.device.address,
-                               planned_memory_mb=w.stage.predicted.memory_mb)
+                               planned_memory_mb=w.stage.predicted.memory_mb,
+                               planned_kv_cache_mb=w.stage.predicted.kv_cache_mb)
             try:
                 s.worker.CopyFrom(w.client.status(self.deadlines.control))
                 # Answering is not enough: it must serve this coordinator's stage.

@@ -12,7 +12,12 @@ The input is a plain dict (built from the workers' gRPC replies by
                   "samples": [{"time": 1763900000.1, "rss_mb": .., "anon_mb": ..,
                                "file_mb": .., "peak_mb": .., "heap_mb": ..,
                                "cpu_percent": .., "requests_done": ..,
-                               "queue_depth": ..}, ...]}]}
+                               "queue_depth": ..}, ...],
+                  "planned_kv_mb": 0.0, "kv_cache_mb": 0.0, "sequences": 0}]}
+
+The last three are a plan for generation's (absent or 0 for other plans): the KV caches
+the plan holds room for, the largest the worker reported while generations ran, and the
+sequences it then held.
 
 Sample fields other than ``time`` may be missing or None (a worker on a kernel without
 ``RssAnon`` reports no split); every function here tolerates that.
@@ -96,8 +101,9 @@ def summarize(report: Mapping) -> list[dict]:
         ``error_pct`` ((planned - measured) / measured * 100; positive means the plan
         over-estimated), ``headroom_mb`` (budget - measured peak),
         ``within_tolerance`` (``|error_pct| <= TOLERANCE_PCT``), ``peak_anon_mb`` and
-        ``peak_file_mb`` (the split at the sample with the highest RSS) and
-        ``cpu_percent_mean``. Values that cannot be computed are None.
+        ``peak_file_mb`` (the split at the sample with the highest RSS),
+        ``cpu_percent_mean``, and for a plan for generation ``planned_kv_mb``,
+        ``kv_cache_mb`` and ``sequences``. Values that cannot be computed are None.
     """
     out = []
     for dev in sorted(report.get("devices") or [], key=lambda d: d.get("stage", 0)):
@@ -132,6 +138,9 @@ def summarize(report: Mapping) -> list[dict]:
             "peak_anon_mb": _num(top.get("anon_mb")) if top else None,
             "peak_file_mb": _num(top.get("file_mb")) if top else None,
             "cpu_percent_mean": sum(cpus) / len(cpus) if cpus else None,
+            "planned_kv_mb": _num(dev.get("planned_kv_mb")),
+            "kv_cache_mb": _num(dev.get("kv_cache_mb")),
+            "sequences": dev.get("sequences"),
         })
     return out
 
@@ -173,7 +182,12 @@ def render_live(report: Mapping, console) -> None:
     t.add_column("headroom MiB", justify="right")
     t.add_column("anon / file MiB", justify="right")
     t.add_column("CPU % mean", justify="right")
-    for row in summarize(report):
+    rows = summarize(report)
+    # A plan for generation: each device's KV caches, measured while generations ran.
+    kv = any((row["planned_kv_mb"] or 0) > 0 for row in rows)
+    if kv:
+        t.add_column("KV MiB measured / planned", justify="right")
+    for row in rows:
         err = row["error_pct"]
         if err is None or row["within_tolerance"]:
             err_s = _f(err, "{:+.1f}")
@@ -188,9 +202,13 @@ def render_live(report: Mapping, console) -> None:
         split = ("—" if row["peak_anon_mb"] is None and row["peak_file_mb"] is None
                  else f"{_f(row['peak_anon_mb'], '{:.0f}')} / "
                       f"{_f(row['peak_file_mb'], '{:.0f}')}")
-        t.add_row(str(row["stage"]), str(row["device"]), Path(str(row["shard"] or "—")).name,
-                  _f(row["planned_mb"]), _f(row["measured_peak_mb"]), err_s, head_s, split,
-                  _f(row["cpu_percent_mean"], "{:.0f}"))
+        cells = [str(row["stage"]), str(row["device"]), Path(str(row["shard"] or "—")).name,
+                 _f(row["planned_mb"]), _f(row["measured_peak_mb"]), err_s, head_s, split,
+                 _f(row["cpu_percent_mean"], "{:.0f}")]
+        if kv:
+            cells.append(f"{_f(row['kv_cache_mb'], '{:.2f}')} ({row['sequences'] or 0} seq) "
+                         f"/ {_f(row['planned_kv_mb'], '{:.1f}')}")
+        t.add_row(*cells)
     console.print(t)
 
 

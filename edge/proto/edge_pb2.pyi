@@ -429,20 +429,22 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("stage", "device", "address", "healthy", "worker", "planned_memory_mb")
+    __slots__ = ("stage", "device", "address", "healthy", "worker", "planned_memory_mb", "planned_kv_cache_mb")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     PLANNED_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_KV_CACHE_MB_FIELD_NUMBER: _ClassVar[int]
     stage: int
     device: str
     address: str
     healthy: bool
     worker: WorkerStatus
     planned_memory_mb: float
-    def __init__(self, stage: _Optional[int] = ..., device: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., worker: _Optional[_Union[WorkerStatus, _Mapping]] = ..., planned_memory_mb: _Optional[float] = ...) -> None: ...
+    planned_kv_cache_mb: float
+    def __init__(self, stage: _Optional[int] = ..., device: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., worker: _Optional[_Union[WorkerStatus, _Mapping]] = ..., planned_memory_mb: _Optional[float] = ..., planned_kv_cache_mb: _Optional[float] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("plan_id", "stages", "requests_done", "requests_failed", "in_flight", "model_inputs", "bindings", "model", "not_serving", "coordinator_id")
