@@ -19,6 +19,16 @@ import numpy as np
 BINDINGS = {"batch": 1, "sequence": 16}
 
 
+def until(condition: Callable[[], bool], seconds: float = 2.0, what: str = "condition",
+          poll: float = 0.002) -> None:
+    """Wait for ``condition()`` to hold; AssertionError naming ``what`` after ``seconds``."""
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll)
+
+
 def references(model: str | Path, inputs: Sequence[dict], options: Any = None) -> list[dict]:
     """The unsharded model's outputs for each of ``inputs``, by output name.
 

@@ -20,16 +20,9 @@ from edge.coordinator.fake import FakeCluster, FakeReplanner, as_array, fake_dev
 from edge.coordinator.pipeline import InferError, Pipeline
 from edge.coordinator.workers import GrpcWorker, WorkerClient
 from edge.transport.channels import Deadlines
+from helpers import until
 
 X = {"x": np.arange(4, dtype=np.float32).reshape(1, 4)}
-
-
-def _until(condition, seconds: float = 2.0, what: str = "condition") -> None:
-    end = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 class Setup:
@@ -103,7 +96,7 @@ def test_a_request_in_flight_when_a_stage_dies_is_resent_and_answered_once(setup
     p = s.pipeline()
     s.worker("fake-1").hold()
     pending = s.pool.submit(p.infer, X)
-    _until(lambda: s.worker("fake-1").held == 1, what="the request to reach stage 1")
+    until(lambda: s.worker("fake-1").held == 1, what="the request to reach stage 1")
     s.worker("fake-1").kill()
     np.testing.assert_array_equal(as_array(pending.result(2).outputs), X["x"] + 2)
     assert _names(p) == ["fake-0", "spare-0"]
@@ -119,7 +112,7 @@ def test_a_standby_takes_a_lost_stage_and_later_requests_go_there(setup):
     p = s.pipeline()
     epoch = p.epoch
     s.worker("fake-0").kill()
-    _until(lambda: p.recoveries, what="the recovery")
+    until(lambda: p.recoveries, what="the recovery")
     _answer(p, 2)
     assert _names(p) == ["spare-0", "fake-1"] and p.epoch > epoch
     assert p.status().not_serving == ""
@@ -130,7 +123,7 @@ def test_a_device_refusing_its_stage_is_backed_off_and_the_rest_replanned(setup,
     s.worker("spare-0").refuse = grpc.StatusCode.RESOURCE_EXHAUSTED
     p = s.pipeline()
     s.worker("fake-0").kill()
-    _until(lambda: p.recoveries, what="the recovery")
+    until(lambda: p.recoveries, what="the recovery")
     _answer(p, 1)
     assert _names(p) == ["fake-1"] and p.recoveries[-1].how == "re-planned"
     assert p.replanner.replans == [("fake-1",)]
@@ -146,10 +139,10 @@ def test_only_the_standby_left_serves_then_nothing_fails_at_once(setup):
     p = s.pipeline()
     s.worker("fake-0").kill()
     s.worker("fake-1").kill()
-    _until(lambda: _names(p) == ["spare-0"], what="the standby alone")
+    until(lambda: _names(p) == ["spare-0"], what="the standby alone")
     _answer(p, 1)
     s.worker("spare-0").kill()
-    _until(lambda: p.status().not_serving, what="the pipeline to say it cannot serve")
+    until(lambda: p.status().not_serving, what="the pipeline to say it cannot serve")
     start = time.monotonic()
     with pytest.raises(InferError) as e:
         p.infer(X)
@@ -166,17 +159,17 @@ def test_nothing_can_serve_fails_what_is_in_flight_and_a_device_back_serves_agai
     p.watch_serving(told.append)
     s.worker("fake-0").hold()
     pending = s.pool.submit(p.infer, X)
-    _until(lambda: s.worker("fake-0").held == 1, what="the request to reach stage 0")
+    until(lambda: s.worker("fake-0").held == 1, what="the request to reach stage 0")
     s.worker("fake-0").kill()
     with pytest.raises(InferError) as e:
         pending.result(1)
     assert e.value.code == grpc.StatusCode.UNAVAILABLE
     assert told[0] == "" and "no device can serve" in told[-1]
     s.worker("fake-0").restart(empty=False)
-    _until(lambda: told[-1] == "", what="serving again")
+    until(lambda: told[-1] == "", what="serving again")
     # Results published while no stream is open are lost (as with real workers): wait for
     # the listener to reconnect.
-    _until(lambda: s.worker("fake-0").subscribers, what="the event stream again")
+    until(lambda: s.worker("fake-0").subscribers, what="the event stream again")
     _answer(p, 1)
     assert [r.how for r in p.recoveries] == ["unavailable", "original"]
     assert p.recoveries[-1].uploaded_bytes == 0  # its shard was cached
@@ -188,8 +181,8 @@ def test_a_worker_that_restarts_empty_gets_its_stage_again(setup):
     w = s.worker("fake-1")
     w.kill()
     w.restart(empty=True)
-    _until(lambda: w.configured == 2, what="the stage deployed again")
-    _until(lambda: w.subscribers, what="the event stream again")
+    until(lambda: w.configured == 2, what="the stage deployed again")
+    until(lambda: w.subscribers, what="the event stream again")
     _answer(p, 2)
     assert _names(p) == ["fake-0", "fake-1"] and p.recoveries[-1].uploaded_bytes > 0
 
@@ -218,7 +211,7 @@ def test_without_failover_a_lost_stage_fails_what_is_in_flight(setup):
     p = s.pipeline(failover=False, diagnose=lambda device: f"{device.name} ran out of memory")
     s.worker("fake-1").hold()
     pending = s.pool.submit(p.infer, X)
-    _until(lambda: s.worker("fake-1").held == 1, what="the request to reach stage 1")
+    until(lambda: s.worker("fake-1").held == 1, what="the request to reach stage 1")
     s.worker("fake-1").kill()
     with pytest.raises(InferError) as e:
         pending.result(1)
@@ -245,9 +238,9 @@ def test_a_second_coordinator_is_refused_and_take_over_stops_the_first(setup):
     _answer(old, 2)
     s.worker("fake-1").hold()
     pending = s.pool.submit(old.infer, X)
-    _until(lambda: s.worker("fake-1").held == 1, what="the request to reach stage 1")
+    until(lambda: s.worker("fake-1").held == 1, what="the request to reach stage 1")
     new = s.pipeline(take_over=True)
-    _until(lambda: old.taken_over, what="the old coordinator to notice")
+    until(lambda: old.taken_over, what="the old coordinator to notice")
     with pytest.raises(InferError) as e:
         pending.result(1)
     assert e.value.code == grpc.StatusCode.UNAVAILABLE and not e.value.retryable
@@ -268,15 +261,15 @@ def test_a_request_in_flight_through_more_losses_than_max_losses_fails(setup):
     s.worker("fake-1").hold()
     s.worker("spare-0").hold()
     pending = s.pool.submit(p.infer, X)
-    _until(lambda: s.worker("fake-1").held == 1, what="the request to reach stage 1")
+    until(lambda: s.worker("fake-1").held == 1, what="the request to reach stage 1")
     s.worker("fake-1").kill()
-    _until(lambda: s.worker("spare-0").held == 1, what="the request resent to the spare")
+    until(lambda: s.worker("spare-0").held == 1, what="the request resent to the spare")
     s.worker("spare-0").kill()
     with pytest.raises(InferError) as e:
         pending.result(1)
     assert e.value.code == grpc.StatusCode.UNAVAILABLE
     assert "through 2 device losses" in str(e.value)
-    _until(lambda: _names(p) == ["fake-0", "spare-1"], what="the second spare")
+    until(lambda: _names(p) == ["fake-0", "spare-1"], what="the second spare")
     _answer(p, 2)
 
 
@@ -286,10 +279,10 @@ def test_a_result_from_an_older_epoch_still_answers(setup):
     last = s.worker("fake-1")
     last.hold()
     pending = s.pool.submit(p.infer, X)
-    _until(lambda: last.held == 1, what="the request to reach the last stage")
+    until(lambda: last.held == 1, what="the request to reach the last stage")
     epoch = p.epoch
     s.worker("fake-0").kill()
-    _until(lambda: last.held == 2, what="the request resent under the new epoch")
+    until(lambda: last.held == 2, what="the request resent under the new epoch")
     assert p.epoch > epoch
     last.release(1)  # the copy sent under the old epoch
     np.testing.assert_array_equal(as_array(pending.result(1).outputs), X["x"] + 2)

@@ -852,12 +852,9 @@ FAILOVER_BINDINGS = {"batch": 1, "sequence": 16}
 
 def _until(condition, timeout: float, what: str) -> None:
     """Wait for ``condition()`` (polled: it asks other processes) or fail saying ``what``."""
-    import time
+    from helpers import until
 
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"not within {timeout:.0f} s: {what}"
-        time.sleep(0.05)
+    until(condition, timeout, what, poll=0.05)
 
 
 def _sigkill(worker) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -21,6 +20,7 @@ from edge.coordinator.generate import Generator, TextStream
 from edge.coordinator.pipeline import InferError, Pipeline
 from edge.proto import edge_pb2 as pb
 from edge.transport.channels import Deadlines
+from helpers import until
 
 PROMPT = [3, 5]
 
@@ -48,14 +48,6 @@ class Letters:
 
     def chat_ids(self, messages, add_generation_prompt=True):
         return [25] + self.encode(messages[0]["content"]) + [24]
-
-
-def _until(condition, seconds: float = 2.0, what: str = "condition") -> None:
-    end = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 def write_tokenizer(folder) -> None:
@@ -146,7 +138,7 @@ def test_the_loop_yields_the_decoders_tokens_and_frees_the_caches(setup):
     assert (usage.prompt_tokens, usage.completion_tokens, usage.finish_reason) == \
         (2, 6, "length")
     assert usage.ttft_ms > 0
-    _until(lambda: all(not w.sequences for w in s.cluster.workers.values()), what="release")
+    until(lambda: all(not w.sequences for w in s.cluster.workers.values()), what="release")
     # one prefill and five decode steps reached the first stage, and one release
     assert s.worker("fake-0").forwards == 7
 
@@ -210,9 +202,9 @@ def test_sequences_past_the_limit_wait_then_are_refused_past_the_queue(setup):
     g = Generator(s.pipeline, queue=1)
     s.worker("fake-1").hold()
     first = s.pool.submit(run, g.start(PROMPT, max_tokens=2))
-    _until(lambda: s.worker("fake-1").held == 1, what="the first sequence's prefill")
+    until(lambda: s.worker("fake-1").held == 1, what="the first sequence's prefill")
     waiting = s.pool.submit(run, g.start([7, 8], max_tokens=2))
-    _until(lambda: g.slots.waiting == 1, what="the second to queue")
+    until(lambda: g.slots.waiting == 1, what="the second to queue")
     with pytest.raises(InferError) as e:
         list(g.start([1], max_tokens=2))
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -232,7 +224,7 @@ def test_a_stage_killed_mid_generation_replays_and_repeats_nothing(setup):
         out += next(generation).tokens
     s.worker("fake-1").hold()
     pending = s.pool.submit(lambda: [t for c in generation for t in c.tokens])
-    _until(lambda: s.worker("fake-1").held == 1, what="the 4th step to reach stage 1")
+    until(lambda: s.worker("fake-1").held == 1, what="the 4th step to reach stage 1")
     s.worker("fake-1").kill()
     out += pending.result(3)
     assert out == expected(PROMPT, 8)
@@ -273,13 +265,13 @@ def test_cancellation_releases_the_caches_on_every_stage(setup):
     assert all(w.sequences for w in s.cluster.workers.values())
     s.worker("fake-2").hold()
     pending = s.pool.submit(lambda: list(it))
-    _until(lambda: s.worker("fake-2").held == 1, what="a step in flight")
+    until(lambda: s.worker("fake-2").held == 1, what="a step in flight")
     threading.Timer(0.01, generation.cancel).start()
     with pytest.raises(InferError) as e:
         pending.result(2)
     assert e.value.code == grpc.StatusCode.CANCELLED
     s.worker("fake-2").release()
-    _until(lambda: all(not w.sequences for w in s.cluster.workers.values()),
+    until(lambda: all(not w.sequences for w in s.cluster.workers.values()),
            what="every stage to free the sequence")
     assert g.slots.busy == 0
 
@@ -289,7 +281,7 @@ def test_a_stream_closed_by_its_reader_releases_too(setup):
     it = iter(Generator(s.pipeline).start(PROMPT, max_tokens=20))
     next(it)
     it.close()
-    _until(lambda: all(not w.sequences for w in s.cluster.workers.values()), what="release")
+    until(lambda: all(not w.sequences for w in s.cluster.workers.values()), what="release")
 
 
 def test_sampling_travels_with_every_step(setup):
@@ -376,10 +368,10 @@ def test_a_client_that_goes_away_frees_the_caches(served):
     with InferClient(address, timeout=10) as client:
         stream = client.stub.Generate(pb.GenerateRequest(prompt_tokens=PROMPT, max_tokens=20),
                                       timeout=10)
-        _until(lambda: s.worker("fake-1").held == 1, what="the prefill in flight")
+        until(lambda: s.worker("fake-1").held == 1, what="the prefill in flight")
         stream.cancel()
     s.worker("fake-1").release()
-    _until(lambda: all(not w.sequences for w in s.cluster.workers.values()),
+    until(lambda: all(not w.sequences for w in s.cluster.workers.values()),
            what="every stage to free the sequence")
 
 

@@ -100,22 +100,26 @@ class InferClient:
 
     def infer_raw(self, inputs: Mapping[str, np.ndarray]) -> pb.InferReply:
         request = pb.InferRequest(inputs=encode_tensors(inputs))
-        start = time.monotonic()
-        attempt = 0
+        start, attempt = time.monotonic(), 0
         while True:
             try:
                 return self.stub.Infer(request, timeout=self.timeout)
             except grpc.RpcError as e:
-                final = any(k == NO_RETRY for k, _ in (e.trailing_metadata() or ()))
-                if e.code() not in RETRYABLE or final or attempt == self.retries:
-                    raise
-                # Exponential backoff with jitter, so that clients refused together do
-                # not all come back together.
-                delay = min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
-                if time.monotonic() - start + delay > self.retry_for:
-                    raise
-                time.sleep(delay)
+                self._wait_to_retry(e, start, attempt)
                 attempt += 1
+
+    def _wait_to_retry(self, error: grpc.RpcError, start: float, attempt: int) -> None:
+        """Sleep before attempt ``attempt + 1``, or raise ``error`` if it is not to be
+        retried (its code, a no-retry trailer, the retries or ``retry_for`` spent)."""
+        final = any(k == NO_RETRY for k, _ in (error.trailing_metadata() or ()))
+        if error.code() not in RETRYABLE or final or attempt == self.retries:
+            raise error
+        # Exponential backoff with jitter, so that clients refused together do not all
+        # come back together.
+        delay = min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
+        if time.monotonic() - start + delay > self.retry_for:
+            raise error
+        time.sleep(delay)
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one request; returns the model's outputs by name."""
@@ -153,13 +157,9 @@ class InferClient:
                     yield reply
                 return
             except grpc.RpcError as e:
-                final = any(k == NO_RETRY for k, _ in (e.trailing_metadata() or ()))
-                if received or e.code() not in RETRYABLE or final or attempt == self.retries:
+                if received:  # text was shown already: sending again would repeat it
                     raise
-                delay = min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0)
-                if time.monotonic() - start + delay > self.retry_for:
-                    raise
-                time.sleep(delay)
+                self._wait_to_retry(e, start, attempt)
                 attempt += 1
 
     def generate_all(self, prompt: str = "", *, on_text: Callable[[str], None] | None = None,

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from edge.errors import MissingPackageError
-from edge.export.onnx_export import ATOL, ExportError, _perturb
+from edge.export.onnx_export import ATOL, ExportError, _perturb, hf_folder
 from edge.export.specs import get_spec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -500,14 +500,10 @@ def export_hf_decoder(model_dir: str | Path, out: str | Path, opset: int = 18,
     Returns:
         The path of the ``.onnx`` file.
     """
-    os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ExportError(f"{model_dir}: expected a Hugging Face model folder with "
-                          f"config.json, found none")
+    model_dir = hf_folder(model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
                                                  dtype=torch.float32,
                                                  attn_implementation="eager")

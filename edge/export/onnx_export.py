@@ -292,6 +292,21 @@ def export_model(kind: str, size: str = "tiny", seed: int = 0,
     return out
 
 
+def hf_folder(model_dir: str | Path) -> Path:
+    """A local Hugging Face model folder, checked, with the hub switched off.
+
+    Raises:
+        ExportError: the folder has no ``config.json``.
+    """
+    # Offline by construction: a typo in the path must fail, not start a download.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{model_dir}: expected a Hugging Face model folder with "
+                          f"config.json, found none")
+    return model_dir
+
+
 def export_hf(model_dir: str | Path, out: str | Path, seq: int = 128, opset: int = 18,
               verify: bool = True) -> Path:
     """Export a local Hugging Face encoder directory (no download) BERT-style.
@@ -309,14 +324,9 @@ def export_hf(model_dir: str | Path, out: str | Path, seq: int = 128, opset: int
     Returns:
         The path of the ``.onnx`` file.
     """
-    # Offline by construction: a typo in the path must fail, not start a download.
-    os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import AutoModel
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ExportError(f"{model_dir}: expected a Hugging Face model folder with "
-                          f"config.json, found none")
+    model_dir = hf_folder(model_dir)
     inner = AutoModel.from_pretrained(str(model_dir), local_files_only=True,
                                       attn_implementation="eager").eval()
     vocab = int(inner.config.vocab_size)
