@@ -53,6 +53,8 @@ log = logging.getLogger("generation")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MIB = 1024 * 1024
+LABELS = {"pipeline": "pipeline, 4 loopback stages", "unsharded": "unsharded onnxruntime",
+          "llama.cpp": "llama.cpp (Q4_1)", "onnxruntime-genai": "onnxruntime-genai (fp32)"}
 
 # Plain prose the model continues rather than ending: prompts are windows of its tokens
 # (repeated if a prompt needs more), a different window for each sequence.
@@ -181,6 +183,36 @@ def _llama_child(conn, gguf: str, threads: int, context: int, batch: int) -> Non
             if len(tokens) == n:
                 break
         conn.send({"tokens": tokens, "t0": t0, "times": times})
+    conn.send({"peak_rss_bytes": vm_hwm_bytes()})
+
+
+def _genai_child(conn, model_dir: str, threads: int, context: int) -> None:
+    """onnxruntime-genai on a folder its builder made: answers (prompt, n, eos) (greedy)."""
+    import onnxruntime_genai as og
+
+    cfg_path = Path(model_dir) / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    model = og.Model(model_dir)
+    conn.send({"ready": True})
+    while (msg := conn.recv()) is not None:
+        prompt, n, eos = msg
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=context, do_sample=False)
+        gen = og.Generator(model, params)
+        tokens, times = [], []
+        t0 = time.perf_counter()
+        gen.append_tokens(prompt)  # the prefill
+        while not gen.is_done() and len(tokens) < n:
+            gen.generate_next_token()  # draws from the last logits, runs the step after
+            token = int(gen.get_next_tokens()[0])
+            if token in eos:
+                break
+            tokens.append(token)
+            times.append(time.perf_counter())
+        conn.send({"tokens": tokens, "t0": t0, "times": times})
+        del gen
     conn.send({"peak_rss_bytes": vm_hwm_bytes()})
 
 
@@ -345,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--multi-rounds", type=int, default=2,
                     help="runs of --sequences sequences at once")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    ap.add_argument("--genai", type=Path,
+                    help="also run onnxruntime-genai on this folder made by its builder "
+                         "(BENCHMARKS.md says how; onnxruntime_genai must be importable)")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 16-token prompt, 16 new tokens, 1 round each")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -389,6 +424,19 @@ def main(argv: list[str] | None = None) -> int:
         llama = Child("llama.cpp", _llama_child, str(gguf), args.threads, context,
                       max(args.prompt_tokens, 8))
 
+    genai = None
+    genai_status = "not run (no --genai)"
+    if args.genai:
+        try:
+            import onnxruntime_genai
+
+            genai_status = f"onnxruntime-genai {onnxruntime_genai.__version__}, fp32"
+            genai = Child("onnxruntime-genai", _genai_child, str(args.genai.resolve()),
+                          args.threads, context)
+        except ImportError as e:
+            genai_status = f"skipped: onnxruntime_genai is not importable ({e})"
+    log.info("onnxruntime-genai: %s", genai_status)
+
     rounds: list[dict] = []
     multi: list[dict] = []
     run_dir = work / f"run-{os.getpid()}"
@@ -415,7 +463,10 @@ def main(argv: list[str] | None = None) -> int:
                 ort.run(warm, 4, eos)
                 if llama:
                     llama.run(warm, 4, eos)
-                names = ["unsharded", "pipeline"] + (["llama.cpp"] if llama else [])
+                if genai:
+                    genai.run(warm, 4, eos)
+                names = (["unsharded", "pipeline"] + (["llama.cpp"] if llama else [])
+                         + (["onnxruntime-genai"] if genai else []))
                 for r in range(args.rounds):
                     order = names[r % len(names):] + names[: r % len(names)]
                     row: dict = {"order": order}
@@ -424,8 +475,10 @@ def main(argv: list[str] | None = None) -> int:
                             row[name] = ort.run(prompts[0], n, eos)
                         elif name == "pipeline":
                             row[name] = pipeline_run(generator, prompts[0], n)
-                        else:
+                        elif name == "llama.cpp":
                             row[name] = llama.run(prompts[0], n, eos)
+                        else:
+                            row[name] = genai.run(prompts[0], n, eos)
                     rounds.append(row)
                     s = {k: summarize(row[k]) for k in names}
                     log.info("round %d: decode ms/token %s; ttft ms %s", r + 1,
@@ -444,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ort_peak = ort.close()
         llama_peak = llama.close() if llama else None
+        genai_peak = genai.close() if genai else None
 
     # ---------------------------------------------------------------- the numbers
     S = {k: [summarize(r[k]) for r in rounds] for k in rounds[0] if k != "order"}
@@ -465,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             "sequences": args.sequences, "devices": args.devices, "profile": args.profile,
             "threads": args.threads, "rounds": args.rounds, "multi_rounds": args.multi_rounds,
             "plan_s": round(plan_s, 1), "stages": len(plan.stages),
-            "llama_cpp": llama_status,
+            "llama_cpp": llama_status, "onnxruntime_genai": genai_status,
         },
         "decode_ms_per_token": {k: {"median": med([s["decode_ms_median"] for s in v]),
                                     "spread": spread([s["decode_ms_median"] for s in v])}
@@ -489,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         "worker_memory_one_sequence_held": memory_one,
         "peak_rss_mb": {"unsharded": round(ort_peak / MIB, 1),
                         "llama.cpp": round(llama_peak / MIB, 1) if llama_peak else None,
+                        "onnxruntime-genai": round(genai_peak / MIB, 1) if genai_peak else None,
                         "largest worker": max(r["peak_rss_mb"] for r in memory),
                         "all workers": round(sum(r["peak_rss_mb"] for r in memory), 1)},
     }
@@ -502,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
 def report(r: dict) -> str:
     c = r["conditions"]
     d, t, tp = r["decode_ms_per_token"], r["ttft_ms"], r["tokens_per_s_one_sequence"]
+    rss = r["peak_rss_mb"]
+    cols = list(d)
 
     def ms(m):
         return f"{fmt(m['median'], 2)} ({fmt(m['spread'][0], 2)}–{fmt(m['spread'][1], 2)})" \
@@ -512,17 +569,15 @@ def report(r: dict) -> str:
         f"{c['devices']} loopback stages, {c['threads']} thread(s) each; {c['machine']}; "
         f"medians of {c['rounds']} rounds (min–max)",
         "",
-        "| measure | pipeline | unsharded onnxruntime | llama.cpp (Q4_1) |",
-        "|---|---|---|---|",
-        f"| decode ms/token, one sequence | {ms(d['pipeline'])} | {ms(d['unsharded'])} | "
-        f"{ms(d['llama.cpp']) if 'llama.cpp' in d else '—'} |",
-        f"| decode tokens/s, one sequence | {ms(tp['pipeline'])} | {ms(tp['unsharded'])} | "
-        f"{ms(tp['llama.cpp']) if 'llama.cpp' in tp else '—'} |",
-        f"| TTFT ms, {c['prompt_tokens']}-token prompt | {ms(t['pipeline'])} | "
-        f"{ms(t['unsharded'])} | {ms(t['llama.cpp']) if 'llama.cpp' in t else '—'} |",
-        f"| peak RSS MiB | largest worker {fmt(r['peak_rss_mb']['largest worker'])}, all "
-        f"{fmt(r['peak_rss_mb']['all workers'])} | {fmt(r['peak_rss_mb']['unsharded'])} | "
-        f"{fmt(r['peak_rss_mb']['llama.cpp'])} |",
+        "| measure | " + " | ".join(LABELS.get(k, k) for k in cols) + " |",
+        "|---|" + "---|" * len(cols),
+        "| decode ms/token, one sequence | " + " | ".join(ms(d[k]) for k in cols) + " |",
+        "| decode tokens/s, one sequence | " + " | ".join(ms(tp[k]) for k in cols) + " |",
+        f"| TTFT ms, {c['prompt_tokens']}-token prompt | "
+        + " | ".join(ms(t[k]) for k in cols) + " |",
+        "| peak RSS MiB | " + " | ".join(
+            f"largest worker {fmt(rss['largest worker'])}, all {fmt(rss['all workers'])}"
+            if k == "pipeline" else fmt(rss.get(k)) for k in cols) + " |",
         "",
         f"- decode latency, pipeline ÷ unsharded: "
         f"**{ms(r['decode_ratio_pipeline_over_unsharded'])}** (target ≤ 1.3)",
