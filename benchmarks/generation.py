@@ -23,7 +23,8 @@ Measured, in one run, side by side:
    token, before they release them).
 5. llama.cpp (``llama-cpp-python``) on the same GGUF (Q4_1, its own kernels) in one
    process with the same threads: tokens/s, time to first token, peak RSS. Skipped, and
-   said so, if it is not installed.
+   said so, if it is not installed. With ``--genai``, onnxruntime-genai too (its builder's
+   fp32 CPU model of the same weights, built once into ``--work/genai``).
 
 The unsharded onnxruntime and llama.cpp each run in a process of their own, so their peak
 RSS is theirs alone. Greedy decoding everywhere; a sequence stops early at EOS (counted).
@@ -43,6 +44,7 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -110,6 +112,38 @@ def export_model(work: Path) -> Path:
     return onnx
 
 
+def build_genai(work: Path) -> Path:
+    """onnxruntime-genai's fp32 CPU model of the GGUF, from ``work/genai`` if made before.
+
+    Its builder takes a float16/float32 GGUF or a Hugging Face folder, and reads the
+    config from the Hub for a GGUF: offline, the Q4_1 GGUF goes through transformers
+    (dequantized, as for our export) into a local folder first.
+    """
+    out = work / "genai" / "model"
+    if (out / "genai_config.json").is_file():
+        return out
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = work / "genai" / "hf"
+    gguf = gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers refuses to save a model loaded from GGUF; its tensors are plain fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    model.save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf),
+                    "-o", str(out), "-p", "fp32", "-e", "cpu",
+                    "--extra_options", "hf_token=false"], check=True, timeout=900)
+    return out
+
+
 def make_prompts(model_dir: Path, length: int, count: int) -> list[list[int]]:
     """``count`` prompts of ``length`` tokens: windows of TEXT at different offsets."""
     from edge.text import load_tokenizer
@@ -173,6 +207,9 @@ def _llama_child(conn, gguf: str, threads: int, context: int, batch: int) -> Non
         prompt, n, eos = msg
         tokens, times = [], []
         t0 = time.perf_counter()
+        # generate() would reuse the cache of a prompt that starts the same: reset it so
+        # that every run prefills its whole prompt, as the others do.
+        llm.reset()
         # generate() evaluates the prompt, samples, yields; each next() evaluates the
         # token it yielded last: the gap between yields is one decode step.
         for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
@@ -246,9 +283,32 @@ class Child:
 
 # ------------------------------------------------------------------ the pipeline
 
-def pipeline_run(generator, prompt: list[int], n: int, hold=None) -> dict:
+class StepRecorder:
+    """Wraps ``pipeline.step`` to keep, for each step, its wall time and the stages' own
+    timings (queue, onnxruntime compute, send), which each result carries back."""
+
+    def __init__(self, pipeline):
+        self.steps: list[dict] = []
+        self._step = pipeline.step
+        pipeline.step = self
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        result = self._step(*args, **kwargs)
+        self.steps.append({
+            "wall_ms": (time.perf_counter() - t0) * 1e3,
+            "compute_ms": sum(t.compute_ms for t in result.timings),
+            "queue_ms": sum(t.queue_ms for t in result.timings),
+            "send_ms": sum(t.send_ms for t in result.timings),
+        })
+        return result
+
+
+def pipeline_run(generator, prompt: list[int], n: int, hold=None,
+                 recorder: StepRecorder | None = None) -> dict:
     """One sequence through the pipeline; ``hold()`` is called after its last token while
-    its stages still hold its caches."""
+    its stages still hold its caches. With ``recorder``, the decode steps' breakdown."""
+    first_step = len(recorder.steps) if recorder else 0
     t0 = time.perf_counter()
     it = iter(generator.start(prompt, max_tokens=n))
     tokens, times, usage = [], [], None
@@ -266,8 +326,14 @@ def pipeline_run(generator, prompt: list[int], n: int, hold=None) -> dict:
     finally:
         for _ in it:  # ends the generation: the stages release its caches
             pass
-    return {"tokens": tokens, "t0": t0, "times": times,
-            "finish_reason": usage.finish_reason if usage else ""}
+    out = {"tokens": tokens, "t0": t0, "times": times,
+           "finish_reason": usage.finish_reason if usage else ""}
+    if recorder:
+        decode = recorder.steps[first_step + 1:]  # the first is the prefill
+        out["steps"] = {k: statistics.median(s[k] for s in decode)
+                        for k in ("wall_ms", "compute_ms", "queue_ms", "send_ms")} \
+            if decode else {}
+    return out
 
 
 def summarize(run: dict) -> dict:
@@ -377,9 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--multi-rounds", type=int, default=2,
                     help="runs of --sequences sequences at once")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
-    ap.add_argument("--genai", type=Path,
-                    help="also run onnxruntime-genai on this folder made by its builder "
-                         "(BENCHMARKS.md says how; onnxruntime_genai must be importable)")
+    ap.add_argument("--genai", action="store_true",
+                    help="also run onnxruntime-genai (its builder's fp32 CPU model, made "
+                         "in --work/genai; onnxruntime_genai must be importable)")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 16-token prompt, 16 new tokens, 1 round each")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -431,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             import onnxruntime_genai
 
             genai_status = f"onnxruntime-genai {onnxruntime_genai.__version__}, fp32"
-            genai = Child("onnxruntime-genai", _genai_child, str(args.genai.resolve()),
+            genai = Child("onnxruntime-genai", _genai_child, str(build_genai(work)),
                           args.threads, context)
         except ImportError as e:
             genai_status = f"skipped: onnxruntime_genai is not importable ({e})"
@@ -456,9 +522,10 @@ def main(argv: list[str] | None = None) -> int:
                 pipeline.start()
                 log.info("deployed in %.0f s", time.perf_counter() - t0)
                 generator = Generator(pipeline)
+                recorder = StepRecorder(pipeline)
                 # One warm-up of each, not measured: first runs pay page faults and
                 # onnxruntime's first-run allocations.
-                warm = prompts[-1][: max(4, args.prompt_tokens // 4)]
+                warm = prompts[-1]
                 pipeline_run(generator, warm, 4)
                 ort.run(warm, 4, eos)
                 if llama:
@@ -474,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                         if name == "unsharded":
                             row[name] = ort.run(prompts[0], n, eos)
                         elif name == "pipeline":
-                            row[name] = pipeline_run(generator, prompts[0], n)
+                            row[name] = pipeline_run(generator, prompts[0], n,
+                                                     recorder=recorder)
                         elif name == "llama.cpp":
                             row[name] = llama.run(prompts[0], n, eos)
                         else:
@@ -505,6 +573,12 @@ def main(argv: list[str] | None = None) -> int:
              for p, u in zip(S["pipeline"], S["unsharded"])]
     ttft_ratio = [p["ttft_ms"] / u["ttft_ms"] for p, u in zip(S["pipeline"], S["unsharded"])]
     same = [r["pipeline"]["tokens"] == r["unsharded"]["tokens"] for r in rounds]
+    steps = [r["pipeline"].get("steps", {}) for r in rounds]
+    breakdown = {k: med([st.get(k) for st in steps])
+                 for k in ("wall_ms", "compute_ms", "queue_ms", "send_ms")}
+    if breakdown["wall_ms"] is not None:
+        breakdown["other_ms"] = breakdown["wall_ms"] - breakdown["compute_ms"] \
+            - breakdown["queue_ms"] - breakdown["send_ms"]
     one_rate = [s["decode_tokens_per_s"] for s in S["pipeline"]]
     multi_rate = [m["decode_tokens_per_s"] for m in multi]
     agg_ratio = med(multi_rate) / med(one_rate) if med(multi_rate) and med(one_rate) else None
@@ -534,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "spread": spread([s["decode_tokens_per_s"]
                                                             for s in v])}
                                       for k, v in S.items()},
+        "pipeline_decode_step_ms": breakdown,
         "pipeline_equals_unsharded_tokens": same,
         "new_tokens": {k: [s["new_tokens"] for s in v] for k, v in S.items()},
         "multi": [{k: v for k, v in m.items() if k not in ("results", "status")}
@@ -582,6 +657,11 @@ def report(r: dict) -> str:
         f"- decode latency, pipeline ÷ unsharded: "
         f"**{ms(r['decode_ratio_pipeline_over_unsharded'])}** (target ≤ 1.3)",
         f"- TTFT, pipeline ÷ unsharded: {ms(r['ttft_ratio_pipeline_over_unsharded'])}",
+        "- a pipeline decode step, medians, ms: " + ", ".join(
+            f"{k.replace('_ms', '')} {fmt(v, 2)}"
+            for k, v in r["pipeline_decode_step_ms"].items())
+        + " (compute, queue, send: summed over the stages; other: gRPC, loopback, the "
+          "coordinator)",
         f"- pipeline tokens equal the unsharded ones: {r['pipeline_equals_unsharded_tokens']}",
         f"- {c['sequences']} sequences at once: decode tokens/s "
         f"{[fmt(m['decode_tokens_per_s']) for m in r['multi']]}, overall "
