@@ -56,6 +56,7 @@ log = logging.getLogger("generation")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MIB = 1024 * 1024
 LABELS = {"pipeline": "pipeline, 4 loopback stages", "unsharded": "unsharded onnxruntime",
+          "unsharded, shard options": "unsharded, the shards' session options",
           "llama.cpp": "llama.cpp (Q4_1)", "onnxruntime-genai": "onnxruntime-genai (fp32)"}
 
 # Plain prose the model continues rather than ending: prompts are windows of its tokens
@@ -169,13 +170,23 @@ def vm_hwm_bytes() -> int:
 
 # ------------------------------------------------------------------ baselines (own processes)
 
-def _ort_child(conn, onnx: str, threads: int) -> None:
-    """Unsharded onnxruntime with its KV cache: answers (prompt, n, eos) with timings."""
+def _ort_child(conn, onnx: str, threads: int, shard_options: bool = False) -> None:
+    """Unsharded onnxruntime with its KV cache: answers (prompt, n, eos) with timings.
+    ``shard_options``: the session made as workers make theirs (``edge.shards.runtime``),
+    to tell what the options cost from what the split costs."""
     import numpy as np
 
     from edge.export.generate import OnnxDecoder
 
     dec = OnnxDecoder(onnx, threads=threads)
+    if shard_options:
+        import onnxruntime as ort
+
+        from edge.shards.runtime import session_options
+
+        dec.session = None
+        dec.session = ort.InferenceSession(onnx, session_options(threads, "fp32"),
+                                           providers=["CPUExecutionProvider"])
     conn.send({"ready": True})
     while (msg := conn.recv()) is not None:
         prompt, n, eos = msg
@@ -300,6 +311,8 @@ class StepRecorder:
             "compute_ms": sum(t.compute_ms for t in result.timings),
             "queue_ms": sum(t.queue_ms for t in result.timings),
             "send_ms": sum(t.send_ms for t in result.timings),
+            "stage_compute_ms": [t.compute_ms for t in
+                                 sorted(result.timings, key=lambda t: t.stage)],
         })
         return result
 
@@ -333,6 +346,9 @@ def pipeline_run(generator, prompt: list[int], n: int, hold=None,
         out["steps"] = {k: statistics.median(s[k] for s in decode)
                         for k in ("wall_ms", "compute_ms", "queue_ms", "send_ms")} \
             if decode else {}
+        if decode:
+            out["steps"]["stage_compute_ms"] = [
+                statistics.median(col) for col in zip(*(s["stage_compute_ms"] for s in decode))]
     return out
 
 
@@ -486,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("llama.cpp: %s", llama_status)
 
     ort = Child("onnxruntime", _ort_child, str(onnx), args.threads)
+    ort_shard = Child("onnxruntime, shard options", _ort_child, str(onnx), args.threads, True)
     if llama_status.startswith("llama-cpp-python"):
         llama = Child("llama.cpp", _llama_child, str(gguf), args.threads, context,
                       max(args.prompt_tokens, 8))
@@ -528,11 +545,12 @@ def main(argv: list[str] | None = None) -> int:
                 warm = prompts[-1]
                 pipeline_run(generator, warm, 4)
                 ort.run(warm, 4, eos)
+                ort_shard.run(warm, 4, eos)
                 if llama:
                     llama.run(warm, 4, eos)
                 if genai:
                     genai.run(warm, 4, eos)
-                names = (["unsharded", "pipeline"] + (["llama.cpp"] if llama else [])
+                names = (["unsharded", "pipeline", "unsharded, shard options"] + (["llama.cpp"] if llama else [])
                          + (["onnxruntime-genai"] if genai else []))
                 for r in range(args.rounds):
                     order = names[r % len(names):] + names[: r % len(names)]
@@ -543,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
                         elif name == "pipeline":
                             row[name] = pipeline_run(generator, prompts[0], n,
                                                      recorder=recorder)
+                        elif name == "unsharded, shard options":
+                            row[name] = ort_shard.run(prompts[0], n, eos)
                         elif name == "llama.cpp":
                             row[name] = llama.run(prompts[0], n, eos)
                         else:
@@ -564,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                 final_status = multi[-1]["status"]
     finally:
         ort_peak = ort.close()
+        ort_shard.close()
         llama_peak = llama.close() if llama else None
         genai_peak = genai.close() if genai else None
 
@@ -576,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = [r["pipeline"].get("steps", {}) for r in rounds]
     breakdown = {k: med([st.get(k) for st in steps])
                  for k in ("wall_ms", "compute_ms", "queue_ms", "send_ms")}
+    per_stage = [st["stage_compute_ms"] for st in steps if st.get("stage_compute_ms")]
     if breakdown["wall_ms"] is not None:
         breakdown["other_ms"] = breakdown["wall_ms"] - breakdown["compute_ms"] \
             - breakdown["queue_ms"] - breakdown["send_ms"]
@@ -609,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             for s in v])}
                                       for k, v in S.items()},
         "pipeline_decode_step_ms": breakdown,
+        "pipeline_decode_stage_compute_ms": [round(med(col), 2) for col in zip(*per_stage)],
         "pipeline_equals_unsharded_tokens": same,
         "new_tokens": {k: [s["new_tokens"] for s in v] for k, v in S.items()},
         "multi": [{k: v for k, v in m.items() if k not in ("results", "status")}
@@ -617,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         "worker_memory_all_sequences_held": memory,
         "worker_memory_one_sequence_held": memory_one,
         "peak_rss_mb": {"unsharded": round(ort_peak / MIB, 1),
+                        # Not its own: this child loaded the model twice (both sessions).
+                        "unsharded, shard options": None,
                         "llama.cpp": round(llama_peak / MIB, 1) if llama_peak else None,
                         "onnxruntime-genai": round(genai_peak / MIB, 1) if genai_peak else None,
                         "largest worker": max(r["peak_rss_mb"] for r in memory),
@@ -661,7 +686,7 @@ def report(r: dict) -> str:
             f"{k.replace('_ms', '')} {fmt(v, 2)}"
             for k, v in r["pipeline_decode_step_ms"].items())
         + " (compute, queue, send: summed over the stages; other: gRPC, loopback, the "
-          "coordinator)",
+          f"coordinator); compute by stage {r['pipeline_decode_stage_compute_ms']}",
         f"- pipeline tokens equal the unsharded ones: {r['pipeline_equals_unsharded_tokens']}",
         f"- {c['sequences']} sequences at once: decode tokens/s "
         f"{[fmt(m['decode_tokens_per_s']) for m in r['multi']]}, overall "
