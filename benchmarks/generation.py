@@ -43,6 +43,7 @@ import logging
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -465,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 16-token prompt, 16 new tokens, 1 round each")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep this run's plan, shards and worker logs in --work")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("edge", "grpc"):
@@ -587,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         ort_shard.close()
         llama_peak = llama.close() if llama else None
         genai_peak = genai.close() if genai else None
+        if not args.keep:  # shards are the model's size again; the export stays
+            shutil.rmtree(run_dir, ignore_errors=True)
 
     # ---------------------------------------------------------------- the numbers
     S = {k: [summarize(r[k]) for r in rounds] for k in rounds[0] if k != "order"}
