@@ -469,9 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true",
                     help="keep this run's plan, shards and worker logs in --work")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("edge", "grpc"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Our progress only: the exporter's libraries log every rewrite at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    log.setLevel(logging.INFO)
     if args.quick:
         args.prompt_tokens, args.new_tokens = 16, 16
         args.rounds, args.multi_rounds = 1, 1
