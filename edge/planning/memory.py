@@ -133,6 +133,7 @@ def stage_memory_mb(weight_bytes, activation_bytes, runtime_floor_mb, table_byte
         prepack_bytes: the largest weight a MatMul or Gemm of the shard prepacks, in the
             mode's representation. While it is packed at load, both its mapped pages and
             its packed copy are resident: the load peaks that much above the weights.
+            Ignored in a mode that does not prepack (``Mode.prepack``).
     """
     c = MODE_TABLE[mode].memory
     weights = (runtime_floor_mb + c.session_overhead_mb + c.weight_factor * weight_bytes / MiB
@@ -140,7 +141,7 @@ def stage_memory_mb(weight_bytes, activation_bytes, runtime_floor_mb, table_byte
     # The load's peak against serving's: a stage of one big MatMul (GPT-2's 147 MiB head,
     # ddddocr's 32 MiB Gemm) peaks while that weight is prepacked, 8-28% above the
     # serving prediction (benchmarks/load_memory.py, benchmarks/real_models.py).
-    load = weights + prepack_bytes / MiB
+    load = weights + (prepack_bytes / MiB if MODE_TABLE[mode].prepack else 0.0)
     # Never below the floor and a little: the worker's peak RSS includes its idle start and
     # the upload. (The session overhead is negative: a loaded worker unmaps library pages
     # of its floor.)
