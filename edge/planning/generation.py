@@ -174,8 +174,14 @@ def last_position_logits(m, output: str = "logits") -> bool:
         return False
     node = g.node[at]
     dims = outs[0].type.tensor_type.shape.dim
-    if (node.op_type != "MatMul" or node.input[1] not in inits
-            or len(inits[node.input[1]].dims) != 2 or len(dims) != 3):
+    # A tied LM head reads the embedding through a Transpose (folded into a weight only
+    # later, by analyze): a 2-D B either way, so the hidden state has the logits' rank.
+    weight = node.input[1] if len(node.input) > 1 else ""
+    made = next((n for n in g.node if weight in n.output), None)
+    if made is not None and made.op_type == "Transpose":
+        weight = made.input[0]
+    if (node.op_type != "MatMul" or weight not in inits or len(inits[weight].dims) != 2
+            or len(dims) != 3):
         log.info("%s is not a MatMul of [batch, sequence, hidden] by a weight (%s): "
                  "logits kept at every position", output, node.op_type)
         return False
