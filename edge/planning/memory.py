@@ -108,6 +108,14 @@ MiB = float(1 << 20)
 # - fp32-lean (arena off) is 6-11 MiB worse than fp32 on BERT-base: once the memory
 #   pattern is off in every mode, the arena is the cheaper allocator. The planner follows
 #   the fit, so it picks lean only where its smaller weight factor wins.
+# - fp32-lean turns weight prepacking off too (edge.spec, Mode.prepack): its weights stay
+#   in the mapped file (file-backed, not anonymous), it has no load peak, and the
+#   prepack term is not added. Its constants, fitted with prepacking on, still hold:
+#   BERT-base over 4 and 8 and GPT-2-small over 4 re-measured without prepacking
+#   (benchmarks/data/memory_model_lean_noprepack.jsonl) came within -4.7%..+7.2% of them
+#   (bert-base / 4: 163-165 / 163-165; / 8: 114-134 / 122-132; gpt2-small / 4: 78, 247,
+#   244, 329 / 74, 247, 246, 346), and SmolLM2's last stage (4 layers and the 108 MiB LM
+#   head, generation, context 2048) peaked at 236 MiB against 246 planned (edge demo).
 # The same worker measured twice gives peaks a few percent apart; stages with large
 # activations (GPT-2's logits, UNet at 256 px) up to 20%.
 # The least a worker peaks above its runtime floor: the 3 fitted stages that peaked before
