@@ -103,9 +103,10 @@ class Mode:
 # are both resident: SmolLM2's 108 MiB LM head (576 x 49152) peaked at 291 MiB at load
 # against 210 MiB serving (prefill 128 with all its logits); with prepacking off the load
 # peaked at 75 MiB, serving stayed at 210 MiB, and a decode step (batch 1, a GEMV) was no
-# slower: median 6-7 ms with the arena, 6-17 ms without, against 9-13 ms prepacked.
+# slower: median 6-7 ms with the arena, 6-17 ms without, against 9-13 ms prepacked
+# (three runs each).
 # A decoder-layer shard (9 SmolLM2 layers) showed no load peak either way and decode steps
-# of 8-14 ms prepacked, 11-12 ms not (benchmarks/prepack_memory.py, x86-64, 2 threads,
+# of 8-18 ms prepacked, 10-15 ms not (benchmarks/prepack_memory.py, x86-64, 2 threads,
 # a shared machine, so timings are noisy); BERT at sequence 32 was 49% slower without it
 # (ONNX-NOTES), so fp32 keeps it.
 #
