@@ -85,7 +85,9 @@ class Mode:
 # fits its device.
 #
 # compute_factor. fp32-lean: the arena off costs nothing measurable
-# (benchmarks/shard_memory_modes.py, BERT-base stages). int8: BERT-base stages took
+# (benchmarks/shard_memory_modes.py, BERT-base stages); prepacking off made BERT-base's
+# four stages 1.11-1.23x slower, 1.17x in all, at sequence 128 (benchmarks/memory_model.py
+# --speed, 2 threads), though a decode step at batch 1 was not slower (below). int8: BERT-base stages took
 # 21.4 / 22.1 ms against 65.0 / 69.1 ms in fp32 (2 threads, benchmarks/worker_overhead.py)
 # on an x86-64 host with 8-bit dot-product instructions; a Cortex-A72 (Pi 4) has none, so
 # int8 gains less there: re-measure on the device.
@@ -121,7 +123,7 @@ MODE_TABLE: dict[str, Mode] = {
         arena=True, quantized=False,
         summary="weights memory-mapped from external data files; onnxruntime's arena on"),
     "fp32-lean": Mode(
-        "fp32-lean", compute_factor=1.0,
+        "fp32-lean", compute_factor=1.17,
         memory=MemoryConstants(weight_factor=0.912, table_factor=0.003,
                                activation_factor=6.118, session_overhead_mb=-13.2,
                                io_factor=0.0),
