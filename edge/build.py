@@ -22,7 +22,7 @@ from edge.errors import ConfigError, NoFitError, PlanError
 from edge.files import file_sha256
 from edge.planning import generation as gen_plan
 from edge.planning.generation import GenerationRequest
-from edge.planning.graph import GraphCosts, analyze
+from edge.planning.graph import GraphCosts, analyze, load_model
 from edge.planning.plan import (INT8_MIN_COSINE, Device, Generation, ModelInfo, Plan,
                                 ShardFile, Stage, TensorSpec)
 from edge.planning.planner import Split, partition
@@ -209,7 +209,7 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
     if not -1.0 <= min_cosine <= 1.0:
         raise PlanError(f"int8_min_cosine: expected a cosine in [-1, 1], got {min_cosine}")
     gen, bindings = _generation(model_path, bindings, generation)
-    costs = analyze(model_path, bindings, sample, state=gen is not None)
+    costs = analyze(_source(model_path, gen), bindings, sample, state=gen is not None)
     if gen is not None:
         _add_decode_costs(costs, model_path, gen)
         gen = dataclasses.replace(gen, tokenizer=gen_plan.copy_tokenizer(model_path, out_dir))
@@ -320,16 +320,40 @@ def _generation(model_path: Path, bindings: dict[str, int] | None,
     return gen, {**(bindings or {}), **gen_plan.prefill_bindings(inputs, pasts, gen)}
 
 
+# Bytes of one drawn token (int64), what the last stage of a generation plan sends.
+_TOKEN_BYTES = 8
+
+
+def _source(model_path: Path, gen: Generation | None) -> Path | onnx.ModelProto:
+    """What is analysed and cut: the model file, or for generation the model with logits
+    for the last position only (``gen_plan.last_position_logits``), which is all a draw
+    reads."""
+    if gen is None:
+        return model_path
+    m = load_model(model_path)
+    gen_plan.last_position_logits(m)
+    return m
+
+
 def _add_decode_costs(costs: GraphCosts, model_path: Path, gen: Generation) -> None:
     """Give ``costs`` the KV caches' bytes per node at the plan's context and sequences,
     and the flops and cut bytes of one decode step (measured at its sizes), which the
     planner reads (``edge.planning.planner``)."""
     inputs = [costs.specs[t] for t in costs.graph_inputs]
     pasts = {a for a, _ in costs.state}
-    decode = analyze(model_path, gen_plan.decode_bindings(inputs, pasts, gen), state=True)
+    decode = analyze(_source(model_path, gen), gen_plan.decode_bindings(inputs, pasts, gen),
+                     state=True)
     if decode.node_names != costs.node_names:
         raise PlanError(f"{model_path.name}: the decode step's graph differs from the "
                         "prefill's after normalising; cannot cost it")
     costs.decode_flops = decode.flops
-    costs.decode_cut_bytes = decode.cut_bytes
+    # The last stage draws the next token and keeps its logits (edge.worker.sessions
+    # run_step): what leaves the pipeline is one int64 token per sequence, not the
+    # logits (SmolLM2's 192 KiB a step, 52 ms over a Zero 2 W's Wi-Fi, which made the LM
+    # head the slowest stage and left the planner no reason to give it any layers).
+    n = costs.num_nodes
+    costs.decode_cut_bytes = np.array(decode.cut_bytes, dtype=np.float64)
+    costs.decode_cut_bytes[n] = _TOKEN_BYTES
+    costs.cut_bytes = np.array(costs.cut_bytes, dtype=np.float64)
+    costs.cut_bytes[n] = _TOKEN_BYTES * costs.bindings.get("batch", 1)
     costs.kv_bytes = costs.kv_token_bytes * float(gen.context * gen.sequences)

@@ -63,6 +63,9 @@ class Mode:
         compute_factor: compute time relative to fp32 at the same flops (the planner).
         memory: the fitted memory-model constants (``edge.planning.memory``).
         arena: onnxruntime's CPU arena on in its sessions (``edge.shards.runtime``).
+        prepack: onnxruntime prepacks constant MatMul/Gemm weights at load
+            (``edge.shards.runtime``); the memory model adds the load's peak, the largest
+            such weight held twice for a moment, only when it does.
         quantized: its shard is built in fp32 and then quantized to int8
             (``edge.shards.quantize``); weights count at their int8 size; the planner
             measures its accuracy and may veto it.
@@ -75,13 +78,16 @@ class Mode:
     arena: bool
     quantized: bool
     summary: str
+    prepack: bool = True
 
 
 # The modes, from most faithful to most frugal: the planner gives a stage the first that
 # fits its device.
 #
 # compute_factor. fp32-lean: the arena off costs nothing measurable
-# (benchmarks/shard_memory_modes.py, BERT-base stages). int8: BERT-base stages took
+# (benchmarks/shard_memory_modes.py, BERT-base stages); prepacking off made BERT-base's
+# four stages 1.11-1.23x slower, 1.17x in all, at sequence 128 (benchmarks/memory_model.py
+# --speed, 2 threads), though a decode step at batch 1 was not slower (below). int8: BERT-base stages took
 # 21.4 / 22.1 ms against 65.0 / 69.1 ms in fp32 (2 threads, benchmarks/worker_overhead.py)
 # on an x86-64 host with 8-bit dot-product instructions; a Cortex-A72 (Pi 4) has none, so
 # int8 gains less there: re-measure on the device.
@@ -94,6 +100,18 @@ class Mode:
 # int8 was lean too, and its worker peaked 5-7 MiB higher than with the arena
 # (benchmarks/worker_overhead.py).
 #
+# prepack: off only in fp32-lean. onnxruntime copies a constant MatMul B into a packed
+# layout while the session is built, and for that moment the mapped original and the copy
+# are both resident: SmolLM2's 108 MiB LM head (576 x 49152) peaked at 291 MiB at load
+# against 210 MiB serving (prefill 128 with all its logits); with prepacking off the load
+# peaked at 75 MiB, serving stayed at 210 MiB, and a decode step (batch 1, a GEMV) was no
+# slower: median 6-7 ms with the arena, 6-17 ms without, against 9-13 ms prepacked
+# (three runs each).
+# A decoder-layer shard (9 SmolLM2 layers) showed no load peak either way and decode steps
+# of 8-18 ms prepacked, 10-15 ms not (benchmarks/prepack_memory.py, x86-64, 2 threads,
+# a shared machine, so timings are noisy); BERT at sequence 32 was 49% slower without it
+# (ONNX-NOTES), so fp32 keeps it.
+#
 # A dict keyed by name, in order of preference; its entries are frozen. Tests that
 # try other constants replace entries with ``monkeypatch.setitem``.
 MODE_TABLE: dict[str, Mode] = {
@@ -105,12 +123,13 @@ MODE_TABLE: dict[str, Mode] = {
         arena=True, quantized=False,
         summary="weights memory-mapped from external data files; onnxruntime's arena on"),
     "fp32-lean": Mode(
-        "fp32-lean", compute_factor=1.0,
+        "fp32-lean", compute_factor=1.17,
         memory=MemoryConstants(weight_factor=0.912, table_factor=0.003,
                                activation_factor=6.118, session_overhead_mb=-13.2,
                                io_factor=0.0),
-        arena=False, quantized=False,
-        summary="as fp32, with the arena off (less resident memory for a little speed)"),
+        arena=False, quantized=False, prepack=False,
+        summary="as fp32, with the arena and weight prepacking off (no load peak for a "
+                "big MatMul; matrix products at batch > 1 a little slower)"),
     "int8": Mode(
         "int8", compute_factor=0.33,
         memory=MemoryConstants(weight_factor=1.002, table_factor=0.0,

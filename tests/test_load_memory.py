@@ -73,11 +73,14 @@ def big_head(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("build, shape, bindings", [
-    (wide_cnn, (1, 3, SIDE, SIDE), {"batch": 1, "h": SIDE, "w": SIDE}),
-    (big_head, (1, 1024), {"batch": 1}),
-], ids=["wide-convs", "big-matmul-head"])
-def test_worker_peak_from_start_to_serving_is_within_the_plan(tmp_path, build, shape, bindings):
+@pytest.mark.parametrize("build, shape, bindings, mode", [
+    (wide_cnn, (1, 3, SIDE, SIDE), {"batch": 1, "h": SIDE, "w": SIDE}, "fp32"),
+    (big_head, (1, 1024), {"batch": 1}, "fp32"),
+    # Prepacking off: no load peak, the head held once, mapped (edge.spec, Mode.prepack).
+    (big_head, (1, 1024), {"batch": 1}, "fp32-lean"),
+], ids=["wide-convs", "big-matmul-head", "big-matmul-head-lean"])
+def test_worker_peak_from_start_to_serving_is_within_the_plan(tmp_path, build, shape, bindings,
+                                                              mode):
     model = build(tmp_path / "model.onnx")
     x = {"image": np.random.default_rng(1).random(shape, dtype=np.float32)}
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -86,7 +89,7 @@ def test_worker_peak_from_start_to_serving_is_within_the_plan(tmp_path, build, s
     with LocalWorkers(2, tmp_path / "workers", device="rpi4b-2gb") as workers:
         cluster = cluster_from_profile("rpi4b-2gb", 2, addresses=workers.addresses)
         plan = make_plan(model, cluster.devices, tmp_path / "plan", bindings=bindings,
-                         modes=("fp32",))
+                         modes=(mode,))
         with Pipeline(plan, tmp_path / "plan") as pipeline:
             pipeline.start()
             with ThreadPoolExecutor(2) as pool:

@@ -248,3 +248,14 @@ def test_precision_first_int8_only_when_fp32_cannot_fit():
         # on a budget where no split fits device a in fp32, int8 is used
         tight = solve(costs, [_dev("a", memory_mb=150), b])
         assert tight.modes[0] == "int8"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_session_options_follow_the_mode_table(mode):
+    so = session_options(1, mode)
+    assert so.enable_cpu_mem_arena == MODE_TABLE[mode].arena
+    try:
+        off = so.get_session_config_entry("session.disable_prepacking") == "1"
+    except Exception:  # onnxruntime raises for an entry never set: prepacking on
+        off = False
+    assert off == (not MODE_TABLE[mode].prepack)

@@ -161,3 +161,22 @@ def test_a_big_prepacked_weight_bounds_the_load():
     load = 72.0 + c.session_overhead_mb + c.weight_factor * 96 + 96
     assert packed.memory_mb == pytest.approx(max(plain.memory_mb, load))
     assert packed.memory_mb > plain.memory_mb + 80
+
+
+def test_a_mode_that_does_not_prepack_has_no_load_peak():
+    """fp32-lean turns prepacking off (``Mode.prepack``): the big weight stays in its mapped
+    file, held once, so the load peak term is not added."""
+    from edge.planning.memory import MiB
+    from edge.spec import MODE_TABLE
+
+    assert not MODE_TABLE["fp32-lean"].prepack and MODE_TABLE["fp32"].prepack
+    w = 96 * MiB
+    arrays = dict(flops=np.ones(2), live_bytes=np.array([MiB, MiB]),
+                  cut_bytes=np.array([MiB, MiB, MiB]), init_bytes=np.array([w]),
+                  init_uses=(np.array([1]),))
+    dev = Device(name="d", address="d:1", profile="t", memory_mb=1024, gflops=1.0,
+                 bandwidth_mbps=1000.0, runtime_floor_mb=72.0)
+    plain = evaluate(CostArrays(**arrays), dev, 0, 2, mode="fp32-lean")
+    packed = evaluate(CostArrays(**arrays, prepack_bytes=np.array([0.0, w])), dev, 0, 2,
+                      mode="fp32-lean")
+    assert packed.memory_mb == pytest.approx(plain.memory_mb)

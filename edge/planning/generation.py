@@ -31,7 +31,7 @@ from edge.errors import PlanError
 from edge.planning.plan import Generation, TensorSpec, dim_expression
 
 __all__ = ["DEFAULT_CONTEXT", "TOKENIZER_FILES", "GenerationRequest", "resolve",
-           "prefill_bindings", "decode_bindings", "copy_tokenizer"]
+           "prefill_bindings", "decode_bindings", "copy_tokenizer", "last_position_logits"]
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +143,61 @@ def copy_tokenizer(model_path: str | Path, out_dir: str | Path) -> str:
     for f in found:
         shutil.copyfile(src / f, dest / f)
     return "tokenizer" if "tokenizer.json" in found else ""
+
+
+def last_position_logits(m, output: str = "logits") -> bool:
+    """Make a decoder's ``output`` the last position's only, in place: when it is made by
+    a MatMul of the hidden state [batch, sequence, hidden] and a weight, slice the hidden
+    state's last position before that MatMul, so ``output`` becomes [batch, 1, vocab].
+
+    Greedy and sampled draws are unchanged (they read the last position). Only what the
+    last stage computes and sends shrinks: the LM head runs on one position, not the
+    prefill's, and its logits are one row.
+
+    Args:
+        m: an ``onnx.ModelProto`` (the full model, before analysis).
+        output: the graph output holding the logits.
+
+    Returns:
+        True if the graph was changed; False (and a log line) if ``output`` is not made by
+        such a MatMul, which leaves the model as it was.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = m.graph
+    outs = [o for o in g.output if o.name == output]
+    at = next((k for k, n in enumerate(g.node) if output in n.output), None)
+    inits = {t.name: t for t in g.initializer}
+    if not outs or at is None:
+        log.info("no output %r made by a node: logits kept at every position", output)
+        return False
+    node = g.node[at]
+    dims = outs[0].type.tensor_type.shape.dim
+    # A tied LM head reads the embedding through a Transpose (folded into a weight only
+    # later, by analyze): a 2-D B either way, so the hidden state has the logits' rank.
+    weight = node.input[1] if len(node.input) > 1 else ""
+    made = next((n for n in g.node if weight in n.output), None)
+    if made is not None and made.op_type == "Transpose":
+        weight = made.input[0]
+    if (node.op_type != "MatMul" or weight not in inits or len(inits[weight].dims) != 2
+            or len(dims) != 3):
+        log.info("%s is not a MatMul of [batch, sequence, hidden] by a weight (%s): "
+                 "logits kept at every position", output, node.op_type)
+        return False
+    hidden = node.input[0]
+    last = f"{hidden}__last_position"
+    consts = {f"{last}__{k}": np.array([v], dtype=np.int64)
+              for k, v in (("starts", -1), ("ends", np.iinfo(np.int64).max), ("axes", 1))}
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    g.node.insert(at, helper.make_node("Slice", [hidden, *consts], [last],
+                                       name=f"{last}__slice"))
+    node.input[0] = last
+    dims[1].Clear()
+    dims[1].dim_value = 1
+    stale = [vi for vi in g.value_info if vi.name == output]
+    for vi in stale:
+        g.value_info.remove(vi)
+    log.info("generation: %s computed for the last position only (a Slice of %s before "
+             "its MatMul)", output, hidden)
+    return True

@@ -108,6 +108,14 @@ MiB = float(1 << 20)
 # - fp32-lean (arena off) is 6-11 MiB worse than fp32 on BERT-base: once the memory
 #   pattern is off in every mode, the arena is the cheaper allocator. The planner follows
 #   the fit, so it picks lean only where its smaller weight factor wins.
+# - fp32-lean turns weight prepacking off too (edge.spec, Mode.prepack): its weights stay
+#   in the mapped file (file-backed, not anonymous), it has no load peak, and the
+#   prepack term is not added. Its constants, fitted with prepacking on, still hold:
+#   BERT-base over 4 and 8 and GPT-2-small over 4 re-measured without prepacking
+#   (benchmarks/data/memory_model_lean_noprepack.jsonl) came within -4.7%..+7.2% of them
+#   (bert-base / 4: 163-165 / 163-165; / 8: 114-134 / 122-132; gpt2-small / 4: 78, 247,
+#   244, 329 / 74, 247, 246, 346), and SmolLM2's last stage (4 layers and the 108 MiB LM
+#   head, generation, context 2048) peaked at 236 MiB against 246 planned (edge demo).
 # The same worker measured twice gives peaks a few percent apart; stages with large
 # activations (GPT-2's logits, UNet at 256 px) up to 20%.
 # The least a worker peaks above its runtime floor: the 3 fitted stages that peaked before
@@ -133,6 +141,7 @@ def stage_memory_mb(weight_bytes, activation_bytes, runtime_floor_mb, table_byte
         prepack_bytes: the largest weight a MatMul or Gemm of the shard prepacks, in the
             mode's representation. While it is packed at load, both its mapped pages and
             its packed copy are resident: the load peaks that much above the weights.
+            Ignored in a mode that does not prepack (``Mode.prepack``).
     """
     c = MODE_TABLE[mode].memory
     weights = (runtime_floor_mb + c.session_overhead_mb + c.weight_factor * weight_bytes / MiB
@@ -140,7 +149,7 @@ def stage_memory_mb(weight_bytes, activation_bytes, runtime_floor_mb, table_byte
     # The load's peak against serving's: a stage of one big MatMul (GPT-2's 147 MiB head,
     # ddddocr's 32 MiB Gemm) peaks while that weight is prepacked, 8-28% above the
     # serving prediction (benchmarks/load_memory.py, benchmarks/real_models.py).
-    load = weights + prepack_bytes / MiB
+    load = weights + (prepack_bytes / MiB if MODE_TABLE[mode].prepack else 0.0)
     # Never below the floor and a little: the worker's peak RSS includes its idle start and
     # the upload. (The session overhead is negative: a loaded worker unmaps library pages
     # of its floor.)

@@ -15,9 +15,10 @@ __all__ = ["session_options", "DISABLED_OPTIMIZERS"]
 DISABLED_OPTIMIZERS = ("NchwcTransformer",)
 
 
-# Which modes' sessions turn off onnxruntime's CPU arena is MODE_TABLE[mode].arena
-# (edge.spec, with why). Prepacking stays on in every mode: with weights mapped from files,
-# turning it off only moved memory from anonymous to file-backed, at +17-19% latency.
+# Which modes' sessions turn off onnxruntime's CPU arena and weight prepacking is
+# MODE_TABLE[mode].arena and .prepack (edge.spec, with why). Prepacking off keeps every
+# weight in the mapped data file: no packed copy, and no moment at load where a big
+# MatMul weight is resident twice.
 
 
 def session_options(threads: int | None = None, mode: str = "fp32") -> ort.SessionOptions:
@@ -53,4 +54,6 @@ def session_options(threads: int | None = None, mode: str = "fp32") -> ort.Sessi
     so.enable_mem_pattern = False
     if not MODE_TABLE[mode].arena:
         so.enable_cpu_mem_arena = False
+    if not MODE_TABLE[mode].prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return so
