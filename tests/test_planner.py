@@ -142,11 +142,9 @@ def test_memory_limits_a_stage():
     assert split.modes == ("fp32", "fp32")
 
 
-def test_a_big_prepacked_weight_bounds_the_load():
-    """One MatMul of a 96 MiB weight: at load its mapped pages and its packed copy are both
-    resident, so the stage needs that much more than its weights while it loads."""
+def _one_big_matmul():
+    """Two nodes, the second a MatMul of a 96 MiB weight, on a 1 GiB device."""
     from edge.planning.memory import MiB
-    from edge.spec import MODE_TABLE
 
     w = 96 * MiB
     arrays = dict(flops=np.ones(2), live_bytes=np.array([MiB, MiB]),
@@ -154,6 +152,15 @@ def test_a_big_prepacked_weight_bounds_the_load():
                   init_uses=(np.array([1]),))
     dev = Device(name="d", address="d:1", profile="t", memory_mb=1024, gflops=1.0,
                  bandwidth_mbps=1000.0, runtime_floor_mb=72.0)
+    return w, arrays, dev
+
+
+def test_a_big_prepacked_weight_bounds_the_load():
+    """One MatMul of a 96 MiB weight: at load its mapped pages and its packed copy are both
+    resident, so the stage needs that much more than its weights while it loads."""
+    from edge.spec import MODE_TABLE
+
+    w, arrays, dev = _one_big_matmul()
     plain = evaluate(CostArrays(**arrays), dev, 0, 2, mode="fp32")
     packed = evaluate(CostArrays(**arrays, prepack_bytes=np.array([0.0, w])), dev, 0, 2,
                       mode="fp32")
@@ -166,16 +173,10 @@ def test_a_big_prepacked_weight_bounds_the_load():
 def test_a_mode_that_does_not_prepack_has_no_load_peak():
     """fp32-lean turns prepacking off (``Mode.prepack``): the big weight stays in its mapped
     file, held once, so the load peak term is not added."""
-    from edge.planning.memory import MiB
     from edge.spec import MODE_TABLE
 
     assert not MODE_TABLE["fp32-lean"].prepack and MODE_TABLE["fp32"].prepack
-    w = 96 * MiB
-    arrays = dict(flops=np.ones(2), live_bytes=np.array([MiB, MiB]),
-                  cut_bytes=np.array([MiB, MiB, MiB]), init_bytes=np.array([w]),
-                  init_uses=(np.array([1]),))
-    dev = Device(name="d", address="d:1", profile="t", memory_mb=1024, gflops=1.0,
-                 bandwidth_mbps=1000.0, runtime_floor_mb=72.0)
+    w, arrays, dev = _one_big_matmul()
     plain = evaluate(CostArrays(**arrays), dev, 0, 2, mode="fp32-lean")
     packed = evaluate(CostArrays(**arrays, prepack_bytes=np.array([0.0, w])), dev, 0, 2,
                       mode="fp32-lean")

@@ -382,8 +382,12 @@ class Generation:
                                                         f"cancelled", retryable=False)
         plan, position = self.pipeline.plan, len(tokens) - len(new)
         step = pb.Step(sequence_id=self.sequence_id, position=position, sampling=self.sampling)
-        replay = (step_tensors(plan, tokens, 0),
-                  pb.Step(sequence_id=self.sequence_id, sampling=self.sampling))
+        so_far = list(tokens)
+
+        def replay() -> tuple[list[pb.Tensor], pb.Step]:
+            return (step_tensors(plan, so_far, 0),
+                    pb.Step(sequence_id=self.sequence_id, sampling=self.sampling))
+
         self._cached = True  # from here on a stage may hold caches of it
         try:
             result = self.pipeline.step(step_tensors(plan, new, position), step, replay,
@@ -394,7 +398,7 @@ class Generation:
             # Without failover a refusal answers the step; a stage whose caches do not
             # match it takes the replay.
             log.info("sequence %s: %s; replaying it", self.sequence_id, e)
-            result = self.pipeline.step(*replay, replay, on_admit=self._admitted)
+            result = self.pipeline.step(*replay(), replay, on_admit=self._admitted)
         finally:
             self._request_id = ""
         if not result.tokens:

@@ -78,8 +78,9 @@ class Request:
     attempts: int = 0         # sends so far
     losses: int = 0           # device losses it was in flight through
     step: pb.Step | None = None    # a step of a generated sequence (None: an Infer)
-    # The step restarted at position 0: what every send after the first sends instead.
-    replay: tuple[list[pb.Tensor], pb.Step] | None = None
+    # Builds the step restarted at position 0: what every send after the first sends
+    # instead. Built only then: it holds every token so far, and most steps never need it.
+    replay: Callable[[], tuple[list[pb.Tensor], pb.Step]] | None = None
     cache_epoch: int = -1     # the epoch whose caches the step builds on (-1: none)
     replayed: bool = False    # its replay was sent
 
@@ -88,7 +89,7 @@ class Request:
         tensors, step = self.tensors, self.step
         if self.replay is not None and (self.replayed or self.attempts > 1 or (
                 self.cache_epoch >= 0 and self.cache_epoch != epoch)):
-            (tensors, step), self.replayed = self.replay, True
+            (tensors, step), self.replayed = self.replay(), True
         out = pb.Activation(request_id=self.request_id, tensors=tensors, epoch=epoch)
         if step is not None:
             out.step.CopyFrom(step)
@@ -137,7 +138,7 @@ class InFlight:
             return pending
 
     def admit(self, tensors: list[pb.Tensor], step: pb.Step | None = None,
-              replay: tuple[list[pb.Tensor], pb.Step] | None = None,
+              replay: Callable[[], tuple[list[pb.Tensor], pb.Step]] | None = None,
               cache_epoch: int = -1) -> Request:
         """Take a request in, or refuse it at once.
 

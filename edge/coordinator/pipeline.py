@@ -238,7 +238,7 @@ class Pipeline:
                            (time.perf_counter() - request.started) * 1e3)
 
     def step(self, tensors: list[pb.Tensor], step: pb.Step,
-             replay: tuple[list[pb.Tensor], pb.Step], cache_epoch: int = -1,
+             replay: Callable[[], tuple[list[pb.Tensor], pb.Step]], cache_epoch: int = -1,
              timeout: float | None = None,
              on_admit: Callable[[str], None] | None = None) -> pb.Activation:
         """Run one step of a generated sequence and wait for its result (``tokens`` set).
@@ -251,7 +251,8 @@ class Pipeline:
         Args:
             tensors: the step's inputs (``input_ids``, ``attention_mask``, ``position_ids``).
             step: the sequence, position and sampling.
-            replay: the same step restarted at position 0 with every token so far.
+            replay: builds the same step restarted at position 0 with every token so
+                far (called only if it is sent).
             cache_epoch: the epoch of the sequence's last result (-1: a prefill).
             timeout: seconds to wait (default: the infer deadline).
             on_admit: told the request id once admitted (to :meth:`cancel` it).

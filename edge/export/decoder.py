@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from edge.errors import MissingPackageError
-from edge.export.onnx_export import ATOL, ExportError, _perturb, hf_folder
+from edge.export.onnx_export import ATOL, ExportError, _perturb, compare_outputs, hf_folder
 from edge.export.specs import get_spec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -272,19 +272,9 @@ def verify_decoder(wrapper: "torch.nn.Module", onnx_path: str | Path, info: dict
         got = sess.run(info["outputs"], feeds)
         with torch.no_grad():
             want = wrapper(*_torch_args(feeds, info["inputs"]))
-        for name, g, w in zip(info["outputs"], got, want):
-            w = w.numpy()
-            if g.shape != w.shape:
-                raise ExportError(f"{onnx_path}: {name} at batch {batch}, sequence {seq}, "
-                                  f"past {past}: expected shape {w.shape} (torch), got "
-                                  f"{g.shape} (onnxruntime)")
-            diff = float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
-            scale = max(1.0, float(np.max(np.abs(w)))) if w.size else 1.0
-            if not diff <= atol * scale:
-                raise ExportError(f"{onnx_path}: {name} at batch {batch}, sequence {seq}, "
-                                  f"past {past}: expected max abs diff <= {atol * scale:.3g} "
-                                  f"vs torch, got {diff:.3g}")
-            worst = max(worst, diff)
+        worst = max(worst, compare_outputs(
+            onnx_path, info["outputs"], got, [w.numpy() for w in want], atol,
+            f"at batch {batch}, sequence {seq}, past {past}"))
     return worst
 
 

@@ -189,21 +189,41 @@ def verify_onnx(model: "torch.nn.Module", onnx_path: str | Path,
         if isinstance(want, torch.Tensor):
             want = (want,)
         shapes = {k: v.shape for k, v in feeds.items()}
-        for name, g, w in zip(output_names, got, want):
-            w = w.numpy()
-            if g.shape != w.shape:
-                raise ExportError(f"{onnx_path}: output {name} for inputs {shapes}: expected "
-                                  f"shape {w.shape} (torch), got {g.shape} (onnxruntime)")
-            diff = float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
-            # float32 rounding grows with the values: a seeded ResNet-50's logits reach
-            # 740 and differ by 4e-4 (5e-7 relative), so the bound scales with outputs
-            # larger than 1.
-            scale = max(1.0, float(np.max(np.abs(w)))) if w.size else 1.0
-            if not diff <= atol * scale:
-                raise ExportError(f"{onnx_path}: output {name} for inputs {shapes}: expected "
-                                  f"max abs diff <= {atol * scale:.3g} vs torch, got "
-                                  f"{diff:.3g}")
-            worst = max(worst, diff)
+        worst = max(worst, compare_outputs(
+            onnx_path, output_names, got, [w.numpy() for w in want],
+            atol, f"for inputs {shapes}", "output "))
+    return worst
+
+
+def compare_outputs(onnx_path: str | Path, names: Sequence[str], got: Sequence[np.ndarray],
+                    want: Sequence[np.ndarray], atol: float, where: str,
+                    kind: str = "") -> float:
+    """Largest absolute difference of onnxruntime's outputs from torch's.
+
+    Args:
+        onnx_path: the exported file, for messages.
+        names: the outputs' names; ``got`` (onnxruntime) and ``want`` (torch) in that order.
+        atol: the bound, scaled by the output's magnitude when above 1.
+        where: the inputs they were computed at, for messages.
+        kind: a word before each name in messages ("output ").
+
+    Raises:
+        ExportError: a shape differs, or a difference passes the bound.
+    """
+    worst = 0.0
+    for name, g, w in zip(names, got, want):
+        if g.shape != w.shape:
+            raise ExportError(f"{onnx_path}: {kind}{name} {where}: expected shape {w.shape} "
+                              f"(torch), got {g.shape} (onnxruntime)")
+        diff = float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
+        # float32 rounding grows with the values: a seeded ResNet-50's logits reach 740
+        # and differ by 4e-4 (5e-7 relative), so the bound scales with outputs larger
+        # than 1.
+        scale = max(1.0, float(np.max(np.abs(w)))) if w.size else 1.0
+        if not diff <= atol * scale:
+            raise ExportError(f"{onnx_path}: {kind}{name} {where}: expected max abs diff "
+                              f"<= {atol * scale:.3g} vs torch, got {diff:.3g}")
+        worst = max(worst, diff)
     return worst
 
 
