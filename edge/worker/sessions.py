@@ -24,12 +24,13 @@ from typing import Callable, Hashable
 import numpy as np
 
 from edge.proto import edge_pb2 as pb
+from edge.spec import KV_DTYPES
 from edge.worker.errors import ContextExceeded, PositionMismatch, TooManySequences
 from edge.worker.sampling import draw_tokens
 from edge.worker.stage import ShardMismatch, StageRunner, batch_size
 
-__all__ = ["SessionStore", "Session", "run_step", "check_step", "DEFAULT_MAX_SEQUENCES",
-           "DEFAULT_IDLE_S", "MAX_SEQUENCE_ID"]
+__all__ = ["SessionStore", "Session", "run_step", "check_step", "store_caches", "load_caches",
+           "DEFAULT_MAX_SEQUENCES", "DEFAULT_IDLE_S", "MAX_SEQUENCE_ID"]
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,20 @@ class SessionStore:
         return sum(s.nbytes for s in gone)
 
 
+def store_caches(presents: dict[str, np.ndarray], kv_dtype: str) -> dict[str, np.ndarray]:
+    """A step's presents as the sequence's caches are kept: in ``kv_dtype``'s numpy dtype
+    (``edge.spec.KV_DTYPES``; fp16 halves the bytes held between steps)."""
+    dtype = np.dtype(KV_DTYPES.get(kv_dtype, "float32"))
+    return {k: v if v.dtype == dtype else v.astype(dtype) for k, v in presents.items()}
+
+
+def load_caches(caches: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Kept caches as the graph reads its pasts: float32 (fp16 ones are cast back; the
+    graph computes in float32 whatever the caches are stored in)."""
+    return {k: v if v.dtype == np.float32 else v.astype(np.float32)
+            for k, v in caches.items()}
+
+
 def check_step(step: pb.Step) -> str | None:
     """What is wrong with a step's plain fields, or None."""
     if not 0 < len(step.sequence_id) <= MAX_SEQUENCE_ID:
@@ -188,7 +203,8 @@ def run_step(runner: StageRunner, store: SessionStore, epoch: int,
     if spec.state:
         held = store.take(key, step.sequence_id, step.position,
                           spec.max_sequences or DEFAULT_MAX_SEQUENCES, spec.where)
-        pasts = held if held is not None else runner.empty_pasts(batch_size(arrays))
+        pasts = (load_caches(held) if held is not None
+                 else runner.empty_pasts(batch_size(arrays)))
     outputs, presents = runner.run_state(arrays, pasts)
     del pasts
     if presents:
@@ -197,7 +213,7 @@ def run_step(runner: StageRunner, store: SessionStore, epoch: int,
             raise ContextExceeded(
                 f"{spec.where}: sequence {step.sequence_id} would hold {length} tokens; "
                 f"expected at most the context of {spec.context}")
-        store.put(key, step.sequence_id, presents, length)
+        store.put(key, step.sequence_id, store_caches(presents, spec.kv_dtype), length)
     if not spec.is_last:
         return outputs, None
     logits = outputs.get("logits")
