@@ -304,7 +304,8 @@ class Stage:
         state: for a decoder with KV caches, the stage's (past input, present output)
             pairs (``past_key_values.3.key``, ``present.3.key``): kept on the stage per
             sequence, never sent. Empty for models without state.
-        kv_bytes_per_token: bytes those caches grow by per token of one sequence.
+        kv_bytes_per_token: bytes those caches grow by per token of one sequence, as the
+            stage stores them (``Generation.kv_dtype``: half for fp16).
     """
 
     index: int
