@@ -227,7 +227,7 @@ def test_fp16_caches_are_stored_in_float16_and_fed_as_float32():
 
 
 def test_fp16_caches_over_workers_give_fp32s_tokens_in_half_the_bytes(llama, tmp_path):
-    from test_generate import PROMPT, reference, tokens_of
+    from test_generate import PROMPT, reference
 
     def run(kv: str, workers) -> tuple[list[int], list[tuple[int, int]]]:
         devices = cluster_from_profile("rpi4b-2gb", 3, addresses=workers.addresses).devices
