@@ -17,6 +17,7 @@ from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.coordinator.guard import largest_request_bytes
 from edge.transport.channels import (MAX_MESSAGE_BYTES, MIN_RECEIVE_BYTES, create_server,
                                      wait_for_signal)
+from edge.transport import systemd
 from edge.transport.codec import decode_tensors
 from edge.transport.services import add_service
 
@@ -117,8 +118,12 @@ def serve(pipeline: Pipeline, listen: str, on_ready=None, grace: float = 5.0) ->
     server, port = start_coordinator(pipeline, listen)
     if on_ready:
         on_ready(port)
+    # Deployed and serving: under systemd (Type=notify) the unit counts as started now.
+    systemd.ready(f"serving {pipeline.plan.model.name} over {len(pipeline.plan.stages)} "
+                  f"workers on port {port}")
     try:
         wait_for_signal()
+        systemd.stopping()
     finally:
         server.stop(grace).wait()
         pipeline.close()
