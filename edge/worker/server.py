@@ -35,7 +35,7 @@ from edge.profiling.sampler import Sampler
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import (MAX_MESSAGE_BYTES, Deadlines, Security, create_server,
-                                     wait_for_signal)
+                                     catch_stop_signals, wait_for_signal)
 from edge.transport import systemd
 from edge.transport.codec import decode_tensors
 from edge.transport.services import add_service
@@ -380,13 +380,14 @@ def serve(config: WorkerConfig, on_ready=None, grace: float = 5.0) -> None:
         on_ready: called with the bound port once the server accepts calls.
         grace: seconds in-flight calls get to finish after the signal.
     """
+    stop = catch_stop_signals()  # before anyone is told we are ready
     server, port, servicer, health_servicer = start_worker(config)
     if on_ready:
         on_ready(port)
     announcer = _announce(config, port) if config.announce else None
     systemd.ready(f"serving on port {port} as {config.device}")  # if under systemd
     try:
-        wait_for_signal()
+        wait_for_signal(stop)
         log.info("stopping: no new requests, %.0f s for calls in flight", grace)
         systemd.stopping()
         health_servicer.enter_graceful_shutdown()
