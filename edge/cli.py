@@ -28,6 +28,7 @@ from edge.lab.cli import add_parser as add_lab_parser
 from edge.logs import LOG_FORMATS, configure_logging
 from edge.spec import MODES
 from edge.transport.certs_cli import add_parser as add_certs_parser
+from edge.transport import systemd
 from edge.transport.security import add_arguments as add_security_arguments
 
 __all__ = ["main"]
@@ -310,6 +311,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     console = make_console()
     security = from_arguments(args)
     security.require_safe(args.listen, "listen on")  # before deploying, not after
+    systemd.status(f"deploying {args.plan}")  # READY=1 once deployed and serving
     pipeline = start_pipeline(args.plan, args.ready_timeout, console, model=args.model,
                               failover=not args.no_failover, max_in_flight=args.max_in_flight,
                               security=security, take_over=args.take_over)
