@@ -87,7 +87,7 @@ def spawn_worker(workdir: Path, name: str, device: str | None = None,
         extra_args: more `edge worker` arguments.
         timeout: seconds to wait for it to listen.
         announce: announce it by mDNS (off by default: the demo's, tests' and benchmarks'
-            workers on loopback are nobody else's business, and zeroconf adds about 4 MiB
+            workers on loopback are nobody else's business, and zeroconf adds about 3.3 MiB
             to a worker's RSS that memory measurements should not see).
     """
     workdir = Path(workdir)
