@@ -168,7 +168,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         memory_budget_mb=budget or 0.0, threads=args.threads, max_queue=args.max_queue,
         max_message_mb=args.max_message_mb or 0.0, security=from_arguments(args),
         session_idle_s=args.session_idle, announce=not args.no_announce,
-        name=_worker_name(args.name), cluster_id=args.cluster_id or "",
+        name=_worker_name(args.name), cluster_id=_worker_cluster_id(args.cluster_id),
     )
 
     def ready(port: int) -> None:
@@ -190,6 +190,12 @@ def _worker_name(name: str | None) -> str:
     from edge.transport.discovery import check_name
 
     return check_name(name) if name else ""
+
+
+def _worker_cluster_id(text: str | None) -> str:
+    from edge.transport.discovery import check_cluster_id
+
+    return check_cluster_id(text) if text else ""
 
 
 def _add_announce_arguments(p) -> None:

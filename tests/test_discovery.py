@@ -107,6 +107,17 @@ def test_discover_json_lists_nothing_of_an_unknown_cluster_and_write_refuses(tmp
     assert "--cluster: expected letters" in capsys.readouterr().err
 
 
+def test_an_announcement_that_fails_is_a_warning_not_an_error(caplog):
+    from edge.worker.announce import announce
+
+    # An address on no interface of this machine: zeroconf cannot open its socket there.
+    announcer = announce("203.0.113.5", 50051, "nowhere", "rpi4b-2gb", 0, "c", False)
+    announcer._thread.join(10)
+    announcer.stop()
+    assert not announcer.registered.is_set()
+    assert "could not announce this worker" in caplog.text and "serves anyway" in caplog.text
+
+
 def test_cluster_id_is_a_hash_of_the_ca_the_same_for_every_bundle(tmp_path):
     from edge.transport.certs import init_ca, issue
 

@@ -31,7 +31,7 @@ from edge.transport.codec import PROTOCOL_VERSION
 from edge.transport.security import Security
 
 __all__ = ["SERVICE_TYPE", "DEFAULT_CLUSTER", "Announcement", "cluster_id", "check_cluster_id",
-           "browse", "local_networks"]
+           "check_name", "browse", "local_networks"]
 
 log = logging.getLogger(__name__)
 

@@ -404,4 +404,4 @@ def _announce(config: WorkerConfig, port: int):
 
     return announce(parse_address(config.listen, allow_port_zero=True)[0], port, config.name,
                     config.device, config.memory_budget_mb,
-                    config.cluster_id or cluster_id(config.security), config.security.tls)
+                    cluster_id(config.security, config.cluster_id), config.security.tls)
