@@ -847,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configure_logging(args.log_level, args.log_format)
     except ValueError as e:  # a bad EDGE_LOG or EDGE_LOG_FORMAT (argparse checks the flags)
-        print(f"edge: $EDGE_LOG / $EDGE_LOG_FORMAT: {e}", file=sys.stderr)
+        print(f"edge: {e}", file=sys.stderr)
         return 2
     try:
         return resolve_env(args).func(args)

@@ -91,7 +91,12 @@ def configure_logging(level: str, fmt: str = "text", stream: TextIO | None = Non
         ValueError: an unknown level or format, naming what is accepted.
     """
     if fmt not in LOG_FORMATS:
-        raise ValueError(f"expected a log format of {', '.join(LOG_FORMATS)}, got {fmt!r}")
+        raise ValueError(f"--log-format / $EDGE_LOG_FORMAT: expected {' or '.join(LOG_FORMATS)}"
+                         f", got {fmt!r}")
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    if not isinstance(logging.getLevelName(level.upper()), int):  # WARN, FATAL pass too
+        raise ValueError(f"--log-level / $EDGE_LOG: expected one of {', '.join(levels)}, "
+                         f"got {level!r}")
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     if fmt == "json":

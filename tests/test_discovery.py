@@ -202,6 +202,17 @@ def test_a_bad_value_names_its_variable_and_exits_2(clean_env, capsys, var, valu
     assert cli.main(["discover", "--cluster", "none", "--timeout", "0.1", "--json"]) == 0
 
 
+@pytest.mark.parametrize("var, value, message", [
+    ("EDGE_LOG_FORMAT", "xml", "--log-format / $EDGE_LOG_FORMAT: expected text or json, got 'xml'"),
+    ("EDGE_LOG", "loud", "--log-level / $EDGE_LOG: expected one of DEBUG, INFO, WARNING, ERROR, "
+                         "CRITICAL, got 'loud'"),
+])
+def test_a_bad_log_variable_says_which(clean_env, capsys, var, value, message):
+    clean_env.setenv(var, value)
+    assert cli.main(["discover", "--cluster", "none", "--timeout", "0.1", "--json"]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_the_readme_lists_every_variable():
     parser = cli.build_parser()
     subs = parser._subparsers._group_actions[0].choices
