@@ -237,7 +237,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
         if not rows:
             print(f"edge discover: no workers found; {args.write} not written", file=sys.stderr)
             return 1
-        _write_discovered(rows, args.write, cluster)
+        _write_discovered(rows, args.write, cluster, sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -262,7 +262,7 @@ def _print_discovered(rows: list[dict], cluster: str | None, timeout: float) -> 
                         "routers), started without --no-announce, UDP 5353 open?")
 
 
-def _write_discovered(rows: list[dict], path: str, cluster: str | None) -> None:
+def _write_discovered(rows: list[dict], path: str, cluster: str | None, out) -> None:
     """Write the found workers as a cluster.yaml (sorted by name), checked by loading it
     back as `edge plan --cluster` does."""
     import yaml
@@ -300,7 +300,7 @@ def _write_discovered(rows: list[dict], path: str, cluster: str | None) -> None:
     header += "".join(f"# left out: {line}\n" for line in skipped)
     Path(path).write_text(header + yaml.safe_dump({"devices": devices}, sort_keys=False))
     load_cluster(path)  # what `edge plan --cluster` will do: fails here, not there
-    print(f"wrote {path} ({len(devices)} device{'s' if len(devices) != 1 else ''})")
+    print(f"wrote {path} ({len(devices)} device{'s' if len(devices) != 1 else ''})", file=out)
 
 
 # ---------------------------------------------------------------------- coordinator
