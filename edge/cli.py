@@ -63,13 +63,14 @@ def _positive(kind):
 
 def cmd_export(args: argparse.Namespace) -> int:
     from edge.export import export_hf, export_model
-    from edge.export.decoder import export_gguf, export_hf_decoder, export_llama
+    from edge.export.decoder import (export_gguf, export_hf_decoder, export_llama,
+                                     is_causal_lm)
 
     if args.model == "hf":
         if not args.model_dir:
             raise SystemExit("edge export hf: --model-dir is required (a local Hugging Face "
                              "model folder; nothing is downloaded)")
-        export = export_hf_decoder if _is_decoder(args.model_dir) else export_hf
+        export = export_hf_decoder if is_causal_lm(args.model_dir) else export_hf
         path = export(args.model_dir, args.out, opset=args.opset)
     elif args.model == "gguf":
         if not args.source:
@@ -83,18 +84,6 @@ def cmd_export(args: argparse.Namespace) -> int:
                             opset=args.opset)
     print(f"wrote {path}")
     return 0
-
-
-def _is_decoder(model_dir: str) -> bool:
-    """Whether a Hugging Face folder holds a causal LM (exported with its KV cache)."""
-    import json
-
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False  # the exporter says what is wrong with the folder
-    return any(a.endswith(("ForCausalLM", "LMHeadModel"))
-               for a in config.get("architectures") or ())
 
 
 # ---------------------------------------------------------------------- plan
