@@ -175,8 +175,11 @@ def llama(tmp_path_factory) -> Path:
 
 def dashboard_names() -> set[str]:
     board = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
-    assert len(exprs) >= 10
+    assert "datasource" in [v["name"] for v in board["templating"]["list"]]
+    targets = [t for p in board["panels"] for t in p.get("targets", [])]
+    assert len(targets) >= 10
+    assert all(t["datasource"]["uid"] == "${datasource}" for t in targets)
+    exprs = [t["expr"] for t in targets]
     return {n for e in exprs for n in re.findall(r"\bedge_[a-z_]+", e)}
 
 
@@ -253,3 +256,18 @@ def test_a_failover_is_counted_by_how(tmp_path):
     for how in ("standby", "original", "re-planned", "unavailable"):
         assert (get(after, "edge_failovers_total", how=how)
                 - get(before, "edge_failovers_total", how=how)) == (how == "standby")
+
+
+def test_a_metrics_port_in_use_stops_the_worker_at_once_naming_it(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "edge", "worker", "--listen", "127.0.0.1:0",
+                            "--cache-dir", str(tmp_path / "c"), "--metrics-port", str(port)],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    assert f"--metrics-port: cannot serve metrics on 127.0.0.1:{port}" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "edge", "worker", "--metrics-port", "70000"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and "expected a TCP port 1-65535 (0: off), got 70000" in r.stderr
