@@ -30,11 +30,11 @@ from typing import Callable, Mapping
 import grpc
 import numpy as np
 
+from edge.coordinator import metrics
 from edge.coordinator.deploy import Progress
 from edge.coordinator.events import Listeners
 from edge.coordinator.failover import Deployment, Replanner
 from edge.coordinator.guard import BeyondModel, TooLarge, check_fits, request_sizes
-from edge.coordinator import metrics
 from edge.coordinator.inflight import InferError, InferResult, InFlight
 from edge.coordinator.monitor import BACKOFF_MAX_S, BACKOFF_S, Monitor
 from edge.coordinator.recovery import Failover, Recovery
