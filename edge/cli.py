@@ -146,6 +146,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from edge.worker.server import WorkerConfig, message_limit_bytes, serve
 
     tune_malloc()
+    _serve_metrics(args)
     budget = args.memory_budget
     if budget is None and args.device:
         from edge.planning.cluster import load_profile
@@ -307,6 +308,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     security = from_arguments(args)
     security.require_safe(args.listen, "listen on")  # before deploying, not after
     systemd.status(f"deploying {args.plan}")  # READY=1 once deployed and serving
+    _serve_metrics(args)
     pipeline = start_pipeline(args.plan, args.ready_timeout, console, model=args.model,
                               failover=not args.no_failover, max_in_flight=args.max_in_flight,
                               security=security, take_over=args.take_over)
@@ -625,9 +627,34 @@ def _add_worker(sub) -> None:
                         "step (default 120)")
     p.add_argument("--port-file", help="write the bound port here once serving")
     _add_announce_arguments(p)
+    _add_metrics_port(p)
     add_security_arguments(p)
     add_env_defaults(p)  # every flag above is also EDGE_<FLAG>
     p.set_defaults(func=cmd_worker)
+
+
+def _add_metrics_port(p) -> None:
+    p.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                   help="serve Prometheus metrics (edge_*) at http://HOST:PORT/metrics, HOST "
+                        "being --listen's (default 0: off)")
+
+
+def _serve_metrics(args: argparse.Namespace) -> None:
+    """Start the ``--metrics-port`` HTTP server (a daemon thread), if one is asked for."""
+    port = args.metrics_port
+    if not port:
+        return
+    if not 0 < port < 65536:
+        raise EdgeError(f"--metrics-port: expected a TCP port 1-65535 (0: off), got {port}")
+    from prometheus_client import start_http_server
+
+    host = parse_address(args.listen, allow_port_zero=True)[0].strip("[]")  # IPv6: bare
+    try:
+        start_http_server(port, addr=host)
+    except OSError as e:
+        raise EdgeError(f"--metrics-port: cannot serve metrics on {host}:{port}: "
+                        f"{e.strerror or e}") from None
+    logging.getLogger("edge.cli").info("metrics at http://%s:%d/metrics", host, port)
 
 
 def _add_coordinator(sub) -> None:
@@ -652,6 +679,7 @@ def _add_coordinator(sub) -> None:
                         "running owns them; that one stops serving (NOT_SERVING). Without "
                         "it such workers refuse, naming the other coordinator")
     p.add_argument("--port-file", help="write the bound port here once serving")
+    _add_metrics_port(p)
     add_security_arguments(p)
     add_env_defaults(p)  # every flag above is also EDGE_<FLAG>
     p.set_defaults(func=cmd_coordinator)

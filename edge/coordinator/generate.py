@@ -34,7 +34,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import grpc
 import numpy as np
 
-from edge.coordinator import guard
+from edge.coordinator import guard, metrics
 from edge.coordinator.inflight import InferError
 from edge.planning.plan import Plan
 from edge.proto import edge_pb2 as pb
@@ -255,6 +255,7 @@ class Generator:
         self._queue = queue
         self._slots: _Slots | None = None
         self._lock = threading.Lock()  # two first requests at once make one _Slots
+        metrics.watch_generator(self)
 
     @property
     def slots(self) -> "_Slots":
@@ -266,6 +267,11 @@ class Generator:
                 self._slots = _Slots(sequences,
                                      4 * sequences if self._queue is None else self._queue)
             return self._slots
+
+    def sequences(self) -> tuple[int, int]:
+        """Sequences generating (holding caches) and waiting for a free one."""
+        slots = self._slots
+        return (slots.busy, slots.waiting) if slots is not None else (0, 0)
 
     @property
     def tokenizer(self) -> Tokenizer | None:
@@ -298,13 +304,18 @@ class Generator:
             InferError: FAILED_PRECONDITION for a plan without generation, INVALID_ARGUMENT
                 for a prompt that is empty, too long, or text without a tokenizer.
         """
-        check_context(self.pipeline.plan, 1, 0)  # a plan without generation, first
-        ids = list(request.prompt_tokens)
-        if not ids and request.prompt:
-            ids = self.prompt_ids(request.prompt, request.chat)
-        return self.start(ids, request.max_tokens,
-                          request.sampling if request.HasField("sampling") else None,
-                          list(request.stop))
+        metrics.count_request("generate")
+        try:
+            check_context(self.pipeline.plan, 1, 0)  # a plan without generation, first
+            ids = list(request.prompt_tokens)
+            if not ids and request.prompt:
+                ids = self.prompt_ids(request.prompt, request.chat)
+            return self._start(ids, request.max_tokens,
+                               request.sampling if request.HasField("sampling") else None,
+                               list(request.stop))
+        except InferError as e:
+            metrics.count_error("generate", e.code)
+            raise
 
     def start(self, prompt_tokens: Sequence[int], max_tokens: int = 0,
               sampling: pb.Sampling | None = None, stop: Sequence[str] = ()) -> "Generation":
@@ -320,6 +331,15 @@ class Generator:
         Raises:
             InferError: the request cannot be served (see :func:`check_context`).
         """
+        metrics.count_request("generate")
+        try:
+            return self._start(prompt_tokens, max_tokens, sampling, stop)
+        except InferError as e:
+            metrics.count_error("generate", e.code)
+            raise
+
+    def _start(self, prompt_tokens: Sequence[int], max_tokens: int,
+               sampling: pb.Sampling | None, stop: Sequence[str]) -> "Generation":
         plan = self.pipeline.plan
         limit = check_context(plan, len(prompt_tokens), max_tokens)
         own = pb.Sampling()
@@ -356,14 +376,15 @@ class Generation:
             self.pipeline.cancel(self._request_id, f"sequence {self.sequence_id} cancelled")
 
     def __iter__(self) -> Iterator[Chunk]:
-        slots = self.generator.slots
-        slots.acquire(self.cancelled, self.pipeline.deadlines.infer)
-        try:
-            yield from self._run()
-        finally:
-            if self._cached:
-                self.pipeline.release(self.sequence_id)
-            slots.release()
+        with metrics.tracked("generate", count=False):  # counted by Generator.start
+            slots = self.generator.slots
+            slots.acquire(self.cancelled, self.pipeline.deadlines.infer)
+            try:
+                yield from self._run()
+            finally:
+                if self._cached:
+                    self.pipeline.release(self.sequence_id)
+                slots.release()
 
     def _run(self) -> Iterator[Chunk]:
         eos = set(self.pipeline.plan.model.generation.eos_token_ids)
@@ -371,14 +392,18 @@ class Generation:
         produced: list[int] = []
         first = last = 0.0
         reason = "length"
+        metrics.count_prompt(len(self.prompt))
         while len(produced) < self.max_tokens:
             result = self._step(tokens, new, epoch)
-            last = time.perf_counter()
+            previous, last = last, time.perf_counter()
             first = first or last
             epoch, token = result.epoch, int(result.tokens[0])
+            if not previous:
+                metrics.first_token(first - self.started)
             if token in eos:
                 reason = "stop"
                 break
+            metrics.token(last - previous if previous else None)
             produced.append(token)
             tokens.append(token)
             new = [token]

@@ -8,6 +8,7 @@ import math
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from edge.coordinator import metrics
 from edge.coordinator.client import NO_RETRY, PUSHBACK
 from edge.coordinator.generate import Generator
 from edge.coordinator.pipeline import InferError, Pipeline
@@ -35,6 +36,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         try:
             arrays = decode_tensors(request.inputs)
         except TensorError as e:
+            metrics.count_request("infer")  # counted by the pipeline once it gets there
+            metrics.count_error("infer", grpc.StatusCode.INVALID_ARGUMENT)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         remaining = context.time_remaining()
         try:

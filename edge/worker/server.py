@@ -44,8 +44,9 @@ from edge.worker.configure import (check_budget, check_protocol, check_stage_con
                                    stage_spec, verified_stage_path)
 from edge.worker.engine import Job, StageEngine
 from edge.worker.errors import (BadRequest, Busy, NotConfigured, OwnedElsewhere, StaleEpoch,
-                                TakenOver, TooManySubscribers, grpc_errors)
+                                TakenOver, TooManySubscribers, grpc_errors, status_code)
 from edge.worker.events import END, OWNER_GRACE_S, EventBus
+from edge.worker.metrics import NO_STAGE, count_failure, count_forward, watch
 from edge.worker.sessions import DEFAULT_IDLE_S, check_step
 
 __all__ = ["WorkerConfig", "WorkerServicer", "serve", "start_worker", "message_limit_bytes",
@@ -128,7 +129,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.engine = StageEngine(self.events, max_queue=config.max_queue,
                                   threads=config.threads, deadlines=config.deadlines,
                                   security=config.security,
-                                  session_idle_s=config.session_idle_s)
+                                  session_idle_s=config.session_idle_s,
+                                  device=config.device)
         self._loaded: tuple[int, float] = (0, 0.0)  # RSS right after the last load, load ms
         # Before any shard: what this device pays for a worker at all (its runtime floor).
         self.startup_rss = rss_bytes()
@@ -136,6 +138,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.sampler = Sampler(config.sample_interval_s, keep=keep,
                                counters=self.engine.counters,
                                budget_mb=config.memory_budget_mb).start()
+        watch(self)  # its queues, caches and memory, read at each scrape
 
     # ------------------------------------------------------------------ shards
 
@@ -200,6 +203,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     @grpc_errors
     def Forward(self, request: pb.Activation, context) -> pb.Ack:
+        runner = self.engine.runner
+        stage = runner.spec.stage if runner is not None else NO_STAGE
+        count_forward(stage, self.config.device)
+        try:
+            return self._forward(request)
+        except Exception as e:
+            count_failure(stage, self.config.device, status_code(e) or grpc.StatusCode.UNKNOWN,
+                          "forward")
+            raise
+
+    def _forward(self, request: pb.Activation) -> pb.Ack:
         received = time.perf_counter()
         received_ns = time.time_ns()
         runner = self.engine.runner
