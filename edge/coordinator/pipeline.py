@@ -265,6 +265,27 @@ class Pipeline:
             on_admit(request.request_id)
         return self._requests.wait(request, timeout or self.deadlines.infer)
 
+    def step_batch(self, tensors: list[pb.Tensor], rows: list[pb.Step], cache_epoch: int,
+                   timeout: float | None = None) -> pb.Activation:
+        """Run one decode step of each of several sequences as one request (``rows``, see
+        :mod:`edge.coordinator.batcher`) and wait for its result (a token per row).
+
+        Sent once, under ``cache_epoch`` only: anything that would send it again answers
+        it with :data:`~edge.coordinator.inflight.BROKEN_UP` instead, and each row then
+        replays alone.
+
+        Args:
+            tensors: the batch's inputs, row i being ``rows[i]``'s step.
+            rows: each row's sequence, position and sampling.
+            cache_epoch: the epoch of every row's last result.
+            timeout: seconds to wait (default: the infer deadline).
+
+        Raises:
+            InferError: with the status code to report (BROKEN_UP: replay each row).
+        """
+        request = self._requests.admit(tensors, cache_epoch=cache_epoch, rows=rows)
+        return self._requests.wait(request, timeout or self.deadlines.infer)
+
     def cancel(self, request_id: str, why: str) -> None:
         """Answer a request in flight with CANCELLED (its caller went away)."""
         self._requests.resolve(request_id, error=InferError(grpc.StatusCode.CANCELLED, why,
