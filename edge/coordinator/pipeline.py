@@ -267,12 +267,9 @@ class Pipeline:
 
     def step_batch(self, tensors: list[pb.Tensor], rows: list[pb.Step], cache_epoch: int,
                    timeout: float | None = None) -> pb.Activation:
-        """Run one decode step of each of several sequences as one request (``rows``, see
-        :mod:`edge.coordinator.batcher`) and wait for its result (a token per row).
-
-        Sent once, under ``cache_epoch`` only: anything that would send it again answers
-        it with :data:`~edge.coordinator.inflight.BROKEN_UP` instead, and each row then
-        replays alone.
+        """Run one decode step of each of several sequences as one request and wait for
+        its result (a token per row); sent once, under ``cache_epoch`` only (see
+        :mod:`edge.coordinator.batcher`).
 
         Args:
             tensors: the batch's inputs, row i being ``rows[i]``'s step.
