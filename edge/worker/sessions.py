@@ -193,7 +193,7 @@ def pad_pasts(held: list[dict[str, np.ndarray]], lengths: list[int]
     longest = max(lengths)
     out = {}
     for name, first in held[0].items():
-        b, heads, _, size = first.shape
+        _, heads, _, size = first.shape
         pad = np.zeros((len(held), heads, longest, size), dtype=first.dtype)
         for i, (caches, n) in enumerate(zip(held, lengths)):
             pad[i:i + 1, :, longest - n:] = caches[name]
