@@ -100,11 +100,14 @@ class Chunk:
 class TextStream:
     """Incremental detokenization with stop strings.
 
-    Each token decodes every generated id again (a token's text can depend on the ones
-    before it) and hands out the new suffix, holding back a trailing U+FFFD (a character
-    whose bytes are not all there yet) and any tail that could be the start of a stop
-    string. Once the text contains a stop string, what comes before it is handed out and
-    :attr:`stopped` is set.
+    A token's text can depend on the ones before it (a leading space a tokenizer drops at
+    the start of a text, bytes of one character split over tokens), so each new token is
+    decoded with a short window of the ones before it, as vLLM does: the window's text
+    without the new tokens, and with them, differ by the new text. Only the window is
+    decoded, so a token costs the same at position 2000 as at 2. A text ending in U+FFFD
+    (a character whose bytes are not all there yet) waits for the next token. Any tail that
+    could be the start of a stop string is held back; once the text contains a stop
+    string, what comes before it is handed out and :attr:`stopped` is set.
 
     Args:
         tokenizer: decodes ids (None: no text, tokens only).
@@ -118,6 +121,8 @@ class TextStream:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        self._prefix = 0  # ids[_prefix:_read] is the window before the undecoded tokens
+        self._read = 0
 
     def add(self, token: int) -> str:
         """The text that ``token`` completes ("" while a character or a possible stop
@@ -125,14 +130,14 @@ class TextStream:
         self.ids.append(int(token))
         if self.tokenizer is None or self.stopped:
             return ""
-        self.text = text = self.tokenizer.decode(self.ids)
+        self.text = text = self.text + self._decode_new(final=False)
         longest = max((len(s) for s in self.stop), default=0)
         found = [i for i in (text.find(s, max(0, self.emitted - longest)) for s in self.stop)
                  if i >= 0]
         if found:
             self.stopped = True
             return self._emit(max(min(found), self.emitted))
-        end = len(text.rstrip("\ufffd"))
+        end = len(text)
         for k in range(min(longest - 1, end - self.emitted), 0, -1):
             if any(s.startswith(text[end - k:end]) for s in self.stop):
                 end -= k
@@ -141,7 +146,21 @@ class TextStream:
 
     def flush(self) -> str:
         """What is held back, at the end of the sequence ("" after a stop string)."""
-        return "" if self.stopped else self._emit(len(self.text))
+        if self.stopped or self.tokenizer is None:
+            return ""
+        self.text += self._decode_new(final=True)
+        return self._emit(len(self.text))
+
+    def _decode_new(self, final: bool) -> str:
+        """The text of the tokens not decoded yet ("" while it ends in an incomplete
+        character, unless ``final``)."""
+        assert self.tokenizer is not None
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return after[len(before):]
 
     def _emit(self, end: int) -> str:
         if end <= self.emitted:

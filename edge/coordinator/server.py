@@ -16,7 +16,8 @@ from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.coordinator.guard import largest_request_bytes
 from edge.transport.channels import (MAX_MESSAGE_BYTES, MIN_RECEIVE_BYTES, create_server,
-                                     wait_for_signal)
+                                     catch_stop_signals, wait_for_signal)
+from edge.transport import systemd
 from edge.transport.codec import decode_tensors
 from edge.transport.services import add_service
 
@@ -118,11 +119,16 @@ def start_coordinator(pipeline: Pipeline, listen: str, max_batch: int | None = N
 def serve(pipeline: Pipeline, listen: str, on_ready=None, grace: float = 5.0,
           max_batch: int | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then let calls in flight finish."""
+    stop = catch_stop_signals()  # before anyone is told we are ready
     server, port = start_coordinator(pipeline, listen, max_batch)
     if on_ready:
         on_ready(port)
+    # Deployed and serving: under systemd (Type=notify) the unit counts as started now.
+    systemd.ready(f"serving {pipeline.plan.model.name} over {len(pipeline.plan.stages)} "
+                  f"workers on port {port}")
     try:
-        wait_for_signal()
+        wait_for_signal(stop)
+        systemd.stopping()
     finally:
         server.stop(grace).wait()
         pipeline.close()
