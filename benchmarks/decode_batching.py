@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=24)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--slots", type=int, default=None,
+                    help="batches in flight at once (default: the plan's stages)")
     args = ap.parse_args(argv)
 
     from edge.build import make_plan
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                for i in range(args.sequences)]
     out: dict = {"model": f"llama-{args.size}", "devices": args.devices,
                  "threads": args.threads, "sequences": args.sequences,
-                 "new_tokens": args.new_tokens, "rounds": []}
+                 "new_tokens": args.new_tokens, "slots": args.slots, "rounds": []}
     with LocalWorkers(args.devices, args.work / "workers", threads=args.threads) as workers:
         devices = cluster_from_profile("rpi4b-2gb", args.devices,
                                        addresses=workers.addresses).devices
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         with Pipeline(plan, args.work / "build") as pipeline:
             pipeline.start()
             settings = {"max_batch 1": Generator(pipeline, max_batch=1),
-                        "batched": Generator(pipeline)}
+                        "batched": Generator(pipeline, batch_slots=args.slots)}
             aggregate(settings["batched"], prompts[:2], 4)  # warm up the sessions
             tokens = {}
             for r in range(args.rounds):

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterator
 
 import numpy as np
 
@@ -188,7 +188,11 @@ def pad_pasts(held: list[dict[str, np.ndarray]], lengths: list[int]
 
     Transient memory: one [rows, kv_heads, longest, head_dim] copy per past, i.e. about
     rows x the longest row's caches (the rows' own caches stay stored meanwhile), freed
-    once the stage has run; the presents onnxruntime returns are one token longer.
+    once the stage has run; the presents onnxruntime returns are one token longer. So a
+    batch holds up to about twice its rows' caches at once (the stored ones and the
+    padded pasts, then the stored ones and the presents: :func:`run_batch` stores each
+    row's new caches, freeing its old ones, one row at a time); the plan's KV budget
+    counts them once, and ``--max-batch`` bounds the rows.
     """
     longest = max(lengths)
     out = {}
@@ -202,12 +206,13 @@ def pad_pasts(held: list[dict[str, np.ndarray]], lengths: list[int]
 
 
 def split_presents(presents: dict[str, np.ndarray], lengths: list[int]
-                   ) -> list[dict[str, np.ndarray]]:
+                   ) -> Iterator[dict[str, np.ndarray]]:
     """Each row's own caches out of a batch's presents [rows, kv_heads, longest + 1,
-    head_dim]: its last ``lengths[i] + 1`` positions, copied (a view would keep the whole
-    batch's presents alive)."""
-    return [{name: np.array(p[i:i + 1, :, p.shape[2] - n - 1:], copy=True)
-             for name, p in presents.items()} for i, n in enumerate(lengths)]
+    head_dim], one row at a time: its last ``lengths[i] + 1`` positions, copied (a view
+    would keep the whole batch's presents alive)."""
+    for i, n in enumerate(lengths):
+        yield {name: np.array(p[i:i + 1, :, p.shape[2] - n - 1:], copy=True)
+               for name, p in presents.items()}
 
 
 def run_batch(runner: StageRunner, store: SessionStore, epoch: int,
