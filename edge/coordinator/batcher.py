@@ -186,10 +186,14 @@ class Batcher:
         self.batches += 1
         self.rows += len(batch)
         self.largest = max(self.largest, len(batch))
+        # No row may wait for an answer that never comes, whatever happens here.
+        results: list = [InferError(grpc.StatusCode.INTERNAL, f"batch of {len(batch)} "
+                                                              "decode steps not answered")]
+        results *= len(batch)
         self._cond.release()
         try:
             results = self._send(batch, timeout)
-        except Exception as e:  # a defect: no row may wait for an answer that never comes
+        except Exception as e:  # a defect
             log.exception("batch of %d decode steps failed", len(batch))
             results = [InferError(grpc.StatusCode.INTERNAL, f"batch of {len(batch)} decode "
                                                             f"steps: {e}")] * len(batch)
