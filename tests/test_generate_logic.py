@@ -490,7 +490,7 @@ def held_batch(s: Setup, name: str) -> bool:
     """True once ``name`` holds a batch of several decode steps (releasing what else it
     holds until then)."""
     w = s.worker(name)
-    if any(a.rows for a in w._held):
+    if any(a.rows for a in w.held_requests):
         return True
     w.release()
     w.hold()
@@ -505,7 +505,7 @@ def test_a_stage_killed_under_a_batch_replays_each_row_and_they_batch_again(setu
     until(lambda: batches(s) and max(batches(s)) > 1, what="a batch", seconds=5)
     s.worker("fake-1").hold()
     until(lambda: held_batch(s, "fake-1"), what="a batch held by stage 1", seconds=5)
-    rows = max(len(a.rows) for a in s.worker("fake-1")._held)
+    rows = max(len(a.rows) for a in s.worker("fake-1").held_requests)
     spare = spy_steps(s.worker("spare-0"))
     s.worker("fake-1").kill()
     assert [j.result(10)[0] for j in jobs] == [expected(p, 14) for p in prompts]

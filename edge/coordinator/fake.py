@@ -148,6 +148,12 @@ class FakeWorker:
     def held(self) -> int:
         return len(self._held)
 
+    @property
+    def held_requests(self) -> list[pb.Activation]:
+        """The requests it holds now, oldest first."""
+        with self._lock:
+            return list(self._held)
+
     def release(self, n: int | None = None) -> None:
         """Run ``n`` (default all) held requests, oldest first, and stop holding."""
         self._holding = False
