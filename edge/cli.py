@@ -325,7 +325,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             tmp.write_text(str(port))
             os.replace(tmp, args.port_file)
 
-    serve(pipeline, args.listen, on_ready=ready)
+    serve(pipeline, args.listen, on_ready=ready, max_batch=args.max_batch)
     return 0
 
 
@@ -680,6 +680,10 @@ def _add_coordinator(sub) -> None:
                         "it such workers refuse, naming the other coordinator")
     p.add_argument("--port-file", help="write the bound port here once serving")
     _add_metrics_port(p)
+    p.add_argument("--max-batch", type=_positive(int), default=None,
+                   help="generation: decode steps of different sequences run by each stage "
+                        "as one batch, at most (default: the plan's sequences; 1: each step "
+                        "alone)")
     add_security_arguments(p)
     add_env_defaults(p)  # every flag above is also EDGE_<FLAG>
     p.set_defaults(func=cmd_coordinator)

@@ -89,17 +89,20 @@ def receive_limit(plan) -> int:
     return max(limit, MIN_RECEIVE_BYTES)
 
 
-def start_coordinator(pipeline: Pipeline, listen: str) -> tuple[grpc.Server, int]:
+def start_coordinator(pipeline: Pipeline, listen: str, max_batch: int | None = None
+                      ) -> tuple[grpc.Server, int]:
     """Serve an already started pipeline on ``listen``. Returns the server and its port.
 
     Each Infer holds a thread while its request is in flight: one thread per request the
     pipeline accepts, a few more for status and profile calls, and no queue beyond them.
+    ``max_batch``: decode steps run as one batch at most (see :class:`Generator`).
     """
     threads = pipeline.max_in_flight + 8
     server, port = create_server(listen, max_workers=threads, max_concurrent_rpcs=threads,
                                  security=pipeline.security,
                                  max_receive_bytes=receive_limit(pipeline.plan))
-    add_service(server, CoordinatorServicer(pipeline), pb, "Coordinator")
+    add_service(server, CoordinatorServicer(pipeline, Generator(pipeline, max_batch=max_batch)),
+                pb, "Coordinator")
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.start()
@@ -116,10 +119,11 @@ def start_coordinator(pipeline: Pipeline, listen: str) -> tuple[grpc.Server, int
     return server, port
 
 
-def serve(pipeline: Pipeline, listen: str, on_ready=None, grace: float = 5.0) -> None:
+def serve(pipeline: Pipeline, listen: str, on_ready=None, grace: float = 5.0,
+          max_batch: int | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then let calls in flight finish."""
     stop = catch_stop_signals()  # before anyone is told we are ready
-    server, port = start_coordinator(pipeline, listen)
+    server, port = start_coordinator(pipeline, listen, max_batch)
     if on_ready:
         on_ready(port)
     # Deployed and serving: under systemd (Type=notify) the unit counts as started now.
