@@ -161,3 +161,160 @@ def test_a_worker_serves_with_memory_deny_write_execute(tmp_path, monkeypatch):
                 events.close()
     finally:
         assert w.stop() == 0, w.log()
+
+
+# --------------------------------------------------------------------- k3s
+
+
+def _manifests() -> list[tuple[Path, dict]]:
+    """Every document of deploy/k3s, with its file."""
+    docs = []
+    for path in sorted((DEPLOY / "k3s").rglob("*.yaml")):
+        docs += [(path, d) for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def test_manifests_validate_against_the_kubernetes_schemas():
+    import kubernetes_validate
+
+    docs = _manifests()
+    kinds = sorted({d["kind"] for _, d in docs})
+    assert kinds == ["DaemonSet", "Deployment", "Namespace", "PersistentVolumeClaim",
+                     "Secret", "Service"]
+    # k3s 1.30 (the oldest release still patched when written) and the newest schemas.
+    for version in ("1.30.0", kubernetes_validate.latest_version()):
+        for path, doc in docs:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"{path.name} {doc['kind']}/{doc['metadata']['name']} against "
+                            f"{version}: {e.message} at {'.'.join(map(str, e.path))}")
+
+
+def test_a_bad_manifest_is_caught():
+    """The validation above can fail: a typo'd field and a wrong type are refused."""
+    import kubernetes_validate
+
+    _, daemonset = next((p, d) for p, d in _manifests() if d["kind"] == "DaemonSet")
+    bad = yaml.safe_load(yaml.safe_dump(daemonset))
+    bad["spec"]["template"]["spec"]["hostNetwrok"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, "1.30.0", strict=True)
+    bad = yaml.safe_load(yaml.safe_dump(daemonset))
+    bad["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "50051"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, "1.30.0", strict=True)
+
+
+def _container_env(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+def test_each_worker_daemonset_is_its_profile_guaranteed():
+    daemonsets = [d for _, d in _manifests() if d["kind"] == "DaemonSet"]
+    assert len(daemonsets) >= 2
+    for ds in daemonsets:
+        pod = ds["spec"]["template"]["spec"]
+        profile = pod["nodeSelector"]["edge.dev/profile"]
+        (worker,) = pod["containers"]
+        env = _container_env(worker)
+        assert env["EDGE_DEVICE"] == profile == ds["metadata"]["labels"]["edge.dev/profile"]
+        assert ds["metadata"]["name"] == f"edge-worker-{profile}"
+        # Guaranteed QoS: requests == limits for cpu and memory, memory the budget.
+        res = worker["resources"]
+        assert res["requests"] == res["limits"] and set(res["limits"]) == {"cpu", "memory"}
+        assert res["limits"]["memory"] == f"{load_profile(profile).memory_budget_mb:.0f}Mi"
+        assert int(env["EDGE_THREADS"]) == int(res["limits"]["cpu"])  # no CFS throttling
+        assert pod["hostNetwork"] is True
+        assert worker["ports"][0]["containerPort"] == worker["ports"][0]["hostPort"] == int(
+            env["EDGE_LISTEN"].rsplit(":", 1)[1])
+        mounts = {m["name"]: m for m in worker["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert mounts["certs"]["readOnly"] is True and "secret" in volumes["certs"]
+        assert mounts["certs"]["mountPath"] == env["EDGE_CERTS"]
+        assert mounts["cache"]["mountPath"] == env["EDGE_CACHE_DIR"]
+        assert worker["securityContext"]["readOnlyRootFilesystem"] is True
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert_flags_exist("worker", env, ds["metadata"]["name"])
+
+
+def test_the_coordinator_deployment_and_service():
+    docs = {(d["kind"], d["metadata"]["name"]): d for _, d in _manifests()}
+    deployment = docs["Deployment", "edge-coordinator"]
+    pod = deployment["spec"]["template"]["spec"]
+    (coordinator,) = pod["containers"]
+    env = _container_env(coordinator)
+    assert_flags_exist("coordinator", env, "edge-coordinator")
+    assert deployment["spec"]["replicas"] == 1  # two would take the workers from each other
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    state = next(v for v in pod["volumes"] if v["name"] == "state")
+    assert ("PersistentVolumeClaim", state["persistentVolumeClaim"]["claimName"]) in docs
+    mount = next(m for m in coordinator["volumeMounts"] if m["name"] == "state")
+    assert env["EDGE_PLAN"].startswith(mount["mountPath"] + "/")  # re-plans are written there
+    service = docs["Service", "edge-coordinator"]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["port"] == int(env["EDGE_LISTEN"].rsplit(":", 1)[1])
+    # The secrets the pods mount are the ones the example shows.
+    secrets = {name for kind, name in docs if kind == "Secret"}
+    mounted = {v["secret"]["secretName"] for _, d in _manifests()
+               if d["kind"] in ("DaemonSet", "Deployment")
+               for v in d["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    assert mounted == secrets == {"edge-worker-certs", "edge-coordinator-certs"}
+    for kind, name in docs:
+        if kind == "Secret":
+            assert set(docs[kind, name]["stringData"]) == {"ca.crt", "node.crt", "node.key",
+                                                           "token"}
+
+
+# --------------------------------------------------------------------- Docker, Ansible
+
+
+def test_the_dockerfile_runs_edge_as_a_user_with_real_flags():
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM \S+(?: \S+)* AS (\w+)$", text, re.M)
+    assert stages[-1] == "worker"  # a plain `docker build` makes the worker
+    worker = text[text.rindex("AS worker"):]
+    assert 'ENTRYPOINT ["edge", "worker"]' in worker and "USER 10001" in worker
+    assert "[" not in worker.split("pip install", 1)[1].split("\n", 1)[0]  # no extra
+    coordinator = text[text.index("AS coordinator"):text.rindex("AS worker")]
+    assert_flags_exist("worker", re.findall(r"\b(EDGE_[A-Z_]+)=", worker), "Dockerfile worker")
+    assert_flags_exist("coordinator", re.findall(r"\b(EDGE_[A-Z_]+)=", coordinator),
+                       "Dockerfile coordinator")
+    # The build context holds what the wheel is built from, and nothing else.
+    ignore = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    kept = {line[1:] for line in ignore if line.startswith("!")}
+    assert ignore[0] == "*" and kept == {"pyproject.toml", "README.md", "edge", "devices"}
+    copied = {p for line in re.findall(r"^COPY (.+)$", text, re.M) for p in line.split()[:-1]}
+    assert copied <= kept, copied
+    if shutil.which("hadolint"):
+        r = subprocess.run(["hadolint", str(DEPLOY / "docker" / "Dockerfile")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_playbook_parses_and_writes_cluster_yaml(tmp_path):
+    if not shutil.which("ansible-playbook"):
+        pytest.skip("ansible-playbook is not installed (ansible-core, in the [dev] extra "
+                    "from Python 3.11)")
+    from edge.planning.cluster import load_cluster
+
+    playbook = DEPLOY / "ansible" / "playbook.yml"
+    inventory = DEPLOY / "ansible" / "inventory.example.yml"
+    env = {**os.environ, "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"),
+           "ANSIBLE_HOME": str(tmp_path / "home"), "ANSIBLE_NOCOLOR": "1"}
+    r = subprocess.run(["ansible-playbook", "--syntax-check", "-i", str(inventory),
+                        str(playbook)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # The cluster.yaml play alone (it reaches no board), on the example inventory.
+    out = tmp_path / "cluster.yaml"
+    r = subprocess.run(["ansible-playbook", "-i", str(inventory), str(playbook), "--tags",
+                        "cluster", "-e", f"edge_cluster_yaml={out}"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    hosts = yaml.safe_load(inventory.read_text())["all"]["children"]["edge_workers"]["hosts"]
+    devices = load_cluster(out).devices
+    assert [d.name for d in devices] == list(hosts)
+    assert [d.address for d in devices] == [f"{h['ansible_host']}:50051" for h in hosts.values()]
+    assert [d.memory_mb for d in devices] == [load_profile(h["edge_profile"]).memory_budget_mb
+                                              for h in hosts.values()]
