@@ -69,6 +69,30 @@ def _env_file(path: Path) -> dict[str, str]:
     return {k: v for k, v in pairs}
 
 
+# --------------------------------------------------------------------- the slim install
+
+
+def test_a_missing_extra_from_a_wheel_install_names_its_packages(monkeypatch):
+    """Installed from a wheel, the pip command lists an extra's requirements by name, with
+    the extras it implies of edge-runtime itself expanded: edge-runtime is on no index."""
+    import tomllib
+
+    from edge import _extras
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    metadata = [f'{r}; extra == "{name}"' for name, reqs in extras.items() for r in reqs]
+    monkeypatch.setattr(_extras, "_source_tree", lambda: None)
+    monkeypatch.setattr(_extras, "requires", lambda dist: metadata)
+    command = _extras.install_command("export")
+    assert command.startswith(f"pip install {_extras.TORCH_PIN} && pip install ")
+    assert "edge-runtime" not in command and "edge_runtime" not in command
+    for req in extras["coordinator"] + extras["export"][2:]:
+        assert req.split(";")[0] in command, req
+    err = _extras.missing_package("cryptography.x509", "edge certs")
+    assert err.extra == "coordinator" and "onnx>=" in str(err) and "torch" not in str(err)
+
+
 # --------------------------------------------------------------------- systemd
 
 
