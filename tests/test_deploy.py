@@ -41,7 +41,7 @@ def assert_flags_exist(command: str, names, where: str) -> None:
     --memory-budget), or a variable edge reads itself."""
     flags = _flags(command)
     for name in names:
-        if name in NOT_FLAGS:
+        if name in NOT_FLAGS or not name.startswith("EDGE_"):
             continue
         flag = "--" + name.removeprefix("EDGE_").lower().replace("_", "-")
         assert flag in flags, f"{where}: {name} stands for {flag}, which `edge {command}` lacks"
@@ -185,6 +185,31 @@ def test_a_worker_serves_with_memory_deny_write_execute(tmp_path, monkeypatch):
                 events.close()
     finally:
         assert w.stop() == 0, w.log()
+
+
+def test_onnxruntime_telemetry_is_off_wherever_edge_is_deployed(tmp_path):
+    """onnxruntime 1.32 keeps a telemetry database under ~/.cache/Microsoft (SQLite, written
+    on every session) unless ORT_DISABLE_TELEMETRY is set: every deployment sets it, and it
+    still works."""
+    import sys
+
+    code = ("import onnxruntime as ort, sys\n"
+            "from test_worker import make_shard\n"
+            "from pathlib import Path\n"
+            "make_shard(Path(sys.argv[1]))\n"
+            "ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n")
+    env = {**os.environ, "HOME": str(tmp_path), "ORT_DISABLE_TELEMETRY": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.onnx")], env=env, check=True,
+                   timeout=60)
+    assert not (tmp_path / ".cache").exists()
+    for unit in UNITS:
+        assert "ORT_DISABLE_TELEMETRY=1" in _unit(unit)["Service"]["Environment"], unit.name
+    assert "ORT_DISABLE_TELEMETRY=1" in (DEPLOY / "docker" / "Dockerfile").read_text()
+    for _, doc in _manifests():
+        if doc["kind"] in ("DaemonSet", "Deployment"):
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                assert _container_env(c)["ORT_DISABLE_TELEMETRY"] == "1", doc["metadata"]["name"]
 
 
 # --------------------------------------------------------------------- k3s
