@@ -25,26 +25,27 @@ DEPLOY = REPO / "deploy"
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
 # The highest exposure `systemd-analyze security` may give a unit (issue 15: "<= 3.0").
 MAX_EXPOSURE = 3.0
-# Variables `edge` reads that are not a flag's.
-NOT_FLAGS = {"EDGE_LOG", "EDGE_DEVICES_DIR"}
+# Variables a worker or coordinator reads that are not a flag's. Not EDGE_CERTS: that is
+# the folder `edge certs` keeps bundles in; --certs is EDGE_BUNDLE.
+NOT_FLAGS = {"EDGE_LOG", "EDGE_LOG_FORMAT", "EDGE_DEVICES_DIR"}
 
 
-def _flags(command: str) -> set[str]:
-    """The long options of `edge COMMAND`."""
+def _variables(command: str) -> set[str]:
+    """The EDGE_* variables `edge COMMAND` reads for its flags (edge.envvars)."""
+    from edge.envvars import env_flags
+
     parser = build_parser()
     sub = next(a for a in parser._subparsers._group_actions).choices[command]
-    return {s for a in sub._actions for s in a.option_strings if s.startswith("--")}
+    return {var for _, var, _ in env_flags(sub)}
 
 
 def assert_flags_exist(command: str, names, where: str) -> None:
-    """Each EDGE_NAME in ``names`` is `edge COMMAND --name` (EDGE_MEMORY_BUDGET is
-    --memory-budget), or a variable edge reads itself."""
-    flags = _flags(command)
+    """Each EDGE_* name in ``names`` is a variable `edge COMMAND` reads (EDGE_MEMORY_BUDGET
+    for --memory-budget, EDGE_BUNDLE for --certs)."""
+    known = _variables(command) | NOT_FLAGS
     for name in names:
-        if name in NOT_FLAGS or not name.startswith("EDGE_"):
-            continue
-        flag = "--" + name.removeprefix("EDGE_").lower().replace("_", "-")
-        assert flag in flags, f"{where}: {name} stands for {flag}, which `edge {command}` lacks"
+        if name.startswith("EDGE_"):
+            assert name in known, f"{where}: `edge {command}` reads no {name}"
 
 
 def _unit(path: Path) -> dict[str, dict[str, list[str]]]:
@@ -62,11 +63,11 @@ def _unit(path: Path) -> dict[str, dict[str, list[str]]]:
     return sections
 
 
-def _env_file(path: Path) -> dict[str, str]:
-    """The assignments of an EnvironmentFile= (comments are examples, not settings)."""
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
-             if line.strip() and not line.startswith("#"))
-    return {k: v for k, v in pairs}
+def _env_file(path: Path, examples: bool = False) -> dict[str, str]:
+    """The assignments of an EnvironmentFile=; with ``examples``, the commented-out ones
+    (``#EDGE_NAME=pi-1``) too."""
+    found = re.findall(r"^(#?)([A-Z][A-Z0-9_]*)=(.*)$", path.read_text(), re.M)
+    return {k: v for hash_, k, v in found if examples or not hash_}
 
 
 # --------------------------------------------------------------------- the slim install
@@ -131,11 +132,11 @@ def test_units_notify_and_pass_only_real_flags(command):
         assert service[key] == ["yes"], key
     assert service["ProtectSystem"] == ["strict"] and service["CapabilityBoundingSet"] == [""]
     assert service["EnvironmentFile"] == [f"/etc/edge/{command}.env"]
-    env = _env_file(DEPLOY / "systemd" / f"edge-{command}.env")
+    env = _env_file(DEPLOY / "systemd" / f"edge-{command}.env", examples=True)
     env.update(e.split("=", 1) for e in service["Environment"])
-    assert_flags_exist(command, [k for k in env if k.startswith("EDGE_")], f"edge-{command}")
+    assert_flags_exist(command, env, f"edge-{command}")
     # The bundle comes as credentials, each file of `edge certs issue` by its own name.
-    assert env["EDGE_CERTS"] == "%d"
+    assert env["EDGE_BUNDLE"] == "%d"
     assert sorted(c.split(":")[0] for c in service["LoadCredential"]) == [
         "ca.crt", "node.crt", "node.key", "token"]
 
@@ -149,10 +150,70 @@ def test_the_worker_units_memory_is_its_profiles_budget():
     assert "EDGE_CACHE_DIR=/var/lib/edge/cache" in service["Environment"]
 
 
+def test_the_worker_units_settings_start_a_worker_that_notifies_and_serves_mtls(tmp_path):
+    """`edge worker` with exactly the unit's environment (its Environment= lines and the
+    env file), the paths systemd would provide put under tmp_path: it reads its profile,
+    sends READY=1 on $NOTIFY_SOCKET, and its health service answers over mutual TLS with
+    the bundle it got as credentials."""
+    import socket
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from edge.proto import edge_pb2 as pb
+    from edge.proto import edge_pb2_grpc as pb_grpc
+    from edge.transport.certs import init_ca, issue
+    from edge.transport.channels import create_channel
+    from edge.transport.security import Security
+    from edge.worker.launch import module_command, stop_process
+
+    unit = _unit(DEPLOY / "systemd" / "edge-worker.service")["Service"]
+    settings = dict(e.split("=", 1) for e in unit["Environment"])
+    settings.update(_env_file(DEPLOY / "systemd" / "edge-worker.env"))
+    ca = init_ca(tmp_path / "ca")
+    credentials = issue(ca, "pi-1", out=tmp_path / "credentials")  # systemd's %d
+    state = tmp_path / "state"  # /var/lib/edge, the StateDirectory
+    where = {"%d": str(credentials), "/var/lib/edge": str(state),
+             "/opt/edge/devices": str(REPO / "devices")}
+    for key, value in settings.items():
+        for path, here in where.items():
+            value = value.replace(path, here)
+        settings[key] = value
+    assert settings["EDGE_LISTEN"].endswith(":50051")
+    # Loopback and a free port in a test; no mDNS announcement from a test.
+    settings.update(EDGE_LISTEN="127.0.0.1:0", EDGE_PORT_FILE=str(tmp_path / "port"),
+                    EDGE_NO_ANNOUNCE="1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
+    env.update(settings, NOTIFY_SOCKET=str(tmp_path / "notify"))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(60)
+    command = unit["ExecStart"][0].split()[1:]  # after /opt/edge/venv/bin/edge
+    process = subprocess.Popen(module_command("edge", *command), env=env, cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert sock.recv(4096).decode().splitlines()[0] == "READY=1"
+        address = f"127.0.0.1:{(tmp_path / 'port').read_text()}"
+        coordinator = Security.from_dir(issue(ca, "coordinator", out=tmp_path / "coord"))
+        with create_channel(address, security=coordinator) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="edge.v1.Worker"), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            status = pb_grpc.WorkerStub(channel).GetStatus(pb.StatusRequest(), timeout=10)
+        assert status.device == settings["EDGE_DEVICE"] == "rpi4b-2gb"
+        assert (state / "cache").is_dir()  # the shard cache, in the state directory
+    finally:
+        code = stop_process(process, 20)
+        sock.close()
+    assert code == 0, process.stderr.read().decode()[-2000:]
+
+
 def test_a_worker_serves_with_memory_deny_write_execute(tmp_path, monkeypatch):
     """MemoryDenyWriteExecute=yes: no writable and executable mapping. PR_SET_MDWE (Linux
-    6.3+) is the same rule, set before onnxruntime, grpc and zeroconf load; the worker then
-    serves a real Forward."""
+    6.3+) is the same rule, set before onnxruntime, grpc, zeroconf and prometheus-client
+    load; the worker then announces itself, serves a real Forward and its metrics."""
+    import socket
+    import urllib.request
+
     from test_worker import Events, assert_serves, make_shard, upload_and_configure
 
     from edge.proto import edge_pb2_grpc as pb_grpc
@@ -170,7 +231,11 @@ def test_a_worker_serves_with_memory_deny_write_execute(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
     shard = tmp_path / "shard.onnx"
     sha = make_shard(shard)
-    w = spawn_worker(tmp_path, "mdwe", device="rpi4b-2gb")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    w = spawn_worker(tmp_path, "mdwe", device="rpi4b-2gb", announce=True,
+                     extra_args=["--metrics-port", str(metrics_port), "--name", "mdwe-test"])
     try:
         if state.read_text() == "no":
             pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
@@ -183,6 +248,8 @@ def test_a_worker_serves_with_memory_deny_write_execute(tmp_path, monkeypatch):
                 assert_serves(stub, events)
             finally:
                 events.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            assert b"edge_" in r.read()
     finally:
         assert w.stop() == 0, w.log()
 
@@ -280,7 +347,7 @@ def test_each_worker_daemonset_is_its_profile_guaranteed():
         mounts = {m["name"]: m for m in worker["volumeMounts"]}
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert mounts["certs"]["readOnly"] is True and "secret" in volumes["certs"]
-        assert mounts["certs"]["mountPath"] == env["EDGE_CERTS"]
+        assert mounts["certs"]["mountPath"] == env["EDGE_BUNDLE"]
         assert mounts["cache"]["mountPath"] == env["EDGE_CACHE_DIR"]
         assert worker["securityContext"]["readOnlyRootFilesystem"] is True
         assert pod["securityContext"]["runAsNonRoot"] is True
