@@ -121,3 +121,34 @@ def test_a_worker_killed_mid_generation_changes_nothing(llama, tmp_path):
             assert batched(pipeline)[0][1] > batched(pipeline)[0][0] > 0  # stage 0 lived
     assert got == reference(llama, PROMPT, 16)
     assert rest == [reference(llama, p, 16) for p in others]
+
+
+def test_a_prompt_longer_than_the_prefill_runs_in_chunks(llama, tmp_path):
+    """The plan costs a prefill of 16 tokens: a 40-token prompt runs as chunks of 16, 16
+    and 8 on every stage (its activations stay within the plan), and generates what the
+    whole prompt at once does, greedy or sampled (a draw is seeded by the length)."""
+    from edge.proto import edge_pb2 as pb
+
+    prompt = [(7 * i + 3) % 1000 for i in range(40)]
+    sampling = pb.Sampling(temperature=0.8, seed=3)
+    with LocalWorkers(3, tmp_path / "w", threads=1) as workers:
+        plan = plan_over(llama, workers.addresses, tmp_path / "build")
+        assert plan.model.generation.prefill == 16
+        with Pipeline(plan, tmp_path / "build") as pipeline:
+            pipeline.start()
+            before = [s.worker.requests_done for s in pipeline.status().stages]
+            gen = Generator(pipeline, max_batch=1)
+            got = tokens_of(gen.start(prompt, max_tokens=6))
+            runs = [s.worker.requests_done - b
+                    for s, b in zip(pipeline.status().stages, before)]
+            sampled = tokens_of(gen.start(prompt, max_tokens=6, sampling=sampling))
+        whole = dataclasses.replace(plan, model=dataclasses.replace(
+            plan.model, generation=dataclasses.replace(plan.model.generation, prefill=64)))
+        with Pipeline(whole, tmp_path / "build") as pipeline:
+            pipeline.start()
+            unchunked = tokens_of(Generator(pipeline).start(prompt, max_tokens=6,
+                                                           sampling=sampling))
+    assert got == reference(llama, prompt, 6)
+    # 3 chunks of the prompt, then one run per decode step after the first token.
+    assert runs == [3 + len(got) - 1] * 3, runs
+    assert sampled == unchunked

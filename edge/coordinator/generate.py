@@ -464,12 +464,14 @@ class Generation:
             raise InferError(grpc.StatusCode.CANCELLED, f"sequence {self.sequence_id} "
                                                         f"cancelled", retryable=False)
         plan, position = self.pipeline.plan, len(tokens) - len(new)
-        step = pb.Step(sequence_id=self.sequence_id, position=position, sampling=self.sampling)
+        step = pb.Step(sequence_id=self.sequence_id, position=position, sampling=self.sampling,
+                       length=len(tokens))
         so_far = list(tokens)
 
         def replay() -> tuple[list[pb.Tensor], pb.Step]:
             return (step_tensors(plan, so_far, 0),
-                    pb.Step(sequence_id=self.sequence_id, sampling=self.sampling))
+                    pb.Step(sequence_id=self.sequence_id, sampling=self.sampling,
+                            length=len(so_far)))
 
         self._cached = True  # from here on a stage may hold caches of it
         batcher = self.generator.batcher if len(new) == 1 and position > 0 else None

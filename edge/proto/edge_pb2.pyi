@@ -81,16 +81,20 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("sequence_id", "position", "release", "sampling")
+    __slots__ = ("sequence_id", "position", "release", "sampling", "partial", "length")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     position: int
     release: bool
     sampling: Sampling
-    def __init__(self, sequence_id: _Optional[str] = ..., position: _Optional[int] = ..., release: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+    partial: bool
+    length: int
+    def __init__(self, sequence_id: _Optional[str] = ..., position: _Optional[int] = ..., release: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., partial: _Optional[bool] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ()
@@ -147,7 +151,7 @@ class ShardFileRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., random_access: _Optional[bool] = ...) -> None: ...
 
 class StageConfig(_message.Message):
-    __slots__ = ("stage", "num_stages", "shard_sha256", "inputs", "outputs", "next_address", "epoch", "plan_id", "predicted_memory_mb", "data_files", "mode", "protocol", "max_request_bytes", "coordinator_id", "take_over", "state", "max_sequences", "context")
+    __slots__ = ("stage", "num_stages", "shard_sha256", "inputs", "outputs", "next_address", "epoch", "plan_id", "predicted_memory_mb", "data_files", "mode", "protocol", "max_request_bytes", "coordinator_id", "take_over", "state", "max_sequences", "context", "prefill_chunk")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
     SHARD_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +170,7 @@ class StageConfig(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CHUNK_FIELD_NUMBER: _ClassVar[int]
     stage: int
     num_stages: int
     shard_sha256: str
@@ -184,7 +189,8 @@ class StageConfig(_message.Message):
     state: _containers.RepeatedCompositeFieldContainer[StatePair]
     max_sequences: int
     context: int
-    def __init__(self, stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., plan_id: _Optional[str] = ..., predicted_memory_mb: _Optional[float] = ..., data_files: _Optional[_Iterable[_Union[ShardFileRef, _Mapping]]] = ..., mode: _Optional[str] = ..., protocol: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., take_over: _Optional[bool] = ..., state: _Optional[_Iterable[_Union[StatePair, _Mapping]]] = ..., max_sequences: _Optional[int] = ..., context: _Optional[int] = ...) -> None: ...
+    prefill_chunk: int
+    def __init__(self, stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., plan_id: _Optional[str] = ..., predicted_memory_mb: _Optional[float] = ..., data_files: _Optional[_Iterable[_Union[ShardFileRef, _Mapping]]] = ..., mode: _Optional[str] = ..., protocol: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., take_over: _Optional[bool] = ..., state: _Optional[_Iterable[_Union[StatePair, _Mapping]]] = ..., max_sequences: _Optional[int] = ..., context: _Optional[int] = ..., prefill_chunk: _Optional[int] = ...) -> None: ...
 
 class StatePair(_message.Message):
     __slots__ = ("input", "output")

@@ -87,6 +87,7 @@ def stage_spec(c: pb.StageConfig) -> StageSpec:
         mode=c.mode or "fp32",
         max_request_bytes=c.max_request_bytes,
         state=state, max_sequences=c.max_sequences, context=c.context,
+        prefill_chunk=c.prefill_chunk,
     )
 
 

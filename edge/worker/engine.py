@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -38,7 +38,8 @@ from edge.worker.errors import (RUN_FAILURE_CODES, NextHopRefused, QueueFull,
                                 ShardLoadError, WorkerError, status_code)
 from edge.worker.events import EventBus
 from edge.worker.metrics import count_failure, stage_metrics
-from edge.worker.sessions import DEFAULT_IDLE_S, SessionStore, run_batch, run_step
+from edge.worker.sessions import (DEFAULT_IDLE_S, SessionStore, run_batch, run_step,
+                                  split_prefill)
 from edge.worker.stage import ShardMismatch, StageRunner, StageSpec, describe_ort_error
 
 __all__ = ["Job", "StageEngine"]
@@ -68,6 +69,18 @@ class Job:
     step: pb.Step | None = None  # a generation step (a release has no arrays)
     tokens: np.ndarray | None = None  # drawn by the last stage for a step
     rows: list[pb.Step] = field(default_factory=list)  # a batch of decode steps, by row
+
+
+def _chunks(job: Job) -> list[Job]:
+    """A first stage's step longer than its prefill chunk, as one job per chunk (see
+    :func:`edge.worker.sessions.split_prefill`); else ``[job]``."""
+    spec = job.runner.spec
+    if job.step is None or spec.stage != 0 or not spec.prefill_chunk:
+        return [job]
+    parts = split_prefill(job.arrays, job.step, spec.prefill_chunk)
+    if len(parts) == 1:
+        return [job]
+    return [replace(job, arrays=arrays, step=step) for arrays, step in parts]
 
 
 class StageEngine:
@@ -252,40 +265,47 @@ class StageEngine:
                 job.outputs = {}
                 self._outbox.put(job)  # and on to the next stage (the last: a result)
                 continue
-            start = time.perf_counter()
-            job.queue_ms = (start - job.received) * 1e3
-            try:
-                if job.rows:
-                    job.outputs, job.tokens = run_batch(job.runner, self.sessions, job.epoch,
-                                                        job.arrays, job.rows)
-                elif job.step is None:
-                    job.outputs = job.runner.run(job.arrays)
-                else:
-                    job.outputs, job.tokens = run_step(job.runner, self.sessions, job.epoch,
-                                                       job.arrays, job.step)
-            except WorkerError as e:  # a step refused: its position, the bounds
-                job.arrays = {}
-                self._fail(job, status_code(e) or grpc.StatusCode.INTERNAL,
-                           f"request {job.request_id}: {e}", "compute")
-                continue
-            except Exception as e:
-                kind, msg = describe_ort_error(e)
-                code = RUN_FAILURE_CODES.get(kind, grpc.StatusCode.INTERNAL)
-                self._fail(job, code, f"{job.runner.spec.where} could not run request "
-                                      f"{job.request_id}: {msg}", "compute")
-                continue
-            job.compute_ms = (time.perf_counter() - start) * 1e3
-            job.arrays = {}  # free the inputs before the outputs are sent
-            metrics = stage_metrics(job.runner.spec.stage, self.device)
-            metrics.queue.observe(job.queue_ms / 1e3)
-            metrics.compute.observe(job.compute_ms / 1e3)
-            with self._stats_lock:
-                self._done += 1
-                self._compute_ms_total += job.compute_ms
-                if job.rows:
-                    self._batched_runs += 1
-                    self._batched_rows += len(job.rows)
-            self._outbox.put(job)
+            for part in _chunks(job):  # in order; a refused chunk ends the step
+                if not self._compute(part):
+                    break
+
+    def _compute(self, job: Job) -> bool:
+        """Run ``job`` and queue its outputs to be sent; False if it failed (said)."""
+        start = time.perf_counter()
+        job.queue_ms = (start - job.received) * 1e3
+        try:
+            if job.rows:
+                job.outputs, job.tokens = run_batch(job.runner, self.sessions, job.epoch,
+                                                    job.arrays, job.rows)
+            elif job.step is None:
+                job.outputs = job.runner.run(job.arrays)
+            else:
+                job.outputs, job.tokens = run_step(job.runner, self.sessions, job.epoch,
+                                                   job.arrays, job.step)
+        except WorkerError as e:  # a step refused: its position, the bounds
+            job.arrays = {}
+            self._fail(job, status_code(e) or grpc.StatusCode.INTERNAL,
+                       f"request {job.request_id}: {e}", "compute")
+            return False
+        except Exception as e:
+            kind, msg = describe_ort_error(e)
+            code = RUN_FAILURE_CODES.get(kind, grpc.StatusCode.INTERNAL)
+            self._fail(job, code, f"{job.runner.spec.where} could not run request "
+                                  f"{job.request_id}: {msg}", "compute")
+            return False
+        job.compute_ms = (time.perf_counter() - start) * 1e3
+        job.arrays = {}  # free the inputs before the outputs are sent
+        metrics = stage_metrics(job.runner.spec.stage, self.device)
+        metrics.queue.observe(job.queue_ms / 1e3)
+        metrics.compute.observe(job.compute_ms / 1e3)
+        with self._stats_lock:
+            self._done += 1
+            self._compute_ms_total += job.compute_ms
+            if job.rows:
+                self._batched_runs += 1
+                self._batched_rows += len(job.rows)
+        self._outbox.put(job)
+        return True
 
     def _send_loop(self) -> None:
         while not self.stopping.is_set():
@@ -300,6 +320,9 @@ class StageEngine:
     def _send(self, job: Job) -> None:
         start = time.perf_counter()
         spec = job.runner.spec
+        if spec.is_last and job.step is not None and job.step.partial:
+            job.outputs = None  # a prompt's chunk before the last: cached, not answered
+            return
         timing = pb.StageTiming(stage=spec.stage, queue_ms=job.queue_ms,
                                 compute_ms=job.compute_ms, received_unix_ns=job.received_ns)
 

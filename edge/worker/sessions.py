@@ -35,8 +35,8 @@ from edge.worker.errors import ContextExceeded, PositionMismatch, TooManySequenc
 from edge.worker.sampling import draw_tokens
 from edge.worker.stage import ShardMismatch, StageRunner, batch_size
 
-__all__ = ["SessionStore", "Session", "run_step", "run_batch", "check_step", "check_rows",
-           "pad_pasts", "split_presents", "DEFAULT_MAX_SEQUENCES", "DEFAULT_IDLE_S",
+__all__ = ["SessionStore", "Session", "run_step", "split_prefill", "run_batch", "check_step",
+           "check_rows", "pad_pasts", "split_presents", "DEFAULT_MAX_SEQUENCES", "DEFAULT_IDLE_S",
            "MAX_SEQUENCE_ID"]
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ def run_batch(runner: StageRunner, store: SessionStore, epoch: int,
     for i, r in enumerate(rows):
         s = r.sampling
         tokens[i] = draw_tokens(logits[i:i + 1], s.temperature, s.top_k, s.top_p, s.seed,
-                                r.position)[0]
+                                r.position, r.length)[0]
     return {}, tokens
 
 
@@ -279,6 +279,46 @@ def _logits(outputs: dict[str, np.ndarray], where: str) -> np.ndarray:
             "expected an output named logits, got "
             f"{', '.join(f'{k}{list(v.shape)}' for k, v in outputs.items()) or 'none'}")
     return logits
+
+
+def split_prefill(arrays: dict[str, np.ndarray], step: pb.Step, chunk: int
+                  ) -> list[tuple[dict[str, np.ndarray], pb.Step]]:
+    """A first stage's step of more than ``chunk`` tokens, as steps of at most ``chunk``.
+
+    A long prompt (or a replay of a whole sequence after a failover) would otherwise run
+    at its full length, with activations far beyond the prefill the plan costed. Chunk
+    ``[a, b)`` feeds ``input_ids`` and ``position_ids`` columns ``a..b`` and the first
+    ``position + b`` columns of ``attention_mask``, at position ``position + a``, after
+    the caches of the chunks before it; every chunk but the last is ``partial`` (the last
+    stage caches it and draws nothing), and each keeps the step's ``length`` (the last
+    draws what the whole step would). Its attention spans the tokens cached before it,
+    so a chunk late in a long prompt holds more than the planned prefill's scores (about
+    heads x chunk x length x 4 bytes per layer, one layer at a time).
+
+    Returns:
+        ``[(arrays, step)]`` unchanged when the step is not longer than ``chunk`` (or has
+        no ``input_ids``).
+    """
+    ids = arrays.get("input_ids")
+    n = ids.shape[1] if ids is not None and ids.ndim == 2 else 0
+    if chunk <= 0 or n <= chunk:
+        return [(arrays, step)]
+    p, parts = int(step.position), []
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        sub = {}
+        for name, x in arrays.items():
+            if name == "attention_mask":
+                sub[name] = np.ascontiguousarray(x[:, :p + b])
+            elif x.ndim >= 2 and x.shape[1] == n:
+                sub[name] = np.ascontiguousarray(x[:, a:b])
+            else:
+                sub[name] = x
+        part = pb.Step()
+        part.CopyFrom(step)
+        part.position, part.partial = p + a, b < n
+        parts.append((sub, part))
+    return parts
 
 
 def run_step(runner: StageRunner, store: SessionStore, epoch: int,
@@ -322,9 +362,10 @@ def run_step(runner: StageRunner, store: SessionStore, epoch: int,
                 f"{spec.where}: sequence {step.sequence_id} would hold {length} tokens; "
                 f"expected at most the context of {spec.context}")
         store.put(key, step.sequence_id, presents, length)
-    if not spec.is_last:
+    if not spec.is_last or step.partial:  # a chunk before the last draws nothing
         return outputs, None
     logits = _logits(outputs, spec.where)
     s = step.sampling
-    tokens = draw_tokens(logits, s.temperature, s.top_k, s.top_p, s.seed, step.position)
+    tokens = draw_tokens(logits, s.temperature, s.top_k, s.top_p, s.seed, step.position,
+                         step.length)
     return {}, tokens
