@@ -196,6 +196,12 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     console = make_console()
     security = from_arguments(args)
     security.require_safe(args.listen, "listen on")  # before deploying, not after
+    if args.http:  # the same, for the HTTP API: refused before deploying
+        from edge.coordinator.http_server import api_key_for
+
+        if not security.tls:
+            security.require_safe(args.http, "serve HTTP on")
+        api_key_for(args.http, security, args.api_key_file)
     pipeline = start_pipeline(args.plan, args.ready_timeout, console, model=args.model,
                               failover=not args.no_failover, max_in_flight=args.max_in_flight,
                               security=security, take_over=args.take_over)
@@ -212,8 +218,30 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             tmp.write_text(str(port))
             os.replace(tmp, args.port_file)
 
-    serve(pipeline, args.listen, on_ready=ready)
+    http = _start_http(args, pipeline, security, console)
+    try:
+        serve(pipeline, args.listen, on_ready=ready)
+    finally:
+        if http is not None:
+            http.stop()
     return 0
+
+
+def _start_http(args: argparse.Namespace, pipeline, security, console):
+    """`edge coordinator --http HOST:PORT`: the OpenAI-compatible API beside gRPC."""
+    if not args.http:
+        return None
+    from edge.coordinator.http_server import start_http
+
+    try:
+        server = start_http(pipeline, args.http, security, api_key_file=args.api_key_file,
+                            model_name=args.model_name)
+    except BaseException:
+        pipeline.close()
+        raise
+    console.print(f"OpenAI-compatible API on {server.url}/v1 (model "
+                  f"{args.model_name or pipeline.plan.model.name!r})")
+    return server
 
 
 # ---------------------------------------------------------------------- infer
@@ -539,6 +567,16 @@ def _add_coordinator(sub) -> None:
                         "running owns them; that one stops serving (NOT_SERVING). Without "
                         "it such workers refuse, naming the other coordinator")
     p.add_argument("--port-file", help="write the bound port here once serving")
+    g = p.add_argument_group("OpenAI-compatible HTTP API")
+    g.add_argument("--http", metavar="HOST:PORT",
+                   help="also serve /v1/chat/completions, /v1/completions, /v1/embeddings, "
+                        "/v1/infer, /v1/models, /metrics and /health here (HTTPS with "
+                        "--certs)")
+    g.add_argument("--model-name", help="the model id of the HTTP API (default the plan's "
+                                        "model name)")
+    g.add_argument("--api-key-file", metavar="FILE",
+                   help="the key HTTP clients send as 'Authorization: Bearer KEY' (default: "
+                        "the cluster token; required off loopback)")
     add_security_arguments(p)
     p.set_defaults(func=cmd_coordinator)
 
