@@ -65,7 +65,8 @@ def llama_api(tmp_path_factory):
     from edge.export.decoder import export_llama
 
     root = tmp_path_factory.mktemp("http-llama")
-    model = export_llama("tiny", seed=0, out=root / "llama" / "model.onnx")
+    model = export_llama("tiny", seed=0, out=root / "llama" / "model.onnx",
+                         verify=False)  # compared with transformers below
     write_tokenizer(model.parent)
     with LocalWorkers(2, root / "w", threads=1) as workers:
         devices = cluster_from_profile("rpi4b-2gb", 2, addresses=workers.addresses).devices
@@ -249,6 +250,28 @@ def test_key_required_off_loopback(llama_api):
         server.stop()
 
 
+def test_too_large_and_queue_full_statuses(llama_api):
+    import grpc
+
+    from edge.coordinator.inflight import InferError
+    from edge.coordinator.openai_api import api_error
+
+    server = start_http(llama_api[2], "127.0.0.1:0", Security.insecure_loopback(),
+                        max_body=2000)
+    try:
+        with httpx.Client(timeout=30) as http:
+            r = http.post(server.url + "/v1/completions",
+                          json={"prompt": "w1 " * 1000, "max_tokens": 1})
+        assert r.status_code == 413 and "at most 2000" in r.json()["error"]["message"]
+    finally:
+        server.stop()
+    full = InferError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+    too_big = InferError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too big", retryable=False)
+    assert (api_error(full).status, api_error(too_big).status) == (429, 413)
+    assert api_error(InferError(grpc.StatusCode.UNAVAILABLE, "no devices")).status == 503
+    assert api_error(InferError(grpc.StatusCode.INTERNAL, "bug")).status == 500
+
+
 def test_metrics_exposition(llama_api):
     with httpx.Client(timeout=30) as http:
         r = http.get(llama_api[1].url + "/metrics")
@@ -265,7 +288,8 @@ def minilm_api(tmp_path_factory):
     from edge.export import export_hf
 
     root = tmp_path_factory.mktemp("http-minilm")
-    model = export_hf(gt.get_model_path(), root / "minilm" / "minilm.onnx", seq=16)
+    model = export_hf(gt.get_model_path(), root / "minilm" / "minilm.onnx", seq=16,
+                      verify=False)  # compared with sentence-transformers below
     assert (model.parent / "tokenizer.json").is_file()
     with LocalWorkers(2, root / "w", threads=1) as workers:
         devices = cluster_from_profile("rpi4b-2gb", 2, addresses=workers.addresses).devices
@@ -357,3 +381,55 @@ def test_infer_round_trip_and_guard_errors(minilm_api):
         assert "shape [1, 7] holds 7 values, data has 3" in r.json()["error"]["message"]
         r = http.post(server.url + "/v1/infer", json={"inputs": []})
         assert r.status_code == 400 and "inputs: expected" in r.json()["error"]["message"]
+        r = http.post(server.url + "/v1/completions", json={"prompt": "hi"})
+        assert r.status_code == 400 and "not planned for generation" in r.text
+
+
+# ---------------------------------------------------------------------- no servers
+
+
+def test_request_checks_say_what_was_expected_and_what_came():
+    from edge.coordinator.openai_api import ApiError, parse_text_request
+    from edge.text import ChatError, chat_messages
+
+    chat = [{"role": "user", "content": "hi"}]
+    req = parse_text_request({"messages": chat, "max_completion_tokens": 7, "stop": "x",
+                              "temperature": 0, "seed": 3, "user": "ignored"}, chat=True)
+    assert (req.max_tokens, req.stop, req.sampling.temperature, req.sampling.seed) == \
+        (7, ["x"], 0.0, 3)
+    for body, message in [
+            ({"messages": chat, "temperature": 3}, "temperature: expected a number in "
+                                                   "[0, 2], got 3"),
+            ({"messages": chat, "stop": ["a"] * 5}, "stop: expected a string or a list of "
+                                                    "at most 4"),
+            ({"messages": chat, "max_tokens": 0}, "max_tokens: expected a whole number >= 1"),
+            ({"messages": chat, "logprobs": True}, "logprobs: expected not given"),
+            ({"prompt": ["a", "b"]}, "prompt: expected one prompt"),
+            ({"prompt": ""}, "prompt: expected a non-empty string"),
+            ([1, 2], "expected a JSON object as the request body, got list")]:
+        with pytest.raises(ApiError, match=message.replace("[", r"\[")) as e:
+            parse_text_request(body, chat="messages" in body if isinstance(body, dict)
+                               else True)
+        assert e.value.status == 400
+    assert chat_messages([{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                       {"type": "text", "text": "b"}]}]) \
+        == [{"role": "user", "content": "ab"}]
+    for messages, message in [("hi", "messages: expected a non-empty list"),
+                              ([], "got an empty list"),
+                              ([{"role": "user"}], r"messages\[0\].content: expected text"),
+                              ([{"role": "tool", "content": "x"}], "role: expected one of"),
+                              ([{"role": "user", "content": [{"type": "image_url"}]}],
+                               "expected a text part")]:
+        with pytest.raises(ChatError, match=message):
+            chat_messages(messages)
+
+
+def test_the_http_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, edge.coordinator.http_api, edge.coordinator.http_server; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr + res.stdout

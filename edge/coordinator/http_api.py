@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import logging
 import threading
@@ -30,7 +31,7 @@ from starlette.routing import Route
 
 from edge.coordinator import openai_api as oa
 from edge.coordinator.embeddings import Embedder, parse_inputs
-from edge.coordinator.generate import Chunk, Generation, Generator
+from edge.coordinator.generate import Chunk, Generation, Generator, check_context
 from edge.coordinator.inflight import InferError
 from edge.errors import TensorError
 from edge.text import ChatError, chat_messages
@@ -160,7 +161,7 @@ class _Api:
                                    "'Authorization: Bearer KEY' (the cluster token or the "
                                    "coordinator's --api-key-file)", "authentication_error",
                               "missing_api_key")
-        if got != f"Bearer {self.api_key}":
+        if not hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
             raise oa.ApiError(401, "the API key sent does not match this server's",
                               "authentication_error", "invalid_api_key")
 
@@ -279,6 +280,7 @@ class _Api:
     async def _text(self, request: Request, chat: bool) -> Response:
         req = oa.parse_text_request(await self.body(request), chat)
         self.check_model(req.model)
+        check_context(self.pipeline.plan, 1, 0)  # a plan without generation: say so first
         if not req.max_tokens and not chat:
             req.max_tokens = COMPLETION_MAX_TOKENS
         ids = await run_in_threadpool(self._prompt_ids, req)
