@@ -433,3 +433,26 @@ def test_the_http_modules_do_not_import_torch():
             "sys.exit(f'imported {bad}' if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr + res.stdout
+
+
+def test_https_with_the_cluster_certificates(llama_api, tmp_path):
+    from edge.transport.certs import init_ca, issue
+
+    init_ca(tmp_path / "ca")
+    issue(tmp_path / "ca", "coordinator", hosts=["127.0.0.1"])
+    security = Security.from_dir(tmp_path / "ca" / "coordinator")
+    server = start_http(llama_api[2], "127.0.0.1:0", security)
+    try:
+        assert server.url.startswith("https://")
+        import ssl
+
+        ca = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.crt"))
+        with httpx.Client(timeout=30, verify=ca) as http:
+            assert http.get(server.url + "/health").status_code == 200
+            # A loopback server with a cluster token asks no key (module docstring).
+            assert http.get(server.url + "/v1/models").status_code == 200
+        with httpx.Client(timeout=30) as http:  # not trusting the cluster CA: refused
+            with pytest.raises(httpx.ConnectError):
+                http.get(server.url + "/health")
+    finally:
+        server.stop()
