@@ -188,6 +188,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from edge.console import console as make_console, start_pipeline
     from edge.coordinator.guard import describe_limits
+    from edge.coordinator.generate import Generator
     from edge.coordinator.server import serve
     from edge.profiling.memory import tune_malloc
     from edge.transport.security import from_arguments
@@ -218,16 +219,17 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             tmp.write_text(str(port))
             os.replace(tmp, args.port_file)
 
-    http = _start_http(args, pipeline, security, console)
+    generator = Generator(pipeline)  # one token loop for gRPC and HTTP: one count of sequences
+    http = _start_http(args, pipeline, security, console, generator)
     try:
-        serve(pipeline, args.listen, on_ready=ready)
+        serve(pipeline, args.listen, on_ready=ready, generator=generator)
     finally:
         if http is not None:
             http.stop()
     return 0
 
 
-def _start_http(args: argparse.Namespace, pipeline, security, console):
+def _start_http(args: argparse.Namespace, pipeline, security, console, generator):
     """`edge coordinator --http HOST:PORT`: the OpenAI-compatible API beside gRPC."""
     if not args.http:
         return None
@@ -235,7 +237,7 @@ def _start_http(args: argparse.Namespace, pipeline, security, console):
 
     try:
         server = start_http(pipeline, args.http, security, api_key_file=args.api_key_file,
-                            model_name=args.model_name)
+                            model_name=args.model_name, generator=generator)
     except BaseException:
         pipeline.close()
         raise

@@ -330,6 +330,9 @@ def test_embeddings_equal_sentence_transformers(minilm_api):
     by_ids = api.embeddings.create(model="all-minilm", input=[ids], encoding_format="float")
     np.testing.assert_allclose(by_ids.data[0].embedding, floats.data[0].embedding, atol=1e-6)
     assert by_ids.usage.prompt_tokens == len(ids)
+    # Text longer than the model's 512 positions is refused whole, not truncated.
+    with pytest.raises(openai.BadRequestError, match="512"):
+        api.embeddings.create(model="all-minilm", input="word " * 600)
 
 
 def test_embeddings_of_text_without_a_tokenizer_name_what_is_missing(minilm_api):

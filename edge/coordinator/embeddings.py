@@ -94,9 +94,12 @@ class Embedder:
             for place in self.tokenizer_places():
                 if (place / "tokenizer.json").is_file():
                     self._tokenizer = load_tokenizer(place)
-                    # Exports often pad to a fixed length (all-MiniLM's tokenizer.json: 128);
-                    # each input goes alone, unpadded, its mask all ones.
+                    # Exports often pad and truncate to a fixed length (all-MiniLM's
+                    # tokenizer.json: 128). Each input goes alone, unpadded, its mask all
+                    # ones, and whole: past the model's positions the guard refuses it
+                    # (400) rather than embed part of it.
                     self._tokenizer.tokenizer.no_padding()
+                    self._tokenizer.tokenizer.no_truncation()
                     break
             self._looked = True
         return self._tokenizer

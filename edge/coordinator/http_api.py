@@ -137,12 +137,13 @@ class _Run:
 class _Api:
     """The routes' handlers over one pipeline."""
 
-    def __init__(self, pipeline: Any, model_name: str, api_key: str | None, max_body: int):
+    def __init__(self, pipeline: Any, model_name: str, api_key: str | None, max_body: int,
+                 generator: Generator | None):
         self.pipeline = pipeline
         self.max_body = max_body
         self.model_name = model_name
         self.api_key = api_key
-        self.generator = Generator(pipeline)
+        self.generator = generator or Generator(pipeline)
         self.embedder = Embedder(pipeline)
         self.not_serving = ""
         pipeline.watch_serving(self._serving)
@@ -375,7 +376,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(pipeline: Any, model_name: str | None = None, api_key: str | None = None,
-               max_body: int = MAX_BODY_BYTES) -> Starlette:
+               max_body: int = MAX_BODY_BYTES, generator: Generator | None = None) -> Starlette:
     """The HTTP app over a started pipeline.
 
     Args:
@@ -383,8 +384,11 @@ def create_app(pipeline: Any, model_name: str | None = None, api_key: str | None
         model_name: the model id clients name (default the plan's model name).
         api_key: the key required as ``Authorization: Bearer KEY`` (None: none required).
         max_body: the largest request body taken, in bytes (413 past it).
+        generator: the token loop, shared with the gRPC face so that the sequences
+            holding caches stay within the plan's count across both (default a new one).
     """
-    api = _Api(pipeline, model_name or pipeline.plan.model.name, api_key, max_body)
+    api = _Api(pipeline, model_name or pipeline.plan.model.name, api_key, max_body,
+               generator)
     routes = [("/v1/models", api.models, "GET"), ("/v1/models/{model:path}", api.model, "GET"),
               ("/v1/chat/completions", api.chat, "POST"),
               ("/v1/completions", api.completions, "POST"),

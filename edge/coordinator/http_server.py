@@ -116,7 +116,7 @@ class HttpServer:
 
 def start_http(pipeline: Any, address: str, security: Security, *,
                api_key_file: str | None = None, model_name: str | None = None,
-               max_body: int | None = None) -> HttpServer:
+               max_body: int | None = None, generator: Any = None) -> HttpServer:
     """Serve the OpenAI-compatible API of a started pipeline on ``address``.
 
     Args:
@@ -127,6 +127,8 @@ def start_http(pipeline: Any, address: str, security: Security, *,
         api_key_file: a file with the API key (default: the cluster token off loopback).
         model_name: the model id (default the plan's model name).
         max_body: the largest request body, in bytes.
+        generator: the :class:`~edge.coordinator.generate.Generator` the gRPC face uses
+            too (its sequences and queue are then shared); default a new one.
 
     Raises:
         SecurityError: plaintext off loopback without ``insecure``, or no API key off it.
@@ -136,7 +138,7 @@ def start_http(pipeline: Any, address: str, security: Security, *,
     if not security.tls:
         security.require_safe(address, "serve HTTP on")
     key = api_key_for(address, security, api_key_file)
-    app = create_app(pipeline, model_name, key, max_body or MAX_BODY_BYTES)
+    app = create_app(pipeline, model_name, key, max_body or MAX_BODY_BYTES, generator)
     server = HttpServer(app, address, _ssl_context(security) if security.tls else None)
     server.start()
     log.info("OpenAI-compatible API on %s (%s, %s)", server.url,

@@ -85,17 +85,20 @@ def receive_limit(plan) -> int:
     return max(limit, MIN_RECEIVE_BYTES)
 
 
-def start_coordinator(pipeline: Pipeline, listen: str) -> tuple[grpc.Server, int]:
+def start_coordinator(pipeline: Pipeline, listen: str,
+                      generator: Generator | None = None) -> tuple[grpc.Server, int]:
     """Serve an already started pipeline on ``listen``. Returns the server and its port.
 
     Each Infer holds a thread while its request is in flight: one thread per request the
     pipeline accepts, a few more for status and profile calls, and no queue beyond them.
+    ``generator``: the token loop to share with another face (the HTTP API), so that the
+    sequences holding caches stay within the plan's count across both.
     """
     threads = pipeline.max_in_flight + 8
     server, port = create_server(listen, max_workers=threads, max_concurrent_rpcs=threads,
                                  security=pipeline.security,
                                  max_receive_bytes=receive_limit(pipeline.plan))
-    add_service(server, CoordinatorServicer(pipeline), pb, "Coordinator")
+    add_service(server, CoordinatorServicer(pipeline, generator), pb, "Coordinator")
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.start()
@@ -112,9 +115,11 @@ def start_coordinator(pipeline: Pipeline, listen: str) -> tuple[grpc.Server, int
     return server, port
 
 
-def serve(pipeline: Pipeline, listen: str, on_ready=None, grace: float = 5.0) -> None:
-    """Serve until SIGTERM/SIGINT, then let calls in flight finish."""
-    server, port = start_coordinator(pipeline, listen)
+def serve(pipeline: Pipeline, listen: str, on_ready=None, grace: float = 5.0,
+          generator: Generator | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then let calls in flight finish (``generator``: see
+    :func:`start_coordinator`)."""
+    server, port = start_coordinator(pipeline, listen, generator)
     if on_ready:
         on_ready(port)
     try:
