@@ -337,21 +337,26 @@ def test_embeddings_equal_sentence_transformers(minilm_api):
 
 def test_embeddings_of_text_without_a_tokenizer_name_what_is_missing(minilm_api):
     model_dir, server, root = minilm_api
-    (root / "build" / "tokenizer" / "tokenizer.json").rename(root / "moved.json")
-    (root / "minilm" / "tokenizer.json").rename(root / "moved2.json")
+    moved = [(root / "build" / "tokenizer" / "tokenizer.json", root / "moved.json"),
+             (root / "minilm" / "tokenizer.json", root / "moved2.json")]
+    for a, b in moved:
+        a.rename(b)
     try:
-        from edge.coordinator.embeddings import Embedder
-        from edge.coordinator.openai_api import ApiError
-        from edge.planning.plan import load_plan
-
-        # A fresh embedder looks again (the server's found the tokenizer already).
-        pipeline_like = SimpleNamespace(plan_dir=root / "build",
-                                        plan=load_plan(root / "build" / "plan.json"))
-        with pytest.raises(ApiError, match="tokenizer.json"):
-            Embedder(pipeline_like).token_ids("hello")
+        # A new server looks again (the one above found the tokenizer on first use).
+        bare = start_http(server.app.state.generator.pipeline, "127.0.0.1:0",
+                          Security.insecure_loopback())
+        try:
+            api = client(bare)
+            with pytest.raises(openai.BadRequestError, match="needs the model's tokenizer"
+                                                             ".*tokenizer.json"):
+                api.embeddings.create(model="minilm", input="hello")
+            ids = api.embeddings.create(model="minilm", input=[101, 7592, 102])
+            assert len(ids.data[0].embedding) == 384
+        finally:
+            bare.stop()
     finally:
-        (root / "moved.json").rename(root / "build" / "tokenizer" / "tokenizer.json")
-        (root / "moved2.json").rename(root / "minilm" / "tokenizer.json")
+        for a, b in moved:
+            b.rename(a)
 
 
 def test_infer_round_trip_and_guard_errors(minilm_api):
