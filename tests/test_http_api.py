@@ -202,6 +202,30 @@ def test_disconnect_mid_stream_cancels_the_generation(llama_api, monkeypatch):
     assert whole.usage.completion_tokens == 60
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_cancels_it(llama_api, monkeypatch):
+    from edge.coordinator.generate import Generation
+
+    model, server, pipeline = llama_api
+    steps: list[int] = []
+    step = Generation._step
+
+    def slow(self, *a, **kw):  # 50 ms a token: 60 tokens take 3 s
+        time.sleep(0.05)
+        steps.append(1)
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(Generation, "_step", slow)
+    slots = server.app.state.generator.slots
+    with httpx.Client(timeout=0.5) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(server.url + "/v1/completions",
+                      json={"prompt": [5, 17, 3], "max_tokens": 60, "temperature": 0})
+    end = time.monotonic() + 10
+    while slots.busy and time.monotonic() < end:
+        time.sleep(0.01)
+    assert slots.busy == 0 and len(steps) < 30, len(steps)
+
+
 def test_errors_are_openai_shaped(llama_api):
     server = llama_api[1]
     api = client(server)

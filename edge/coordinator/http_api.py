@@ -287,25 +287,26 @@ class _Api:
         ids = await run_in_threadpool(self._prompt_ids, req)
         generation = self.generator.start(ids, req.max_tokens, req.sampling, req.stop)
         run = _Run(generation)
+        watch = asyncio.create_task(_cancel_on_disconnect(request, generation))
         try:
             # The first chunk before any header: a full queue or a refused prefill is
             # still an HTTP status, not an error inside a 200 stream.
             first = await run.next()
-        except BaseException:
-            generation.cancel()
-            raise
-        rid, created = oa.new_id(chat), int(time.time())
-        if req.stream:
-            events = self._events(run, first, req, rid, created, chat)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        text, chunk = [], first
-        try:
+            rid, created = oa.new_id(chat), int(time.time())
+            if req.stream:  # from here the StreamingResponse watches the client itself
+                watch.cancel()
+                events = self._events(run, first, req, rid, created, chat)
+                return StreamingResponse(events, media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"})
+            text, chunk = [], first
             while chunk is not None:
                 text.append(chunk.text)
                 last, chunk = chunk, await run.next()
+        except BaseException:
+            generation.cancel()
+            raise
         finally:
-            generation.cancel()  # a no-op once it ended; frees it if the client left
+            watch.cancel()
         usage = oa.usage_dict(last.usage.prompt_tokens, last.usage.completion_tokens)
         reply = oa.chat_reply if chat else oa.completion_reply
         return JSONResponse(reply(rid, self.model_name, "".join(text),
@@ -341,6 +342,15 @@ class _Api:
         finally:
             run.generation.cancel()
         yield b"data: [DONE]\n\n"
+
+
+async def _cancel_on_disconnect(request: Request, generation: Generation) -> None:
+    """Cancel ``generation`` when the client goes away (its body is read by now, so the
+    next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    log.info("client left; cancelling sequence %s", generation.sequence_id)
+    generation.cancel()
 
 
 def _handler(api: _Api, method: Callable) -> Callable:
