@@ -400,3 +400,49 @@ def test_edge_generate_prints_json_and_lists_its_arguments(setup, capsys):
         assert capsys.readouterr().out == out["text"][:2] + "\n"
     finally:
         server.stop(0).wait()
+
+
+class CountingBPE:
+    """A byte-level BPE tokenizer trained here (``tokenizers``), whose ids split
+    multi-byte characters across tokens; it records how many ids each decode reads."""
+
+    def __init__(self):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        corpus = ["the capital of France is Paris", "naïve café déjà vu", "plain words"] * 20
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(
+            vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        self.tok, self.read = tok, []
+
+    def encode(self, text, add_special_tokens=True):
+        return self.tok.encode(text).ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.read.append(len(ids))
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def test_text_stream_decodes_a_window_not_the_whole_text():
+    bpe = CountingBPE()
+    text = "Paris est la capitale 🇫🇷 de la France, naïve café 東京 " * 40
+    ids = bpe.encode(text)
+    assert any(bpe.tok.decode([i]).endswith("\ufffd") for i in ids)  # split characters
+    stream = TextStream(bpe)
+    out = "".join(stream.add(i) for i in ids) + stream.flush()
+    assert out == bpe.tok.decode(ids) == text
+    assert len(ids) > 500 and max(bpe.read) < 20  # each token reads a short window
+
+
+def test_text_stream_with_stop_strings_over_bpe():
+    bpe = CountingBPE()
+    ids = bpe.encode("the café is on the left; STOP here")
+    stream = TextStream(bpe, stop=["STOP"])
+    out = ""
+    for i in ids:
+        out += stream.add(i)
+        if stream.stopped:
+            break
+    assert out + stream.flush() == "the café is on the left; "

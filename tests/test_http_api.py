@@ -296,11 +296,20 @@ def test_too_large_and_queue_full_statuses(llama_api):
     assert api_error(InferError(grpc.StatusCode.INTERNAL, "bug")).status == 500
 
 
-def test_metrics_exposition(llama_api):
+def test_metrics_exposition_counts_http_generations(llama_api):
+    def generated(text: str) -> float:
+        line = [x for x in text.splitlines() if x.startswith("edge_generated_tokens_total")]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    server = llama_api[1]
     with httpx.Client(timeout=30) as http:
-        r = http.get(llama_api[1].url + "/metrics")
+        before = generated(http.get(server.url + "/metrics").text)
+        client(server).completions.create(model="tiny-llama", prompt=[5, 6], max_tokens=4,
+                                          temperature=0)
+        r = http.get(server.url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    assert "# TYPE" in r.text  # prometheus_client's default collectors at least
+    assert 'edge_requests_total{kind="generate"}' in r.text
+    assert generated(r.text) == before + 4
 
 
 # ---------------------------------------------------------------------- embeddings

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import grpc
 import numpy as np
 
-from edge.coordinator import guard
+from edge.coordinator import guard, metrics
 from edge.coordinator.inflight import InferError
 from edge.planning.plan import Plan
 from edge.proto import edge_pb2 as pb
@@ -92,11 +92,14 @@ class Chunk:
 class TextStream:
     """Incremental detokenization with stop strings.
 
-    Each token decodes every generated id again (a token's text can depend on the ones
-    before it) and hands out the new suffix, holding back a trailing U+FFFD (a character
-    whose bytes are not all there yet) and any tail that could be the start of a stop
-    string. Once the text contains a stop string, what comes before it is handed out and
-    :attr:`stopped` is set.
+    A token's text can depend on the ones before it (a leading space a tokenizer drops at
+    the start of a text, bytes of one character split over tokens), so each new token is
+    decoded with a short window of the ones before it, as vLLM does: the window's text
+    without the new tokens, and with them, differ by the new text. Only the window is
+    decoded, so a token costs the same at position 2000 as at 2. A text ending in U+FFFD
+    (a character whose bytes are not all there yet) waits for the next token. Any tail that
+    could be the start of a stop string is held back; once the text contains a stop
+    string, what comes before it is handed out and :attr:`stopped` is set.
 
     Args:
         tokenizer: decodes ids (None: no text, tokens only).
@@ -110,6 +113,8 @@ class TextStream:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        self._prefix = 0  # ids[_prefix:_read] is the window before the undecoded tokens
+        self._read = 0
 
     def add(self, token: int) -> str:
         """The text that ``token`` completes ("" while a character or a possible stop
@@ -117,14 +122,14 @@ class TextStream:
         self.ids.append(int(token))
         if self.tokenizer is None or self.stopped:
             return ""
-        self.text = text = self.tokenizer.decode(self.ids)
+        self.text = text = self.text + self._decode_new(final=False)
         longest = max((len(s) for s in self.stop), default=0)
         found = [i for i in (text.find(s, max(0, self.emitted - longest)) for s in self.stop)
                  if i >= 0]
         if found:
             self.stopped = True
             return self._emit(max(min(found), self.emitted))
-        end = len(text.rstrip("\ufffd"))
+        end = len(text)
         for k in range(min(longest - 1, end - self.emitted), 0, -1):
             if any(s.startswith(text[end - k:end]) for s in self.stop):
                 end -= k
@@ -133,7 +138,21 @@ class TextStream:
 
     def flush(self) -> str:
         """What is held back, at the end of the sequence ("" after a stop string)."""
-        return "" if self.stopped else self._emit(len(self.text))
+        if self.stopped or self.tokenizer is None:
+            return ""
+        self.text += self._decode_new(final=True)
+        return self._emit(len(self.text))
+
+    def _decode_new(self, final: bool) -> str:
+        """The text of the tokens not decoded yet ("" while it ends in an incomplete
+        character, unless ``final``)."""
+        assert self.tokenizer is not None
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return after[len(before):]
 
     def _emit(self, end: int) -> str:
         if end <= self.emitted:
@@ -236,6 +255,7 @@ class Generator:
         self._queue = queue
         self._slots: _Slots | None = None
         self._lock = threading.Lock()  # two first requests at once make one _Slots
+        metrics.watch_generator(self)
 
     @property
     def slots(self) -> "_Slots":
@@ -247,6 +267,11 @@ class Generator:
                 self._slots = _Slots(sequences,
                                      4 * sequences if self._queue is None else self._queue)
             return self._slots
+
+    def sequences(self) -> tuple[int, int]:
+        """Sequences generating (holding caches) and waiting for a free one."""
+        slots = self._slots
+        return (slots.busy, slots.waiting) if slots is not None else (0, 0)
 
     @property
     def tokenizer(self) -> Tokenizer | None:
@@ -279,13 +304,18 @@ class Generator:
             InferError: FAILED_PRECONDITION for a plan without generation, INVALID_ARGUMENT
                 for a prompt that is empty, too long, or text without a tokenizer.
         """
-        check_context(self.pipeline.plan, 1, 0)  # a plan without generation, first
-        ids = list(request.prompt_tokens)
-        if not ids and request.prompt:
-            ids = self.prompt_ids(request.prompt, request.chat)
-        return self.start(ids, request.max_tokens,
-                          request.sampling if request.HasField("sampling") else None,
-                          list(request.stop))
+        metrics.count_request("generate")
+        try:
+            check_context(self.pipeline.plan, 1, 0)  # a plan without generation, first
+            ids = list(request.prompt_tokens)
+            if not ids and request.prompt:
+                ids = self.prompt_ids(request.prompt, request.chat)
+            return self._start(ids, request.max_tokens,
+                               request.sampling if request.HasField("sampling") else None,
+                               list(request.stop))
+        except InferError as e:
+            metrics.count_error("generate", e.code)
+            raise
 
     def start(self, prompt_tokens: Sequence[int], max_tokens: int = 0,
               sampling: pb.Sampling | None = None, stop: Sequence[str] = ()) -> "Generation":
@@ -301,6 +331,15 @@ class Generator:
         Raises:
             InferError: the request cannot be served (see :func:`check_context`).
         """
+        metrics.count_request("generate")
+        try:
+            return self._start(prompt_tokens, max_tokens, sampling, stop)
+        except InferError as e:
+            metrics.count_error("generate", e.code)
+            raise
+
+    def _start(self, prompt_tokens: Sequence[int], max_tokens: int,
+               sampling: pb.Sampling | None, stop: Sequence[str]) -> "Generation":
         plan = self.pipeline.plan
         limit = check_context(plan, len(prompt_tokens), max_tokens)
         own = pb.Sampling()
@@ -337,14 +376,15 @@ class Generation:
             self.pipeline.cancel(self._request_id, f"sequence {self.sequence_id} cancelled")
 
     def __iter__(self) -> Iterator[Chunk]:
-        slots = self.generator.slots
-        slots.acquire(self.cancelled, self.pipeline.deadlines.infer)
-        try:
-            yield from self._run()
-        finally:
-            if self._cached:
-                self.pipeline.release(self.sequence_id)
-            slots.release()
+        with metrics.tracked("generate", count=False):  # counted by Generator.start
+            slots = self.generator.slots
+            slots.acquire(self.cancelled, self.pipeline.deadlines.infer)
+            try:
+                yield from self._run()
+            finally:
+                if self._cached:
+                    self.pipeline.release(self.sequence_id)
+                slots.release()
 
     def _run(self) -> Iterator[Chunk]:
         eos = set(self.pipeline.plan.model.generation.eos_token_ids)
@@ -352,14 +392,18 @@ class Generation:
         produced: list[int] = []
         first = last = 0.0
         reason = "length"
+        metrics.count_prompt(len(self.prompt))
         while len(produced) < self.max_tokens:
             result = self._step(tokens, new, epoch)
-            last = time.perf_counter()
+            previous, last = last, time.perf_counter()
             first = first or last
             epoch, token = result.epoch, int(result.tokens[0])
+            if not previous:
+                metrics.first_token(first - self.started)
             if token in eos:
                 reason = "stop"
                 break
+            metrics.token(last - previous if previous else None)
             produced.append(token)
             tokens.append(token)
             new = [token]

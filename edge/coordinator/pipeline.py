@@ -30,6 +30,7 @@ from typing import Callable, Mapping
 import grpc
 import numpy as np
 
+from edge.coordinator import metrics
 from edge.coordinator.deploy import Progress
 from edge.coordinator.events import Listeners
 from edge.coordinator.failover import Deployment, Replanner
@@ -122,6 +123,7 @@ class Pipeline:
                                     why=self._why)
         self._failover = Failover(cur, self.replanner, self._monitor, self._requests,
                                   self._listeners, self.pool, deadlines, max_losses, on_change)
+        metrics.watch_pipeline(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -135,6 +137,7 @@ class Pipeline:
 
     def close(self) -> None:
         cur = self._current
+        metrics.unwatch_pipeline(self)
         cur.closed.set()
         cur.wake.set()
         cur.serving.set()  # wake requests waiting for a recovery
@@ -184,6 +187,11 @@ class Pipeline:
         return len(self._requests)
 
     @property
+    def not_serving(self) -> str:
+        """Why no request can be served now ("" while they can)."""
+        return self._current.not_serving()
+
+    @property
     def taken_over(self) -> str:
         """Why another coordinator owns the workers now ("" while they are ours)."""
         return self._current.taken_over
@@ -213,6 +221,11 @@ class Pipeline:
         Raises:
             InferError: with the status code to report.
         """
+        with metrics.tracked("infer"):
+            return self._infer(inputs, timeout)
+
+    def _infer(self, inputs: Mapping[str, np.ndarray] | list[pb.Tensor],
+               timeout: float | None) -> InferResult:
         plan = self.plan
         if isinstance(inputs, Mapping):
             try:

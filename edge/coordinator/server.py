@@ -8,6 +8,7 @@ import math
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from edge.coordinator import metrics
 from edge.coordinator.client import NO_RETRY, PUSHBACK
 from edge.coordinator.generate import Generator
 from edge.coordinator.pipeline import InferError, Pipeline
@@ -16,7 +17,8 @@ from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.coordinator.guard import largest_request_bytes
 from edge.transport.channels import (MAX_MESSAGE_BYTES, MIN_RECEIVE_BYTES, create_server,
-                                     wait_for_signal)
+                                     catch_stop_signals, wait_for_signal)
+from edge.transport import systemd
 from edge.transport.codec import decode_tensors
 from edge.transport.services import add_service
 
@@ -34,6 +36,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         try:
             arrays = decode_tensors(request.inputs)
         except TensorError as e:
+            metrics.count_request("infer")  # counted by the pipeline once it gets there
+            metrics.count_error("infer", grpc.StatusCode.INVALID_ARGUMENT)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         remaining = context.time_remaining()
         try:
@@ -119,11 +123,16 @@ def serve(pipeline: Pipeline, listen: str, on_ready=None, grace: float = 5.0,
           generator: Generator | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then let calls in flight finish (``generator``: see
     :func:`start_coordinator`)."""
+    stop = catch_stop_signals()  # before anyone is told we are ready
     server, port = start_coordinator(pipeline, listen, generator)
     if on_ready:
         on_ready(port)
+    # Deployed and serving: under systemd (Type=notify) the unit counts as started now.
+    systemd.ready(f"serving {pipeline.plan.model.name} over {len(pipeline.plan.stages)} "
+                  f"workers on port {port}")
     try:
-        wait_for_signal()
+        wait_for_signal(stop)
+        systemd.stopping()
     finally:
         server.stop(grace).wait()
         pipeline.close()

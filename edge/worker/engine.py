@@ -36,6 +36,7 @@ from edge.transport.codec import encode_activation
 from edge.worker.errors import (RUN_FAILURE_CODES, NextHopRefused, QueueFull,
                                 ShardLoadError, WorkerError, status_code)
 from edge.worker.events import EventBus
+from edge.worker.metrics import count_failure, stage_metrics
 from edge.worker.sessions import DEFAULT_IDLE_S, SessionStore, run_step
 from edge.worker.stage import ShardMismatch, StageRunner, StageSpec, describe_ort_error
 
@@ -77,12 +78,14 @@ class StageEngine:
         deadlines: per-call deadlines for the calls to the next hop.
         security: how the channel to the next hop is secured.
         session_idle_s: seconds after which a sequence without a step loses its caches.
+        device: this worker's device profile, the ``device`` label of its metrics.
     """
 
     def __init__(self, events: EventBus, max_queue: int = 64, threads: int | None = None,
                  deadlines: Deadlines = Deadlines(), security: Security = Security(),
-                 session_idle_s: float = DEFAULT_IDLE_S):
+                 session_idle_s: float = DEFAULT_IDLE_S, device: str = "unknown"):
         self.events = events
+        self.device = device
         self.max_queue = max_queue
         self.threads = threads
         self.deadlines = deadlines
@@ -127,6 +130,10 @@ class StageEngine:
 
     def queue_depth(self) -> int:
         return self._jobs.qsize()
+
+    def queue_depths(self) -> tuple[int, int]:
+        """Requests waiting for compute, and computed ones waiting to be sent."""
+        return self._jobs.qsize(), self._outbox.qsize()
 
     def busy(self) -> bool:
         """True while requests wait for compute or for sending."""
@@ -202,9 +209,10 @@ class StageEngine:
         runner = self.runner
         return runner is None or job.epoch != runner.spec.epoch
 
-    def _fail(self, job: Job, code: grpc.StatusCode, message: str) -> None:
+    def _fail(self, job: Job, code: grpc.StatusCode, message: str, phase: str) -> None:
         with self._stats_lock:
             self._failed += 1
+        count_failure(job.runner.spec.stage, self.device, code, phase)
         log.warning("request %s failed: %s", job.request_id, message)
         self.events.publish(pb.Event(failure=pb.Failure(
             request_id=job.request_id, stage=job.runner.spec.stage, code=code.value[0],
@@ -247,16 +255,19 @@ class StageEngine:
             except WorkerError as e:  # a step refused: its position, the bounds
                 job.arrays = {}
                 self._fail(job, status_code(e) or grpc.StatusCode.INTERNAL,
-                           f"request {job.request_id}: {e}")
+                           f"request {job.request_id}: {e}", "compute")
                 continue
             except Exception as e:
                 kind, msg = describe_ort_error(e)
                 code = RUN_FAILURE_CODES.get(kind, grpc.StatusCode.INTERNAL)
                 self._fail(job, code, f"{job.runner.spec.where} could not run request "
-                                      f"{job.request_id}: {msg}")
+                                      f"{job.request_id}: {msg}", "compute")
                 continue
             job.compute_ms = (time.perf_counter() - start) * 1e3
             job.arrays = {}  # free the inputs before the outputs are sent
+            metrics = stage_metrics(job.runner.spec.stage, self.device)
+            metrics.queue.observe(job.queue_ms / 1e3)
+            metrics.compute.observe(job.compute_ms / 1e3)
             with self._stats_lock:
                 self._done += 1
                 self._compute_ms_total += job.compute_ms
@@ -289,7 +300,8 @@ class StageEngine:
                                      tokens=() if job.tokens is None else job.tokens)
         except TensorError as e:
             self._fail(job, grpc.StatusCode.INTERNAL, f"{spec.where} cannot send the "
-                                                      f"outputs of {job.request_id}: {e}")
+                                                      f"outputs of {job.request_id}: {e}",
+                       "send")
             return
         finally:
             job.outputs = None
@@ -298,6 +310,7 @@ class StageEngine:
             event.result.MergeFromString(data)
             del data
             self.events.publish(event)
+            stage_metrics(spec.stage, self.device).send.observe(time.perf_counter() - start)
             return
         forward = self._next_forward
         try:
@@ -307,6 +320,8 @@ class StageEngine:
             while not self.stopping.is_set():
                 try:
                     call.result(timeout=0.25)
+                    stage_metrics(spec.stage, self.device).send.observe(
+                        time.perf_counter() - start)
                     break
                 except grpc.FutureTimeoutError:
                     if self._stale(job):
@@ -320,7 +335,7 @@ class StageEngine:
                 code = grpc.StatusCode.UNAVAILABLE
             self._fail(job, code, f"{spec.where} could not hand request {job.request_id} "
                                   f"to stage {spec.stage + 1} at {spec.next_address}: "
-                                  f"{e.code().name}: {e.details()}")
+                                  f"{e.code().name}: {e.details()}", "send")
         finally:
             del data  # not kept while the loop waits for and encodes the next one
 
