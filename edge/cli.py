@@ -332,7 +332,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             tmp.write_text(str(port))
             os.replace(tmp, args.port_file)
 
-    generator = Generator(pipeline)  # one token loop for gRPC and HTTP: one count of sequences
+    # One token loop for gRPC and HTTP: one count of sequences, one batcher.
+    generator = Generator(pipeline, max_batch=args.max_batch)
     http = _start_http(args, pipeline, security, console, generator)
     try:
         serve(pipeline, args.listen, on_ready=ready, generator=generator)
@@ -557,19 +558,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from edge.console import console
     from edge.planning.cluster import list_profiles, load_profile
 
-    table = Table(title="device profiles")
-    for col in ("profile", "memory MiB", "worker budget MiB", "GFLOP/s", "link Mbit/s", "description"):
-        table.add_column(col)
+    columns = ("profile", "memory MiB", "worker budget MiB", "GFLOP/s", "link Mbit/s",
+               "description")
+    rows = []
     for name in list_profiles():
         p = load_profile(name)
-        table.add_row(p.name, str(p.memory_mb), str(p.memory_budget_mb), str(p.gflops),
-                      str(p.bandwidth_mbps), p.description)
-    console().print(table)
+        rows.append((p.name, str(p.memory_mb), str(p.memory_budget_mb), str(p.gflops),
+                     str(p.bandwidth_mbps), p.description))
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        # A worker's base install has no rich (the [coordinator] extra brings it), and its
+        # owner runs this to pick --device: plain columns.
+        widths = [max(len(r[i]) for r in (columns, *rows)) for i in range(len(columns) - 1)]
+        for r in (columns, *rows):
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        return 0
+    table = Table(title="device profiles")
+    for col in columns:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*r)
+    Console(highlight=False).print(table)
     return 0
 
 
@@ -720,6 +733,10 @@ def _add_coordinator(sub) -> None:
                    help="the key HTTP clients send as 'Authorization: Bearer KEY' (default: "
                         "the cluster token; required off loopback)")
     _add_metrics_port(p)
+    p.add_argument("--max-batch", type=_positive(int), default=None,
+                   help="generation: decode steps of different sequences run by each stage "
+                        "as one batch, at most (default: the plan's sequences; 1: each step "
+                        "alone)")
     add_security_arguments(p)
     add_env_defaults(p)  # every flag above is also EDGE_<FLAG>
     p.set_defaults(func=cmd_coordinator)

@@ -446,3 +446,102 @@ def test_text_stream_with_stop_strings_over_bpe():
         if stream.stopped:
             break
     assert out + stream.flush() == "the café is on the left; "
+
+
+# ---------------------------------------------------------------------- batches of decode steps
+
+PROMPTS = [[3, 5], [1, 2, 3, 4, 5, 6], [9], [4, 4, 4]]
+
+
+def batches(s: Setup, name: str = "fake-0") -> list[int]:
+    return list(s.worker(name).batches)
+
+
+def run_all(s: Setup, g: Generator, prompts, n: int) -> list:
+    jobs = [s.pool.submit(run, g.start(p, max_tokens=n)) for p in prompts]
+    return [j.result(10)[0] for j in jobs]
+
+
+def test_sequences_at_once_share_batches_and_each_gets_its_own_tokens(setup):
+    s = setup(sequences=4)
+    g = Generator(s.pipeline, batch_slots=1)
+    assert run_all(s, g, PROMPTS, 12) == [expected(p, 12) for p in PROMPTS]
+    # every stage ran the same batches, some of more than one row, none over max_batch
+    assert batches(s) == batches(s, "fake-1") and max(batches(s)) > 1
+    assert max(batches(s)) <= 4 and g.batcher.largest == max(batches(s))
+    until(lambda: all(not w.sequences for w in s.cluster.workers.values()), what="release")
+
+
+def test_max_batch_one_sends_every_step_alone(setup):
+    s = setup(sequences=4)
+    g = Generator(s.pipeline, max_batch=1, batch_slots=1)
+    assert run_all(s, g, PROMPTS, 6) == [expected(p, 6) for p in PROMPTS]
+    assert g.batcher is None and batches(s) == []
+
+
+def test_max_batch_bounds_the_rows(setup):
+    s = setup(sequences=4)
+    g = Generator(s.pipeline, max_batch=2, batch_slots=1)
+    assert run_all(s, g, PROMPTS, 10) == [expected(p, 10) for p in PROMPTS]
+    assert max(batches(s)) == 2
+
+
+def held_batch(s: Setup, name: str) -> bool:
+    """True once ``name`` holds a batch of several decode steps (releasing what else it
+    holds until then)."""
+    w = s.worker(name)
+    if any(a.rows for a in w.held_requests):
+        return True
+    w.release()
+    w.hold()
+    return False
+
+
+def test_a_stage_killed_under_a_batch_replays_each_row_and_they_batch_again(setup):
+    s = setup(sequences=3, standby=1)
+    g = Generator(s.pipeline, batch_slots=1)
+    prompts = PROMPTS[:3]
+    jobs = [s.pool.submit(run, g.start(p, max_tokens=14)) for p in prompts]
+    until(lambda: batches(s) and max(batches(s)) > 1, what="a batch", seconds=5)
+    s.worker("fake-1").hold()
+    until(lambda: held_batch(s, "fake-1"), what="a batch held by stage 1", seconds=5)
+    rows = max(len(a.rows) for a in s.worker("fake-1").held_requests)
+    spare = spy_steps(s.worker("spare-0"))
+    s.worker("fake-1").kill()
+    assert [j.result(10)[0] for j in jobs] == [expected(p, 14) for p in prompts]
+    assert [w.stage.device.name for w in s.pipeline.workers] == ["fake-0", "spare-0"]
+    # each row of the lost batch restarted its caches on the spare with its replay alone
+    assert sum(1 for position, _ in spare if position == 0) >= rows
+    assert max(batches(s, "spare-0")) > 1  # and the rows batched again after
+
+
+def test_a_cancelled_row_leaves_the_others_untouched(setup):
+    s = setup(sequences=3)
+    g = Generator(s.pipeline, batch_slots=1)
+    generations = [g.start(p, max_tokens=12) for p in PROMPTS[:3]]
+    its = [iter(x) for x in generations]
+    firsts = [next(it).tokens for it in its]
+    jobs = [s.pool.submit(lambda it=it: [t for c in it for t in c.tokens]) for it in its]
+    until(lambda: batches(s) and max(batches(s)) > 1, what="a batch", seconds=5)
+    generations[1].cancel()
+    with pytest.raises(InferError) as e:
+        jobs[1].result(5)
+    assert e.value.code == grpc.StatusCode.CANCELLED
+    for i in (0, 2):
+        assert firsts[i] + jobs[i].result(5) == expected(PROMPTS[i], 12)
+    until(lambda: all(not w.sequences for w in s.cluster.workers.values()),
+          what="every stage to free every sequence")
+    assert g.slots.busy == 0
+
+
+@pytest.mark.parametrize("failover", [True, False])
+def test_a_row_whose_caches_are_gone_breaks_the_batch_up_and_every_row_replays(setup, failover):
+    s = setup(sequences=3, failover=failover)
+    g = Generator(s.pipeline, batch_slots=1)
+    generations = [iter(g.start(p, max_tokens=10)) for p in PROMPTS[:3]]
+    outs = [next(it).tokens + next(it).tokens for it in generations]
+    s.worker("fake-1").sequences.pop(next(iter(s.worker("fake-1").sequences)))  # say, expired
+    jobs = [s.pool.submit(lambda it=it: [t for c in it for t in c.tokens]) for it in generations]
+    for i, j in enumerate(jobs):
+        assert outs[i] + j.result(10) == expected(PROMPTS[i], 10)
+    assert max(batches(s)) > 1

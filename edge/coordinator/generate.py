@@ -15,6 +15,13 @@ far, prompt and generated. It restarts the caches on every stage and draws the s
 the step would have (the last stage seeds its draw with the position), and the loop
 yields one token per step, so nothing already streamed comes again.
 
+Batching: the decode steps of the sequences generating at once go through a
+:class:`~edge.coordinator.batcher.Batcher`, which sends those ready together as one
+request that every stage runs as one batch (``max_batch`` rows at most; 1: every step
+alone). Prefills and replays are sent alone; a batch that is refused or overtaken by a
+failover is answered FAILED_PRECONDITION, and each of its rows then sends its replay
+alone, as a single step's refusal does.
+
 At most ``generation.sequences`` sequences hold caches at once (the stages were planned
 for that many); more wait in a bounded queue, and past the queue a request is refused
 with RESOURCE_EXHAUSTED.
@@ -35,6 +42,7 @@ import grpc
 import numpy as np
 
 from edge.coordinator import guard, metrics
+from edge.coordinator.batcher import Batcher
 from edge.coordinator.inflight import InferError
 from edge.planning.plan import Plan
 from edge.proto import edge_pb2 as pb
@@ -245,17 +253,37 @@ class Generator:
             the plan names none, and then only token prompts are taken).
         queue: sequences that may wait for a free one (default: 4 times
             ``generation.sequences``); past it, RESOURCE_EXHAUSTED.
+        max_batch: decode steps of different sequences run as one batch at most
+            (default: ``generation.sequences``; 1: each step alone).
+        batch_slots: batches in flight at once (default: the plan's stages).
     """
 
     def __init__(self, pipeline: Any, tokenizer: Tokenizer | None = None,
-                 queue: int | None = None):
+                 queue: int | None = None, max_batch: int | None = None,
+                 batch_slots: int | None = None):
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch: expected at least 1, got {max_batch}")
         self.pipeline = pipeline
         self._tokenizer = tokenizer
         self._loaded = tokenizer is not None
         self._queue = queue
+        self._max_batch, self._batch_slots = max_batch, batch_slots
         self._slots: _Slots | None = None
+        self._batcher: Batcher | None = None
         self._lock = threading.Lock()  # two first requests at once make one _Slots
         metrics.watch_generator(self)
+
+    @property
+    def batcher(self) -> Batcher | None:
+        """What batches the decode steps (None when ``max_batch`` is 1)."""
+        with self._lock:
+            if self._batcher is None:
+                gen = self.pipeline.plan.model.generation
+                size = self._max_batch or (gen.sequences if gen else 1)
+                if size <= 1:
+                    return None
+                self._batcher = Batcher(self.pipeline, size, self._batch_slots)
+            return self._batcher
 
     @property
     def slots(self) -> "_Slots":
@@ -433,9 +461,17 @@ class Generation:
                     pb.Step(sequence_id=self.sequence_id, sampling=self.sampling))
 
         self._cached = True  # from here on a stage may hold caches of it
+        batcher = self.generator.batcher if len(new) == 1 and position > 0 else None
+
+        def alone() -> pb.Activation:
+            return self.pipeline.step(step_tensors(plan, new, position), step, replay,
+                                      cache_epoch=epoch, on_admit=self._admitted)
+
         try:
-            result = self.pipeline.step(step_tensors(plan, new, position), step, replay,
-                                        cache_epoch=epoch, on_admit=self._admitted)
+            if batcher is not None and epoch == self.pipeline.epoch:
+                result = batcher.step(step, new[0], epoch, self.cancelled, alone)
+            else:
+                result = alone()
         except InferError as e:
             if e.code != grpc.StatusCode.FAILED_PRECONDITION or position == 0:
                 raise

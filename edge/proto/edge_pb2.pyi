@@ -51,20 +51,22 @@ class StageTiming(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., send_ms: _Optional[float] = ..., received_unix_ns: _Optional[int] = ...) -> None: ...
 
 class Activation(_message.Message):
-    __slots__ = ("request_id", "tensors", "timings", "epoch", "step", "tokens")
+    __slots__ = ("request_id", "tensors", "timings", "epoch", "step", "tokens", "rows")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     epoch: int
     step: Step
     tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., epoch: _Optional[int] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    rows: _containers.RepeatedCompositeFieldContainer[Step]
+    def __init__(self, request_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., epoch: _Optional[int] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., tokens: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[_Union[Step, _Mapping]]] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
@@ -227,7 +229,7 @@ class DeviceFacts(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., machine: _Optional[str] = ..., system: _Optional[str] = ..., cpu_count: _Optional[int] = ..., cpu_freq_mhz: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., python: _Optional[str] = ..., onnxruntime: _Optional[str] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("device", "version", "configured", "stage", "shard_sha256", "plan_id", "epoch", "rss_bytes", "peak_rss_bytes", "memory_budget_mb", "requests_done", "requests_failed", "mean_compute_ms", "queue_depth", "facts", "rss_anon_bytes", "rss_file_bytes", "memory_warning", "mode", "coordinator_id", "sequences", "kv_cache_bytes")
+    __slots__ = ("device", "version", "configured", "stage", "shard_sha256", "plan_id", "epoch", "rss_bytes", "peak_rss_bytes", "memory_budget_mb", "requests_done", "requests_failed", "mean_compute_ms", "queue_depth", "facts", "rss_anon_bytes", "rss_file_bytes", "memory_warning", "mode", "coordinator_id", "sequences", "kv_cache_bytes", "batched_runs", "batched_rows")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CONFIGURED_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +252,8 @@ class WorkerStatus(_message.Message):
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_RUNS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_ROWS_FIELD_NUMBER: _ClassVar[int]
     device: str
     version: str
     configured: bool
@@ -272,7 +276,9 @@ class WorkerStatus(_message.Message):
     coordinator_id: str
     sequences: int
     kv_cache_bytes: int
-    def __init__(self, device: _Optional[str] = ..., version: _Optional[str] = ..., configured: _Optional[bool] = ..., stage: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., plan_id: _Optional[str] = ..., epoch: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., memory_budget_mb: _Optional[float] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., mean_compute_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., rss_anon_bytes: _Optional[int] = ..., rss_file_bytes: _Optional[int] = ..., memory_warning: _Optional[str] = ..., mode: _Optional[str] = ..., coordinator_id: _Optional[str] = ..., sequences: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    batched_runs: int
+    batched_rows: int
+    def __init__(self, device: _Optional[str] = ..., version: _Optional[str] = ..., configured: _Optional[bool] = ..., stage: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., plan_id: _Optional[str] = ..., epoch: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., memory_budget_mb: _Optional[float] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., mean_compute_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., rss_anon_bytes: _Optional[int] = ..., rss_file_bytes: _Optional[int] = ..., memory_warning: _Optional[str] = ..., mode: _Optional[str] = ..., coordinator_id: _Optional[str] = ..., sequences: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., batched_runs: _Optional[int] = ..., batched_rows: _Optional[int] = ...) -> None: ...
 
 class CalibrateRequest(_message.Message):
     __slots__ = ("seconds", "payload")

@@ -13,7 +13,8 @@ are then dropped, since the coordinator resends them.
 
 A generation step (``Activation.step``) runs with its sequence's caches from the
 engine's session store (``edge.worker.sessions``), in the order the steps came; a
-release frees them and goes on to the next stage like a step, with no tensors.
+release frees them and goes on to the next stage like a step, with no tensors. A batch
+of decode steps (``Activation.rows``) runs as one (``sessions.run_batch``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -37,7 +38,7 @@ from edge.worker.errors import (RUN_FAILURE_CODES, NextHopRefused, QueueFull,
                                 ShardLoadError, WorkerError, status_code)
 from edge.worker.events import EventBus
 from edge.worker.metrics import count_failure, stage_metrics
-from edge.worker.sessions import DEFAULT_IDLE_S, SessionStore, run_step
+from edge.worker.sessions import DEFAULT_IDLE_S, SessionStore, run_batch, run_step
 from edge.worker.stage import ShardMismatch, StageRunner, StageSpec, describe_ort_error
 
 __all__ = ["Job", "StageEngine"]
@@ -66,6 +67,7 @@ class Job:
     outputs: dict[str, np.ndarray] | None = None
     step: pb.Step | None = None  # a generation step (a release has no arrays)
     tokens: np.ndarray | None = None  # drawn by the last stage for a step
+    rows: list[pb.Step] = field(default_factory=list)  # a batch of decode steps, by row
 
 
 class StageEngine:
@@ -100,6 +102,7 @@ class StageEngine:
         self._done = 0
         self._failed = 0
         self._compute_ms_total = 0.0
+        self._batched_runs = self._batched_rows = 0
         self.sessions = SessionStore(session_idle_s)
         self._next_sweep = 0.0
         self.stopping = threading.Event()
@@ -123,6 +126,11 @@ class StageEngine:
         """Requests done, requests failed, and their total compute ms."""
         with self._stats_lock:
             return self._done, self._failed, self._compute_ms_total
+
+    def batched(self) -> tuple[int, int]:
+        """Runs of a batch of decode steps, and their rows."""
+        with self._stats_lock:
+            return self._batched_runs, self._batched_rows
 
     def counters(self) -> tuple[int, int]:
         """Requests done and the queue's depth, for the memory sampler."""
@@ -247,7 +255,10 @@ class StageEngine:
             start = time.perf_counter()
             job.queue_ms = (start - job.received) * 1e3
             try:
-                if job.step is None:
+                if job.rows:
+                    job.outputs, job.tokens = run_batch(job.runner, self.sessions, job.epoch,
+                                                        job.arrays, job.rows)
+                elif job.step is None:
                     job.outputs = job.runner.run(job.arrays)
                 else:
                     job.outputs, job.tokens = run_step(job.runner, self.sessions, job.epoch,
@@ -271,6 +282,9 @@ class StageEngine:
             with self._stats_lock:
                 self._done += 1
                 self._compute_ms_total += job.compute_ms
+                if job.rows:
+                    self._batched_runs += 1
+                    self._batched_rows += len(job.rows)
             self._outbox.put(job)
 
     def _send_loop(self) -> None:
@@ -296,7 +310,7 @@ class StageEngine:
         # Straight to wire bytes: one copy of the outputs instead of three.
         try:
             data = encode_activation(job.request_id, job.epoch, job.outputs, timings,
-                                     step=job.step,
+                                     step=job.step, rows=job.rows,
                                      tokens=() if job.tokens is None else job.tokens)
         except TensorError as e:
             self._fail(job, grpc.StatusCode.INTERNAL, f"{spec.where} cannot send the "

@@ -47,7 +47,7 @@ from edge.worker.errors import (BadRequest, Busy, NotConfigured, OwnedElsewhere,
                                 TakenOver, TooManySubscribers, grpc_errors, status_code)
 from edge.worker.events import END, OWNER_GRACE_S, EventBus
 from edge.worker.metrics import NO_STAGE, count_failure, count_forward, watch
-from edge.worker.sessions import DEFAULT_IDLE_S, check_step
+from edge.worker.sessions import DEFAULT_IDLE_S, check_rows, check_step
 
 __all__ = ["WorkerConfig", "WorkerServicer", "serve", "start_worker", "message_limit_bytes",
            "MAX_SUBSCRIBERS", "MAX_CALIBRATE_SECONDS", "MAX_CHUNK_BYTES", "OWNER_GRACE_S"]
@@ -233,6 +233,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 raise BadRequest(f"request {request.request_id}: {problem}")
             step = pb.Step()
             step.CopyFrom(request.step)
+        rows = [pb.Step.FromString(r.SerializeToString()) for r in request.rows]  # copies
+        if rows:
+            problem = check_rows(rows) or (
+                "a batch's rows come instead of a step; expected no step"
+                if step is not None else None)
+            if problem:
+                raise BadRequest(f"request {request.request_id}: {problem}")
         if step is not None and step.release:
             if request.tensors:
                 raise BadRequest(f"request {request.request_id} releases sequence "
@@ -246,7 +253,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         # whole request message, tensor bytes included, alive until the job is sent.
         timings = [pb.StageTiming.FromString(t.SerializeToString()) for t in request.timings]
         self.engine.submit(Job(request.request_id, request.epoch, arrays, timings, received,
-                               runner, received_ns=received_ns, step=step))
+                               runner, received_ns=received_ns, step=step, rows=rows))
         return pb.Ack()
 
     @grpc_errors
@@ -323,6 +330,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             status.mode = s.mode
         status.coordinator_id = self.events.owner or ""
         status.sequences, status.kv_cache_bytes = self.engine.sessions.stats()
+        status.batched_runs, status.batched_rows = self.engine.batched()
         return status
 
     # ------------------------------------------------------------------ internals

@@ -11,6 +11,13 @@ position 0).
 Only the compute thread runs steps and sweeps; a re-configure resets from the gRPC
 thread, so the store is locked, and a step computed under an older wiring stores
 nothing.
+
+A batch (``Activation.rows``) is one decode step of each of several sequences, run as
+one: every row's caches are taken (each checked against its position as a single step's
+are), left-padded with zeros to the longest and stacked on the batch axis, run once, and
+the presents split back per row, each keeping only its own positions (:func:`run_batch`).
+Decode reads every weight once per run whatever the batch, so B rows in one run cost far
+less than B runs.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterator
 
 import numpy as np
 
@@ -28,8 +35,9 @@ from edge.worker.errors import ContextExceeded, PositionMismatch, TooManySequenc
 from edge.worker.sampling import draw_tokens
 from edge.worker.stage import ShardMismatch, StageRunner, batch_size
 
-__all__ = ["SessionStore", "Session", "run_step", "check_step", "DEFAULT_MAX_SEQUENCES",
-           "DEFAULT_IDLE_S", "MAX_SEQUENCE_ID"]
+__all__ = ["SessionStore", "Session", "run_step", "run_batch", "check_step", "check_rows",
+           "pad_pasts", "split_presents", "DEFAULT_MAX_SEQUENCES", "DEFAULT_IDLE_S",
+           "MAX_SEQUENCE_ID"]
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +165,122 @@ def check_step(step: pb.Step) -> str | None:
     return None
 
 
+def check_rows(rows) -> str | None:
+    """What is wrong with a batch's rows (``Activation.rows``), or None."""
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        problem = check_step(row)
+        if problem:
+            return f"row {i}: {problem}"
+        if row.release or row.position == 0:
+            return (f"row {i} (sequence {row.sequence_id}): a batch holds decode steps; "
+                    f"expected a position of at least 1 and no release, got position "
+                    f"{row.position}{' and a release' if row.release else ''}")
+        if row.sequence_id in seen:
+            return f"row {i}: sequence {row.sequence_id} comes twice in one batch"
+        seen.add(row.sequence_id)
+    return None
+
+
+def pad_pasts(held: list[dict[str, np.ndarray]], lengths: list[int]
+              ) -> dict[str, np.ndarray]:
+    """The batch's pasts: each row's caches left-padded with zeros to the longest.
+
+    Transient memory: one [rows, kv_heads, longest, head_dim] copy per past, i.e. about
+    rows x the longest row's caches (the rows' own caches stay stored meanwhile), freed
+    once the stage has run; the presents onnxruntime returns are one token longer. So a
+    batch holds up to about twice its rows' caches at once (the stored ones and the
+    padded pasts, then the stored ones and the presents: :func:`run_batch` stores each
+    row's new caches, freeing its old ones, one row at a time); the plan's KV budget
+    counts them once, and ``--max-batch`` bounds the rows.
+    """
+    longest = max(lengths)
+    out = {}
+    for name, first in held[0].items():
+        _, heads, _, size = first.shape
+        pad = np.zeros((len(held), heads, longest, size), dtype=first.dtype)
+        for i, (caches, n) in enumerate(zip(held, lengths)):
+            pad[i:i + 1, :, longest - n:] = caches[name]
+        out[name] = pad
+    return out
+
+
+def split_presents(presents: dict[str, np.ndarray], lengths: list[int]
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """Each row's own caches out of a batch's presents [rows, kv_heads, longest + 1,
+    head_dim], one row at a time: its last ``lengths[i] + 1`` positions, copied (a view
+    would keep the whole batch's presents alive)."""
+    for i, n in enumerate(lengths):
+        yield {name: np.array(p[i:i + 1, :, p.shape[2] - n - 1:], copy=True)
+               for name, p in presents.items()}
+
+
+def run_batch(runner: StageRunner, store: SessionStore, epoch: int,
+              arrays: dict[str, np.ndarray], rows: list[pb.Step]
+              ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Run one decode step of each of several sequences as one run of this stage.
+
+    Row i of ``arrays`` is ``rows[i]``'s step (one token, left-padded as
+    ``Activation.rows`` says). Each row's caches are taken and checked as
+    :func:`run_step` does; any refused row refuses the batch (no row's caches change).
+    The last stage draws each row's token with its own sampling and position, as that
+    row's single step would.
+
+    Args:
+        runner: the stage.
+        store: the stage's sequences.
+        epoch: the wiring the batch came under.
+        arrays: the batch's tensors, checked (batch = len(rows)).
+        rows: each row's sequence, position (>= 1) and sampling.
+
+    Returns:
+        As :func:`run_step`: the tensors that go on, and one token per row (last stage).
+
+    Raises:
+        PositionMismatch, ContextExceeded: a row is refused, and so is the batch.
+    """
+    spec = runner.spec
+    key = (spec.plan_id, epoch)
+    lengths = [int(r.position) for r in rows]
+    if spec.state:
+        bound = spec.max_sequences or DEFAULT_MAX_SEQUENCES
+        held = [store.take(key, r.sequence_id, r.position, bound, spec.where) for r in rows]
+        if any(h is None for h in held):
+            return {}, None  # re-configured meanwhile: the engine drops the batch
+        if spec.context and max(lengths) + 1 > spec.context:
+            raise ContextExceeded(
+                f"{spec.where}: a batch row would hold {max(lengths) + 1} tokens; expected "
+                f"at most the context of {spec.context}")
+        pasts = pad_pasts(held, lengths)
+        del held
+    else:
+        pasts = {}
+    outputs, presents = runner.run_state(arrays, pasts)
+    del pasts
+    for row, caches in zip(rows, split_presents(presents, lengths) if presents else ()):
+        store.put(key, row.sequence_id, caches, row.position + 1)
+    del presents
+    if not spec.is_last:
+        return outputs, None
+    logits = _logits(outputs, spec.where)
+    tokens = np.empty(len(rows), dtype=np.int64)
+    for i, r in enumerate(rows):
+        s = r.sampling
+        tokens[i] = draw_tokens(logits[i:i + 1], s.temperature, s.top_k, s.top_p, s.seed,
+                                r.position)[0]
+    return {}, tokens
+
+
+def _logits(outputs: dict[str, np.ndarray], where: str) -> np.ndarray:
+    logits = outputs.get("logits")
+    if logits is None or logits.ndim != 3:
+        raise ShardMismatch(
+            f"{where} draws the next token from logits [batch, sequence, vocab]; "
+            "expected an output named logits, got "
+            f"{', '.join(f'{k}{list(v.shape)}' for k, v in outputs.items()) or 'none'}")
+    return logits
+
+
 def run_step(runner: StageRunner, store: SessionStore, epoch: int,
              arrays: dict[str, np.ndarray], step: pb.Step
              ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -200,12 +324,7 @@ def run_step(runner: StageRunner, store: SessionStore, epoch: int,
         store.put(key, step.sequence_id, presents, length)
     if not spec.is_last:
         return outputs, None
-    logits = outputs.get("logits")
-    if logits is None or logits.ndim != 3:
-        raise ShardMismatch(
-            f"{spec.where} draws the next token from logits [batch, sequence, vocab]; "
-            "expected an output named logits, got "
-            f"{', '.join(f'{k}{list(v.shape)}' for k, v in outputs.items()) or 'none'}")
+    logits = _logits(outputs, spec.where)
     s = step.sampling
     tokens = draw_tokens(logits, s.temperature, s.top_k, s.top_p, s.seed, step.position)
     return {}, tokens
