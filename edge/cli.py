@@ -735,8 +735,9 @@ def _add_coordinator(sub) -> None:
     _add_metrics_port(p)
     p.add_argument("--max-batch", type=_positive(int), default=None,
                    help="generation: decode steps of different sequences run by each stage "
-                        "as one batch, at most (default: the plan's sequences; 1: each step "
-                        "alone)")
+                        "as one batch, at most (default: the plan's sequences, fewer where "
+                        "a batch's transient copies of its caches would not fit in a "
+                        "stage's memory; 1: each step alone)")
     add_security_arguments(p)
     add_env_defaults(p)  # every flag above is also EDGE_<FLAG>
     p.set_defaults(func=cmd_coordinator)

@@ -44,6 +44,7 @@ import numpy as np
 from edge.coordinator import guard, metrics
 from edge.coordinator.batcher import Batcher
 from edge.coordinator.inflight import InferError
+from edge.planning.generation import batch_rows_that_fit
 from edge.planning.plan import Plan
 from edge.proto import edge_pb2 as pb
 from edge.transport.codec import encode_tensors
@@ -278,12 +279,22 @@ class Generator:
         """What batches the decode steps (None when ``max_batch`` is 1)."""
         with self._lock:
             if self._batcher is None:
-                gen = self.pipeline.plan.model.generation
-                size = self._max_batch or (gen.sequences if gen else 1)
+                size = self._max_batch or self._default_batch()
                 if size <= 1:
                     return None
                 self._batcher = Batcher(self.pipeline, size, self._batch_slots)
             return self._batcher
+
+    def _default_batch(self) -> int:
+        """The plan's sequences, or fewer if a batch of them would not fit in memory."""
+        plan = self.pipeline.plan
+        want = plan.model.generation.sequences if plan.model.generation else 1
+        size = batch_rows_that_fit(plan, want)
+        if size < want:
+            log.info("decode batches of at most %d rows (of %d sequences): a larger "
+                     "batch's transient copies of the caches would not fit in the stages' "
+                     "memory; --max-batch sets it", size, want)
+        return size
 
     @property
     def slots(self) -> "_Slots":
