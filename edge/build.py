@@ -213,6 +213,8 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
     if gen is not None:
         _add_decode_costs(costs, model_path, gen)
         gen = dataclasses.replace(gen, tokenizer=gen_plan.copy_tokenizer(model_path, out_dir))
+    else:  # an encoder's tokenizer, for the coordinator's /v1/embeddings of text
+        gen_plan.copy_tokenizer(model_path, out_dir)
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     sample_rel = ""

@@ -299,6 +299,7 @@ def _write_discovered(rows: list[dict], path: str, cluster: str | None, out) -> 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from edge.console import console as make_console, start_pipeline
     from edge.coordinator.guard import describe_limits
+    from edge.coordinator.generate import Generator
     from edge.coordinator.server import serve
     from edge.profiling.memory import tune_malloc
     from edge.transport.security import from_arguments
@@ -307,6 +308,12 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     console = make_console()
     security = from_arguments(args)
     security.require_safe(args.listen, "listen on")  # before deploying, not after
+    if args.http:  # the same, for the HTTP API: refused before deploying
+        from edge.coordinator.http_server import api_key_for
+
+        if not security.tls:
+            security.require_safe(args.http, "serve HTTP on")
+        api_key_for(args.http, security, args.api_key_file)
     systemd.status(f"deploying {args.plan}")  # READY=1 once deployed and serving
     _serve_metrics(args)
     pipeline = start_pipeline(args.plan, args.ready_timeout, console, model=args.model,
@@ -325,8 +332,32 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             tmp.write_text(str(port))
             os.replace(tmp, args.port_file)
 
-    serve(pipeline, args.listen, on_ready=ready, max_batch=args.max_batch)
+    # One token loop for gRPC and HTTP: one count of sequences, one batcher.
+    generator = Generator(pipeline, max_batch=args.max_batch)
+    http = _start_http(args, pipeline, security, console, generator)
+    try:
+        serve(pipeline, args.listen, on_ready=ready, generator=generator)
+    finally:
+        if http is not None:
+            http.stop()
     return 0
+
+
+def _start_http(args: argparse.Namespace, pipeline, security, console, generator):
+    """`edge coordinator --http HOST:PORT`: the OpenAI-compatible API beside gRPC."""
+    if not args.http:
+        return None
+    from edge.coordinator.http_server import start_http
+
+    try:
+        server = start_http(pipeline, args.http, security, api_key_file=args.api_key_file,
+                            model_name=args.model_name, generator=generator)
+    except BaseException:
+        pipeline.close()
+        raise
+    console.print(f"OpenAI-compatible API on {server.url}/v1 (model "
+                  f"{args.model_name or pipeline.plan.model.name!r})")
+    return server
 
 
 # ---------------------------------------------------------------------- infer
@@ -691,6 +722,16 @@ def _add_coordinator(sub) -> None:
                         "running owns them; that one stops serving (NOT_SERVING). Without "
                         "it such workers refuse, naming the other coordinator")
     p.add_argument("--port-file", help="write the bound port here once serving")
+    g = p.add_argument_group("OpenAI-compatible HTTP API")
+    g.add_argument("--http", metavar="HOST:PORT",
+                   help="also serve /v1/chat/completions, /v1/completions, /v1/embeddings, "
+                        "/v1/infer, /v1/models, /metrics and /health here (HTTPS with "
+                        "--certs)")
+    g.add_argument("--model-name", help="the model id of the HTTP API (default the plan's "
+                                        "model name)")
+    g.add_argument("--api-key-file", metavar="FILE",
+                   help="the key HTTP clients send as 'Authorization: Bearer KEY' (default: "
+                        "the cluster token; required off loopback)")
     _add_metrics_port(p)
     p.add_argument("--max-batch", type=_positive(int), default=None,
                    help="generation: decode steps of different sequences run by each stage "

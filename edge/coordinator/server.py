@@ -89,20 +89,23 @@ def receive_limit(plan) -> int:
     return max(limit, MIN_RECEIVE_BYTES)
 
 
-def start_coordinator(pipeline: Pipeline, listen: str, max_batch: int | None = None
-                      ) -> tuple[grpc.Server, int]:
+def start_coordinator(pipeline: Pipeline, listen: str, max_batch: int | None = None,
+                      generator: Generator | None = None) -> tuple[grpc.Server, int]:
     """Serve an already started pipeline on ``listen``. Returns the server and its port.
 
     Each Infer holds a thread while its request is in flight: one thread per request the
     pipeline accepts, a few more for status and profile calls, and no queue beyond them.
     ``max_batch``: decode steps run as one batch at most (see :class:`Generator`).
+    ``generator``: the token loop to share with another face (the HTTP API), so that the
+    sequences holding caches stay within the plan's count across both (it then has its
+    own ``max_batch``).
     """
     threads = pipeline.max_in_flight + 8
     server, port = create_server(listen, max_workers=threads, max_concurrent_rpcs=threads,
                                  security=pipeline.security,
                                  max_receive_bytes=receive_limit(pipeline.plan))
-    add_service(server, CoordinatorServicer(pipeline, Generator(pipeline, max_batch=max_batch)),
-                pb, "Coordinator")
+    generator = generator or Generator(pipeline, max_batch=max_batch)
+    add_service(server, CoordinatorServicer(pipeline, generator), pb, "Coordinator")
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.start()
@@ -120,10 +123,11 @@ def start_coordinator(pipeline: Pipeline, listen: str, max_batch: int | None = N
 
 
 def serve(pipeline: Pipeline, listen: str, on_ready=None, grace: float = 5.0,
-          max_batch: int | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then let calls in flight finish."""
+          max_batch: int | None = None, generator: Generator | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then let calls in flight finish (``max_batch``,
+    ``generator``: see :func:`start_coordinator`)."""
     stop = catch_stop_signals()  # before anyone is told we are ready
-    server, port = start_coordinator(pipeline, listen, max_batch)
+    server, port = start_coordinator(pipeline, listen, max_batch, generator)
     if on_ready:
         on_ready(port)
     # Deployed and serving: under systemd (Type=notify) the unit counts as started now.
