@@ -1,7 +1,7 @@
 #!/bin/sh
 # Install an edge worker on Raspberry Pi OS / Debian (arm64) as a systemd service.
-# Worker only: no torch, just edge-runtime's core dependencies (numpy, onnx, onnxruntime,
-# grpcio, grpcio-health-checking, protobuf, psutil, pyyaml, rich, cryptography).
+# Worker only: edge-runtime's base install (numpy, onnxruntime, grpcio, grpcio-health-checking,
+# protobuf, psutil, pyyaml, prometheus-client, zeroconf), never torch, onnx or an extra.
 #
 # Usage: sudo CERTS=~/edge-certs sh install-worker.sh PROFILE [--from PATH|URL]
 #   PROFILE   a profile in this folder, e.g. rpi4b-2gb, rpi5-8gb, rpi-zero-2w
@@ -11,18 +11,21 @@
 #             unrelated package: this script never installs either name from an index.
 #   CERTS     this board's bundle, made on the machine with the cluster CA by
 #             `edge certs issue NAME --host BOARD_IP` and copied here (scp -rp); it goes
-#             to /opt/edge/certs. Already there from an earlier run: CERTS may be left out.
+#             to /etc/edge/certs. Already there from an earlier run: CERTS may be left out.
 #
-# Layout: /opt/edge (the venv, profiles and bundle) belongs to root and is readable by the
-# service user `edge`, which cannot change its own code; the shard cache is systemd's state
-# directory /var/lib/edge/cache. Running it again upgrades edge-runtime and restarts the
-# worker.
+# Layout: /opt/edge (the venv and profiles) belongs to root; the worker runs as a dynamic
+# user (deploy/systemd/edge-worker.service, hardened) that cannot change its own code and
+# gets the bundle, root's only in /etc/edge/certs, as systemd credentials. Its settings are
+# /etc/edge/worker.env, its memory limit the profile's budget (a drop-in), its shard cache
+# systemd's state directory /var/lib/edge/cache. Running it again upgrades edge-runtime and
+# restarts the worker.
 set -eu
 umask 022
 
 USAGE="usage: sudo CERTS=BUNDLE_DIR sh install-worker.sh PROFILE [--from PATH|URL]"
 HERE=$(cd "$(dirname "$0")" && pwd)
 PREFIX=/opt/edge
+ETC=/etc/edge
 STATE=/var/lib/edge
 UNIT=edge-worker
 
@@ -73,11 +76,20 @@ else
   esac
 fi
 
+# The unit and its settings: beside this script (a copy), or deploy/systemd in the clone.
+UNIT_DIR=$HERE
+[ -f "$UNIT_DIR/edge-worker.service" ] || UNIT_DIR=$HERE/../deploy/systemd
+[ -f "$UNIT_DIR/edge-worker.service" ] && [ -f "$UNIT_DIR/edge-worker.env" ] \
+  || fail "expected edge-worker.service and edge-worker.env beside this script or in ../deploy/systemd"
+# The unit's MemoryMax= is the profile's worker budget.
+BUDGET=$(sed -n 's/^memory_budget_mb:[[:space:]]*\([0-9][0-9]*\).*/\1/p' "$HERE/$PROFILE.yaml")
+[ -n "$BUDGET" ] || fail "$HERE/$PROFILE.yaml: expected memory_budget_mb: MIB"
+
 if [ -n "${CERTS:-}" ]; then
   for f in ca.crt node.crt node.key token; do
     [ -f "$CERTS/$f" ] || fail "CERTS=$CERTS: expected a bundle of \`edge certs issue NAME\` with ca.crt, node.crt, node.key, token; $f is missing"
   done
-elif [ ! -f "$PREFIX/certs/node.crt" ]; then
+elif [ ! -f "$ETC/certs/node.crt" ]; then
   fail "no certificate bundle: on the machine with the cluster CA run \`edge certs issue NAME --host BOARD_IP\`, copy DIR/NAME here (scp -rp), then: sudo CERTS=PATH sh $0 $PROFILE"
 fi
 case "$(uname -m)" in
@@ -88,10 +100,6 @@ esac
 
 apt-get update
 apt-get install -y --no-install-recommends python3 python3-venv python3-pip
-
-# The service user: no login, no home of its own to write code into.
-id edge >/dev/null 2>&1 || useradd --system --no-create-home --home-dir "$STATE" \
-  --shell /usr/sbin/nologin edge
 
 # Root owns /opt/edge: a worker that is broken into cannot rewrite what it runs.
 mkdir -p "$PREFIX/devices"
@@ -114,18 +122,24 @@ else
 fi
 chown -R root:root "$PREFIX/venv"
 
+mkdir -p "$ETC"
+chmod 755 "$ETC"
 if [ -n "${CERTS:-}" ]; then
-  rm -rf "$PREFIX/certs" && mkdir -p "$PREFIX/certs"
-  cp "$CERTS"/ca.crt "$CERTS"/node.crt "$CERTS"/node.key "$CERTS"/token "$PREFIX/certs/"
+  rm -rf "$ETC/certs" && mkdir -p "$ETC/certs"
+  cp "$CERTS"/ca.crt "$CERTS"/node.crt "$CERTS"/node.key "$CERTS"/token "$ETC/certs/"
 fi
-# Readable by the worker (group edge), writable by root only.
-chown -R root:edge "$PREFIX/certs"
-chmod 750 "$PREFIX/certs"
-chmod 644 "$PREFIX/certs/ca.crt" "$PREFIX/certs/node.crt"
-chmod 640 "$PREFIX/certs/node.key" "$PREFIX/certs/token"
+# Root's only: systemd reads them and hands them to the worker (LoadCredential=).
+chown -R root:root "$ETC/certs"
+chmod 700 "$ETC/certs"
+chmod 600 "$ETC"/certs/*
+# The settings: a second run keeps the owner's edits and changes the profile only.
+[ -f "$ETC/worker.env" ] || install -m 644 "$UNIT_DIR/edge-worker.env" "$ETC/worker.env"
+sed -i "s/^EDGE_DEVICE=.*/EDGE_DEVICE=$PROFILE/" "$ETC/worker.env"
 
-sed "s/^Environment=EDGE_DEVICE=.*/Environment=EDGE_DEVICE=$PROFILE/" \
-  "$HERE/edge-worker.service" > /etc/systemd/system/$UNIT.service
+install -m 644 "$UNIT_DIR/edge-worker.service" /etc/systemd/system/$UNIT.service
+mkdir -p /etc/systemd/system/$UNIT.service.d
+printf '[Service]\n# %s: memory_budget_mb\nMemoryMax=%sM\n' "$PROFILE" "$BUDGET" \
+  > /etc/systemd/system/$UNIT.service.d/memory.conf
 systemctl daemon-reload
 systemctl enable "$UNIT"
 # restart, not start: on a second run the worker must pick up the new code and profile.
@@ -137,7 +151,7 @@ systemctl restart "$UNIT"
 sleep 5
 if systemctl is-active --quiet "$UNIT" \
     && [ "$(systemctl show -p NRestarts --value "$UNIT" 2>/dev/null || echo 0)" = 0 ]; then
-  echo "edge worker ($PROFILE) listening on port 50051 (mutual TLS, bundle $PREFIX/certs, cache $STATE/cache); logs: journalctl -u $UNIT -f"
+  echo "edge worker ($PROFILE) listening on port 50051 (mutual TLS, bundle $ETC/certs, MemoryMax ${BUDGET}M, cache $STATE/cache); logs: journalctl -u $UNIT -f"
 else
   echo "install-worker.sh: the edge worker did not start ($(systemctl is-active "$UNIT" || true)); its log:" >&2
   journalctl -u "$UNIT" -n 30 --no-pager >&2 || true

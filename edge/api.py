@@ -140,7 +140,7 @@ def serve(plan_path: str | os.PathLike[str], *, listen: str = "127.0.0.1:0",
           certs: str | os.PathLike[str] | None = None, insecure: bool = False,
           model: str | os.PathLike[str] | None = None, failover: bool = True,
           max_in_flight: int = 64, take_over: bool = False,
-          ready_timeout: float = 60.0) -> Served:
+          ready_timeout: float = 60.0, max_batch: int | None = None) -> Served:
     """Deploy a plan onto its workers and serve it, as ``edge coordinator`` does.
 
     Waits for every worker, uploads the shards their caches lack, wires the chain, then
@@ -158,6 +158,8 @@ def serve(plan_path: str | os.PathLike[str], *, listen: str = "127.0.0.1:0",
         max_in_flight: requests accepted at once; past it, RESOURCE_EXHAUSTED.
         take_over: configure workers that another live coordinator owns.
         ready_timeout: seconds to wait for each worker to be healthy.
+        max_batch: generation: decode steps of different sequences run as one batch at
+            most (default: the plan's sequences; 1: each alone).
 
     Returns:
         A :class:`Served`: call it, read its ``address``, close it.
@@ -171,7 +173,7 @@ def serve(plan_path: str | os.PathLike[str], *, listen: str = "127.0.0.1:0",
                         model=Path(model) if model else None, take_over=take_over)
     try:
         pipeline.start()
-        server, port = start_coordinator(pipeline, listen)
+        server, port = start_coordinator(pipeline, listen, max_batch)
     except BaseException:
         pipeline.close()
         raise

@@ -214,6 +214,8 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
     if gen is not None:
         _add_decode_costs(costs, model_path, gen)
         gen = dataclasses.replace(gen, tokenizer=gen_plan.copy_tokenizer(model_path, out_dir))
+    else:  # an encoder's tokenizer, for the coordinator's /v1/embeddings of text
+        gen_plan.copy_tokenizer(model_path, out_dir)
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     sample_rel = ""
@@ -225,7 +227,6 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
         if gen is not None and not isinstance(generation, Generation):
             gen = _checked_kv_dtype(gen, acc, on)  # a kept Generation was checked before
         split, cosines = _accurate_split(costs, active, modes, acc, on, min_cosine)
-
     stages = _build_stages(costs, active, split, cosines, out_dir, shard_dir,
                            KV_DTYPES[gen.kv_dtype] if gen is not None else None)
     model = dataclasses.replace(_model_info(model_path, costs, out_dir, sample_rel),
@@ -416,6 +417,11 @@ def _checked_kv_dtype(gen: Generation, acc: "_Checks", on: str) -> Generation:
     """
     if gen.kv_dtype == "fp32":
         return gen
+    odd = [b for _, b in acc.costs.state if acc.costs.specs[b].dtype != "float32"]
+    if odd:
+        raise PlanError(f"--kv-dtype {gen.kv_dtype}: expected float32 presents to store "
+                        f"in {gen.kv_dtype}, got {acc.costs.specs[odd[0]].describe()}: plan "
+                        "with --kv-dtype fp32")
     c = acc.stored_kv_cosine(KV_DTYPES[gen.kv_dtype])
     if not c >= KV_MIN_COSINE:  # NaN fails
         raise PlanError(

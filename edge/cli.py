@@ -22,10 +22,13 @@ from edge.address import parse_address  # stdlib only: `edge --help` stays insta
 import edge
 from edge._extras import missing_package
 from edge.bench.cli import add_parser as add_bench_parser
+from edge.envvars import add_env_defaults, resolve as resolve_env
 from edge.errors import ConfigError, EdgeError
 from edge.lab.cli import add_parser as add_lab_parser
+from edge.logs import LOG_FORMATS, configure_logging
 from edge.spec import MODES
 from edge.transport.certs_cli import add_parser as add_certs_parser
+from edge.transport import systemd
 from edge.transport.security import add_arguments as add_security_arguments
 
 __all__ = ["main"]
@@ -60,13 +63,14 @@ def _positive(kind):
 
 def cmd_export(args: argparse.Namespace) -> int:
     from edge.export import export_hf, export_model
-    from edge.export.decoder import export_gguf, export_hf_decoder, export_llama
+    from edge.export.decoder import (export_gguf, export_hf_decoder, export_llama,
+                                     is_causal_lm)
 
     if args.model == "hf":
         if not args.model_dir:
             raise SystemExit("edge export hf: --model-dir is required (a local Hugging Face "
                              "model folder; nothing is downloaded)")
-        export = export_hf_decoder if _is_decoder(args.model_dir) else export_hf
+        export = export_hf_decoder if is_causal_lm(args.model_dir) else export_hf
         path = export(args.model_dir, args.out, opset=args.opset)
     elif args.model == "gguf":
         if not args.source:
@@ -80,18 +84,6 @@ def cmd_export(args: argparse.Namespace) -> int:
                             opset=args.opset)
     print(f"wrote {path}")
     return 0
-
-
-def _is_decoder(model_dir: str) -> bool:
-    """Whether a Hugging Face folder holds a causal LM (exported with its KV cache)."""
-    import json
-
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False  # the exporter says what is wrong with the folder
-    return any(a.endswith(("ForCausalLM", "LMHeadModel"))
-               for a in config.get("architectures") or ())
 
 
 # ---------------------------------------------------------------------- plan
@@ -154,6 +146,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from edge.worker.server import WorkerConfig, message_limit_bytes, serve
 
     tune_malloc()
+    _serve_metrics(args)
     budget = args.memory_budget
     if budget is None and args.device:
         from edge.planning.cluster import load_profile
@@ -164,7 +157,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         cache_dir=Path(args.cache_dir) if args.cache_dir else WorkerConfig().cache_dir,
         memory_budget_mb=budget or 0.0, threads=args.threads, max_queue=args.max_queue,
         max_message_mb=args.max_message_mb or 0.0, security=from_arguments(args),
-        session_idle_s=args.session_idle,
+        session_idle_s=args.session_idle, announce=not args.no_announce,
+        name=_worker_name(args.name), cluster_id=_worker_cluster_id(args.cluster_id),
     )
 
     def ready(port: int) -> None:
@@ -182,12 +176,130 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_name(name: str | None) -> str:
+    from edge.transport.discovery import check_name
+
+    return check_name(name) if name else ""
+
+
+def _worker_cluster_id(text: str | None) -> str:
+    from edge.transport.discovery import check_cluster_id
+
+    return check_cluster_id(text) if text else ""
+
+
+def _add_announce_arguments(p) -> None:
+    """`edge worker`'s mDNS options (see `edge discover`)."""
+    g = p.add_argument_group("discovery (mDNS, `edge discover`)")
+    g.add_argument("--name", help="the device name to announce (default: this host's name); "
+                                  "letters, digits, - and _")
+    g.add_argument("--cluster-id", metavar="ID",
+                   help="the cluster id to announce (default: a hash of the CA of --certs, "
+                        "else 'default'), which `edge discover --cluster` filters on")
+    g.add_argument("--no-announce", action="store_true",
+                   help="do not announce this worker by mDNS")
+
+
+# ---------------------------------------------------------------------- discover
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    import json
+
+    from edge.transport.discovery import browse, check_cluster_id, cluster_id, local_networks
+    from edge.transport.security import Security
+
+    cluster = None
+    if args.cluster:
+        cluster = check_cluster_id(args.cluster, "--cluster")
+    elif args.certs:
+        cluster = cluster_id(Security.from_dir(args.certs))
+    found = browse(args.timeout, cluster)
+    nets = local_networks()
+    rows = [{"name": a.name, "address": a.best_address(nets), "profile": a.profile,
+             "budget_mb": a.budget_mb, "cluster": a.cluster, "tls": a.tls, "proto": a.proto,
+             "version": a.version, "addresses": list(a.addresses)} for a in found]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        _print_discovered(rows, cluster, args.timeout)
+    if args.write:
+        if not rows:
+            print(f"edge discover: no workers found; {args.write} not written", file=sys.stderr)
+            return 1
+        _write_discovered(rows, args.write, cluster, sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _print_discovered(rows: list[dict], cluster: str | None, timeout: float) -> None:
+    from rich.table import Table
+
+    from edge.console import console
+    from edge.transport.codec import PROTOCOL_VERSION
+
+    where = f"cluster {cluster}" if cluster else "all clusters"
+    table = Table(title=f"edge workers on the network ({where}, {timeout:g} s)")
+    for col in ("name", "address", "profile", "budget MiB", "cluster", "tls", "edge", "note"):
+        table.add_column(col, no_wrap=col in ("name", "address"))
+    for r in rows:
+        note = "" if r["proto"] == PROTOCOL_VERSION else (
+            f"protocol {r['proto']}, this edge speaks {PROTOCOL_VERSION}")
+        table.add_row(r["name"], r["address"], r["profile"], str(r["budget_mb"] or "?"),
+                      r["cluster"], "yes" if r["tls"] else "no", r["version"], note)
+    console().print(table)
+    if not rows:
+        console().print("none found: are the workers on this LAN (mDNS does not cross "
+                        "routers), started without --no-announce, UDP 5353 open?")
+
+
+def _write_discovered(rows: list[dict], path: str, cluster: str | None, out) -> None:
+    """Write the found workers as a cluster.yaml (sorted by name), checked by loading it
+    back as `edge plan --cluster` does."""
+    import yaml
+
+    from edge.planning.cluster import load_cluster, load_profile
+    from edge.transport.codec import PROTOCOL_VERSION
+
+    devices, skipped, seen = [], [], {}
+    for r in rows:
+        try:
+            profile = load_profile(r["profile"])
+        except ConfigError as e:
+            skipped.append(f"{r['name']} ({r['address']}): profile {r['profile']!r}: {e}")
+            continue
+        if r["proto"] != PROTOCOL_VERSION:
+            skipped.append(f"{r['name']} ({r['address']}): speaks protocol {r['proto']}, "
+                           f"this edge {PROTOCOL_VERSION}")
+            continue
+        seen[r["name"]] = seen.get(r["name"], 0) + 1  # two workers on one host: pi-1, pi-1-2
+        entry = {"name": r["name"] + (f"-{seen[r['name']]}" if seen[r["name"]] > 1 else ""),
+                 "address": r["address"], "profile": profile.name}
+        if r["budget_mb"] and r["budget_mb"] != int(profile.memory_budget_mb):
+            entry["memory_mb"] = r["budget_mb"]
+        devices.append(entry)
+    for line in skipped:
+        print(f"edge discover: left out {line}", file=sys.stderr)
+    if not devices:
+        raise ConfigError(f"none of the workers found can be planned for; {path} not written")
+    header = (f"# Workers found by `edge discover` on {datetime.date.today().isoformat()}"
+              f"{f' (cluster {cluster})' if cluster else ''}, sorted by name.\n"
+              "# The order of `devices` is the pipeline's: stage 0 runs on the first and "
+              "sends its\n# activations to the second, and so on. Reorder them so that "
+              "neighbours share a switch,\n# and move spares under `standby:`. Then: "
+              f"edge plan MODEL.onnx --cluster {Path(path).name} --out build/\n")
+    header += "".join(f"# left out: {line}\n" for line in skipped)
+    Path(path).write_text(header + yaml.safe_dump({"devices": devices}, sort_keys=False))
+    load_cluster(path)  # what `edge plan --cluster` will do: fails here, not there
+    print(f"wrote {path} ({len(devices)} device{'s' if len(devices) != 1 else ''})", file=out)
+
+
 # ---------------------------------------------------------------------- coordinator
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from edge.console import console as make_console, start_pipeline
     from edge.coordinator.guard import describe_limits
+    from edge.coordinator.generate import Generator
     from edge.coordinator.server import serve
     from edge.profiling.memory import tune_malloc
     from edge.transport.security import from_arguments
@@ -196,6 +308,14 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     console = make_console()
     security = from_arguments(args)
     security.require_safe(args.listen, "listen on")  # before deploying, not after
+    if args.http:  # the same, for the HTTP API: refused before deploying
+        from edge.coordinator.http_server import api_key_for
+
+        if not security.tls:
+            security.require_safe(args.http, "serve HTTP on")
+        api_key_for(args.http, security, args.api_key_file)
+    systemd.status(f"deploying {args.plan}")  # READY=1 once deployed and serving
+    _serve_metrics(args)
     pipeline = start_pipeline(args.plan, args.ready_timeout, console, model=args.model,
                               failover=not args.no_failover, max_in_flight=args.max_in_flight,
                               security=security, take_over=args.take_over)
@@ -212,8 +332,32 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             tmp.write_text(str(port))
             os.replace(tmp, args.port_file)
 
-    serve(pipeline, args.listen, on_ready=ready)
+    # One token loop for gRPC and HTTP: one count of sequences, one batcher.
+    generator = Generator(pipeline, max_batch=args.max_batch)
+    http = _start_http(args, pipeline, security, console, generator)
+    try:
+        serve(pipeline, args.listen, on_ready=ready, generator=generator)
+    finally:
+        if http is not None:
+            http.stop()
     return 0
+
+
+def _start_http(args: argparse.Namespace, pipeline, security, console, generator):
+    """`edge coordinator --http HOST:PORT`: the OpenAI-compatible API beside gRPC."""
+    if not args.http:
+        return None
+    from edge.coordinator.http_server import start_http
+
+    try:
+        server = start_http(pipeline, args.http, security, api_key_file=args.api_key_file,
+                            model_name=args.model_name, generator=generator)
+    except BaseException:
+        pipeline.close()
+        raise
+    console.print(f"OpenAI-compatible API on {server.url}/v1 (model "
+                  f"{args.model_name or pipeline.plan.model.name!r})")
+    return server
 
 
 # ---------------------------------------------------------------------- infer
@@ -414,19 +558,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from edge.console import console
     from edge.planning.cluster import list_profiles, load_profile
 
-    table = Table(title="device profiles")
-    for col in ("profile", "memory MiB", "worker budget MiB", "GFLOP/s", "link Mbit/s", "description"):
-        table.add_column(col)
+    columns = ("profile", "memory MiB", "worker budget MiB", "GFLOP/s", "link Mbit/s",
+               "description")
+    rows = []
     for name in list_profiles():
         p = load_profile(name)
-        table.add_row(p.name, str(p.memory_mb), str(p.memory_budget_mb), str(p.gflops),
-                      str(p.bandwidth_mbps), p.description)
-    console().print(table)
+        rows.append((p.name, str(p.memory_mb), str(p.memory_budget_mb), str(p.gflops),
+                     str(p.bandwidth_mbps), p.description))
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        # A worker's base install has no rich (the [coordinator] extra brings it), and its
+        # owner runs this to pick --device: plain columns.
+        widths = [max(len(r[i]) for r in (columns, *rows)) for i in range(len(columns) - 1)]
+        for r in (columns, *rows):
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        return 0
+    table = Table(title="device profiles")
+    for col in columns:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*r)
+    Console(highlight=False).print(table)
     return 0
 
 
@@ -517,8 +673,35 @@ def _add_worker(sub) -> None:
                    help="free a generated sequence's KV caches after S seconds without a "
                         "step (default 120)")
     p.add_argument("--port-file", help="write the bound port here once serving")
+    _add_announce_arguments(p)
+    _add_metrics_port(p)
     add_security_arguments(p)
+    add_env_defaults(p)  # every flag above is also EDGE_<FLAG>
     p.set_defaults(func=cmd_worker)
+
+
+def _add_metrics_port(p) -> None:
+    p.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                   help="serve Prometheus metrics (edge_*) at http://HOST:PORT/metrics, HOST "
+                        "being --listen's (default 0: off)")
+
+
+def _serve_metrics(args: argparse.Namespace) -> None:
+    """Start the ``--metrics-port`` HTTP server (a daemon thread), if one is asked for."""
+    port = args.metrics_port
+    if not port:
+        return
+    if not 0 < port < 65536:
+        raise EdgeError(f"--metrics-port: expected a TCP port 1-65535 (0: off), got {port}")
+    from prometheus_client import start_http_server
+
+    host = parse_address(args.listen, allow_port_zero=True)[0].strip("[]")  # IPv6: bare
+    try:
+        start_http_server(port, addr=host)
+    except OSError as e:
+        raise EdgeError(f"--metrics-port: cannot serve metrics on {host}:{port}: "
+                        f"{e.strerror or e}") from None
+    logging.getLogger("edge.cli").info("metrics at http://%s:%d/metrics", host, port)
 
 
 def _add_coordinator(sub) -> None:
@@ -543,7 +726,24 @@ def _add_coordinator(sub) -> None:
                         "running owns them; that one stops serving (NOT_SERVING). Without "
                         "it such workers refuse, naming the other coordinator")
     p.add_argument("--port-file", help="write the bound port here once serving")
+    g = p.add_argument_group("OpenAI-compatible HTTP API")
+    g.add_argument("--http", metavar="HOST:PORT",
+                   help="also serve /v1/chat/completions, /v1/completions, /v1/embeddings, "
+                        "/v1/infer, /v1/models, /metrics and /health here (HTTPS with "
+                        "--certs)")
+    g.add_argument("--model-name", help="the model id of the HTTP API (default the plan's "
+                                        "model name)")
+    g.add_argument("--api-key-file", metavar="FILE",
+                   help="the key HTTP clients send as 'Authorization: Bearer KEY' (default: "
+                        "the cluster token; required off loopback)")
+    _add_metrics_port(p)
+    p.add_argument("--max-batch", type=_positive(int), default=None,
+                   help="generation: decode steps of different sequences run by each stage "
+                        "as one batch, at most (default: the plan's sequences, fewer where "
+                        "a batch's transient copies of its caches would not fit in a "
+                        "stage's memory; 1: each step alone)")
     add_security_arguments(p)
+    add_env_defaults(p)  # every flag above is also EDGE_<FLAG>
     p.set_defaults(func=cmd_coordinator)
 
 
@@ -648,6 +848,22 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _add_discover(sub) -> None:
+    """`edge discover`."""
+    p = sub.add_parser("discover", help="list the workers on the LAN (mDNS); write a "
+                                        "cluster.yaml of them")
+    p.add_argument("--timeout", type=_positive(float), default=3.0, metavar="S",
+                   help="seconds to listen for answers (default 3)")
+    p.add_argument("--cluster", metavar="ID", help="only workers of this cluster id")
+    p.add_argument("--certs", metavar="DIR",
+                   help="a bundle of the cluster: only workers announcing its CA's cluster id")
+    p.add_argument("--write", metavar="CLUSTER.yaml",
+                   help="write the workers found to a cluster file for `edge plan --cluster`, "
+                        "sorted by name: the list's order is the pipeline's, edit it to taste")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_discover)
+
+
 def _add_devices(sub) -> None:
     """`edge devices`."""
     p = sub.add_parser("devices", help="list the device profiles")
@@ -660,6 +876,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "a gRPC pipeline.")
     parser.add_argument("--log-level", default=os.environ.get("EDGE_LOG", "WARNING"),
                         help="logging level (default: WARNING; env EDGE_LOG)")
+    parser.add_argument("--log-format", default=os.environ.get("EDGE_LOG_FORMAT") or "text",
+                        choices=LOG_FORMATS,
+                        help="text (default; under journald without timestamps, with syslog "
+                             "priorities) or json (one object per line); env EDGE_LOG_FORMAT")
     parser.add_argument("--version", action="version", version=f"edge {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -673,6 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(sub)
     _add_demo(sub)
     _add_devices(sub)
+    _add_discover(sub)
     # Subcommands defined next to their implementations.
     add_certs_parser(sub)
     add_lab_parser(sub)
@@ -694,16 +915,21 @@ def _log_level_everywhere(parser: argparse.ArgumentParser) -> None:
         for sub in action.choices.values():
             sub.add_argument("--log-level", default=argparse.SUPPRESS,
                              help="logging level (also before the command)")
+            sub.add_argument("--log-format", default=argparse.SUPPRESS, choices=LOG_FORMATS,
+                             help="text or json (also before the command)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     _log_level_everywhere(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        configure_logging(args.log_level, args.log_format)
+    except ValueError as e:  # a bad EDGE_LOG or EDGE_LOG_FORMAT (argparse checks the flags)
+        print(f"edge: {e}", file=sys.stderr)
+        return 2
+    try:
+        return resolve_env(args).func(args)
     except EdgeError as e:
         print(f"edge {args.command}: {e}", file=sys.stderr)
         return 2

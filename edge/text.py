@@ -13,9 +13,65 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from edge.errors import ConfigError
+from edge.errors import ConfigError, EdgeError
 
-__all__ = ["ChatTokenizer", "load_tokenizer", "render_chat"]
+__all__ = ["ChatTokenizer", "ChatError", "ROLES", "chat_messages", "load_tokenizer",
+           "render_chat"]
+
+# The roles a chat may have; a template renders each of them in its own way.
+ROLES = ("system", "user", "assistant")
+
+
+class ChatError(EdgeError):
+    """A chat's messages are malformed (not a list, an unknown role, no text)."""
+
+
+def _content(content: Any, where: str) -> str:
+    # OpenAI's content is a string or a list of parts; the text parts are joined (a text
+    # model has no use for the others, and says so rather than dropping them).
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for k, part in enumerate(content):
+            if not (isinstance(part, Mapping) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise ChatError(f"{where}.content[{k}]: expected a text part "
+                                f'{{"type": "text", "text": "..."}}, got {kind!r}')
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ChatError(f"{where}.content: expected a string or a list of text parts, got "
+                    f"{type(content).__name__}")
+
+
+def chat_messages(messages: Any) -> list[dict[str, str]]:
+    """A chat's messages checked and reduced to ``{"role", "content"}`` with text content.
+
+    Args:
+        messages: ``[{"role": "system"|"user"|"assistant", "content": str or text parts},
+            ...]`` as OpenAI's chat API takes them.
+
+    Raises:
+        ChatError: not a non-empty list, a message that is not an object, a role other than
+            :data:`ROLES`, content that is not text.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ChatError(f"messages: expected a non-empty list of {{role, content}} objects, "
+                        f"got {type(messages).__name__ if messages != [] else 'an empty list'}")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, Mapping):
+            raise ChatError(f"{where}: expected an object with role and content, got "
+                            f"{type(m).__name__}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ChatError(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}")
+        if m.get("content") is None:
+            raise ChatError(f"{where}.content: expected text, got none")
+        out.append({"role": role, "content": _content(m["content"], where)})
+    return out
 
 
 def _template_env() -> Any:

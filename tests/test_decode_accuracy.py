@@ -32,7 +32,7 @@ from edge.shards.build import build_shard
 from edge.shards.decoding import DECODE_STEPS, prompt_feeds
 from edge.shards.quantize import cosine, quantize_shard
 from edge.worker.launch import LocalWorkers
-from edge.worker.sessions import SessionStore, run_step
+from edge.worker.sessions import SessionStore, run_batch, run_step
 
 GEN = GenerationRequest(context=64, sequences=2, prefill=16)
 
@@ -207,8 +207,10 @@ class _Runner:
 
     def run_state(self, arrays, pasts):
         self.fed.append(pasts["past.0"])
-        new = np.full((1, 1, 1, 2), arrays["x"][0, 0] / 3, np.float32)
-        return {"h": arrays["x"]}, {"past.0": np.concatenate([pasts["past.0"], new], 2)}
+        rows = arrays["x"].shape[0]
+        new = np.broadcast_to((arrays["x"][:, 0] / 3)[:, None, None, None], (rows, 1, 1, 2))
+        return {"h": arrays["x"]}, {"past.0": np.concatenate([pasts["past.0"],
+                                                              new.astype(np.float32)], 2)}
 
 
 def test_fp16_caches_are_stored_in_float16_and_fed_as_float32():
@@ -224,6 +226,24 @@ def test_fp16_caches_are_stored_in_float16_and_fed_as_float32():
     # 1/3 is not a float16: what the graph is fed again is the stored value, rounded
     np.testing.assert_array_equal(runner.fed[-1][0, 0, :, 0],
                                   np.float16([1 / 3, 2 / 3]).astype(np.float32))
+
+
+def test_fp16_caches_in_a_decode_batch_are_padded_as_float32():
+    runner, store = _Runner("fp16"), SessionStore()
+    runner.spec.max_sequences = 2
+    store.reset(("p", 1))
+    for seq, x in (("a", 1.0), ("b", 2.0)):
+        run_step(runner, store, 1, {"x": np.array([[x]], np.float32)},
+                 pb.Step(sequence_id=seq, position=0))
+    run_batch(runner, store, 1, {"x": np.array([[4.0], [5.0]], np.float32)},
+              [pb.Step(sequence_id="a", position=1), pb.Step(sequence_id="b", position=1)])
+    fed = runner.fed[-1]
+    assert fed.dtype == np.float32 and fed.shape == (2, 1, 1, 2)
+    np.testing.assert_array_equal(fed[:, 0, 0, 0], np.float16([1 / 3, 2 / 3]).astype(np.float32))
+    for seq, x in (("a", 4.0), ("b", 5.0)):
+        held = store.take(("p", 1), seq, 2, 2, "stage 0")["past.0"]
+        assert held.dtype == np.float16 and held.shape == (1, 1, 2, 2)
+        assert held[0, 0, 1, 0] == np.float16(x / 3)
 
 
 def test_fp16_caches_over_workers_give_fp32s_tokens_in_half_the_bytes(llama, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -137,16 +139,24 @@ def test_cli_plan_coordinator_infer(bert_tiny, workers, tmp_path):
         assert (build / s.shard).is_file() and len(s.sha256) == 64
 
     port_file = tmp_path / "coordinator.port"
+    # As under systemd (Type=notify): READY=1 once deployed and serving.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
     coordinator = subprocess.Popen(
         [sys.executable, "-m", "edge", "coordinator", "--plan", str(build),  # its folder
          "--listen", "127.0.0.1:0", "--port-file", str(port_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
     try:
         deadline = time.monotonic() + 120
         while not port_file.exists():
             assert coordinator.poll() is None, coordinator.stdout.read()
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        assert notify.recv(4096).decode().startswith("STATUS=deploying")
+        ready = notify.recv(4096).decode().splitlines()
+        assert ready[0] == "READY=1" and "STATUS=serving" in ready[1], ready
         x = example_inputs("bert", "tiny", batch=2, seq=12, seed=3)
         np.savez(tmp_path / "in.npz", **x)
         r = edge_cli("infer", "--coordinator", f"127.0.0.1:{port_file.read_text()}",
@@ -165,9 +175,12 @@ def test_cli_plan_coordinator_infer(bert_tiny, workers, tmp_path):
                      "--input", str(tmp_path / "big.npz"), "--output", str(tmp_path / "o.npz"))
         assert r.returncode == 1 and "RESOURCE_EXHAUSTED" in r.stderr, r.stderr
         assert "batch=256, sequence=512" in r.stderr and "pi-0" in r.stderr, r.stderr
+        coordinator.terminate()
+        assert notify.recv(4096).decode().splitlines()[0] == "STOPPING=1"
     finally:
         coordinator.terminate()
         coordinator.wait(10)
+        notify.close()
     said = " ".join(coordinator.stdout.read().split())
     assert "largest requests the devices hold" in said, said
 

@@ -543,7 +543,7 @@ def test_the_default_client_rides_out_a_coordinator_restart(bert_tiny, tmp_path)
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALLER = REPO / "devices" / "install-worker.sh"
-UNIT = REPO / "devices" / "edge-worker.service"
+UNIT = REPO / "deploy" / "systemd" / "edge-worker.service"
 _INDEX_NAME = re.compile(r"^edge(\[[^\]]*\])?([=<>~!;].*)?$")  # "edge" as an index requirement
 
 
@@ -593,10 +593,9 @@ def test_installer_and_unit_parse():
         key, value = line.split("=", 1)
         current.setdefault(key, []).append(value)
     service, unit = sections["Service"], sections["Unit"]
-    assert service["User"] == ["edge"] and service["StateDirectory"] == ["edge"]
-    exec_start = service["ExecStart"][0]
-    assert exec_start.startswith("/opt/edge/venv/bin/edge worker ")
-    assert "--cache-dir /var/lib/edge/cache" in exec_start  # in the state directory
+    assert service["DynamicUser"] == ["yes"] and service["StateDirectory"] == ["edge"]
+    assert service["ExecStart"] == ["/opt/edge/venv/bin/edge worker"]  # settings: EDGE_*
+    assert "EDGE_CACHE_DIR=/var/lib/edge/cache" in service["Environment"]  # the state dir
     assert int(unit["StartLimitBurst"][0]) > 0  # a worker that cannot start is not retried forever
     if shutil.which("systemd-analyze"):
         # verify wants ExecStart's binary to exist; the unit is otherwise checked as is.

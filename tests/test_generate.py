@@ -72,37 +72,86 @@ def test_greedy_over_three_workers_equals_transformers(llama, tmp_path):
     assert got == want[:len(got)]
 
 
+def batched(pipeline) -> list[tuple[int, int]]:
+    """(runs, rows) of batched decode steps each stage reports."""
+    return [(s.worker.batched_runs, s.worker.batched_rows) for s in pipeline.status().stages]
+
+
 def test_eight_sequences_at_once_each_equal_their_solo_run(llama, tmp_path):
     prompts = [PROMPT[:k] + [k] * (k % 3) for k in range(1, 9)]
     with LocalWorkers(2, tmp_path / "w", threads=1) as workers:
         plan = plan_over(llama, workers.addresses, tmp_path / "build", sequences=8)
         with Pipeline(plan, tmp_path / "build") as pipeline:
             pipeline.start()
-            generator = Generator(pipeline)
+            generator = Generator(pipeline)  # batches of up to 8 decode steps
             with ThreadPoolExecutor(8) as pool:
                 runs = [pool.submit(lambda p: tokens_of(generator.start(p, max_tokens=8)), p)
                         for p in prompts]
                 got = [r.result(timeout=120) for r in runs]
+            stats = batched(pipeline)
     assert got == [reference(llama, p, 8) for p in prompts]
+    # the rows of different lengths shared stage runs: every stage ran the same batches
+    assert generator.batcher.largest > 1
+    assert stats[0] == stats[1] and stats[0][1] > stats[0][0] > 0
 
 
 def test_a_worker_killed_mid_generation_changes_nothing(llama, tmp_path):
+    others = [PROMPT[:3], PROMPT + [11, 12, 13]]  # generating in batches with the first
     with LocalWorkers(3, tmp_path / "w", threads=1) as workers:
-        plan = plan_over(llama, workers.addresses[:2], tmp_path / "build",
+        plan = plan_over(llama, workers.addresses[:2], tmp_path / "build", sequences=3,
                          standby=workers.addresses[2:])
         with Pipeline(plan, tmp_path / "build", health_interval=0.2) as pipeline:
             pipeline.start()
-            generation = Generator(pipeline).start(PROMPT, max_tokens=16)
-            got: list[int] = []
-            killed = threading.Event()
-            for chunk in generation:
-                got.extend(chunk.tokens)
-                if len(got) == 5 and not killed.is_set():
-                    os.kill(workers.workers[1].process.pid, signal.SIGKILL)
-                    killed.set()
+            generator = Generator(pipeline)
+            with ThreadPoolExecutor(2) as pool:
+                runs = [pool.submit(lambda p: tokens_of(generator.start(p, max_tokens=16)), p)
+                        for p in others]
+                generation = generator.start(PROMPT, max_tokens=16)
+                got: list[int] = []
+                killed = threading.Event()
+                for chunk in generation:
+                    got.extend(chunk.tokens)
+                    if len(got) == 5 and not killed.is_set():
+                        os.kill(workers.workers[1].process.pid, signal.SIGKILL)
+                        killed.set()
+                rest = [r.result(timeout=120) for r in runs]
             assert killed.is_set()
             assert pipeline.recoveries and pipeline.recoveries[-1].how == "standby"
+            assert generator.batcher.largest > 1
+            assert batched(pipeline)[0][1] > batched(pipeline)[0][0] > 0  # stage 0 lived
     assert got == reference(llama, PROMPT, 16)
+    assert rest == [reference(llama, p, 16) for p in others]
+
+
+def test_a_prompt_longer_than_the_prefill_runs_in_chunks(llama, tmp_path):
+    """The plan costs a prefill of 16 tokens: a 40-token prompt runs as chunks of 16, 16
+    and 8 on every stage (its activations stay within the plan), and generates what the
+    whole prompt at once does, greedy or sampled (a draw is seeded by the length)."""
+    from edge.proto import edge_pb2 as pb
+
+    prompt = [(7 * i + 3) % 1000 for i in range(40)]
+    sampling = pb.Sampling(temperature=0.8, seed=3)
+    with LocalWorkers(3, tmp_path / "w", threads=1) as workers:
+        plan = plan_over(llama, workers.addresses, tmp_path / "build")
+        assert plan.model.generation.prefill == 16
+        with Pipeline(plan, tmp_path / "build") as pipeline:
+            pipeline.start()
+            before = [s.worker.requests_done for s in pipeline.status().stages]
+            gen = Generator(pipeline, max_batch=1)
+            got = tokens_of(gen.start(prompt, max_tokens=6))
+            runs = [s.worker.requests_done - b
+                    for s, b in zip(pipeline.status().stages, before)]
+            sampled = tokens_of(gen.start(prompt, max_tokens=6, sampling=sampling))
+        whole = dataclasses.replace(plan, model=dataclasses.replace(
+            plan.model, generation=dataclasses.replace(plan.model.generation, prefill=64)))
+        with Pipeline(whole, tmp_path / "build") as pipeline:
+            pipeline.start()
+            unchunked = tokens_of(Generator(pipeline).start(prompt, max_tokens=6,
+                                                           sampling=sampling))
+    assert got == reference(llama, prompt, 6)
+    # 3 chunks of the prompt, then one run per decode step after the first token.
+    assert runs == [3 + len(got) - 1] * 3, runs
+    assert sampled == unchunked
 
 
 def test_smollm2_over_three_workers_equals_transformers(smollm2, smollm2_chat, tmp_path):

@@ -400,3 +400,170 @@ def test_edge_generate_prints_json_and_lists_its_arguments(setup, capsys):
         assert capsys.readouterr().out == out["text"][:2] + "\n"
     finally:
         server.stop(0).wait()
+
+
+class CountingBPE:
+    """A byte-level BPE tokenizer trained here (``tokenizers``), whose ids split
+    multi-byte characters across tokens; it records how many ids each decode reads."""
+
+    def __init__(self):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        corpus = ["the capital of France is Paris", "naïve café déjà vu", "plain words"] * 20
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(
+            vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        self.tok, self.read = tok, []
+
+    def encode(self, text, add_special_tokens=True):
+        return self.tok.encode(text).ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.read.append(len(ids))
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def test_text_stream_decodes_a_window_not_the_whole_text():
+    bpe = CountingBPE()
+    text = "Paris est la capitale 🇫🇷 de la France, naïve café 東京 " * 40
+    ids = bpe.encode(text)
+    assert any(bpe.tok.decode([i]).endswith("\ufffd") for i in ids)  # split characters
+    stream = TextStream(bpe)
+    out = "".join(stream.add(i) for i in ids) + stream.flush()
+    assert out == bpe.tok.decode(ids) == text
+    assert len(ids) > 500 and max(bpe.read) < 20  # each token reads a short window
+
+
+def test_text_stream_with_stop_strings_over_bpe():
+    bpe = CountingBPE()
+    ids = bpe.encode("the café is on the left; STOP here")
+    stream = TextStream(bpe, stop=["STOP"])
+    out = ""
+    for i in ids:
+        out += stream.add(i)
+        if stream.stopped:
+            break
+    assert out + stream.flush() == "the café is on the left; "
+
+
+# ---------------------------------------------------------------------- batches of decode steps
+
+PROMPTS = [[3, 5], [1, 2, 3, 4, 5, 6], [9], [4, 4, 4]]
+
+
+def batches(s: Setup, name: str = "fake-0") -> list[int]:
+    return list(s.worker(name).batches)
+
+
+def run_all(s: Setup, g: Generator, prompts, n: int) -> list:
+    jobs = [s.pool.submit(run, g.start(p, max_tokens=n)) for p in prompts]
+    return [j.result(10)[0] for j in jobs]
+
+
+def test_sequences_at_once_share_batches_and_each_gets_its_own_tokens(setup):
+    s = setup(sequences=4)
+    g = Generator(s.pipeline, batch_slots=1)
+    assert run_all(s, g, PROMPTS, 12) == [expected(p, 12) for p in PROMPTS]
+    # every stage ran the same batches, some of more than one row, none over max_batch
+    assert batches(s) == batches(s, "fake-1") and max(batches(s)) > 1
+    assert max(batches(s)) <= 4 and g.batcher.largest == max(batches(s))
+    until(lambda: all(not w.sequences for w in s.cluster.workers.values()), what="release")
+
+
+def test_max_batch_one_sends_every_step_alone(setup):
+    s = setup(sequences=4)
+    g = Generator(s.pipeline, max_batch=1, batch_slots=1)
+    assert run_all(s, g, PROMPTS, 6) == [expected(p, 6) for p in PROMPTS]
+    assert g.batcher is None and batches(s) == []
+
+
+def test_max_batch_bounds_the_rows(setup):
+    s = setup(sequences=4)
+    g = Generator(s.pipeline, max_batch=2, batch_slots=1)
+    assert run_all(s, g, PROMPTS, 10) == [expected(p, 10) for p in PROMPTS]
+    assert max(batches(s)) == 2
+
+
+def held_batch(s: Setup, name: str) -> bool:
+    """True once ``name`` holds a batch of several decode steps (releasing what else it
+    holds until then)."""
+    w = s.worker(name)
+    if any(a.rows for a in w.held_requests):
+        return True
+    w.release()
+    w.hold()
+    return False
+
+
+def test_a_stage_killed_under_a_batch_replays_each_row_and_they_batch_again(setup):
+    s = setup(sequences=3, standby=1)
+    g = Generator(s.pipeline, batch_slots=1)
+    prompts = PROMPTS[:3]
+    jobs = [s.pool.submit(run, g.start(p, max_tokens=14)) for p in prompts]
+    until(lambda: batches(s) and max(batches(s)) > 1, what="a batch", seconds=5)
+    s.worker("fake-1").hold()
+    until(lambda: held_batch(s, "fake-1"), what="a batch held by stage 1", seconds=5)
+    rows = max(len(a.rows) for a in s.worker("fake-1").held_requests)
+    spare = spy_steps(s.worker("spare-0"))
+    s.worker("fake-1").kill()
+    assert [j.result(10)[0] for j in jobs] == [expected(p, 14) for p in prompts]
+    assert [w.stage.device.name for w in s.pipeline.workers] == ["fake-0", "spare-0"]
+    # each row of the lost batch restarted its caches on the spare with its replay alone
+    assert sum(1 for position, _ in spare if position == 0) >= rows
+    assert max(batches(s, "spare-0")) > 1  # and the rows batched again after
+
+
+def test_a_cancelled_row_leaves_the_others_untouched(setup):
+    s = setup(sequences=3)
+    g = Generator(s.pipeline, batch_slots=1)
+    generations = [g.start(p, max_tokens=12) for p in PROMPTS[:3]]
+    its = [iter(x) for x in generations]
+    firsts = [next(it).tokens for it in its]
+    jobs = [s.pool.submit(lambda it=it: [t for c in it for t in c.tokens]) for it in its]
+    until(lambda: batches(s) and max(batches(s)) > 1, what="a batch", seconds=5)
+    generations[1].cancel()
+    with pytest.raises(InferError) as e:
+        jobs[1].result(5)
+    assert e.value.code == grpc.StatusCode.CANCELLED
+    for i in (0, 2):
+        assert firsts[i] + jobs[i].result(5) == expected(PROMPTS[i], 12)
+    until(lambda: all(not w.sequences for w in s.cluster.workers.values()),
+          what="every stage to free every sequence")
+    assert g.slots.busy == 0
+
+
+@pytest.mark.parametrize("failover", [True, False])
+def test_a_row_whose_caches_are_gone_breaks_the_batch_up_and_every_row_replays(setup, failover):
+    s = setup(sequences=3, failover=failover)
+    g = Generator(s.pipeline, batch_slots=1)
+    generations = [iter(g.start(p, max_tokens=10)) for p in PROMPTS[:3]]
+    outs = [next(it).tokens + next(it).tokens for it in generations]
+    s.worker("fake-1").sequences.pop(next(iter(s.worker("fake-1").sequences)))  # say, expired
+    jobs = [s.pool.submit(lambda it=it: [t for c in it for t in c.tokens]) for it in generations]
+    for i, j in enumerate(jobs):
+        assert outs[i] + j.result(10) == expected(PROMPTS[i], 10)
+    assert max(batches(s)) > 1
+
+
+def test_default_batch_is_bounded_by_the_stages_memory(tmp_path):
+    """A batch holds transient copies of its rows' caches (padded pasts, presents): the
+    default batch is the plan's sequences only where that fits beyond each stage's plan."""
+    import dataclasses
+
+    from edge.planning.generation import batch_rows_that_fit
+
+    plan = fake_decoder_plan(tmp_path, fake_devices(2), context=1024, sequences=8)
+    mib_per_token = 2**20 // 1024  # one row at the full context: 1 MiB of caches
+    room = [s.device.memory_mb - s.predicted.memory_mb for s in plan.stages]
+    stages = [dataclasses.replace(s, kv_bytes_per_token=mib_per_token) for s in plan.stages]
+    # Room for 2 MiB-rows x 2 copies each on stage 1: three rows fit, not eight.
+    stages[1] = dataclasses.replace(stages[1], predicted=dataclasses.replace(
+        stages[1].predicted, memory_mb=stages[1].device.memory_mb - 6.5))
+    tight = dataclasses.replace(plan, stages=tuple(stages))
+    assert min(room) > 16 * 2  # the fake devices have room for all eight
+    assert batch_rows_that_fit(dataclasses.replace(plan, stages=tuple(
+        dataclasses.replace(s, kv_bytes_per_token=mib_per_token) for s in plan.stages)), 8) == 8
+    assert batch_rows_that_fit(tight, 8) == 3
+    assert batch_rows_that_fit(tight, 2) == 2

@@ -335,6 +335,20 @@ class TestLab:
             assert (quota, period) == (zero.cpu_quota_us, zero.cpu_period_us)
             assert abs(quota / period - host_cores() * 3 / lab.host_gflops) < 0.01  # 3 GFLOP/s
 
+    def test_edge_discover_on_this_host_lists_the_lab_workers(self, lab):
+        """The workers announce by mDNS on the lab's bridge, under their device names and
+        the lab CA's cluster id; this host browses through its veth."""
+        from edge.transport.discovery import browse, cluster_id
+
+        cid = cluster_id(lab.security())
+        expected = {d.name: d.address for d in lab.devices}
+        found = {}
+        end = time.monotonic() + 20
+        while set(found) != set(expected) and time.monotonic() < end:
+            found = {a.name: a for a in browse(timeout=2, cluster=cid)}
+        assert {n: a.best_address() for n, a in found.items()} == expected
+        assert found["rpi-zero-2w-1"].profile == "rpi-zero-2w" and found["tight"].tls
+
     def test_shaped_link_measures_its_rate(self, lab):
         pi, zero = lab.device("rpi4b-2gb-1"), lab.device("rpi-zero-2w-1")
         # Device to device: through the Zero's downlink (its bridge port).

@@ -249,6 +249,70 @@ def test_worker_never_imports_torch(worker):
     assert out.stdout.strip() == "[]"
 
 
+# What the base install (a worker) lacks: the [coordinator], [export] and [plot] extras'
+# packages. A worker loads none of the planning and coordinating half of edge either.
+EXTRAS_ONLY = ("torch", "transformers", "onnxscript", "onnx", "cryptography", "matplotlib",
+               "rich", "tokenizers", "jinja2", "starlette", "uvicorn")
+NOT_IN_A_WORKER = EXTRAS_ONLY + ("edge.planning.planner", "edge.build", "edge.shards.build",
+                                 "edge.coordinator", "edge.console")
+
+
+def _base_install_env(tmp_path: Path, blocked: tuple[str, ...]) -> dict:
+    """os.environ for a Python that behaves like the base install: a sitecustomize puts a
+    meta-path finder first that refuses ``blocked``, as if they were not installed."""
+    import os
+
+    site = tmp_path / f"blocked-{len(blocked)}"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"BLOCKED = {blocked!r}\n"
+        "class _Blocker:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if any(name == b or name.startswith(b + '.') for b in BLOCKED):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Blocker())\n")
+    return {**os.environ,
+            "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_the_cli_serves_on_the_base_install(tmp_path, shard, monkeypatch):
+    """`edge worker` from the command line, with every extra's package blocked, serves a
+    real Forward; `edge --help` and `edge devices` run; a coordinator command names the
+    extra to install."""
+    import subprocess
+    import sys
+
+    from edge.worker.launch import module_command
+
+    env = _base_install_env(tmp_path, EXTRAS_ONLY)
+    for args in (["--help"], ["worker", "--help"], ["devices"]):
+        r = subprocess.run(module_command("edge", *args), capture_output=True, text=True,
+                           env=env, timeout=60)
+        assert r.returncode == 0, (args, r.stderr)
+    assert "rpi4b-2gb" in r.stdout  # edge devices, in plain columns without rich
+    r = subprocess.run(module_command("edge", "plan", "m.onnx", "--cluster", "c.yaml", "--out",
+                                      "o"), capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "onnx is not installed" in r.stderr and "[coordinator]" in r.stderr
+    monkeypatch.setenv("PYTHONPATH", _base_install_env(tmp_path, NOT_IN_A_WORKER)["PYTHONPATH"])
+    w = spawn_worker(tmp_path, "base", device="rpi4b-2gb")
+    try:
+        with create_channel(w.address) as channel:
+            stub = pb_grpc.WorkerStub(channel)
+            upload_and_configure(stub, shard)
+            events = Events(stub)
+            try:
+                assert_serves(stub, events)
+            finally:
+                events.close()
+        maps = Path(f"/proc/{w.process.pid}/maps").read_text()
+        assert "onnxruntime" in maps and "libtorch" not in maps
+        assert "_rust.abi3" not in maps  # cryptography's native module
+    finally:
+        assert w.stop() == 0, w.log()
+
+
 def test_budget_too_small_gets_resource_exhausted_and_worker_keeps_serving(tmp_path, shard):
     w = spawn_worker(tmp_path, "small", extra_args=["--memory-budget", "80"])
     try:

@@ -554,3 +554,19 @@ def test_random_step_streams_never_break_a_stage(pair, events):
     per_token = pair.toy.heads * pair.toy.head_dim * 4
     assert st_[0].kv_cache_bytes == sum(lengths.values()) * per_token
     assert all(w.process.poll() is None for w in pair.workers)
+
+
+@pytest.mark.parametrize("rows, step, message", [
+    ([pb.Step(sequence_id="a", position=0)], None, "position of at least 1"),
+    ([pb.Step(sequence_id="a", position=5), pb.Step(sequence_id="a", position=5)], None,
+     "comes twice"),
+    ([pb.Step(sequence_id="a", position=5)], pb.Step(sequence_id="a", position=5),
+     "expected no step"),
+])
+def test_bad_batches_are_invalid_arguments(pair, rows, step, message):
+    epoch = pair.configure()
+    with pytest.raises(grpc.RpcError) as e:
+        pair.stubs[0].Forward(pb.Activation(request_id="r", epoch=epoch, rows=rows, step=step,
+                                            tensors=step_tensors([1] * len(rows), 5)),
+                              timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()

@@ -14,9 +14,10 @@ Steps of generated sequences (``Activation.step``) are honoured as the contract 
 ``edge generate`` says: each fake stage counts the tokens it caches per sequence, refuses
 a step whose position is not that count (FAILED_PRECONDITION) or a new sequence past
 ``max_sequences`` (RESOURCE_EXHAUSTED), frees a sequence on a release, and the last stage
-publishes ``tokens`` instead of tensors. :func:`decoder_stage` is a stage function that
-"draws" ``(last token * 7 + its position) % DECODER_VOCAB``, and :func:`fake_decoder_plan`
-a plan with ``generation`` set over it.
+publishes ``tokens`` instead of tensors; a batch (``Activation.rows``) is checked and
+counted row by row (``batches``: the rows of each one run). :func:`decoder_stage` is a
+stage function that "draws" ``(last token * 7 + its position) % DECODER_VOCAB``, and
+:func:`fake_decoder_plan` a plan with ``generation`` set over it.
 
 :func:`fake_plan` makes a plan over fake devices, with small shard files on disk, and
 :class:`FakeReplanner` re-plans over any devices without a model.
@@ -106,6 +107,7 @@ class FakeWorker:
         self.forwards = 0
         self.cache: set[str] = set()
         self.sequences: dict[str, int] = {}  # tokens cached per generated sequence
+        self.batches: list[int] = []  # the rows of each batch of decode steps run
         self._lock = threading.Lock()
         self._streams: list[_Stream] = []
         self._taken_from: set[str] = set()
@@ -146,6 +148,12 @@ class FakeWorker:
     def held(self) -> int:
         return len(self._held)
 
+    @property
+    def held_requests(self) -> list[pb.Activation]:
+        """The requests it holds now, oldest first."""
+        with self._lock:
+            return list(self._held)
+
     def release(self, n: int | None = None) -> None:
         """Run ``n`` (default all) held requests, oldest first, and stop holding."""
         self._holding = False
@@ -177,8 +185,9 @@ class FakeWorker:
         if self.full > 0:
             self.full -= 1
             return Code.RESOURCE_EXHAUSTED, "queue full; retry later"
-        if activation.HasField("step"):
-            refused = self._check_step(activation.step, config)
+        for step in ([activation.step] if activation.HasField("step") else []) + list(
+                activation.rows):
+            refused = self._check_step(step, config)
             if refused:
                 return refused
         self.forwards += 1
@@ -209,7 +218,8 @@ class FakeWorker:
         if not self.alive or config is None:
             return
         step = activation.step if activation.HasField("step") else None
-        out = pb.Activation(request_id=activation.request_id, epoch=activation.epoch)
+        out = pb.Activation(request_id=activation.request_id, epoch=activation.epoch,
+                            rows=activation.rows)
         if step is not None:
             out.step.CopyFrom(step)
         if step is not None and step.release:
@@ -219,7 +229,11 @@ class FakeWorker:
             outputs = self.cluster.stage_fn(config, arrays)
             if step is not None:
                 self.sequences[step.sequence_id] = step.position + arrays["input_ids"].shape[1]
-            if step is not None and not config.next_address:
+            for row in activation.rows:  # a batch of decode steps: one token each
+                self.sequences[row.sequence_id] = row.position + 1
+            if activation.rows:
+                self.batches.append(len(activation.rows))
+            if (step is not None or activation.rows) and not config.next_address:
                 out.tokens.extend(int(t) for t in outputs["tokens"])
             else:
                 out.tensors.extend(encode_tensors(outputs))

@@ -15,6 +15,13 @@ far, prompt and generated. It restarts the caches on every stage and draws the s
 the step would have (the last stage seeds its draw with the position), and the loop
 yields one token per step, so nothing already streamed comes again.
 
+Batching: the decode steps of the sequences generating at once go through a
+:class:`~edge.coordinator.batcher.Batcher`, which sends those ready together as one
+request that every stage runs as one batch (``max_batch`` rows at most; 1: every step
+alone). Prefills and replays are sent alone; a batch that is refused or overtaken by a
+failover is answered FAILED_PRECONDITION, and each of its rows then sends its replay
+alone, as a single step's refusal does.
+
 At most ``generation.sequences`` sequences hold caches at once (the stages were planned
 for that many); more wait in a bounded queue, and past the queue a request is refused
 with RESOURCE_EXHAUSTED.
@@ -34,8 +41,10 @@ from typing import Any, Iterator, Protocol, Sequence
 import grpc
 import numpy as np
 
-from edge.coordinator import guard
+from edge.coordinator import guard, metrics
+from edge.coordinator.batcher import Batcher
 from edge.coordinator.inflight import InferError
+from edge.planning.generation import batch_rows_that_fit
 from edge.planning.plan import Plan
 from edge.proto import edge_pb2 as pb
 from edge.transport.codec import encode_tensors
@@ -92,11 +101,14 @@ class Chunk:
 class TextStream:
     """Incremental detokenization with stop strings.
 
-    Each token decodes every generated id again (a token's text can depend on the ones
-    before it) and hands out the new suffix, holding back a trailing U+FFFD (a character
-    whose bytes are not all there yet) and any tail that could be the start of a stop
-    string. Once the text contains a stop string, what comes before it is handed out and
-    :attr:`stopped` is set.
+    A token's text can depend on the ones before it (a leading space a tokenizer drops at
+    the start of a text, bytes of one character split over tokens), so each new token is
+    decoded with a short window of the ones before it, as vLLM does: the window's text
+    without the new tokens, and with them, differ by the new text. Only the window is
+    decoded, so a token costs the same at position 2000 as at 2. A text ending in U+FFFD
+    (a character whose bytes are not all there yet) waits for the next token. Any tail that
+    could be the start of a stop string is held back; once the text contains a stop
+    string, what comes before it is handed out and :attr:`stopped` is set.
 
     Args:
         tokenizer: decodes ids (None: no text, tokens only).
@@ -110,6 +122,8 @@ class TextStream:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        self._prefix = 0  # ids[_prefix:_read] is the window before the undecoded tokens
+        self._read = 0
 
     def add(self, token: int) -> str:
         """The text that ``token`` completes ("" while a character or a possible stop
@@ -117,14 +131,14 @@ class TextStream:
         self.ids.append(int(token))
         if self.tokenizer is None or self.stopped:
             return ""
-        self.text = text = self.tokenizer.decode(self.ids)
+        self.text = text = self.text + self._decode_new(final=False)
         longest = max((len(s) for s in self.stop), default=0)
         found = [i for i in (text.find(s, max(0, self.emitted - longest)) for s in self.stop)
                  if i >= 0]
         if found:
             self.stopped = True
             return self._emit(max(min(found), self.emitted))
-        end = len(text.rstrip("\ufffd"))
+        end = len(text)
         for k in range(min(longest - 1, end - self.emitted), 0, -1):
             if any(s.startswith(text[end - k:end]) for s in self.stop):
                 end -= k
@@ -133,7 +147,21 @@ class TextStream:
 
     def flush(self) -> str:
         """What is held back, at the end of the sequence ("" after a stop string)."""
-        return "" if self.stopped else self._emit(len(self.text))
+        if self.stopped or self.tokenizer is None:
+            return ""
+        self.text += self._decode_new(final=True)
+        return self._emit(len(self.text))
+
+    def _decode_new(self, final: bool) -> str:
+        """The text of the tokens not decoded yet ("" while it ends in an incomplete
+        character, unless ``final``)."""
+        assert self.tokenizer is not None
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return after[len(before):]
 
     def _emit(self, end: int) -> str:
         if end <= self.emitted:
@@ -226,16 +254,47 @@ class Generator:
             the plan names none, and then only token prompts are taken).
         queue: sequences that may wait for a free one (default: 4 times
             ``generation.sequences``); past it, RESOURCE_EXHAUSTED.
+        max_batch: decode steps of different sequences run as one batch at most
+            (default: ``generation.sequences``; 1: each step alone).
+        batch_slots: batches in flight at once (default: the plan's stages).
     """
 
     def __init__(self, pipeline: Any, tokenizer: Tokenizer | None = None,
-                 queue: int | None = None):
+                 queue: int | None = None, max_batch: int | None = None,
+                 batch_slots: int | None = None):
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch: expected at least 1, got {max_batch}")
         self.pipeline = pipeline
         self._tokenizer = tokenizer
         self._loaded = tokenizer is not None
         self._queue = queue
+        self._max_batch, self._batch_slots = max_batch, batch_slots
         self._slots: _Slots | None = None
+        self._batcher: Batcher | None = None
         self._lock = threading.Lock()  # two first requests at once make one _Slots
+        metrics.watch_generator(self)
+
+    @property
+    def batcher(self) -> Batcher | None:
+        """What batches the decode steps (None when ``max_batch`` is 1)."""
+        with self._lock:
+            if self._batcher is None:
+                size = self._max_batch or self._default_batch()
+                if size <= 1:
+                    return None
+                self._batcher = Batcher(self.pipeline, size, self._batch_slots)
+            return self._batcher
+
+    def _default_batch(self) -> int:
+        """The plan's sequences, or fewer if a batch of them would not fit in memory."""
+        plan = self.pipeline.plan
+        want = plan.model.generation.sequences if plan.model.generation else 1
+        size = batch_rows_that_fit(plan, want)
+        if size < want:
+            log.info("decode batches of at most %d rows (of %d sequences): a larger "
+                     "batch's transient copies of the caches would not fit in the stages' "
+                     "memory; --max-batch sets it", size, want)
+        return size
 
     @property
     def slots(self) -> "_Slots":
@@ -247,6 +306,11 @@ class Generator:
                 self._slots = _Slots(sequences,
                                      4 * sequences if self._queue is None else self._queue)
             return self._slots
+
+    def sequences(self) -> tuple[int, int]:
+        """Sequences generating (holding caches) and waiting for a free one."""
+        slots = self._slots
+        return (slots.busy, slots.waiting) if slots is not None else (0, 0)
 
     @property
     def tokenizer(self) -> Tokenizer | None:
@@ -279,13 +343,18 @@ class Generator:
             InferError: FAILED_PRECONDITION for a plan without generation, INVALID_ARGUMENT
                 for a prompt that is empty, too long, or text without a tokenizer.
         """
-        check_context(self.pipeline.plan, 1, 0)  # a plan without generation, first
-        ids = list(request.prompt_tokens)
-        if not ids and request.prompt:
-            ids = self.prompt_ids(request.prompt, request.chat)
-        return self.start(ids, request.max_tokens,
-                          request.sampling if request.HasField("sampling") else None,
-                          list(request.stop))
+        metrics.count_request("generate")
+        try:
+            check_context(self.pipeline.plan, 1, 0)  # a plan without generation, first
+            ids = list(request.prompt_tokens)
+            if not ids and request.prompt:
+                ids = self.prompt_ids(request.prompt, request.chat)
+            return self._start(ids, request.max_tokens,
+                               request.sampling if request.HasField("sampling") else None,
+                               list(request.stop))
+        except InferError as e:
+            metrics.count_error("generate", e.code)
+            raise
 
     def start(self, prompt_tokens: Sequence[int], max_tokens: int = 0,
               sampling: pb.Sampling | None = None, stop: Sequence[str] = ()) -> "Generation":
@@ -301,6 +370,15 @@ class Generator:
         Raises:
             InferError: the request cannot be served (see :func:`check_context`).
         """
+        metrics.count_request("generate")
+        try:
+            return self._start(prompt_tokens, max_tokens, sampling, stop)
+        except InferError as e:
+            metrics.count_error("generate", e.code)
+            raise
+
+    def _start(self, prompt_tokens: Sequence[int], max_tokens: int,
+               sampling: pb.Sampling | None, stop: Sequence[str]) -> "Generation":
         plan = self.pipeline.plan
         limit = check_context(plan, len(prompt_tokens), max_tokens)
         own = pb.Sampling()
@@ -337,14 +415,15 @@ class Generation:
             self.pipeline.cancel(self._request_id, f"sequence {self.sequence_id} cancelled")
 
     def __iter__(self) -> Iterator[Chunk]:
-        slots = self.generator.slots
-        slots.acquire(self.cancelled, self.pipeline.deadlines.infer)
-        try:
-            yield from self._run()
-        finally:
-            if self._cached:
-                self.pipeline.release(self.sequence_id)
-            slots.release()
+        with metrics.tracked("generate", count=False):  # counted by Generator.start
+            slots = self.generator.slots
+            slots.acquire(self.cancelled, self.pipeline.deadlines.infer)
+            try:
+                yield from self._run()
+            finally:
+                if self._cached:
+                    self.pipeline.release(self.sequence_id)
+                slots.release()
 
     def _run(self) -> Iterator[Chunk]:
         eos = set(self.pipeline.plan.model.generation.eos_token_ids)
@@ -352,14 +431,18 @@ class Generation:
         produced: list[int] = []
         first = last = 0.0
         reason = "length"
+        metrics.count_prompt(len(self.prompt))
         while len(produced) < self.max_tokens:
             result = self._step(tokens, new, epoch)
-            last = time.perf_counter()
+            previous, last = last, time.perf_counter()
             first = first or last
             epoch, token = result.epoch, int(result.tokens[0])
+            if not previous:
+                metrics.first_token(first - self.started)
             if token in eos:
                 reason = "stop"
                 break
+            metrics.token(last - previous if previous else None)
             produced.append(token)
             tokens.append(token)
             new = [token]
@@ -381,17 +464,27 @@ class Generation:
             raise InferError(grpc.StatusCode.CANCELLED, f"sequence {self.sequence_id} "
                                                         f"cancelled", retryable=False)
         plan, position = self.pipeline.plan, len(tokens) - len(new)
-        step = pb.Step(sequence_id=self.sequence_id, position=position, sampling=self.sampling)
+        step = pb.Step(sequence_id=self.sequence_id, position=position, sampling=self.sampling,
+                       length=len(tokens))
         so_far = list(tokens)
 
         def replay() -> tuple[list[pb.Tensor], pb.Step]:
             return (step_tensors(plan, so_far, 0),
-                    pb.Step(sequence_id=self.sequence_id, sampling=self.sampling))
+                    pb.Step(sequence_id=self.sequence_id, sampling=self.sampling,
+                            length=len(so_far)))
 
         self._cached = True  # from here on a stage may hold caches of it
+        batcher = self.generator.batcher if len(new) == 1 and position > 0 else None
+
+        def alone() -> pb.Activation:
+            return self.pipeline.step(step_tensors(plan, new, position), step, replay,
+                                      cache_epoch=epoch, on_admit=self._admitted)
+
         try:
-            result = self.pipeline.step(step_tensors(plan, new, position), step, replay,
-                                        cache_epoch=epoch, on_admit=self._admitted)
+            if batcher is not None and epoch == self.pipeline.epoch:
+                result = batcher.step(step, new[0], epoch, self.cancelled, alone)
+            else:
+                result = alone()
         except InferError as e:
             if e.code != grpc.StatusCode.FAILED_PRECONDITION or position == 0:
                 raise

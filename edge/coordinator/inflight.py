@@ -15,6 +15,12 @@ token of the sequence so far, which restarts the sequence's caches on every stag
 the same token (the last stage seeds its draw by position). Every send after the first, and
 a first send under another epoch than the one whose caches the step builds on, sends the
 replay.
+
+A batch of decode steps (``Request.rows``: one row per sequence, built by
+:mod:`edge.coordinator.batcher`) is sent once, under the epoch its rows' caches belong
+to. Anything that would send it again (a refusal, a resend after a failover, another
+epoch) instead answers it with :data:`BROKEN_UP` (FAILED_PRECONDITION): each row then
+takes its own replay, a single step, and rejoins batches after.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from edge.coordinator.workers import StageWorker
 from edge.errors import EdgeError
 from edge.proto import edge_pb2 as pb
 
-__all__ = ["InFlight", "InferError", "InferResult", "Request", "RETRY", "MAX_ATTEMPTS"]
+__all__ = ["InFlight", "InferError", "InferResult", "Request", "RETRY", "MAX_ATTEMPTS",
+           "BROKEN_UP"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,10 @@ RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDE
 
 # Sends of one request before it fails: a request that no stage ever completes must end.
 MAX_ATTEMPTS = 8
+
+# The code a batch of decode steps is answered with instead of being sent again: its rows
+# replay singly (a stage before the one that refused may have run the batch already).
+BROKEN_UP = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class InferError(EdgeError):
@@ -83,6 +94,7 @@ class Request:
     replay: Callable[[], tuple[list[pb.Tensor], pb.Step]] | None = None
     cache_epoch: int = -1     # the epoch whose caches the step builds on (-1: none)
     replayed: bool = False    # its replay was sent
+    rows: list[pb.Step] = field(default_factory=list)  # a batch of decode steps, by row
 
     def message(self, epoch: int) -> pb.Activation:
         """What to send under ``epoch`` (its ``attempts`` counting this send)."""
@@ -93,6 +105,7 @@ class Request:
         out = pb.Activation(request_id=self.request_id, tensors=tensors, epoch=epoch)
         if step is not None:
             out.step.CopyFrom(step)
+        out.rows.extend(self.rows)
         return out
 
 
@@ -139,21 +152,23 @@ class InFlight:
 
     def admit(self, tensors: list[pb.Tensor], step: pb.Step | None = None,
               replay: Callable[[], tuple[list[pb.Tensor], pb.Step]] | None = None,
-              cache_epoch: int = -1) -> Request:
+              cache_epoch: int = -1, rows: list[pb.Step] | None = None) -> Request:
         """Take a request in, or refuse it at once.
 
         Args:
             tensors: its inputs.
             step: for a step of a generated sequence: the step.
             replay: for a step: its replay (the module's docstring says when it is sent).
-            cache_epoch: for a step: the epoch whose caches it builds on (-1: none).
+            cache_epoch: for a step: the epoch whose caches it builds on (-1: none); for
+                a batch, the epoch it may be sent under.
+            rows: for a batch of decode steps: each row's step.
 
         Raises:
             InferError: UNAVAILABLE while nothing can serve (not retryable once taken
                 over), RESOURCE_EXHAUSTED when ``max_in_flight`` are in flight.
         """
         request = Request(uuid.uuid4().hex, tensors, time.perf_counter(), step=step,
-                          replay=replay, cache_epoch=cache_epoch)
+                          replay=replay, cache_epoch=cache_epoch, rows=list(rows or ()))
         cur = self.current
         with cur.lock:
             if cur.unavailable:
@@ -208,8 +223,13 @@ class InFlight:
             if request.future.done() or not cur.workers:
                 return
             first, epoch = cur.workers[0], cur.epoch
-            request.sent_epoch, request.attempts = epoch, request.attempts + 1
-            message = request.message(epoch)
+            broken = bool(request.rows) and (request.attempts > 0 or request.cache_epoch != epoch)
+            if not broken:
+                request.sent_epoch, request.attempts = epoch, request.attempts + 1
+                message = request.message(epoch)
+        if broken:
+            self._break_up(request, "it would be sent again")
+            return
         first.client.forward(message, self.forward_timeout,
                              lambda code, details: self._sent(request, epoch, first, code,
                                                               details))
@@ -232,12 +252,26 @@ class InFlight:
         """Schedule ``request``, refused by ``w`` under ``epoch``, to be sent again with
         backoff (or fail it after :data:`MAX_ATTEMPTS` sends)."""
         why = f"{code.name}: {details}"
-        if request.attempts >= MAX_ATTEMPTS:
+        if request.rows:
+            self._break_up(request, f"{w.label} refused it: {why}")
+        elif request.attempts >= MAX_ATTEMPTS:
             self.resolve(request.request_id, error=InferError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"request {request.request_id} was sent {request.attempts} times and never "
                 f"completed; last: {w.label}: {why}"))
             return
+        else:
+            self._schedule(request, epoch)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self.suspect(w.stage.device.address, why)
+        self.current.wake.set()
+
+    def _break_up(self, request: Request, why: str) -> None:
+        self.resolve(request.request_id, error=InferError(
+            BROKEN_UP, f"batch {request.request_id} of {len(request.rows)} decode steps "
+                       f"broken up ({why}): each row replays alone"))
+
+    def _schedule(self, request: Request, epoch: int) -> None:
         with self.current.lock:
             if request.sent_epoch == epoch:
                 # A step's first refusal is sent again at once, as its replay: a stage
@@ -246,9 +280,6 @@ class InFlight:
                 first_replay = request.replay is not None and not request.replayed
                 request.retry_at = time.monotonic() + (
                     0.0001 if first_replay else min(2.0, 0.05 * 2 ** request.attempts))
-        if code == grpc.StatusCode.UNAVAILABLE:
-            self.suspect(w.stage.device.address, why)
-        self.current.wake.set()
 
     def resolve(self, request_id: str, result: pb.Activation | None = None,
                 error: InferError | None = None) -> None:

@@ -30,6 +30,7 @@ from typing import Callable, Mapping
 import grpc
 import numpy as np
 
+from edge.coordinator import metrics
 from edge.coordinator.deploy import Progress
 from edge.coordinator.events import Listeners
 from edge.coordinator.failover import Deployment, Replanner
@@ -122,6 +123,7 @@ class Pipeline:
                                     why=self._why)
         self._failover = Failover(cur, self.replanner, self._monitor, self._requests,
                                   self._listeners, self.pool, deadlines, max_losses, on_change)
+        metrics.watch_pipeline(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -135,6 +137,7 @@ class Pipeline:
 
     def close(self) -> None:
         cur = self._current
+        metrics.unwatch_pipeline(self)
         cur.closed.set()
         cur.wake.set()
         cur.serving.set()  # wake requests waiting for a recovery
@@ -184,6 +187,11 @@ class Pipeline:
         return len(self._requests)
 
     @property
+    def not_serving(self) -> str:
+        """Why no request can be served now ("" while they can)."""
+        return self._current.not_serving()
+
+    @property
     def taken_over(self) -> str:
         """Why another coordinator owns the workers now ("" while they are ours)."""
         return self._current.taken_over
@@ -213,25 +221,12 @@ class Pipeline:
         Raises:
             InferError: with the status code to report.
         """
-        plan = self.plan
-        if isinstance(inputs, Mapping):
-            try:
-                check_tensors(inputs, plan.model.inputs, "the model")
-            except TensorError as e:
-                raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-            shapes = [(k, v.shape) for k, v in inputs.items()]
-            tensors = encode_tensors(inputs)
-        else:
-            tensors = list(inputs)
-            shapes = [(t.name, tuple(t.shape)) for t in tensors]
-        try:
-            check_fits(plan, request_sizes(plan.model.inputs, shapes))
-        except BeyondModel as e:
-            raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(e), retryable=False) from None
-        except TooLarge as e:
-            raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
-                             retryable=False) from None
-        request = self._requests.admit(tensors)
+        with metrics.tracked("infer"):
+            return self._infer(inputs, timeout)
+
+    def _infer(self, inputs: Mapping[str, np.ndarray] | list[pb.Tensor],
+               timeout: float | None) -> InferResult:
+        request = self._requests.admit(checked_request(self.plan, inputs))
         activation = self._requests.wait(request, timeout or self.deadlines.infer)
         return InferResult(request.request_id, list(activation.tensors),
                            list(activation.timings),
@@ -263,6 +258,24 @@ class Pipeline:
         request = self._requests.admit(tensors, step, replay, cache_epoch)
         if on_admit is not None:
             on_admit(request.request_id)
+        return self._requests.wait(request, timeout or self.deadlines.infer)
+
+    def step_batch(self, tensors: list[pb.Tensor], rows: list[pb.Step], cache_epoch: int,
+                   timeout: float | None = None) -> pb.Activation:
+        """Run one decode step of each of several sequences as one request and wait for
+        its result (a token per row); sent once, under ``cache_epoch`` only (see
+        :mod:`edge.coordinator.batcher`).
+
+        Args:
+            tensors: the batch's inputs, row i being ``rows[i]``'s step.
+            rows: each row's sequence, position and sampling.
+            cache_epoch: the epoch of every row's last result.
+            timeout: seconds to wait (default: the infer deadline).
+
+        Raises:
+            InferError: with the status code to report (BROKEN_UP: replay each row).
+        """
+        request = self._requests.admit(tensors, cache_epoch=cache_epoch, rows=rows)
         return self._requests.wait(request, timeout or self.deadlines.infer)
 
     def cancel(self, request_id: str, why: str) -> None:
@@ -332,3 +345,31 @@ class Pipeline:
             except grpc.RpcError as e:
                 entry.error = f"{e.code().name}: {e.details()}"
         return out
+
+
+def checked_request(plan: Plan, inputs: Mapping[str, np.ndarray] | list[pb.Tensor]
+                    ) -> list[pb.Tensor]:
+    """An Infer request's wire tensors, once checked against the plan's inputs and the
+    sizes its devices hold.
+
+    Raises:
+        InferError: INVALID_ARGUMENT (wrong names, dtypes, ranks, beyond the model's own
+            limits) or RESOURCE_EXHAUSTED (more than the devices hold).
+    """
+    if isinstance(inputs, Mapping):
+        try:
+            check_tensors(inputs, plan.model.inputs, "the model")
+        except TensorError as e:
+            raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        shapes = [(k, v.shape) for k, v in inputs.items()]
+        tensors = encode_tensors(inputs)
+    else:
+        tensors = list(inputs)
+        shapes = [(t.name, tuple(t.shape)) for t in tensors]
+    try:
+        check_fits(plan, request_sizes(plan.model.inputs, shapes))
+    except BeyondModel as e:
+        raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(e), retryable=False) from None
+    except TooLarge as e:
+        raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retryable=False) from None
+    return tensors

@@ -25,6 +25,7 @@ from edge.coordinator.deploy import DeployError, Progress, deploy
 from edge.coordinator.events import Listeners
 from edge.coordinator.failover import Deployment, NoCapacity, Replanner
 from edge.coordinator.inflight import InferError, InFlight
+from edge.coordinator.metrics import count_failover
 from edge.coordinator.monitor import Monitor
 from edge.coordinator.state import Current
 from edge.coordinator.workers import StageWorker, WorkerPool
@@ -237,6 +238,7 @@ class Failover:
 
     def _record(self, recovery: Recovery) -> None:
         self.recoveries.append(recovery)
+        count_failover(recovery.how)
         # Said once: to on_change if someone listens (edge coordinator prints it), else
         # to the log.
         level = (logging.INFO if self.on_change else

@@ -8,6 +8,7 @@ import math
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from edge.coordinator import metrics
 from edge.coordinator.client import NO_RETRY, PUSHBACK
 from edge.coordinator.generate import Generator
 from edge.coordinator.pipeline import InferError, Pipeline
@@ -16,7 +17,8 @@ from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.coordinator.guard import largest_request_bytes
 from edge.transport.channels import (MAX_MESSAGE_BYTES, MIN_RECEIVE_BYTES, create_server,
-                                     wait_for_signal)
+                                     catch_stop_signals, wait_for_signal)
+from edge.transport import systemd
 from edge.transport.codec import decode_tensors
 from edge.transport.services import add_service
 
@@ -34,6 +36,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         try:
             arrays = decode_tensors(request.inputs)
         except TensorError as e:
+            metrics.count_request("infer")  # counted by the pipeline once it gets there
+            metrics.count_error("infer", grpc.StatusCode.INVALID_ARGUMENT)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         remaining = context.time_remaining()
         try:
@@ -85,17 +89,23 @@ def receive_limit(plan) -> int:
     return max(limit, MIN_RECEIVE_BYTES)
 
 
-def start_coordinator(pipeline: Pipeline, listen: str) -> tuple[grpc.Server, int]:
+def start_coordinator(pipeline: Pipeline, listen: str, max_batch: int | None = None,
+                      generator: Generator | None = None) -> tuple[grpc.Server, int]:
     """Serve an already started pipeline on ``listen``. Returns the server and its port.
 
     Each Infer holds a thread while its request is in flight: one thread per request the
     pipeline accepts, a few more for status and profile calls, and no queue beyond them.
+    ``max_batch``: decode steps run as one batch at most (see :class:`Generator`).
+    ``generator``: the token loop to share with another face (the HTTP API), so that the
+    sequences holding caches stay within the plan's count across both (it then has its
+    own ``max_batch``).
     """
     threads = pipeline.max_in_flight + 8
     server, port = create_server(listen, max_workers=threads, max_concurrent_rpcs=threads,
                                  security=pipeline.security,
                                  max_receive_bytes=receive_limit(pipeline.plan))
-    add_service(server, CoordinatorServicer(pipeline), pb, "Coordinator")
+    generator = generator or Generator(pipeline, max_batch=max_batch)
+    add_service(server, CoordinatorServicer(pipeline, generator), pb, "Coordinator")
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.start()
@@ -112,13 +122,20 @@ def start_coordinator(pipeline: Pipeline, listen: str) -> tuple[grpc.Server, int
     return server, port
 
 
-def serve(pipeline: Pipeline, listen: str, on_ready=None, grace: float = 5.0) -> None:
-    """Serve until SIGTERM/SIGINT, then let calls in flight finish."""
-    server, port = start_coordinator(pipeline, listen)
+def serve(pipeline: Pipeline, listen: str, on_ready=None, grace: float = 5.0,
+          max_batch: int | None = None, generator: Generator | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then let calls in flight finish (``max_batch``,
+    ``generator``: see :func:`start_coordinator`)."""
+    stop = catch_stop_signals()  # before anyone is told we are ready
+    server, port = start_coordinator(pipeline, listen, max_batch, generator)
     if on_ready:
         on_ready(port)
+    # Deployed and serving: under systemd (Type=notify) the unit counts as started now.
+    systemd.ready(f"serving {pipeline.plan.model.name} over {len(pipeline.plan.stages)} "
+                  f"workers on port {port}")
     try:
-        wait_for_signal()
+        wait_for_signal(stop)
+        systemd.stopping()
     finally:
         server.stop(grace).wait()
         pipeline.close()

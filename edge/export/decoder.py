@@ -474,6 +474,17 @@ def export_gguf(gguf_path: str | Path, out: str | Path, opset: int = 18,
     return out
 
 
+def is_causal_lm(model_dir: str | Path) -> bool:
+    """Whether a Hugging Face folder holds a causal LM (exported with its KV cache by
+    :func:`export_hf_decoder`; other models by ``edge.export.export_hf``)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # the exporter says what is wrong with the folder
+    return any(a.endswith(("ForCausalLM", "LMHeadModel"))
+               for a in config.get("architectures") or ())
+
+
 def export_hf_decoder(model_dir: str | Path, out: str | Path, opset: int = 18,
                       verify: bool = True) -> Path:
     """Export a local Hugging Face causal-LM folder (no download) with the KV cache.

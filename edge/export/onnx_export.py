@@ -368,4 +368,18 @@ def export_hf(model_dir: str | Path, out: str | Path, seq: int = 128, opset: int
                  text_inputs(vocab, batch=3, seq=seq, seed=2)]
         diff = verify_onnx(model, out, feeds, outputs)
         log.info("%s matches torch (max abs diff %.2g)", out, diff)
+    _save_encoder_tokenizer(model_dir, out.parent)
     return out
+
+
+def _save_encoder_tokenizer(model_dir: Path, out_dir: Path) -> None:
+    """The folder's fast tokenizer beside the .onnx (``tokenizer.json``,
+    ``tokenizer_config.json``), for the coordinator's /v1/embeddings of text; nothing
+    when the folder has none."""
+    if not (model_dir / "tokenizer.json").is_file():
+        return
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (model_dir / name).is_file() and model_dir.resolve() != out_dir.resolve():
+            shutil.copyfile(model_dir / name, out_dir / name)

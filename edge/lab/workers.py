@@ -75,7 +75,8 @@ def start_worker(dev: LabDevice, state_dir: Path) -> subprocess.Popen:
         "edge", "--log-level", "INFO", "worker",
         "--listen", dev.address, "--device", dev.profile,
         "--cache-dir", dev.cache_dir, "--threads", str(dev.threads),
-        "--port-file", str(ready), "--certs", str(bundle_dir(state_dir, dev)))]
+        "--port-file", str(ready), "--certs", str(bundle_dir(state_dir, dev)),
+        "--name", dev.name)]  # announced by mDNS on the lab's bridge: `edge discover` sees it
     profile_budget = load_profile(dev.profile).memory_budget_mb
     if dev.memory_budget_mb != profile_budget:
         cmd += ["--memory-budget", f"{dev.memory_budget_mb:g}"]

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Sequence
 
 from edge.errors import PlanError
-from edge.planning.plan import Generation, TensorSpec, dim_expression
+from edge.planning.plan import Generation, Plan, TensorSpec, dim_expression
 from edge.spec import KV_DTYPES
 
 __all__ = ["DEFAULT_CONTEXT", "TOKENIZER_FILES", "GenerationRequest", "resolve",
-           "prefill_bindings", "decode_bindings", "copy_tokenizer", "last_position_logits"]
+           "prefill_bindings", "decode_bindings", "copy_tokenizer", "last_position_logits",
+           "batch_rows_that_fit"]
 
 log = logging.getLogger(__name__)
 
@@ -208,3 +209,28 @@ def last_position_logits(m, output: str = "logits") -> bool:
     log.info("generation: %s computed for the last position only (a Slice of %s before "
              "its MatMul)", output, hidden)
     return True
+
+
+def batch_rows_that_fit(plan: Plan, rows: int) -> int:
+    """How many sequences' decode steps (up to ``rows``) each stage can run as one batch
+    within its device's memory.
+
+    A batch copies its rows' caches into left-padded pasts and onnxruntime returns
+    presents one token longer, so while it runs a stage holds about twice the batch's
+    caches beside the ones it keeps (which the plan counts). At the planned context that
+    is ``2 x rows x context x kv_bytes_per_token``; it must fit in what the device has
+    beyond the stage's planned memory. The copies are float32 even when the caches are
+    stored in fp16 (``Generation.kv_dtype``): twice the stored bytes per token then.
+    """
+    gen = plan.model.generation
+    if gen is None:
+        return 1
+    widen = 2 if gen.kv_dtype == "fp16" else 1  # the graph reads float32 pasts
+    fit = rows
+    for stage in plan.stages:
+        per_row = 2 * gen.context * stage.kv_bytes_per_token * widen / 2**20
+        if per_row <= 0:
+            continue
+        room = stage.device.memory_mb - stage.predicted.memory_mb
+        fit = min(fit, int(room // per_row))
+    return max(1, fit)

@@ -51,20 +51,22 @@ class StageTiming(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., send_ms: _Optional[float] = ..., received_unix_ns: _Optional[int] = ...) -> None: ...
 
 class Activation(_message.Message):
-    __slots__ = ("request_id", "tensors", "timings", "epoch", "step", "tokens")
+    __slots__ = ("request_id", "tensors", "timings", "epoch", "step", "tokens", "rows")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     epoch: int
     step: Step
     tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., epoch: _Optional[int] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    rows: _containers.RepeatedCompositeFieldContainer[Step]
+    def __init__(self, request_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., epoch: _Optional[int] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., tokens: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[_Union[Step, _Mapping]]] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
@@ -79,16 +81,20 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("sequence_id", "position", "release", "sampling")
+    __slots__ = ("sequence_id", "position", "release", "sampling", "partial", "length")
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
     sequence_id: str
     position: int
     release: bool
     sampling: Sampling
-    def __init__(self, sequence_id: _Optional[str] = ..., position: _Optional[int] = ..., release: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+    partial: bool
+    length: int
+    def __init__(self, sequence_id: _Optional[str] = ..., position: _Optional[int] = ..., release: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., partial: _Optional[bool] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ()
@@ -145,7 +151,7 @@ class ShardFileRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., random_access: _Optional[bool] = ...) -> None: ...
 
 class StageConfig(_message.Message):
-    __slots__ = ("stage", "num_stages", "shard_sha256", "inputs", "outputs", "next_address", "epoch", "plan_id", "predicted_memory_mb", "data_files", "mode", "protocol", "max_request_bytes", "coordinator_id", "take_over", "state", "max_sequences", "context", "kv_dtype")
+    __slots__ = ("stage", "num_stages", "shard_sha256", "inputs", "outputs", "next_address", "epoch", "plan_id", "predicted_memory_mb", "data_files", "mode", "protocol", "max_request_bytes", "coordinator_id", "take_over", "state", "max_sequences", "context", "prefill_chunk", "kv_dtype")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
     SHARD_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +170,7 @@ class StageConfig(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CHUNK_FIELD_NUMBER: _ClassVar[int]
     KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
     stage: int
     num_stages: int
@@ -183,8 +190,9 @@ class StageConfig(_message.Message):
     state: _containers.RepeatedCompositeFieldContainer[StatePair]
     max_sequences: int
     context: int
+    prefill_chunk: int
     kv_dtype: str
-    def __init__(self, stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., plan_id: _Optional[str] = ..., predicted_memory_mb: _Optional[float] = ..., data_files: _Optional[_Iterable[_Union[ShardFileRef, _Mapping]]] = ..., mode: _Optional[str] = ..., protocol: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., take_over: _Optional[bool] = ..., state: _Optional[_Iterable[_Union[StatePair, _Mapping]]] = ..., max_sequences: _Optional[int] = ..., context: _Optional[int] = ..., kv_dtype: _Optional[str] = ...) -> None: ...
+    def __init__(self, stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., plan_id: _Optional[str] = ..., predicted_memory_mb: _Optional[float] = ..., data_files: _Optional[_Iterable[_Union[ShardFileRef, _Mapping]]] = ..., mode: _Optional[str] = ..., protocol: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., take_over: _Optional[bool] = ..., state: _Optional[_Iterable[_Union[StatePair, _Mapping]]] = ..., max_sequences: _Optional[int] = ..., context: _Optional[int] = ..., prefill_chunk: _Optional[int] = ..., kv_dtype: _Optional[str] = ...) -> None: ...
 
 class StatePair(_message.Message):
     __slots__ = ("input", "output")
@@ -229,7 +237,7 @@ class DeviceFacts(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., machine: _Optional[str] = ..., system: _Optional[str] = ..., cpu_count: _Optional[int] = ..., cpu_freq_mhz: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., python: _Optional[str] = ..., onnxruntime: _Optional[str] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("device", "version", "configured", "stage", "shard_sha256", "plan_id", "epoch", "rss_bytes", "peak_rss_bytes", "memory_budget_mb", "requests_done", "requests_failed", "mean_compute_ms", "queue_depth", "facts", "rss_anon_bytes", "rss_file_bytes", "memory_warning", "mode", "coordinator_id", "sequences", "kv_cache_bytes")
+    __slots__ = ("device", "version", "configured", "stage", "shard_sha256", "plan_id", "epoch", "rss_bytes", "peak_rss_bytes", "memory_budget_mb", "requests_done", "requests_failed", "mean_compute_ms", "queue_depth", "facts", "rss_anon_bytes", "rss_file_bytes", "memory_warning", "mode", "coordinator_id", "sequences", "kv_cache_bytes", "batched_runs", "batched_rows")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CONFIGURED_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +260,8 @@ class WorkerStatus(_message.Message):
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_RUNS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_ROWS_FIELD_NUMBER: _ClassVar[int]
     device: str
     version: str
     configured: bool
@@ -274,7 +284,9 @@ class WorkerStatus(_message.Message):
     coordinator_id: str
     sequences: int
     kv_cache_bytes: int
-    def __init__(self, device: _Optional[str] = ..., version: _Optional[str] = ..., configured: _Optional[bool] = ..., stage: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., plan_id: _Optional[str] = ..., epoch: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., memory_budget_mb: _Optional[float] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., mean_compute_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., rss_anon_bytes: _Optional[int] = ..., rss_file_bytes: _Optional[int] = ..., memory_warning: _Optional[str] = ..., mode: _Optional[str] = ..., coordinator_id: _Optional[str] = ..., sequences: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    batched_runs: int
+    batched_rows: int
+    def __init__(self, device: _Optional[str] = ..., version: _Optional[str] = ..., configured: _Optional[bool] = ..., stage: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., plan_id: _Optional[str] = ..., epoch: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., memory_budget_mb: _Optional[float] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., mean_compute_ms: _Optional[float] = ..., queue_depth: _Optional[int] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., rss_anon_bytes: _Optional[int] = ..., rss_file_bytes: _Optional[int] = ..., memory_warning: _Optional[str] = ..., mode: _Optional[str] = ..., coordinator_id: _Optional[str] = ..., sequences: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., batched_runs: _Optional[int] = ..., batched_rows: _Optional[int] = ...) -> None: ...
 
 class CalibrateRequest(_message.Message):
     __slots__ = ("seconds", "payload")

@@ -142,10 +142,22 @@ def serialized_unary(channel: grpc.Channel, method, response_type) -> grpc.Unary
                                response_deserializer=response_type.FromString)
 
 
-def wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT: how `edge worker` and `edge coordinator` run."""
+def catch_stop_signals() -> threading.Event:
+    """From now on SIGTERM and SIGINT set the returned event instead of killing the
+    process. Call it before saying "ready" (a port file, systemd's READY=1): whoever
+    reads that may send SIGTERM at once, and it must stop gracefully."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def wait_for_signal(stop: threading.Event | None = None) -> None:
+    """Block until SIGTERM or SIGINT: how `edge worker` and `edge coordinator` run.
+
+    Args:
+        stop: the event of an earlier :func:`catch_stop_signals` (default: catch them now).
+    """
+    stop = stop or catch_stop_signals()
     while not stop.wait(0.5):
         pass

@@ -131,7 +131,8 @@ def encode_activation(request_id: str, epoch: int, arrays: Mapping[str, np.ndarr
                       timings: Iterable[pb.StageTiming]
                       | Callable[[], Iterable[pb.StageTiming]] = (),
                       step: pb.Step | None = None,
-                      tokens: Iterable[int] = ()) -> bytes:
+                      tokens: Iterable[int] = (),
+                      rows: Iterable[pb.Step] = ()) -> bytes:
     """A serialized ``Activation`` holding ``arrays``, with each tensor's bytes copied once.
 
     Building ``pb.Tensor`` messages copies every activation three times before gRPC sees
@@ -148,6 +149,7 @@ def encode_activation(request_id: str, epoch: int, arrays: Mapping[str, np.ndarr
             encoded (so that a timing can include the encoding).
         step: the generation step it belongs to, if any.
         tokens: the tokens drawn (a step's result).
+        rows: the decode steps of a batch, by row.
     """
     parts: list = []
     for name, a in arrays.items():
@@ -161,8 +163,8 @@ def encode_activation(request_id: str, epoch: int, arrays: Mapping[str, np.ndarr
     if callable(timings):
         timings = timings()
     parts.append(pb.Activation(request_id=request_id, epoch=epoch, timings=list(timings),
-                               step=step, tokens=[int(t) for t in tokens]
-                               ).SerializeToString())
+                               step=step, tokens=[int(t) for t in tokens],
+                               rows=list(rows)).SerializeToString())
     return b"".join(parts)
 
 

@@ -91,6 +91,7 @@ def stage_spec(c: pb.StageConfig) -> StageSpec:
         max_request_bytes=c.max_request_bytes,
         state=state, max_sequences=c.max_sequences, context=c.context,
         kv_dtype=c.kv_dtype or "fp32",
+        prefill_chunk=c.prefill_chunk,
     )
 
 

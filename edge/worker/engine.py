@@ -13,7 +13,8 @@ are then dropped, since the coordinator resends them.
 
 A generation step (``Activation.step``) runs with its sequence's caches from the
 engine's session store (``edge.worker.sessions``), in the order the steps came; a
-release frees them and goes on to the next stage like a step, with no tensors.
+release frees them and goes on to the next stage like a step, with no tensors. A batch
+of decode steps (``Activation.rows``) runs as one (``sessions.run_batch``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -36,7 +37,9 @@ from edge.transport.codec import encode_activation
 from edge.worker.errors import (RUN_FAILURE_CODES, NextHopRefused, QueueFull,
                                 ShardLoadError, WorkerError, status_code)
 from edge.worker.events import EventBus
-from edge.worker.sessions import DEFAULT_IDLE_S, SessionStore, run_step
+from edge.worker.metrics import count_failure, stage_metrics
+from edge.worker.sessions import (DEFAULT_IDLE_S, SessionStore, run_batch, run_step,
+                                  split_prefill)
 from edge.worker.stage import ShardMismatch, StageRunner, StageSpec, describe_ort_error
 
 __all__ = ["Job", "StageEngine"]
@@ -65,6 +68,19 @@ class Job:
     outputs: dict[str, np.ndarray] | None = None
     step: pb.Step | None = None  # a generation step (a release has no arrays)
     tokens: np.ndarray | None = None  # drawn by the last stage for a step
+    rows: list[pb.Step] = field(default_factory=list)  # a batch of decode steps, by row
+
+
+def _chunks(job: Job) -> list[Job]:
+    """A first stage's step longer than its prefill chunk, as one job per chunk (see
+    :func:`edge.worker.sessions.split_prefill`); else ``[job]``."""
+    spec = job.runner.spec
+    if job.step is None or spec.stage != 0 or not spec.prefill_chunk:
+        return [job]
+    parts = split_prefill(job.arrays, job.step, spec.prefill_chunk)
+    if len(parts) == 1:
+        return [job]
+    return [replace(job, arrays=arrays, step=step) for arrays, step in parts]
 
 
 class StageEngine:
@@ -77,12 +93,14 @@ class StageEngine:
         deadlines: per-call deadlines for the calls to the next hop.
         security: how the channel to the next hop is secured.
         session_idle_s: seconds after which a sequence without a step loses its caches.
+        device: this worker's device profile, the ``device`` label of its metrics.
     """
 
     def __init__(self, events: EventBus, max_queue: int = 64, threads: int | None = None,
                  deadlines: Deadlines = Deadlines(), security: Security = Security(),
-                 session_idle_s: float = DEFAULT_IDLE_S):
+                 session_idle_s: float = DEFAULT_IDLE_S, device: str = "unknown"):
         self.events = events
+        self.device = device
         self.max_queue = max_queue
         self.threads = threads
         self.deadlines = deadlines
@@ -97,6 +115,7 @@ class StageEngine:
         self._done = 0
         self._failed = 0
         self._compute_ms_total = 0.0
+        self._batched_runs = self._batched_rows = 0
         self.sessions = SessionStore(session_idle_s)
         self._next_sweep = 0.0
         self.stopping = threading.Event()
@@ -121,12 +140,21 @@ class StageEngine:
         with self._stats_lock:
             return self._done, self._failed, self._compute_ms_total
 
+    def batched(self) -> tuple[int, int]:
+        """Runs of a batch of decode steps, and their rows."""
+        with self._stats_lock:
+            return self._batched_runs, self._batched_rows
+
     def counters(self) -> tuple[int, int]:
         """Requests done and the queue's depth, for the memory sampler."""
         return self._done, self._jobs.qsize()
 
     def queue_depth(self) -> int:
         return self._jobs.qsize()
+
+    def queue_depths(self) -> tuple[int, int]:
+        """Requests waiting for compute, and computed ones waiting to be sent."""
+        return self._jobs.qsize(), self._outbox.qsize()
 
     def busy(self) -> bool:
         """True while requests wait for compute or for sending."""
@@ -202,9 +230,10 @@ class StageEngine:
         runner = self.runner
         return runner is None or job.epoch != runner.spec.epoch
 
-    def _fail(self, job: Job, code: grpc.StatusCode, message: str) -> None:
+    def _fail(self, job: Job, code: grpc.StatusCode, message: str, phase: str) -> None:
         with self._stats_lock:
             self._failed += 1
+        count_failure(job.runner.spec.stage, self.device, code, phase)
         log.warning("request %s failed: %s", job.request_id, message)
         self.events.publish(pb.Event(failure=pb.Failure(
             request_id=job.request_id, stage=job.runner.spec.stage, code=code.value[0],
@@ -236,31 +265,47 @@ class StageEngine:
                 job.outputs = {}
                 self._outbox.put(job)  # and on to the next stage (the last: a result)
                 continue
-            start = time.perf_counter()
-            job.queue_ms = (start - job.received) * 1e3
-            try:
-                if job.step is None:
-                    job.outputs = job.runner.run(job.arrays)
-                else:
-                    job.outputs, job.tokens = run_step(job.runner, self.sessions, job.epoch,
-                                                       job.arrays, job.step)
-            except WorkerError as e:  # a step refused: its position, the bounds
-                job.arrays = {}
-                self._fail(job, status_code(e) or grpc.StatusCode.INTERNAL,
-                           f"request {job.request_id}: {e}")
-                continue
-            except Exception as e:
-                kind, msg = describe_ort_error(e)
-                code = RUN_FAILURE_CODES.get(kind, grpc.StatusCode.INTERNAL)
-                self._fail(job, code, f"{job.runner.spec.where} could not run request "
-                                      f"{job.request_id}: {msg}")
-                continue
-            job.compute_ms = (time.perf_counter() - start) * 1e3
-            job.arrays = {}  # free the inputs before the outputs are sent
-            with self._stats_lock:
-                self._done += 1
-                self._compute_ms_total += job.compute_ms
-            self._outbox.put(job)
+            for part in _chunks(job):  # in order; a refused chunk ends the step
+                if not self._compute(part):
+                    break
+
+    def _compute(self, job: Job) -> bool:
+        """Run ``job`` and queue its outputs to be sent; False if it failed (said)."""
+        start = time.perf_counter()
+        job.queue_ms = (start - job.received) * 1e3
+        try:
+            if job.rows:
+                job.outputs, job.tokens = run_batch(job.runner, self.sessions, job.epoch,
+                                                    job.arrays, job.rows)
+            elif job.step is None:
+                job.outputs = job.runner.run(job.arrays)
+            else:
+                job.outputs, job.tokens = run_step(job.runner, self.sessions, job.epoch,
+                                                   job.arrays, job.step)
+        except WorkerError as e:  # a step refused: its position, the bounds
+            job.arrays = {}
+            self._fail(job, status_code(e) or grpc.StatusCode.INTERNAL,
+                       f"request {job.request_id}: {e}", "compute")
+            return False
+        except Exception as e:
+            kind, msg = describe_ort_error(e)
+            code = RUN_FAILURE_CODES.get(kind, grpc.StatusCode.INTERNAL)
+            self._fail(job, code, f"{job.runner.spec.where} could not run request "
+                                  f"{job.request_id}: {msg}", "compute")
+            return False
+        job.compute_ms = (time.perf_counter() - start) * 1e3
+        job.arrays = {}  # free the inputs before the outputs are sent
+        metrics = stage_metrics(job.runner.spec.stage, self.device)
+        metrics.queue.observe(job.queue_ms / 1e3)
+        metrics.compute.observe(job.compute_ms / 1e3)
+        with self._stats_lock:
+            self._done += 1
+            self._compute_ms_total += job.compute_ms
+            if job.rows:
+                self._batched_runs += 1
+                self._batched_rows += len(job.rows)
+        self._outbox.put(job)
+        return True
 
     def _send_loop(self) -> None:
         while not self.stopping.is_set():
@@ -275,6 +320,9 @@ class StageEngine:
     def _send(self, job: Job) -> None:
         start = time.perf_counter()
         spec = job.runner.spec
+        if spec.is_last and job.step is not None and job.step.partial:
+            job.outputs = None  # a prompt's chunk before the last: cached, not answered
+            return
         timing = pb.StageTiming(stage=spec.stage, queue_ms=job.queue_ms,
                                 compute_ms=job.compute_ms, received_unix_ns=job.received_ns)
 
@@ -285,11 +333,12 @@ class StageEngine:
         # Straight to wire bytes: one copy of the outputs instead of three.
         try:
             data = encode_activation(job.request_id, job.epoch, job.outputs, timings,
-                                     step=job.step,
+                                     step=job.step, rows=job.rows,
                                      tokens=() if job.tokens is None else job.tokens)
         except TensorError as e:
             self._fail(job, grpc.StatusCode.INTERNAL, f"{spec.where} cannot send the "
-                                                      f"outputs of {job.request_id}: {e}")
+                                                      f"outputs of {job.request_id}: {e}",
+                       "send")
             return
         finally:
             job.outputs = None
@@ -298,6 +347,7 @@ class StageEngine:
             event.result.MergeFromString(data)
             del data
             self.events.publish(event)
+            stage_metrics(spec.stage, self.device).send.observe(time.perf_counter() - start)
             return
         forward = self._next_forward
         try:
@@ -307,6 +357,8 @@ class StageEngine:
             while not self.stopping.is_set():
                 try:
                     call.result(timeout=0.25)
+                    stage_metrics(spec.stage, self.device).send.observe(
+                        time.perf_counter() - start)
                     break
                 except grpc.FutureTimeoutError:
                     if self._stale(job):
@@ -320,7 +372,7 @@ class StageEngine:
                 code = grpc.StatusCode.UNAVAILABLE
             self._fail(job, code, f"{spec.where} could not hand request {job.request_id} "
                                   f"to stage {spec.stage + 1} at {spec.next_address}: "
-                                  f"{e.code().name}: {e.details()}")
+                                  f"{e.code().name}: {e.details()}", "send")
         finally:
             del data  # not kept while the loop waits for and encodes the next one
 

@@ -2,7 +2,9 @@
 
 The draw is a pure function of the logits, the sampling settings, the seed and the
 step's position: the generator is ``numpy.random.default_rng([seed, position + n])`` (n:
-the tokens of the step), so a step replayed after a failover draws the same token.
+the tokens of the step), or ``[seed, length]`` where the step says the sequence's length
+once it is cached, so a step replayed after a failover, or run in chunks, draws the same
+token.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def distribution(logits: np.ndarray, temperature: float, top_k: int = 0,
 
 
 def draw_tokens(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
-                seed: int, position: int) -> np.ndarray:
+                seed: int, position: int, length: int = 0) -> np.ndarray:
     """The next token of each batch row, from a step's logits.
 
     Args:
@@ -57,6 +59,9 @@ def draw_tokens(logits: np.ndarray, temperature: float, top_k: int, top_p: float
         top_p: see :func:`distribution`.
         seed: the request's seed.
         position: the tokens cached before this step.
+        length: the sequence's tokens once this step is cached (0: ``position`` plus the
+            logits' length, which is the step's length only where every position's logits
+            are kept).
 
     Returns:
         int64 [batch].
@@ -65,7 +70,7 @@ def draw_tokens(logits: np.ndarray, temperature: float, top_k: int, top_p: float
     if temperature <= 0:
         return last.argmax(axis=-1).astype(np.int64)
     n = logits.shape[1]
-    rng = np.random.default_rng([int(seed), int(position) + n])
+    rng = np.random.default_rng([int(seed), int(length) or int(position) + n])
     out = np.empty(last.shape[0], dtype=np.int64)
     for row in range(last.shape[0]):
         p = distribution(last[row], temperature, top_k, top_p)

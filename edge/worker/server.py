@@ -28,13 +28,15 @@ import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import edge
+from edge.address import parse_address
 from edge.profiling.calibrate import measure_gflops
 from edge.profiling.memory import device_facts, memory_breakdown, release_free_heap, rss_bytes
 from edge.profiling.sampler import Sampler
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import (MAX_MESSAGE_BYTES, Deadlines, Security, create_server,
-                                     wait_for_signal)
+                                     catch_stop_signals, wait_for_signal)
+from edge.transport import systemd
 from edge.transport.codec import decode_tensors
 from edge.transport.services import add_service
 from edge.worker.cache import ShardCache, UploadError, default_cache_dir
@@ -42,9 +44,10 @@ from edge.worker.configure import (check_budget, check_protocol, check_stage_con
                                    stage_spec, verified_stage_path)
 from edge.worker.engine import Job, StageEngine
 from edge.worker.errors import (BadRequest, Busy, NotConfigured, OwnedElsewhere, StaleEpoch,
-                                TakenOver, TooManySubscribers, grpc_errors)
+                                TakenOver, TooManySubscribers, grpc_errors, status_code)
 from edge.worker.events import END, OWNER_GRACE_S, EventBus
-from edge.worker.sessions import DEFAULT_IDLE_S, check_step
+from edge.worker.metrics import NO_STAGE, count_failure, count_forward, watch
+from edge.worker.sessions import DEFAULT_IDLE_S, check_rows, check_step
 
 __all__ = ["WorkerConfig", "WorkerServicer", "serve", "start_worker", "message_limit_bytes",
            "MAX_SUBSCRIBERS", "MAX_CALIBRATE_SECONDS", "MAX_CHUNK_BYTES", "OWNER_GRACE_S"]
@@ -90,6 +93,10 @@ class WorkerConfig:
             loopback only).
         session_idle_s: seconds after which a generated sequence without a step loses
             its KV caches on this worker.
+        announce: announce the worker by mDNS while it serves (``edge worker`` does,
+            unless ``--no-announce``; see ``edge.worker.announce``).
+        name: the device name it announces (empty: the host name).
+        cluster_id: the cluster id it announces (empty: from its CA, or ``default``).
     """
 
     listen: str = "127.0.0.1:50051"
@@ -106,6 +113,9 @@ class WorkerConfig:
     deadlines: Deadlines = Deadlines()
     security: Security = Security()
     session_idle_s: float = DEFAULT_IDLE_S
+    announce: bool = False
+    name: str = ""
+    cluster_id: str = ""
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
@@ -119,7 +129,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.engine = StageEngine(self.events, max_queue=config.max_queue,
                                   threads=config.threads, deadlines=config.deadlines,
                                   security=config.security,
-                                  session_idle_s=config.session_idle_s)
+                                  session_idle_s=config.session_idle_s,
+                                  device=config.device)
         self._loaded: tuple[int, float] = (0, 0.0)  # RSS right after the last load, load ms
         # Before any shard: what this device pays for a worker at all (its runtime floor).
         self.startup_rss = rss_bytes()
@@ -127,6 +138,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.sampler = Sampler(config.sample_interval_s, keep=keep,
                                counters=self.engine.counters,
                                budget_mb=config.memory_budget_mb).start()
+        watch(self)  # its queues, caches and memory, read at each scrape
 
     # ------------------------------------------------------------------ shards
 
@@ -191,6 +203,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     @grpc_errors
     def Forward(self, request: pb.Activation, context) -> pb.Ack:
+        runner = self.engine.runner
+        stage = runner.spec.stage if runner is not None else NO_STAGE
+        count_forward(stage, self.config.device)
+        try:
+            return self._forward(request)
+        except Exception as e:
+            count_failure(stage, self.config.device, status_code(e) or grpc.StatusCode.UNKNOWN,
+                          "forward")
+            raise
+
+    def _forward(self, request: pb.Activation) -> pb.Ack:
         received = time.perf_counter()
         received_ns = time.time_ns()
         runner = self.engine.runner
@@ -210,6 +233,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 raise BadRequest(f"request {request.request_id}: {problem}")
             step = pb.Step()
             step.CopyFrom(request.step)
+        rows = [pb.Step.FromString(r.SerializeToString()) for r in request.rows]  # copies
+        if rows:
+            problem = check_rows(rows) or (
+                "a batch's rows come instead of a step; expected no step"
+                if step is not None else None)
+            if problem:
+                raise BadRequest(f"request {request.request_id}: {problem}")
         if step is not None and step.release:
             if request.tensors:
                 raise BadRequest(f"request {request.request_id} releases sequence "
@@ -223,7 +253,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         # whole request message, tensor bytes included, alive until the job is sent.
         timings = [pb.StageTiming.FromString(t.SerializeToString()) for t in request.timings]
         self.engine.submit(Job(request.request_id, request.epoch, arrays, timings, received,
-                               runner, received_ns=received_ns, step=step))
+                               runner, received_ns=received_ns, step=step, rows=rows))
         return pb.Ack()
 
     @grpc_errors
@@ -300,6 +330,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             status.mode = s.mode
         status.coordinator_id = self.events.owner or ""
         status.sequences, status.kv_cache_bytes = self.engine.sessions.stats()
+        status.batched_runs, status.batched_rows = self.engine.batched()
         return status
 
     # ------------------------------------------------------------------ internals
@@ -371,13 +402,28 @@ def serve(config: WorkerConfig, on_ready=None, grace: float = 5.0) -> None:
         on_ready: called with the bound port once the server accepts calls.
         grace: seconds in-flight calls get to finish after the signal.
     """
+    stop = catch_stop_signals()  # before anyone is told we are ready
     server, port, servicer, health_servicer = start_worker(config)
     if on_ready:
         on_ready(port)
+    announcer = _announce(config, port) if config.announce else None
+    systemd.ready(f"serving on port {port} as {config.device}")  # if under systemd
     try:
-        wait_for_signal()
+        wait_for_signal(stop)
         log.info("stopping: no new requests, %.0f s for calls in flight", grace)
+        systemd.stopping()
         health_servicer.enter_graceful_shutdown()
     finally:
+        if announcer is not None:
+            announcer.stop()  # browsers drop the worker now, not after the record's TTL
         server.stop(grace).wait()
         servicer.stop()
+
+
+def _announce(config: WorkerConfig, port: int):
+    from edge.transport.discovery import cluster_id
+    from edge.worker.announce import announce
+
+    return announce(parse_address(config.listen, allow_port_zero=True)[0], port, config.name,
+                    config.device, config.memory_budget_mb,
+                    cluster_id(config.security, config.cluster_id), config.security.tls)
