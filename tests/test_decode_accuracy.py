@@ -239,7 +239,8 @@ def test_fp16_caches_in_a_decode_batch_are_padded_as_float32():
               [pb.Step(sequence_id="a", position=1), pb.Step(sequence_id="b", position=1)])
     fed = runner.fed[-1]
     assert fed.dtype == np.float32 and fed.shape == (2, 1, 1, 2)
-    np.testing.assert_array_equal(fed[:, 0, 0, 0], np.float16([1 / 3, 2 / 3]).astype(np.float32))
+    np.testing.assert_array_equal(fed[:, 0, 0, 0],
+                                  np.float16([1 / 3, 2 / 3]).astype(np.float32))
     for seq, x in (("a", 4.0), ("b", 5.0)):
         held = store.take(("p", 1), seq, 2, 2, "stage 0")["past.0"]
         assert held.dtype == np.float16 and held.shape == (1, 1, 2, 2)

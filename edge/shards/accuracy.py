@@ -20,7 +20,8 @@ then ``decode_steps`` teacher-forced decode steps (``edge.shards.decoding``): th
 model draws greedily and records, at each step, its logits and the tensors crossing each
 cut; the int8 range and the fp32 rest run each step on those tensors with caches of their
 own, and the range's cosine is the worst over the prefill's logits and every step's
-(the prefill's caches count through the steps they feed, not by their own cosine). ``stored_kv_cosine`` measures the same way what storing the caches in fp16 costs.
+(the prefill's caches count through the steps they feed, not by their own cosine).
+``stored_kv_cosine`` measures the same way what storing the caches in fp16 costs.
 """
 
 from __future__ import annotations
@@ -244,10 +245,7 @@ class Int8Accuracy:
             m.graph.output.append(vi)
         probe = self._dir / "probe.onnx"  # beside full.onnx: its data files resolve
         onnx.save(m, str(probe))
-        try:
-            sess = self._session(probe, "fp32")
-        except Exception as e:
-            raise PlanError(f"accuracy check: loading the fp32 model failed: {e}") from None
+        sess = self._run_session(probe)
         got = self._call(sess, self.inputs, "the fp32 model")
         got.update(self.inputs)
         self._final = {t: got[t] for t in costs.graph_outputs}
