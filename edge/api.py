@@ -47,7 +47,8 @@ def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluste
          sample: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
          modes: Sequence[str] | None = None, int8_min_cosine: float | None = None,
          context: int | None = None, sequences: int | None = None,
-         prefill: int | None = None, generate: bool = False) -> Plan:
+         prefill: int | None = None, generate: bool = False,
+         kv_dtype: str | None = None) -> Plan:
     """Plan ``model`` over a cluster and write ``out/plan.json`` and its shards.
 
     Args:
@@ -67,6 +68,8 @@ def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluste
             min(context, 128)). Any of them, or ``generate=True``, plans the model for
             generation; a model without caches refuses them.
         generate: plan for generation with the defaults.
+        kv_dtype: how the stages store the KV caches, "fp32" (default) or "fp16" (half the
+            memory; refused, with the cosine, unless the logits keep 0.99 with fp32 caches).
 
     Returns:
         The plan, as written to ``out/plan.json``.
@@ -86,7 +89,8 @@ def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluste
                      bindings=plan_dims(model, dict(dims or {}), arrays),
                      standby=devices.standby, modes=tuple(modes) if modes else None,
                      sample=arrays, int8_min_cosine=int8_min_cosine,
-                     generation=GenerationRequest(context, sequences, prefill, generate))
+                     generation=GenerationRequest(context, sequences, prefill, generate,
+                                                  kv_dtype))
 
 
 class Served:

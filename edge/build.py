@@ -29,8 +29,9 @@ from edge.planning.planner import Split, partition
 from edge.planning.state import kv_bytes_per_token, state_pairs
 from edge.shards.accuracy import Int8Accuracy, format_cosine, synthetic_inputs
 from edge.shards.build import build_shard, stage_state
+from edge.shards.decoding import prompt_feeds
 from edge.shards.quantize import quantize_shard
-from edge.spec import MODE_TABLE, MODES, quantized_modes
+from edge.spec import KV_DTYPES, MODE_TABLE, MODES, quantized_modes
 
 __all__ = ["make_plan", "plan_dims", "load_sample", "DEFAULT_DIMS"]
 
@@ -92,14 +93,17 @@ def _rejected_no_fit(e: NoFitError, rejected: Mapping[tuple[int, int], float],
 
 
 def _accurate_split(costs: GraphCosts, devices: Sequence[Device],
-                    modes: Sequence[str] | None, sample: Mapping[str, np.ndarray] | None,
-                    min_cosine: float, workdir: Path
-                    ) -> tuple[Split, dict[tuple[int, int], float]]:
+                    modes: Sequence[str] | None, acc: "_Checks", on: str,
+                    min_cosine: float) -> tuple[Split, dict[tuple[int, int], float]]:
     """Partition with int8 only where the model's outputs keep ``min_cosine``.
 
     A stage below ``min_cosine`` gets int8 vetoed on the range inside it that fails on
     its own (found by bisection), and so on every range holding that; then the model is
-    partitioned again.
+    partitioned again. For a decoder planned for generation, a range's cosine is the
+    worst of the prefill's and of teacher-forced decode steps' (``Int8Accuracy``).
+
+    Args:
+        acc: measures the ranges, on the inputs described by ``on`` (for messages).
 
     Returns:
         The split and, per int8 stage's range, its measured cosine.
@@ -112,33 +116,30 @@ def _accurate_split(costs: GraphCosts, devices: Sequence[Device],
     split = partition(costs, devices, modes=modes)
     if not quantized_modes(split.modes):
         return split, {}
-    on = "the sample" if sample is not None else "synthetic inputs"
-    inputs = sample if sample is not None else synthetic_inputs(costs)
     rejected: dict[tuple[int, int], float] = {}
-    with Int8Accuracy(costs, inputs, workdir=workdir) as acc:
-        for attempt in range(_INT8_ROUNDS):
-            measured = {r: acc.cosine(*r) for r, m in zip(split.ranges, split.modes)
-                        if MODE_TABLE[m].quantized}
-            bad = {r: c for r, c in measured.items() if not c >= min_cosine}  # NaN is bad
-            if not bad:
-                return split, measured
-            for k, r in enumerate(split.ranges):
-                if r in bad:
-                    a, b, c = acc.failing_core(r[0], r[1], min_cosine)
-                    rejected[(a, b)] = c
-                    log.warning("stage %d (nodes [%d, %d)) in int8 keeps cosine %s < %s of "
-                                "the model's outputs with fp32 on %s; nodes [%d, %d) alone "
-                                "keep %s: int8 rejected on every range holding them, "
-                                "re-planning", k, r[0], r[1], format_cosine(bad[r]),
-                                min_cosine, on, a, b, format_cosine(c))
-            if attempt == _INT8_ROUNDS - 1:
-                break
-            try:
-                split = partition(costs, devices, modes=modes, int8_vetoed=tuple(rejected))
-            except NoFitError as e:
-                raise _rejected_no_fit(e, rejected, min_cosine, on) from None
-            if not quantized_modes(split.modes):
-                return split, {}
+    for attempt in range(_INT8_ROUNDS):
+        measured = {r: acc.cosine(*r) for r, m in zip(split.ranges, split.modes)
+                    if MODE_TABLE[m].quantized}
+        bad = {r: c for r, c in measured.items() if not c >= min_cosine}  # NaN is bad
+        if not bad:
+            return split, measured
+        for k, r in enumerate(split.ranges):
+            if r in bad:
+                a, b, c = acc.failing_core(r[0], r[1], min_cosine)
+                rejected[(a, b)] = c
+                log.warning("stage %d (nodes [%d, %d)) in int8 keeps cosine %s < %s of "
+                            "the model's outputs with fp32 on %s; nodes [%d, %d) alone "
+                            "keep %s: int8 rejected on every range holding them, "
+                            "re-planning", k, r[0], r[1], format_cosine(bad[r]),
+                            min_cosine, on, a, b, format_cosine(c))
+        if attempt == _INT8_ROUNDS - 1:
+            break
+        try:
+            split = partition(costs, devices, modes=modes, int8_vetoed=tuple(rejected))
+        except NoFitError as e:
+            raise _rejected_no_fit(e, rejected, min_cosine, on) from None
+        if not quantized_modes(split.modes):
+            return split, {}
     # Still finding new int8 ranges to reject: stop measuring and do without int8.
     left = tuple(m for m in modes if not MODE_TABLE[m].quantized)
     log.warning("int8 rejected for accuracy on %d node ranges; planning without int8",
@@ -221,9 +222,13 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
     if sample is not None:
         sample_rel = "sample.npz"
         np.savez(out_dir / sample_rel, **{k: np.asarray(v) for k, v in sample.items()})
-    split, cosines = _accurate_split(costs, active, modes, sample, min_cosine, shard_dir)
-
-    stages = _build_stages(costs, active, split, cosines, out_dir, shard_dir)
+    on = "the sample" if sample is not None else "synthetic inputs"
+    with _Checks(costs, sample, shard_dir) as acc:
+        if gen is not None and not isinstance(generation, Generation):
+            gen = _checked_kv_dtype(gen, acc, on)  # a kept Generation was checked before
+        split, cosines = _accurate_split(costs, active, modes, acc, on, min_cosine)
+    stages = _build_stages(costs, active, split, cosines, out_dir, shard_dir,
+                           KV_DTYPES[gen.kv_dtype] if gen is not None else None)
     model = dataclasses.replace(_model_info(model_path, costs, out_dir, sample_rel),
                                 generation=gen)
     plan = Plan(model=model, stages=tuple(stages), standby=spares,
@@ -236,9 +241,10 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
 
 
 def _build_stages(costs: GraphCosts, devices: Sequence[Device], split: Split,
-                  cosines: Mapping[tuple[int, int], float], out_dir: Path, shard_dir: Path
-                  ) -> list[Stage]:
-    """Write each stage's shard (quantized in a quantized mode) and describe the stage."""
+                  cosines: Mapping[tuple[int, int], float], out_dir: Path, shard_dir: Path,
+                  kv_stored: str | None = None) -> list[Stage]:
+    """Write each stage's shard (quantized in a quantized mode) and describe the stage;
+    its KV caches are counted stored as numpy dtype ``kv_stored`` (None: as computed)."""
     n = costs.num_nodes
     stages = []
     for k, (dev, (i, j), pred, mode) in enumerate(zip(devices, split.ranges,
@@ -263,7 +269,8 @@ def _build_stages(costs: GraphCosts, devices: Sequence[Device], split: Split,
                 pred, activation_degrees=costs.activation_degrees(i, j),
                 activation_growth=tuple(costs.activation_growth(i, j))), mode=mode,
             int8_cosine=cosines.get((i, j)) if quantized else None, state=state,
-            kv_bytes_per_token=kv_bytes_per_token(costs.specs, [b for _, b in state]),
+            kv_bytes_per_token=kv_bytes_per_token(costs.specs, [b for _, b in state],
+                                                  kv_stored),
             data_files=tuple(ShardFile(f"shards/{f.path.name}", f.sha256, f.size,
                                        f.random_access) for f in info.data_files)))
     return stages
@@ -358,4 +365,70 @@ def _add_decode_costs(costs: GraphCosts, model_path: Path, gen: Generation) -> N
     costs.decode_cut_bytes[n] = _TOKEN_BYTES
     costs.cut_bytes = np.array(costs.cut_bytes, dtype=np.float64)
     costs.cut_bytes[n] = _TOKEN_BYTES * costs.bindings.get("batch", 1)
-    costs.kv_bytes = costs.kv_token_bytes * float(gen.context * gen.sequences)
+    # kv_token_bytes counts the presents' float32; fp16 caches are stored in half that.
+    stored = np.dtype(KV_DTYPES[gen.kv_dtype]).itemsize / np.dtype(np.float32).itemsize
+    costs.kv_bytes = costs.kv_token_bytes * float(gen.context * gen.sequences) * stored
+
+
+# The least cosine the logits must keep with caches stored in a smaller dtype than fp32
+# (the issue's bar, the same as int8's default).
+KV_MIN_COSINE = 0.99
+
+
+class _Checks:
+    """The plan's accuracy checks (``Int8Accuracy``), made on first use: most plans need
+    none, and synthetic inputs cannot be made for every model.
+
+    They run on the sample, else on synthetic inputs (for a decoder planned for
+    generation, a prompt: positions 0..n-1 and a mask of ones).
+    """
+
+    def __init__(self, costs: GraphCosts, sample: Mapping[str, np.ndarray] | None,
+                 workdir: Path):
+        self._args = costs, sample, workdir
+        self._acc: Int8Accuracy | None = None
+
+    def __enter__(self) -> "_Checks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._acc is not None:
+            self._acc.close()
+
+    @property
+    def acc(self) -> Int8Accuracy:
+        if self._acc is None:
+            costs, sample, workdir = self._args
+            inputs = dict(sample) if sample is not None else synthetic_inputs(costs)
+            if sample is None and costs.state and "input_ids" in inputs:
+                inputs = prompt_feeds(inputs)
+            self._acc = Int8Accuracy(costs, inputs, workdir=workdir)
+        return self._acc
+
+    def __getattr__(self, name: str):
+        return getattr(self.acc, name)  # cosine, failing_core, stored_kv_cosine, steps
+
+
+def _checked_kv_dtype(gen: Generation, acc: "_Checks", on: str) -> Generation:
+    """``gen`` with the cosine its KV dtype keeps, measured (fp32 needs no check).
+
+    Raises:
+        PlanError: the logits keep less than ``KV_MIN_COSINE`` with caches stored so.
+    """
+    if gen.kv_dtype == "fp32":
+        return gen
+    odd = [b for _, b in acc.costs.state if acc.costs.specs[b].dtype != "float32"]
+    if odd:
+        raise PlanError(f"--kv-dtype {gen.kv_dtype}: expected float32 presents to store "
+                        f"in {gen.kv_dtype}, got {acc.costs.specs[odd[0]].describe()}: plan "
+                        "with --kv-dtype fp32")
+    c = acc.stored_kv_cosine(KV_DTYPES[gen.kv_dtype])
+    if not c >= KV_MIN_COSINE:  # NaN fails
+        raise PlanError(
+            f"--kv-dtype {gen.kv_dtype}: with the KV caches stored in {gen.kv_dtype} the "
+            f"logits keep cosine {format_cosine(c)} with fp32 caches over {acc.steps} "
+            f"teacher-forced decode steps (measured on {on}); expected at least "
+            f"{KV_MIN_COSINE}: plan with --kv-dtype fp32")
+    log.info("KV caches in %s: logits keep cosine %s with fp32 caches over %d decode "
+             "steps (measured on %s)", gen.kv_dtype, format_cosine(c), acc.steps, on)
+    return dataclasses.replace(gen, kv_cosine=c)

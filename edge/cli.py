@@ -131,7 +131,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      standby=cluster.standby, modes=_parse_modes(args.modes), sample=sample,
                      int8_min_cosine=_parse_cosine(args.int8_min_cosine),
                      generation=GenerationRequest(args.context, args.sequences, args.prefill,
-                                                  args.generate))
+                                                  args.generate, args.kv_dtype))
     print_plan(plan, console())
     print(f"wrote {Path(args.out) / 'plan.json'} and {len(plan.stages)} shard(s)")
     return 0
@@ -647,6 +647,10 @@ def _add_plan(sub) -> None:
     gen.add_argument("--prefill", type=_positive(int), metavar="P",
                      help="the longest prompt the activations are planned for (default "
                           "min(context, 128))")
+    gen.add_argument("--kv-dtype", choices=("fp32", "fp16"), default=None,
+                     help="how the stages store the KV caches between steps (default "
+                          "fp32): fp16 halves their memory; refused unless the logits keep "
+                          "cosine >= 0.99 with fp32 caches over teacher-forced decode steps")
     p.set_defaults(func=cmd_plan)
 
 

@@ -80,7 +80,9 @@ def print_plan(plan: Plan, out: Console) -> None:
         out.print(f"generation: context {gen.context} tokens (prompt and generated), "
                   f"{gen.sequences} sequence(s) holding caches at once, prefill up to "
                   f"{gen.prefill} tokens; KV cache MiB: a stage's caches for all of them "
-                  f"(in its memory)")
+                  f"(in its memory), stored in {gen.kv_dtype}"
+                  + (f" (logits keep cosine {math.floor(gen.kv_cosine * 1e4) / 1e4:.4f} "
+                     "with fp32 caches)" if gen.kv_cosine is not None else ""))
         # For a decoder, the plan's bottleneck and latency are those of a decode step.
         out.print(f"modelled from the device profiles: a token takes {plan.latency_ms:.0f} "
                   f"ms through the stages{rate}, slowest decode step "
@@ -90,7 +92,9 @@ def print_plan(plan: Plan, out: Console) -> None:
         out.print(f"modelled from the device profiles: bottleneck {plan.bottleneck_ms:.0f} "
                   f"ms per request, latency {plan.latency_ms:.0f} ms")
     if any(s.int8_cosine is not None for s in plan.stages):
-        out.print(f"cos: the model's outputs with that stage in int8 against fp32 "
+        what = ("the logits of the prefill and of teacher-forced decode steps, the worst,"
+                if gen is not None else "the model's outputs")
+        out.print(f"cos: {what} with that stage in int8 against fp32 "
                   f"(int8 needs >= {plan.int8_min_cosine})")
     limits = describe_limits(plan)
     if limits:

@@ -19,6 +19,7 @@ __all__ = [
     "MODES",
     "mode_info",
     "quantized_modes",
+    "KV_DTYPES",
 ]
 
 # A dimension is a fixed size (int), a named symbolic size shared across tensors ("batch"),
@@ -166,3 +167,9 @@ def quantized_modes(modes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
         modes: mode names.
     """
     return tuple(m for m in modes if MODE_TABLE[m].quantized)
+
+
+# How a stage stores a decoder's KV caches between steps (``edge plan --kv-dtype``), by
+# name: the numpy dtype of the stored arrays. The graphs always compute in float32; fp16
+# halves the caches' memory and is cast back to float32 to feed each step.
+KV_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16"}

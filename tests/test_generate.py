@@ -152,3 +152,24 @@ def test_a_prompt_longer_than_the_prefill_runs_in_chunks(llama, tmp_path):
     # 3 chunks of the prompt, then one run per decode step after the first token.
     assert runs == [3 + len(got) - 1] * 3, runs
     assert sampled == unchunked
+
+
+def test_smollm2_over_three_workers_equals_transformers(smollm2, smollm2_chat, tmp_path):
+    """Real weights (SmolLM2-135M-Instruct): the chat answer over three worker processes,
+    token for token transformers' greedy generate (whose EOS the loop does not emit)."""
+    from edge.text import load_tokenizer
+
+    from helpers import SMOLLM2_NEW_TOKENS
+
+    ids, want = smollm2_chat["ids"], smollm2_chat["tokens"]
+    tok = load_tokenizer(smollm2.parent)
+    with LocalWorkers(3, tmp_path / "w", threads=1) as workers:
+        devices = cluster_from_profile("rpi4b-2gb", 3, addresses=workers.addresses).devices
+        plan = make_plan(smollm2, devices, tmp_path / "build", modes=("fp32",),
+                         generation=GenerationRequest(context=128, prefill=64))
+        assert len(plan.stages) == 3 and sum(len(s.state) for s in plan.stages) == 60
+        with Pipeline(plan, tmp_path / "build") as pipeline:
+            pipeline.start()
+            got = tokens_of(Generator(pipeline).start(ids, max_tokens=SMOLLM2_NEW_TOKENS))
+    assert got == [t for t in want if t not in set(tok.eos_token_ids)]
+    assert "Paris" in tok.decode(got)

@@ -273,6 +273,7 @@ def configure(w: Placed, plan: Plan, epoch: int, deadlines: Deadlines,
         max_sequences=plan.model.generation.sequences if plan.model.generation else 0,
         context=plan.model.generation.context if plan.model.generation else 0,
         prefill_chunk=plan.model.generation.prefill if plan.model.generation else 0,
+        kv_dtype=plan.model.generation.kv_dtype if plan.model.generation else "",
     )
     try:
         return w.client.configure(config, deadlines.load)

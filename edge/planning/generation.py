@@ -5,8 +5,8 @@ sequence, prompt and generated), a number of *sequences* whose caches the stages
 once, and a *prefill* (the longest prompt the activations are planned for):
 
 - memory: every stage holds its layers' caches for ``context x sequences`` tokens
-  (``Stage.kv_bytes_per_token`` times that), on top of its weights and the prefill's
-  activations;
+  (``Stage.kv_bytes_per_token`` times that, at the item size of ``Generation.kv_dtype``:
+  fp16 caches count half), on top of its weights and the prefill's activations;
 - time: generating is one decode step per token, so the planner minimises the slowest
   stage's decode step, costed at one new token after ``context / 2`` cached ones (the
   average over a sequence that fills its context); the prefill's time is recorded beside.
@@ -29,6 +29,7 @@ from typing import Sequence
 
 from edge.errors import PlanError
 from edge.planning.plan import Generation, Plan, TensorSpec, dim_expression
+from edge.spec import KV_DTYPES
 
 __all__ = ["DEFAULT_CONTEXT", "TOKENIZER_FILES", "GenerationRequest", "resolve",
            "prefill_bindings", "decode_bindings", "copy_tokenizer", "last_position_logits",
@@ -51,11 +52,12 @@ class GenerationRequest:
     sequences: int | None = None
     prefill: int | None = None
     generate: bool = False
+    kv_dtype: str | None = None  # None: "fp32"
 
     @property
     def given(self) -> bool:
         return self.generate or any(v is not None for v in (self.context, self.sequences,
-                                                            self.prefill))
+                                                            self.prefill, self.kv_dtype))
 
 
 def _model_info(model_path: Path) -> dict:
@@ -90,11 +92,16 @@ def resolve(model_path: str | Path, asked: GenerationRequest) -> Generation:
             raise PlanError(f"--{name}: expected an integer >= 1, got {v!r}")
     if prefill > context:
         raise PlanError(f"--prefill: expected at most the context ({context}), got {prefill}")
+    kv_dtype = "fp32" if asked.kv_dtype is None else asked.kv_dtype
+    if kv_dtype not in KV_DTYPES:
+        raise PlanError(f"--kv-dtype: expected one of {', '.join(KV_DTYPES)}, got "
+                        f"{kv_dtype!r}")
     if isinstance(most, int) and context > most:
         log.warning("context %d is beyond the model's %d positions", context, most)
     eos = info.get("eos_token_ids") or []
     return Generation(context=context, sequences=sequences, prefill=prefill,
-                      eos_token_ids=tuple(int(t) for t in eos if isinstance(t, int)))
+                      eos_token_ids=tuple(int(t) for t in eos if isinstance(t, int)),
+                      kv_dtype=kv_dtype)
 
 
 def _dim_roles(inputs: Sequence[TensorSpec], pasts: set[str]) -> dict[str, str]:
@@ -212,14 +219,16 @@ def batch_rows_that_fit(plan: Plan, rows: int) -> int:
     presents one token longer, so while it runs a stage holds about twice the batch's
     caches beside the ones it keeps (which the plan counts). At the planned context that
     is ``2 x rows x context x kv_bytes_per_token``; it must fit in what the device has
-    beyond the stage's planned memory.
+    beyond the stage's planned memory. The copies are float32 even when the caches are
+    stored in fp16 (``Generation.kv_dtype``): twice the stored bytes per token then.
     """
     gen = plan.model.generation
     if gen is None:
         return 1
+    widen = 2 if gen.kv_dtype == "fp16" else 1  # the graph reads float32 pasts
     fit = rows
     for stage in plan.stages:
-        per_row = 2 * gen.context * stage.kv_bytes_per_token / 2**20
+        per_row = 2 * gen.context * stage.kv_bytes_per_token * widen / 2**20
         if per_row <= 0:
             continue
         room = stage.device.memory_mb - stage.predicted.memory_mb

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from edge.errors import ConfigError
 from edge.planning.schema import FieldError, Schema, Table, is_int, is_number, show_json
-from edge.spec import MODES, Dim, TensorSpec
+from edge.spec import KV_DTYPES, MODES, Dim, TensorSpec
 
 __all__ = [
     "PLAN_VERSION",
@@ -304,7 +304,8 @@ class Stage:
         state: for a decoder with KV caches, the stage's (past input, present output)
             pairs (``past_key_values.3.key``, ``present.3.key``): kept on the stage per
             sequence, never sent. Empty for models without state.
-        kv_bytes_per_token: bytes those caches grow by per token of one sequence.
+        kv_bytes_per_token: bytes those caches grow by per token of one sequence, as the
+            stage stores them (``Generation.kv_dtype``: half for fp16).
     """
 
     index: int
@@ -366,6 +367,11 @@ class Generation:
         tokenizer: the folder (relative to plan.json) with ``tokenizer.json`` and the chat
             template, copied from beside the model; "" when the model came without one.
         eos_token_ids: tokens that end a sequence.
+        kv_dtype: how the stages store the caches between steps, a key of ``KV_DTYPES``
+            ("fp32", or "fp16": half the memory, cast back to float32 for each step).
+        kv_cosine: for a kv_dtype other than fp32, the worst cosine of the logits with
+            caches stored so against fp32 caches, over teacher-forced decode steps,
+            measured when planning; None for fp32.
     """
 
     context: int
@@ -373,12 +379,15 @@ class Generation:
     prefill: int
     tokenizer: str = ""
     eos_token_ids: tuple[int, ...] = ()
+    kv_dtype: str = "fp32"
+    kv_cosine: float | None = None
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Generation":
         return Generation(context=d["context"], sequences=d["sequences"],
                           prefill=d["prefill"], tokenizer=d.get("tokenizer", ""),
-                          eos_token_ids=tuple(d.get("eos_token_ids", ())))
+                          eos_token_ids=tuple(d.get("eos_token_ids", ())),
+                          kv_dtype=d.get("kv_dtype", "fp32"), kv_cosine=d.get("kv_cosine"))
 
 
 @dataclass(frozen=True)
@@ -566,6 +575,7 @@ _PLAN_KINDS: dict[str, tuple[str, Any]] = {
     "dim": ("a size >= 0, a symbol or null",
             lambda v: v is None or (isinstance(v, str) and bool(v)) or (is_int(v) and v >= 0)),
     "mode": (f"one of {', '.join(MODES)}", lambda v: v in MODES),
+    "kv_dtype": (f"one of {', '.join(KV_DTYPES)}", lambda v: v in KV_DTYPES),
     "cosine": ("a cosine similarity in [-1, 1]", lambda v: is_number(v) and -1 <= v <= 1),
     "cosine?": ("a cosine similarity in [-1, 1] or null",
                 lambda v: v is None or (is_number(v) and -1 <= v <= 1)),
@@ -635,7 +645,8 @@ _STAGE = Table({"index": ("int", True), "device": (_DEVICE, True),
                 "kv_bytes_per_token": ("int", False)})
 _GENERATION = Table({"context": ("count", True), "sequences": ("count", True),
                      "prefill": ("count", True), "tokenizer": ("optpath", False),
-                     "eos_token_ids": (("list", "int"), False)})
+                     "eos_token_ids": (("list", "int"), False),
+                     "kv_dtype": ("kv_dtype", False), "kv_cosine": ("cosine?", False)})
 _MODEL = Table({"name": ("text", True), "sha256": ("text", True), "num_nodes": ("int", True),
                 "inputs": (("list", _TENSOR), True), "outputs": (("list", _TENSOR), True),
                 "bindings": (_SIZES, False), "path": ("text", False),

@@ -27,10 +27,10 @@ holding one, a stage may take only the other modes.
 
 A decoder planned for generation (``edge.planning.generation``) adds three things, read
 from optional cost arrays: each stage's memory holds its layers' KV caches at the plan's
-context and sequences (``kv_bytes``, fp32 in every mode); no cut falls inside a layer's
-cache (``cut_ok``: the cache stays on one stage); and the stage time is that of one decode
-step (``decode_flops``, ``decode_cut_bytes``), so the objective is the decode period, the
-slowest stage's time per generated token. The prefill's time is recorded beside it.
+context and sequences (``kv_bytes``, in the plan's KV dtype whatever the stage's mode); no
+cut falls inside a layer's cache (``cut_ok``: the cache stays on one stage); and the stage
+time is that of one decode step (``decode_flops``, ``decode_cut_bytes``), so the objective
+is the decode period, the slowest stage's time per generated token. The prefill's time is recorded beside it.
 
 Exact for contiguous splits under that per-stage rule: two dynamic
 programs over (device, end position), each vectorised over the start position. The first
@@ -186,8 +186,8 @@ def _mode_weights(w, mode: str):
 def _mode_memory(w, a, io, floor, mode: str, pk=(0.0, 0.0), kv=0.0):
     """Stage memory in ``mode`` from channel bytes ``w`` (first axis: the 4 channels), peak
     live activations ``a``, bytes received plus sent ``io``, the largest prepacked
-    weight ``pk`` (fp32 bytes, int8 bytes) and the KV caches ``kv`` (bytes, fp32 in every
-    mode: only weights are quantized)."""
+    weight ``pk`` (fp32 bytes, int8 bytes) and the KV caches ``kv`` (bytes as stored,
+    the same in every mode: only weights are quantized)."""
     whole, table = _mode_weights(w, mode)
     return memory.stage_memory_mb(whole, a, floor, table_bytes=table, mode=mode, io_bytes=io,
                                   prepack_bytes=pk[1] if MODE_TABLE[mode].quantized else pk[0]

@@ -134,17 +134,20 @@ def apply_state(producer: dict[str, int], last_use: dict[str, int],
     return cut_ok
 
 
-def kv_bytes_per_token(specs: Mapping[str, TensorSpec], presents: Sequence[str]) -> int:
+def kv_bytes_per_token(specs: Mapping[str, TensorSpec], presents: Sequence[str],
+                       stored: str | None = None) -> int:
     """Bytes the given presents grow by per token of one sequence: the product of their
     static dims (kv heads x head dim) times the item size, summed.
 
     Args:
         specs: symbolic TensorSpecs by name.
         presents: present output names.
+        stored: the numpy dtype the caches are kept in ("float16"); None for the
+            presents' own.
     """
     total = 0
     for name in presents:
         spec = specs[name]
         static = math.prod(d for d in spec.shape if isinstance(d, int))
-        total += static * np.dtype(spec.dtype).itemsize
+        total += static * np.dtype(stored or spec.dtype).itemsize
     return int(total)

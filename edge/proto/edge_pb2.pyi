@@ -151,7 +151,7 @@ class ShardFileRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., random_access: _Optional[bool] = ...) -> None: ...
 
 class StageConfig(_message.Message):
-    __slots__ = ("stage", "num_stages", "shard_sha256", "inputs", "outputs", "next_address", "epoch", "plan_id", "predicted_memory_mb", "data_files", "mode", "protocol", "max_request_bytes", "coordinator_id", "take_over", "state", "max_sequences", "context", "prefill_chunk")
+    __slots__ = ("stage", "num_stages", "shard_sha256", "inputs", "outputs", "next_address", "epoch", "plan_id", "predicted_memory_mb", "data_files", "mode", "protocol", "max_request_bytes", "coordinator_id", "take_over", "state", "max_sequences", "context", "prefill_chunk", "kv_dtype")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
     SHARD_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class StageConfig(_message.Message):
     MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
     stage: int
     num_stages: int
     shard_sha256: str
@@ -190,7 +191,8 @@ class StageConfig(_message.Message):
     max_sequences: int
     context: int
     prefill_chunk: int
-    def __init__(self, stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., plan_id: _Optional[str] = ..., predicted_memory_mb: _Optional[float] = ..., data_files: _Optional[_Iterable[_Union[ShardFileRef, _Mapping]]] = ..., mode: _Optional[str] = ..., protocol: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., take_over: _Optional[bool] = ..., state: _Optional[_Iterable[_Union[StatePair, _Mapping]]] = ..., max_sequences: _Optional[int] = ..., context: _Optional[int] = ..., prefill_chunk: _Optional[int] = ...) -> None: ...
+    kv_dtype: str
+    def __init__(self, stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., shard_sha256: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., next_address: _Optional[str] = ..., epoch: _Optional[int] = ..., plan_id: _Optional[str] = ..., predicted_memory_mb: _Optional[float] = ..., data_files: _Optional[_Iterable[_Union[ShardFileRef, _Mapping]]] = ..., mode: _Optional[str] = ..., protocol: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., take_over: _Optional[bool] = ..., state: _Optional[_Iterable[_Union[StatePair, _Mapping]]] = ..., max_sequences: _Optional[int] = ..., context: _Optional[int] = ..., prefill_chunk: _Optional[int] = ..., kv_dtype: _Optional[str] = ...) -> None: ...
 
 class StatePair(_message.Message):
     __slots__ = ("input", "output")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import edge
 from edge.errors import TensorError
-from edge.spec import MODES
+from edge.spec import KV_DTYPES, MODES
 from edge.proto import edge_pb2 as pb
 from edge.transport.codec import PROTOCOL_VERSION, decode_specs
 from edge.address import AddressError, parse_address
@@ -44,6 +44,9 @@ def _config_problem(c: pb.StageConfig) -> str | None:
     mode = c.mode or "fp32"
     if mode not in MODES:
         return f"StageConfig: unknown mode {mode!r}; expected one of {', '.join(MODES)}"
+    if (c.kv_dtype or "fp32") not in KV_DTYPES:
+        return (f"StageConfig: kv_dtype: expected one of {', '.join(KV_DTYPES)} (or "
+                f"nothing: fp32), got {c.kv_dtype!r}")
     if not (math.isfinite(c.predicted_memory_mb) and c.predicted_memory_mb >= 0):
         return (f"StageConfig: predicted_memory_mb: expected MiB >= 0, got "
                 f"{c.predicted_memory_mb}")
@@ -87,6 +90,7 @@ def stage_spec(c: pb.StageConfig) -> StageSpec:
         mode=c.mode or "fp32",
         max_request_bytes=c.max_request_bytes,
         state=state, max_sequences=c.max_sequences, context=c.context,
+        kv_dtype=c.kv_dtype or "fp32",
         prefill_chunk=c.prefill_chunk,
     )
 

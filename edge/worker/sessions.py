@@ -36,8 +36,8 @@ from edge.worker.sampling import draw_tokens
 from edge.worker.stage import ShardMismatch, StageRunner, batch_size
 
 __all__ = ["SessionStore", "Session", "run_step", "split_prefill", "run_batch", "check_step",
-           "check_rows", "pad_pasts", "split_presents", "DEFAULT_MAX_SEQUENCES", "DEFAULT_IDLE_S",
-           "MAX_SEQUENCE_ID"]
+           "check_rows", "pad_pasts", "split_presents", "store_caches", "load_caches",
+           "DEFAULT_MAX_SEQUENCES", "DEFAULT_IDLE_S", "MAX_SEQUENCE_ID"]
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,30 @@ class SessionStore:
         return sum(s.nbytes for s in gone)
 
 
+def store_caches(presents: dict[str, np.ndarray], kv_dtype: str) -> dict[str, np.ndarray]:
+    """A step's presents as the sequence's caches are kept: as they came, or with
+    ``kv_dtype`` "fp16" their float32 arrays as float16 (half the bytes held between
+    steps; ``edge.spec.KV_DTYPES``)."""
+    if kv_dtype != "fp16":
+        return presents
+    return {k: v.astype(np.float16) if v.dtype == np.float32 else v
+            for k, v in presents.items()}
+
+
+def load_caches(caches: dict[str, np.ndarray], kv_dtype: str) -> dict[str, np.ndarray]:
+    """Kept caches as the graph reads its pasts: with ``kv_dtype`` "fp16" cast back to
+    float32 (the graph computes in float32 whatever the caches are stored in)."""
+    if kv_dtype != "fp16":
+        return caches
+    return {k: v.astype(_GRAPH_DTYPE[v.dtype]) if v.dtype in _GRAPH_DTYPE else v
+            for k, v in caches.items()}
+
+
+# A stored cache's dtype -> the dtype the graph reads (edge plans fp16 caches only for
+# models whose presents are float32).
+_GRAPH_DTYPE = {np.dtype(np.float16): np.dtype(np.float32)}
+
+
 def check_step(step: pb.Step) -> str | None:
     """What is wrong with a step's plain fields, or None."""
     if not 0 < len(step.sequence_id) <= MAX_SEQUENCE_ID:
@@ -182,9 +206,10 @@ def check_rows(rows) -> str | None:
     return None
 
 
-def pad_pasts(held: list[dict[str, np.ndarray]], lengths: list[int]
-              ) -> dict[str, np.ndarray]:
-    """The batch's pasts: each row's caches left-padded with zeros to the longest.
+def pad_pasts(held: list[dict[str, np.ndarray]], lengths: list[int],
+              cast: dict | None = None) -> dict[str, np.ndarray]:
+    """The batch's pasts: each row's caches left-padded with zeros to the longest (in
+    ``cast[dtype]`` for a stored dtype it names: fp16 caches are padded into float32).
 
     Transient memory: one [rows, kv_heads, longest, head_dim] copy per past, i.e. about
     rows x the longest row's caches (the rows' own caches stay stored meanwhile), freed
@@ -198,7 +223,8 @@ def pad_pasts(held: list[dict[str, np.ndarray]], lengths: list[int]
     out = {}
     for name, first in held[0].items():
         _, heads, _, size = first.shape
-        pad = np.zeros((len(held), heads, longest, size), dtype=first.dtype)
+        pad = np.zeros((len(held), heads, longest, size),
+                       dtype=(cast or {}).get(first.dtype, first.dtype))
         for i, (caches, n) in enumerate(zip(held, lengths)):
             pad[i:i + 1, :, longest - n:] = caches[name]
         out[name] = pad
@@ -251,14 +277,14 @@ def run_batch(runner: StageRunner, store: SessionStore, epoch: int,
             raise ContextExceeded(
                 f"{spec.where}: a batch row would hold {max(lengths) + 1} tokens; expected "
                 f"at most the context of {spec.context}")
-        pasts = pad_pasts(held, lengths)
+        pasts = pad_pasts(held, lengths, _GRAPH_DTYPE if spec.kv_dtype == "fp16" else None)
         del held
     else:
         pasts = {}
     outputs, presents = runner.run_state(arrays, pasts)
     del pasts
     for row, caches in zip(rows, split_presents(presents, lengths) if presents else ()):
-        store.put(key, row.sequence_id, caches, row.position + 1)
+        store.put(key, row.sequence_id, store_caches(caches, spec.kv_dtype), row.position + 1)
     del presents
     if not spec.is_last:
         return outputs, None
@@ -352,7 +378,8 @@ def run_step(runner: StageRunner, store: SessionStore, epoch: int,
     if spec.state:
         held = store.take(key, step.sequence_id, step.position,
                           spec.max_sequences or DEFAULT_MAX_SEQUENCES, spec.where)
-        pasts = held if held is not None else runner.empty_pasts(batch_size(arrays))
+        pasts = (load_caches(held, spec.kv_dtype) if held is not None
+                 else runner.empty_pasts(batch_size(arrays)))
     outputs, presents = runner.run_state(arrays, pasts)
     del pasts
     if presents:
@@ -361,7 +388,7 @@ def run_step(runner: StageRunner, store: SessionStore, epoch: int,
             raise ContextExceeded(
                 f"{spec.where}: sequence {step.sequence_id} would hold {length} tokens; "
                 f"expected at most the context of {spec.context}")
-        store.put(key, step.sequence_id, presents, length)
+        store.put(key, step.sequence_id, store_caches(presents, spec.kv_dtype), length)
     if not spec.is_last or step.partial:  # a chunk before the last draws nothing
         return outputs, None
     logits = _logits(outputs, spec.where)

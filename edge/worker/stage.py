@@ -48,11 +48,13 @@ class StageSpec:
     # Generation: (past input, present output) pairs kept per sequence on this stage (they
     # never travel), how many sequences at once (0: DEFAULT_MAX_SEQUENCES), and the
     # tokens per sequence at most (0: no bound); the first stage runs longer steps in
-    # chunks of prefill_chunk tokens (0: whole).
+    # chunks of prefill_chunk tokens (0: whole); how the caches are stored between steps
+    # (a key of edge.spec.KV_DTYPES).
     state: tuple[tuple[str, str], ...] = ()
     max_sequences: int = 0
     context: int = 0
     prefill_chunk: int = 0
+    kv_dtype: str = "fp32"
 
     @property
     def is_last(self) -> bool:
