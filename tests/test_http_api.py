@@ -312,6 +312,56 @@ def test_metrics_exposition_counts_http_generations(llama_api):
     assert generated(r.text) == before + 4
 
 
+
+def test_chat_on_a_model_without_a_chat_template_is_a_400(llama_api, monkeypatch):
+    server = llama_api[1]
+    config = dict(server.app.state.generator.tokenizer.config)
+    config.pop("chat_template")
+    monkeypatch.setattr(server.app.state.generator.tokenizer, "config", config)
+    with pytest.raises(openai.BadRequestError, match="no chat template.*/v1/completions") as e:
+        client(server).chat.completions.create(model="tiny-llama", messages=CHAT,
+                                               max_tokens=2)
+    assert e.value.body["code"] == "no_chat_template"
+
+
+def test_a_bug_is_a_500_and_the_connection_stays_usable(llama_api, monkeypatch):
+    server, pipeline = llama_api[1], llama_api[2]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pipeline, "infer", boom)
+    body = {"inputs": {"x": {"dtype": "int64", "shape": [1], "data": [1]}}}
+    with httpx.Client(timeout=30) as http:  # one keep-alive connection for both
+        for _ in range(2):  # uvicorn closes a connection whose app raised: the 2nd reset
+            r = http.post(server.url + "/v1/infer", json=body)
+            assert r.status_code == 500
+            assert r.json()["error"]["message"] == "internal error: RuntimeError: a bug"
+
+
+def test_a_slow_metrics_scrape_does_not_stall_other_requests(llama_api):
+    from prometheus_client import REGISTRY
+    from prometheus_client.registry import Collector
+
+    class Slow(Collector):  # a worker that does not answer its status call
+        def collect(self):
+            time.sleep(1.5)
+            return iter(())
+
+    server, slow = llama_api[1], Slow()
+    REGISTRY.register(slow)
+    try:
+        scrape = threading.Thread(target=lambda: httpx.get(server.url + "/metrics", timeout=30))
+        scrape.start()
+        time.sleep(0.2)  # the scrape is collecting
+        start = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+        assert time.monotonic() - start < 0.75  # not after the scrape's 1.5 s
+        scrape.join()
+    finally:
+        REGISTRY.unregister(slow)
+
+
 # ---------------------------------------------------------------------- embeddings
 
 
@@ -430,6 +480,7 @@ def test_infer_round_trip_and_guard_errors(minilm_api):
 
 
 def test_request_checks_say_what_was_expected_and_what_came():
+    from edge.coordinator.http_api import json_arrays
     from edge.coordinator.openai_api import ApiError, parse_text_request
     from edge.text import ChatError, chat_messages
 
@@ -452,6 +503,18 @@ def test_request_checks_say_what_was_expected_and_what_came():
             parse_text_request(body, chat="messages" in body if isinstance(body, dict)
                                else True)
         assert e.value.status == 400
+    for inputs, message in [
+            ({"x": {"dtype": ["int64"], "shape": [1], "data": [1]}}, "x.dtype: expected one of"),
+            ({"x": {"dtype": "int64", "shape": [1], "data": [2**70]}}, "x.data: expected numbers "
+                                                                       "of int64"),
+            ({"x": {"dtype": "uint8", "shape": [1], "data": [-1]}}, "x.data: expected numbers "
+                                                                    "of uint8"),
+            ({"x": {"dtype": "int64", "shape": [2**62, 4], "data": []}}, "holds 18446744073709551616"
+                                                                         " values, data has 0"),
+            ({"x": {"dtype": "int64", "shape": [True], "data": [1]}}, "x.shape: expected a list")]:
+        with pytest.raises(ApiError, match=message) as e:
+            json_arrays(inputs)
+        assert e.value.status == 400 and e.value.param == "inputs.x"
     assert chat_messages([{"role": "user", "content": [{"type": "text", "text": "a"},
                                                        {"type": "text", "text": "b"}]}]) \
         == [{"role": "user", "content": "ab"}]
