@@ -183,6 +183,15 @@ def test_render_chat_matches_transformers_rendering():
         messages=messages, add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
     assert render_chat(config, messages) == want
     assert '"Be brief. <b>é</b>"' in want
+    # Each chat request renders: the template is compiled once, not per request.
+    from edge.text import _compiled
+
+    misses = _compiled.cache_info().misses
+    assert render_chat(config, messages) == want
+    assert render_chat(config, messages[2:], add_generation_prompt=False) == \
+        _compile_jinja_template(template).render(messages=messages[2:], bos_token="<s>",
+                                                 eos_token="</s>", add_generation_prompt=False)
+    assert _compiled.cache_info().misses == misses
 
 
 def test_serving_modules_do_not_import_torch():
