@@ -528,6 +528,21 @@ def test_request_checks_say_what_was_expected_and_what_came():
             chat_messages(messages)
 
 
+def test_a_taken_http_port_is_a_clear_error():
+    import socket
+
+    from edge.coordinator.http_server import HttpServer
+    from edge.errors import EdgeError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(EdgeError, match=f"cannot serve HTTP on {address}: Address "
+                                            f"already in use"):
+            HttpServer(object(), address)
+
+
 def test_the_http_modules_do_not_import_torch():
     import subprocess
     import sys
