@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -142,8 +143,42 @@ def test_announcement_txt_round_trip_and_best_address():
     assert a.best_address([ipaddress.ip_network("10.0.0.0/24")]) == "10.0.0.11:50051"
     assert a.best_address([]) == "10.0.0.11:50051"  # not loopback when there is another
     # Something else on _edge._tcp with a malformed TXT: defaults, not an exception.
-    odd = Announcement.from_txt({"budget_mb": "lots"}, ("127.0.0.1",), 1, "thing")
+    odd = Announcement.from_txt({"budget_mb": "lots", "proto": "inf"}, ("127.0.0.1",), 1,
+                                "thing")
     assert (odd.name, odd.budget_mb, odd.proto, odd.profile) == ("thing", 0, 0, "unknown")
+
+
+def test_browse_leaves_out_an_instance_without_an_address(monkeypatch):
+    # Anyone on the LAN can announce: one that resolves to no address is left out, not an
+    # IndexError in best_address for `edge discover`.
+    from edge.transport import discovery
+
+    class Info:
+        port, properties = 50051, {b"name": b"ghost"}
+
+        def parsed_addresses(self):
+            return []
+
+    class Conf:
+        def __init__(self, **kwargs):
+            pass
+
+        def get_service_info(self, *args, **kwargs):
+            return Info()
+
+        def close(self):
+            pass
+
+    class Browser:
+        def __init__(self, conf, kind, listener):
+            listener.add_service(conf, kind, "ghost." + kind)
+
+        def cancel(self):
+            pass
+
+    monkeypatch.setattr(discovery, "_zeroconf", lambda: (Conf, SimpleNamespace(V4Only=4),
+                                                         Browser))
+    assert discovery.browse(0.01) == []
 
 
 # ---------------------------------------------------------------------- environment
