@@ -13,7 +13,6 @@ import json
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -544,14 +543,9 @@ def test_a_taken_http_port_is_a_clear_error():
 
 
 def test_the_http_modules_do_not_import_torch():
-    import subprocess
-    import sys
+    from helpers import assert_no_torch
 
-    code = ("import sys, edge.coordinator.http_api, edge.coordinator.http_server; "
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-            "sys.exit(f'imported {bad}' if bad else 0)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr + res.stdout
+    assert_no_torch("edge.coordinator.http_api", "edge.coordinator.http_server")
 
 
 def test_https_with_the_cluster_certificates(llama_api, tmp_path):
