@@ -336,8 +336,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     generator = Generator(pipeline, max_batch=args.max_batch)
     http = _start_http(args, pipeline, security, console, generator)
     try:
-        serve(pipeline, args.listen, on_ready=ready, generator=generator)
-    finally:
+        serve(pipeline, args.listen, on_ready=ready, generator=generator,
+              on_stop=http.stop if http is not None else None)
+    finally:  # (stopping it twice is harmless)
         if http is not None:
             http.stop()
     return 0

@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -540,6 +541,30 @@ def test_a_taken_http_port_is_a_clear_error():
         with pytest.raises(EdgeError, match=f"cannot serve HTTP on {address}: Address "
                                             f"already in use"):
             HttpServer(object(), address)
+
+
+def test_on_sigterm_the_http_api_stops_within_the_grace_before_the_pipeline_closes(
+        monkeypatch):
+    # `edge coordinator` stopped the HTTP API only after serve() had closed the pipeline:
+    # its streams failed instead of finishing within the grace gRPC calls get.
+    from edge.coordinator import server as coordinator_server
+
+    order: list[str] = []
+
+    class Grpc:
+        def stop(self, grace):
+            order.append("grpc stop")
+            return SimpleNamespace(wait=lambda: order.append("grpc stopped"))
+
+    monkeypatch.setattr(coordinator_server, "start_coordinator", lambda *a: (Grpc(), 1))
+    monkeypatch.setattr(coordinator_server, "wait_for_signal", lambda stop: None)
+    monkeypatch.setattr(coordinator_server, "catch_stop_signals", lambda: None)
+    monkeypatch.setattr(coordinator_server.systemd, "ready", lambda *a: False)
+    plan = SimpleNamespace(model=SimpleNamespace(name="m"), stages=[1])
+    pipeline = SimpleNamespace(plan=plan, close=lambda: order.append("pipeline closed"))
+    coordinator_server.serve(pipeline, "127.0.0.1:0",
+                             on_stop=lambda: order.append("http stopped"))
+    assert order == ["grpc stop", "http stopped", "grpc stopped", "pipeline closed"]
 
 
 def test_the_http_modules_do_not_import_torch():

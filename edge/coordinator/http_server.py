@@ -114,6 +114,8 @@ class HttpServer:
         return self
 
     def stop(self) -> None:
+        """Stop taking requests, give those in flight up to 5 s, close the socket (again:
+        a no-op)."""
         self._server.should_exit = True
         self._thread.join(10)
         self._sock.close()
