@@ -265,8 +265,12 @@ def test_key_required_off_loopback(llama_api):
         with httpx.Client(timeout=30) as http:
             r = http.get(url + "/v1/models")
             assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
-            r = http.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"})
-            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            for sent in ("Bearer wrong", f"Basic {KEY}", KEY, f"Bearer {KEY}x"):
+                r = http.get(url + "/v1/models", headers={"Authorization": sent})
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            # The scheme is case-insensitive (RFC 9110).
+            r = http.get(url + "/v1/models", headers={"Authorization": f"bearer {KEY}"})
+            assert r.status_code == 200
             assert http.get(url + "/health").status_code == 200
         models = openai.OpenAI(base_url=url + "/v1", api_key=KEY).models.list()
         assert [m.id for m in models.data] == [llama_api[2].plan.model.name]

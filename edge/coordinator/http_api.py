@@ -165,7 +165,11 @@ class _Api:
                                    "'Authorization: Bearer KEY' (the cluster token or the "
                                    "coordinator's --api-key-file)", "authentication_error",
                               "missing_api_key")
-        if not hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
+        # The scheme is case-insensitive (RFC 9110 11.1: "bearer KEY" is as good); the key
+        # is compared in constant time.
+        scheme, _, sent = got.strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                sent.strip().encode(), self.api_key.encode()):
             raise oa.ApiError(401, "the API key sent does not match this server's",
                               "authentication_error", "invalid_api_key")
 
