@@ -193,7 +193,8 @@ class _Api:
 
     def _too_large(self, size: int) -> oa.ApiError:
         return oa.ApiError(413, f"request body of {size} bytes or more; this server takes at "
-                                f"most {self.max_body} (the coordinator's --http-max-body)",
+                                f"most {self.max_body} (larger tensors: gRPC Infer, e.g. "
+                                f"`edge infer`, which sends them as raw bytes)",
                            code="request_too_large")
 
     def check_model(self, model: str) -> None:
