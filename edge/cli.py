@@ -871,7 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge", description="Split a neural network across small devices and run it as "
                                  "a gRPC pipeline.")
-    parser.add_argument("--log-level", default=os.environ.get("EDGE_LOG", "WARNING"),
+    parser.add_argument("--log-level", default=os.environ.get("EDGE_LOG") or "WARNING",
                         help="logging level (default: WARNING; env EDGE_LOG)")
     parser.add_argument("--log-format", default=os.environ.get("EDGE_LOG_FORMAT") or "text",
                         choices=LOG_FORMATS,

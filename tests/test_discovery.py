@@ -248,6 +248,14 @@ def test_a_bad_log_variable_says_which(clean_env, capsys, var, value, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("var", ["EDGE_LOG", "EDGE_LOG_FORMAT"])
+def test_an_empty_log_variable_counts_as_unset(clean_env, var):
+    # As for every EDGE_* flag: an env file's `EDGE_LOG=` is the default, not an error.
+    clean_env.setenv(var, "")
+    args = cli.build_parser().parse_args(["devices"])
+    assert (args.log_level, args.log_format) == ("WARNING", "text")
+
+
 def test_the_readme_lists_every_variable():
     parser = cli.build_parser()
     subs = parser._subparsers._group_actions[0].choices
