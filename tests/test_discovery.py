@@ -119,6 +119,31 @@ def test_an_announcement_that_fails_is_a_warning_not_an_error(caplog):
     assert "could not announce this worker" in caplog.text and "serves anyway" in caplog.text
 
 
+
+def test_an_announcement_that_fails_after_zeroconf_started_closes_it(monkeypatch, caplog):
+    import zeroconf
+
+    from edge.worker.announce import announce
+
+    opened = []
+
+    class Recorded(zeroconf.Zeroconf):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    def refuse(*args, **kwargs):
+        raise ValueError("a record zeroconf refuses")
+
+    monkeypatch.setattr(zeroconf, "Zeroconf", Recorded)
+    monkeypatch.setattr(zeroconf, "ServiceInfo", refuse)
+    announcer = announce("127.0.0.1", 50051, "leak", "rpi4b-2gb", 0, "c", False)
+    announcer._thread.join(10)
+    assert "could not announce this worker" in caplog.text
+    assert len(opened) == 1 and opened[0].done  # its sockets and threads closed
+    announcer.stop()
+
+
 def test_cluster_id_is_a_hash_of_the_ca_the_same_for_every_bundle(tmp_path):
     from edge.transport.certs import init_ca, issue
 
