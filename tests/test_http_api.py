@@ -246,6 +246,9 @@ def test_errors_are_openai_shaped(llama_api):
         assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_route"
         r = http.post(server.url + "/v1/embeddings", json={"input": "hi"})
         assert r.status_code == 400 and "needs an encoder plan" in r.json()["error"]["message"]
+        r = http.post(server.url + "/v1/embeddings", json={"input": "hi", "model": ["x"]})
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == "model: expected a string, got ['x']"
     models = api.models.list()
     assert [m.id for m in models.data] == ["tiny-llama"]
 

@@ -243,7 +243,11 @@ class _Api:
         body = await self.body(request)
         if not isinstance(body, dict):
             raise oa.ApiError(400, f"expected a JSON object, got {repr(body)[:80]}")
-        self.check_model(body.get("model") or "")
+        model = body.get("model") or ""
+        if not isinstance(model, str):  # not a 404 "model 5 is not served"
+            raise oa.ApiError(400, f"model: expected a string, got {repr(model)[:80]}",
+                              param="model", code="invalid_value")
+        self.check_model(model)
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise oa.ApiError(400, f"encoding_format: expected float or base64, got {fmt!r}",
