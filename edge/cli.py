@@ -336,8 +336,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     generator = Generator(pipeline, max_batch=args.max_batch)
     http = _start_http(args, pipeline, security, console, generator)
     try:
-        serve(pipeline, args.listen, on_ready=ready, generator=generator)
-    finally:
+        serve(pipeline, args.listen, on_ready=ready, generator=generator,
+              on_stop=http.stop if http is not None else None)
+    finally:  # (stopping it twice is harmless)
         if http is not None:
             http.stop()
     return 0
@@ -874,7 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge", description="Split a neural network across small devices and run it as "
                                  "a gRPC pipeline.")
-    parser.add_argument("--log-level", default=os.environ.get("EDGE_LOG", "WARNING"),
+    parser.add_argument("--log-level", default=os.environ.get("EDGE_LOG") or "WARNING",
                         help="logging level (default: WARNING; env EDGE_LOG)")
     parser.add_argument("--log-format", default=os.environ.get("EDGE_LOG_FORMAT") or "text",
                         choices=LOG_FORMATS,

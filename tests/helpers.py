@@ -34,6 +34,34 @@ def until(condition: Callable[[], bool], seconds: float = 2.0, what: str = "cond
         time.sleep(poll)
 
 
+def unit_sections(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit file's sections, each key with its values in order (systemd repeats
+    keys such as Environment=, which configparser refuses)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, value = line.split("=", 1)
+        current.setdefault(key, []).append(value)
+    return sections
+
+
+def assert_no_torch(*modules: str) -> None:
+    """Importing ``modules`` in a fresh interpreter loads neither torch nor transformers."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, {', '.join(modules)}; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr + res.stdout
+
+
 def references(model: str | Path, inputs: Sequence[dict], options: Any = None) -> list[dict]:
     """The unsharded model's outputs for each of ``inputs``, by output name.
 

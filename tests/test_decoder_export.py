@@ -5,8 +5,6 @@ through the exported tokenizer."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,14 +183,21 @@ def test_render_chat_matches_transformers_rendering():
         messages=messages, add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
     assert render_chat(config, messages) == want
     assert '"Be brief. <b>é</b>"' in want
+    # Each chat request renders: the template is compiled once, not per request.
+    from edge.text import _compiled
+
+    misses = _compiled.cache_info().misses
+    assert render_chat(config, messages) == want
+    assert render_chat(config, messages[2:], add_generation_prompt=False) == \
+        _compile_jinja_template(template).render(messages=messages[2:], bos_token="<s>",
+                                                 eos_token="</s>", add_generation_prompt=False)
+    assert _compiled.cache_info().misses == misses
 
 
 def test_serving_modules_do_not_import_torch():
-    code = ("import sys, edge.text, edge.export.generate; "
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-            "sys.exit(f'imported {bad}' if bad else 0)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr + res.stdout
+    from helpers import assert_no_torch
+
+    assert_no_torch("edge.text", "edge.export.generate")
 
 
 def test_smollm2_gguf_chat_answers_paris(smollm2, smollm2_chat):

@@ -19,6 +19,7 @@ import yaml
 
 from edge.cli import build_parser
 from edge.planning.cluster import load_profile
+from helpers import unit_sections
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -46,21 +47,6 @@ def assert_flags_exist(command: str, names, where: str) -> None:
     for name in names:
         if name.startswith("EDGE_"):
             assert name in known, f"{where}: `edge {command}` reads no {name}"
-
-
-def _unit(path: Path) -> dict[str, dict[str, list[str]]]:
-    """A unit file's sections, each key with its values in order (systemd repeats keys)."""
-    sections: dict[str, dict[str, list[str]]] = {}
-    current: dict[str, list[str]] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            current = sections.setdefault(line.strip("[]"), {})
-            continue
-        key, value = line.split("=", 1)
-        current.setdefault(key, []).append(value)
-    return sections
 
 
 def _env_file(path: Path, examples: bool = False) -> dict[str, str]:
@@ -123,7 +109,7 @@ def test_units_verify(tmp_path):
 
 @pytest.mark.parametrize("command", ["worker", "coordinator"])
 def test_units_notify_and_pass_only_real_flags(command):
-    unit = _unit(DEPLOY / "systemd" / f"edge-{command}.service")
+    unit = unit_sections(DEPLOY / "systemd" / f"edge-{command}.service")
     service = unit["Service"]
     assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
     assert service["ExecStart"] == [f"/opt/edge/venv/bin/edge {command}"]
@@ -142,7 +128,7 @@ def test_units_notify_and_pass_only_real_flags(command):
 
 
 def test_the_worker_units_memory_is_its_profiles_budget():
-    service = _unit(DEPLOY / "systemd" / "edge-worker.service")["Service"]
+    service = unit_sections(DEPLOY / "systemd" / "edge-worker.service")["Service"]
     device = _env_file(DEPLOY / "systemd" / "edge-worker.env")["EDGE_DEVICE"]
     budget = load_profile(device).memory_budget_mb
     assert service["MemoryMax"] == [f"{budget:.0f}M"] and service["MemorySwapMax"] == ["0"]
@@ -166,7 +152,7 @@ def test_the_worker_units_settings_start_a_worker_that_notifies_and_serves_mtls(
     from edge.transport.security import Security
     from edge.worker.launch import module_command, stop_process
 
-    unit = _unit(DEPLOY / "systemd" / "edge-worker.service")["Service"]
+    unit = unit_sections(DEPLOY / "systemd" / "edge-worker.service")["Service"]
     settings = dict(e.split("=", 1) for e in unit["Environment"])
     settings.update(_env_file(DEPLOY / "systemd" / "edge-worker.env"))
     ca = init_ca(tmp_path / "ca")
@@ -271,7 +257,7 @@ def test_onnxruntime_telemetry_is_off_wherever_edge_is_deployed(tmp_path):
                    timeout=60)
     assert not (tmp_path / ".cache").exists()
     for unit in UNITS:
-        assert "ORT_DISABLE_TELEMETRY=1" in _unit(unit)["Service"]["Environment"], unit.name
+        assert "ORT_DISABLE_TELEMETRY=1" in unit_sections(unit)["Service"]["Environment"], unit.name
     assert "ORT_DISABLE_TELEMETRY=1" in (DEPLOY / "docker" / "Dockerfile").read_text()
     for _, doc in _manifests():
         if doc["kind"] in ("DaemonSet", "Deployment"):

@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -118,6 +119,31 @@ def test_an_announcement_that_fails_is_a_warning_not_an_error(caplog):
     assert "could not announce this worker" in caplog.text and "serves anyway" in caplog.text
 
 
+
+def test_an_announcement_that_fails_after_zeroconf_started_closes_it(monkeypatch, caplog):
+    import zeroconf
+
+    from edge.worker.announce import announce
+
+    opened = []
+
+    class Recorded(zeroconf.Zeroconf):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    def refuse(*args, **kwargs):
+        raise ValueError("a record zeroconf refuses")
+
+    monkeypatch.setattr(zeroconf, "Zeroconf", Recorded)
+    monkeypatch.setattr(zeroconf, "ServiceInfo", refuse)
+    announcer = announce("127.0.0.1", 50051, "leak", "rpi4b-2gb", 0, "c", False)
+    announcer._thread.join(10)
+    assert "could not announce this worker" in caplog.text
+    assert len(opened) == 1 and opened[0].done  # its sockets and threads closed
+    announcer.stop()
+
+
 def test_cluster_id_is_a_hash_of_the_ca_the_same_for_every_bundle(tmp_path):
     from edge.transport.certs import init_ca, issue
 
@@ -142,8 +168,42 @@ def test_announcement_txt_round_trip_and_best_address():
     assert a.best_address([ipaddress.ip_network("10.0.0.0/24")]) == "10.0.0.11:50051"
     assert a.best_address([]) == "10.0.0.11:50051"  # not loopback when there is another
     # Something else on _edge._tcp with a malformed TXT: defaults, not an exception.
-    odd = Announcement.from_txt({"budget_mb": "lots"}, ("127.0.0.1",), 1, "thing")
+    odd = Announcement.from_txt({"budget_mb": "lots", "proto": "inf"}, ("127.0.0.1",), 1,
+                                "thing")
     assert (odd.name, odd.budget_mb, odd.proto, odd.profile) == ("thing", 0, 0, "unknown")
+
+
+def test_browse_leaves_out_an_instance_without_an_address(monkeypatch):
+    # Anyone on the LAN can announce: one that resolves to no address is left out, not an
+    # IndexError in best_address for `edge discover`.
+    from edge.transport import discovery
+
+    class Info:
+        port, properties = 50051, {b"name": b"ghost"}
+
+        def parsed_addresses(self):
+            return []
+
+    class Conf:
+        def __init__(self, **kwargs):
+            pass
+
+        def get_service_info(self, *args, **kwargs):
+            return Info()
+
+        def close(self):
+            pass
+
+    class Browser:
+        def __init__(self, conf, kind, listener):
+            listener.add_service(conf, kind, "ghost." + kind)
+
+        def cancel(self):
+            pass
+
+    monkeypatch.setattr(discovery, "_zeroconf", lambda: (Conf, SimpleNamespace(V4Only=4),
+                                                         Browser))
+    assert discovery.browse(0.01) == []
 
 
 # ---------------------------------------------------------------------- environment
@@ -211,6 +271,14 @@ def test_a_bad_log_variable_says_which(clean_env, capsys, var, value, message):
     clean_env.setenv(var, value)
     assert cli.main(["discover", "--cluster", "none", "--timeout", "0.1", "--json"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("var", ["EDGE_LOG", "EDGE_LOG_FORMAT"])
+def test_an_empty_log_variable_counts_as_unset(clean_env, var):
+    # As for every EDGE_* flag: an env file's `EDGE_LOG=` is the default, not an error.
+    clean_env.setenv(var, "")
+    args = cli.build_parser().parse_args(["devices"])
+    assert (args.log_level, args.log_format) == ("WARNING", "text")
 
 
 def test_the_readme_lists_every_variable():

@@ -17,6 +17,7 @@ from edge.errors import GraphError
 from edge.export.zoo import locate
 from edge.planning.graph import analyze
 from edge.worker.cache import ShardCache, UploadError
+from helpers import unit_sections
 
 
 def edge(*args: str) -> subprocess.CompletedProcess:
@@ -581,17 +582,7 @@ def test_installer_and_unit_parse():
     for shell in ("sh", "bash"):
         r = subprocess.run([shell, "-n", str(INSTALLER)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-    text = UNIT.read_text()
-    # Parsed by hand: configparser refuses the repeated Environment= keys systemd allows.
-    sections: dict[str, dict[str, list[str]]] = {}
-    for line in text.splitlines():
-        if not line.strip() or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            current = sections.setdefault(line.strip("[]"), {})
-            continue
-        key, value = line.split("=", 1)
-        current.setdefault(key, []).append(value)
+    sections = unit_sections(UNIT)
     service, unit = sections["Service"], sections["Unit"]
     assert service["DynamicUser"] == ["yes"] and service["StateDirectory"] == ["edge"]
     assert service["ExecStart"] == ["/opt/edge/venv/bin/edge worker"]  # settings: EDGE_*
@@ -600,7 +591,8 @@ def test_installer_and_unit_parse():
     if shutil.which("systemd-analyze"):
         # verify wants ExecStart's binary to exist; the unit is otherwise checked as is.
         d = Path(tempfile.mkdtemp())
-        (d / UNIT.name).write_text(text.replace("/opt/edge/venv/bin/edge", "/bin/true"))
+        (d / UNIT.name).write_text(UNIT.read_text().replace("/opt/edge/venv/bin/edge",
+                                                            "/bin/true"))
         r = subprocess.run(["systemd-analyze", "verify", str(d / UNIT.name)],
                            capture_output=True, text=True)
         assert r.returncode == 0 and "Unknown" not in r.stderr, r.stderr

@@ -246,6 +246,9 @@ def test_errors_are_openai_shaped(llama_api):
         assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_route"
         r = http.post(server.url + "/v1/embeddings", json={"input": "hi"})
         assert r.status_code == 400 and "needs an encoder plan" in r.json()["error"]["message"]
+        r = http.post(server.url + "/v1/embeddings", json={"input": "hi", "model": ["x"]})
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == "model: expected a string, got ['x']"
     models = api.models.list()
     assert [m.id for m in models.data] == ["tiny-llama"]
 
@@ -265,8 +268,12 @@ def test_key_required_off_loopback(llama_api):
         with httpx.Client(timeout=30) as http:
             r = http.get(url + "/v1/models")
             assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
-            r = http.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"})
-            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            for sent in ("Bearer wrong", f"Basic {KEY}", KEY, f"Bearer {KEY}x"):
+                r = http.get(url + "/v1/models", headers={"Authorization": sent})
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            # The scheme is case-insensitive (RFC 9110).
+            r = http.get(url + "/v1/models", headers={"Authorization": f"bearer {KEY}"})
+            assert r.status_code == 200
             assert http.get(url + "/health").status_code == 200
         models = openai.OpenAI(base_url=url + "/v1", api_key=KEY).models.list()
         assert [m.id for m in models.data] == [llama_api[2].plan.model.name]
@@ -286,7 +293,8 @@ def test_too_large_and_queue_full_statuses(llama_api):
         with httpx.Client(timeout=30) as http:
             r = http.post(server.url + "/v1/completions",
                           json={"prompt": "w1 " * 1000, "max_tokens": 1})
-        assert r.status_code == 413 and "at most 2000" in r.json()["error"]["message"]
+        assert r.status_code == 413 and "at most 2000 (larger tensors: gRPC Infer" in \
+            r.json()["error"]["message"]
     finally:
         server.stop()
     full = InferError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
@@ -310,6 +318,56 @@ def test_metrics_exposition_counts_http_generations(llama_api):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert 'edge_requests_total{kind="generate"}' in r.text
     assert generated(r.text) == before + 4
+
+
+
+def test_chat_on_a_model_without_a_chat_template_is_a_400(llama_api, monkeypatch):
+    server = llama_api[1]
+    config = dict(server.app.state.generator.tokenizer.config)
+    config.pop("chat_template")
+    monkeypatch.setattr(server.app.state.generator.tokenizer, "config", config)
+    with pytest.raises(openai.BadRequestError, match="no chat template.*/v1/completions") as e:
+        client(server).chat.completions.create(model="tiny-llama", messages=CHAT,
+                                               max_tokens=2)
+    assert e.value.body["code"] == "no_chat_template"
+
+
+def test_a_bug_is_a_500_and_the_connection_stays_usable(llama_api, monkeypatch):
+    server, pipeline = llama_api[1], llama_api[2]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pipeline, "infer", boom)
+    body = {"inputs": {"x": {"dtype": "int64", "shape": [1], "data": [1]}}}
+    with httpx.Client(timeout=30) as http:  # one keep-alive connection for both
+        for _ in range(2):  # uvicorn closes a connection whose app raised: the 2nd reset
+            r = http.post(server.url + "/v1/infer", json=body)
+            assert r.status_code == 500
+            assert r.json()["error"]["message"] == "internal error: RuntimeError: a bug"
+
+
+def test_a_slow_metrics_scrape_does_not_stall_other_requests(llama_api):
+    from prometheus_client import REGISTRY
+    from prometheus_client.registry import Collector
+
+    class Slow(Collector):  # a worker that does not answer its status call
+        def collect(self):
+            time.sleep(1.5)
+            return iter(())
+
+    server, slow = llama_api[1], Slow()
+    REGISTRY.register(slow)
+    try:
+        scrape = threading.Thread(target=lambda: httpx.get(server.url + "/metrics", timeout=30))
+        scrape.start()
+        time.sleep(0.2)  # the scrape is collecting
+        start = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+        assert time.monotonic() - start < 0.75  # not after the scrape's 1.5 s
+        scrape.join()
+    finally:
+        REGISTRY.unregister(slow)
 
 
 # ---------------------------------------------------------------------- embeddings
@@ -430,6 +488,7 @@ def test_infer_round_trip_and_guard_errors(minilm_api):
 
 
 def test_request_checks_say_what_was_expected_and_what_came():
+    from edge.coordinator.http_api import json_arrays
     from edge.coordinator.openai_api import ApiError, parse_text_request
     from edge.text import ChatError, chat_messages
 
@@ -452,6 +511,18 @@ def test_request_checks_say_what_was_expected_and_what_came():
             parse_text_request(body, chat="messages" in body if isinstance(body, dict)
                                else True)
         assert e.value.status == 400
+    for inputs, message in [
+            ({"x": {"dtype": ["int64"], "shape": [1], "data": [1]}}, "x.dtype: expected one of"),
+            ({"x": {"dtype": "int64", "shape": [1], "data": [2**70]}}, "x.data: expected numbers "
+                                                                       "of int64"),
+            ({"x": {"dtype": "uint8", "shape": [1], "data": [-1]}}, "x.data: expected numbers "
+                                                                    "of uint8"),
+            ({"x": {"dtype": "int64", "shape": [2**62, 4], "data": []}}, "holds 18446744073709551616"
+                                                                         " values, data has 0"),
+            ({"x": {"dtype": "int64", "shape": [True], "data": [1]}}, "x.shape: expected a list")]:
+        with pytest.raises(ApiError, match=message) as e:
+            json_arrays(inputs)
+        assert e.value.status == 400 and e.value.param == "inputs.x"
     assert chat_messages([{"role": "user", "content": [{"type": "text", "text": "a"},
                                                        {"type": "text", "text": "b"}]}]) \
         == [{"role": "user", "content": "ab"}]
@@ -465,15 +536,49 @@ def test_request_checks_say_what_was_expected_and_what_came():
             chat_messages(messages)
 
 
-def test_the_http_modules_do_not_import_torch():
-    import subprocess
-    import sys
+def test_a_taken_http_port_is_a_clear_error():
+    import socket
 
-    code = ("import sys, edge.coordinator.http_api, edge.coordinator.http_server; "
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-            "sys.exit(f'imported {bad}' if bad else 0)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr + res.stdout
+    from edge.coordinator.http_server import HttpServer
+    from edge.errors import EdgeError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(EdgeError, match=f"cannot serve HTTP on {address}: Address "
+                                            f"already in use"):
+            HttpServer(object(), address)
+
+
+def test_on_sigterm_the_http_api_stops_within_the_grace_before_the_pipeline_closes(
+        monkeypatch):
+    # `edge coordinator` stopped the HTTP API only after serve() had closed the pipeline:
+    # its streams failed instead of finishing within the grace gRPC calls get.
+    from edge.coordinator import server as coordinator_server
+
+    order: list[str] = []
+
+    class Grpc:
+        def stop(self, grace):
+            order.append("grpc stop")
+            return SimpleNamespace(wait=lambda: order.append("grpc stopped"))
+
+    monkeypatch.setattr(coordinator_server, "start_coordinator", lambda *a: (Grpc(), 1))
+    monkeypatch.setattr(coordinator_server, "wait_for_signal", lambda stop: None)
+    monkeypatch.setattr(coordinator_server, "catch_stop_signals", lambda: None)
+    monkeypatch.setattr(coordinator_server.systemd, "ready", lambda *a: False)
+    plan = SimpleNamespace(model=SimpleNamespace(name="m"), stages=[1])
+    pipeline = SimpleNamespace(plan=plan, close=lambda: order.append("pipeline closed"))
+    coordinator_server.serve(pipeline, "127.0.0.1:0",
+                             on_stop=lambda: order.append("http stopped"))
+    assert order == ["grpc stop", "http stopped", "grpc stopped", "pipeline closed"]
+
+
+def test_the_http_modules_do_not_import_torch():
+    from helpers import assert_no_torch
+
+    assert_no_torch("edge.coordinator.http_api", "edge.coordinator.http_server")
 
 
 def test_https_with_the_cluster_certificates(llama_api, tmp_path):

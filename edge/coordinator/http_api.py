@@ -17,6 +17,7 @@ import base64
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 from typing import Any, AsyncIterator, Callable
@@ -33,7 +34,7 @@ from edge.coordinator import openai_api as oa
 from edge.coordinator.embeddings import Embedder, parse_inputs
 from edge.coordinator.generate import Chunk, Generation, Generator, check_context
 from edge.coordinator.inflight import InferError
-from edge.errors import TensorError
+from edge.errors import ConfigError, TensorError
 from edge.text import ChatError, chat_messages
 from edge.transport.codec import SUPPORTED_DTYPES, decode_tensors
 
@@ -66,19 +67,21 @@ def json_arrays(inputs: Any) -> dict[str, np.ndarray]:
             raise oa.ApiError(400, f"{where}: expected an object with dtype, shape and "
                                    f"data, got {repr(t)[:80]}", param=where)
         dtype, shape = t["dtype"], t["shape"]
-        if dtype not in SUPPORTED_DTYPES or dtype == "bfloat16":
+        # isinstance first: a list or an object as dtype is not hashable.
+        if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES or dtype == "bfloat16":
             raise oa.ApiError(400, f"{where}.dtype: expected one of "
                                    f"{', '.join(sorted(SUPPORTED_DTYPES - {'bfloat16'}))}, "
-                                   f"got {dtype!r}", param=where)
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+                                   f"got {repr(dtype)[:80]}", param=where)
+        if not (isinstance(shape, list) and all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise oa.ApiError(400, f"{where}.shape: expected a list of sizes >= 0, got "
-                                   f"{shape!r}", param=where)
+                                   f"{repr(shape)[:80]}", param=where)
         try:
             flat = np.asarray(t["data"], dtype=dtype).reshape(-1)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # Overflow: 2**70 as int64
             raise oa.ApiError(400, f"{where}.data: expected numbers of {dtype}: {e}",
                               param=where) from None
-        want = int(np.prod(shape, dtype=np.int64))
+        want = math.prod(shape)  # Python ints: a product past int64 cannot wrap to a match
         if flat.size != want:
             raise oa.ApiError(400, f"{where}: shape {shape} holds {want} values, data has "
                                    f"{flat.size}", param=where)
@@ -162,7 +165,11 @@ class _Api:
                                    "'Authorization: Bearer KEY' (the cluster token or the "
                                    "coordinator's --api-key-file)", "authentication_error",
                               "missing_api_key")
-        if not hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
+        # The scheme is case-insensitive (RFC 9110 11.1: "bearer KEY" is as good); the key
+        # is compared in constant time.
+        scheme, _, sent = got.strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                sent.strip().encode(), self.api_key.encode()):
             raise oa.ApiError(401, "the API key sent does not match this server's",
                               "authentication_error", "invalid_api_key")
 
@@ -186,7 +193,8 @@ class _Api:
 
     def _too_large(self, size: int) -> oa.ApiError:
         return oa.ApiError(413, f"request body of {size} bytes or more; this server takes at "
-                                f"most {self.max_body} (the coordinator's --http-max-body)",
+                                f"most {self.max_body} (larger tensors: gRPC Infer, e.g. "
+                                f"`edge infer`, which sends them as raw bytes)",
                            code="request_too_large")
 
     def check_model(self, model: str) -> None:
@@ -216,7 +224,10 @@ class _Api:
     async def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        # On a thread: collecting asks each worker for its status (up to a second each
+        # when one is down), which on the event loop would stall every stream meanwhile.
+        body = await run_in_threadpool(generate_latest, REGISTRY)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def infer(self, request: Request) -> Response:
         body = await self.body(request)
@@ -232,7 +243,11 @@ class _Api:
         body = await self.body(request)
         if not isinstance(body, dict):
             raise oa.ApiError(400, f"expected a JSON object, got {repr(body)[:80]}")
-        self.check_model(body.get("model") or "")
+        model = body.get("model") or ""
+        if not isinstance(model, str):  # not a 404 "model 5 is not served"
+            raise oa.ApiError(400, f"model: expected a string, got {repr(model)[:80]}",
+                              param="model", code="invalid_value")
+        self.check_model(model)
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise oa.ApiError(400, f"encoding_format: expected float or base64, got {fmt!r}",
@@ -272,6 +287,10 @@ class _Api:
             return tok.chat_ids(chat_messages(req.messages))
         except ChatError as e:
             raise oa.ApiError(400, str(e), param="messages") from None
+        except ConfigError as e:  # no chat_template: the plan's fault, not the server's
+            raise oa.ApiError(400, f"messages: this model has no chat template ({e}); send "
+                                   f"the prompt as text to /v1/completions",
+                              code="no_chat_template", param="messages") from None
         except Exception as e:  # the template's own raise_exception (jinja2.TemplateError)
             if type(e).__module__.startswith("jinja2"):
                 raise oa.ApiError(400, f"messages: the model's chat template refused them: "
@@ -365,6 +384,10 @@ def _handler(api: _Api, method: Callable) -> Callable:
             return _error(oa.api_error(e))
         except TensorError as e:
             return _error(oa.ApiError(400, str(e)))
+        except Exception as e:  # noqa: BLE001 - a bug: answered 500 here, not re-raised,
+            # so uvicorn keeps the client's connection (past a raise it closes it, and the
+            # client's next request on it is reset)
+            return _internal(request, e)
     return handle
 
 
@@ -379,10 +402,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
                               else None))
 
 
-async def _server_error(request: Request, exc: Exception) -> Response:
-    log.exception("HTTP %s %s failed", request.method, request.url.path, exc_info=exc)
+def _internal(request: Request, exc: Exception) -> Response:
+    log.error("HTTP %s %s failed", request.method, request.url.path, exc_info=exc)
     return _error(oa.ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
                               "server_error", "internal_error"))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return _internal(request, exc)  # outside a route's handler (Starlette's own)
 
 
 def create_app(pipeline: Any, model_name: str | None = None, api_key: str | None = None,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.address import parse_address
-from edge.errors import SecurityError
+from edge.errors import EdgeError, SecurityError
 from edge.transport.security import Security, is_loopback, read_token
 
 __all__ = ["HttpServer", "api_key_for", "start_http"]
@@ -86,7 +86,11 @@ class HttpServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
+        try:
+            self._sock.bind((host, port))
+        except OSError as e:  # a port taken, an address not on this machine
+            self._sock.close()
+            raise EdgeError(f"cannot serve HTTP on {address}: {e.strerror or e}") from None
         self.app = app
         self.port = self._sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
@@ -104,11 +108,14 @@ class HttpServer:
         end = time.monotonic() + timeout
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > end:
+                self.stop()  # the socket too, not left bound
                 raise RuntimeError(f"the HTTP server on {self.url} did not start")
             time.sleep(0.01)
         return self
 
     def stop(self) -> None:
+        """Stop taking requests, give those in flight up to 5 s, close the socket (again:
+        a no-op)."""
         self._server.should_exit = True
         self._thread.join(10)
         self._sock.close()

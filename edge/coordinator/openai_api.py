@@ -1,6 +1,6 @@
 """OpenAI's HTTP API as data: requests checked into what the token loop takes, replies and
 errors shaped as OpenAI's (``chat.completion``, ``chat.completion.chunk``,
-``text_completion``, ``{"error": {...}}``). No HTTP here: :mod:`edge.coordinator.http`
+``text_completion``, ``{"error": {...}}``). No HTTP here: :mod:`edge.coordinator.http_api`
 serves it.
 
 What is taken: ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``,
@@ -208,12 +208,8 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any],
                usage: dict[str, int] | None = None) -> dict[str, Any]:
     """A ``chat.completion.chunk``; with ``usage`` and no delta, the last one (no
     choices), as OpenAI sends for ``stream_options.include_usage``."""
-    out = _head(rid, "chat.completion.chunk", model, created)
-    out["choices"] = [] if usage is not None else [
-        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-    if usage is not None:
-        out["usage"] = usage
-    return out
+    return _chunk(_head(rid, "chat.completion.chunk", model, created),
+                  {"delta": delta}, finish_reason, usage)
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str,
@@ -221,11 +217,18 @@ def completion_chunk(rid: str, model: str, created: int, text: str,
                      usage: dict[str, int] | None = None) -> dict[str, Any]:
     """A streamed ``text_completion`` event (OpenAI streams completions with the same
     object name as the whole reply)."""
-    out = _head(rid, "text_completion", model, created)
-    out["choices"] = [] if usage is not None else [
-        {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+    return _chunk(_head(rid, "text_completion", model, created), {"text": text},
+                  finish_reason, usage)
+
+
+def _chunk(out: dict[str, Any], content: dict[str, Any], finish_reason: str | None,
+           usage: dict[str, int] | None) -> dict[str, Any]:
+    """A streamed event: its one choice, or with ``usage`` none (the last event)."""
     if usage is not None:
-        out["usage"] = usage
+        out["choices"], out["usage"] = [], usage
+    else:
+        out["choices"] = [{"index": 0, **content, "logprobs": None,
+                           "finish_reason": finish_reason}]
     return out
 
 

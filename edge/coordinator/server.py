@@ -123,9 +123,11 @@ def start_coordinator(pipeline: Pipeline, listen: str, max_batch: int | None = N
 
 
 def serve(pipeline: Pipeline, listen: str, on_ready=None, grace: float = 5.0,
-          max_batch: int | None = None, generator: Generator | None = None) -> None:
+          max_batch: int | None = None, generator: Generator | None = None,
+          on_stop=None) -> None:
     """Serve until SIGTERM/SIGINT, then let calls in flight finish (``max_batch``,
-    ``generator``: see :func:`start_coordinator`)."""
+    ``generator``: see :func:`start_coordinator`); ``on_stop()`` stops another face (the
+    HTTP API) during the same grace, before the pipeline closes under its requests."""
     stop = catch_stop_signals()  # before anyone is told we are ready
     server, port = start_coordinator(pipeline, listen, max_batch, generator)
     if on_ready:
@@ -137,5 +139,10 @@ def serve(pipeline: Pipeline, listen: str, on_ready=None, grace: float = 5.0,
         wait_for_signal(stop)
         systemd.stopping()
     finally:
-        server.stop(grace).wait()
-        pipeline.close()
+        stopped = server.stop(grace)
+        try:
+            if on_stop:
+                on_stop()
+        finally:
+            stopped.wait()
+            pipeline.close()

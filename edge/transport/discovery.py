@@ -84,7 +84,7 @@ class Announcement:
         def number(key: str) -> int:
             try:
                 return int(float(txt.get(key) or 0))
-            except ValueError:
+            except (ValueError, OverflowError):  # "lots", "inf"
                 return 0
         known = {"name", "profile", "budget_mb", "proto", "cluster", "tls", "version"}
         return cls(name=txt.get("name") or instance, addresses=addresses, port=port,
@@ -208,7 +208,8 @@ def browse(timeout: float = 3.0, cluster: str | None = None) -> list[Announcemen
             live = [n for n, alive in names.items() if alive]
         for name in live:
             info = conf.get_service_info(SERVICE_TYPE, name, timeout=1500)
-            if info is None or not info.port:
+            # No address: nothing to reach it at (and best_address needs one).
+            if info is None or not info.port or not info.parsed_addresses():
                 log.info("mDNS: %s did not resolve; left out", name)
                 continue
             txt = {k.decode("utf-8", "replace"): (v.decode("utf-8", "replace") if v is not None

@@ -87,13 +87,13 @@ class Announcer:
             v6 = any(ipaddress.ip_address(x).version == 6 for x in a.addresses)
             zc = Zeroconf(interfaces=interfaces,
                           ip_version=IPVersion.All if v6 else IPVersion.V4Only)
+            with self._lock:  # now: whatever fails below, _close() closes its sockets
+                self._zc = zc
             info = ServiceInfo(SERVICE_TYPE, f"{a.name}.{SERVICE_TYPE}",
                                addresses=[socket.inet_pton(socket.AF_INET6 if ":" in x
                                                            else socket.AF_INET, x)
                                           for x in a.addresses],
                                port=a.port, properties=a.txt(), server=f"{a.name}.local.")
-            with self._lock:
-                self._zc = zc
             # Two workers with one name (two on one host, both defaulting to its name):
             # the second becomes "NAME (2)"; its TXT keeps the name it was given.
             zc.register_service(info, allow_name_change=True)
