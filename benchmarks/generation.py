@@ -449,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder for the export (reused), plans and worker files")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--modes", default="fp32",
+                    help="the planner's modes, e.g. fp32,fp32-lean (as the Zero 2 W demo)")
+    ap.add_argument("--prefill", type=int, default=None,
+                    help="the plan's prefill chunk (default: the prompt's length); a longer "
+                         "prompt runs in chunks of it on the first stage")
     ap.add_argument("--sequences", type=int, default=8)
     ap.add_argument("--devices", type=int, default=4)
     ap.add_argument("--profile", default="rpi4b-2gb")
@@ -531,10 +536,10 @@ def main(argv: list[str] | None = None) -> int:
             devices = cluster_from_profile(args.profile, args.devices,
                                            addresses=workers.addresses).devices
             t0 = time.perf_counter()
-            plan = make_plan(onnx, devices, run_dir / "plan", modes=("fp32",),
+            plan = make_plan(onnx, devices, run_dir / "plan", modes=tuple(args.modes.split(",")),
                              generation=GenerationRequest(context=context,
                                                           sequences=args.sequences,
-                                                          prefill=args.prompt_tokens))
+                                                          prefill=args.prefill or args.prompt_tokens))
             plan_s = time.perf_counter() - t0
             log.info("planned %d stages in %.0f s", len(plan.stages), plan_s)
             with Pipeline(plan, run_dir / "plan") as pipeline:

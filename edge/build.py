@@ -401,7 +401,7 @@ class _Checks:
             costs, sample, workdir = self._args
             inputs = dict(sample) if sample is not None else synthetic_inputs(costs)
             if sample is None and costs.state and "input_ids" in inputs:
-                inputs = prompt_feeds(inputs)
+                inputs = prompt_feeds(inputs, [past for past, _ in costs.state])
             self._acc = Int8Accuracy(costs, inputs, workdir=workdir)
         return self._acc
 

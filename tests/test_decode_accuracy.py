@@ -102,7 +102,7 @@ def _cuts(costs) -> tuple[int, int]:
 def test_int8_and_fp16_decode_step_cosines_match_an_independent_run(costs, tmp_path):
     n = costs.num_nodes
     i, j = _cuts(costs)
-    prompt = prompt_feeds(synthetic_inputs(costs))
+    prompt = prompt_feeds(synthetic_inputs(costs), [p for p, _ in costs.state])
     with Int8Accuracy(costs, prompt, workdir=tmp_path) as acc:
         measured = acc.cosine(i, j)
         prefill, decode = acc.detail[(i, j)]

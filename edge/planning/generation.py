@@ -121,8 +121,12 @@ def _dim_roles(inputs: Sequence[TensorSpec], pasts: set[str]) -> dict[str, str]:
 
 def prefill_bindings(inputs: Sequence[TensorSpec], pasts: set[str], gen: Generation
                      ) -> dict[str, int]:
-    """The sizes a decoder is costed at for memory: one sequence's prefill, empty caches."""
-    size = {"batch": 1, "past": 0, "total": gen.prefill, "new": gen.prefill}
+    """The sizes a decoder is costed at for memory: one sequence's last prefill chunk,
+    after ``context - prefill`` cached tokens (a chunk's attention spans every token
+    cached before it, so the last chunk of a prompt that fills the context is the
+    largest)."""
+    past = gen.context - gen.prefill
+    size = {"batch": 1, "past": past, "total": gen.context, "new": gen.prefill}
     return {d: size[r] for d, r in _dim_roles(inputs, pasts).items()}
 
 

@@ -39,13 +39,20 @@ def can_step(graph_inputs: Sequence[str], pasts: Sequence[str]) -> bool:
     return "input_ids" in plain and plain <= set(STEP_INPUTS)
 
 
-def prompt_feeds(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A prefill's feeds as a generation starts them: ``feeds`` with the mask all ones and
-    the positions 0..n-1 (synthetic inputs fill position ids with zeros)."""
+def prompt_feeds(feeds: Mapping[str, np.ndarray], pasts: Sequence[str] = ()
+                 ) -> dict[str, np.ndarray]:
+    """A prefill's feeds as a generation starts them: ``feeds`` with empty ``pasts``, the
+    mask all ones over the prompt and the positions 0..n-1 (synthetic inputs are made at
+    the planned sizes, whose past is a chunk's, and fill position ids with zeros)."""
     out = dict(feeds)
     ids = np.asarray(out["input_ids"])
+    for name in pasts:
+        if name in out:
+            shape = list(np.shape(out[name]))
+            shape[2] = 0  # [batch, kv_heads, past_sequence, head_dim]
+            out[name] = np.zeros(shape, dtype=np.asarray(out[name]).dtype)
     if "attention_mask" in out:
-        out["attention_mask"] = np.ones(np.shape(out["attention_mask"]), dtype=np.int64)
+        out["attention_mask"] = np.ones(ids.shape, dtype=np.int64)
     if "position_ids" in out:
         n = ids.shape[1]
         out["position_ids"] = np.broadcast_to(np.arange(n, dtype=np.int64),

@@ -208,7 +208,27 @@ class StageRunner:
             What goes on (as :meth:`run`), and the presents by past input name.
         """
         feeds = arrays | pasts
+        new = self._new_tokens(arrays) if self.spec.state else None
+        if new is not None:
+            outputs, presents = self._run_into_caches(feeds, pasts, new)
+            self._drop_table_pages()
+            return ({s.name: outputs[s.name] if s.name in outputs else arrays[s.name]
+                     for s in self.spec.outputs}, presents)
         produced = self.session.run(self._fetches, {n: feeds[n] for n in self._feeds})
+        self._drop_table_pages()
+        out = dict(zip(self._fetches, produced))
+        del produced
+        # Copied out of onnxruntime: its outputs are views of its own buffers (the CPU
+        # arena), which never shrinks, so caches kept in them stayed resident after their
+        # release. Copies live on the heap and are trimmed once freed.
+        presents = {past: np.array(out.pop(present), copy=True)
+                    for past, present in self.spec.state}
+        return ({s.name: out[s.name] if s.name in out else arrays[s.name]
+                 for s in self.spec.outputs}, presents)
+
+    def _drop_table_pages(self) -> None:
+        """Drop the gather tables' pages again after a run (they are re-read from the
+        file when needed), unless the run wrote them."""
         if self._tables:
             if not self._tables_checked:
                 # Once, after the first run: dropping written pages would lose the writes.
@@ -220,17 +240,39 @@ class StageRunner:
                     self._tables = []
             if self._tables:
                 drop_pages(self._tables)
-        out = dict(zip(self._fetches, produced))
-        del produced
-        # Copied out of onnxruntime: its outputs are views of its own buffers (the CPU
-        # arena), which never shrinks, so caches kept in them stayed resident after their
-        # release (the toy decoder of tests/test_worker_sessions.py: 64 MiB of released
-        # caches, RSS did not drop at all). Copies live on the heap and are trimmed once
-        # freed; the arena reuses its buffer for the next step.
-        presents = {past: np.array(out.pop(present), copy=True)
-                    for past, present in self.spec.state}
-        return ({s.name: out[s.name] if s.name in out else arrays[s.name]
-                 for s in self.spec.outputs}, presents)
+
+    def _new_tokens(self, arrays: dict[str, np.ndarray]) -> int | None:
+        """The tokens a step feeds (the size of an input's ``sequence`` dim), or None when
+        no input names it."""
+        for spec in self.spec.inputs:
+            if "sequence" in spec.shape and spec.name in arrays:
+                return int(arrays[spec.name].shape[spec.shape.index("sequence")])
+        return None
+
+    def _run_into_caches(self, feeds: dict[str, np.ndarray], pasts: dict[str, np.ndarray],
+                         new: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Run with each present written straight into an array of ours ([batch, kv_heads,
+        past + new, head_dim], bound with IO binding), not into onnxruntime's arena and
+        then copied out: a step holds the stored caches and the new ones, not a third
+        copy. The other outputs are copied out as usual."""
+        io = self.session.io_binding()
+        for name in self._feeds:
+            io.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
+        kept = {present for _, present in self.spec.state}
+        others = [f for f in self._fetches if f not in kept]
+        for name in others:
+            io.bind_output(name, "cpu")
+        presents = {}
+        for past, present in self.spec.state:
+            b, heads, length, size = pasts[past].shape
+            buf = np.empty((b, heads, length + new, size), dtype=pasts[past].dtype)
+            io.bind_output(present, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+            presents[past] = buf
+        self.session.run_with_iobinding(io)
+        values = io.get_outputs()
+        outputs = {name: values[i].numpy() for i, name in enumerate(others)}
+        del values, io
+        return outputs, presents
 
 
 def batch_size(arrays: dict[str, np.ndarray]) -> int:
