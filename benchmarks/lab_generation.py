@@ -13,7 +13,9 @@ process of its own joined to that device's cgroup:
 Measured in one run, side by side (rounds alternate):
 
 1. the pipeline's aggregate decode tokens/s with ``--sequences`` sequences at once ÷ its
-   tokens/s with one (the issue's target: ≥ 3.0× over 4 stages);
+   tokens/s with one (the issue's target: ≥ 3.0× over 4 stages), with the coordinator's
+   decode batching (its default) and with each step run alone (``max_batch=1``: the
+   sequences only interleave), alternating;
 2. one sequence over the pipeline against the unsharded model on one emulated device;
 3. time to first token for the ``--prompt-tokens`` prompt;
 4. each worker's peak RSS against the plan, with every sequence's cache held.
@@ -82,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--sequences", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--max-batch", type=int, default=0,
-                    help="the coordinator's decode batch (0: its default)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -127,41 +127,54 @@ def main(argv: list[str] | None = None) -> int:
             baselines["llama.cpp Q4_1 (one emulated device)"] = LabChild(
                 "llama.cpp", spare.cgroup, _llama_child, str(gguf_path()), spare.threads,
                 context, args.prompt_tokens)
-        extra = {"max_batch": args.max_batch} if args.max_batch else {}
         with Pipeline(plan, run_dir / "plan", diagnose=lab.diagnose,
-                      security=lab.security(), **extra) as pipeline:
+                      security=lab.security()) as pipeline:
             pipeline.start()
-            generator = Generator(pipeline)
+            # The coordinator's default (decode steps of the sequences ready together run
+            # as one batch), and each step alone (the sequences only interleave).
+            generators = {"batched": Generator(pipeline),
+                          "interleaved": Generator(pipeline, max_batch=1)}
+            generator = generators["batched"]
             pipeline_run(generator, prompts[-1], 4)  # warm up
             for child in baselines.values():
                 child.run(prompts[-1], 4, eos)
-            single, many, base = [], [], {k: [] for k in baselines}
+            single, base = [], {k: [] for k in baselines}
+            many: dict[str, list] = {k: [] for k in generators}
             for r in range(args.rounds):
                 single.append(summarize(pipeline_run(generator, prompts[0], n)))
-                m = multi_run(generator, prompts, n, pipeline.status)
-                memory = worker_memory(m.pop("status"), plan)
-                m.pop("results")
-                many.append(m)
+                for name, gen in (generators.items() if r % 2 == 0
+                                  else reversed(generators.items())):
+                    m = multi_run(gen, prompts, n, pipeline.status)
+                    if name == "batched":
+                        memory = worker_memory(m["status"], plan)
+                        batches = [(s.worker.batched_runs, s.worker.batched_rows)
+                                   for s in m["status"].stages]
+                    m.pop("status")
+                    m.pop("results")
+                    many[name].append(m)
                 for name, child in baselines.items():
                     base[name] += baseline_rounds(child, prompts, n, eos, 1)
-                log.info("round %d: 1 sequence %.2f tok/s, %d sequences %.2f tok/s", r,
+                log.info("round %d: 1 sequence %.2f tok/s, %d sequences %s", r,
                          single[-1]["decode_tokens_per_s"], args.sequences,
-                         m["decode_tokens_per_s"] or 0)
+                         {k: round(v[-1]["decode_tokens_per_s"] or 0, 2)
+                          for k, v in many.items()})
             peaks = {name: child.close() / 2**20 for name, child in baselines.items()}
     finally:
         lab.down()
     one = med(single, "decode_tokens_per_s")
-    agg = statistics.median(m["decode_tokens_per_s"] for m in many)
+    agg = {k: statistics.median(m["decode_tokens_per_s"] for m in v) for k, v in many.items()}
     result.update({
         "pipeline_1_sequence": {"decode_tokens_per_s": one,
                                 "decode_ms_median": med(single, "decode_ms_median"),
                                 "ttft_ms": med(single, "ttft_ms")},
-        "pipeline_n_sequences": {"decode_tokens_per_s": round(agg, 2),
-                                 "per_round": [round(m["decode_tokens_per_s"], 2)
-                                               for m in many],
-                                 "ttft_ms_median": round(statistics.median(
-                                     many[-1]["ttft_ms"]), 1)},
-        "aggregate_ratio": round(agg / one, 2),
+        "pipeline_n_sequences": {k: {"decode_tokens_per_s": round(a, 2),
+                                     "per_round": [round(m["decode_tokens_per_s"], 2)
+                                                   for m in many[k]],
+                                     "ttft_ms_median": round(statistics.median(
+                                         many[k][-1]["ttft_ms"]), 1)}
+                                 for k, a in agg.items()},
+        "aggregate_ratio": {k: round(a / one, 2) for k, a in agg.items()},
+        "batched_runs_rows_by_stage": batches,
         "baselines": {name: {"decode_tokens_per_s": med(rows, "decode_tokens_per_s"),
                              "ttft_ms": med(rows, "ttft_ms"),
                              "peak_rss_mb": round(peaks[name], 1)}
