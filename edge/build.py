@@ -367,7 +367,13 @@ def _add_decode_costs(costs: GraphCosts, model_path: Path, gen: Generation) -> N
     costs.cut_bytes[n] = _TOKEN_BYTES * costs.bindings.get("batch", 1)
     # kv_token_bytes counts the presents' float32; fp16 caches are stored in half that.
     stored = np.dtype(KV_DTYPES[gen.kv_dtype]).itemsize / np.dtype(np.float32).itemsize
-    costs.kv_bytes = costs.kv_token_bytes * float(gen.context * gen.sequences) * stored
+    kept = gen.sequences * stored
+    # A batch of decode steps (the coordinator's default: every sequence's) runs with its
+    # rows' caches left-padded into float32 pasts and gets presents one token longer: two
+    # more copies of them while it runs (edge.worker.sessions.pad_pasts), at the context.
+    batch = 2.0 * gen.sequences if gen.sequences > 1 else 0.0
+    costs.kv_bytes = costs.kv_token_bytes * float(gen.context) * (kept + batch)
+    costs.kv_stored_fraction = kept / (kept + batch)
 
 
 # The least cosine the logits must keep with caches stored in a smaller dtype than fp32

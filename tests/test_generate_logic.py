@@ -548,22 +548,22 @@ def test_a_row_whose_caches_are_gone_breaks_the_batch_up_and_every_row_replays(s
 
 
 def test_default_batch_is_bounded_by_the_stages_memory(tmp_path):
-    """A batch holds transient copies of its rows' caches (padded pasts, presents): the
-    default batch is the plan's sequences only where that fits beyond each stage's plan."""
+    """A batch holds transient copies of its rows' caches (padded pasts, presents). A plan
+    counts them for a batch of all its sequences; more rows (``--max-batch``) are
+    batched only as far as they fit beyond each stage's plan."""
     import dataclasses
 
     from edge.planning.generation import batch_rows_that_fit
 
-    plan = fake_decoder_plan(tmp_path, fake_devices(2), context=1024, sequences=8)
+    plan = fake_decoder_plan(tmp_path, fake_devices(2), context=1024, sequences=2)
     mib_per_token = 2**20 // 1024  # one row at the full context: 1 MiB of caches
-    room = [s.device.memory_mb - s.predicted.memory_mb for s in plan.stages]
     stages = [dataclasses.replace(s, kv_bytes_per_token=mib_per_token) for s in plan.stages]
-    # Room for 2 MiB-rows x 2 copies each on stage 1: three rows fit, not eight.
+    roomy = dataclasses.replace(plan, stages=tuple(stages))
+    assert min(s.device.memory_mb - s.predicted.memory_mb for s in stages) > 16 * 2
+    assert batch_rows_that_fit(roomy, 8) == 8
+    # Room for three more rows of 2 x 1 MiB on stage 1, beyond the plan's two.
     stages[1] = dataclasses.replace(stages[1], predicted=dataclasses.replace(
         stages[1].predicted, memory_mb=stages[1].device.memory_mb - 6.5))
     tight = dataclasses.replace(plan, stages=tuple(stages))
-    assert min(room) > 16 * 2  # the fake devices have room for all eight
-    assert batch_rows_that_fit(dataclasses.replace(plan, stages=tuple(
-        dataclasses.replace(s, kv_bytes_per_token=mib_per_token) for s in plan.stages)), 8) == 8
-    assert batch_rows_that_fit(tight, 8) == 3
+    assert batch_rows_that_fit(tight, 8) == 5
     assert batch_rows_that_fit(tight, 2) == 2

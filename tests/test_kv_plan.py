@@ -205,9 +205,13 @@ def test_memory_grows_by_the_kv_caches(llama_tiny, tmp_path):
     b = base.stages[0].predicted
     assert b.kv_cache_mb == pytest.approx(kv)
     for p in (longer, more):
-        q = p.stages[0].predicted
-        assert q.kv_cache_mb == pytest.approx(2 * kv)
-        assert q.memory_mb - b.memory_mb == pytest.approx(kv)
+        assert p.stages[0].predicted.kv_cache_mb == pytest.approx(2 * kv)
+    assert longer.stages[0].predicted.memory_mb - b.memory_mb == pytest.approx(kv)
+    # Two sequences: one more kept, and a decode batch of both holds their caches twice
+    # more while it runs (padded pasts, presents), counted with the activations.
+    q = more.stages[0].predicted
+    assert q.memory_mb - b.memory_mb == pytest.approx(kv + 2 * 2 * kv)
+    assert q.activations_mb - b.activations_mb == pytest.approx(2 * 2 * kv)
     assert b.decode_ms > 0 and b.time_ms > 0
 
 

@@ -221,20 +221,22 @@ def batch_rows_that_fit(plan: Plan, rows: int) -> int:
 
     A batch copies its rows' caches into left-padded pasts and onnxruntime returns
     presents one token longer, so while it runs a stage holds about twice the batch's
-    caches beside the ones it keeps (which the plan counts). At the planned context that
-    is ``2 x rows x context x kv_bytes_per_token``; it must fit in what the device has
-    beyond the stage's planned memory. The copies are float32 even when the caches are
-    stored in fp16 (``Generation.kv_dtype``): twice the stored bytes per token then.
+    caches beside the ones it keeps. A plan for several sequences counts that for a batch
+    of all of them (``edge.build``); a larger batch must fit in what the device has beyond
+    the stage's planned memory, at ``2 x context x kv_bytes_per_token`` a row. The copies
+    are float32 even when the caches are stored in fp16 (``Generation.kv_dtype``): twice
+    the stored bytes per token then.
     """
     gen = plan.model.generation
     if gen is None:
         return 1
     widen = 2 if gen.kv_dtype == "fp16" else 1  # the graph reads float32 pasts
+    planned = gen.sequences if gen.sequences > 1 else 0
     fit = rows
     for stage in plan.stages:
         per_row = 2 * gen.context * stage.kv_bytes_per_token * widen / 2**20
         if per_row <= 0:
             continue
         room = stage.device.memory_mb - stage.predicted.memory_mb
-        fit = min(fit, int(room // per_row))
+        fit = min(fit, planned + int(room // per_row))
     return max(1, fit)

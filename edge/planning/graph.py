@@ -196,6 +196,9 @@ class GraphCosts:
     # Set when planning for generation (edge.build): the caches' bytes per node at the
     # plan's context and sequences, and the costs of one decode step (edge.planner).
     kv_bytes: np.ndarray | None = None
+    # The part of kv_bytes that is the caches kept between steps; the rest is what a batch
+    # of decode steps holds while it runs (edge.build).
+    kv_stored_fraction: float = 1.0
     decode_flops: np.ndarray | None = None
     decode_cut_bytes: np.ndarray | None = None
 

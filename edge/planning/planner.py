@@ -320,7 +320,9 @@ def evaluate(costs: StageCosts, dev: Device, i: int, j: int,
     mem = float(_mode_memory(w, a, io, dev.runtime_floor_mb, mode,
                              _prepack_range(costs, i, j), kv))
     weights_mb = (c.weight_factor * whole + c.table_factor * table) / memory.MiB
-    act_mb = (c.activation_factor * a + c.io_factor * io) / memory.MiB
+    kept = kv * getattr(costs, "kv_stored_fraction", 1.0)
+    # A decode batch's transient copies of the caches count as activations.
+    act_mb = (c.activation_factor * a + c.io_factor * io + kv - kept) / memory.MiB
     decode_ms = 0.0
     if getattr(costs, "decode_flops", None) is not None:
         df, dc = _time_arrays(costs)
@@ -330,7 +332,7 @@ def evaluate(costs: StageCosts, dev: Device, i: int, j: int,
         weights_mb=weights_mb, activations_mb=act_mb,
         runtime_floor_mb=mem - weights_mb - act_mb - kv / memory.MiB,
         memory_mb=mem, gflops=f / 1e9, compute_ms=cm, transfer_ms=t, time_ms=cm + t,
-        kv_cache_mb=kv / memory.MiB, decode_ms=decode_ms)
+        kv_cache_mb=kept / memory.MiB, decode_ms=decode_ms)
 
 
 def _weight_sweep(costs: StageCosts, n: int) -> Iterator[tuple[int, np.ndarray]]:
