@@ -19,32 +19,22 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from edge.profiling.memory import memory_breakdown
 from edge.proto import edge_pb2 as pb
 from edge.transport.channels import Security, create_channel, serialized_unary
+from edge.transport.codec import encode_activation
 from edge.worker.launch import spawn_worker
 
 _FORWARD = pb.DESCRIPTOR.services_by_name["Worker"].methods_by_name["Forward"]
 MiB = 1 << 20
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def activation_bytes(size: int) -> bytes:
-    """A serialized Activation carrying one float32 tensor of ``size`` bytes, built without
-    a message object (that would hold two more copies)."""
-    shape = _varint(size // 4)  # packed repeated int64
-    tensor = (b"\x0a\x01x" + b"\x12\x07float32" + b"\x1a" + _varint(len(shape)) + shape
-              + b"\x22" + _varint(size) + b"\0" * size)
-    return b"\x0a\x03big" + b"\x12" + _varint(len(tensor)) + tensor
+    """A serialized Activation with one float32 tensor of ``size`` bytes (zeros: calloc's
+    pages are not resident until read, so the wire bytes are the one copy)."""
+    return encode_activation("big", 0, {"x": np.zeros(size // 4, dtype=np.float32)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,11 +11,13 @@ import tempfile
 from pathlib import Path
 import time
 
+import numpy as np
 import pytest
 
 from edge.errors import GraphError
 from edge.export.zoo import locate
 from edge.planning.graph import analyze
+from edge.transport.codec import encode_activation
 from edge.worker.cache import ShardCache, UploadError
 from helpers import unit_sections
 
@@ -107,22 +109,10 @@ MiB = 1 << 20
 TOKEN = "field-defects-token-0123456789"
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def activation_bytes(size: int) -> bytes:
-    """A serialized Activation with one float32 tensor of ``size`` bytes, built without a
-    message object (which would hold two more copies)."""
-    shape = _varint(size // 4)
-    tensor = (b"\x0a\x01x\x12\x07float32\x1a" + _varint(len(shape)) + shape + b"\x22"
-              + _varint(size) + b"\0" * size)
-    return b"\x0a\x03big\x12" + _varint(len(tensor)) + tensor
+    """A serialized Activation with one float32 tensor of ``size`` bytes (zeros: calloc's
+    pages are not resident until read, so the wire bytes are the one copy)."""
+    return encode_activation("big", 0, {"x": np.zeros(size // 4, dtype=np.float32)})
 
 
 def _big_forwards(address: str, payload: bytes, calls: int, token: str | None) -> list:
