@@ -26,7 +26,7 @@ from edge.envvars import add_env_defaults, resolve as resolve_env
 from edge.errors import ConfigError, EdgeError
 from edge.lab.cli import add_parser as add_lab_parser
 from edge.logs import LOG_FORMATS, configure_logging
-from edge.spec import MODES
+from edge.spec import KV_DTYPES, MODES
 from edge.transport.certs_cli import add_parser as add_certs_parser
 from edge.transport import systemd
 from edge.transport.security import add_arguments as add_security_arguments
@@ -650,9 +650,9 @@ def _add_plan(sub) -> None:
                      help="sequences whose caches the stages hold at once (default 1: each "
                           "one multiplies the caches on every stage; more wait in a queue)")
     gen.add_argument("--prefill", type=_positive(int), metavar="P",
-                     help="the longest prompt the activations are planned for (default "
-                          "min(context, 128))")
-    gen.add_argument("--kv-dtype", choices=("fp32", "fp16"), default=None,
+                     help="the prompt chunk the activations are planned for: a longer "
+                          "prompt runs in chunks of P tokens (default min(context, 128))")
+    gen.add_argument("--kv-dtype", choices=tuple(KV_DTYPES), default=None,
                      help="how the stages store the KV caches between steps (default "
                           "fp32): fp16 halves their memory; refused unless the logits keep "
                           "cosine >= 0.99 with fp32 caches over teacher-forced decode steps")

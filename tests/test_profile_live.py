@@ -14,6 +14,21 @@ from edge.planning.cluster import cluster_from_profile
 from edge.worker.launch import LocalWorkers
 
 
+def profile_live(pipeline, out, *args: str):
+    """`edge profile --coordinator` against ``pipeline`` served on a loopback port: the
+    finished process, and the report.json it wrote to ``out`` (checked to exit 0)."""
+    server, port = start_coordinator(pipeline, "127.0.0.1:0")
+    try:
+        r = subprocess.run([sys.executable, "-m", "edge", "profile", "--coordinator",
+                            f"127.0.0.1:{port}", *args, "--out", str(out)],
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "COLUMNS": "240"})
+    finally:
+        server.stop(0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r, json.loads((out / "report.json").read_text())
+
+
 def test_live_profile_has_samples_from_every_worker(bert_tiny, tmp_path):
     with LocalWorkers(3, tmp_path / "w", device="rpi4b-2gb", threads=1) as workers:
         cluster = cluster_from_profile("rpi4b-2gb", 3, addresses=workers.addresses)
@@ -21,17 +36,7 @@ def test_live_profile_has_samples_from_every_worker(bert_tiny, tmp_path):
                          bindings={"batch": 1, "sequence": 32})
         with Pipeline(plan, tmp_path / "build") as pipeline:
             pipeline.start()
-            server, port = start_coordinator(pipeline, "127.0.0.1:0")
-            try:
-                r = subprocess.run(
-                    [sys.executable, "-m", "edge", "profile", "--coordinator", f"127.0.0.1:{port}",
-                     "--requests", "12", "--out", str(tmp_path / "report")],
-                    capture_output=True, text=True, timeout=120,
-                    env={**os.environ, "COLUMNS": "200"})
-            finally:
-                server.stop(0)
-    assert r.returncode == 0, r.stdout + r.stderr
-    report = json.loads((tmp_path / "report" / "report.json").read_text())
+            r, report = profile_live(pipeline, tmp_path / "report", "--requests", "12")
     assert report["errors"] == 0 and report["requests"] == 12
     assert [d["stage"] for d in report["devices"]] == [0, 1, 2]
     for device in report["devices"]:
@@ -60,17 +65,8 @@ def test_live_profile_of_a_generation_plan_shows_kv_caches(tmp_path):
                          generation=GenerationRequest(context=64, sequences=2, prefill=16))
         with Pipeline(plan, tmp_path / "build") as pipeline:
             pipeline.start()
-            server, port = start_coordinator(pipeline, "127.0.0.1:0")
-            try:
-                r = subprocess.run(
-                    [sys.executable, "-m", "edge", "profile", "--coordinator", f"127.0.0.1:{port}",
-                     "--requests", "4", "--concurrency", "2", "--out", str(tmp_path / "report")],
-                    capture_output=True, text=True, timeout=120,
-                    env={**os.environ, "COLUMNS": "240"})
-            finally:
-                server.stop(0)
-    assert r.returncode == 0, r.stdout + r.stderr
-    report = json.loads((tmp_path / "report" / "report.json").read_text())
+            r, report = profile_live(pipeline, tmp_path / "report", "--requests", "4",
+                                     "--concurrency", "2")
     assert report["errors"] == 0 and report["requests"] == 4
     planned = {s.index: s.predicted.kv_cache_mb for s in plan.stages}
     for device in report["devices"]:
