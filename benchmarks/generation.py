@@ -268,13 +268,15 @@ def _genai_child(conn, model_dir: str, threads: int, context: int) -> None:
 class Child:
     """A baseline in a process of its own (spawned: no onnxruntime or gRPC state shared)."""
 
-    def __init__(self, name: str, target, *args):
+    def __init__(self, name: str, target, *args, started=None):
         ctx = mp.get_context("spawn")
         self.name = name
         self.conn, theirs = ctx.Pipe()
         self.process = ctx.Process(target=target, args=(theirs, *args), daemon=True)
         self.process.start()
-        self.hello = self._recv(600)
+        if started is not None:  # e.g. move it into a cgroup before it loads anything
+            started(self.process.pid)
+        self.hello = self._recv(900)
 
     def _recv(self, timeout: float):
         if not self.conn.poll(timeout):

@@ -33,11 +33,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing as mp
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from generation import (Child, _llama_child, _ort_child, export_model, gguf_path,
@@ -46,19 +44,14 @@ from generation import (Child, _llama_child, _ort_child, export_model, gguf_path
 log = logging.getLogger("lab_generation")
 
 
-class LabChild(Child):
+def lab_child(name: str, cgroup, target, *args) -> Child:
     """A baseline process moved into an emulated device's cgroup (its memory cap and CPU
     quota) before it loads anything."""
-
-    def __init__(self, name: str, cgroup, target, *args):
-        ctx = mp.get_context("spawn")
-        self.name = name
-        self.conn, theirs = ctx.Pipe()
-        self.process = ctx.Process(target=target, args=(theirs, *args), daemon=True)
-        self.process.start()
+    def join(pid: int) -> None:
         for d in cgroup.dirs:
-            (d / "cgroup.procs").write_text(str(self.process.pid))
-        self.hello = self._recv(900)
+            (d / "cgroup.procs").write_text(str(pid))
+
+    return Child(name, target, *args, started=join)
 
 
 def baseline_rounds(child: Child, prompts, n: int, eos, rounds: int) -> list[dict]:
@@ -121,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                                                       prefill=args.prompt_tokens))
         result["plan_stages"] = [list(s.node_range) for s in plan.stages]
         baselines = {"unsharded onnxruntime (one emulated device)":
-                     LabChild("onnxruntime", spare.cgroup, _ort_child, str(onnx),
+                     lab_child("onnxruntime", spare.cgroup, _ort_child, str(onnx),
                               spare.threads)}
         if not args.no_llama:
-            baselines["llama.cpp Q4_1 (one emulated device)"] = LabChild(
+            baselines["llama.cpp Q4_1 (one emulated device)"] = lab_child(
                 "llama.cpp", spare.cgroup, _llama_child, str(gguf_path()), spare.threads,
                 context, args.prompt_tokens)
         with Pipeline(plan, run_dir / "plan", diagnose=lab.diagnose,
