@@ -1,9 +1,11 @@
-"""Pipelined throughput of 4 stages against one device, measured in the device lab.
+"""Pipelines of N emulated devices against one, each with its coordinator on an emulated
+board of its own, measured side by side in the device lab.
 
-The same comparison ``edge bench`` makes as "a. ... measured in the emulated lab", on its
-own (see ``edge.bench.lab_pipeline``). Needs root.
+The comparison ``edge bench`` makes in its lab section, on its own (see
+``edge.bench.lab_pipeline``). Needs root.
 
-    python benchmarks/lab_throughput.py --model bert-base --profile rpi4b-2gb --requests 48
+    python benchmarks/lab_throughput.py --model bert-base --profile rpi4b-2gb --stages 4,8 \\
+        --coordinator rpi4b-2gb --rounds 2 --json benchmarks/results/lab_throughput.json
 """
 
 from __future__ import annotations
@@ -18,17 +20,21 @@ from pathlib import Path
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="bert-base", help="KIND-SIZE, e.g. bert-base")
-    ap.add_argument("--profile", default="rpi4b-2gb")
-    ap.add_argument("--devices", type=int, default=4)
+    ap.add_argument("--profile", default="rpi4b-2gb", help="every worker device's profile")
+    ap.add_argument("--stages", default="4,8", help="the pipelines, e.g. 4,8")
+    ap.add_argument("--coordinator", default="rpi4b-2gb",
+                    help="the profile of each arm's coordinator board ('host': this host, "
+                         "uncapped)")
     ap.add_argument("--sequence", type=int, default=128)
-    ap.add_argument("--requests", type=int, default=48, help="per throughput block")
-    ap.add_argument("--in-flight", type=int, help="for the pipeline (default 2 per stage)")
+    ap.add_argument("--requests", type=int, default=48,
+                    help="per throughput block of a pipeline (one device: a third)")
+    ap.add_argument("--in-flight", type=int, help="for the pipelines (default 2 per stage)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--work", default=None)
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    from edge.bench.lab_pipeline import lab_pipeline_vs_one
+    from edge.bench.lab_pipeline import lab_scaling
     from edge.export import example_inputs, export_model
 
     kind, size = args.model.split("-", 1)
@@ -37,11 +43,12 @@ def main() -> int:
     if not model.exists():
         export_model(kind, size=size, seed=0, out=model)
     inputs = [example_inputs(kind, size, batch=1, seq=args.sequence, seed=i)
-              for i in range(args.requests)]
-    result = lab_pipeline_vs_one(model, inputs, {"batch": 1, "sequence": args.sequence},
-                                 args.profile, args.devices, args.rounds, work,
-                                 in_flight=args.in_flight,
-                                 say=lambda m: print(m, file=sys.stderr))
+              for i in range(16)]
+    result = lab_scaling(model, inputs, {"batch": 1, "sequence": args.sequence},
+                         args.profile, [int(s) for s in args.stages.split(",")], args.rounds,
+                         work, coordinator=None if args.coordinator == "host" else
+                         args.coordinator, in_flight=args.in_flight, requests=args.requests,
+                         say=lambda m: print(m, file=sys.stderr, flush=True))
     result["model"] = args.model
     print(json.dumps(result, indent=2))
     if args.json:

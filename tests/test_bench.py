@@ -144,3 +144,23 @@ def test_timeline_places_stages_in_order_and_spreads_the_gaps():
     late = RequestRecord(start_s=1.005, end_s=1.030, timings=((0, 0.0, 8.0, 0.0),
                                                               (1, 0.0, 5.0, 0.0)))
     assert overlap_ms(reconstruct([rec, late], 2)) > 0
+
+
+def test_bench_json_has_the_summary_even_without_the_lab(bench):
+    """The headline numbers are always there; without the lab, None and why."""
+    s = json.loads((bench / "bench.json").read_text())["summary"]
+    assert s["lab_speedup_2"] is None  # --quick measures a 2-stage lab pipeline
+    assert s["coordinator_device"] == "rpi4b-2gb"
+    assert s["coordinator_cpu_ms_per_request"] is None and s["latency_ratio_2"] is None
+    assert s["source"] == "not measured: skipped (--no-lab)"
+
+
+def test_steady_rate_leaves_out_filling_and_draining():
+    from edge.bench.lab_pipeline import steady_rate
+
+    # 4 in flight: the first 4 completions come while the pipeline fills (slowly here),
+    # then one every 0.5 s, then the last 4 while it drains.
+    done = [5.0, 5.1, 5.2, 5.3] + [5.3 + 0.5 * k for k in range(1, 11)] + [11, 12, 13, 14]
+    assert steady_rate(done, 4) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="at least 10 completions with 4 in flight; got 9"):
+        steady_rate(done[:9], 4)

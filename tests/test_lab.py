@@ -283,7 +283,8 @@ def measure_mbps(receive: list[str], send: list[str], ip: str, seconds: float,
 @needs_lab
 class TestLab:
     """Five devices: two Pi 4s, a Zero 2 W (30 Mbit/s Wi-Fi), and two Pi 4s with small
-    memory caps: one to overflow through the pipeline, one for a plain allocator."""
+    memory caps: one to overflow through the pipeline, one for a plain allocator; and a
+    Pi 4 without a worker, the coordinator's board."""
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -291,7 +292,8 @@ class TestLab:
         d = tmp_path_factory.mktemp("lab")
         specs = [DeviceSpec("rpi4b-2gb"), DeviceSpec("rpi4b-2gb"), DeviceSpec("rpi-zero-2w"),
                  DeviceSpec("rpi4b-2gb", name="tight", memory_mb=100),
-                 DeviceSpec("rpi4b-2gb", name="alloc", memory_mb=128)]
+                 DeviceSpec("rpi4b-2gb", name="alloc", memory_mb=128),
+                 DeviceSpec("rpi4b-2gb", name="board", role="coordinator")]
         lab = Lab.up(specs, state_dir=d / "state", cache_dir=d / "cache")
         try:
             yield lab
@@ -307,8 +309,8 @@ class TestLab:
         """A worker that dies fails the test it died in, with the lab's reason and the end
         of its log, rather than the next test, with 'connection refused'."""
         yield
-        dead = [s for s in lab.status()
-                if not s.alive and s.device.name not in self.EXPENDABLE]
+        dead = [s for s in lab.status() if not s.alive and s.device.runs_worker
+                and s.device.name not in self.EXPENDABLE]
         if dead:
             pytest.fail("lab worker(s) died during this test:\n" + "\n".join(
                 f"{s.device.name}: {s.reason}\n" + "\n".join(
@@ -322,7 +324,7 @@ class TestLab:
                                capture_output=True, text=True).stdout
         assert "tbf" in qdisc and "rate 30Mbit" in qdisc, qdisc
         assert zero.memory_cap_mb == 512
-        assert all(s.alive for s in lab.status())
+        assert all(s.alive for s in lab.status() if s.device.runs_worker)
         # The host's routing table holds the lab subnet only through the lab's veth.
         routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
         assert [r for r in routes.splitlines() if "10.99." in r] == [
@@ -341,7 +343,7 @@ class TestLab:
         from edge.transport.discovery import browse, cluster_id
 
         cid = cluster_id(lab.security())
-        expected = {d.name: d.address for d in lab.devices}
+        expected = {d.name: d.address for d in lab.devices if d.runs_worker}
         found = {}
         end = time.monotonic() + 20
         while set(found) != set(expected) and time.monotonic() < end:
@@ -382,6 +384,48 @@ class TestLab:
             for k in want:
                 np.testing.assert_allclose(got[k], want[k], atol=TOL, rtol=0, err_msg=k)
             assert [t.stage for t in r.timings] == [0, 1, 2]
+
+    def test_a_coordinator_on_the_board_serves_from_its_namespace_and_quota(
+            self, lab, bert_small, tmp_path):
+        """`edge lab run board -- edge coordinator ...`: the coordinator runs on the
+        emulated board (its address, its cgroup), and a client on this host gets the
+        unsharded model's outputs through it."""
+        from edge.build import make_plan
+        from edge.coordinator.client import InferClient
+        from edge.export import example_inputs
+
+        board = lab.device("board")
+        assert board.name not in {d.name for d in lab.cluster().devices}  # serves no stage
+        assert board.cpu_quota_us / board.cpu_period_us == pytest.approx(
+            lab.device("rpi4b-2gb-1").cpu_cores)
+        devices = [d for d in lab.cluster().devices if d.name in ("rpi4b-2gb-1", "rpi4b-2gb-2")]
+        plan_dir = tmp_path / "plan"
+        make_plan(bert_small, devices, plan_dir, bindings={"batch": 1, "sequence": 16})
+        port_file = tmp_path / "port"
+        cmd = [sys.executable, "-m", "edge", "lab", "run", "board", "--state-dir",
+               str(lab.state_dir), "--", sys.executable, "-m", "edge", "coordinator",
+               "--plan", str(plan_dir), "--certs", str(lab.bundle("board")),
+               "--listen", f"{board.ip}:50050", "--port-file", str(port_file)]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            end = time.monotonic() + 90
+            while not port_file.exists():
+                assert p.poll() is None and time.monotonic() < end, p.stdout.read().decode()
+                time.sleep(0.1)
+            procs = board.cgroup.procs()
+            assert procs, "the coordinator is not in the board's cgroup"
+            r = edge_cli("lab", "status", "--state-dir", str(lab.state_dir))
+            assert "coordinator's board" in r.stdout and "1 process(es) run on it" in r.stdout
+            x = example_inputs("bert", "small", batch=1, seq=16, seed=3)
+            with InferClient(f"{board.ip}:50050", security=lab.security()) as client:
+                got = client.infer(x)
+            want = reference(bert_small, x)
+            for k in want:
+                np.testing.assert_allclose(got[k], want[k], atol=TOL, rtol=0, err_msg=k)
+        finally:
+            p.terminate()
+            p.wait(20)
+        assert board.cgroup.procs() == []
 
     def test_a_device_whose_cable_is_pulled_is_failed_over_and_rejoins(self, lab, bert_small,
                                                                        tmp_path):

@@ -36,6 +36,12 @@ def add_parser(sub) -> None:
                    help="skip what needs `edge lab` (root, and no other lab up): the hop on "
                         "a shaped gigabit link and the pipeline against one device on "
                         "CPU-capped emulated devices")
+    p.add_argument("--lab-stages", default=None, metavar="N,N,...",
+                   help="the pipelines measured against one device in edge lab (default "
+                        "4,8; with --quick 2)")
+    p.add_argument("--lab-coordinator", default="rpi4b-2gb", metavar="PROFILE",
+                   help="the board each lab pipeline's coordinator runs on, emulated like "
+                        "the devices (default rpi4b-2gb; 'host': this host, uncapped)")
     p.add_argument("--workdir", help="keep the model, plans and logs here (default: temporary)")
     p.add_argument("--quick", action="store_true",
                    help="BERT-small, 4 requests, one round: under a minute")
@@ -46,13 +52,7 @@ def _config(args: argparse.Namespace):
     from edge.bench.runner import BenchConfig, parse_devices, parse_model
 
     profile, count = parse_devices(args.devices)
-    try:
-        scaling = tuple(sorted({int(x) for x in args.scaling.split(",") if x.strip()}))
-    except ValueError:
-        scaling = ()
-    if not scaling or min(scaling) < 1:
-        raise ConfigError(f"--scaling: expected device counts >= 1 like 2,4,8, got "
-                          f"{args.scaling!r}")
+    scaling = _counts(args.scaling, "--scaling")
     given = {k: v for k, v in dict(model=args.model, requests=args.requests,
                                    rounds=args.rounds).items() if v is not None}
     for key in ("requests", "rounds"):
@@ -60,10 +60,30 @@ def _config(args: argparse.Namespace):
             raise ConfigError(f"--{key}: expected >= 1, got {given[key]}")
     if "model" in given:
         parse_model(given["model"])
+    if args.lab_stages is not None:
+        given["lab_stages"] = _counts(args.lab_stages, "--lab-stages")
+    given["lab_coordinator"] = None if args.lab_coordinator == "host" else args.lab_coordinator
+    if given["lab_coordinator"]:
+        parse_devices(given["lab_coordinator"])  # names the known profiles if it is not one
     common = dict(profile=profile, devices=count, out=args.out, scaling=scaling,
                   sequence=args.sequence, lab=not args.no_lab, workdir=args.workdir,
                   command=_command(args), **given)
     return BenchConfig.quick(**common) if args.quick else BenchConfig(**common)
+
+
+def _counts(text: str, flag: str) -> tuple[int, ...]:
+    """``"2,4,8"`` -> ``(2, 4, 8)``.
+
+    Raises:
+        ConfigError: not device counts >= 1.
+    """
+    try:
+        counts = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"{flag}: expected device counts >= 1 like 2,4,8, got {text!r}")
+    return counts
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -71,7 +91,9 @@ def _command(args: argparse.Namespace) -> str:
     argv = ["edge", "bench", "--devices", args.devices, "--out", args.out,
             "--scaling", args.scaling, "--sequence", str(args.sequence)]
     for flag, value in (("--model", args.model), ("--requests", args.requests),
-                        ("--rounds", args.rounds), ("--workdir", args.workdir)):
+                        ("--rounds", args.rounds), ("--lab-stages", args.lab_stages),
+                        ("--lab-coordinator", args.lab_coordinator),
+                        ("--workdir", args.workdir)):
         if value is not None:
             argv += [flag, str(value)]
     argv += ["--quick"] * args.quick + ["--no-lab"] * args.no_lab

@@ -1,125 +1,302 @@
-"""Four emulated devices against one, measured in the device lab.
+"""Pipelines of N emulated devices against one, each with its coordinator on a board of
+its own, measured side by side in the device lab.
 
 On loopback the pipeline's workers share this machine's cores, so a measured pipeline
 cannot show what separate boards do. In ``edge lab`` each device gets a CPU quota of its
-profile's share of this host, so N+1 emulated devices (N running the planner's split, one
-holding the whole model) compute side by side at their emulated speed without taking
-cores from each other. Rounds alternate between the two. A CPU quota emulates a board's
-throughput, not its per-operation latency: the figures are "measured in the emulated
-lab", never "measured on a Pi".
+profile's share of this host, so the devices compute side by side at their emulated speed
+without taking cores from each other. Every arm (one device holding the whole model, and
+each pipeline) is its own cluster: its workers, and a coordinator process on a board of
+its own (``DeviceSpec(role="coordinator")``: its own namespace, link and CPU quota), as a
+home lab runs one. A client on this host sends the requests over gRPC, as users do. Rounds
+rotate the arms, so that all are measured alike.
+
+Throughput is the steady state: a closed loop keeps ``in_flight`` requests in the arm,
+and the rate counts the completions after the pipeline has filled and before it drains
+(a block of N requests over S stages otherwise reaches at most N / (N + S - 1) of it).
+
+CPU is read from each process (user + system, all threads): the coordinator's per request
+is its whole cost, health checks and event streams included; each worker's per request
+is its compute and its gRPC, TLS and Python around it.
+
+A CPU quota emulates a board's throughput, not its per-operation latency: the figures are
+"measured in the emulated lab", never "measured on a Pi".
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
+import subprocess
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import psutil
 
 from edge.build import make_plan
-from edge.console import measured_peak_mib
-from edge.coordinator.pipeline import Pipeline
-from edge.lab.devices import DeviceSpec
+from edge.coordinator.client import InferClient
+from edge.lab.devices import DeviceSpec, LabDevice
 from edge.lab.lab import Lab
 from edge.lab.system import LabError
 from edge.planning.cluster import load_cluster
+from edge.transport.security import Security
+from edge.worker.launch import module_command, stop_process
 
-__all__ = ["lab_pipeline_vs_one"]
+__all__ = ["lab_scaling", "steady_rate"]
 
 log = logging.getLogger(__name__)
 
-
-def _round(mib: float | None) -> float | None:
-    return None if mib is None else round(mib, 1)  # None: not measured
-
-
-def _throughput(pipeline, inputs, in_flight: int) -> float:
-    t = time.perf_counter()
-    with ThreadPoolExecutor(in_flight) as pool:
-        list(pool.map(pipeline.infer, inputs))
-    return len(inputs) / (time.perf_counter() - t)
+COORDINATOR_PORT = 50050
+_READY_S = 180.0  # a coordinator's start: it loads and configures every stage at Pi speed
 
 
-def _latency_ms(pipeline, inputs) -> list[float]:
-    out = []
-    for x in inputs:
+def steady_rate(done: Sequence[float], in_flight: int) -> float:
+    """Requests per second in the steady state of a closed loop: between the completion
+    of request ``in_flight`` (the arm has filled) and that of the ``in_flight``-th from
+    the end (it starts draining).
+
+    Args:
+        done: completion times, in seconds, of one block.
+        in_flight: requests the loop kept in flight.
+
+    Raises:
+        ValueError: fewer than ``2 * in_flight + 2`` completions.
+    """
+    t = sorted(done)
+    lo, hi = in_flight, len(t) - 1 - in_flight
+    if hi - lo < 1:
+        raise ValueError(f"a steady rate needs at least {2 * in_flight + 2} completions "
+                         f"with {in_flight} in flight; got {len(t)}")
+    return (hi - lo) / (t[hi] - t[lo])
+
+
+@dataclass
+class _Arm:
+    """One cluster: its name, workers, the coordinator's board (None: this host)."""
+
+    name: str
+    stages: int
+    workers: list[LabDevice]
+    board: LabDevice | None
+    in_flight: int
+    requests: int
+    process: subprocess.Popen | None = None
+    client: InferClient | None = None
+    rps: list[float] = field(default_factory=list)
+    latency_ms: list[float] = field(default_factory=list)
+    coordinator_cpu_ms: list[float] = field(default_factory=list)   # per request
+    worker_cpu_ms: list[list[float]] = field(default_factory=list)  # per request, by stage
+
+
+def _cpu_s(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def _start(arm: _Arm, lab: Lab, plan_dir: Path, workdir: Path) -> None:
+    """Start the arm's coordinator on its board and connect a client to it."""
+    port_file = workdir / f"{arm.name}.port"
+    port_file.unlink(missing_ok=True)
+    ip = arm.board.ip if arm.board else lab.host_ip
+    bundle = lab.bundle(arm.board.name) if arm.board else lab.coordinator_bundle
+    cmd = module_command("edge", "coordinator", "--plan", str(plan_dir), "--certs",
+                         str(bundle), "--listen", f"{ip}:{COORDINATOR_PORT if arm.board else 0}",
+                         "--port-file", str(port_file), "--max-in-flight", "256")
+    if arm.board:
+        cmd = lab.command(arm.board.name, cmd)
+    log_path = workdir / f"{arm.name}-coordinator.log"
+    with open(log_path, "ab") as out:
+        arm.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+    end = time.monotonic() + _READY_S
+    while not port_file.exists():
+        if arm.process.poll() is not None or time.monotonic() > end:
+            raise LabError(f"the coordinator of {arm.name} did not start; see {log_path}")
+        time.sleep(0.1)
+    port = int(port_file.read_text().strip())
+    arm.client = InferClient(f"{ip}:{port}", timeout=600,
+                             security=Security.from_dir(lab.coordinator_bundle))
+
+
+def _block(arm: _Arm, inputs: Sequence[Mapping[str, np.ndarray]]) -> tuple[float, float]:
+    """One closed-loop block: (steady requests per second, seconds it took)."""
+    done: list[float] = []
+    lock = threading.Lock()
+    left = iter(range(arm.requests))
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        while True:
+            with lock:
+                i = next(left, None)
+            if i is None:
+                return
+            try:
+                arm.client.infer_raw(inputs[i % len(inputs)])
+            except BaseException as e:  # said after the block: a failed request is a defect
+                errors.append(e)
+                return
+            with lock:
+                done.append(time.perf_counter())
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=loop) for _ in range(arm.in_flight)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{arm.name}: {len(errors)} request(s) failed: {errors[0]}")
+    return steady_rate(done, arm.in_flight), time.perf_counter() - start
+
+
+def _measure(arm: _Arm, inputs, latency_requests: int) -> None:
+    """Latency one request at a time, then a throughput block, with the CPU each
+    process spent on the block."""
+    for x in inputs[:latency_requests]:
         t = time.perf_counter()
-        pipeline.infer(x)
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
+        arm.client.infer_raw(x)
+        arm.latency_ms.append((time.perf_counter() - t) * 1e3)
+    pids = [arm.process.pid] + [w.pid for w in arm.workers]
+    before = [_cpu_s(p) for p in pids]
+    rps, _ = _block(arm, inputs)
+    used = [(_cpu_s(p) - b) * 1e3 / arm.requests for p, b in zip(pids, before)]
+    arm.rps.append(rps)
+    arm.coordinator_cpu_ms.append(used[0])
+    arm.worker_cpu_ms.append(used[1:])
 
 
-def lab_pipeline_vs_one(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
-                        bindings: dict[str, int], profile: str, devices: int, rounds: int,
-                        workdir: Path, in_flight: int | None = None,
-                        say: Callable[[str], None] = lambda _: None) -> dict:
-    """Throughput and latency of ``devices`` lab devices running the planner's split
-    against one lab device holding the whole model, alternating rounds.
+def _arms(lab: Lab, stage_counts: Sequence[int], coordinator: str | None,
+          in_flight: int | None, requests: int) -> list[_Arm]:
+    by_name = {d.name: d for d in lab.devices}
+    arms = []
+    for s in (1, *stage_counts):
+        name = "one" if s == 1 else f"pipe{s}"
+        flight = 2 if s == 1 else (in_flight or 2 * s)
+        arms.append(_Arm(name, s, [by_name[f"{name}-{k}"] for k in range(s)],
+                         by_name.get(f"{name}-coordinator") if coordinator else None,
+                         flight, max(requests if s > 1 else requests // 3, 2 * flight + 6)))
+    return arms
+
+
+def _specs(profile: str, stage_counts: Sequence[int], coordinator: str | None
+           ) -> list[DeviceSpec]:
+    specs = []
+    for s in (1, *stage_counts):
+        name = "one" if s == 1 else f"pipe{s}"
+        specs += [DeviceSpec(profile, name=f"{name}-{k}") for k in range(s)]
+        if coordinator:
+            specs.append(DeviceSpec(coordinator, name=f"{name}-coordinator", role="coordinator"))
+    return specs
+
+
+def lab_scaling(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
+                bindings: dict[str, int], profile: str, stage_counts: Sequence[int],
+                rounds: int, workdir: Path, coordinator: str | None = None,
+                in_flight: int | None = None, requests: int = 48, latency_requests: int = 3,
+                say: Callable[[str], None] = lambda _: None) -> dict:
+    """Throughput, latency and CPU of pipelines of ``stage_counts`` lab devices against
+    one lab device holding the whole model, rounds rotating the arms.
 
     Args:
         model: the ONNX model.
-        inputs: the requests of one throughput block (filling and draining included: a
-            block of N over S stages reaches at most N / (N + S - 1) of the steady state).
+        inputs: requests, used in turn.
         bindings: the sizes to plan for.
-        profile: every device's profile (its memory cap and CPU share apply).
-        devices: stages of the pipeline.
-        rounds: throughput blocks of each.
+        profile: every worker device's profile (its memory cap and CPU share apply).
+        stage_counts: the pipelines, e.g. ``(4, 8)``.
+        rounds: throughput blocks of each arm.
         workdir: for the plans and the lab's state and caches.
-        in_flight: the pipeline's requests in flight (default two per stage); the single
-            device gets 2.
+        coordinator: the profile of the board each arm's coordinator runs on (None: on
+            this host, uncapped).
+        in_flight: a pipeline's requests in flight (default two per stage); one device
+            gets 2.
+        requests: requests per throughput block of a pipeline (one device: a third).
+        latency_requests: requests sent one at a time per round, for the latency.
 
     Returns:
         The measurement, or ``{"status": "unavailable", "reason": ...}`` when the lab
         cannot run here (not root, a lab already up, ...).
     """
-    in_flight = in_flight or 2 * devices
     try:
-        lab = Lab.up([DeviceSpec(profile)] * (devices + 1), state_dir=workdir / "lab",
+        lab = Lab.up(_specs(profile, stage_counts, coordinator), state_dir=workdir / "lab",
                      cache_dir=workdir / "lab-cache", cluster_file=workdir / "cluster.yaml")
     except LabError as e:
         return {"status": "unavailable", "reason": str(e)}
+    arms = _arms(lab, stage_counts, coordinator, in_flight, requests)
     try:
-        devs = list(load_cluster(workdir / "cluster.yaml").devices)
-        many = make_plan(model, devs[:devices], workdir / "many", bindings=bindings)
-        one = make_plan(model, devs[devices:], workdir / "one", bindings=bindings)
-        security = lab.security()  # lab workers run with mutual TLS, as devices do
-        p_many = Pipeline(many, workdir / "many", diagnose=lab.diagnose, security=security)
-        p_one = Pipeline(one, workdir / "one", diagnose=lab.diagnose, security=security)
-        with p_many, p_one:
-            p_many.start()
-            p_one.start()
-            for p in (p_many, p_one):  # warm up
-                p.infer(inputs[0])
-            lat: dict[str, list[float]] = {"one": [], "many": []}
-            tput: dict[str, list[float]] = {"one": [], "many": []}
-            for r in range(rounds):
-                order = [("one", p_one), ("many", p_many)]
-                for name, p in (order if r % 2 == 0 else order[::-1]):
-                    lat[name] += _latency_ms(p, inputs[:2])
-                    tput[name].append(_throughput(p, inputs,
-                                                  in_flight if name == "many" else 2))
-                    say(f"lab round {r}: {name} {tput[name][-1]:.3f} req/s")
-            status = {"one": p_one.status(), "many": p_many.status()}
+        devs = {d.name: d for d in load_cluster(workdir / "cluster.yaml").devices}
+        plans = {}
+        for arm in arms:
+            plans[arm.name] = make_plan(model, [devs[w.name] for w in arm.workers],
+                                        workdir / arm.name, bindings=bindings)
+            say(f"lab: starting the coordinator of {arm.name} "
+                f"({arm.board.name if arm.board else 'on this host'})")
+            _start(arm, lab, workdir / arm.name, workdir)
+            arm.client.infer_raw(inputs[0])  # warm up
+        for r in range(rounds):
+            for arm in arms[r % len(arms):] + arms[:r % len(arms)]:
+                _measure(arm, inputs, latency_requests)
+                say(f"lab round {r}: {arm.name} {arm.rps[-1]:.3f} req/s, coordinator "
+                    f"{arm.coordinator_cpu_ms[-1]:.2f} ms CPU a request")
+        status = {arm.name: arm.client.status() for arm in arms}
     finally:
+        for arm in arms:
+            if arm.client is not None:
+                arm.client.close()
+            if arm.process is not None:
+                stop_process(arm.process, 10)
         lab.down()
-    one_rps, many_rps = statistics.median(tput["one"]), statistics.median(tput["many"])
-    return {
-        "status": "measured", "profile": profile, "devices": devices,
-        "requests": len(inputs), "rounds": rounds, "in_flight": in_flight,
+    return _result(arms, plans, status, lab, profile, coordinator, rounds)
+
+
+def _result(arms: list[_Arm], plans, status, lab: Lab, profile: str,
+            coordinator: str | None, rounds: int) -> dict:
+    med = statistics.median
+    one = arms[0]
+    one_cpu = med(w[0] for w in one.worker_cpu_ms)  # the whole model's CPU per request
+    board_cores = next((d.cpu_cores for d in lab.devices if not d.runs_worker), None)
+    out: dict = {
+        "status": "measured", "profile": profile, "rounds": rounds,
+        "coordinator_device": coordinator or "this host (uncapped)",
         "host_gflops": round(lab.host_gflops, 1),
-        "modes": {"one": [s.mode for s in one.stages], "many": [s.mode for s in many.stages]},
-        "one_device_rps": round(one_rps, 3), "pipeline_rps": round(many_rps, 3),
-        "one_device_rps_per_round": [round(x, 3) for x in tput["one"]],
-        "pipeline_rps_per_round": [round(x, 3) for x in tput["many"]],
-        "throughput_ratio": round(many_rps / one_rps, 3),
-        "one_device_latency_ms": round(statistics.median(lat["one"]), 1),
-        "pipeline_latency_ms": round(statistics.median(lat["many"]), 1),
-        "peak_rss_mib": {k: [_round(measured_peak_mib(s)) for s in v.stages]
-                         for k, v in status.items()},
+        "one_device": _arm_dict(one, plans[one.name], status[one.name]),
+        "pipelines": {},
         "note": "measured in edge lab: CPU quotas scaled to the profile's GFLOP/s emulate "
                 "a board's throughput, not its per-operation latency; not measured on a Pi",
+    }
+    for arm in arms[1:]:
+        d = _arm_dict(arm, plans[arm.name], status[arm.name])
+        stage_share = one_cpu / arm.stages  # one stage's share of the compute, CPU ms
+        coord = med(arm.coordinator_cpu_ms)
+        d.update({
+            "speedup": round(med(arm.rps) / med(one.rps), 3),
+            "speedup_per_round": [round(a / b, 3) for a, b in zip(arm.rps, one.rps)],
+            "latency_ratio": round(med(arm.latency_ms) / med(one.latency_ms), 3),
+            "coordinator_cpu_share_of_stage": round(coord / stage_share, 4),
+            "stages_cpu_ratio": round(sum(med(w[k] for w in arm.worker_cpu_ms)
+                                          for k in range(arm.stages)) / one_cpu, 3),
+        })
+        if board_cores:
+            # On the board: CPU time at its quota, i.e. the wall time it takes there.
+            d["coordinator_board_ms_per_request"] = round(coord / board_cores, 1)
+        out["pipelines"][str(arm.stages)] = d
+    return out
+
+
+def _arm_dict(arm: _Arm, plan, status) -> dict:
+    med = statistics.median
+    return {
+        "stages": arm.stages, "in_flight": arm.in_flight, "requests": arm.requests,
+        "rps": round(med(arm.rps), 3), "rps_per_round": [round(x, 3) for x in arm.rps],
+        "latency_ms": round(med(arm.latency_ms), 1),
+        "coordinator_cpu_ms_per_request": round(med(arm.coordinator_cpu_ms), 3),
+        "worker_cpu_ms_per_request": [round(med(w[k] for w in arm.worker_cpu_ms), 2)
+                                      for k in range(arm.stages)],
+        "planned_stage_ms": [round(s.predicted.time_ms, 1) for s in plan.stages],
+        "modes": [s.mode for s in plan.stages],
+        "mean_compute_ms": [round(s.worker.mean_compute_ms, 1) for s in status.stages],
+        "peak_rss_mib": [round(s.worker.peak_rss_bytes / 2**20, 1) for s in status.stages],
     }

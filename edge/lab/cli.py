@@ -1,4 +1,4 @@
-"""``edge lab up | status | down``: the command line of the device lab.
+"""``edge lab up | status | run | link | down``: the command line of the device lab.
 
 ``edge.cli`` calls :func:`add_parser`; the handlers import the lab when they run.
 """
@@ -32,6 +32,11 @@ def add_parser(sub) -> None:
     q.add_argument("--host-gflops", type=float,
                    help="this host's GFLOP/s, which device CPU quotas are scaled against "
                         "(default: measured once in about 2 s, then cached)")
+    q.add_argument("--coordinator", metavar="PROFILE",
+                   help="also emulate the board the coordinator runs on: a device named "
+                        "'coordinator' with this profile's link, memory cap and CPU quota, "
+                        "and no worker; start the coordinator there with `edge lab run "
+                        "coordinator -- edge coordinator ...`")
     q.add_argument("--cluster-out", default="lab-cluster.yaml",
                    help="write the cluster file for `edge plan --cluster` here "
                         "(default ./lab-cluster.yaml)")
@@ -53,6 +58,15 @@ def add_parser(sub) -> None:
     q.add_argument("state", choices=["down", "up"])
     state_dir_arg(q)
     q.set_defaults(func=cmd_lab_link)
+
+    q = lab_sub.add_parser("run", help="run a command on a device: in its network "
+                                       "namespace, under its memory cap and CPU quota "
+                                       "(e.g. the coordinator on the board of --coordinator)")
+    q.add_argument("device", help="the device's name (see `edge lab status`)")
+    q.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help="the command and its arguments, after --")
+    state_dir_arg(q)
+    q.set_defaults(func=cmd_lab_run)
 
     q = lab_sub.add_parser("down", help="stop the workers and remove every namespace, veth, "
                                         "qdisc and cgroup of the lab (also after a crash)")
@@ -77,13 +91,15 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     from rich import box
     from rich.table import Table
 
-    from edge.lab.devices import parse_device_specs
+    from edge.lab.devices import DeviceSpec, parse_device_specs
     from edge.lab.lab import Lab
     from edge.lab.system import require_root
 
     require_root("edge lab up")
     console = _console()
     specs = parse_device_specs(args.device)
+    if args.coordinator:
+        specs.append(DeviceSpec(args.coordinator, name="coordinator", role="coordinator"))
     lab = Lab.up(specs, link=args.link, state_dir=_dir(args),
                  cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                  gflops=args.host_gflops, cluster_file=Path(args.cluster_out),
@@ -98,7 +114,13 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
         table.add_row(d.name, d.address, f"{d.bandwidth_mbps:g}", f"{d.memory_cap_mb:.0f}",
                       f"{d.cpu_cores:.3f}", str(d.pid))
     console.print(table)
-    print(f"workers: {' '.join(d.address for d in lab.devices)}")
+    print(f"workers: {' '.join(d.address for d in lab.devices if d.runs_worker)}")
+    for d in lab.coordinator_devices:
+        print(f"the coordinator's board {d.name} ({d.ip}) runs no worker: start it with\n"
+              f"  edge lab run {d.name} -- edge coordinator --plan build --certs "
+              f"{lab.bundle(d.name)} --listen {d.ip}:50050\n"
+              f"  and reach it from this host with --coordinator {d.ip}:50050 "
+              f"--certs {lab.coordinator_bundle}")
     print(f"this host reaches them as {lab.host_ip}; they run in the background, logs in "
           f"{lab.state_dir / 'logs'}")
     print(f"wrote {args.cluster_out}: edge plan MODEL.onnx --cluster {args.cluster_out} "
@@ -136,15 +158,16 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
     fmt = (lambda v: "?" if v is None else f"{v:.0f}")
     for s in statuses:
         d = s.device
-        table.add_row(d.name, d.address, "[green]running[/green]" if s.alive
-                      else "[red]dead[/red]",
+        state = ("[green]running[/green]" if s.alive else "[red]dead[/red]") \
+            if d.runs_worker else "coordinator's board"
+        table.add_row(d.name, d.address if d.runs_worker else d.ip, state,
                       f"{fmt(s.memory_mb)}/{fmt(s.peak_mb)}/{d.memory_cap_mb:.0f}",
                       "?" if s.oom_kills is None else str(s.oom_kills),
                       f"{d.bandwidth_mbps:g}", f"{d.cpu_cores:.3f}")
     _console().print(table)
-    dead = [s for s in statuses if not s.alive]
+    dead = [s for s in statuses if not s.alive and s.device.runs_worker]
     for s in statuses:
-        if not s.alive or s.oom_kills:
+        if not s.alive or s.oom_kills or not s.device.runs_worker:
             print(f"{s.device.name}: {s.reason}")
     return 1 if dead else 0
 
@@ -174,3 +197,27 @@ def cmd_lab_link(args: argparse.Namespace) -> int:
     lab.set_link(dev.name, up=args.state == "up")
     print(f"edge lab: {dev.name} ({dev.address}) link {args.state}")
     return 0
+
+
+def cmd_lab_run(args: argparse.Namespace) -> int:
+    import signal
+    import subprocess
+
+    from edge.lab.lab import Lab
+    from edge.lab.system import LabError, require_root
+
+    require_root("edge lab run")
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise LabError("edge lab run expects a command after the device, e.g. `edge lab run "
+                       "coordinator -- edge coordinator --plan build ...`; got none")
+    lab = Lab.load(_dir(args))
+    child = subprocess.Popen(lab.command(args.device, cmd))
+
+    def forward(signum, _frame) -> None:  # `kill` of this process stops the command too
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    code = child.wait()
+    return code if code >= 0 else 128 - code  # its exit status is ours, as a shell's

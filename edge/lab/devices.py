@@ -28,7 +28,8 @@ from edge.lab.system import LabError, write_json
 from edge.planning import cluster
 from edge.profiling.calibrate import measure_gflops
 
-__all__ = ["SUBNET", "HOST_IP", "WORKER_PORT", "MAX_DEVICES", "DeviceSpec", "LabDevice",
+__all__ = ["SUBNET", "HOST_IP", "WORKER_PORT", "MAX_DEVICES", "ROLES", "DeviceSpec",
+           "LabDevice",
            "parse_device_specs", "load_profile", "host_cores", "host_gflops", "design"]
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ HOST_IP = ipaddress.ip_interface("10.99.0.1/24")
 WORKER_PORT = 50051
 _FIRST_DEVICE_HOST = 11                            # devices are 10.99.0.11, .12, ...
 MAX_DEVICES = 250 - _FIRST_DEVICE_HOST
+# What runs on a device: a worker, or nothing the lab starts (the coordinator's board).
+ROLES = ("worker", "coordinator")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 
 
@@ -51,12 +54,16 @@ class DeviceSpec:
         memory_mb: its memory cap (default: the profile's ``memory_mb``, the board's RAM);
             a cap under the profile's worker budget also lowers the budget.
         bandwidth_mbps: its link rate (default: the profile's ``bandwidth_mbps``).
+        role: ``worker`` (an ``edge worker`` runs on it, and it is in the cluster file)
+            or ``coordinator`` (nothing is started on it: the board the coordinator runs
+            on, with the same link, memory cap and CPU quota; see ``edge lab run``).
     """
 
     profile: str
     name: str | None = None
     memory_mb: float | None = None
     bandwidth_mbps: float | None = None
+    role: str = "worker"
 
 
 def parse_device_specs(items: Iterable[str]) -> list[DeviceSpec]:
@@ -99,6 +106,7 @@ class LabDevice:
         log: its worker's log file.
         cache_dir: its worker's shard cache.
         pid: its worker's pid (None before it starts).
+        role: ``worker`` or ``coordinator`` (see :class:`DeviceSpec`).
     """
 
     name: str
@@ -120,6 +128,11 @@ class LabDevice:
     log: str
     cache_dir: str
     pid: int | None = None
+    role: str = "worker"
+
+    @property
+    def runs_worker(self) -> bool:
+        return self.role == "worker"
 
     @property
     def cpu_cores(self) -> float:
@@ -217,6 +230,9 @@ def design(specs: list[DeviceSpec], link: str | None, gflops: float,
     counts: dict[str, int] = {}
     devices: list[LabDevice] = []
     for i, spec in enumerate(specs):
+        if spec.role not in ROLES:
+            raise LabError(f"lab device role: expected one of {', '.join(ROLES)}, got "
+                           f"{spec.role!r}")
         prof = load_profile(spec.profile)
         counts[prof.name] = counts.get(prof.name, 0) + 1
         name = spec.name or f"{prof.name}-{counts[prof.name]}"
@@ -253,5 +269,5 @@ def design(specs: list[DeviceSpec], link: str | None, gflops: float,
             cgroup=Cgroup(ns, hierarchy.version, hierarchy.memory_base / ns,
                           hierarchy.cpu_base / ns),
             log=str(state_dir / "logs" / f"{name}.log"),
-            cache_dir=str(cache_dir / name)))
+            cache_dir=str(cache_dir / name), role=spec.role))
     return devices

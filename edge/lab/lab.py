@@ -190,11 +190,14 @@ class Lab:
 
     def _start_workers(self, timeout: float) -> None:
         for i, dev in enumerate(self._state.devices):
+            if not dev.runs_worker:
+                continue
             p = start_worker(dev, self.state_dir)
             self._processes[dev.name] = p
             self._state.devices[i] = dataclasses.replace(dev, pid=p.pid)
             self._save()  # each pid as it comes, for `down` to stop if setup fails
-        wait_listening(self._state.devices, self._processes, self.state_dir, timeout)
+        wait_listening([d for d in self._state.devices if d.runs_worker], self._processes,
+                       self.state_dir, timeout)
         # Workers boot at host speed and get their quota now: the quota emulates the
         # device's compute, not its boot (a Zero's share would make `up` take 15 s).
         for dev in self._state.devices:
@@ -247,9 +250,12 @@ class Lab:
                        f"{', '.join(d.name for d in self._state.devices)}")
 
     def cluster_dict(self) -> dict:
-        """The cluster file's contents: every device, in order, with its address."""
+        """The cluster file's contents: every device that runs a worker, in order, with
+        its address."""
         entries = []
         for d in self._state.devices:
+            if not d.runs_worker:
+                continue  # the coordinator's board serves no stage
             prof = load_profile(d.profile)
             e: dict = {"name": d.name, "address": d.address, "profile": d.profile}
             if d.memory_budget_mb != prof.memory_budget_mb:
@@ -290,6 +296,16 @@ class Lab:
         dev = self.device(device)
         cmd = ["ip", "netns", "exec", dev.namespace, *cmd]
         return dev.cgroup.enter_command(cmd) if capped else cmd
+
+    def bundle(self, device: str) -> Path:
+        """The certificate bundle of a device (its address is in its certificate): what
+        a coordinator run on it serves and reaches the workers with (``--certs``)."""
+        return bundle_dir(self.state_dir, self.device(device))
+
+    @property
+    def coordinator_devices(self) -> list[LabDevice]:
+        """The devices without a worker, for a coordinator to run on."""
+        return [d for d in self._state.devices if not d.runs_worker]
 
     # ------------------------------------------------------------------ watching it
 

@@ -134,6 +134,14 @@ def device_status(dev: LabDevice, process: subprocess.Popen | None) -> DeviceSta
     now, peak = dev.cgroup.memory_bytes()
     mb = (lambda b: None if b is None else b / 2**20)
     cap = f"{dev.memory_cap_mb:.0f} MiB"
+    if not dev.runs_worker:
+        procs = dev.cgroup.procs()
+        reason = (f"the coordinator's board: no worker; {len(procs)} process(es) run on it"
+                  if procs else "the coordinator's board: no worker; run one with "
+                                f"`edge lab run {dev.name} -- edge coordinator ...`")
+        if ooms:
+            reason += f"; the kernel's OOM killer killed {ooms} process(es) at its {cap} cap"
+        return DeviceStatus(dev, bool(procs), ooms, mb(now), mb(peak), None, reason)
     if alive:
         reason = "running"
         if ooms:
