@@ -26,6 +26,7 @@ from edge.planning.graph import GraphCosts, analyze, load_model
 from edge.planning.plan import (INT8_MIN_COSINE, Device, Generation, ModelInfo, Plan,
                                 ShardFile, Stage, TensorSpec)
 from edge.planning.planner import Split, partition
+from edge.planning.refine import IMBALANCE, heavy_matmuls, split_matmuls
 from edge.planning.state import kv_bytes_per_token, state_pairs
 from edge.shards.accuracy import Int8Accuracy, format_cosine, synthetic_inputs
 from edge.shards.build import build_shard, stage_state
@@ -202,8 +203,7 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
         GraphError: the model cannot be analysed or cut.
         NoFitError: no split fits the devices' memory (in a mode accurate enough).
     """
-    model_path = Path(model_path)
-    out_dir = Path(out_dir)
+    model_path, out_dir = Path(model_path), Path(out_dir)
     active = [d for d in cluster_devices if not d.standby]
     spares = tuple(d for d in cluster_devices if d.standby) + tuple(standby)
     min_cosine = INT8_MIN_COSINE if int8_min_cosine is None else float(int8_min_cosine)
@@ -216,6 +216,7 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
         gen = dataclasses.replace(gen, tokenizer=gen_plan.copy_tokenizer(model_path, out_dir))
     else:  # an encoder's tokenizer, for the coordinator's /v1/embeddings of text
         gen_plan.copy_tokenizer(model_path, out_dir)
+        costs = _finer(costs, active, modes, bindings, sample)
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     sample_rel = ""
@@ -331,6 +332,40 @@ def _generation(model_path: Path, bindings: dict[str, int] | None,
 
 # Bytes of one drawn token (int64), what the last stage of a generation plan sends.
 _TOKEN_BYTES = 8
+
+
+def _finer(costs: GraphCosts, devices: Sequence[Device], modes: Sequence[str] | None,
+           bindings: dict[str, int] | None, sample: Mapping[str, np.ndarray] | None
+           ) -> GraphCosts:
+    """``costs`` of the model with its heaviest MatMuls split (``edge.planning.refine``),
+    when the split of ``costs`` is uneven because no cut can fall inside them and the
+    finer model's split is faster; else ``costs``."""
+    try:
+        split = partition(costs, devices, modes=MODES if modes is None else tuple(modes))
+    except NoFitError:
+        return costs  # the planner says why, with the model as it is
+    total = float(np.sum(costs.flops))
+    even_ms = total / sum(d.gflops * 1e9 for d in devices) * 1e3
+    if len(devices) < 2 or split.bottleneck_ms <= (1 + IMBALANCE) * even_ms:
+        return costs
+    slowest = max(split.predictions, key=lambda p: p.time_ms)
+    parts = heavy_matmuls(costs.op_types, costs.node_outputs, costs.flops,
+                          slowest.gflops * 1e9)
+    if not parts:
+        return costs
+    model, count = split_matmuls(costs.model, parts)
+    if not count:
+        return costs
+    finer = analyze(model, bindings, sample)
+    try:
+        better = partition(finer, devices, modes=MODES if modes is None else tuple(modes))
+    except NoFitError:
+        return costs
+    keep = better.bottleneck_ms < 0.98 * split.bottleneck_ms
+    log.info("split %d MatMuls in parts so that cuts may fall inside them: slowest stage "
+             "%.0f ms -> %.0f ms (even: %.0f ms); %s", count, split.bottleneck_ms,
+             better.bottleneck_ms, even_ms, "kept" if keep else "not kept")
+    return finer if keep else costs
 
 
 def _source(model_path: Path, gen: Generation | None) -> Path | onnx.ModelProto:

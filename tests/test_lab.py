@@ -402,8 +402,8 @@ class TestLab:
         plan_dir = tmp_path / "plan"
         make_plan(bert_small, devices, plan_dir, bindings={"batch": 1, "sequence": 16})
         port_file = tmp_path / "port"
-        cmd = [sys.executable, "-m", "edge", "lab", "run", "board", "--state-dir",
-               str(lab.state_dir), "--", sys.executable, "-m", "edge", "coordinator",
+        cmd = [sys.executable, "-m", "edge", "lab", "run", "--state-dir", str(lab.state_dir),
+               "board", "--", sys.executable, "-m", "edge", "coordinator",
                "--plan", str(plan_dir), "--certs", str(lab.bundle("board")),
                "--listen", f"{board.ip}:50050", "--port-file", str(port_file)]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
