@@ -30,6 +30,8 @@ def main() -> int:
                     help="per throughput block of a pipeline (one device: a third)")
     ap.add_argument("--in-flight", type=int, help="for the pipelines (default 2 per stage)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--host-gflops", type=float,
+                    help="this host's GFLOP/s for the quotas (default: measured at lab up)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -48,6 +50,7 @@ def main() -> int:
                          args.profile, [int(s) for s in args.stages.split(",")], args.rounds,
                          work, coordinator=None if args.coordinator == "host" else
                          args.coordinator, in_flight=args.in_flight, requests=args.requests,
+                         host_gflops=args.host_gflops,
                          say=lambda m: print(m, file=sys.stderr, flush=True))
     result["model"] = args.model
     print(json.dumps(result, indent=2))

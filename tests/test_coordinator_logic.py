@@ -310,3 +310,20 @@ def _quick(request):
     yield
     assert time.monotonic() - start < 1.5, f"{request.node.name} took too long"
     logging.getLogger("edge").setLevel(logging.NOTSET)
+
+
+def test_workers_that_answer_requests_are_not_health_checked_meanwhile(setup):
+    """A request answered since the last monitor round passed through every stage: the
+    round skips their health checks (a cost on a coordinator's small board), and makes
+    them again once requests stop."""
+    s = setup(n=2)
+    p = s.pipeline(health_interval=0.02)
+    checks = (lambda: sum(s.cluster[d.address].health_checks for d in s.primaries))
+    before, end = checks(), time.monotonic() + 0.4
+    while time.monotonic() < end:
+        p.infer(X)
+    busy = checks() - before
+    before = checks()
+    time.sleep(0.4)
+    idle = checks() - before
+    assert idle >= 10 and busy <= idle / 4, (busy, idle)

@@ -197,6 +197,7 @@ def lab_scaling(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
                 bindings: dict[str, int], profile: str, stage_counts: Sequence[int],
                 rounds: int, workdir: Path, coordinator: str | None = None,
                 in_flight: int | None = None, requests: int = 48, latency_requests: int = 3,
+                host_gflops: float | None = None,
                 say: Callable[[str], None] = lambda _: None) -> dict:
     """Throughput, latency and CPU of pipelines of ``stage_counts`` lab devices against
     one lab device holding the whole model, rounds rotating the arms.
@@ -215,6 +216,8 @@ def lab_scaling(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
             gets 2.
         requests: requests per throughput block of a pipeline (one device: a third).
         latency_requests: requests sent one at a time per round, for the latency.
+        host_gflops: this host's GFLOP/s, which the quotas are scaled against (default:
+            measured as the lab comes up; a busy host measures low and over-provisions).
 
     Returns:
         The measurement, or ``{"status": "unavailable", "reason": ...}`` when the lab
@@ -222,7 +225,8 @@ def lab_scaling(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
     """
     try:
         lab = Lab.up(_specs(profile, stage_counts, coordinator), state_dir=workdir / "lab",
-                     cache_dir=workdir / "lab-cache", cluster_file=workdir / "cluster.yaml")
+                     cache_dir=workdir / "lab-cache", cluster_file=workdir / "cluster.yaml",
+                     gflops=host_gflops)
     except LabError as e:
         return {"status": "unavailable", "reason": str(e)}
     arms = _arms(lab, stage_counts, coordinator, in_flight, requests)

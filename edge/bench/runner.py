@@ -255,7 +255,7 @@ def _run(config: BenchConfig, size: str, work: Path, say: Callable[[str], None])
                 pool.submit(d.close)
 
     hops = _hops(config, work, say)
-    lab_a = _lab_comparison(config, model, size, work, say)
+    lab_a = _lab_comparison(config, model, size, work, say, rounds.host_gflops)
     return _assemble(config, profile, host_gflops, rounds, deployments, splits, torch_mem,
                      edge_rss, diff, hops, timeline, lab_a)
 
@@ -309,7 +309,7 @@ def _hops(config: BenchConfig, work: Path, say: Callable[[str], None]) -> dict:
 
 
 def _lab_comparison(config: BenchConfig, model: Path, size: str, work: Path,
-                    say: Callable[[str], None]) -> dict:
+                    say: Callable[[str], None], host_gflops: list[float]) -> dict:
     """Pipelines against one emulated device in edge lab, each with its coordinator on
     an emulated board, or why they were not measured."""
     if not config.lab:
@@ -323,7 +323,8 @@ def _lab_comparison(config: BenchConfig, model: Path, size: str, work: Path,
         return lab_scaling(model, inputs, {"batch": 1, "sequence": config.sequence},
                            config.profile, config.lab_stages, config.lab_rounds,
                            work / "lab-a", coordinator=config.lab_coordinator,
-                           requests=config.lab_requests, say=say)
+                           requests=config.lab_requests,
+                           host_gflops=max(host_gflops) if host_gflops else None, say=say)
     except Exception as e:  # the lab is being built: report it, keep the other results
         log.exception("the lab comparison failed")
         return {"status": "unavailable", "reason": f"{type(e).__name__}: {e}"}

@@ -94,6 +94,7 @@ class FakeWorker:
         full: the next this many Forwards are refused with RESOURCE_EXHAUSTED (a full
             queue).
         forwards: Forwards it accepted.
+        health_checks: health checks it was asked.
     """
 
     def __init__(self, cluster: "FakeCluster", address: str):
@@ -105,6 +106,7 @@ class FakeWorker:
         self.configured = 0
         self.full = 0
         self.forwards = 0
+        self.health_checks = 0
         self.cache: set[str] = set()
         self.sequences: dict[str, int] = {}  # tokens cached per generated sequence
         self.batches: list[int] = []  # the rows of each batch of decode steps run
@@ -344,6 +346,7 @@ class FakeConnection:
 
     def health(self, timeout: float) -> Future:
         out: Future = Future()
+        self.worker.health_checks += 1
         try:
             self._gone()
             self.worker._check()

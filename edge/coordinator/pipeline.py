@@ -114,7 +114,8 @@ class Pipeline:
         self._current = cur = Current(plan, Path(plan_dir), self.coordinator_id)
         self._monitor = Monitor(cur, self.replanner.devices, self.pool, deadlines.control,
                                 health_interval, misses, backoff_s,
-                                on_taken=lambda w, why: self._failover.taken(w, why))
+                                on_taken=lambda w, why: self._failover.taken(w, why),
+                                progress=lambda: self._requests.done)
         self._requests = InFlight(cur, deadlines.forward, max_in_flight, failover,
                                   suspect=self._monitor.suspect, why=self._why)
         self._listeners = Listeners(cur, self._requests, failover,
