@@ -111,8 +111,9 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
         table.add_column(col, no_wrap=True,
                          justify="left" if col in ("device", "address") else "right")
     for d in lab.devices:
-        table.add_row(d.name, d.address, f"{d.bandwidth_mbps:g}", f"{d.memory_cap_mb:.0f}",
-                      f"{d.cpu_cores:.3f}", str(d.pid))
+        table.add_row(d.name, d.address if d.runs_worker else d.ip, f"{d.bandwidth_mbps:g}",
+                      f"{d.memory_cap_mb:.0f}", f"{d.cpu_cores:.3f}",
+                      str(d.pid) if d.runs_worker else "(coordinator's board)")
     console.print(table)
     print(f"workers: {' '.join(d.address for d in lab.devices if d.runs_worker)}")
     for d in lab.coordinator_devices:
