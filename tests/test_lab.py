@@ -239,6 +239,33 @@ def test_failed_up_takes_down_what_it_set_up(tmp_path):
     assert processes_mentioning(str(tmp_path / "state")) == []
 
 
+@needs_lab
+def test_lab_scaling_measures_each_cluster_with_its_coordinator_on_a_board(bert_tiny, tmp_path):
+    """`edge bench`'s lab section: one device and a 2-stage pipeline, each with its
+    coordinator on an emulated Pi 4 of its own, measured by a client on this host; the
+    lab is gone afterwards."""
+    from edge.bench.lab_pipeline import lab_scaling
+    from edge.export import example_inputs
+
+    inputs = [example_inputs("bert", "tiny", batch=1, seq=16, seed=i) for i in range(4)]
+    r = lab_scaling(bert_tiny, inputs, {"batch": 1, "sequence": 16}, "rpi4b-2gb", [2], 1,
+                    tmp_path, coordinator="rpi4b-2gb", requests=12, latency_requests=2,
+                    host_gflops=200)
+    assert r["status"] == "measured", r
+    assert r["coordinator_device"] == "rpi4b-2gb"
+    one, two = r["one_device"], r["pipelines"]["2"]
+    assert len(one["worker_cpu_ms_per_request"]) == 1 and two["stages"] == 2
+    for arm in (one, two):
+        assert arm["rps"] > 0 and arm["latency_ms"] > 0
+        assert arm["coordinator_cpu_ms_per_request"] > 0  # its process, on its board
+        assert all(c > 0 for c in arm["worker_cpu_ms_per_request"])
+    assert two["speedup"] == pytest.approx(two["rps"] / one["rps"], rel=0.01)
+    assert two["latency_ratio"] == pytest.approx(two["latency_ms"] / one["latency_ms"],
+                                                 rel=0.01)
+    assert two["coordinator_board_ms_per_request"] > two["coordinator_cpu_ms_per_request"]
+    assert leftovers() == []
+
+
 # ---------------------------------------------------------------------- one shared lab
 
 
