@@ -178,7 +178,7 @@ def _arms(lab: Lab, stage_counts: Sequence[int], coordinator: str | None,
         flight = 2 if s == 1 else (in_flight or 2 * s)
         arms.append(_Arm(name, s, [by_name[f"{name}-{k}"] for k in range(s)],
                          by_name.get(f"{name}-coordinator") if coordinator else None,
-                         flight, max(requests if s > 1 else requests // 3, 2 * flight + 6)))
+                         flight, max(requests if s > 1 else requests // 3, 4 * flight)))
     return arms
 
 
@@ -214,7 +214,8 @@ def lab_scaling(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
             this host, uncapped).
         in_flight: a pipeline's requests in flight (default two per stage); one device
             gets 2.
-        requests: requests per throughput block of a pipeline (one device: a third).
+        requests: requests per throughput block of a pipeline (one device: a third), at
+            least four times those in flight.
         latency_requests: requests sent one at a time per round, for the latency.
         host_gflops: this host's GFLOP/s, which the quotas are scaled against (default:
             measured as the lab comes up; a busy host measures low and over-provisions).
