@@ -349,23 +349,18 @@ class StageEngine:
             self.events.publish(event)
             stage_metrics(spec.stage, self.device).send.observe(time.perf_counter() - start)
             return
-        forward = self._next_forward
         try:
-            call = forward.future(data, timeout=self.deadlines.forward)
-            # A next hop that hangs (unplugged, stopped) must not hold this loop for a
-            # whole deadline once the coordinator has moved the pipeline elsewhere.
-            while not self.stopping.is_set():
-                try:
-                    call.result(timeout=0.25)
-                    stage_metrics(spec.stage, self.device).send.observe(
-                        time.perf_counter() - start)
-                    break
-                except grpc.FutureTimeoutError:
-                    if self._stale(job):
-                        call.cancel()
-                        break
+            # A blocking call, not .future(): a future on a channel with no other call in
+            # flight starts a new gRPC "channel spin" thread for each request (a stage's
+            # only calls on this channel are these, one at a time), and polling it woke
+            # this loop every 0.25 s. A next hop that hangs (unplugged, stopped) still does
+            # not hold this loop for a whole deadline once the coordinator moves the
+            # pipeline elsewhere: a re-configure (or stop) closes this channel, and closing
+            # it ends the call at once with CANCELLED.
+            self._next_forward(data, timeout=self.deadlines.forward)
+            stage_metrics(spec.stage, self.device).send.observe(time.perf_counter() - start)
         except grpc.RpcError as e:
-            if self._stale(job):
+            if self._stale(job) or self.stopping.is_set():
                 return  # the hop was re-wired meanwhile: the coordinator resends it
             code = e.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
