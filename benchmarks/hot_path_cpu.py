@@ -13,7 +13,10 @@ included, a few microseconds). *Overhead* is the rest of the process's CPU: gRPC
 receive and TLS, parsing and checks, encoding and sending, the event stream, metrics,
 the memory sampler. The stage's own wall-clock compute (``WorkerStatus.mean_compute_ms``)
 is reported beside it; on a machine with fewer cores than processes it includes waits for
-a core. The coordinator's CPU is all of its process's.
+a core. The coordinator's CPU is all of its process's. Before the block, each process's
+CPU per second without requests is measured too (health checks, event streams, the
+memory sampler): that part of a per-request figure grows as throughput falls (on a
+Pi 4 a BERT-base stage is ~10x slower than here).
 
 Run (BENCHMARKS.md cites this command; about a minute on 2 cores)::
 
@@ -143,7 +146,8 @@ def _stage_stats(client: InferClient) -> dict[int, tuple[int, float]]:
 
 
 def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup: int,
-            plaintext: bool, threads: int, profile: str | None) -> dict:
+            plaintext: bool, threads: int, profile: str | None,
+            idle_seconds: float = 5.0) -> dict:
     """Start the processes, run a warm-up and a measured block, stop them; the report."""
     plan_dir = workdir / "plan"
     plan = _copy_plan(plan_src, plan_dir)
@@ -164,8 +168,9 @@ def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup
         client = InferClient(f"127.0.0.1:{port}", timeout=300, security=client_security)
         inputs = _inputs(plan)
         _block(client, inputs, warmup, in_flight)
-        before_stats = _stage_stats(client)
         pids = [w.process.pid for w in workers] + [coordinator.pid]
+        idle = _idle_cpu(pids, idle_seconds)
+        before_stats = _stage_stats(client)
         before = [_cpu(pid) for pid in pids]
         seconds = _block(client, inputs, requests, in_flight)
         after = [_cpu(pid) for pid in pids]
@@ -177,7 +182,17 @@ def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup
         for w in workers:
             w.stop()
     return _report(plan, requests, in_flight, seconds, plaintext, threads,
-                   before, after, before_stats, after_stats)
+                   before, after, before_stats, after_stats, idle)
+
+
+def _idle_cpu(pids: list[int], seconds: float) -> list[float]:
+    """Each process's CPU ms per second while no request runs: its health checks, event
+    streams, samplers (what it costs per request grows as throughput falls)."""
+    if seconds <= 0:
+        return [0.0] * len(pids)
+    before = [_cpu(pid)[0] for pid in pids]
+    time.sleep(seconds)
+    return [(_cpu(pid)[0] - b) * 1e3 / seconds for pid, b in zip(pids, before)]
 
 
 def _free_port() -> int:
@@ -187,7 +202,7 @@ def _free_port() -> int:
 
 
 def _report(plan, requests, in_flight, seconds, plaintext, threads, before, after,
-            before_stats, after_stats) -> dict:
+            before_stats, after_stats, idle) -> dict:
     per_worker = []
     for i, ((c0, t0), (c1, t1)) in enumerate(zip(before[:-1], after[:-1])):
         deltas = {tid: t1[tid] - t0.get(tid, 0.0) for tid in t1}
@@ -203,6 +218,7 @@ def _report(plan, requests, in_flight, seconds, plaintext, threads, before, afte
             "compute_wall_ms_per_request": round(wall_ms / done, 3) if done else None,
             "overhead_cpu_ms_per_request": round(total - compute, 3),
             "threads_with_cpu": sum(1 for d in deltas.values() if d > 0),
+            "idle_cpu_ms_per_s": round(idle[i], 2),
         })
     c0, c1 = before[-1][0], after[-1][0]
     overheads = [w["overhead_cpu_ms_per_request"] for w in per_worker]
@@ -215,6 +231,9 @@ def _report(plan, requests, in_flight, seconds, plaintext, threads, before, afte
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "throughput_rps": round(requests / seconds, 3),
         "coordinator_cpu_ms_per_request": round((c1 - c0) * 1e3 / requests, 3),
+        # Of it, what the coordinator spends anyway, idle, over the block's duration.
+        "coordinator_idle_cpu_ms_per_s": round(idle[-1], 2),
+        "coordinator_idle_share_ms_per_request": round(idle[-1] * seconds / requests, 3),
         "worker_overhead_cpu_ms_per_request": {
             "mean": round(sum(overheads) / len(overheads), 3),
             "max": round(max(overheads), 3)},
@@ -231,6 +250,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="measured requests")
     parser.add_argument("--in-flight", type=int, default=4, help="requests sent at once")
     parser.add_argument("--warmup", type=int, default=8, help="requests before measuring")
+    parser.add_argument("--idle-seconds", type=float, default=5.0,
+                        help="seconds without requests in which each process's idle CPU "
+                             "is measured (0: not measured)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads per worker")
     parser.add_argument("--device", help="the workers' device profile (default: the plan's)")
     parser.add_argument("--plaintext", action="store_true",
@@ -241,7 +263,8 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edge-hotpath-"))
     try:
         report = measure(args.plan.resolve(), workdir, args.requests, args.in_flight,
-                         args.warmup, args.plaintext, args.threads, args.device)
+                         args.warmup, args.plaintext, args.threads, args.device,
+                         args.idle_seconds)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

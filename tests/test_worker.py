@@ -600,3 +600,21 @@ def test_a_reconfigure_frees_a_send_stuck_on_a_hanging_next_hop(tmp_path, shard)
         servicer.stop()
         hung_server.stop(0)
         good_server.stop(0)
+
+
+def test_an_engine_stops_its_threads_at_once():
+    """The compute and send threads wait on their queues for up to a second between looks
+    (each wake-up is CPU a board's stage needs); a stop must still end them at once."""
+    import time
+
+    from edge.worker.engine import StageEngine
+    from edge.worker.events import EventBus
+
+    engine = StageEngine(EventBus())
+    time.sleep(0.1)  # both threads waiting on their queues
+    start = time.monotonic()
+    engine.stop()
+    for t in engine._threads:
+        t.join(2)
+        assert not t.is_alive()
+    assert time.monotonic() - start < 0.5

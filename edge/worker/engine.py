@@ -50,6 +50,11 @@ _FORWARD = pb.DESCRIPTOR.services_by_name["Worker"].methods_by_name["Forward"]
 # Freed caches of at least this many bytes are handed back to the kernel at once: glibc
 # keeps up to 32 MiB of free heap (edge.profiling.memory.tune_malloc) otherwise.
 _TRIM_BYTES = 1 << 20
+# How long the compute and send threads wait on an empty queue before looking up (the
+# idle sequences' sweep, a stop): each wake-up costs CPU a board's stage needs, so no
+# more often than that sweep needs; a stop wakes them at once (_WAKE).
+_POLL_S = 1.0
+_WAKE = None  # put in the queues by stop()
 
 
 @dataclass
@@ -251,12 +256,19 @@ class StageEngine:
             self._next_sweep = now + min(1.0, self.sessions.idle_s / 4)
             self._trim(self.sessions.sweep())
 
+    def _poll_s(self) -> float:
+        """Seconds to wait for a job: the sweep's period, within 0.25 s and _POLL_S."""
+        return min(_POLL_S, max(0.25, self.sessions.idle_s / 4))
+
     def _compute_loop(self) -> None:
+        poll = self._poll_s()
         while not self.stopping.is_set():
             self._sweep()
             try:
-                job = self._jobs.get(timeout=0.25)
+                job = self._jobs.get(timeout=poll)
             except queue.Empty:
+                continue
+            if job is _WAKE:
                 continue
             if self._stale(job):
                 continue  # re-configured since it was queued: the coordinator resends it
@@ -310,8 +322,10 @@ class StageEngine:
     def _send_loop(self) -> None:
         while not self.stopping.is_set():
             try:
-                job = self._outbox.get(timeout=0.25)
+                job = self._outbox.get(timeout=_POLL_S)
             except queue.Empty:
+                continue
+            if job is _WAKE:
                 continue
             if self._stale(job):
                 continue  # re-configured since: the coordinator resends it
@@ -373,5 +387,10 @@ class StageEngine:
 
     def stop(self) -> None:
         self.stopping.set()
+        for q in (self._jobs, self._outbox):
+            try:
+                q.put_nowait(_WAKE)
+            except queue.Full:
+                pass  # a full queue: its thread is busy and sees the stop next
         if self._next_channel is not None:
             self._next_channel.close()
