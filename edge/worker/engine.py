@@ -19,6 +19,7 @@ of decode steps (``Activation.rows``) runs as one (``sessions.run_batch``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -256,12 +257,8 @@ class StageEngine:
             self._next_sweep = now + min(1.0, self.sessions.idle_s / 4)
             self._trim(self.sessions.sweep())
 
-    def _poll_s(self) -> float:
-        """Seconds to wait for a job: the sweep's period, within 0.25 s and _POLL_S."""
-        return min(_POLL_S, max(0.25, self.sessions.idle_s / 4))
-
     def _compute_loop(self) -> None:
-        poll = self._poll_s()
+        poll = min(_POLL_S, max(0.25, self.sessions.idle_s / 4))  # the sweep's period
         while not self.stopping.is_set():
             self._sweep()
             try:
@@ -364,13 +361,10 @@ class StageEngine:
             stage_metrics(spec.stage, self.device).send.observe(time.perf_counter() - start)
             return
         try:
-            # A blocking call, not .future(): a future on a channel with no other call in
-            # flight starts a new gRPC "channel spin" thread for each request (a stage's
-            # only calls on this channel are these, one at a time), and polling it woke
-            # this loop every 0.25 s. A next hop that hangs (unplugged, stopped) still does
-            # not hold this loop for a whole deadline once the coordinator moves the
-            # pipeline elsewhere: a re-configure (or stop) closes this channel, and closing
-            # it ends the call at once with CANCELLED.
+            # Blocking: a .future() on a channel with no other call in flight starts a
+            # gRPC "channel spin" thread per request. A hung next hop still does not hold
+            # this loop once the pipeline moves: a re-configure (or stop) closes the
+            # channel, which ends the call at once (CANCELLED).
             self._next_forward(data, timeout=self.deadlines.forward)
             stage_metrics(spec.stage, self.device).send.observe(time.perf_counter() - start)
         except grpc.RpcError as e:
@@ -388,9 +382,7 @@ class StageEngine:
     def stop(self) -> None:
         self.stopping.set()
         for q in (self._jobs, self._outbox):
-            try:
+            with contextlib.suppress(queue.Full):  # full: its thread is busy, sees it next
                 q.put_nowait(_WAKE)
-            except queue.Full:
-                pass  # a full queue: its thread is busy and sees the stop next
         if self._next_channel is not None:
             self._next_channel.close()
