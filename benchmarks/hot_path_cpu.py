@@ -187,12 +187,28 @@ def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup
 
 def _idle_cpu(pids: list[int], seconds: float) -> list[float]:
     """Each process's CPU ms per second while no request runs: its health checks, event
-    streams, samplers (what it costs per request grows as throughput falls)."""
+    streams, samplers (what it costs per request grows as throughput falls). From each
+    thread's scheduler run time (ns), not the process's clock ticks: over a few seconds
+    ticks of 10 ms are too coarse."""
     if seconds <= 0:
         return [0.0] * len(pids)
-    before = [_cpu(pid)[0] for pid in pids]
+    before = [_run_ns(pid) for pid in pids]
     time.sleep(seconds)
-    return [(_cpu(pid)[0] - b) * 1e3 / seconds for pid, b in zip(pids, before)]
+    after = [_run_ns(pid) for pid in pids]
+    return [sum(a.get(t, 0) - b.get(t, 0) for t in a) / 1e6 / seconds
+            for a, b in zip(after, before)]
+
+
+def _run_ns(pid: int) -> dict[str, int]:
+    """Nanoseconds each live thread of ``pid`` has run (``/proc/PID/task/TID/schedstat``)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                out[tid] = int(f.read().split()[0])
+        except OSError:
+            pass  # ended meanwhile
+    return out
 
 
 def _free_port() -> int:
