@@ -367,6 +367,9 @@ class StageEngine:
             # channel, which ends the call at once (CANCELLED).
             self._next_forward(data, timeout=self.deadlines.forward)
             stage_metrics(spec.stage, self.device).send.observe(time.perf_counter() - start)
+        except ValueError:  # its channel was closed before the call began: re-wired, stopped
+            if not (self._stale(job) or self.stopping.is_set()):
+                raise
         except grpc.RpcError as e:
             if self._stale(job) or self.stopping.is_set():
                 return  # the hop was re-wired meanwhile: the coordinator resends it
