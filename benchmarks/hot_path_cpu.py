@@ -20,8 +20,8 @@ Pi 4 a BERT-base stage is ~10x slower than here).
 
 Run (BENCHMARKS.md cites this command; about a minute on 2 cores)::
 
-    PYTHONPATH=$PWD python benchmarks/hot_path_cpu.py --plan /path/to/p8 \\
-        --requests 40 --in-flight 4
+    PYTHONPATH=$PWD python benchmarks/hot_path_cpu.py --plan /path/to/p8 --requests 80 \\
+        --in-flight 4
 
 ``--plan`` is a folder holding ``plan.json`` and its ``shards/`` (e.g. ``edge plan
 bert-base.onnx --cluster c8.yaml --out p8``, BERT-base at sequence 128 over 8 rpi4b-2gb).
