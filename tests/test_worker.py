@@ -534,3 +534,87 @@ def test_a_runner_drops_only_its_own_table_pages(bert_tiny, tmp_path):
         for start, end, view in views:
             del view
             libc.munmap(start, end - start)
+
+
+class _NextHop(pb_grpc.WorkerServicer):
+    """A next stage that records the Forward calls it gets; ``hang``: never answers them
+    (an unplugged board) until the test ends."""
+
+    def __init__(self, hang: bool):
+        self.hang = hang
+        self.got: list[str] = []
+        self.release = __import__("threading").Event()
+
+    def Forward(self, request, context):
+        self.got.append(request.request_id)
+        if self.hang:
+            self.release.wait(60)
+        return pb.Ack()
+
+
+def _next_hop(hang: bool):
+    from concurrent.futures import ThreadPoolExecutor
+
+    hop = _NextHop(hang)
+    server = grpc.server(ThreadPoolExecutor(4))
+    pb_grpc.add_WorkerServicer_to_server(hop, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return hop, server, f"127.0.0.1:{port}"
+
+
+def test_a_reconfigure_frees_a_send_stuck_on_a_hanging_next_hop(tmp_path, shard):
+    """The send thread blocks in its Forward to the next stage; a Configure that re-wires
+    the stage must end that call at once, not after the Forward deadline (30 s), so that
+    the new epoch's requests flow."""
+    import time
+
+    from edge.worker.server import WorkerConfig, start_worker
+    from helpers import until
+
+    hung, hung_server, hung_address = _next_hop(hang=True)
+    good, good_server, good_address = _next_hop(hang=False)
+    server, port, servicer, _ = start_worker(WorkerConfig(listen="127.0.0.1:0",
+                                                          cache_dir=tmp_path / "cache"))
+    channel = create_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.WorkerStub(channel)
+    path, sha = shard
+    try:
+        stub.UploadShard(chunks(sha, path.read_bytes()), timeout=10)
+        for epoch, address in ((1, hung_address), (2, good_address)):
+            cfg = config(sha, epoch=epoch)
+            cfg.num_stages, cfg.next_address = 2, address
+            stub.Configure(cfg, timeout=30)
+            if epoch == 1:
+                forward(stub, "stuck", good_inputs(), epoch=1)
+                until(lambda: hung.got == ["stuck"], 10, "the first request at the hung hop")
+        start = time.monotonic()
+        forward(stub, "after", good_inputs(), epoch=2)
+        until(lambda: good.got == ["after"], 10, "the next epoch's request at the new hop")
+        assert time.monotonic() - start < 5
+        assert servicer.engine.stats()[1] == 0  # the stuck one was dropped, not failed
+    finally:
+        hung.release.set()
+        channel.close()
+        server.stop(0)
+        servicer.stop()
+        hung_server.stop(0)
+        good_server.stop(0)
+
+
+def test_an_engine_stops_its_threads_at_once():
+    """The compute and send threads wait on their queues for up to a second between looks
+    (each wake-up is CPU a board's stage needs); a stop must still end them at once."""
+    import time
+
+    from edge.worker.engine import StageEngine
+    from edge.worker.events import EventBus
+
+    engine = StageEngine(EventBus())
+    time.sleep(0.1)  # both threads waiting on their queues
+    start = time.monotonic()
+    engine.stop()
+    for t in engine._threads:
+        t.join(2)
+        assert not t.is_alive()
+    assert time.monotonic() - start < 0.5

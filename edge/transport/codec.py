@@ -63,7 +63,7 @@ def encode_tensor(name: str, array: np.ndarray) -> pb.Tensor:
 
 
 def decode_tensor(t: pb.Tensor) -> np.ndarray:
-    """Wire tensor to a numpy array, without copying the bytes.
+    """Wire tensor to a numpy array over one copy of its bytes (read-only).
 
     Raises:
         TensorError: the dtype is unknown, or the byte length disagrees with dtype × shape.
@@ -86,11 +86,12 @@ def decode_tensor(t: pb.Tensor) -> np.ndarray:
                               "expected a smaller tensor")
     dtype = _np_dtype(t.dtype)
     expected = count * dtype.itemsize
-    if len(t.data) != expected:
+    data = t.data  # each read of a bytes field copies it out of the message: read once
+    if len(data) != expected:
         raise TensorError(
             f"tensor {t.name!r}: {t.dtype}{list(shape)} needs {expected} bytes, "
-            f"got {len(t.data)}")
-    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+            f"got {len(data)}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def encode_tensors(arrays: Mapping[str, np.ndarray]) -> list[pb.Tensor]:

@@ -19,6 +19,7 @@ of decode steps (``Activation.rows``) runs as one (``sessions.run_batch``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -50,6 +51,11 @@ _FORWARD = pb.DESCRIPTOR.services_by_name["Worker"].methods_by_name["Forward"]
 # Freed caches of at least this many bytes are handed back to the kernel at once: glibc
 # keeps up to 32 MiB of free heap (edge.profiling.memory.tune_malloc) otherwise.
 _TRIM_BYTES = 1 << 20
+# How long the compute and send threads wait on an empty queue before looking up (the
+# idle sequences' sweep, a stop): each wake-up costs CPU a board's stage needs, so no
+# more often than that sweep needs; a stop wakes them at once (_WAKE).
+_POLL_S = 1.0
+_WAKE = None  # put in the queues by stop()
 
 
 @dataclass
@@ -252,11 +258,14 @@ class StageEngine:
             self._trim(self.sessions.sweep())
 
     def _compute_loop(self) -> None:
+        poll = min(_POLL_S, max(0.25, self.sessions.idle_s / 4))  # the sweep's period
         while not self.stopping.is_set():
             self._sweep()
             try:
-                job = self._jobs.get(timeout=0.25)
+                job = self._jobs.get(timeout=poll)
             except queue.Empty:
+                continue
+            if job is _WAKE:
                 continue
             if self._stale(job):
                 continue  # re-configured since it was queued: the coordinator resends it
@@ -310,8 +319,10 @@ class StageEngine:
     def _send_loop(self) -> None:
         while not self.stopping.is_set():
             try:
-                job = self._outbox.get(timeout=0.25)
+                job = self._outbox.get(timeout=_POLL_S)
             except queue.Empty:
+                continue
+            if job is _WAKE:
                 continue
             if self._stale(job):
                 continue  # re-configured since: the coordinator resends it
@@ -349,23 +360,18 @@ class StageEngine:
             self.events.publish(event)
             stage_metrics(spec.stage, self.device).send.observe(time.perf_counter() - start)
             return
-        forward = self._next_forward
         try:
-            call = forward.future(data, timeout=self.deadlines.forward)
-            # A next hop that hangs (unplugged, stopped) must not hold this loop for a
-            # whole deadline once the coordinator has moved the pipeline elsewhere.
-            while not self.stopping.is_set():
-                try:
-                    call.result(timeout=0.25)
-                    stage_metrics(spec.stage, self.device).send.observe(
-                        time.perf_counter() - start)
-                    break
-                except grpc.FutureTimeoutError:
-                    if self._stale(job):
-                        call.cancel()
-                        break
+            # Blocking: a .future() on a channel with no other call in flight starts a
+            # gRPC "channel spin" thread per request. A hung next hop still does not hold
+            # this loop once the pipeline moves: a re-configure (or stop) closes the
+            # channel, which ends the call at once (CANCELLED).
+            self._next_forward(data, timeout=self.deadlines.forward)
+            stage_metrics(spec.stage, self.device).send.observe(time.perf_counter() - start)
+        except ValueError:  # its channel was closed before the call began: re-wired, stopped
+            if not (self._stale(job) or self.stopping.is_set()):
+                raise
         except grpc.RpcError as e:
-            if self._stale(job):
+            if self._stale(job) or self.stopping.is_set():
                 return  # the hop was re-wired meanwhile: the coordinator resends it
             code = e.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -378,5 +384,8 @@ class StageEngine:
 
     def stop(self) -> None:
         self.stopping.set()
+        for q in (self._jobs, self._outbox):
+            with contextlib.suppress(queue.Full):  # full: its thread is busy, sees it next
+                q.put_nowait(_WAKE)
         if self._next_channel is not None:
             self._next_channel.close()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from edge.proto import edge_pb2 as pb
 from edge.worker.errors import OwnedElsewhere, Replaced, TakenOver, TooManySubscribers
 
-__all__ = ["EventBus", "Stream", "END", "OWNER_GRACE_S"]
+__all__ = ["EventBus", "Stream", "END", "WAKE", "OWNER_GRACE_S"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 OWNER_GRACE_S = 30.0
 
 END = object()  # put in a stream's queue to end it with the stream's ``ended`` error
+WAKE = object()  # put in a stream's queue to make its reader look up (its call ended)
 
 
 @dataclass(eq=False)
@@ -48,6 +49,10 @@ class Stream:
     def end(self, error: Exception) -> None:
         self.ended = error
         self.queue.put(END)
+
+    def wake(self) -> None:
+        """Make the reader look up from its wait (its call ended, the worker stops)."""
+        self.queue.put(WAKE)
 
 
 class EventBus:
@@ -109,6 +114,12 @@ class EventBus:
         with self._lock:
             if stream in self._streams:
                 self._streams.remove(stream)
+
+    def wake_all(self) -> None:
+        """Wake every stream's reader (the worker stops)."""
+        with self._lock:
+            for s in self._streams:
+                s.wake()
 
     def refusal(self, coordinator_id: str, take_over: bool, serving: str) -> str | None:
         """Why ``coordinator_id`` may not configure this worker now, or None if it may.

@@ -45,7 +45,7 @@ from edge.worker.configure import (check_budget, check_protocol, check_stage_con
 from edge.worker.engine import Job, StageEngine
 from edge.worker.errors import (BadRequest, Busy, NotConfigured, OwnedElsewhere, StaleEpoch,
                                 TakenOver, TooManySubscribers, grpc_errors, status_code)
-from edge.worker.events import END, OWNER_GRACE_S, EventBus
+from edge.worker.events import END, OWNER_GRACE_S, WAKE, EventBus
 from edge.worker.metrics import NO_STAGE, count_failure, count_forward, watch
 from edge.worker.sessions import DEFAULT_IDLE_S, check_rows, check_step
 
@@ -60,6 +60,9 @@ SERVICE_NAME = "edge.v1.Worker"
 # open: past this many, more are refused so that the other calls still find a thread.
 MAX_SUBSCRIBERS = 8  # besides the owning coordinator's own stream, always accepted
 MAX_CALIBRATE_SECONDS = 60.0
+# A Subscribe stream's reader looks up this often at most when no event comes (a call
+# that ends, a stop, wake it at once).
+SUBSCRIBE_POLL_S = 1.0
 MAX_REQUEST_ID = 256  # characters
 MiB = 1 << 20
 # Without --max-message-mb, the receive limit is this share of the memory budget, between
@@ -265,13 +268,21 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                         request.coordinator_id or "a caller without a coordinator id", e)
             raise
         # Gone from the table as soon as the call ends, not at the next poll: whether the
-        # owner holds a stream decides whether another coordinator may configure us.
-        context.add_callback(lambda: self.events.unsubscribe(stream))
+        # owner holds a stream decides whether another coordinator may configure us. The
+        # wake ends the wait below at once, so that it need not poll often (each wake-up
+        # of this thread is CPU the stage's compute needs).
+        def ended() -> None:
+            self.events.unsubscribe(stream)
+            stream.wake()
+
+        context.add_callback(ended)
         try:
             while context.is_active() and not self.engine.stopping.is_set():
                 try:
-                    item = stream.queue.get(timeout=0.25)
+                    item = stream.queue.get(timeout=SUBSCRIBE_POLL_S)
                 except queue.Empty:
+                    continue
+                if item is WAKE:
                     continue
                 if item is END:
                     assert stream.ended is not None
@@ -350,6 +361,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def stop(self) -> None:
         self.engine.stop()
+        self.events.wake_all()  # their streams end now, not at their next look
         self.sampler.stop()
 
 

@@ -1,0 +1,291 @@
+"""CPU per request on the hot path: each worker's CPU outside its stage's compute, and the
+coordinator's, measured on real processes on loopback (issue 16).
+
+What it does: copies a plan to a work folder with its devices moved to loopback ports,
+starts one ``edge worker --threads 1`` per stage and an ``edge coordinator``, all with
+mutual TLS from a fresh CA (``--plaintext``: without), warms up, then sends a block of
+requests with a few in flight from this process's ``InferClient`` and reads, per process,
+the CPU seconds (user + system, psutil) that the block cost.
+
+Per worker, *compute* is the CPU of its busiest thread over the block: the engine's
+compute thread, where onnxruntime runs with one thread (its Python around the run
+included, a few microseconds). *Overhead* is the rest of the process's CPU: gRPC's
+receive and TLS, parsing and checks, encoding and sending, the event stream, metrics,
+the memory sampler. The stage's own wall-clock compute (``WorkerStatus.mean_compute_ms``)
+is reported beside it; on a machine with fewer cores than processes it includes waits for
+a core. The coordinator's CPU is all of its process's. Before the block, each process's
+CPU per second without requests is measured too (health checks, event streams, the
+memory sampler): that part of a per-request figure grows as throughput falls (on a
+Pi 4 a BERT-base stage is ~10x slower than here).
+
+Run (BENCHMARKS.md cites this command; about a minute on 2 cores)::
+
+    PYTHONPATH=$PWD python benchmarks/hot_path_cpu.py --plan /path/to/p8 --requests 80 \\
+        --in-flight 4
+
+``--plan`` is a folder holding ``plan.json`` and its ``shards/`` (e.g. ``edge plan
+bert-base.onnx --cluster c8.yaml --out p8``, BERT-base at sequence 128 over 8 rpi4b-2gb).
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from edge.coordinator.client import InferClient
+from edge.transport.certs import init_ca, issue
+from edge.transport.channels import Security
+from edge.worker.launch import module_command, spawn_worker, stop_process
+
+
+def _inputs(plan: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """The model's inputs at the plan's bindings: token ids and a full mask."""
+    rng = np.random.default_rng(seed)
+    sizes = plan["model"]["bindings"]
+    out = {}
+    for t in plan["model"]["inputs"]:
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in t["shape"])
+        if "mask" in t["name"]:
+            out[t["name"]] = np.ones(shape, dtype=t["dtype"])
+        else:
+            out[t["name"]] = rng.integers(1000, 2000, size=shape).astype(t["dtype"])
+    return out
+
+
+def _copy_plan(src: Path, dst: Path) -> dict:
+    """plan.json (its model path made absolute) and links to its shards, in ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    plan = json.loads((src / "plan.json").read_text())
+    shards = dst / "shards"
+    if not shards.exists():
+        shards.symlink_to((src / "shards").resolve(), target_is_directory=True)
+    model = plan["model"].get("path")
+    if model:  # relative to the plan's folder: point at the original from the copy
+        target = (src / model).resolve()
+        link = dst / Path(model).name
+        if target.exists() and not link.exists():
+            link.symlink_to(target)
+            for extra in target.parent.glob(target.name + ".*"):
+                if not (dst / extra.name).exists():
+                    (dst / extra.name).symlink_to(extra)
+        plan["model"]["path"] = link.name
+    return plan
+
+
+def _securities(workdir: Path, plaintext: bool) -> tuple[list[str], Security]:
+    """The ``--certs`` arguments for the workers and coordinator, and the client's
+    Security: one CA, bundles valid for 127.0.0.1."""
+    if plaintext:
+        return [], Security()
+    ca = workdir / "ca"
+    init_ca(ca, force=True)
+    node = issue(ca, "node", hosts=["127.0.0.1"], out=workdir / "node", force=True)
+    client = issue(ca, "client", hosts=["127.0.0.1"], out=workdir / "client", force=True,
+                   role="client")
+    return ["--certs", str(node)], Security.from_dir(client)
+
+
+def _start_coordinator(workdir: Path, plan_dir: Path, certs: list[str]) -> tuple:
+    port_file = workdir / "coordinator.port"
+    port_file.unlink(missing_ok=True)
+    log = open(workdir / "coordinator.log", "ab")
+    cmd = module_command("edge", "--log-level", "WARNING", "coordinator", "--plan",
+                         str(plan_dir), "--listen", "127.0.0.1:0", "--port-file",
+                         str(port_file), *certs)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    end = time.monotonic() + 180
+    while not port_file.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the coordinator exited with {proc.returncode}: "
+                               f"{(workdir / 'coordinator.log').read_text()[-2000:]}")
+        if time.monotonic() > end:
+            stop_process(proc, 5)
+            raise TimeoutError("the coordinator did not serve within 180 s")
+        time.sleep(0.1)
+    return proc, int(port_file.read_text())
+
+
+def _cpu(pid: int) -> tuple[float, dict[int, float]]:
+    """A process's CPU seconds (user + system), and each thread's."""
+    p = psutil.Process(pid)
+    t = p.cpu_times()
+    return t.user + t.system, {th.id: th.user_time + th.system_time for th in p.threads()}
+
+
+def _block(client: InferClient, inputs: dict, count: int, in_flight: int) -> float:
+    """Send ``count`` requests, ``in_flight`` at once; returns the seconds it took."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(in_flight) as pool:
+        for reply in pool.map(lambda _: client.infer_raw(inputs), range(count)):
+            if not reply.outputs:
+                raise RuntimeError("a reply without outputs")
+    return time.perf_counter() - start
+
+
+def _stage_stats(client: InferClient) -> dict[int, tuple[int, float]]:
+    """Per stage: requests done and their total wall-clock compute ms."""
+    out = {}
+    for s in client.status().stages:
+        w = s.worker
+        out[s.stage] = (w.requests_done, w.mean_compute_ms * w.requests_done)
+    return out
+
+
+def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup: int,
+            plaintext: bool, threads: int, profile: str | None,
+            idle_seconds: float = 5.0) -> dict:
+    """Start the processes, run a warm-up and a measured block, stop them; the report."""
+    plan_dir = workdir / "plan"
+    plan = _copy_plan(plan_src, plan_dir)
+    certs, client_security = _securities(workdir, plaintext)
+    stages = plan["stages"]
+    workers, coordinator = [], None
+    try:
+        for st in stages:
+            workers.append(spawn_worker(workdir, f"worker-{st['index']}",
+                                        profile or st["device"]["profile"], threads=threads,
+                                        extra_args=certs))
+        for st, w in zip(stages, workers):
+            st["device"]["address"] = w.address
+        for st in plan.get("standby") or []:
+            st["address"] = f"127.0.0.1:{_free_port()}"  # never answers: not in use
+        (plan_dir / "plan.json").write_text(json.dumps(plan, indent=1))
+        coordinator, port = _start_coordinator(workdir, plan_dir, certs)
+        client = InferClient(f"127.0.0.1:{port}", timeout=300, security=client_security)
+        inputs = _inputs(plan)
+        _block(client, inputs, warmup, in_flight)
+        pids = [w.process.pid for w in workers] + [coordinator.pid]
+        idle = _idle_cpu(pids, idle_seconds)
+        before_stats = _stage_stats(client)
+        before = [_cpu(pid) for pid in pids]
+        seconds = _block(client, inputs, requests, in_flight)
+        after = [_cpu(pid) for pid in pids]
+        after_stats = _stage_stats(client)
+        client.close()
+    finally:
+        if coordinator is not None:
+            stop_process(coordinator, 10)
+        for w in workers:
+            w.stop()
+    return _report(plan, requests, in_flight, seconds, plaintext, threads,
+                   before, after, before_stats, after_stats, idle)
+
+
+def _idle_cpu(pids: list[int], seconds: float) -> list[float]:
+    """Each process's CPU ms per second while no request runs: its health checks, event
+    streams, samplers (what it costs per request grows as throughput falls). From each
+    thread's scheduler run time (ns), not the process's clock ticks: over a few seconds
+    ticks of 10 ms are too coarse."""
+    if seconds <= 0:
+        return [0.0] * len(pids)
+    before = [_run_ns(pid) for pid in pids]
+    time.sleep(seconds)
+    after = [_run_ns(pid) for pid in pids]
+    return [sum(a.get(t, 0) - b.get(t, 0) for t in a) / 1e6 / seconds
+            for a, b in zip(after, before)]
+
+
+def _run_ns(pid: int) -> dict[str, int]:
+    """Nanoseconds each live thread of ``pid`` has run (``/proc/PID/task/TID/schedstat``)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                out[tid] = int(f.read().split()[0])
+        except OSError:
+            pass  # ended meanwhile
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _report(plan, requests, in_flight, seconds, plaintext, threads, before, after,
+            before_stats, after_stats, idle) -> dict:
+    per_worker = []
+    for i, ((c0, t0), (c1, t1)) in enumerate(zip(before[:-1], after[:-1])):
+        deltas = {tid: t1[tid] - t0.get(tid, 0.0) for tid in t1}
+        busiest = max(deltas.values())
+        done = after_stats[i][0] - before_stats[i][0]
+        wall_ms = after_stats[i][1] - before_stats[i][1]
+        total = (c1 - c0) * 1e3 / requests
+        compute = busiest * 1e3 / requests
+        per_worker.append({
+            "stage": i, "requests": done,
+            "cpu_ms_per_request": round(total, 3),
+            "compute_thread_cpu_ms_per_request": round(compute, 3),
+            "compute_wall_ms_per_request": round(wall_ms / done, 3) if done else None,
+            "overhead_cpu_ms_per_request": round(total - compute, 3),
+            "threads_with_cpu": sum(1 for d in deltas.values() if d > 0),
+            "idle_cpu_ms_per_s": round(idle[i], 2),
+        })
+    c0, c1 = before[-1][0], after[-1][0]
+    overheads = [w["overhead_cpu_ms_per_request"] for w in per_worker]
+    computes = [w["compute_thread_cpu_ms_per_request"] for w in per_worker]
+    return {
+        "benchmark": "hot_path_cpu",
+        "model": plan["model"]["name"], "bindings": plan["model"]["bindings"],
+        "stages": len(plan["stages"]), "security": "plaintext" if plaintext else "mutual TLS",
+        "threads": threads, "requests": requests, "in_flight": in_flight,
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "throughput_rps": round(requests / seconds, 3),
+        "coordinator_cpu_ms_per_request": round((c1 - c0) * 1e3 / requests, 3),
+        # Of it, what the coordinator spends anyway, idle, over the block's duration.
+        "coordinator_idle_cpu_ms_per_s": round(idle[-1], 2),
+        "coordinator_idle_share_ms_per_request": round(idle[-1] * seconds / requests, 3),
+        "worker_overhead_cpu_ms_per_request": {
+            "mean": round(sum(overheads) / len(overheads), 3),
+            "max": round(max(overheads), 3)},
+        "stage_compute_cpu_ms_per_request_mean": round(sum(computes) / len(computes), 3),
+        "workers": per_worker,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", required=True, type=Path,
+                        help="folder with plan.json and shards/ (its devices' addresses are "
+                             "replaced by loopback ports in a copy)")
+    parser.add_argument("--requests", type=int, default=40, help="measured requests")
+    parser.add_argument("--in-flight", type=int, default=4, help="requests sent at once")
+    parser.add_argument("--warmup", type=int, default=8, help="requests before measuring")
+    parser.add_argument("--idle-seconds", type=float, default=5.0,
+                        help="seconds without requests in which each process's idle CPU "
+                             "is measured (0: not measured)")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads per worker")
+    parser.add_argument("--device", help="the workers' device profile (default: the plan's)")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="no TLS (default: mutual TLS from a fresh CA, like the lab)")
+    parser.add_argument("--workdir", type=Path,
+                        help="logs, caches and the plan's copy (default: a temporary folder)")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edge-hotpath-"))
+    try:
+        report = measure(args.plan.resolve(), workdir, args.requests, args.in_flight,
+                         args.warmup, args.plaintext, args.threads, args.device,
+                         args.idle_seconds)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
