@@ -22,6 +22,20 @@ __all__ = ["Deadlines", "Security", "MAX_MESSAGE_BYTES", "MIN_RECEIVE_BYTES", "c
 
 log = logging.getLogger(__name__)
 
+# gRPC's Python layer waits for a stream's next message (and a future's result) in slices
+# of 0.1 s, so that the main thread sees Ctrl-C: every open stream wakes its thread ten
+# times a second. A coordinator holds one event stream per worker: with eight, those
+# wake-ups were 4-5 ms of CPU a second, a sixth of an emulated Pi 4's share per request
+# at its throughput. One second still lets a blocked main thread see Ctrl-C in time.
+_WAIT_SLICE_S = 1.0
+try:  # a private constant: if a gRPC release drops it, the slices are merely shorter
+    from grpc import _common as _grpc_common
+
+    if getattr(_grpc_common, "MAXIMUM_WAIT_TIMEOUT", _WAIT_SLICE_S) < _WAIT_SLICE_S:
+        _grpc_common.MAXIMUM_WAIT_TIMEOUT = _WAIT_SLICE_S
+except ImportError:  # pragma: no cover
+    pass
+
 # Activations of a large model at a long sequence exceed gRPC's 4 MiB default; raise the
 # limit rather than split tensors. Shards travel in chunks, so this is not their bound.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
