@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 COORDINATOR_PORT = 50050
 _READY_S = 180.0  # a coordinator's start: it loads and configures every stage at Pi speed
+_IDLE_S = 5.0  # seconds the coordinator's CPU without requests is measured, once an arm
 
 
 def steady_rate(done: Sequence[float], in_flight: int) -> float:
@@ -88,6 +89,7 @@ class _Arm:
     rps: list[float] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)
     coordinator_cpu_ms: list[float] = field(default_factory=list)   # per request
+    coordinator_idle_ms_per_s: float | None = None  # its CPU without requests
     worker_cpu_ms: list[list[float]] = field(default_factory=list)  # per request, by stage
 
 
@@ -161,6 +163,11 @@ def _measure(arm: _Arm, inputs, latency_requests: int) -> None:
         arm.client.infer_raw(x)
         arm.latency_ms.append((time.perf_counter() - t) * 1e3)
     pids = [arm.process.pid] + [w.pid for w in arm.workers]
+    if arm.coordinator_idle_ms_per_s is None:  # once: what it costs without requests
+        t, c = time.perf_counter(), _cpu_s(pids[0])
+        time.sleep(_IDLE_S)
+        arm.coordinator_idle_ms_per_s = ((_cpu_s(pids[0]) - c) * 1e3
+                                         / (time.perf_counter() - t))
     before = [_cpu_s(p) for p in pids]
     rps, _ = _block(arm, inputs)
     used = [(_cpu_s(p) - b) * 1e3 / arm.requests for p, b in zip(pids, before)]
@@ -298,6 +305,7 @@ def _arm_dict(arm: _Arm, plan, status) -> dict:
         "rps": round(med(arm.rps), 3), "rps_per_round": [round(x, 3) for x in arm.rps],
         "latency_ms": round(med(arm.latency_ms), 1),
         "coordinator_cpu_ms_per_request": round(med(arm.coordinator_cpu_ms), 3),
+        "coordinator_idle_cpu_ms_per_s": round(arm.coordinator_idle_ms_per_s or 0.0, 2),
         "worker_cpu_ms_per_request": [round(med(w[k] for w in arm.worker_cpu_ms), 2)
                                       for k in range(arm.stages)],
         "planned_stage_ms": [round(s.predicted.time_ms, 1) for s in plan.stages],

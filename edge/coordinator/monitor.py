@@ -1,8 +1,8 @@
 """Which devices count as up: health probes, suspects, and backoff of refused devices.
 
 Every round the monitor health-checks every device the coordinator may use, except, while
-requests flow, the devices of the deployment: a request answered since the last round
-passed through every one of them, which says more than a health check (and costs the
+requests flow, the devices of the deployment: a request answered within the last
+``misses`` rounds passed through every one of them, which says more than a health check (and costs the
 coordinator nothing: the checks of eight workers twice a second took as much of an emulated
 Pi 4's CPU as the requests themselves). A device that dies under load is suspected at once
 anyway: its event stream breaks, and the stage before it reports it unreachable. A device
@@ -89,6 +89,7 @@ class Monitor:
         self.on_taken = on_taken
         self.progress = progress
         self._progress_seen: tuple[int, int] = (-1, 0)  # (epoch, answered) at the last round
+        self._progress_at = 0.0  # monotonic time a round last saw more requests answered
         self.stale = False
         self._probes: dict[str, _Probe] = {d.address: _Probe() for d in self.devices}
         self._excluded: dict[str, _Backoff] = {}
@@ -144,13 +145,18 @@ class Monitor:
         return up
 
     def _passed_through(self) -> set[str]:
-        """The deployment's devices, unless suspect, if a request was answered since the
-        last round under the same epoch (each counted as one check answered); else none."""
+        """The deployment's devices, unless suspect, if a request was answered under this
+        epoch within the last ``misses`` rounds (each counted as one check answered); else
+        none. (A request every few rounds, as a pipeline of Pi 4s answers, still counts.)"""
         cur = self.current
         with cur.lock:
             now, seen = (cur.epoch, self.progress()), self._progress_seen
             self._progress_seen = now
-            if now[0] != seen[0] or now[1] == seen[1]:
+            if now[0] != seen[0]:
+                self._progress_at = 0.0
+            elif now[1] != seen[1]:
+                self._progress_at = time.monotonic()
+            if time.monotonic() - self._progress_at > self.misses * self.health_interval:
                 return set()
             addresses = {w.stage.device.address for w in cur.workers}
             passed = {a for a in addresses
