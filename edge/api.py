@@ -48,7 +48,7 @@ def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluste
          modes: Sequence[str] | None = None, int8_min_cosine: float | None = None,
          context: int | None = None, sequences: int | None = None,
          prefill: int | None = None, generate: bool = False,
-         kv_dtype: str | None = None) -> Plan:
+         kv_dtype: str | None = None, finer_cuts: bool = False) -> Plan:
     """Plan ``model`` over a cluster and write ``out/plan.json`` and its shards.
 
     Args:
@@ -70,6 +70,7 @@ def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluste
         generate: plan for generation with the defaults.
         kv_dtype: how the stages store the KV caches, "fp32" (default) or "fp16" (half the
             memory; refused, with the cosine, unless the logits keep 0.99 with fp32 caches).
+        finer_cuts: as ``edge plan --finer-cuts`` (``edge.build.make_plan``).
 
     Returns:
         The plan, as written to ``out/plan.json``.
@@ -90,7 +91,7 @@ def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluste
                      standby=devices.standby, modes=tuple(modes) if modes else None,
                      sample=arrays, int8_min_cosine=int8_min_cosine,
                      generation=GenerationRequest(context, sequences, prefill, generate,
-                                                  kv_dtype))
+                                                  kv_dtype), finer_cuts=finer_cuts)
 
 
 class Served:

@@ -131,7 +131,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      standby=cluster.standby, modes=_parse_modes(args.modes), sample=sample,
                      int8_min_cosine=_parse_cosine(args.int8_min_cosine),
                      generation=GenerationRequest(args.context, args.sequences, args.prefill,
-                                                  args.generate, args.kv_dtype))
+                                                  args.generate, args.kv_dtype),
+                     finer_cuts=args.finer_cuts)
     print_plan(plan, console())
     print(f"wrote {Path(args.out) / 'plan.json'} and {len(plan.stages)} shard(s)")
     return 0
@@ -637,6 +638,11 @@ def _add_plan(sub) -> None:
                         "keep at least this cosine similarity with fp32 (default 0.99; "
                         "measured on the sample if one is given, else on seeded synthetic "
                         "inputs at the planned sizes)")
+    p.add_argument("--finer-cuts", action="store_true",
+                   help="where whole nodes leave the stages uneven, split the heaviest "
+                        "MatMuls in parts so that a cut may fall inside them (kept if the "
+                        "cost model finds it faster; the larger cut costs CPU it does not "
+                        "count)")
     gen = p.add_argument_group("generation (decoders with KV caches only; any of these "
                                "plans the model for `edge generate`)")
     gen.add_argument("--generate", action="store_true",

@@ -78,12 +78,9 @@ def test_pipeline_equals_unsharded_model(request, workers, tmp_path, model_fixtu
 
 
 def test_bert_cuts_carry_several_tensors(bert_tiny, workers, tmp_path):
-    """A cut inside the encoder carries the hidden state and the attention mask (and,
-    in a split MatMul, its input and the parts computed before the cut)."""
     plan = plan_for(bert_tiny, workers, tmp_path, {"batch": 1, "sequence": 16})
-    inside = [s for s in plan.stages[1:] if len(s.inputs) > 1]
-    assert inside, [[t.name for t in s.inputs] for s in plan.stages]
-    assert any(t.name == "where" for s in inside for t in s.inputs)  # the mask, as a bias
+    for stage in plan.stages[1:]:
+        assert len(stage.inputs) > 1, [t.name for t in stage.inputs]
 
 
 def test_bad_request_gets_invalid_argument_and_pipeline_keeps_serving(bert_tiny, workers, tmp_path):
