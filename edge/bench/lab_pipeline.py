@@ -45,7 +45,7 @@ from edge.planning.cluster import load_cluster
 from edge.transport.security import Security
 from edge.worker.launch import module_command, stop_process
 
-__all__ = ["lab_scaling", "steady_rate"]
+__all__ = ["lab_scaling", "steady_rate", "Arm", "start_arm", "measure_arm", "stop_arms"]
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ def steady_rate(done: Sequence[float], in_flight: int) -> float:
 
 
 @dataclass
-class _Arm:
-    """One cluster: its name, workers, the coordinator's board (None: this host)."""
+class Arm:
+    """One cluster of a lab comparison: its name, workers, the coordinator's board (None:
+    this host), its load, and what was measured of it."""
 
     name: str
     stages: int
@@ -98,7 +99,7 @@ def _cpu_s(pid: int) -> float:
     return t.user + t.system
 
 
-def _start(arm: _Arm, lab: Lab, plan_dir: Path, workdir: Path) -> None:
+def start_arm(arm: Arm, lab: Lab, plan_dir: Path, workdir: Path) -> None:
     """Start the arm's coordinator on its board and connect a client to it."""
     port_file = workdir / f"{arm.name}.port"
     port_file.unlink(missing_ok=True)
@@ -123,7 +124,16 @@ def _start(arm: _Arm, lab: Lab, plan_dir: Path, workdir: Path) -> None:
                              security=Security.from_dir(lab.coordinator_bundle))
 
 
-def _block(arm: _Arm, inputs: Sequence[Mapping[str, np.ndarray]]) -> tuple[float, float]:
+def stop_arms(arms: Sequence[Arm]) -> None:
+    """Close the arms' clients and stop their coordinators."""
+    for arm in arms:
+        if arm.client is not None:
+            arm.client.close()
+        if arm.process is not None:
+            stop_process(arm.process, 10)
+
+
+def _block(arm: Arm, inputs: Sequence[Mapping[str, np.ndarray]]) -> tuple[float, float]:
     """One closed-loop block: (steady requests per second, seconds it took)."""
     done: list[float] = []
     lock = threading.Lock()
@@ -155,7 +165,7 @@ def _block(arm: _Arm, inputs: Sequence[Mapping[str, np.ndarray]]) -> tuple[float
     return steady_rate(done, arm.in_flight), time.perf_counter() - start
 
 
-def _measure(arm: _Arm, inputs, latency_requests: int) -> None:
+def measure_arm(arm: Arm, inputs, latency_requests: int) -> None:
     """Latency one request at a time, then a throughput block, with the CPU each
     process spent on the block."""
     for x in inputs[:latency_requests]:
@@ -177,13 +187,13 @@ def _measure(arm: _Arm, inputs, latency_requests: int) -> None:
 
 
 def _arms(lab: Lab, stage_counts: Sequence[int], coordinator: str | None,
-          in_flight: int | None, requests: int) -> list[_Arm]:
+          in_flight: int | None, requests: int) -> list[Arm]:
     by_name = {d.name: d for d in lab.devices}
     arms = []
     for s in (1, *stage_counts):
         name = "one" if s == 1 else f"pipe{s}"
         flight = 2 if s == 1 else (in_flight or 2 * s)
-        arms.append(_Arm(name, s, [by_name[f"{name}-{k}"] for k in range(s)],
+        arms.append(Arm(name, s, [by_name[f"{name}-{k}"] for k in range(s)],
                          by_name.get(f"{name}-coordinator") if coordinator else None,
                          flight, max(requests if s > 1 else requests // 3, 4 * flight)))
     return arms
@@ -246,25 +256,21 @@ def lab_scaling(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
                                         workdir / arm.name, bindings=bindings)
             say(f"lab: starting the coordinator of {arm.name} "
                 f"({arm.board.name if arm.board else 'on this host'})")
-            _start(arm, lab, workdir / arm.name, workdir)
+            start_arm(arm, lab, workdir / arm.name, workdir)
             arm.client.infer_raw(inputs[0])  # warm up
         for r in range(rounds):
             for arm in arms[r % len(arms):] + arms[:r % len(arms)]:
-                _measure(arm, inputs, latency_requests)
+                measure_arm(arm, inputs, latency_requests)
                 say(f"lab round {r}: {arm.name} {arm.rps[-1]:.3f} req/s, coordinator "
                     f"{arm.coordinator_cpu_ms[-1]:.2f} ms CPU a request")
         status = {arm.name: arm.client.status() for arm in arms}
     finally:
-        for arm in arms:
-            if arm.client is not None:
-                arm.client.close()
-            if arm.process is not None:
-                stop_process(arm.process, 10)
+        stop_arms(arms)
         lab.down()
     return _result(arms, plans, status, lab, profile, coordinator, rounds)
 
 
-def _result(arms: list[_Arm], plans, status, lab: Lab, profile: str,
+def _result(arms: list[Arm], plans, status, lab: Lab, profile: str,
             coordinator: str | None, rounds: int) -> dict:
     med = statistics.median
     one = arms[0]
@@ -298,7 +304,7 @@ def _result(arms: list[_Arm], plans, status, lab: Lab, profile: str,
     return out
 
 
-def _arm_dict(arm: _Arm, plan, status) -> dict:
+def _arm_dict(arm: Arm, plan, status) -> dict:
     med = statistics.median
     return {
         "stages": arm.stages, "in_flight": arm.in_flight, "requests": arm.requests,
