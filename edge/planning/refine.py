@@ -25,6 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edge.planning.intake import set_nodes
+from edge.planning.scopes import input_counts
 
 __all__ = ["IMBALANCE", "PART_SHARE", "MAX_PARTS", "heavy_matmuls", "split_matmuls"]
 
@@ -70,10 +71,7 @@ def split_matmuls(m: onnx.ModelProto, parts: Mapping[str, int]) -> tuple[onnx.Mo
     out.CopyFrom(m)
     g = out.graph
     inits = {t.name: t for t in g.initializer}
-    reads: dict[str, int] = {}
-    for nd in g.node:
-        for x in nd.input:
-            reads[x] = reads.get(x, 0) + 1
+    reads = input_counts(g)
     nodes, added, split = [], [], 0
     for nd in g.node:
         k = parts.get(nd.output[0], 1) if nd.op_type == "MatMul" else 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx
 
-__all__ = ["attr_graphs", "node_reads"]
+__all__ = ["attr_graphs", "node_reads", "input_counts"]
 
 
 def _subgraph_refs(g: onnx.GraphProto) -> set[str]:
@@ -45,3 +45,13 @@ def node_reads(node: onnx.NodeProto) -> list[str]:
                     seen.add(x)
                     names.append(x)
     return names
+
+
+def input_counts(g: onnx.GraphProto) -> dict[str, int]:
+    """How many times the graph's nodes take each name as an input (e.g. whether a weight
+    is read by one node only)."""
+    counts: dict[str, int] = {}
+    for nd in g.node:
+        for x in nd.input:
+            counts[x] = counts.get(x, 0) + 1
+    return counts

@@ -94,10 +94,6 @@ def _prepare(m: onnx.ModelProto) -> int:
     """
     g = m.graph
     inits = {t.name: t for t in g.initializer}
-    readers: dict[str, int] = {}
-    for nd in g.node:
-        for x in nd.input:
-            readers[x] = readers.get(x, 0) + 1
     nodes, added, changed = [], [], 0
     for nd in g.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in nd.attribute}
