@@ -111,7 +111,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
         table.add_column(col, no_wrap=True,
                          justify="left" if col in ("device", "address") else "right")
     for d in lab.devices:
-        table.add_row(d.name, d.address if d.runs_worker else d.ip, f"{d.bandwidth_mbps:g}",
+        table.add_row(d.name, d.shown_address, f"{d.bandwidth_mbps:g}",
                       f"{d.memory_cap_mb:.0f}", f"{d.cpu_cores:.3f}",
                       str(d.pid) if d.runs_worker else "(coordinator's board)")
     console.print(table)
@@ -161,7 +161,7 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
         d = s.device
         state = ("[green]running[/green]" if s.alive else "[red]dead[/red]") \
             if d.runs_worker else "coordinator's board"
-        table.add_row(d.name, d.address if d.runs_worker else d.ip, state,
+        table.add_row(d.name, d.shown_address, state,
                       f"{fmt(s.memory_mb)}/{fmt(s.peak_mb)}/{d.memory_cap_mb:.0f}",
                       "?" if s.oom_kills is None else str(s.oom_kills),
                       f"{d.bandwidth_mbps:g}", f"{d.cpu_cores:.3f}")
@@ -196,7 +196,7 @@ def cmd_lab_link(args: argparse.Namespace) -> int:
     lab = Lab.load(_dir(args))
     dev = lab.device(args.device)
     lab.set_link(dev.name, up=args.state == "up")
-    print(f"edge lab: {dev.name} ({dev.address}) link {args.state}")
+    print(f"edge lab: {dev.name} ({dev.shown_address}) link {args.state}")
     return 0
 
 

@@ -135,6 +135,12 @@ class LabDevice:
         return self.role == "worker"
 
     @property
+    def shown_address(self) -> str:
+        """What people are shown: the worker's ``ip:port``, or a board's ip (no worker
+        listens on it)."""
+        return self.address if self.runs_worker else self.ip
+
+    @property
     def cpu_cores(self) -> float:
         return self.cpu_quota_us / self.cpu_period_us
 

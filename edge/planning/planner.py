@@ -330,7 +330,7 @@ def evaluate(costs: StageCosts, dev: Device, i: int, j: int,
                      + _transfer_ms(float(dc[j]), dev))
     return StagePrediction(
         weights_mb=weights_mb, activations_mb=act_mb,
-        runtime_floor_mb=mem - weights_mb - act_mb - kv / memory.MiB,
+        runtime_floor_mb=mem - weights_mb - act_mb - kept / memory.MiB,
         memory_mb=mem, gflops=f / 1e9, compute_ms=cm, transfer_ms=t, time_ms=cm + t,
         kv_cache_mb=kept / memory.MiB, decode_ms=decode_ms)
 

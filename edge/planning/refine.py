@@ -8,10 +8,13 @@ MatMul by its weight's columns into parts (``MatMul(x, W[:, a:b])`` each, then `
 computes the same values, and lets a cut fall between the parts: the stage before the cut
 sends ``x`` and the parts it computed, the next computes the rest.
 
-Only MatMuls whose second input is a 2-D weight read by no other node are split. The
-planner asks for it (:func:`heavy_matmuls`) only when its split is further than
-``IMBALANCE`` from even and some MatMul takes more than ``PART_SHARE`` of the slowest stage,
-and keeps the finer model only if its split is faster (``edge.build``).
+Only MatMuls whose second input is a 2-D weight read by no other node are split. With
+``edge plan --finer-cuts`` the planner asks for it (:func:`heavy_matmuls`) only when its
+split is further than ``IMBALANCE`` from even and some MatMul takes more than
+``PART_SHARE`` of the slowest stage, and keeps the finer model only if its split is faster
+by the cost model (``edge.build``). It is not the default: the cut between parts carries
+the MatMul's input as well, and in edge lab the CPU of sending and receiving it (which
+the model does not count) cancelled the better balance (BENCHMARKS.md).
 """
 
 from __future__ import annotations

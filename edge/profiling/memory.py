@@ -50,7 +50,7 @@ def memory_breakdown(pid: int | None = None) -> dict[str, int]:
     """
     out = dict.fromkeys(_STATUS_FIELDS.values(), 0)
     try:
-        # One read of the whole file and a scan of its bytes: the sampler calls this ten
+        # One read of the whole file and a scan of its bytes: the sampler calls this four
         # times a second on a board whose CPU the stage's compute needs (a line-by-line
         # text read cost about 0.2 ms of a loaded worker's CPU per sample).
         fd = os.open(f"/proc/{pid or 'self'}/status", os.O_RDONLY)
@@ -94,7 +94,7 @@ def heap_in_use() -> int:
 
 @functools.lru_cache(maxsize=1)
 def _mallinfo2():
-    """glibc's ``mallinfo2``, looked up once (the sampler asks ten times a second), or
+    """glibc's ``mallinfo2``, looked up once (the sampler asks four times a second), or
     None where there is none."""
     try:
         fn = ctypes.CDLL("libc.so.6").mallinfo2

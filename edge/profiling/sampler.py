@@ -54,7 +54,7 @@ class Sampler:
         self._stop = threading.Event()
         # The process's CPU seconds and the time they were read, for cpu_percent: what
         # psutil.Process.cpu_percent computes, without its /proc parsing (a third of a
-        # sample's cost on a loaded worker, ten times a second).
+        # sample's cost on a loaded worker, four times a second).
         self._cpu_at = (time.process_time(), time.monotonic())
         self._thread = threading.Thread(target=self._run, name="edge-sampler", daemon=True)
 

@@ -37,7 +37,7 @@ from edge.transport.channels import Deadlines, Security, create_channel, seriali
 from edge.transport.codec import encode_activation
 from edge.worker.errors import (RUN_FAILURE_CODES, NextHopRefused, QueueFull,
                                 ShardLoadError, WorkerError, status_code)
-from edge.worker.events import EventBus
+from edge.worker.events import WAKE, EventBus
 from edge.worker.metrics import count_failure, stage_metrics
 from edge.worker.sessions import (DEFAULT_IDLE_S, SessionStore, run_batch, run_step,
                                   split_prefill)
@@ -53,9 +53,14 @@ _FORWARD = pb.DESCRIPTOR.services_by_name["Worker"].methods_by_name["Forward"]
 _TRIM_BYTES = 1 << 20
 # How long the compute and send threads wait on an empty queue before looking up (the
 # idle sequences' sweep, a stop): each wake-up costs CPU a board's stage needs, so no
-# more often than that sweep needs; a stop wakes them at once (_WAKE).
+# more often than that sweep needs; a stop wakes them at once (events.WAKE).
 _POLL_S = 1.0
-_WAKE = None  # put in the queues by stop()
+
+
+def _sweep_period(idle_s: float) -> float:
+    """Seconds between sweeps of idle sequences: a quarter of the time after which a
+    sequence's caches are freed, at most ``_POLL_S``."""
+    return min(_POLL_S, idle_s / 4)
 
 
 @dataclass
@@ -254,18 +259,18 @@ class StageEngine:
         """Free the caches of idle sequences, at most about once a second."""
         now = time.monotonic()
         if now >= self._next_sweep:
-            self._next_sweep = now + min(1.0, self.sessions.idle_s / 4)
+            self._next_sweep = now + _sweep_period(self.sessions.idle_s)
             self._trim(self.sessions.sweep())
 
     def _compute_loop(self) -> None:
-        poll = min(_POLL_S, max(0.25, self.sessions.idle_s / 4))  # the sweep's period
+        poll = max(0.25, _sweep_period(self.sessions.idle_s))
         while not self.stopping.is_set():
             self._sweep()
             try:
                 job = self._jobs.get(timeout=poll)
             except queue.Empty:
                 continue
-            if job is _WAKE:
+            if job is WAKE:
                 continue
             if self._stale(job):
                 continue  # re-configured since it was queued: the coordinator resends it
@@ -322,7 +327,7 @@ class StageEngine:
                 job = self._outbox.get(timeout=_POLL_S)
             except queue.Empty:
                 continue
-            if job is _WAKE:
+            if job is WAKE:
                 continue
             if self._stale(job):
                 continue  # re-configured since: the coordinator resends it
@@ -386,6 +391,6 @@ class StageEngine:
         self.stopping.set()
         for q in (self._jobs, self._outbox):
             with contextlib.suppress(queue.Full):  # full: its thread is busy, sees it next
-                q.put_nowait(_WAKE)
+                q.put_nowait(WAKE)
         if self._next_channel is not None:
             self._next_channel.close()

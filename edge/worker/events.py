@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 OWNER_GRACE_S = 30.0
 
 END = object()  # put in a stream's queue to end it with the stream's ``ended`` error
-WAKE = object()  # put in a stream's queue to make its reader look up (its call ended)
+WAKE = object()  # put in a queue to make its reader look up (a call ended, a stop)
 
 
 @dataclass(eq=False)
