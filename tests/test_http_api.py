@@ -178,6 +178,10 @@ def test_disconnect_mid_stream_cancels_the_generation(llama_api, monkeypatch):
 
     def counting(run, item):
         sent.extend(getattr(item, "tokens", []))
+        # A step of the tiny model takes a few ms: on a loaded machine all 60 were done
+        # before the client read its first line. At 50 ms a token the sequence is still
+        # running when the client goes away.
+        time.sleep(0.05)
         put(run, item)
 
     monkeypatch.setattr(http_api._Run, "_put", counting)
