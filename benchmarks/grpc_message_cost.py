@@ -153,7 +153,8 @@ def run(rate: float, calls: int, reply_kib: int, idle_seconds: float) -> dict:
             server = _Server(kind, reply_bytes)
             try:
                 call = server.channel.unary_unary(f"/{_SERVICE}/Unary")
-                key = f"{kind} server, {'small reply' if reply_bytes < 1024 else f'{reply_kib} KiB reply'}"
+                reply = "small reply" if reply_bytes < 1024 else f"{reply_kib} KiB reply"
+                key = f"{kind} server, {reply}"
                 out["serving"][key] = _per_call(server.ps, lambda: call(request), calls, rate,
                                                 idle_seconds)
             finally:
