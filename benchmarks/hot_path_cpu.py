@@ -48,7 +48,7 @@ import psutil
 from edge.coordinator.client import InferClient
 from edge.transport.certs import init_ca, issue
 from edge.transport.channels import Security
-from edge.worker.launch import module_command, spawn_worker, stop_process
+from edge.worker.launch import module_command, spawn_worker, stop_process, wait_port_file
 
 
 def _inputs(plan: dict, seed: int = 0) -> dict[str, np.ndarray]:
@@ -107,16 +107,8 @@ def _start_coordinator(workdir: Path, plan_dir: Path, certs: list[str]) -> tuple
                          str(port_file), *certs)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
-    end = time.monotonic() + 180
-    while not port_file.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"the coordinator exited with {proc.returncode}: "
-                               f"{(workdir / 'coordinator.log').read_text()[-2000:]}")
-        if time.monotonic() > end:
-            stop_process(proc, 5)
-            raise TimeoutError("the coordinator did not serve within 180 s")
-        time.sleep(0.1)
-    return proc, int(port_file.read_text())
+    return proc, wait_port_file(proc, port_file, 180, "the coordinator",
+                                workdir / "coordinator.log")
 
 
 def _cpu(pid: int) -> tuple[float, dict[int, float]]:

@@ -43,7 +43,7 @@ from edge.lab.lab import Lab
 from edge.lab.system import LabError
 from edge.planning.cluster import load_cluster
 from edge.transport.security import Security
-from edge.worker.launch import module_command, stop_process
+from edge.worker.launch import module_command, stop_process, wait_port_file
 
 __all__ = ["lab_scaling", "steady_rate", "Arm", "start_arm", "measure_arm", "stop_arms"]
 
@@ -114,12 +114,11 @@ def start_arm(arm: Arm, lab: Lab, plan_dir: Path, workdir: Path) -> None:
     with open(log_path, "ab") as out:
         arm.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
-    end = time.monotonic() + _READY_S
-    while not port_file.exists():
-        if arm.process.poll() is not None or time.monotonic() > end:
-            raise LabError(f"the coordinator of {arm.name} did not start; see {log_path}")
-        time.sleep(0.1)
-    port = int(port_file.read_text().strip())
+    try:
+        port = wait_port_file(arm.process, port_file, _READY_S,
+                              f"the coordinator of {arm.name}", log_path)
+    except (RuntimeError, TimeoutError) as e:
+        raise LabError(f"{e} (log: {log_path})") from None
     arm.client = InferClient(f"{ip}:{port}", timeout=600,
                              security=Security.from_dir(lab.coordinator_bundle))
 
@@ -191,7 +190,7 @@ def _arms(lab: Lab, stage_counts: Sequence[int], coordinator: str | None,
     by_name = {d.name: d for d in lab.devices}
     arms = []
     for s in (1, *stage_counts):
-        name = "one" if s == 1 else f"pipe{s}"
+        name = _arm_name(s)
         flight = 2 if s == 1 else (in_flight or 2 * s)
         arms.append(Arm(name, s, [by_name[f"{name}-{k}"] for k in range(s)],
                          by_name.get(f"{name}-coordinator") if coordinator else None,
@@ -199,11 +198,16 @@ def _arms(lab: Lab, stage_counts: Sequence[int], coordinator: str | None,
     return arms
 
 
+def _arm_name(stages: int) -> str:
+    """An arm's name, the prefix of its devices' names: "one", "pipe4", ..."""
+    return "one" if stages == 1 else f"pipe{stages}"
+
+
 def _specs(profile: str, stage_counts: Sequence[int], coordinator: str | None
            ) -> list[DeviceSpec]:
     specs = []
     for s in (1, *stage_counts):
-        name = "one" if s == 1 else f"pipe{s}"
+        name = _arm_name(s)
         specs += [DeviceSpec(profile, name=f"{name}-{k}") for k in range(s)]
         if coordinator:
             specs.append(DeviceSpec(coordinator, name=f"{name}-coordinator", role="coordinator"))

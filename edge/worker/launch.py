@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["WorkerProcess", "spawn_worker", "LocalWorkers", "stop_process", "module_command"]
+__all__ = ["WorkerProcess", "spawn_worker", "LocalWorkers", "stop_process", "module_command",
+           "wait_port_file"]
 
 # `python -m edge` puts the current folder first on sys.path. Run from a folder that holds
 # the clone as `edge/` (the Quick start's layout), that folder is imported as a namespace
@@ -47,6 +48,34 @@ def stop_process(process: subprocess.Popen, timeout: float) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+def wait_port_file(process: subprocess.Popen, port_file: Path, timeout: float, what: str,
+                   log_path: Path) -> int:
+    """Wait until ``process`` (an ``edge worker`` or ``edge coordinator`` started with
+    ``--port-file``) writes its port, and return it.
+
+    Args:
+        process: the process.
+        port_file: the file its port is written to once it listens.
+        timeout: seconds to wait; past them the process is killed.
+        what: what it is, for the errors ("worker w0").
+        log_path: its output, quoted when it exits.
+
+    Raises:
+        RuntimeError: it exited first (with its log).
+        TimeoutError: it did not listen in time.
+    """
+    end = time.monotonic() + timeout
+    while not port_file.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n"
+                               f"{log_path.read_text(errors='replace')[-4000:]}")
+        if time.monotonic() > end:
+            process.kill()
+            raise TimeoutError(f"{what} did not listen within {timeout:g} s")
+        time.sleep(0.05)
+    return int(port_file.read_text())
 
 
 @dataclass
@@ -109,16 +138,8 @@ def spawn_worker(workdir: Path, name: str, device: str | None = None,
     with open(log_path, "ab") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
-    end = time.monotonic() + timeout
-    while not port_file.exists():
-        if process.poll() is not None:
-            raise RuntimeError(f"worker {name} exited with {process.returncode}:\n"
-                               f"{log_path.read_text()}")
-        if time.monotonic() > end:
-            process.kill()
-            raise TimeoutError(f"worker {name} did not listen within {timeout} s")
-        time.sleep(0.05)
-    return WorkerProcess(process, int(port_file.read_text()), cache_dir, log_path)
+    port = wait_port_file(process, port_file, timeout, f"worker {name}", log_path)
+    return WorkerProcess(process, port, cache_dir, log_path)
 
 
 class LocalWorkers:
