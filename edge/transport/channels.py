@@ -28,13 +28,17 @@ log = logging.getLogger(__name__)
 # wake-ups were 4-5 ms of CPU a second, a sixth of an emulated Pi 4's share per request
 # at its throughput. One second still lets a blocked main thread see Ctrl-C in time.
 _WAIT_SLICE_S = 1.0
-try:  # a private constant: if a gRPC release drops it, the slices are merely shorter
-    from grpc import _common as _grpc_common
 
-    if getattr(_grpc_common, "MAXIMUM_WAIT_TIMEOUT", _WAIT_SLICE_S) < _WAIT_SLICE_S:
-        _grpc_common.MAXIMUM_WAIT_TIMEOUT = _WAIT_SLICE_S
-except ImportError:  # pragma: no cover
-    pass
+
+def _longer_wait_slices() -> None:
+    """Set gRPC's wait slice to ``_WAIT_SLICE_S``: done by the first server or channel made
+    here, before any of their calls waits (not at import, which runs nothing)."""
+    try:  # a private constant: if a gRPC release drops it, the slices are merely shorter
+        from grpc import _common as grpc_common
+    except ImportError:  # pragma: no cover
+        return
+    if getattr(grpc_common, "MAXIMUM_WAIT_TIMEOUT", _WAIT_SLICE_S) < _WAIT_SLICE_S:
+        grpc_common.MAXIMUM_WAIT_TIMEOUT = _WAIT_SLICE_S
 
 # Activations of a large model at a long sequence exceed gRPC's 4 MiB default; raise the
 # limit rather than split tensors. Shards travel in chunks, so this is not their bound.
@@ -99,6 +103,7 @@ def create_server(address: str, *, max_workers: int = 16, max_concurrent_rpcs: i
         SecurityError: plaintext on a non-loopback address without ``insecure``.
     """
     security.require_safe(address, "listen on")
+    _longer_wait_slices()
     limit = max(MIN_RECEIVE_BYTES, min(int(max_receive_bytes), MAX_MESSAGE_BYTES))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          options=_SERVER_OPTIONS + [("grpc.max_receive_message_length", limit)],
@@ -127,6 +132,7 @@ def create_channel(address: str, *, security: Security = Security(),
         SecurityError: plaintext to a non-loopback address without ``insecure``.
     """
     security.require_safe(address, "connect to")
+    _longer_wait_slices()
     if security.tls:
         channel = grpc.secure_channel(
             address, security.channel_credentials(),
