@@ -281,7 +281,6 @@ def test_the_cli_serves_on_the_base_install(tmp_path, shard, monkeypatch):
     real Forward; `edge --help` and `edge devices` run; a coordinator command names the
     extra to install."""
     import subprocess
-    import sys
 
     from edge.worker.launch import module_command
 
@@ -488,6 +487,28 @@ def test_gather_table_rows_do_not_accumulate(bert_tiny, tmp_path):
     assert resident_kib() > table_kib / 20
 
 
+def _mappings() -> list[tuple[int, int, str]]:
+    """This process's mappings: (start, end, path or "")."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        a, b = (int(x, 16) for x in fields[0].split("-"))
+        out.append((a, b, fields[5] if len(fields) > 5 else ""))
+    return out
+
+
+def _gaps(mapped: list[tuple[int, int, str]], start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of ``[start, end)`` that nothing maps."""
+    out, at = [], start
+    for a, b, _ in sorted(m for m in mapped if m[0] < end and m[1] > start):
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+    if at < end:
+        out.append((at, end))
+    return out
+
+
 def test_a_runner_drops_only_its_own_table_pages(bert_tiny, tmp_path):
     """A re-wired worker loads its new shard while the old session still maps the same
     (hard-linked) embedding table. Once the old session is gone, its addresses may hold
@@ -505,6 +526,8 @@ def test_a_runner_drops_only_its_own_table_pages(bert_tiny, tmp_path):
     want = new.run({"input_ids": ids, "attention_mask": ids})
     freed = list(old._tables)
     assert freed, "the gather table should be mapped and advised"
+    files = {m[2] for m in _mappings() for start, end in freed if m[0] < end and m[1] > start}
+    assert all(files), f"the table's mappings should be of its file: {files}"
     del old
     gc.collect()
     # Map memory at exactly the freed addresses (MAP_FIXED_NOREPLACE fails if they are
@@ -515,12 +538,21 @@ def test_a_runner_drops_only_its_own_table_pages(bert_tiny, tmp_path):
                           ctypes.c_int, ctypes.c_long]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     prot_rw, private_anonymous, fixed_noreplace = 0x3, 0x2 | 0x20, 0x100000
+    mapped = _mappings()
+    for start, end in freed:
+        held = [m for m in mapped if m[0] < end and m[1] > start and m[2] in files]
+        assert not held, f"the old session's table at {start:#x} is still mapped: {held}"
+    # The next allocation may have taken part of a freed range already (the kernel reuses
+    # the highest gap): map the parts that are free.
+    gaps = [(max(a, start), min(b, end)) for start, end in freed
+            for a, b in _gaps(mapped, start, end)]
+    assert gaps, "every freed table page was mapped again before the test could map it"
     views = []
     try:
-        for start, end in freed:
+        for start, end in gaps:
             got = libc.mmap(start, end - start, prot_rw, private_anonymous | fixed_noreplace,
                             -1, 0)
-            assert got == start, f"the old session's table at {start:#x} is still mapped"
+            assert got == start, f"{start:#x}..{end:#x} was free a moment ago"
             view = np.ctypeslib.as_array((ctypes.c_uint8 * (end - start)).from_address(start))
             view[:] = 7
             views.append((start, end, view))
