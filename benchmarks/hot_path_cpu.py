@@ -18,10 +18,17 @@ CPU per second without requests is measured too (health checks, event streams, t
 memory sampler): that part of a per-request figure grows as throughput falls (on a
 Pi 4 a BERT-base stage is ~10x slower than here).
 
-Run (BENCHMARKS.md cites this command; about a minute on 2 cores)::
+Run (BENCHMARKS.md cites these commands; about a minute each on 2 cores)::
 
     PYTHONPATH=$PWD python benchmarks/hot_path_cpu.py --plan /path/to/p8 --requests 80 \\
         --in-flight 4
+    PYTHONPATH=$PWD python benchmarks/hot_path_cpu.py --plan /path/to/p4 --requests 120 \\
+        --rate 2
+
+``--rate R`` sends the measured requests one at a time, R a second, as a pipeline of Pi 4s
+gets them: each one finds gRPC's threads asleep. The report then also gives the
+coordinator's CPU per second by kind of thread (``python``: Python's threads;
+``event_engine``: gRPC's).
 
 ``--plan`` is a folder holding ``plan.json`` and its ``shards/`` (e.g. ``edge plan
 bert-base.onnx --cluster c8.yaml --out p8``, BERT-base at sequence 128 over 8 rpi4b-2gb).
@@ -128,6 +135,17 @@ def _block(client: InferClient, inputs: dict, count: int, in_flight: int) -> flo
     return time.perf_counter() - start
 
 
+def _paced(client: InferClient, inputs: dict, count: int, rate: float) -> float:
+    """Send ``count`` requests one at a time, starting one every ``1 / rate`` seconds (as
+    clients' requests reach a pipeline of Pi-class boards); returns the seconds it took."""
+    start = time.perf_counter()
+    for i in range(count):
+        if not client.infer_raw(inputs).outputs:
+            raise RuntimeError("a reply without outputs")
+        time.sleep(max(0.0, start + (i + 1) / rate - time.perf_counter()))
+    return time.perf_counter() - start
+
+
 def _stage_stats(client: InferClient) -> dict[int, tuple[int, float]]:
     """Per stage: requests done and their total wall-clock compute ms."""
     out = {}
@@ -139,7 +157,7 @@ def _stage_stats(client: InferClient) -> dict[int, tuple[int, float]]:
 
 def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup: int,
             plaintext: bool, threads: int, profile: str | None,
-            idle_seconds: float = 5.0) -> dict:
+            idle_seconds: float = 5.0, rate: float = 0.0) -> dict:
     """Start the processes, run a warm-up and a measured block, stop them; the report."""
     plan_dir = workdir / "plan"
     plan = _copy_plan(plan_src, plan_dir)
@@ -164,8 +182,11 @@ def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup
         idle = _idle_cpu(pids, idle_seconds)
         before_stats = _stage_stats(client)
         before = [_cpu(pid) for pid in pids]
-        seconds = _block(client, inputs, requests, in_flight)
+        named = _run_ns(coordinator.pid)
+        seconds = (_paced(client, inputs, requests, rate) if rate > 0
+                   else _block(client, inputs, requests, in_flight))
         after = [_cpu(pid) for pid in pids]
+        by_kind = _by_kind(named, _run_ns(coordinator.pid), seconds)
         after_stats = _stage_stats(client)
         client.close()
     finally:
@@ -173,8 +194,11 @@ def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup
             stop_process(coordinator, 10)
         for w in workers:
             w.stop()
-    return _report(plan, requests, in_flight, seconds, plaintext, threads,
-                   before, after, before_stats, after_stats, idle)
+    report = _report(plan, requests, 1 if rate > 0 else in_flight, seconds, plaintext,
+                     threads, before, after, before_stats, after_stats, idle)
+    report["paced_rate_rps"] = rate if rate > 0 else None
+    report["coordinator_threads_cpu_ms_per_s"] = by_kind
+    return report
 
 
 def _idle_cpu(pids: list[int], seconds: float) -> list[float]:
@@ -192,15 +216,29 @@ def _idle_cpu(pids: list[int], seconds: float) -> list[float]:
 
 
 def _run_ns(pid: int) -> dict[str, int]:
-    """Nanoseconds each live thread of ``pid`` has run (``/proc/PID/task/TID/schedstat``)."""
+    """Nanoseconds each live thread of ``pid`` has run (``/proc/PID/task/TID/schedstat``),
+    by ``TID:name`` (the kernel's name of the thread: ``python`` for Python's threads,
+    ``event_engine`` for gRPC's EventEngine)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                out[tid] = int(f.read().split()[0])
+                out[f"{tid}:{name}"] = int(f.read().split()[0])
         except OSError:
             pass  # ended meanwhile
     return out
+
+
+def _by_kind(before: dict[str, int], after: dict[str, int], seconds: float
+             ) -> dict[str, float]:
+    """CPU ms per second between two ``_run_ns`` readings, summed by thread name."""
+    out: dict[str, float] = {}
+    for key, ns in after.items():
+        name = key.split(":", 1)[1]
+        out[name] = out.get(name, 0.0) + (ns - before.get(key, 0)) / 1e6 / seconds
+    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > 0}
 
 
 def _free_port() -> int:
@@ -257,6 +295,9 @@ def main() -> None:
                              "replaced by loopback ports in a copy)")
     parser.add_argument("--requests", type=int, default=40, help="measured requests")
     parser.add_argument("--in-flight", type=int, default=4, help="requests sent at once")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="send the measured requests one at a time, this many a second "
+                             "(0: --in-flight at once, back to back)")
     parser.add_argument("--warmup", type=int, default=8, help="requests before measuring")
     parser.add_argument("--idle-seconds", type=float, default=5.0,
                         help="seconds without requests in which each process's idle CPU "
@@ -272,7 +313,7 @@ def main() -> None:
     try:
         report = measure(args.plan.resolve(), workdir, args.requests, args.in_flight,
                          args.warmup, args.plaintext, args.threads, args.device,
-                         args.idle_seconds)
+                         args.idle_seconds, args.rate)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

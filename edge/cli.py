@@ -18,6 +18,10 @@ import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from edge.transport import grpc_env
+
+grpc_env.apply()  # before anything below loads gRPC: it reads its settings once, at load
+
 from edge.address import parse_address  # stdlib only: `edge --help` stays instant
 import edge
 from edge._extras import missing_package
