@@ -3,12 +3,13 @@
 grpcio 1.85 does every connection's reads and writes on its EventEngine threads, by
 default, and hands each completed operation to the Python thread that waits for it. edge
 turns that off: the older I/O path does them on the thread that polls for the completion.
-That saves a thread wake-up per message, and on Pi-class boards those wake-ups are most of
-gRPC's cost. The setting is one of gRPC's experiments (``GRPC_EXPERIMENTS``), read once,
-when gRPC loads: the ``edge`` command applies it first thing (``apply``), so every worker
-and coordinator it starts has it. Measured side by side (BENCHMARKS.md, "gRPC's I/O on the
-polling thread"): the coordinator's CPU 16% lower at 2 requests a second over 4 stages, a
-worker's per-hop CPU 9% lower at 7 requests a second over 8.
+That saves a thread wake-up per message; at the request rates of a pipeline of Pi-class
+boards, wake-ups are most of what a message costs in gRPC. The setting is one of gRPC's
+experiments (``GRPC_EXPERIMENTS``), read once, when gRPC loads: the ``edge`` command
+applies it first thing (``apply``), so every worker and coordinator it starts has it.
+Measured side by side on loopback (BENCHMARKS.md, "gRPC's I/O on the thread that waits for
+it"): the coordinator's CPU 11% lower at 2 requests a second over 4 stages, a worker's CPU
+per hop 14% lower.
 
 A ``GRPC_EXPERIMENTS`` already in the environment wins, so ``GRPC_EXPERIMENTS= edge ...``
 (empty) runs with gRPC's defaults.
