@@ -544,8 +544,7 @@ def test_a_runner_drops_only_its_own_table_pages(bert_tiny, tmp_path):
         assert not held, f"the old session's table at {start:#x} is still mapped: {held}"
     # The next allocation may have taken part of a freed range already (the kernel reuses
     # the highest gap): map the parts that are free.
-    gaps = [(max(a, start), min(b, end)) for start, end in freed
-            for a, b in _gaps(mapped, start, end)]
+    gaps = [g for start, end in freed for g in _gaps(mapped, start, end)]
     assert gaps, "every freed table page was mapped again before the test could map it"
     views = []
     try:
