@@ -323,7 +323,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     _serve_metrics(args)
     pipeline = start_pipeline(args.plan, args.ready_timeout, console, model=args.model,
                               failover=not args.no_failover, max_in_flight=args.max_in_flight,
-                              security=security, take_over=args.take_over)
+                              security=security, take_over=args.take_over,
+                              infer_batch=args.infer_batch)
 
     def ready(port: int) -> None:
         host = parse_address(args.listen, allow_port_zero=True)[0]
@@ -757,6 +758,11 @@ def _add_coordinator(sub) -> None:
                         "as one batch, at most (default: the plan's sequences, fewer where "
                         "a batch's transient copies of its caches would not fit in a "
                         "stage's memory; 1: each step alone)")
+    p.add_argument("--infer-batch", type=_positive(int), default=1,
+                   help="above 1: Infer requests that find two per stage already in the "
+                        "pipeline wait, and go together as one batch of at most this many "
+                        "(when the model's inputs and outputs share a batch dimension; "
+                        "default 1: each sent at once, alone)")
     add_security_arguments(p)
     add_env_defaults(p)  # every flag above is also EDGE_<FLAG>
     p.set_defaults(func=cmd_coordinator)

@@ -169,7 +169,8 @@ def _deploy_with_bar(pipeline: Pipeline, plan: Plan, out: Console) -> None:
 
 def start_pipeline(plan_path: str, ready_timeout: float, out: Console,
                    model: str | None = None, failover: bool = True, max_in_flight: int = 64,
-                   security: Security | None = None, take_over: bool = False) -> Pipeline:
+                   security: Security | None = None, take_over: bool = False,
+                   infer_batch: int = 1) -> Pipeline:
     """Load a plan and deploy it with a progress bar.
 
     Args:
@@ -181,6 +182,8 @@ def start_pipeline(plan_path: str, ready_timeout: float, out: Console,
         max_in_flight: requests accepted at once.
         security: TLS settings (default: plaintext).
         take_over: configure workers another live coordinator owns.
+        infer_batch: above 1, Infer requests past two per stage wait and go as one
+            batch of at most this many (1: each sent at once, alone).
 
     Returns:
         The started pipeline.
@@ -197,7 +200,7 @@ def start_pipeline(plan_path: str, ready_timeout: float, out: Console,
                         diagnose=lab_diagnose(plan), failover=failover,
                         max_in_flight=max_in_flight, security=security or Security(),
                         model=Path(model) if model else None, on_change=changed,
-                        take_over=take_over)
+                        take_over=take_over, infer_batch=infer_batch)
     _deploy_with_bar(pipeline, plan, out)
     return pipeline
 

@@ -83,6 +83,22 @@ def test_bert_cuts_carry_several_tensors(bert_tiny, workers, tmp_path):
         assert len(stage.inputs) > 1, [t.name for t in stage.inputs]
 
 
+def test_requests_that_wait_run_as_one_batch_and_each_equals_the_model(bert_tiny, workers,
+                                                                       tmp_path):
+    plan = plan_for(bert_tiny, workers, tmp_path, {"batch": 1, "sequence": 16})
+    slow = example_inputs("bert", "tiny", batch=8, seq=256, seed=9)  # holds the one slot
+    cases = [slow] + [example_inputs("bert", "tiny", batch=b, seq=16, seed=i)
+                      for i, b in enumerate([1, 2, 1, 1, 3])]
+    with Pipeline(plan, tmp_path, infer_batch=8, infer_slots=1) as pipeline:
+        pipeline.start()
+        with ThreadPoolExecutor(len(cases)) as pool:
+            results = list(pool.map(pipeline.infer, cases))
+        for x, r in zip(cases, results):
+            assert_close(decode_tensors(r.outputs), reference(bert_tiny, x))
+        # The five at sequence 16 waited for the slow one and shared batches.
+        assert pipeline.batcher.batches >= 1 and pipeline.batcher.largest >= 2
+
+
 def test_bad_request_gets_invalid_argument_and_pipeline_keeps_serving(bert_tiny, workers, tmp_path):
     plan = plan_for(bert_tiny, workers, tmp_path, {"batch": 1, "sequence": 16})
     good = example_inputs("bert", "tiny", batch=1, seq=16)

@@ -228,7 +228,14 @@ class FakeWorker:
             self.sequences.pop(step.sequence_id, None)
         else:
             arrays = decode_tensors(activation.tensors)
-            outputs = self.cluster.stage_fn(config, arrays)
+            try:
+                outputs = self.cluster.stage_fn(config, arrays)
+            except ValueError as e:  # the contents: a real worker's run failure
+                self._publish(pb.Event(failure=pb.Failure(
+                    request_id=activation.request_id, stage=config.stage,
+                    code=Code.INVALID_ARGUMENT.value[0], message=f"stage {config.stage}: {e}",
+                    epoch=activation.epoch)))
+                return
             if step is not None:
                 self.sequences[step.sequence_id] = step.position + arrays["input_ids"].shape[1]
             for row in activation.rows:  # a batch of decode steps: one token each

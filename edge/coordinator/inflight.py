@@ -205,6 +205,26 @@ class InFlight:
         self._count(failed=False)
         return activation
 
+    def run(self, tensors: list[pb.Tensor], timeout: float,
+            started: float | None = None) -> InferResult:
+        """Admit checked wire tensors as one request (a batch of requests is one:
+        :mod:`edge.coordinator.infer_batch`), send it and wait for its outputs.
+
+        Args:
+            tensors: the request's inputs.
+            timeout: seconds to wait.
+            started: ``time.perf_counter()`` when it arrived (default: now), for its
+                latency.
+
+        Raises:
+            InferError: with the status code to report.
+        """
+        request = self.admit(tensors)
+        activation = self.wait(request, timeout)
+        return InferResult(request.request_id, list(activation.tensors),
+                           list(activation.timings),
+                           (time.perf_counter() - (started or request.started)) * 1e3)
+
     def _count(self, failed: bool) -> None:
         with self.current.lock:
             if failed:

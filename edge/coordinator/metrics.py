@@ -70,6 +70,10 @@ TPOT = Histogram("edge_time_per_output_token_seconds", "Time between two tokens 
 FAILOVERS = Counter("edge_failovers", "Changes of the pipeline's devices after a device was "
                     "lost or came back, by how: original, standby, re-planned, unavailable",
                     ["how"])
+INFER_BATCHES = Counter("edge_infer_batches", "Infer requests sent as batches of more "
+                        "than one (those that waited for a slot)")
+INFER_BATCHED = Counter("edge_infer_batched_requests", "Infer requests sent in batches of "
+                        "more than one")
 
 # The children used per request, looked up once; every label value exported from the
 # start, so that rate() sees the first event.
@@ -81,6 +85,12 @@ _FAILOVERS = {k: FAILOVERS.labels(k) for k in FAILOVER_KINDS}
 def count_request(kind: str) -> None:
     """One request of ``kind`` ("infer" or "generate") came."""
     _REQUESTS[kind].inc()
+
+
+def count_batch(requests: int) -> None:
+    """A batch of ``requests`` Infer requests was sent as one."""
+    INFER_BATCHES.inc()
+    INFER_BATCHED.inc(requests)
 
 
 def count_error(kind: str, code: grpc.StatusCode) -> None:

@@ -22,7 +22,6 @@ The parts, each with one job:
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from pathlib import Path
 from typing import Callable, Mapping
@@ -35,6 +34,7 @@ from edge.coordinator.deploy import Progress
 from edge.coordinator.events import Listeners
 from edge.coordinator.failover import Deployment, Replanner
 from edge.coordinator.guard import BeyondModel, TooLarge, check_fits, request_sizes
+from edge.coordinator.infer_batch import InferBatcher
 from edge.coordinator.inflight import InferError, InferResult, InFlight
 from edge.coordinator.monitor import BACKOFF_MAX_S, BACKOFF_S, Monitor
 from edge.coordinator.recovery import Failover, Recovery
@@ -87,6 +87,9 @@ class Pipeline:
             ``security``); tests pass ``edge.coordinator.fake.FakeCluster.client``.
         replanner: finds the deployment for the devices that answer (default: a
             :class:`~edge.coordinator.failover.Replanner` of ``plan``).
+        infer_batch, infer_slots: above 1, Infer requests past ``infer_slots`` in flight
+            (default two per stage) wait and go as batches of at most ``infer_batch``
+            (:mod:`edge.coordinator.infer_batch`); 1: each is sent at once, alone.
 
     Every Pipeline has its own ``coordinator_id`` (a uuid), sent with each Configure and
     Subscribe: see the README's "Two coordinators" for the ownership rule.
@@ -100,7 +103,8 @@ class Pipeline:
                  on_change: Callable[[Recovery], None] | None = None,
                  take_over: bool = False, backoff_s: float = BACKOFF_S,
                  worker_factory: WorkerFactory | None = None,
-                 replanner: Replanner | None = None):
+                 replanner: Replanner | None = None, infer_batch: int = 1,
+                 infer_slots: int | None = None):
         self.deadlines = deadlines
         self.security = security
         self.max_in_flight = max_in_flight
@@ -124,6 +128,8 @@ class Pipeline:
                                     why=self._why)
         self._failover = Failover(cur, self.replanner, self._monitor, self._requests,
                                   self._listeners, self.pool, deadlines, max_losses, on_change)
+        # Public for its counts (batches, batched, largest).
+        self.batcher = InferBatcher(self, self._requests.run, infer_batch, infer_slots)
         metrics.watch_pipeline(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -185,7 +191,8 @@ class Pipeline:
 
     @property
     def in_flight(self) -> int:
-        return len(self._requests)
+        """Requests sent and not answered (a batch counts once), and those waiting to be."""
+        return len(self._requests) + self.batcher.waiting
 
     @property
     def not_serving(self) -> str:
@@ -227,11 +234,10 @@ class Pipeline:
 
     def _infer(self, inputs: Mapping[str, np.ndarray] | list[pb.Tensor],
                timeout: float | None) -> InferResult:
-        request = self._requests.admit(checked_request(self.plan, inputs))
-        activation = self._requests.wait(request, timeout or self.deadlines.infer)
-        return InferResult(request.request_id, list(activation.tensors),
-                           list(activation.timings),
-                           (time.perf_counter() - request.started) * 1e3)
+        tensors = checked_request(self.plan, inputs)
+        if self.batcher.max_batch > 1:
+            return self.batcher.infer(tensors, timeout or self.deadlines.infer)
+        return self._requests.run(tensors, timeout or self.deadlines.infer)
 
     def step(self, tensors: list[pb.Tensor], step: pb.Step,
              replay: Callable[[], tuple[list[pb.Tensor], pb.Step]], cache_epoch: int = -1,

@@ -20,6 +20,8 @@ __all__ = [
     "decode_tensor",
     "encode_tensors",
     "decode_tensors",
+    "stack_rows",
+    "split_rows",
     "encode_activation",
     "encode_spec",
     "decode_spec",
@@ -176,6 +178,48 @@ def decode_tensors(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
         if t.name in out:
             raise TensorError(f"tensor {t.name!r} sent twice; expected each tensor once")
         out[t.name] = decode_tensor(t)
+    return out
+
+
+def stack_rows(requests: Sequence[Sequence[pb.Tensor]]) -> list[pb.Tensor]:
+    """Several requests' wire tensors as one batch: each tensor's rows (its first
+    dimension) one request after another, without decoding them.
+
+    Args:
+        requests: each request's tensors, with the same names, dtypes and sizes past the
+            first dimension (``stack_rows`` does not check; the batcher keys on them).
+    """
+    out = []
+    for i, t in enumerate(requests[0]):
+        parts = [r[i] for r in requests]
+        shape = [sum(p.shape[0] for p in parts), *t.shape[1:]]
+        out.append(pb.Tensor(name=t.name, dtype=t.dtype, shape=shape,
+                             data=b"".join(p.data for p in parts)))
+    return out
+
+
+def split_rows(tensors: Sequence[pb.Tensor], counts: Sequence[int]) -> list[list[pb.Tensor]]:
+    """A batch's wire tensors back into each request's: ``counts[i]`` rows (of the first
+    dimension) for request i, in order.
+
+    Raises:
+        TensorError: a tensor has no first dimension of ``sum(counts)`` rows, or its bytes
+            do not divide into them.
+    """
+    total = sum(counts)
+    out: list[list[pb.Tensor]] = [[] for _ in counts]
+    for t in tensors:
+        data = t.data  # each read of a bytes field copies it: read once
+        if not t.shape or t.shape[0] != total or len(data) % max(total, 1):
+            raise TensorError(f"tensor {t.name!r}: {t.dtype}{list(t.shape)} cannot be split "
+                              f"into {len(counts)} requests; expected a first dimension of "
+                              f"{total} rows ({len(data)} bytes)")
+        row = len(data) // total if total else 0
+        start = 0
+        for i, n in enumerate(counts):
+            out[i].append(pb.Tensor(name=t.name, dtype=t.dtype, shape=[n, *t.shape[1:]],
+                                    data=data[start * row:(start + n) * row]))
+            start += n
     return out
 
 
