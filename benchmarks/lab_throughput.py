@@ -28,7 +28,11 @@ def main() -> int:
     ap.add_argument("--sequence", type=int, default=128)
     ap.add_argument("--requests", type=int, default=48,
                     help="per throughput block of a pipeline (one device: a third)")
-    ap.add_argument("--in-flight", type=int, help="for the pipelines (default 2 per stage)")
+    ap.add_argument("--in-flight", type=int,
+                    help="for the pipelines (default --per-stage per stage)")
+    ap.add_argument("--per-stage", type=int, default=2,
+                    help="requests in flight per stage, one device included (default 2; past "
+                         "2 the coordinators batch the requests that wait)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--host-gflops", type=float,
                     help="this host's GFLOP/s for the quotas (default: measured at lab up)")
@@ -50,7 +54,7 @@ def main() -> int:
                          args.profile, [int(s) for s in args.stages.split(",")], args.rounds,
                          work, coordinator=None if args.coordinator == "host" else
                          args.coordinator, in_flight=args.in_flight, requests=args.requests,
-                         host_gflops=args.host_gflops,
+                         host_gflops=args.host_gflops, per_stage=args.per_stage,
                          say=lambda m: print(m, file=sys.stderr, flush=True))
     result["model"] = args.model
     print(json.dumps(result, indent=2))

@@ -92,6 +92,7 @@ class Arm:
     coordinator_cpu_ms: list[float] = field(default_factory=list)   # per request
     coordinator_idle_ms_per_s: float | None = None  # its CPU without requests
     worker_cpu_ms: list[list[float]] = field(default_factory=list)  # per request, by stage
+    per_run: list[float] = field(default_factory=list)  # requests per pipeline run (batch)
 
 
 def _cpu_s(pid: int) -> float:
@@ -138,6 +139,7 @@ def _block(arm: Arm, inputs: Sequence[Mapping[str, np.ndarray]]) -> tuple[float,
     lock = threading.Lock()
     left = iter(range(arm.requests))
     errors: list[BaseException] = []
+    runs: set[str] = set()  # the requests of one batch share its request id
 
     def loop() -> None:
         while True:
@@ -146,12 +148,13 @@ def _block(arm: Arm, inputs: Sequence[Mapping[str, np.ndarray]]) -> tuple[float,
             if i is None:
                 return
             try:
-                arm.client.infer_raw(inputs[i % len(inputs)])
+                reply = arm.client.infer_raw(inputs[i % len(inputs)])
             except BaseException as e:  # said after the block: a failed request is a defect
                 errors.append(e)
                 return
             with lock:
                 done.append(time.perf_counter())
+                runs.add(reply.request_id)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=loop) for _ in range(arm.in_flight)]
@@ -161,6 +164,7 @@ def _block(arm: Arm, inputs: Sequence[Mapping[str, np.ndarray]]) -> tuple[float,
         t.join()
     if errors:
         raise RuntimeError(f"{arm.name}: {len(errors)} request(s) failed: {errors[0]}")
+    arm.per_run.append(len(done) / max(1, len(runs)))
     return steady_rate(done, arm.in_flight), time.perf_counter() - start
 
 
@@ -186,12 +190,12 @@ def measure_arm(arm: Arm, inputs, latency_requests: int) -> None:
 
 
 def _arms(lab: Lab, stage_counts: Sequence[int], coordinator: str | None,
-          in_flight: int | None, requests: int) -> list[Arm]:
+          in_flight: int | None, requests: int, per_stage: int = 2) -> list[Arm]:
     by_name = {d.name: d for d in lab.devices}
     arms = []
     for s in (1, *stage_counts):
         name = _arm_name(s)
-        flight = 2 if s == 1 else (in_flight or 2 * s)
+        flight = per_stage if s == 1 else (in_flight or per_stage * s)
         arms.append(Arm(name, s, [by_name[f"{name}-{k}"] for k in range(s)],
                          by_name.get(f"{name}-coordinator") if coordinator else None,
                          flight, max(requests if s > 1 else requests // 3, 4 * flight)))
@@ -218,7 +222,7 @@ def lab_scaling(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
                 bindings: dict[str, int], profile: str, stage_counts: Sequence[int],
                 rounds: int, workdir: Path, coordinator: str | None = None,
                 in_flight: int | None = None, requests: int = 48, latency_requests: int = 3,
-                host_gflops: float | None = None,
+                host_gflops: float | None = None, per_stage: int = 2,
                 say: Callable[[str], None] = lambda _: None) -> dict:
     """Throughput, latency and CPU of pipelines of ``stage_counts`` lab devices against
     one lab device holding the whole model, rounds rotating the arms.
@@ -233,13 +237,16 @@ def lab_scaling(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
         workdir: for the plans and the lab's state and caches.
         coordinator: the profile of the board each arm's coordinator runs on (None: on
             this host, uncapped).
-        in_flight: a pipeline's requests in flight (default two per stage); one device
-            gets 2.
+        in_flight: a pipeline's requests in flight (default ``per_stage`` per stage); one
+            device gets ``per_stage``.
         requests: requests per throughput block of a pipeline (one device: a third), at
             least four times those in flight.
         latency_requests: requests sent one at a time per round, for the latency.
         host_gflops: this host's GFLOP/s, which the quotas are scaled against (default:
             measured as the lab comes up; a busy host measures low and over-provisions).
+        per_stage: requests in flight per stage, for every arm. Past two per stage the
+            coordinator's slots are full and the requests that wait go as batches
+            (``edge coordinator --infer-batch``).
 
     Returns:
         The measurement, or ``{"status": "unavailable", "reason": ...}`` when the lab
@@ -251,7 +258,7 @@ def lab_scaling(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
                      gflops=host_gflops)
     except LabError as e:
         return {"status": "unavailable", "reason": str(e)}
-    arms = _arms(lab, stage_counts, coordinator, in_flight, requests)
+    arms = _arms(lab, stage_counts, coordinator, in_flight, requests, per_stage)
     try:
         devs = {d.name: d for d in load_cluster(workdir / "cluster.yaml").devices}
         plans = {}
@@ -313,6 +320,7 @@ def _arm_dict(arm: Arm, plan, status) -> dict:
     return {
         "stages": arm.stages, "in_flight": arm.in_flight, "requests": arm.requests,
         "rps": round(med(arm.rps), 3), "rps_per_round": [round(x, 3) for x in arm.rps],
+        "requests_per_run": [round(x, 2) for x in arm.per_run],
         "latency_ms": round(med(arm.latency_ms), 1),
         "coordinator_cpu_ms_per_request": round(med(arm.coordinator_cpu_ms), 3),
         "coordinator_idle_cpu_ms_per_s": round(arm.coordinator_idle_ms_per_s or 0.0, 2),
