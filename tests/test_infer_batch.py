@@ -76,17 +76,24 @@ def _send(pool, p: Pipeline, values: list[float]):
     return [pool.submit(p.infer, {"x": np.full((1, 4), v, np.float32)}) for v in values]
 
 
+def _behind_one(pool, p: Pipeline, first, values: list[float]):
+    """Hold the first stage, send one request (0.0) into the pipeline's one slot, then
+    one request per value, which wait for it. The futures of both."""
+    first.hold()
+    lead = _send(pool, p, [0.0])
+    until(lambda: first.forwards == 1)
+    rest = _send(pool, p, values)
+    until(lambda: p.batcher.waiting == len(values))
+    return lead, rest
+
+
 def test_requests_that_wait_share_a_batch_and_each_gets_its_own_rows(cluster):
     fc, p, rec, devices = cluster(n=2, infer_slots=1)
     first = fc[devices[0].address]
-    first.hold()
     sent = REGISTRY.get_sample_value("edge_infer_batched_requests_total") or 0.0
     with ThreadPoolExecutor(8) as pool:
-        lead = _send(pool, p, [0.0])
-        until(lambda: first.forwards == 1)
         # The one slot is taken: these five wait, then go as one batch.
-        rest = _send(pool, p, [1.0, 2.0, 3.0, 4.0, 5.0])
-        until(lambda: p.batcher.waiting == 5)
+        lead, rest = _behind_one(pool, p, first, [1.0, 2.0, 3.0, 4.0, 5.0])
         assert p.in_flight == 6
         first.release()
         results = [f.result(10) for f in lead + rest]
@@ -114,12 +121,8 @@ def test_below_the_slots_every_request_goes_alone_at_once(cluster):
 def test_max_batch_and_slot_hand_over(cluster):
     fc, p, rec, devices = cluster(n=1, infer_slots=1, infer_batch=2)
     first = fc[devices[0].address]
-    first.hold()
     with ThreadPoolExecutor(8) as pool:
-        lead = _send(pool, p, [0.0])
-        until(lambda: first.forwards == 1)
-        rest = _send(pool, p, [1.0, 2.0, 3.0, 4.0, 5.0])
-        until(lambda: p.batcher.waiting == 5)
+        lead, rest = _behind_one(pool, p, first, [1.0, 2.0, 3.0, 4.0, 5.0])
         first.release()  # stops holding: the next ones run as they come
         results = [f.result(10) for f in lead + rest]
     for v, r in zip([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], results):
@@ -152,12 +155,8 @@ def test_a_slot_takes_an_even_share_of_the_requests_not_all_that_wait(cluster):
 def test_a_bad_request_in_a_batch_fails_alone(cluster):
     fc, p, rec, devices = cluster(n=2, infer_slots=1)
     first = fc[devices[0].address]
-    first.hold()
     with ThreadPoolExecutor(8) as pool:
-        lead = _send(pool, p, [0.0])
-        until(lambda: first.forwards == 1)
-        rest = _send(pool, p, [1.0, -1.0, 3.0])
-        until(lambda: p.batcher.waiting == 3)
+        lead, rest = _behind_one(pool, p, first, [1.0, -1.0, 3.0])
         first.release()
         good = [lead[0].result(10), rest[0].result(10), rest[2].result(10)]
         with pytest.raises(InferError) as e:
@@ -208,12 +207,9 @@ def test_a_request_that_waits_past_its_deadline_leaves(cluster):
 def test_max_in_flight_counts_the_requests_that_wait(cluster):
     fc, p, rec, devices = cluster(n=1, infer_slots=1, max_in_flight=3)
     first = fc[devices[0].address]
-    first.hold()
     with ThreadPoolExecutor(4) as pool:
-        futures = _send(pool, p, [0.0])
-        until(lambda: first.forwards == 1)
-        futures += _send(pool, p, [1.0, 2.0])
-        until(lambda: p.batcher.waiting == 2)
+        lead, rest = _behind_one(pool, p, first, [1.0, 2.0])
+        futures = lead + rest
         with pytest.raises(InferError) as e:
             p.infer({"x": np.zeros((1, 4), np.float32)})
         assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
