@@ -128,7 +128,6 @@ class Pipeline:
                                     why=self._why)
         self._failover = Failover(cur, self.replanner, self._monitor, self._requests,
                                   self._listeners, self.pool, deadlines, max_losses, on_change)
-        # Public for its counts (batches, batched, largest).
         self.batcher = InferBatcher(self, self._requests.run, infer_batch, infer_slots)
         metrics.watch_pipeline(self)
 
