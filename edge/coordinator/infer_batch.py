@@ -244,8 +244,7 @@ class InferBatcher:
         if len(batch) == 1:
             me = batch[0]
             try:
-                me.result = self._run_one(me.tensors, me.end - time.monotonic(),
-                                                    me.started)
+                me.result = self._run_one(me.tensors, me.end - time.monotonic(), me.started)
             except InferError as e:
                 me.error = e
             return
@@ -256,7 +255,7 @@ class InferBatcher:
         timeout = max(w.end for w in batch) - time.monotonic()
         try:
             result = self._run_one(stack_rows([w.tensors for w in batch]), timeout,
-                                             min(w.started for w in batch))
+                                   min(w.started for w in batch))
             parts = split_rows(result.outputs, [w.rows for w in batch])
         except InferError as e:
             for w in batch:
