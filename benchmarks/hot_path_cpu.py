@@ -215,9 +215,9 @@ def _idle_cpu(pids: list[int], seconds: float) -> list[float]:
             for a, b in zip(after, before)]
 
 
-def _run_ns(pid: int) -> dict[str, int]:
+def _run_ns(pid: int) -> dict[tuple[str, str], int]:
     """Nanoseconds each live thread of ``pid`` has run (``/proc/PID/task/TID/schedstat``),
-    by ``TID:name`` (the kernel's name of the thread: ``python`` for Python's threads,
+    by ``(TID, name)`` (the kernel's name of the thread: ``python`` for Python's threads,
     ``event_engine`` for gRPC's EventEngine)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -225,18 +225,18 @@ def _run_ns(pid: int) -> dict[str, int]:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 name = f.read().strip()
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                out[f"{tid}:{name}"] = int(f.read().split()[0])
+                out[(tid, name)] = int(f.read().split()[0])
         except OSError:
             pass  # ended meanwhile
     return out
 
 
-def _by_kind(before: dict[str, int], after: dict[str, int], seconds: float
-             ) -> dict[str, float]:
+def _by_kind(before: dict[tuple[str, str], int], after: dict[tuple[str, str], int],
+             seconds: float) -> dict[str, float]:
     """CPU ms per second between two ``_run_ns`` readings, summed by thread name."""
     out: dict[str, float] = {}
     for key, ns in after.items():
-        name = key.split(":", 1)[1]
+        name = key[1]
         out[name] = out.get(name, 0.0) + (ns - before.get(key, 0)) / 1e6 / seconds
     return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > 0}
 

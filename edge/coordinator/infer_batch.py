@@ -101,7 +101,8 @@ class InferBatcher:
         run: sends wire tensors as one request and waits for its result:
             ``run(tensors, timeout, started) -> InferResult``
             (:meth:`~edge.coordinator.inflight.InFlight.run`).
-        max_batch: requests in one batch at most (1: every request alone).
+        max_batch: requests in one batch at most (1: batching off, every request sent at
+            once, alone, without slots).
         slots: batches in flight at once (default: two per stage of the plan now).
 
     Attributes:
@@ -147,6 +148,8 @@ class InferBatcher:
             InferError: its failure; RESOURCE_EXHAUSTED when ``max_in_flight`` requests are
                 here already, DEADLINE_EXCEEDED when no slot or result came in time.
         """
+        if self.max_batch == 1:  # batching off: sent at once, no slots
+            return self._run_one(tensors, timeout)
         me = _Waiting(tensors, self._key(tensors), _rows(tensors), time.perf_counter(),
                       timeout, time.monotonic() + timeout)
         limit = self.pipeline.max_in_flight
@@ -183,8 +186,8 @@ class InferBatcher:
                                      f"the request got no result within {me.timeout:.3g} s "
                                      "(sent in a batch)")
                 continue  # given a slot just now
-            if me.alone:
-                return self._alone(me)
+            if me.alone:  # its batch failed: by itself, outside the slots (it had one)
+                return self._by_itself(me)
             if me.error is not None:
                 raise me.error
             if me.result is not None:
@@ -242,11 +245,10 @@ class InferBatcher:
 
     def _send(self, batch: list[_Waiting]) -> None:
         if len(batch) == 1:
-            me = batch[0]
             try:
-                me.result = self._run_one(me.tensors, me.end - time.monotonic(), me.started)
+                batch[0].result = self._by_itself(batch[0])
             except InferError as e:
-                me.error = e
+                batch[0].error = e
             return
         self.batches += 1
         self.batched += len(batch)
@@ -270,13 +272,11 @@ class InferBatcher:
             w.result = InferResult(result.request_id, outputs, result.timings,
                                    (now - w.started) * 1e3)
 
-    def _alone(self, me: _Waiting) -> InferResult:
-        """Send a request whose batch failed by itself (outside the slots: it was in
-        flight already)."""
+    def _by_itself(self, me: _Waiting) -> InferResult:
         return self._run_one(me.tensors, me.end - time.monotonic(), me.started)
 
     def _key(self, tensors: list[pb.Tensor]) -> tuple | None:
-        if self.max_batch < 2 or batch_dim(self.pipeline.plan) is None:
+        if batch_dim(self.pipeline.plan) is None:
             return None
         if not tensors or any(not t.shape for t in tensors):
             return None

@@ -233,10 +233,8 @@ class Pipeline:
 
     def _infer(self, inputs: Mapping[str, np.ndarray] | list[pb.Tensor],
                timeout: float | None) -> InferResult:
-        tensors = checked_request(self.plan, inputs)
-        if self.batcher.max_batch > 1:
-            return self.batcher.infer(tensors, timeout or self.deadlines.infer)
-        return self._requests.run(tensors, timeout or self.deadlines.infer)
+        return self.batcher.infer(checked_request(self.plan, inputs),
+                                  timeout or self.deadlines.infer)
 
     def step(self, tensors: list[pb.Tensor], step: pb.Step,
              replay: Callable[[], tuple[list[pb.Tensor], pb.Step]], cache_epoch: int = -1,
