@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from edge.errors import EdgeError
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
+from edge.transport.aio import AioLink
 from edge.transport.channels import Security, create_channel
 
 if TYPE_CHECKING:
@@ -93,18 +94,25 @@ WorkerFactory = Callable[[str], WorkerClient]
 
 @dataclass
 class Link:
-    """An open channel to one worker, with its stubs; outlives the stage it serves."""
+    """The channels to one worker, with their stubs; outlives the stage it serves.
+
+    Calls made for a request or an operator (Forward, configure, upload, status) go
+    through ``channel``. The calls that run whatever the load (the event stream, health
+    checks) go through ``aio``, on the process's event loop, where an open stream costs no
+    CPU while it waits.
+    """
 
     channel: grpc.Channel
     stub: pb_grpc.WorkerStub
     health: health_pb2_grpc.HealthStub
     address: str = ""
+    aio: AioLink | None = None
 
     @staticmethod
     def open(address: str, security: Security) -> "Link":
         channel = create_channel(address, security=security)
         return Link(channel, pb_grpc.WorkerStub(channel), health_pb2_grpc.HealthStub(channel),
-                    address)
+                    address, AioLink(address, security))
 
     def handle(self, stage: "Stage"):
         """A :class:`~edge.coordinator.deploy.WorkerHandle` of ``stage`` on this channel."""
@@ -114,6 +122,8 @@ class Link:
 
     def close(self) -> None:
         self.channel.close()
+        if self.aio is not None:
+            self.aio.close()
 
 
 class GrpcWorker:
@@ -137,14 +147,20 @@ class GrpcWorker:
     def subscribe(self, coordinator_id: str) -> Iterator[pb.Event]:
         # No deadline: the stream lasts as long as the pipeline; keepalives and health
         # checks tell when its device is gone.
-        return self.stubs.stub.Subscribe(pb.SubscribeRequest(coordinator_id=coordinator_id))
+        request = pb.SubscribeRequest(coordinator_id=coordinator_id)
+        aio = getattr(self.stubs, "aio", None)
+        if aio is not None:
+            return aio.subscribe(request)
+        return self.stubs.stub.Subscribe(request)
 
     def status(self, timeout: float) -> pb.WorkerStatus:
         return self.stubs.stub.GetStatus(pb.StatusRequest(), timeout=timeout)
 
     def health(self, timeout: float) -> Future:
         out: Future = Future()
-        call = self.stubs.health.Check.future(_HEALTH, timeout=timeout)
+        aio = getattr(self.stubs, "aio", None)
+        call = aio.health(_HEALTH, timeout) if aio is not None \
+            else self.stubs.health.Check.future(_HEALTH, timeout=timeout)
 
         def finished(c) -> None:
             if c.cancelled():  # the channel was closed under it
@@ -154,6 +170,8 @@ class GrpcWorker:
                 out.set_result(c.result().status)
             except grpc.RpcError as e:
                 out.set_exception(e)
+            except Exception as e:  # never leave the caller waiting on a future
+                out.set_exception(CallError(grpc.StatusCode.UNKNOWN, repr(e)))
         call.add_done_callback(finished)
         return out
 

@@ -18,7 +18,8 @@ import grpc
 from edge.transport.security import CLUSTER_NAME, Security, is_loopback, token_interceptor
 
 __all__ = ["Deadlines", "Security", "MAX_MESSAGE_BYTES", "MIN_RECEIVE_BYTES", "create_server",
-           "create_channel", "serialized_unary", "is_loopback", "wait_for_signal"]
+           "create_channel", "channel_options", "serialized_unary", "is_loopback",
+           "wait_for_signal"]
 
 log = logging.getLogger(__name__)
 
@@ -134,15 +135,21 @@ def create_channel(address: str, *, security: Security = Security(),
     security.require_safe(address, "connect to")
     _longer_wait_slices()
     if security.tls:
-        channel = grpc.secure_channel(
-            address, security.channel_credentials(),
-            options=_OPTIONS + [("grpc.ssl_target_name_override", CLUSTER_NAME)]
-            + list(options or ()))
+        channel = grpc.secure_channel(address, security.channel_credentials(),
+                                      options=channel_options(security, options))
     else:
-        channel = grpc.insecure_channel(address, options=_OPTIONS + list(options or ()))
+        channel = grpc.insecure_channel(address, options=channel_options(security, options))
     if security.token:
         channel = grpc.intercept_channel(channel, token_interceptor(security.token))
     return channel
+
+
+def channel_options(security: Security, options: list[tuple[str, object]] | None = None
+                    ) -> list[tuple[str, object]]:
+    """Edge's options for a channel secured by ``security``, then ``options``: with TLS the
+    server's certificate is checked against the cluster name, not the address."""
+    tls = [("grpc.ssl_target_name_override", CLUSTER_NAME)] if security.tls else []
+    return _OPTIONS + tls + list(options or ())
 
 
 def serialized_unary(channel: grpc.Channel, method, response_type) -> grpc.UnaryUnaryMultiCallable:
