@@ -26,7 +26,9 @@ Run (BENCHMARKS.md cites these commands; about a minute each on 2 cores)::
         --rate 2
 
 ``--rate R`` sends the measured requests one at a time, R a second, as a pipeline of Pi 4s
-gets them: each one finds gRPC's threads asleep. The report then also gives the
+gets them: each one finds gRPC's threads asleep. ``--coordinator-cores C`` (root) runs the coordinator
+under a CPU quota of C host cores, in a cgroup of its own, as ``edge lab`` runs a
+coordinator board. The report then also gives the
 coordinator's CPU per second by kind of thread (``python``: Python's threads;
 ``event_engine``: gRPC's).
 
@@ -53,6 +55,7 @@ import numpy as np
 import psutil
 
 from edge.coordinator.client import InferClient
+from edge.lab import cgroups
 from edge.transport.certs import init_ca, issue
 from edge.transport.channels import Security
 from edge.worker.launch import module_command, spawn_worker, stop_process, wait_port_file
@@ -105,13 +108,18 @@ def _securities(workdir: Path, plaintext: bool) -> tuple[list[str], Security]:
     return ["--certs", str(node)], Security.from_dir(client)
 
 
-def _start_coordinator(workdir: Path, plan_dir: Path, certs: list[str]) -> tuple:
+def _start_coordinator(workdir: Path, plan_dir: Path, certs: list[str],
+                       group=None) -> tuple:
+    """The coordinator's process and port; in cgroup ``group`` (an edge.lab Cgroup), if
+    given, from its first instruction."""
     port_file = workdir / "coordinator.port"
     port_file.unlink(missing_ok=True)
     log = open(workdir / "coordinator.log", "ab")
     cmd = module_command("edge", "--log-level", "WARNING", "coordinator", "--plan",
                          str(plan_dir), "--listen", "127.0.0.1:0", "--port-file",
                          str(port_file), *certs)
+    if group is not None:
+        cmd = group.enter_command(cmd)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
     return proc, wait_port_file(proc, port_file, 180, "the coordinator",
@@ -157,14 +165,21 @@ def _stage_stats(client: InferClient) -> dict[int, tuple[int, float]]:
 
 def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup: int,
             plaintext: bool, threads: int, profile: str | None,
-            idle_seconds: float = 5.0, rate: float = 0.0) -> dict:
-    """Start the processes, run a warm-up and a measured block, stop them; the report."""
+            idle_seconds: float = 5.0, rate: float = 0.0,
+            coordinator_cores: float = 0.0) -> dict:
+    """Start the processes, run a warm-up and a measured block, stop them; the report.
+
+    ``coordinator_cores`` > 0 runs the coordinator under that CPU quota (host cores, in a
+    cgroup of its own: root only), as ``edge lab`` runs a coordinator board."""
     plan_dir = workdir / "plan"
     plan = _copy_plan(plan_src, plan_dir)
     certs, client_security = _securities(workdir, plaintext)
     stages = plan["stages"]
-    workers, coordinator = [], None
+    workers, coordinator, group = [], None, None
     try:
+        if coordinator_cores > 0:
+            group = cgroups.detect().create(f"edge-hotpath-{os.getpid()}")
+            group.limit_cpu(cgroups.cpu_quota(coordinator_cores, os.cpu_count() or 1))
         for st in stages:
             workers.append(spawn_worker(workdir, f"worker-{st['index']}",
                                         profile or st["device"]["profile"], threads=threads,
@@ -174,7 +189,7 @@ def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup
         for st in plan.get("standby") or []:
             st["address"] = f"127.0.0.1:{_free_port()}"  # never answers: not in use
         (plan_dir / "plan.json").write_text(json.dumps(plan, indent=1))
-        coordinator, port = _start_coordinator(workdir, plan_dir, certs)
+        coordinator, port = _start_coordinator(workdir, plan_dir, certs, group)
         client = InferClient(f"127.0.0.1:{port}", timeout=300, security=client_security)
         inputs = _inputs(plan)
         _block(client, inputs, warmup, in_flight)
@@ -194,9 +209,13 @@ def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup
             stop_process(coordinator, 10)
         for w in workers:
             w.stop()
+        if group is not None:
+            for d in group.dirs:
+                cgroups.remove_dir(d)
     report = _report(plan, requests, 1 if rate > 0 else in_flight, seconds, plaintext,
                      threads, before, after, before_stats, after_stats, idle)
     report["paced_rate_rps"] = rate if rate > 0 else None
+    report["coordinator_quota_cores"] = coordinator_cores or None
     report["coordinator_threads_cpu_ms_per_s"] = by_kind
     return report
 
@@ -306,6 +325,10 @@ def main() -> None:
     parser.add_argument("--device", help="the workers' device profile (default: the plan's)")
     parser.add_argument("--plaintext", action="store_true",
                         help="no TLS (default: mutual TLS from a fresh CA, like the lab)")
+    parser.add_argument("--coordinator-cores", type=float, default=0.0,
+                        help="run the coordinator under a CPU quota of this many host cores, "
+                             "as edge lab runs a coordinator board (root; e.g. 0.116: a "
+                             "rpi4b at 190 host GFLOP/s); 0: uncapped")
     parser.add_argument("--workdir", type=Path,
                         help="logs, caches and the plan's copy (default: a temporary folder)")
     args = parser.parse_args()
@@ -313,7 +336,7 @@ def main() -> None:
     try:
         report = measure(args.plan.resolve(), workdir, args.requests, args.in_flight,
                          args.warmup, args.plaintext, args.threads, args.device,
-                         args.idle_seconds, args.rate)
+                         args.idle_seconds, args.rate, args.coordinator_cores)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
