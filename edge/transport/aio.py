@@ -3,10 +3,11 @@
 Why: in gRPC's synchronous API every channel with a call in progress has a Python
 "channel spin" thread that polls its completion queue in 0.2 s slices. A coordinator
 holds an event stream to every worker for as long as it serves, so each worker's channel
-kept such a thread awake five times a second whatever the load: with 4 workers about
-2.7 ms of CPU a second, which on a Pi-class coordinator at a pipeline's 1-3 requests a
-second weighs as much as the requests themselves. gRPC's asyncio API waits on one
-completion queue without a timer: its streams cost nothing while no message comes.
+kept such a thread waking five times a second whatever the load. gRPC's asyncio API waits
+on one completion queue without a timer: its streams cost nothing while no message comes.
+Measured side by side (BENCHMARKS.md, "Event streams on one asyncio event loop"): the
+coordinator's CPU about 9% lower at a Pi pipeline's 1.5 requests a second, over 4 or 8
+stages, uncapped or under a Pi 4's CPU quota; no difference beyond the noise at 7.
 
 Only the event streams and health checks run here. Forward, one call per request, stays a
 synchronous call made by the thread that has the request: handing it to the loop and its
@@ -27,6 +28,7 @@ from typing import Any, Callable, Coroutine, Iterator
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from edge.errors import EdgeError
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import Security, channel_options
@@ -104,7 +106,7 @@ class AioStream:
         return item
 
 
-class _Cancelled(grpc.RpcError):
+class _Cancelled(EdgeError, grpc.RpcError):
     """A stream ended by this side, raised as gRPC raises a cancelled call."""
 
     def __init__(self, details: str):
