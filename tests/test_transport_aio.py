@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from edge.coordinator.workers import GrpcWorker, Link
+from edge.coordinator.workers import GrpcWorker, grpc_workers
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.aio import AioLink
@@ -101,10 +101,10 @@ def test_a_stream_refused_for_its_token_raises_unauthenticated(worker):
 
 def test_a_pooled_worker_listens_and_checks_health_over_the_event_loop(worker):
     servicer, address = worker
-    link = Link.open(address, Security.plaintext(TOKEN))
+    client = grpc_workers(Security.plaintext(TOKEN))(address)
+    link = client.stubs
     try:
         assert link.aio is not None
-        client = GrpcWorker(link, address)
         status = client.health(5.0).result(10)
         assert status == health_pb2.HealthCheckResponse.SERVING
         stream = client.subscribe("c")

@@ -109,10 +109,12 @@ class Link:
     aio: AioLink | None = None
 
     @staticmethod
-    def open(address: str, security: Security) -> "Link":
+    def open(address: str, security: Security, on_loop: bool = False) -> "Link":
+        """Open the channel; ``on_loop``: the event loop's too (a link the coordinator keeps
+        for as long as it serves, not a one-off handle)."""
         channel = create_channel(address, security=security)
         return Link(channel, pb_grpc.WorkerStub(channel), health_pb2_grpc.HealthStub(channel),
-                    address, AioLink(address, security))
+                    address, AioLink(address, security) if on_loop else None)
 
     def handle(self, stage: "Stage"):
         """A :class:`~edge.coordinator.deploy.WorkerHandle` of ``stage`` on this channel."""
@@ -193,7 +195,7 @@ class GrpcWorker:
 
 def grpc_workers(security: Security) -> WorkerFactory:
     """The default factory: a channel per address, opened with ``security``."""
-    return lambda address: GrpcWorker(Link.open(address, security), address)
+    return lambda address: GrpcWorker(Link.open(address, security, on_loop=True), address)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from edge.errors import EdgeError
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import Security, channel_options
-from edge.transport.security import TOKEN_HEADER
+from edge.transport.security import token_entry
 
 __all__ = ["event_loop", "submit", "AioLink", "AioStream"]
 
@@ -78,7 +78,7 @@ class AioStream:
 
     def __init__(self, start: Callable[[], Any]):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._task = submit(self._read(start))
+        self._task = submit(self._read(start))  # held: the loop keeps tasks by weak reference
 
     async def _read(self, start: Callable[[], Any]) -> None:
         try:
@@ -135,8 +135,7 @@ class AioLink:
     def __init__(self, address: str, security: Security):
         security.require_safe(address, "connect to")
         self.address = address
-        self._metadata = ((TOKEN_HEADER, f"Bearer {security.token}"),) if security.token \
-            else None
+        self._metadata = (token_entry(security.token),) if security.token else None
 
         async def open_channel() -> grpc.aio.Channel:
             if security.tls:

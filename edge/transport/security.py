@@ -64,7 +64,7 @@ from edge.address import AddressError, parse_address
 
 __all__ = ["Security", "CLUSTER_NAME", "TOKEN_HEADER", "BUNDLE_FILES", "OPEN_SERVICES",
            "ROLES", "ROLE_URI", "CLIENT_METHODS", "RoleCheck", "peer_role", "is_loopback",
-           "default_certs_dir", "read_token", "TokenCheck", "token_interceptor",
+           "default_certs_dir", "read_token", "TokenCheck", "token_entry", "token_interceptor",
            "add_arguments", "from_arguments"]
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ class TokenCheck(grpc.ServerInterceptor):
     """
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token_entry(token)[1].encode()
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -407,7 +407,7 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
     """
 
     def __init__(self, token: str):
-        self._entry = (TOKEN_HEADER, f"Bearer {token}")
+        self._entry = token_entry(token)
 
     def _details(self, d) -> _CallDetails:
         metadata = tuple(d.metadata or ()) + (self._entry,)
@@ -425,6 +425,11 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
     def intercept_stream_stream(self, continuation: Callable, details, request_iterator):
         return continuation(self._details(details), request_iterator)
+
+
+def token_entry(token: str) -> tuple[str, str]:
+    """The metadata entry that carries ``token`` on a call."""
+    return (TOKEN_HEADER, f"Bearer {token}")
 
 
 def token_interceptor(token: str) -> grpc.UnaryUnaryClientInterceptor:
