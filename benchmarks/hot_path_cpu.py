@@ -26,11 +26,11 @@ Run (BENCHMARKS.md cites these commands; about a minute each on 2 cores)::
         --rate 2
 
 ``--rate R`` sends the measured requests one at a time, R a second, as a pipeline of Pi 4s
-gets them: each one finds gRPC's threads asleep. ``--coordinator-cores C`` (root) runs the coordinator
-under a CPU quota of C host cores, in a cgroup of its own, as ``edge lab`` runs a
-coordinator board. The report then also gives the
+gets them: each one finds gRPC's threads asleep. The report then also gives the
 coordinator's CPU per second by kind of thread (``python``: Python's threads;
-``event_engine``: gRPC's).
+``event_engine``: gRPC's). ``--coordinator-cores C`` (root) runs the coordinator under a
+CPU quota of C host cores, in a cgroup of its own, as ``edge lab`` runs a coordinator
+board.
 
 ``--plan`` is a folder holding ``plan.json`` and its ``shards/`` (e.g. ``edge plan
 bert-base.onnx --cluster c8.yaml --out p8``, BERT-base at sequence 128 over 8 rpi4b-2gb).
@@ -109,9 +109,9 @@ def _securities(workdir: Path, plaintext: bool) -> tuple[list[str], Security]:
 
 
 def _start_coordinator(workdir: Path, plan_dir: Path, certs: list[str],
-                       group=None) -> tuple:
-    """The coordinator's process and port; in cgroup ``group`` (an edge.lab Cgroup), if
-    given, from its first instruction."""
+                       group: cgroups.Cgroup | None = None) -> tuple:
+    """The coordinator's process and port; in ``group``, if given, from its first
+    instruction."""
     port_file = workdir / "coordinator.port"
     port_file.unlink(missing_ok=True)
     log = open(workdir / "coordinator.log", "ab")
