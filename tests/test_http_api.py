@@ -175,13 +175,16 @@ def test_disconnect_mid_stream_cancels_the_generation(llama_api, monkeypatch):
     model, server, pipeline = llama_api
     sent: list[int] = []
     put = http_api._Run._put
+    read = threading.Event()
 
     def counting(run, item):
         sent.extend(getattr(item, "tokens", []))
-        # A step of the tiny model takes a few ms: on a loaded machine all 60 were done
-        # before the client read its first line. At 50 ms a token the sequence is still
-        # running when the client goes away.
-        time.sleep(0.05)
+        if len(sent) > 1:
+            # The sequence waits until the client has read its first line and seen its slot
+            # taken (on a loaded machine all 60 tokens were otherwise done by then), then
+            # runs at 50 ms a token, so it is still running when the client goes away.
+            read.wait(30)
+            time.sleep(0.05)
         put(run, item)
 
     monkeypatch.setattr(http_api._Run, "_put", counting)
@@ -192,7 +195,9 @@ def test_disconnect_mid_stream_cancels_the_generation(llama_api, monkeypatch):
                                "stream": True}) as r:
             assert r.status_code == 200
             assert next(r.iter_lines()).startswith("data: {")
-            assert slots.busy == 1
+            busy = slots.busy
+            read.set()
+            assert busy == 1, (busy, sent)
     # The client went away: the sequence ends well before its 60 tokens, its slot (and
     # its caches, with the release step) freed.
     end = time.monotonic() + 10
