@@ -115,3 +115,98 @@ def test_a_pooled_worker_listens_and_checks_health_over_the_event_loop(worker):
     # A closed link answers a health check with an error rather than hanging.
     with pytest.raises(grpc.RpcError):
         GrpcWorker(link, address).health(1.0).result(10)
+
+
+# ---------------------------------------------------------------- the server on the loop
+
+
+class _Coordinator(pb_grpc.CoordinatorServicer):
+    """A coroutine Infer and a synchronous Generate, as the coordinator has."""
+
+    def __init__(self):
+        self.infer_threads: list[str] = []
+        self.closed = threading.Event()
+        self.called_back = threading.Event()
+
+    async def Infer(self, request, context):
+        self.infer_threads.append(threading.current_thread().name)
+        if not request.inputs:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "inputs: expected some")
+        return pb.InferReply(request_id="r-" + request.inputs[0].name)
+
+    def Generate(self, request, context):
+        if request.max_tokens < 1:
+            context.set_trailing_metadata((("edge-no-retry", "1"),))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"max_tokens: expected at least 1, got {request.max_tokens}")
+        context.add_callback(self.called_back.set)
+        try:
+            for i in range(request.max_tokens):
+                time.sleep(0.02)
+                yield pb.GenerateReply(tokens=[i])
+        finally:
+            self.closed.set()
+
+
+@pytest.fixture
+def loop_server():
+    servicer = _Coordinator()
+    server, port = create_server("127.0.0.1:0", security=Security.plaintext(TOKEN),
+                                 max_workers=2, on_loop=True)
+    add_service(server, servicer, pb, "Coordinator")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield servicer, pb_grpc.CoordinatorStub(channel)
+    finally:
+        channel.close()
+        assert server.stop(0).wait(10)
+
+
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def test_a_coroutine_method_runs_on_the_loop_and_more_calls_than_threads_run_at_once(
+        loop_server):
+    servicer, stub = loop_server
+    calls = [stub.Infer.future(pb.InferRequest(inputs=[pb.Tensor(name=f"x{i}")]),
+                               metadata=AUTH, timeout=10) for i in range(8)]
+    assert sorted(c.result().request_id for c in calls) == sorted(f"r-x{i}" for i in range(8))
+    assert set(servicer.infer_threads) == {"edge-grpc-loop"}
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Infer(pb.InferRequest(), metadata=AUTH, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "inputs: expected some" in e.value.details()
+
+
+def test_a_synchronous_stream_on_the_loop_streams_aborts_and_is_closed_when_cancelled(
+        loop_server):
+    servicer, stub = loop_server
+    replies = list(stub.Generate(pb.GenerateRequest(max_tokens=3), metadata=AUTH, timeout=10))
+    assert [list(r.tokens) for r in replies] == [[0], [1], [2]]
+    # An abort before the first message ends the call with its status and trailing metadata.
+    call = stub.Generate(pb.GenerateRequest(max_tokens=0), metadata=AUTH, timeout=10)
+    with pytest.raises(grpc.RpcError) as e:
+        list(call)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_tokens: expected at least 1, got 0" in e.value.details()
+    assert ("edge-no-retry", "1") in tuple(e.value.trailing_metadata())
+    # A client that goes away: the handler's callback runs and its generator is closed.
+    servicer.closed.clear()
+    call = stub.Generate(pb.GenerateRequest(max_tokens=1000), metadata=AUTH, timeout=30)
+    assert list(next(call).tokens) == [0]
+    call.cancel()
+    assert servicer.called_back.wait(5) and servicer.closed.wait(5)
+
+
+def test_the_loop_server_refuses_a_wrong_token_on_unary_and_stream_methods(loop_server):
+    _, stub = loop_server
+    bad = (("authorization", "Bearer nope"),)
+    for call in (lambda: stub.Infer(pb.InferRequest(inputs=[pb.Tensor(name="x")]),
+                                    metadata=bad, timeout=10),
+                 lambda: list(stub.Generate(pb.GenerateRequest(max_tokens=2), metadata=bad,
+                                            timeout=10))):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "does not match" in e.value.details()

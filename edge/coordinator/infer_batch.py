@@ -41,10 +41,11 @@ itself, so that one bad request cannot fail the others.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 
@@ -98,9 +99,9 @@ class InferBatcher:
     Args:
         pipeline: the :class:`~edge.coordinator.pipeline.Pipeline` (its ``plan`` and
             ``max_in_flight``).
-        run: sends wire tensors as one request and waits for its result:
-            ``run(tensors, timeout, started) -> InferResult``
-            (:meth:`~edge.coordinator.inflight.InFlight.run`).
+        requests: the in-flight table (:class:`~edge.coordinator.inflight.InFlight`):
+            its ``run(tensors, timeout, started) -> InferResult`` sends wire tensors as
+            one request and waits for its result; ``run_async``, the same on a loop.
         max_batch: requests in one batch at most (1: batching off, every request sent at
             once, alone, without slots).
         slots: batches in flight at once (default: two per stage of the plan now).
@@ -111,12 +112,12 @@ class InferBatcher:
         largest: the most requests one batch had.
     """
 
-    def __init__(self, pipeline: Any, run: Callable[..., InferResult], max_batch: int,
+    def __init__(self, pipeline: Any, requests: Any, max_batch: int,
                  slots: int | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch: expected at least 1, got {max_batch}")
         self.pipeline = pipeline
-        self._run_one = run
+        self._requests = requests
         self.max_batch = max_batch
         self._slots = slots
         self._lock = threading.Lock()
@@ -149,7 +150,7 @@ class InferBatcher:
                 here already, DEADLINE_EXCEEDED when no slot or result came in time.
         """
         if self.max_batch == 1:  # batching off: sent at once, no slots
-            return self._run_one(tensors, timeout)
+            return self._requests.run(tensors, timeout)
         me = _Waiting(tensors, self._key(tensors), _rows(tensors), time.perf_counter(),
                       timeout, time.monotonic() + timeout)
         limit = self.pipeline.max_in_flight
@@ -168,6 +169,13 @@ class InferBatcher:
         finally:
             with self._lock:
                 self._members -= 1
+
+    async def infer_async(self, tensors: list[pb.Tensor], timeout: float) -> InferResult:
+        """:meth:`infer` on an event loop: with batching off, the request is sent and
+        answered on the loop; with it on, it waits for a slot on a thread of its own."""
+        if self.max_batch == 1:
+            return await self._requests.run_async(tensors, timeout)
+        return await asyncio.to_thread(self.infer, tensors, timeout)
 
     def _run(self, me: _Waiting) -> InferResult:
         while True:
@@ -256,7 +264,7 @@ class InferBatcher:
         metrics.count_batch(len(batch))
         timeout = max(w.end for w in batch) - time.monotonic()
         try:
-            result = self._run_one(stack_rows([w.tensors for w in batch]), timeout,
+            result = self._requests.run(stack_rows([w.tensors for w in batch]), timeout,
                                    min(w.started for w in batch))
             parts = split_rows(result.outputs, [w.rows for w in batch])
         except InferError as e:
@@ -273,7 +281,7 @@ class InferBatcher:
                                    (now - w.started) * 1e3)
 
     def _by_itself(self, me: _Waiting) -> InferResult:
-        return self._run_one(me.tensors, me.end - time.monotonic(), me.started)
+        return self._requests.run(me.tensors, me.end - time.monotonic(), me.started)
 
     def _key(self, tensors: list[pb.Tensor]) -> tuple | None:
         if batch_dim(self.pipeline.plan) is None:

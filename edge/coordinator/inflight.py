@@ -25,6 +25,7 @@ takes its own replay, a single step, and rejoins batches after.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -189,13 +190,10 @@ class InFlight:
         try:
             if self.current.serving.wait(timeout):
                 self.send(request)
-            activation = request.future.result(
-                max(0.0, timeout - (time.perf_counter() - request.started)))
+            activation = request.future.result(self._left(request, timeout))
         except FutureTimeout:
             self._count(failed=True)
-            raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                             f"request {request.request_id} got no result within "
-                             f"{timeout:.0f} s{self.current.note()}") from None
+            raise self._timed_out(request, timeout) from None
         except InferError:
             self._count(failed=True)
             raise
@@ -204,6 +202,34 @@ class InFlight:
                 self._requests.pop(request.request_id, None)
         self._count(failed=False)
         return activation
+
+    async def wait_async(self, request: Request, timeout: float) -> pb.Activation:
+        """:meth:`wait` on an event loop, which stays free while the request is in flight
+        (its Forward and its result are handled there too, see ``aio.LoopServer``).
+        A cancelled caller (the client went away) takes the request out of the table."""
+        cur = self.current
+        answered = False
+        try:
+            if cur.serving.is_set() or await asyncio.to_thread(cur.serving.wait, timeout):
+                self.send(request)
+            activation = await asyncio.wait_for(asyncio.wrap_future(request.future),
+                                                self._left(request, timeout))
+            answered = True
+        except (FutureTimeout, asyncio.TimeoutError):
+            raise self._timed_out(request, timeout) from None
+        finally:
+            with cur.lock:
+                self._requests.pop(request.request_id, None)
+            self._count(failed=not answered)
+        return activation
+
+    def _left(self, request: Request, timeout: float) -> float:
+        return max(0.0, timeout - (time.perf_counter() - request.started))
+
+    def _timed_out(self, request: Request, timeout: float) -> InferError:
+        return InferError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"request {request.request_id} got no result within "
+                          f"{timeout:.0f} s{self.current.note()}")
 
     def run(self, tensors: list[pb.Tensor], timeout: float,
             started: float | None = None) -> InferResult:
@@ -220,7 +246,16 @@ class InFlight:
             InferError: with the status code to report.
         """
         request = self.admit(tensors)
-        activation = self.wait(request, timeout)
+        return self._result(request, self.wait(request, timeout), started)
+
+    async def run_async(self, tensors: list[pb.Tensor], timeout: float) -> InferResult:
+        """:meth:`run` on an event loop."""
+        request = self.admit(tensors)
+        return self._result(request, await self.wait_async(request, timeout), None)
+
+    @staticmethod
+    def _result(request: Request, activation: pb.Activation,
+                started: float | None) -> InferResult:
         return InferResult(request.request_id, list(activation.tensors),
                            list(activation.timings),
                            (time.perf_counter() - (started or request.started)) * 1e3)

@@ -128,7 +128,7 @@ class Pipeline:
                                     why=self._why)
         self._failover = Failover(cur, self.replanner, self._monitor, self._requests,
                                   self._listeners, self.pool, deadlines, max_losses, on_change)
-        self.batcher = InferBatcher(self, self._requests.run, infer_batch, infer_slots)
+        self.batcher = InferBatcher(self, self._requests, infer_batch, infer_slots)
         metrics.watch_pipeline(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -216,10 +216,9 @@ class Pipeline:
 
     def infer(self, inputs: Mapping[str, np.ndarray] | list[pb.Tensor],
               timeout: float | None = None) -> InferResult:
-        """Run one request through the pipeline and wait for its outputs.
-
-        While the pipeline recovers from a lost device the request waits (within its
-        deadline); it is answered once, by whichever of its sends completes first.
+        """Run one request through the pipeline and wait for its outputs. While the
+        pipeline recovers from a lost device the request waits (within its deadline); it
+        is answered once, by whichever of its sends completes first.
 
         Args:
             inputs: the model's inputs by name, or already-encoded wire tensors.
@@ -229,12 +228,15 @@ class Pipeline:
             InferError: with the status code to report.
         """
         with metrics.tracked("infer"):
-            return self._infer(inputs, timeout)
+            return self.batcher.infer(checked_request(self.plan, inputs),
+                                      timeout or self.deadlines.infer)
 
-    def _infer(self, inputs: Mapping[str, np.ndarray] | list[pb.Tensor],
-               timeout: float | None) -> InferResult:
-        return self.batcher.infer(checked_request(self.plan, inputs),
-                                  timeout or self.deadlines.infer)
+    async def infer_async(self, inputs: Mapping[str, np.ndarray] | list[pb.Tensor],
+                          timeout: float | None = None) -> InferResult:
+        """:meth:`infer` on an event loop, free while the request is in flight."""
+        with metrics.tracked("infer"):  # a cancelled call (client gone) is not counted
+            return await self.batcher.infer_async(checked_request(self.plan, inputs),
+                                                  timeout or self.deadlines.infer)
 
     def step(self, tensors: list[pb.Tensor], step: pb.Step,
              replay: Callable[[], tuple[list[pb.Tensor], pb.Step]], cache_epoch: int = -1,

@@ -32,20 +32,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.pipeline = pipeline
         self.generator = generator or Generator(pipeline)
 
-    def Infer(self, request: pb.InferRequest, context) -> pb.InferReply:
+    async def Infer(self, request: pb.InferRequest, context) -> pb.InferReply:
+        # On the server's event loop: the request is sent to the first stage and answered
+        # by the last stage's event there too, without a thread of its own.
         try:
             arrays = decode_tensors(request.inputs)
         except TensorError as e:
             metrics.count_request("infer")  # counted by the pipeline once it gets there
             metrics.count_error("infer", grpc.StatusCode.INVALID_ARGUMENT)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         remaining = context.time_remaining()
         try:
-            result = self.pipeline.infer(arrays, timeout=remaining)
+            result = await self.pipeline.infer_async(arrays, timeout=remaining)
         except InferError as e:
             if not e.retryable:
                 context.set_trailing_metadata(((NO_RETRY, "1"), (PUSHBACK, "-1")))
-            context.abort(e.code, str(e))
+            await context.abort(e.code, str(e))
         return pb.InferReply(request_id=result.request_id, outputs=result.outputs,
                              timings=result.timings, latency_ms=result.latency_ms)
 
@@ -93,8 +95,10 @@ def start_coordinator(pipeline: Pipeline, listen: str, max_batch: int | None = N
                       generator: Generator | None = None) -> tuple[grpc.Server, int]:
     """Serve an already started pipeline on ``listen``. Returns the server and its port.
 
-    Each Infer holds a thread while its request is in flight: one thread per request the
-    pipeline accepts, a few more for status and profile calls, and no queue beyond them.
+    The server runs on the process's event loop (``create_server(on_loop=True)``): an
+    Infer is served there, holding no thread while its request is in flight. Each
+    Generate holds a thread while it streams: one per request the pipeline accepts, a few
+    more for status and profile calls, and no queue beyond them.
     ``max_batch``: decode steps run as one batch at most (see :class:`Generator`).
     ``generator``: the token loop to share with another face (the HTTP API), so that the
     sequences holding caches stay within the plan's count across both (it then has its
@@ -103,7 +107,8 @@ def start_coordinator(pipeline: Pipeline, listen: str, max_batch: int | None = N
     threads = pipeline.max_in_flight + 8
     server, port = create_server(listen, max_workers=threads, max_concurrent_rpcs=threads,
                                  security=pipeline.security,
-                                 max_receive_bytes=receive_limit(pipeline.plan))
+                                 max_receive_bytes=receive_limit(pipeline.plan),
+                                 on_loop=True)
     generator = generator or Generator(pipeline, max_batch=max_batch)
     add_service(server, CoordinatorServicer(pipeline, generator), pb, "Coordinator")
     health_servicer = health.HealthServicer()

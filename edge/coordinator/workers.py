@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from edge.errors import EdgeError
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
-from edge.transport.aio import AioLink
+from edge.transport.aio import AioLink, on_loop
 from edge.transport.channels import Security, create_channel
 
 if TYPE_CHECKING:
@@ -139,6 +139,10 @@ class GrpcWorker:
         self.address = address
 
     def forward(self, activation: pb.Activation, timeout: float, done: Done) -> None:
+        aio = getattr(self.stubs, "aio", None)
+        if aio is not None and on_loop():  # an Infer served on the loop: stays there
+            aio.forward(activation, timeout, done)
+            return
         call = self.stubs.stub.Forward.future(activation, timeout=timeout)
 
         def finished(c) -> None:

@@ -9,11 +9,14 @@ Measured side by side (BENCHMARKS.md, "Event streams on one asyncio event loop")
 coordinator's CPU about 9% lower at a Pi pipeline's 1.5 requests a second, over 4 or 8
 stages, uncapped or under a Pi 4's CPU quota; no difference beyond the noise at 7.
 
-Only the event streams and health checks run here. Forward, one call per request, stays a
-synchronous call made by the thread that has the request: handing it to the loop and its
-answer back cost more than its channel's thread, which lives only while the call does.
-The rest of edge stays synchronous: the loop runs in a daemon thread and hands its results
-to threads (:func:`submit`, :class:`AioStream`).
+The coordinator's server runs here too (:class:`LoopServer`): an Infer holds no thread
+while in flight. It is taken, sent to the first stage (Forward on the loop's channel) and
+replied to on the loop, once the device's listener thread hands it the last stage's
+result; the server's other methods run on threads. Forward sent from any other
+thread (a retry, a generation step) stays a synchronous call on the worker's ordinary
+channel: handing it to the loop and its answer back cost more than that channel's thread,
+which lives only while the call does. The rest of edge stays synchronous: the loop runs in
+a daemon thread and hands its results to threads (:func:`submit`, :class:`AioStream`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import asyncio
 import logging
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Coroutine, Iterator
 
 import grpc
@@ -32,9 +35,9 @@ from edge.errors import EdgeError
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.channels import Security, channel_options
-from edge.transport.security import token_entry
+from edge.transport.security import AioInterceptor, token_entry
 
-__all__ = ["event_loop", "submit", "AioLink", "AioStream"]
+__all__ = ["event_loop", "submit", "on_loop", "AioLink", "AioStream", "LoopServer"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,81 @@ def event_loop() -> asyncio.AbstractEventLoop:
 def submit(coroutine: Coroutine) -> Future:
     """Run ``coroutine`` on the event loop; a future of its result for any thread."""
     return asyncio.run_coroutine_threadsafe(coroutine, event_loop())
+
+
+def on_loop() -> bool:
+    """Whether the calling thread is the event loop's."""
+    try:
+        return asyncio.get_running_loop() is _loop
+    except RuntimeError:
+        return False
+
+
+class LoopServer:
+    """A ``grpc.aio`` server on the event loop, driven from any thread as a
+    ``grpc.Server`` is (made by ``create_server(on_loop=True)``).
+
+    A method whose handler is a coroutine runs on the loop (a coordinator's Infer); the
+    other handlers run on ``max_workers`` threads, and a synchronous server stream's
+    messages are drawn on them (``edge.transport.services``).
+
+    Args:
+        max_workers: threads for the synchronous handlers.
+        options: the server's channel arguments.
+        interceptors: synchronous server interceptors (run through
+            :class:`~edge.transport.security.AioInterceptor`).
+        max_concurrent_rpcs: calls served at once (None: no bound).
+    """
+
+    def __init__(self, max_workers: int, options: list, interceptors: list,
+                 max_concurrent_rpcs: int | None):
+        # The synchronous handlers' threads (edge.transport.services draws its streams'
+        # messages on them too).
+        self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edge-rpc")
+
+        async def make() -> grpc.aio.Server:
+            return grpc.aio.server(migration_thread_pool=self.pool, options=options,
+                                   interceptors=[AioInterceptor(i) for i in interceptors],
+                                   maximum_concurrent_rpcs=max_concurrent_rpcs)
+
+        self._server = submit(make()).result()
+
+    def _call(self, method: str, *args) -> Any:
+        async def call():
+            return getattr(self._server, method)(*args)
+        return submit(call()).result()
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._call("add_generic_rpc_handlers", handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers) -> None:
+        self._call("add_registered_method_handlers", service, handlers)
+
+    def add_insecure_port(self, address: str) -> int:
+        return self._call("add_insecure_port", address)
+
+    def add_secure_port(self, address: str, credentials) -> int:
+        return self._call("add_secure_port", address, credentials)
+
+    def start(self) -> None:
+        submit(self._server.start()).result()
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Refuse new calls, cancel those still running after ``grace`` seconds; the event
+        is set once every call ended."""
+        stopped = threading.Event()
+
+        async def stop() -> None:
+            try:
+                await self._server.stop(grace)
+            finally:
+                stopped.set()
+                self.pool.shutdown(wait=False)
+        submit(stop())
+        return stopped
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return submit(self._server.wait_for_termination(timeout)).result()
 
 
 class AioStream:
@@ -136,6 +214,7 @@ class AioLink:
         security.require_safe(address, "connect to")
         self.address = address
         self._metadata = (token_entry(security.token),) if security.token else None
+        self._calls: set[asyncio.Task] = set()
 
         async def open_channel() -> grpc.aio.Channel:
             if security.tls:
@@ -150,6 +229,23 @@ class AioLink:
     def subscribe(self, request: pb.SubscribeRequest) -> AioStream:
         """The worker's event stream (no deadline: it lasts as long as the pipeline)."""
         return AioStream(lambda: self._stub.Subscribe(request, metadata=self._metadata))
+
+    def forward(self, activation: pb.Activation, timeout: float,
+                done: Callable[[grpc.StatusCode, str], None]) -> None:
+        """Start a Forward call; ``done(code, details)`` is called on the loop when it
+        ends. Call it on the loop's own thread (:func:`on_loop`)."""
+        call = self._stub.Forward(activation, timeout=timeout, metadata=self._metadata)
+
+        async def finished() -> None:
+            try:
+                code, details = await call.code(), await call.details()
+            except asyncio.CancelledError:  # the channel was closed under it
+                return
+            finally:
+                self._calls.discard(task)
+            done(code, details or "")
+        task = asyncio.ensure_future(finished())
+        self._calls.add(task)  # the loop holds tasks by weak reference only
 
     def health(self, request, timeout: float) -> Future:
         """A future of the worker's health check reply."""

@@ -80,7 +80,8 @@ class Deadlines:
 
 def create_server(address: str, *, max_workers: int = 16, max_concurrent_rpcs: int | None = None,
                   security: Security = Security(),
-                  max_receive_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
+                  max_receive_bytes: int = MAX_MESSAGE_BYTES,
+                  on_loop: bool = False) -> tuple[grpc.Server, int]:
     """A gRPC server bound to ``address`` (port 0 picks a free port).
 
     Args:
@@ -96,6 +97,9 @@ def create_server(address: str, *, max_workers: int = 16, max_concurrent_rpcs: i
             body, for every caller, token or not: the one bound that holds before
             authentication. Size it from what the server can hold, not from the 512 MiB
             that channels allow.
+        on_loop: an asyncio server on the process's event loop
+            (:class:`edge.transport.aio.LoopServer`): a method that is a coroutine runs on
+            the loop, the others on the ``max_workers`` threads.
 
     Returns:
         The server, not started, and the bound port.
@@ -106,10 +110,16 @@ def create_server(address: str, *, max_workers: int = 16, max_concurrent_rpcs: i
     security.require_safe(address, "listen on")
     _longer_wait_slices()
     limit = max(MIN_RECEIVE_BYTES, min(int(max_receive_bytes), MAX_MESSAGE_BYTES))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=_SERVER_OPTIONS + [("grpc.max_receive_message_length", limit)],
-                         interceptors=security.server_interceptors(),
-                         maximum_concurrent_rpcs=max_concurrent_rpcs)
+    options = _SERVER_OPTIONS + [("grpc.max_receive_message_length", limit)]
+    if on_loop:
+        from edge.transport.aio import LoopServer  # aio imports this module
+
+        server = LoopServer(max_workers, options, security.server_interceptors(),
+                            max_concurrent_rpcs)
+    else:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                             options=options, interceptors=security.server_interceptors(),
+                             maximum_concurrent_rpcs=max_concurrent_rpcs)
     if security.tls:
         port = server.add_secure_port(address, security.server_credentials())
     else:

@@ -48,6 +48,7 @@ standard library only; making keys (``cryptography``) lives in ``edge.transport.
 from __future__ import annotations
 
 import hmac
+import inspect
 import ipaddress
 import logging
 import os
@@ -58,6 +59,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import grpc
+import grpc.aio
 
 from edge.errors import SecurityError
 from edge.address import AddressError, parse_address
@@ -65,7 +67,7 @@ from edge.address import AddressError, parse_address
 __all__ = ["Security", "CLUSTER_NAME", "TOKEN_HEADER", "BUNDLE_FILES", "OPEN_SERVICES",
            "ROLES", "ROLE_URI", "CLIENT_METHODS", "RoleCheck", "peer_role", "is_loopback",
            "default_certs_dir", "read_token", "TokenCheck", "token_entry", "token_interceptor",
-           "add_arguments", "from_arguments"]
+           "add_arguments", "from_arguments", "AioInterceptor"]
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +329,19 @@ def _deny(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.RpcM
     # requests: gRPC reads a unary request whole before calling a unary handler, but a
     # streaming one reads messages only as it asks for them, so a refused caller's message
     # is neither buffered (up to the server's receive limit) nor parsed.
+    behaviour = handler.stream_stream or handler.stream_unary
+    if inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour):
+        # On an asyncio server (a synchronous abort of a stream did not end the call).
+        async def abort_async(_requests, context):
+            log.warning("refused %s from %s: %s", method, context.peer(), reason)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+        if handler.response_streaming:
+            async def abort_stream(_requests, context):
+                await abort_async(_requests, context)
+                yield  # pragma: no cover (abort raises)
+            return grpc.stream_stream_rpc_method_handler(abort_stream)
+        return grpc.stream_unary_rpc_method_handler(abort_async)
     if handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort)
     return grpc.stream_unary_rpc_method_handler(abort)
@@ -365,19 +380,42 @@ class RoleCheck(grpc.ServerInterceptor):
         return _require_node(handler, method)
 
 
+def _role_refusal(context: grpc.ServicerContext, method: str) -> str:
+    """Why the caller may not call ``method`` ("" if it may)."""
+    role = peer_role(context)
+    if role in (None, "node"):  # None: plaintext, no certificates, no roles
+        return ""
+    auth = context.auth_context()
+    name = b",".join(auth.get("x509_common_name", ())).decode(errors="replace")
+    reason = (f"{method} needs a certificate of role node (the coordinator and workers); "
+              f"the caller's ({name or 'no name'}) has role {role}, which may call only "
+              f"{', '.join(sorted(CLIENT_METHODS))}. A machine of the cluster needs a bundle "
+              "from `edge certs issue NAME --role node`")
+    log.warning("refused %s from %s: %s", method, context.peer(), reason)
+    return reason
+
+
 def _require_node(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     def check(behaviour):
+        if inspect.iscoroutinefunction(behaviour):  # on an asyncio server
+            async def checked_async(request, context):
+                reason = _role_refusal(context, method)
+                if reason:
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+                return await behaviour(request, context)
+            return checked_async
+        if inspect.isasyncgenfunction(behaviour):
+            async def checked_stream(request, context):
+                reason = _role_refusal(context, method)
+                if reason:
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+                async for item in behaviour(request, context):
+                    yield item
+            return checked_stream
+
         def checked(request, context):
-            role = peer_role(context)
-            if role not in (None, "node"):  # None: plaintext, no certificates, no roles
-                auth = context.auth_context()
-                name = b",".join(auth.get("x509_common_name", ())).decode(errors="replace")
-                reason = (f"{method} needs a certificate of role node (the coordinator and "
-                          f"workers); the caller's ({name or 'no name'}) has role {role}, "
-                          f"which may call only {', '.join(sorted(CLIENT_METHODS))}. A "
-                          "machine of the cluster needs a bundle from `edge certs issue "
-                          "NAME --role node`")
-                log.warning("refused %s from %s: %s", method, context.peer(), reason)
+            reason = _role_refusal(context, method)
+            if reason:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
             return behaviour(request, context)
         return checked
@@ -387,6 +425,19 @@ def _require_node(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
     make = getattr(grpc, f"{kind}_rpc_method_handler")
     return make(check(getattr(handler, kind)), request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
+
+
+class AioInterceptor(grpc.aio.ServerInterceptor):
+    """One of the interceptors above on an asyncio server (``grpc.aio.server``): the same
+    checks; a refusal's handler is synchronous, run in the server's thread pool."""
+
+    def __init__(self, interceptor: grpc.ServerInterceptor):
+        self._interceptor = interceptor
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        return self._interceptor.intercept_service(lambda _details: handler,
+                                                   handler_call_details)
 
 
 class _CallDetails(NamedTuple):

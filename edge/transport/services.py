@@ -19,14 +19,20 @@ fragmented: without the trim, five refused 480 MB calls kept a worker at 1-1.5 G
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
+import threading
+import time
 import traceback
+from concurrent.futures import Executor
 from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from edge.errors import EdgeError
 from edge.profiling.memory import release_free_heap
 
 __all__ = ["add_service", "MAX_DETAILS", "TRIM_AFTER_BYTES", "Limit"]
@@ -55,33 +61,129 @@ class _Context:
         self._context = context
 
     def abort(self, code: grpc.StatusCode, details: str):
-        self._context.abort(code, _clip(details))
+        # The synchronous API raises here; the asyncio API returns a coroutine to await.
+        return self._context.abort(code, _clip(details))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
 
-def _parse(message_type, data: bytes, context, method: str):
+class _Refused(EdgeError):
+    """A request refused before its handler runs (it does not parse, or is too large)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+_END = object()
+
+
+class _ThreadContext:
+    """An asyncio call's context for a synchronous handler running on a thread: abort
+    raises :class:`_Refused` (the loop aborts the call), trailing metadata is kept for
+    the loop to set, callbacks run when the call ends; the rest is read from the call."""
+
+    def __init__(self, context):
+        self._context = context
+        self._loop = asyncio.get_running_loop()
+        self.trailing: tuple = ()
+        remaining = context.time_remaining()
+        self._deadline = None if remaining is None else time.monotonic() + remaining
+
+    def abort(self, code: grpc.StatusCode, details: str):
+        raise _Refused(code, details)
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self.trailing = tuple(metadata)
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self._loop.call_soon_threadsafe(self._context.add_done_callback,
+                                        lambda _call: callback())
+        return True
+
+    def __getattr__(self, name: str) -> Any:  # peer, auth_context, invocation_metadata
+        return getattr(self._context, name)
+
+
+def _parse(message_type, data: bytes, method: str):
     try:
         return message_type.FromString(data)
     except DecodeError as e:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"{method}: expected a serialized {message_type.DESCRIPTOR.full_name}, "
-                      f"got {len(data)} bytes that do not parse ({e})")
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"{method}: expected a serialized {message_type.DESCRIPTOR.full_name}, "
+                       f"got {len(data)} bytes that do not parse ({e})") from None
 
 
-def _check_size(size: int, limit: Limit | None, context, method: str) -> None:
+def _check_size(size: int, limit: Limit | None, method: str) -> None:
     if limit is None:
         return
     most, why = limit()
     if most and size > most:
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                      f"{method}: a request message of {size / 2**20:.1f} MiB; expected at "
-                      f"most {most / 2**20:.1f} MiB ({why})")
+        raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f"{method}: a request message of {size / 2**20:.1f} MiB; expected at "
+                       f"most {most / 2**20:.1f} MiB ({why})")
+
+
+def _no_message(method: str, request_type) -> _Refused:
+    return _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{method}: expected a {request_type.DESCRIPTOR.full_name}, got no message")
+
+
+def _first_message(name: str, request_type, limit: Limit | None) -> Callable:
+    """On an asyncio server: reads a call's one request message, checks and parses it."""
+    async def first_message(request_iterator, ctx):
+        data = None
+        async for data in request_iterator:
+            break
+        try:
+            if data is None:
+                raise _no_message(name, request_type)
+            _check_size(len(data), limit, name)
+            return _parse(request_type, data, name)
+        except _Refused as e:
+            await ctx.abort(e.code, e.details)
+    return first_message
+
+
+def _stream_from_threads(behaviour: Callable, first_message: Callable,
+                         pool: Executor) -> Callable:
+    """A synchronous server stream on an asyncio server: its messages are drawn on
+    ``pool``'s threads and sent from the loop (gRPC's own bridge for such handlers did
+    not end a call that the handler aborted)."""
+    async def stream_out_async(request_iterator, context):
+        request = await first_message(request_iterator, _Context(context))
+        ctx = _ThreadContext(context)
+        loop = asyncio.get_running_loop()
+        stream, turn = None, threading.Lock()  # one thread in the generator at a time
+
+        def step():
+            with turn:
+                return next(stream, _END)
+
+        def close():
+            with turn:  # after a step still running (a cancelled call's last one)
+                getattr(stream, "close", lambda: None)()
+
+        try:
+            stream = await loop.run_in_executor(pool, lambda: iter(behaviour(request, ctx)))
+            while (item := await loop.run_in_executor(pool, step)) is not _END:
+                yield item
+        except _Refused as e:
+            if ctx.trailing:
+                context.set_trailing_metadata(ctx.trailing)
+            await context.abort(e.code, _clip(e.details))
+        finally:
+            if stream is not None:
+                pool.submit(close)
+    return stream_out_async
 
 
 def _handler(method, behaviour: Callable, request_type, response_type,
-             limit: Limit | None) -> grpc.RpcMethodHandler:
+             limit: Limit | None, pool: Executor | None = None) -> grpc.RpcMethodHandler:
     name = f"{method.containing_service.name}.{method.name}"
     serialize = response_type.SerializeToString
     make = (grpc.stream_stream_rpc_method_handler if method.server_streaming
@@ -92,23 +194,42 @@ def _handler(method, behaviour: Callable, request_type, response_type,
 
             def requests():
                 for b in request_iterator:
-                    _check_size(len(b), limit, ctx, name)
-                    yield _parse(request_type, b, ctx, name)
+                    try:
+                        _check_size(len(b), limit, name)
+                        yield _parse(request_type, b, name)
+                    except _Refused as e:
+                        ctx.abort(e.code, e.details)
 
             return behaviour(requests(), ctx)
 
         return make(stream_in, request_deserializer=None, response_serializer=serialize)
 
+    first_message = _first_message(name, request_type, limit)
+    if inspect.iscoroutinefunction(behaviour):  # served on an asyncio server's loop
+        if method.server_streaming:
+            raise TypeError(f"{name}: a coroutine serves only a unary response")
+
+        async def unary_in_async(request_iterator, context):
+            ctx = _Context(context)
+            return await behaviour(await first_message(request_iterator, ctx), ctx)
+
+        return make(unary_in_async, request_deserializer=None, response_serializer=serialize)
+    if pool is not None and method.server_streaming:
+        return make(_stream_from_threads(behaviour, first_message, pool),
+                    request_deserializer=None, response_serializer=serialize)
+
     def unary_in(request_iterator: Iterator[bytes], context):
         ctx = _Context(context)
         data = next(request_iterator, None)
-        if data is None:
-            ctx.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"{name}: expected a {request_type.DESCRIPTOR.full_name}, got no message")
-        size = len(data)
+        size = 0 if data is None else len(data)
         try:
-            _check_size(size, limit, ctx, name)
-            request = _parse(request_type, data, ctx, name)
+            try:
+                if data is None:
+                    raise _no_message(name, request_type)
+                _check_size(size, limit, name)
+                request = _parse(request_type, data, name)
+            except _Refused as e:
+                ctx.abort(e.code, e.details)
             del data
             return behaviour(request, ctx)
         except BaseException as e:
@@ -139,7 +260,8 @@ def add_service(server: grpc.Server, servicer: object, messages: ModuleType,
     desc = messages.DESCRIPTOR.services_by_name[service]
     handlers = {
         m.name: _handler(m, getattr(servicer, m.name), getattr(messages, m.input_type.name),
-                         getattr(messages, m.output_type.name), limits.pop(m.name, None))
+                         getattr(messages, m.output_type.name), limits.pop(m.name, None),
+                         pool=getattr(server, "pool", None))
         for m in desc.methods
     }
     if limits:
