@@ -16,8 +16,10 @@ import onnxruntime as ort
 import pytest
 import yaml
 
+from edge.coordinator.client import InferClient
 from edge.coordinator.deploy import DeployError
 from edge.coordinator.pipeline import InferError, Pipeline
+from edge.coordinator.server import start_coordinator
 from edge.export import example_inputs
 from edge.build import make_plan
 from edge.planning.cluster import cluster_from_profile
@@ -83,18 +85,29 @@ def test_bert_cuts_carry_several_tensors(bert_tiny, workers, tmp_path):
         assert len(stage.inputs) > 1, [t.name for t in stage.inputs]
 
 
+@pytest.mark.parametrize("served", [False, True], ids=["pipeline", "coordinator-server"])
 def test_requests_that_wait_run_as_one_batch_and_each_equals_the_model(bert_tiny, workers,
-                                                                       tmp_path):
+                                                                       tmp_path, served):
     plan = plan_for(bert_tiny, workers, tmp_path, {"batch": 1, "sequence": 16})
     slow = example_inputs("bert", "tiny", batch=8, seq=256, seed=9)  # holds the one slot
     cases = [slow] + [example_inputs("bert", "tiny", batch=b, seq=16, seed=i)
                       for i, b in enumerate([1, 2, 1, 1, 3])]
     with Pipeline(plan, tmp_path, infer_batch=8, infer_slots=1) as pipeline:
         pipeline.start()
-        with ThreadPoolExecutor(len(cases)) as pool:
-            results = list(pool.map(pipeline.infer, cases))
+        infer, server = (lambda x: decode_tensors(pipeline.infer(x).outputs)), None
+        if served:  # through the coordinator's server on the event loop, as a client sends
+            server, port = start_coordinator(pipeline, "127.0.0.1:0")
+            client = InferClient(f"127.0.0.1:{port}", timeout=60)
+            infer = client.infer
+        try:
+            with ThreadPoolExecutor(len(cases)) as pool:
+                results = list(pool.map(infer, cases))
+        finally:
+            if server is not None:
+                client.close()
+                server.stop(0).wait()
         for x, r in zip(cases, results):
-            assert_close(decode_tensors(r.outputs), reference(bert_tiny, x))
+            assert_close(r, reference(bert_tiny, x))
         # The five at sequence 16 waited for the slow one and shared batches.
         assert pipeline.batcher.batches >= 1 and pipeline.batcher.largest >= 2
 

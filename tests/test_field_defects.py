@@ -346,7 +346,7 @@ def test_a_client_bundle_may_only_send_requests(role_pki, tmp_path):
         def profile(self, since):
             return pb.ClusterProfile()
 
-    coordinator, cport = create_server("127.0.0.1:0", security=node)
+    coordinator, cport = create_server("127.0.0.1:0", security=node, on_loop=True)
     add_service(coordinator, CoordinatorServicer(Pipeline()), pb, "Coordinator")
     coordinator.start()
     try:

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from edge.coordinator.workers import GrpcWorker, grpc_workers
+from edge.coordinator.workers import GrpcWorker, Link, grpc_workers
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.transport.aio import AioLink
@@ -64,6 +64,23 @@ def test_the_event_stream_yields_in_order_and_ends_with_the_worker(worker):
         assert [e.result.request_id for e in stream] == ["r0", "r1", "r2"]
     finally:
         link.close()
+
+
+def test_results_are_taken_on_the_loop_and_the_rest_reach_the_iterator(worker):
+    servicer, address = worker
+    client = GrpcWorker(Link.open(address, Security.plaintext(TOKEN), on_loop=True), address)
+    taken: list[tuple[str, str]] = []
+    try:
+        stream = client.subscribe("c", lambda e: taken.append(
+            (e.result.request_id, threading.current_thread().name)))
+        servicer.events.put(pb.Event(result=pb.Activation(request_id="r0")))
+        servicer.events.put(pb.Event(failure=pb.Failure(request_id="f0", message="x")))
+        servicer.events.put(pb.Event(result=pb.Activation(request_id="r1")))
+        servicer.events.put(None)
+        assert [e.failure.request_id for e in stream] == ["f0"]
+        assert taken == [("r0", "edge-grpc-loop"), ("r1", "edge-grpc-loop")]
+    finally:
+        client.close()
 
 
 def test_closing_the_link_breaks_a_waiting_stream_with_cancelled(worker):

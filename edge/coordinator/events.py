@@ -1,7 +1,9 @@
 """Listening to the workers' event streams: results from the last stage, failures from any.
 
 One thread per device in the pipeline consumes its worker's Subscribe stream while the
-device serves a stage, and reconnects with backoff when the stream breaks. A result
+device serves a stage, and reconnects with backoff when the stream breaks. Where the stream
+is read on the event loop (``edge.transport.aio``), results are answered there, as they
+arrive, and the thread wakes only for failures and for the stream's end. A result
 answers its request whatever the epoch; a failure under the current epoch either
 schedules its request to be sent again (a cause that is not the request's) or answers it.
 A broken stream makes its device suspect; without failover, it fails every request in
@@ -82,10 +84,14 @@ class Listeners:
             w = cur.worker_at(address)
             if w is None or cur.taken_over:
                 return  # no longer in the pipeline, or no longer ours
+            heard = []  # the stream carried events (a result taken on the loop included)
+
+            def result(event: pb.Event) -> None:
+                heard.append(True)
+                self.on_event(event)
             try:
-                for event in w.client.subscribe(cur.coordinator_id):
-                    self._refused.pop(address, None)
-                    delay = 0.1
+                for event in w.client.subscribe(cur.coordinator_id, result):
+                    heard.append(True)
                     self.on_event(event)
             except grpc.RpcError as e:
                 if cur.closed.is_set():
@@ -94,7 +100,12 @@ class Listeners:
                     # The worker ends the stream of the coordinator it was taken from.
                     self.on_taken(w, e.details())
                     return
+                if heard:  # it was accepted: a refusal now is news again
+                    self._refused.pop(address, None)
                 self._broke(w, e.code(), e.details())
+            finally:
+                if heard:  # it was accepted: back to the shortest backoff
+                    delay = 0.1
             if cur.closed.wait(delay):
                 return
             delay = min(delay * 2, 2.0)

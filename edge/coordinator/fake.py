@@ -323,8 +323,8 @@ class FakeConnection:
         if not self._closed.is_set():
             done(*self.worker.forward(activation))
 
-    def subscribe(self, coordinator_id: str) -> Iterator[pb.Event]:
-        self._gone()
+    def subscribe(self, coordinator_id: str, results=None) -> Iterator[pb.Event]:
+        self._gone()  # no event loop: ``results`` come through the iterator too
         stream = self.worker.subscribe(coordinator_id)
         self._streams.append(stream)
         return self._events(stream)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +123,7 @@ class InferBatcher:
         self._slots = slots
         self._lock = threading.Lock()
         self._waiting: list[_Waiting] = []
+        self._threads: ThreadPoolExecutor | None = None  # for infer_async
         self._used = 0        # slots taken
         self._members = 0     # requests here: waiting, or in a batch in flight
         self._sent = 0        # requests in batches in flight
@@ -175,7 +177,12 @@ class InferBatcher:
         answered on the loop; with it on, it waits for a slot on a thread of its own."""
         if self.max_batch == 1:
             return await self._requests.run_async(tensors, timeout)
-        return await asyncio.to_thread(self.infer, tensors, timeout)
+        with self._lock:  # a thread for each request here at most, made as they come
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(self.pipeline.max_in_flight,
+                                                   thread_name_prefix="edge-infer-batch")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._threads, self.infer, tensors, timeout)
 
     def _run(self, me: _Waiting) -> InferResult:
         while True:

@@ -210,7 +210,7 @@ class InFlight:
         cur = self.current
         answered = False
         try:
-            if cur.serving.is_set() or await asyncio.to_thread(cur.serving.wait, timeout):
+            if await self._serving(timeout):
                 self.send(request)
             activation = await asyncio.wait_for(asyncio.wrap_future(request.future),
                                                 self._left(request, timeout))
@@ -222,6 +222,16 @@ class InFlight:
                 self._requests.pop(request.request_id, None)
             self._count(failed=not answered)
         return activation
+
+    async def _serving(self, timeout: float) -> bool:
+        """Whether the pipeline serves within ``timeout`` seconds; while it recovers from
+        a lost device, looked at every 50 ms (no thread held per waiting request)."""
+        end = time.monotonic() + timeout
+        while not self.current.serving.is_set():
+            if time.monotonic() >= end:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def _left(self, request: Request, timeout: float) -> float:
         return max(0.0, timeout - (time.perf_counter() - request.started))

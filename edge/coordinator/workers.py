@@ -69,8 +69,12 @@ class WorkerClient(Protocol):
         called once the worker queued it (OK) or refused it. Not called for a call this
         side cancelled (the client was closed)."""
 
-    def subscribe(self, coordinator_id: str) -> Iterator[pb.Event]:
-        """The worker's results and failures, until the stream breaks (raises)."""
+    def subscribe(self, coordinator_id: str,
+                  results: Callable[[pb.Event], None] | None = None) -> Iterator[pb.Event]:
+        """The worker's results and failures, until the stream breaks (raises).
+        ``results``: where the stream is read on the event loop, each result event is
+        given to it there instead (its request's Infer is answered on the loop, without
+        waking a thread); a client without a loop yields them as the others."""
 
     def status(self, timeout: float) -> pb.WorkerStatus: ...
 
@@ -150,13 +154,19 @@ class GrpcWorker:
                 done(c.code(), c.details() or "")
         call.add_done_callback(finished)
 
-    def subscribe(self, coordinator_id: str) -> Iterator[pb.Event]:
+    def subscribe(self, coordinator_id: str,
+                  results: Callable[[pb.Event], None] | None = None) -> Iterator[pb.Event]:
         # No deadline: the stream lasts as long as the pipeline; keepalives and health
         # checks tell when its device is gone.
         request = pb.SubscribeRequest(coordinator_id=coordinator_id)
         aio = getattr(self.stubs, "aio", None)
         if aio is not None:
-            return aio.subscribe(request)
+            def take(event: pb.Event) -> bool:
+                if event.WhichOneof("kind") != "result":
+                    return False
+                results(event)
+                return True
+            return aio.subscribe(request, take if results is not None else None)
         return self.stubs.stub.Subscribe(request)
 
     def status(self, timeout: float) -> pb.WorkerStatus:

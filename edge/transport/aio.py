@@ -149,20 +149,23 @@ class AioStream:
 
     The thread blocks on a queue with no timeout: it wakes only for a message or the end.
     Iteration raises the call's ``grpc.RpcError`` when the stream breaks (CANCELLED when
-    this side closed it) and stops when the server ends it.
+    this side closed it) and stops when the server ends it. ``take(message)``, if given,
+    sees each message first, on the loop: a message it handled (True) is not queued.
     """
 
     _END = object()
 
-    def __init__(self, start: Callable[[], Any]):
+    def __init__(self, start: Callable[[], Any], take: Callable[[Any], bool] | None = None):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._take = take
         self._task = submit(self._read(start))  # held: the loop keeps tasks by weak reference
 
     async def _read(self, start: Callable[[], Any]) -> None:
         try:
             call = start()
             async for message in call:
-                self._queue.put(message)
+                if not self._taken(message):
+                    self._queue.put(message)
             self._queue.put(self._END)
         except grpc.RpcError as e:
             self._queue.put(e)
@@ -171,6 +174,15 @@ class AioStream:
         except BaseException as e:  # never leave the reader blocked forever
             self._queue.put(_Cancelled(f"the stream failed: {e!r}"))
             raise
+
+    def _taken(self, message: Any) -> bool:
+        if self._take is None:
+            return False
+        try:
+            return bool(self._take(message))
+        except Exception:  # a bug: the thread gets the message (and raises it there)
+            log.exception("handling a stream's message on the event loop")
+            return False
 
     def __iter__(self) -> Iterator:
         return self
@@ -226,9 +238,11 @@ class AioLink:
         self._stub = pb_grpc.WorkerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def subscribe(self, request: pb.SubscribeRequest) -> AioStream:
-        """The worker's event stream (no deadline: it lasts as long as the pipeline)."""
-        return AioStream(lambda: self._stub.Subscribe(request, metadata=self._metadata))
+    def subscribe(self, request: pb.SubscribeRequest,
+                  take: Callable[[pb.Event], bool] | None = None) -> AioStream:
+        """The worker's event stream (no deadline: it lasts as long as the pipeline);
+        ``take(event)``, called on the loop, True when it handled the event there."""
+        return AioStream(lambda: self._stub.Subscribe(request, metadata=self._metadata), take)
 
     def forward(self, activation: pb.Activation, timeout: float,
                 done: Callable[[grpc.StatusCode, str], None]) -> None:

@@ -206,6 +206,9 @@ def _handler(method, behaviour: Callable, request_type, response_type,
 
     first_message = _first_message(name, request_type, limit)
     if inspect.iscoroutinefunction(behaviour):  # served on an asyncio server's loop
+        if pool is None:
+            raise TypeError(f"{name} is a coroutine: it needs an asyncio server "
+                            "(create_server(on_loop=True))")
         if method.server_streaming:
             raise TypeError(f"{name}: a coroutine serves only a unary response")
 
