@@ -15,6 +15,11 @@ gRPC does not hold the request while the handler runs, and after a call with a l
 request, refused or not, the handler drops it and gives the free heap back to the kernel
 (``malloc_trim``). gRPC receives a message in many small buffers that leave the heap
 fragmented: without the trim, five refused 480 MB calls kept a worker at 1-1.5 GiB.
+
+On an asyncio server (``create_server(on_loop=True)``, the coordinator's) a method that is
+a coroutine runs on the event loop; the synchronous ones run on the server's threads, and
+a synchronous server stream's messages are drawn on those threads and sent from the loop.
+The same checks, with the same statuses, hold for both kinds.
 """
 
 from __future__ import annotations
