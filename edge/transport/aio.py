@@ -10,9 +10,9 @@ coordinator's CPU about 9% lower at a Pi pipeline's 1.5 requests a second, over 
 stages, uncapped or under a Pi 4's CPU quota; no difference beyond the noise at 7.
 
 The coordinator's server runs here too (:class:`LoopServer`): an Infer holds no thread
-while in flight. It is taken, sent to the first stage (Forward on the loop's channel) and
-replied to on the loop, once the device's listener thread hands it the last stage's
-result; the server's other methods run on threads. Forward sent from any other
+while in flight. It is taken, sent to the first stage (Forward on the loop's channel),
+answered by the last stage's result where the event stream is read (``AioStream``'s
+``take``) and replied to, all on the loop; the server's other methods run on threads. Forward sent from any other
 thread (a retry, a generation step) stays a synchronous call on the worker's ordinary
 channel: handing it to the loop and its answer back cost more than that channel's thread,
 which lives only while the call does. The rest of edge stays synchronous: the loop runs in
