@@ -1,8 +1,14 @@
-"""Finer cuts against whole nodes, side by side in the device lab: BERT-base over 8
-emulated Pi 4s planned both ways, and one Pi 4 holding the whole model, each cluster with
+"""Cuts inside feed-forward blocks against whole nodes, side by side in the device lab:
+BERT-base over 8 emulated Pi 4s planned both ways (``blocks``: the default plan, which
+computes feed-forward blocks in parts so that a cut may fall inside one; ``whole``:
+``make_plan(block_cuts=False)``), and one Pi 4 holding the whole model, each cluster with
 its coordinator on an emulated Pi 4 of its own (as ``edge.bench.lab_pipeline``). Needs root.
 
     sudo python benchmarks/finer_cuts_lab.py --rounds 2 --host-gflops 190   # ~12 min
+
+``--columns`` plans the first arm with MatMuls split by columns instead
+(``finer_cuts=True, block_cuts=False``), the comparison of the first version of this
+script.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--host-gflops", type=float)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--columns", action="store_true",
+                    help="the finer arm splits MatMuls by columns, not feed-forward blocks")
     args = ap.parse_args()
 
     from edge.bench import lab_pipeline as lp
@@ -36,7 +44,11 @@ def main() -> int:
     if not model.exists():
         export_model("bert", size="base", seed=0, out=model)
     inputs = [example_inputs("bert", "base", batch=1, seq=128, seed=i) for i in range(16)]
-    shapes = (("one", 1, False), ("finer", args.stages, True), ("whole", args.stages, False))
+    finer = ({"finer_cuts": True, "block_cuts": False} if args.columns
+             else {"block_cuts": True})
+    shapes = (("one", 1, {"block_cuts": False}),
+              ("columns" if args.columns else "blocks", args.stages, finer),
+              ("whole", args.stages, {"block_cuts": False}))
     specs = []
     for name, n, _ in shapes:
         specs += [DeviceSpec(args.profile, name=f"{name}-{k}") for k in range(n)]
@@ -49,9 +61,9 @@ def main() -> int:
     planned = {}
     try:
         devices = {d.name: d for d in load_cluster(work / "cluster.yaml").devices}
-        for arm, (_, _, finer) in zip(arms, shapes):
+        for arm, (_, _, cuts) in zip(arms, shapes):
             plan = make_plan(model, [devices[w.name] for w in arm.workers], work / arm.name,
-                             bindings={"batch": 1, "sequence": 128}, finer_cuts=finer)
+                             bindings={"batch": 1, "sequence": 128}, **cuts)
             planned[arm.name] = [round(s.predicted.time_ms, 1) for s in plan.stages]
             lp.start_arm(arm, lab, work / arm.name, work)
             arm.client.infer_raw(inputs[0])  # warm up

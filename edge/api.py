@@ -48,7 +48,8 @@ def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluste
          modes: Sequence[str] | None = None, int8_min_cosine: float | None = None,
          context: int | None = None, sequences: int | None = None,
          prefill: int | None = None, generate: bool = False,
-         kv_dtype: str | None = None, finer_cuts: bool = False) -> Plan:
+         kv_dtype: str | None = None, finer_cuts: bool = False,
+         block_cuts: bool = True) -> Plan:
     """Plan ``model`` over a cluster and write ``out/plan.json`` and its shards.
 
     Args:
@@ -71,6 +72,7 @@ def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluste
         kv_dtype: how the stages store the KV caches, "fp32" (default) or "fp16" (half the
             memory; refused, with the cosine, unless the logits keep 0.99 with fp32 caches).
         finer_cuts: as ``edge plan --finer-cuts`` (``edge.build.make_plan``).
+        block_cuts: False as ``edge plan --whole-blocks`` (``edge.build.make_plan``).
 
     Returns:
         The plan, as written to ``out/plan.json``.
@@ -91,7 +93,8 @@ def plan(model: str | os.PathLike[str], cluster: str | os.PathLike[str] | Cluste
                      standby=devices.standby, modes=tuple(modes) if modes else None,
                      sample=arrays, int8_min_cosine=int8_min_cosine,
                      generation=GenerationRequest(context, sequences, prefill, generate,
-                                                  kv_dtype), finer_cuts=finer_cuts)
+                                                  kv_dtype), finer_cuts=finer_cuts,
+                     block_cuts=block_cuts)
 
 
 class Served:

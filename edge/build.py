@@ -26,7 +26,8 @@ from edge.planning.graph import GraphCosts, analyze, load_model
 from edge.planning.plan import (INT8_MIN_COSINE, Device, Generation, ModelInfo, Plan,
                                 ShardFile, Stage, TensorSpec)
 from edge.planning.planner import Split, partition
-from edge.planning.refine import IMBALANCE, heavy_matmuls, split_matmuls
+from edge.planning.refine import (IMBALANCE, heavy_feed_forwards, heavy_matmuls,
+                                  split_feed_forwards, split_matmuls)
 from edge.planning.state import kv_bytes_per_token, state_pairs
 from edge.shards.accuracy import Int8Accuracy, format_cosine, synthetic_inputs
 from edge.shards.build import build_shard, stage_state
@@ -166,7 +167,7 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
               sample: Mapping[str, np.ndarray] | None = None,
               int8_min_cosine: float | None = None,
               generation: GenerationRequest | Generation | None = None,
-              finer_cuts: bool = False) -> Plan:
+              finer_cuts: bool = False, block_cuts: bool = True) -> Plan:
     """Analyse a model, split it over the devices, write the shards and ``plan.json``.
 
     Args:
@@ -196,10 +197,10 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
         int8_min_cosine: a stage is planned in int8 only if the model's outputs, with that
             stage quantized, keep at least this cosine similarity with the fp32 model's
             (``Stage.int8_cosine`` records it); None for ``INT8_MIN_COSINE`` (0.99).
-        finer_cuts: where whole nodes leave the stages uneven, try the model with its
-            heaviest MatMuls split in parts (``edge.planning.refine``) and keep it if its
-            split is faster by the cost model (which does not count the CPU of the larger
-            cuts: measured in edge lab, BERT-base over 8 Pi 4s gained nothing).
+        block_cuts: where whole nodes leave the stages uneven, split feed-forward blocks
+            in parts so that a cut may fall inside one (``edge.planning.refine``), if the
+            cost model finds it faster (edge lab, BERT-base over 8 Pi 4s: 7% faster).
+        finer_cuts: else split the heaviest MatMuls by columns (there: no gain).
 
     Returns:
         The plan, also saved as ``out_dir/plan.json``.
@@ -221,7 +222,7 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
         gen = dataclasses.replace(gen, tokenizer=gen_plan.copy_tokenizer(model_path, out_dir))
     else:  # an encoder's tokenizer, for the coordinator's /v1/embeddings of text
         gen_plan.copy_tokenizer(model_path, out_dir)
-        costs = _finer(costs, active, modes, bindings, sample) if finer_cuts else costs
+        costs = _finer(costs, active, modes, bindings, sample, block_cuts, finer_cuts)
     shard_dir, sample_rel = _output_dirs(out_dir, sample)
     on = "the sample" if sample is not None else "synthetic inputs"
     with _Checks(costs, sample, shard_dir) as acc:
@@ -346,11 +347,14 @@ def _output_dirs(out_dir: Path, sample: Mapping[str, np.ndarray] | None) -> tupl
 
 
 def _finer(costs: GraphCosts, devices: Sequence[Device], modes: Sequence[str] | None,
-           bindings: dict[str, int] | None, sample: Mapping[str, np.ndarray] | None
-           ) -> GraphCosts:
-    """``costs`` of the model with its heaviest MatMuls split (``edge.planning.refine``),
-    when the split of ``costs`` is uneven because no cut can fall inside them and the
-    finer model's split is faster; else ``costs``."""
+           bindings: dict[str, int] | None, sample: Mapping[str, np.ndarray] | None,
+           blocks_too: bool, columns: bool) -> GraphCosts:
+    """``costs`` of the model with its feed-forward blocks (``blocks_too``), or else its
+    heaviest MatMuls (``columns``), split in parts (``edge.planning.refine``), when the
+    split of ``costs`` is uneven because no cut can fall inside them and the finer
+    model's split is faster; else ``costs``."""
+    if not (blocks_too or columns):
+        return costs
     try:
         split = partition(costs, devices, modes=MODES if modes is None else tuple(modes))
     except NoFitError:
@@ -360,11 +364,18 @@ def _finer(costs: GraphCosts, devices: Sequence[Device], modes: Sequence[str] | 
     if len(devices) < 2 or split.bottleneck_ms <= (1 + IMBALANCE) * even_ms:
         return costs
     slowest = max(split.predictions, key=lambda p: p.time_ms)
-    parts = heavy_matmuls(costs.op_types, costs.node_outputs, costs.flops,
-                          slowest.gflops * 1e9)
-    if not parts:
-        return costs
-    model, count = split_matmuls(costs.model, parts)
+    # Feed-forward blocks split whole where the model has them (a cut inside one carries
+    # two tensors of its output's size); else the heavy MatMuls by their columns.
+    flops = {outs[0]: f for outs, f in zip(costs.node_outputs, costs.flops) if outs}
+    blocks = (heavy_feed_forwards(costs.model.graph, flops, slowest.gflops * 1e9)
+              if blocks_too else {})
+    model, count = split_feed_forwards(costs.model, blocks) if blocks else (costs.model, 0)
+    what = "feed-forward blocks"
+    if not count and columns:
+        what = "MatMuls"
+        parts = heavy_matmuls(costs.op_types, costs.node_outputs, costs.flops,
+                              slowest.gflops * 1e9)
+        model, count = split_matmuls(costs.model, parts) if parts else (costs.model, 0)
     if not count:
         return costs
     finer = analyze(model, bindings, sample)
@@ -373,8 +384,9 @@ def _finer(costs: GraphCosts, devices: Sequence[Device], modes: Sequence[str] | 
     except NoFitError:
         return costs
     keep = better.bottleneck_ms < 0.98 * split.bottleneck_ms
-    log.info("split %d MatMuls in parts so that cuts may fall inside them: slowest stage "
-             "%.0f ms -> %.0f ms (even: %.0f ms); %s", count, split.bottleneck_ms,
+    log.info("split %d %s in parts so that cuts may fall inside them: slowest stage "
+             "%.0f ms -> %.0f ms (even: %.0f ms); %s", count,
+             what, split.bottleneck_ms,
              better.bottleneck_ms, even_ms, "kept" if keep else "not kept")
     return finer if keep else costs
 

@@ -136,7 +136,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      int8_min_cosine=_parse_cosine(args.int8_min_cosine),
                      generation=GenerationRequest(args.context, args.sequences, args.prefill,
                                                   args.generate, args.kv_dtype),
-                     finer_cuts=args.finer_cuts)
+                     finer_cuts=args.finer_cuts, block_cuts=not args.whole_blocks)
     print_plan(plan, console())
     print(f"wrote {Path(args.out) / 'plan.json'} and {len(plan.stages)} shard(s)")
     return 0
@@ -643,11 +643,15 @@ def _add_plan(sub) -> None:
                         "keep at least this cosine similarity with fp32 (default 0.99; "
                         "measured on the sample if one is given, else on seeded synthetic "
                         "inputs at the planned sizes)")
+    p.add_argument("--whole-blocks", action="store_true",
+                   help="never cut inside a feed-forward block (by default, where whole "
+                        "nodes leave the stages uneven, such blocks are computed in parts "
+                        "summed in order, so that a cut may fall between parts)")
     p.add_argument("--finer-cuts", action="store_true",
-                   help="where whole nodes leave the stages uneven, split the heaviest "
-                        "MatMuls in parts so that a cut may fall inside them (kept if the "
-                        "cost model finds it faster; the larger cut costs CPU it does not "
-                        "count)")
+                   help="where whole nodes leave the stages uneven and there are no "
+                        "feed-forward blocks to split, split the heaviest MatMuls in parts "
+                        "by their weight's columns (kept if the cost model finds it faster; "
+                        "the larger cut costs CPU it does not count)")
     gen = p.add_argument_group("generation (decoders with KV caches only; any of these "
                                "plans the model for `edge generate`)")
     gen.add_argument("--generate", action="store_true",

@@ -80,9 +80,19 @@ def test_pipeline_equals_unsharded_model(request, workers, tmp_path, model_fixtu
 
 
 def test_bert_cuts_carry_several_tensors(bert_tiny, workers, tmp_path):
-    plan = plan_for(bert_tiny, workers, tmp_path, {"batch": 1, "sequence": 16})
-    for stage in plan.stages[1:]:
+    # Whole nodes: each cut carries the attention mask beside the hidden state.
+    cluster = cluster_from_profile("rpi4b-2gb", 3, addresses=workers.addresses)
+    whole = make_plan(bert_tiny, cluster.devices, tmp_path / "whole",
+                      bindings={"batch": 1, "sequence": 16}, block_cuts=False)
+    for stage in whole.stages[1:]:
         assert len(stage.inputs) > 1, [t.name for t in stage.inputs]
+    # The default plan evens the stages out by cutting inside a feed-forward block: that
+    # cut carries the block's input and the sum of its parts so far (the pipeline equals
+    # the model with it: test_pipeline_equals_unsharded_model).
+    plan = plan_for(bert_tiny, workers, tmp_path / "blocks", {"batch": 1, "sequence": 16})
+    assert plan.bottleneck_ms < whole.bottleneck_ms
+    names = [t.name for s in plan.stages[1:] for t in s.inputs]
+    assert any("/sum" in n for n in names), names
 
 
 @pytest.mark.parametrize("served", [False, True], ids=["pipeline", "coordinator-server"])
