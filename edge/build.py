@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from edge.errors import ConfigError, NoFitError, PlanError
+from edge.errors import ConfigError, GraphError, NoFitError, PlanError
 from edge.files import file_sha256
 from edge.planning import generation as gen_plan
 from edge.planning.generation import GenerationRequest
@@ -378,10 +378,11 @@ def _finer(costs: GraphCosts, devices: Sequence[Device], modes: Sequence[str] | 
         model, count = split_matmuls(costs.model, parts) if parts else (costs.model, 0)
     if not count:
         return costs
-    finer = analyze(model, bindings, sample)
-    try:
+    try:  # the model as it came always plans; a split that does not is left out
+        finer = analyze(model, bindings, sample)
         better = partition(finer, devices, modes=MODES if modes is None else tuple(modes))
-    except NoFitError:
+    except (GraphError, NoFitError) as e:
+        log.info("not splitting %s in parts: %s", what, e)
         return costs
     keep = better.bottleneck_ms < 0.98 * split.bottleneck_ms
     log.info("split %d %s in parts so that cuts may fall inside them: slowest stage "

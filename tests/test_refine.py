@@ -16,8 +16,8 @@ from edge.build import make_plan
 from edge.planning.cluster import cluster_from_profile
 from edge.planning.graph import analyze
 from edge.planning.planner import partition
-from edge.planning.refine import (feed_forwards, heavy_matmuls, split_feed_forwards,
-                                  split_matmuls)
+from edge.planning.refine import (feed_forwards, heavy_feed_forwards, heavy_matmuls,
+                                  split_feed_forwards, split_matmuls)
 
 
 def chain(path: Path, shared: bool = False, act: str = "Relu") -> Path:
@@ -194,3 +194,12 @@ def test_plan_cuts_inside_a_feed_forward_block_when_whole_blocks_cannot_balance(
         out = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
         feeds.update(zip((o.name for o in sess.get_outputs()), out))
     np.testing.assert_allclose(feeds["r2"], run(model, x), rtol=0, atol=1e-4)
+
+
+def test_heavy_feed_forwards_asks_for_parts_of_at_most_a_share_of_the_slowest_stage(tmp_path):
+    m = onnx.load(feed_forward_chain(tmp_path / "f.onnx", blocks=2))
+    g = m.graph
+    flops = {n.output[0]: 0.0 for n in g.node}
+    flops.update(h0=10.0, y0=10.0, hb0=0.5, h1=3.0, y1=3.0)  # block 0: 20.5, block 1: 6
+    assert heavy_feed_forwards(g, flops, stage_flops=100.0) == {"h0": 4, "h1": 2}
+    assert heavy_feed_forwards(g, flops, stage_flops=1000.0) == {}  # parts of 50 at most
