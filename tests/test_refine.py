@@ -48,6 +48,16 @@ def run(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
         None, {"x": x})[0]
 
 
+def run_shards(folder: Path, plan, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every tensor the plan's shards compute from ``x``, each shard in turn."""
+    feeds = {"x": x}
+    for path in (folder / s.shard for s in plan.stages):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
+        feeds.update(zip((o.name for o in sess.get_outputs()), out))
+    return feeds
+
+
 def test_split_matmuls_computes_the_same_and_leaves_shared_weights(tmp_path):
     x = np.random.default_rng(1).standard_normal((32, 512)).astype(np.float32)
     m = onnx.load(chain(tmp_path / "c.onnx"))
@@ -88,11 +98,7 @@ def test_plan_splits_a_matmul_when_whole_ones_cannot_be_balanced(tmp_path):
     assert any("/part" in n.name for n in shards[1].graph.node)  # the cut is inside
 
     x = np.random.default_rng(2).standard_normal((32, 512)).astype(np.float32)
-    feeds = {"x": x}
-    for path in (tmp_path / "plan" / s.shard for s in plan.stages):
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        out = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
-        feeds.update(zip((o.name for o in sess.get_outputs()), out))
+    feeds = run_shards(tmp_path / "plan", plan, x)
     np.testing.assert_allclose(feeds["r2"], run(model, x), rtol=0, atol=1e-5)
     saved = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert saved["bottleneck_ms"] == plan.bottleneck_ms
@@ -188,11 +194,7 @@ def test_plan_cuts_inside_a_feed_forward_block_when_whole_blocks_cannot_balance(
     cut = {i.name for i in shards[1].graph.input}
     assert "r0" in cut and any(name.startswith("y1/") for name in cut), cut
     x = np.random.default_rng(2).standard_normal((16, 256)).astype(np.float32)
-    feeds = {"x": x}
-    for path in (tmp_path / "plan" / s.shard for s in plan.stages):
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        out = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
-        feeds.update(zip((o.name for o in sess.get_outputs()), out))
+    feeds = run_shards(tmp_path / "plan", plan, x)
     np.testing.assert_allclose(feeds["r2"], run(model, x), rtol=0, atol=1e-4)
 
 

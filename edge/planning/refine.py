@@ -53,6 +53,13 @@ PART_SHARE = 0.05
 MAX_PARTS = 4
 
 
+def _copy(m: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.GraphProto, dict]:
+    """A copy of ``m`` to rewrite, its graph, and its initializers by name."""
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    return out, out.graph, {t.name: t for t in out.graph.initializer}
+
+
 def heavy_matmuls(op_types: Sequence[str], node_outputs: Sequence[Sequence[str]],
                   flops: Sequence[float], stage_flops: float) -> dict[str, int]:
     """The MatMuls worth splitting, by output name, with how many parts each.
@@ -80,10 +87,7 @@ def split_matmuls(m: onnx.ModelProto, parts: Mapping[str, int]) -> tuple[onnx.Mo
     Returns:
         The new model, and how many MatMuls were split.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(m)
-    g = out.graph
-    inits = {t.name: t for t in g.initializer}
+    out, g, inits = _copy(m)
     reads = input_counts(g)
     nodes, added, split = [], [], 0
     for nd in g.node:
@@ -224,10 +228,7 @@ def split_feed_forwards(m: onnx.ModelProto, parts: Mapping[str, int]
     Returns:
         The new model, and how many blocks were split.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(m)
-    g = out.graph
-    inits = {t.name: t for t in g.initializer}
+    out, g, inits = _copy(m)
     blocks = {}  # by the index of its last MatMul, where its parts go: (block, parts)
     for b in feed_forwards(g):
         first = g.node[b.first]
