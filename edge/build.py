@@ -199,7 +199,7 @@ def make_plan(model_path: str | Path, cluster_devices: Sequence[Device],
             (``Stage.int8_cosine`` records it); None for ``INT8_MIN_COSINE`` (0.99).
         block_cuts: where whole nodes leave the stages uneven, split feed-forward blocks
             in parts so that a cut may fall inside one (``edge.planning.refine``), if the
-            cost model finds it faster (edge lab, BERT-base over 8 Pi 4s: 7% faster).
+            cost model finds it faster (edge lab, BERT-base over 8 Pi 4s: 3-8% faster).
         finer_cuts: else split the heaviest MatMuls by columns (there: no gain).
 
     Returns:

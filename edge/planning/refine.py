@@ -12,7 +12,7 @@ split whole (:func:`split_feed_forwards`): part i computes
 ``act(x @ W1[:, Ii] + b1[Ii]) @ W2[Ii, :]`` over its share Ii of the hidden columns, and
 the parts are summed in order into the block's output. A cut between parts carries ``x``
 and the sum so far: twice the block's output, where a cut inside a split W2 would carry
-its four-times-wider input. In edge lab BERT-base over 8 Pi 4s ran 7% faster so.
+its four-times-wider input. In edge lab BERT-base over 8 Pi 4s ran 3-8% faster so.
 
 **MatMuls by columns** (``edge plan --finer-cuts``, for models without such blocks):
 ``MatMul(x, W[:, a:b])`` each, then ``Concat``. Only MatMuls whose second input is a 2-D
