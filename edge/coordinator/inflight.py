@@ -187,27 +187,22 @@ class InFlight:
         Raises:
             InferError: its failure, or DEADLINE_EXCEEDED after ``timeout`` seconds.
         """
+        answered = False
         try:
             if self.current.serving.wait(timeout):
                 self.send(request)
             activation = request.future.result(self._left(request, timeout))
+            answered = True
         except FutureTimeout:
-            self._count(failed=True)
             raise self._timed_out(request, timeout) from None
-        except InferError:
-            self._count(failed=True)
-            raise
         finally:
-            with self.current.lock:
-                self._requests.pop(request.request_id, None)
-        self._count(failed=False)
+            self._finish(request, answered)
         return activation
 
     async def wait_async(self, request: Request, timeout: float) -> pb.Activation:
         """:meth:`wait` on an event loop, which stays free while the request is in flight
         (its Forward and its result are handled there too, see ``aio.LoopServer``).
         A cancelled caller (the client went away) takes the request out of the table."""
-        cur = self.current
         answered = False
         try:
             if await self._serving(timeout):
@@ -218,10 +213,14 @@ class InFlight:
         except (FutureTimeout, asyncio.TimeoutError):
             raise self._timed_out(request, timeout) from None
         finally:
-            with cur.lock:
-                self._requests.pop(request.request_id, None)
-            self._count(failed=not answered)
+            self._finish(request, answered)
         return activation
+
+    def _finish(self, request: Request, answered: bool) -> None:
+        """Take a request that has left its waiter out of the table, and count it."""
+        with self.current.lock:
+            self._requests.pop(request.request_id, None)
+        self._count(failed=not answered)
 
     async def _serving(self, timeout: float) -> bool:
         """Whether the pipeline serves within ``timeout`` seconds; while it recovers from

@@ -145,13 +145,18 @@ def _first_message(name: str, request_type, limit: Limit | None) -> Callable:
         async for data in request_iterator:
             break
         try:
-            if data is None:
-                raise _no_message(name, request_type)
-            _check_size(len(data), limit, name)
-            return _parse(request_type, data, name)
+            return _request(data, name, request_type, limit)
         except _Refused as e:
             await ctx.abort(e.code, e.details)
     return first_message
+
+
+def _request(data: bytes | None, name: str, request_type, limit: Limit | None) -> Any:
+    """A call's one request message, checked and parsed (raises ``_Refused``)."""
+    if data is None:
+        raise _no_message(name, request_type)
+    _check_size(len(data), limit, name)
+    return _parse(request_type, data, name)
 
 
 def _stream_from_threads(behaviour: Callable, first_message: Callable,
@@ -232,10 +237,7 @@ def _handler(method, behaviour: Callable, request_type, response_type,
         size = 0 if data is None else len(data)
         try:
             try:
-                if data is None:
-                    raise _no_message(name, request_type)
-                _check_size(size, limit, name)
-                request = _parse(request_type, data, name)
+                request = _request(data, name, request_type, limit)
             except _Refused as e:
                 ctx.abort(e.code, e.details)
             del data
