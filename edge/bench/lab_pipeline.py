@@ -96,8 +96,14 @@ class Arm:
 
 
 def _cpu_s(pid: int) -> float:
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
+    """A process's CPU seconds, all its threads (ended ones included), to the nanosecond:
+    Linux's CPU-time clock of that process. psutil's times count 10 ms ticks, which can
+    read 0 for a coordinator's block of a dozen small requests."""
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, SCHED)
+    except OSError:  # not Linux, or the process is gone
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
 
 
 def start_arm(arm: Arm, lab: Lab, plan_dir: Path, workdir: Path) -> None:
