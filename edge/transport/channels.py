@@ -57,6 +57,14 @@ _OPTIONS = [
     # default reconnect backoff of up to two minutes.
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
+    # A fixed flow-control window instead of gRPC's bandwidth probes. By default every
+    # message received sends a PING to size the window, and its answer wakes gRPC's
+    # event-engine threads: about 1 ms of CPU a second per process at a Pi pipeline's
+    # rate, 1-4 ms/s in a coordinator (BENCHMARKS.md, "Flow-control windows without
+    # probes"). 8 MiB in flight per stream covers any LAN's bandwidth-delay product (a
+    # gigabit link at 1 ms holds 125 KB), so a cut never waits for a window update.
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 8 << 20),
 ]
 _SERVER_OPTIONS = [o for o in _OPTIONS if o[0] != "grpc.max_receive_message_length"] + [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
