@@ -32,6 +32,13 @@ coordinator's CPU per second by kind of thread (``python``: Python's threads;
 CPU quota of C host cores, in a cgroup of its own, as ``edge lab`` runs a coordinator
 board.
 
+``--rates 0,1,3 --seconds 20`` measures phases instead, one per rate, with the same
+processes: requests one at a time at that rate (0: none), every figure from each
+thread's scheduler time (``/proc/PID/task/TID/schedstat``, nanoseconds), not psutil's 10 ms
+ticks. Per phase it gives the coordinator's CPU a second (by kind of thread) and per
+request, and a worker's CPU beyond its compute thread a second and per hop. Two rates
+separate what a request costs from what a second costs anyway.
+
 ``--plan`` is a folder holding ``plan.json`` and its ``shards/`` (e.g. ``edge plan
 bert-base.onnx --cluster c8.yaml --out p8``, BERT-base at sequence 128 over 8 rpi4b-2gb).
 Prints one JSON object.
@@ -40,6 +47,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -163,11 +171,11 @@ def _stage_stats(client: InferClient) -> dict[int, tuple[int, float]]:
     return out
 
 
-def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup: int,
-            plaintext: bool, threads: int, profile: str | None,
-            idle_seconds: float = 5.0, rate: float = 0.0,
-            coordinator_cores: float = 0.0) -> dict:
-    """Start the processes, run a warm-up and a measured block, stop them; the report.
+@contextlib.contextmanager
+def _pipeline(plan_src: Path, workdir: Path, plaintext: bool, threads: int,
+              profile: str | None, coordinator_cores: float = 0.0):
+    """Start a worker per stage and the coordinator; yields ``(plan, client, inputs,
+    coordinator process, workers)``; stops them all on the way out.
 
     ``coordinator_cores`` > 0 runs the coordinator under that CPU quota (host cores, in a
     cgroup of its own: root only), as ``edge lab`` runs a coordinator board."""
@@ -191,7 +199,27 @@ def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup
         (plan_dir / "plan.json").write_text(json.dumps(plan, indent=1))
         coordinator, port = _start_coordinator(workdir, plan_dir, certs, group)
         client = InferClient(f"127.0.0.1:{port}", timeout=300, security=client_security)
-        inputs = _inputs(plan)
+        try:
+            yield plan, client, _inputs(plan), coordinator, workers
+        finally:
+            client.close()
+    finally:
+        if coordinator is not None:
+            stop_process(coordinator, 10)
+        for w in workers:
+            w.stop()
+        if group is not None:
+            for d in group.dirs:
+                cgroups.remove_dir(d)
+
+
+def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup: int,
+            plaintext: bool, threads: int, profile: str | None,
+            idle_seconds: float = 5.0, rate: float = 0.0,
+            coordinator_cores: float = 0.0) -> dict:
+    """Start the processes, run a warm-up and a measured block, stop them; the report."""
+    with _pipeline(plan_src, workdir, plaintext, threads, profile,
+                   coordinator_cores) as (plan, client, inputs, coordinator, workers):
         _block(client, inputs, warmup, in_flight)
         pids = [w.process.pid for w in workers] + [coordinator.pid]
         idle = _idle_cpu(pids, idle_seconds)
@@ -203,21 +231,71 @@ def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup
         after = [_cpu(pid) for pid in pids]
         by_kind = _by_kind(named, _run_ns(coordinator.pid), seconds)
         after_stats = _stage_stats(client)
-        client.close()
-    finally:
-        if coordinator is not None:
-            stop_process(coordinator, 10)
-        for w in workers:
-            w.stop()
-        if group is not None:
-            for d in group.dirs:
-                cgroups.remove_dir(d)
     report = _report(plan, requests, 1 if rate > 0 else in_flight, seconds, plaintext,
                      threads, before, after, before_stats, after_stats, idle)
     report["paced_rate_rps"] = rate if rate > 0 else None
     report["coordinator_quota_cores"] = coordinator_cores or None
     report["coordinator_threads_cpu_ms_per_s"] = by_kind
     return report
+
+
+def measure_rates(plan_src: Path, workdir: Path, rates: list[float], seconds: float,
+                  warmup: int, plaintext: bool, threads: int, profile: str | None,
+                  coordinator_cores: float = 0.0) -> dict:
+    """One set of processes, a phase of ``seconds`` per rate in ``rates`` (requests one at
+    a time, that many a second; 0: none), all read from each thread's scheduler time.
+
+    Per phase: the coordinator's CPU a second, by kind of thread, and per request; a
+    worker's CPU beyond its compute thread (its busiest over all phases), a second and per
+    hop. Between
+    two rates, the difference gives what a request costs and what a second costs anyway
+    (no health checks run while requests flow, so the phase at 0 is not that)."""
+    readings = []
+    with _pipeline(plan_src, workdir, plaintext, threads, profile,
+                   coordinator_cores) as (plan, client, inputs, coordinator, workers):
+        _block(client, inputs, warmup, 1)
+        pids = [w.process.pid for w in workers] + [coordinator.pid]
+        start_ns = [_run_ns(pid) for pid in pids[:-1]]
+        for rate in rates:
+            before = [_run_ns(pid) for pid in pids]
+            start = time.perf_counter()
+            count = round(rate * seconds)
+            if count:
+                _paced(client, inputs, count, rate)
+            else:
+                time.sleep(seconds)
+            elapsed = time.perf_counter() - start
+            readings.append((rate, count, elapsed, before, [_run_ns(pid) for pid in pids]))
+        # Each worker's compute thread: its busiest over all the phases.
+        computes = [max(end, key=lambda k: end[k] - first.get(k, 0))
+                    for first, end in zip(start_ns, readings[-1][4][:-1])]
+    phases = [_phase(*r, computes) for r in readings]
+    return {"benchmark": "hot_path_cpu", "mode": "rates",
+            "model": plan["model"]["name"], "stages": len(plan["stages"]),
+            "security": "plaintext" if plaintext else "mutual TLS",
+            "coordinator_quota_cores": coordinator_cores or None,
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+            "phases": phases}
+
+
+def _phase(rate: float, count: int, elapsed: float, before: list, after: list,
+           computes: list) -> dict:
+    """The figures of one phase of ``measure_rates`` (the last process is the
+    coordinator; ``computes``: each worker's compute thread, as ``_run_ns`` keys it)."""
+    overheads = []
+    for b, a, compute in zip(before[:-1], after[:-1], computes):
+        overheads.append(sum(ns - b.get(key, 0) for key, ns in a.items()
+                             if key != compute) / 1e6 / elapsed)
+    kinds = _by_kind(before[-1], after[-1], elapsed)
+    total = sum(kinds.values())
+    worker = sum(overheads) / len(overheads)
+    achieved = count / elapsed
+    return {"rate_rps": rate, "achieved_rps": round(achieved, 3),
+            "coordinator_cpu_ms_per_s": round(total, 2),
+            "coordinator_cpu_ms_per_request": round(total / achieved, 3) if count else None,
+            "coordinator_threads_cpu_ms_per_s": kinds,
+            "worker_overhead_cpu_ms_per_s": round(worker, 2),
+            "worker_overhead_cpu_ms_per_hop": round(worker / achieved, 3) if count else None}
 
 
 def _idle_cpu(pids: list[int], seconds: float) -> list[float]:
@@ -317,6 +395,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0,
                         help="send the measured requests one at a time, this many a second "
                              "(0: --in-flight at once, back to back)")
+    parser.add_argument("--rates", help="instead of one block: phases at these rates, one "
+                        "request at a time (e.g. 0,1,3; 0: no requests), --seconds each")
+    parser.add_argument("--seconds", type=float, default=20.0, help="of each --rates phase")
     parser.add_argument("--warmup", type=int, default=8, help="requests before measuring")
     parser.add_argument("--idle-seconds", type=float, default=5.0,
                         help="seconds without requests in which each process's idle CPU "
@@ -334,9 +415,15 @@ def main() -> None:
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edge-hotpath-"))
     try:
-        report = measure(args.plan.resolve(), workdir, args.requests, args.in_flight,
-                         args.warmup, args.plaintext, args.threads, args.device,
-                         args.idle_seconds, args.rate, args.coordinator_cores)
+        if args.rates:
+            report = measure_rates(args.plan.resolve(), workdir,
+                                   [float(r) for r in args.rates.split(",")], args.seconds,
+                                   args.warmup, args.plaintext, args.threads, args.device,
+                                   args.coordinator_cores)
+        else:
+            report = measure(args.plan.resolve(), workdir, args.requests, args.in_flight,
+                             args.warmup, args.plaintext, args.threads, args.device,
+                             args.idle_seconds, args.rate, args.coordinator_cores)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
