@@ -63,6 +63,7 @@ import numpy as np
 import psutil
 
 from edge.coordinator.client import InferClient
+from edge.coordinator.direct import DirectClient
 from edge.lab import cgroups
 from edge.transport.certs import init_ca, issue
 from edge.transport.channels import Security
@@ -173,9 +174,9 @@ def _stage_stats(client: InferClient) -> dict[int, tuple[int, float]]:
 
 @contextlib.contextmanager
 def _pipeline(plan_src: Path, workdir: Path, plaintext: bool, threads: int,
-              profile: str | None, coordinator_cores: float = 0.0):
+              profile: str | None, coordinator_cores: float = 0.0, direct: bool = False):
     """Start a worker per stage and the coordinator; yields ``(plan, client, inputs,
-    coordinator process, workers)``; stops them all on the way out.
+    coordinator process, workers, direct client or None)``; stops them all on the way out.
 
     ``coordinator_cores`` > 0 runs the coordinator under that CPU quota (host cores, in a
     cgroup of its own: root only), as ``edge lab`` runs a coordinator board."""
@@ -199,10 +200,14 @@ def _pipeline(plan_src: Path, workdir: Path, plaintext: bool, threads: int,
         (plan_dir / "plan.json").write_text(json.dumps(plan, indent=1))
         coordinator, port = _start_coordinator(workdir, plan_dir, certs, group)
         client = InferClient(f"127.0.0.1:{port}", timeout=300, security=client_security)
+        direct_client = (DirectClient(f"127.0.0.1:{port}", timeout=300,
+                                      security=client_security) if direct else None)
         try:
-            yield plan, client, _inputs(plan), coordinator, workers
+            yield plan, client, _inputs(plan), coordinator, workers, direct_client
         finally:
             client.close()
+            if direct_client is not None:
+                direct_client.close()
     finally:
         if coordinator is not None:
             stop_process(coordinator, 10)
@@ -219,7 +224,7 @@ def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup
             coordinator_cores: float = 0.0) -> dict:
     """Start the processes, run a warm-up and a measured block, stop them; the report."""
     with _pipeline(plan_src, workdir, plaintext, threads, profile,
-                   coordinator_cores) as (plan, client, inputs, coordinator, workers):
+                   coordinator_cores) as (plan, client, inputs, coordinator, workers, _):
         _block(client, inputs, warmup, in_flight)
         pids = [w.process.pid for w in workers] + [coordinator.pid]
         idle = _idle_cpu(pids, idle_seconds)
@@ -241,35 +246,42 @@ def measure(plan_src: Path, workdir: Path, requests: int, in_flight: int, warmup
 
 def measure_rates(plan_src: Path, workdir: Path, rates: list[float], seconds: float,
                   warmup: int, plaintext: bool, threads: int, profile: str | None,
-                  coordinator_cores: float = 0.0) -> dict:
+                  coordinator_cores: float = 0.0, direct: bool = False) -> dict:
     """One set of processes, a phase of ``seconds`` per rate in ``rates`` (requests one at
     a time, that many a second; 0: none), all read from each thread's scheduler time.
+    ``direct``: each rate above 0 twice, through the coordinator, then from a direct
+    client (``DirectClient``: the coordinator only routes), side by side.
 
     Per phase: the coordinator's CPU a second, by kind of thread, and per request; a
     worker's CPU beyond its compute thread (its busiest over all phases), a second and per
     hop. Between
     two rates, the difference gives what a request costs and what a second costs anyway
     (no health checks run while requests flow, so the phase at 0 is not that)."""
-    readings = []
-    with _pipeline(plan_src, workdir, plaintext, threads, profile,
-                   coordinator_cores) as (plan, client, inputs, coordinator, workers):
+    readings, paths_run = [], []
+    with _pipeline(plan_src, workdir, plaintext, threads, profile, coordinator_cores,
+                   direct) as (plan, client, inputs, coordinator, workers, direct_client):
         _block(client, inputs, warmup, 1)
+        if direct_client is not None:
+            _block(direct_client, inputs, warmup, 1)
         pids = [w.process.pid for w in workers] + [coordinator.pid]
         start_ns = [_run_ns(pid) for pid in pids[:-1]]
-        for rate in rates:
+        paths = [("coordinator", client)] + ([("direct", direct_client)] if direct else [])
+        for rate, (path, sender) in ((r, p) for r in rates for p in paths[:1 if r <= 0 else 2]):
             before = [_run_ns(pid) for pid in pids]
             start = time.perf_counter()
             count = round(rate * seconds)
             if count:
-                _paced(client, inputs, count, rate)
+                _paced(sender, inputs, count, rate)
             else:
                 time.sleep(seconds)
             elapsed = time.perf_counter() - start
             readings.append((rate, count, elapsed, before, [_run_ns(pid) for pid in pids]))
+            paths_run.append(path)
         # Each worker's compute thread: its busiest over all the phases.
         computes = [max(end, key=lambda k: end[k] - first.get(k, 0))
                     for first, end in zip(start_ns, readings[-1][4][:-1])]
-    phases = [_phase(*r, computes) for r in readings]
+    phases = [{"requests": path, **_phase(*r, computes)}
+              for path, r in zip(paths_run, readings)]
     return {"benchmark": "hot_path_cpu", "mode": "rates",
             "model": plan["model"]["name"], "stages": len(plan["stages"]),
             "security": "plaintext" if plaintext else "mutual TLS",
@@ -398,6 +410,9 @@ def main() -> None:
     parser.add_argument("--rates", help="instead of one block: phases at these rates, one "
                         "request at a time (e.g. 0,1,3; 0: no requests), --seconds each")
     parser.add_argument("--seconds", type=float, default=20.0, help="of each --rates phase")
+    parser.add_argument("--direct", action="store_true",
+                        help="with --rates: each rate also from a direct client, which sends "
+                             "to the first stage and hears the last (the coordinator routes)")
     parser.add_argument("--warmup", type=int, default=8, help="requests before measuring")
     parser.add_argument("--idle-seconds", type=float, default=5.0,
                         help="seconds without requests in which each process's idle CPU "
@@ -419,7 +434,7 @@ def main() -> None:
             report = measure_rates(args.plan.resolve(), workdir,
                                    [float(r) for r in args.rates.split(",")], args.seconds,
                                    args.warmup, args.plaintext, args.threads, args.device,
-                                   args.coordinator_cores)
+                                   args.coordinator_cores, args.direct)
         else:
             report = measure(args.plan.resolve(), workdir, args.requests, args.in_flight,
                              args.warmup, args.plaintext, args.threads, args.device,

@@ -36,6 +36,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--host-gflops", type=float,
                     help="this host's GFLOP/s for the quotas (default: measured at lab up)")
+    ap.add_argument("--direct", action="store_true",
+                    help="the client sends each request to the first stage and hears its "
+                         "result from the last (DirectClient); the coordinator only routes")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -55,7 +58,7 @@ def main() -> int:
                          work, coordinator=None if args.coordinator == "host" else
                          args.coordinator, in_flight=args.in_flight, requests=args.requests,
                          host_gflops=args.host_gflops, per_stage=args.per_stage,
-                         say=lambda m: print(m, file=sys.stderr, flush=True))
+                         direct=args.direct, say=lambda m: print(m, file=sys.stderr, flush=True))
     result["model"] = args.model
     print(json.dumps(result, indent=2))
     if args.json:

@@ -12,14 +12,14 @@ __version__ = "0.1.0"
 # The name pip knows it by (pyproject.toml): "edge" on PyPI is an unrelated package.
 DISTRIBUTION = "edge-runtime"
 
-__all__ = ["plan", "serve", "Served", "Client", "__version__", "DISTRIBUTION"]
+__all__ = ["plan", "serve", "Served", "Client", "DirectClient", "__version__", "DISTRIBUTION"]
 
 
 def __getattr__(name: str):
     # The Python API (edge.api) loads the planner (onnx) and the coordinator; a worker on a
     # Pi imports `edge` for its version only and must not pay for them, so it is loaded on
     # first use.
-    if name in ("plan", "serve", "Served", "Client"):
+    if name in ("plan", "serve", "Served", "Client", "DirectClient"):
         from edge import api
 
         return getattr(api, name)

@@ -9,6 +9,8 @@
     with edge.Client("HOST:50050") as client:
         outputs = client(inputs)
         print(client.generate("Hello", max_tokens=32).text)   # a plan with --context
+    with edge.DirectClient("HOST:50050") as client:   # requests skip the coordinator
+        outputs = client(inputs)
 
 The defaults are the command line's: sizes ``batch=1, sequence=128`` for the dims a model
 names so, every mode (fp32, fp32-lean, int8) allowed, plaintext on loopback unless
@@ -26,6 +28,7 @@ import numpy as np
 from edge.build import load_sample, make_plan, plan_dims
 from edge.planning.generation import GenerationRequest
 from edge.coordinator.client import InferClient
+from edge.coordinator.direct import DirectClient as _Direct
 from edge.coordinator.pipeline import Pipeline
 from edge.coordinator.server import start_coordinator
 from edge.errors import ConfigError
@@ -35,7 +38,7 @@ from edge.spec import MODES
 from edge.transport.channels import Deadlines, Security
 from edge.transport.codec import decode_tensors
 
-__all__ = ["plan", "serve", "Served", "Client"]
+__all__ = ["plan", "serve", "Served", "Client", "DirectClient"]
 
 
 def _security(certs: str | os.PathLike[str] | None, insecure: bool) -> Security:
@@ -241,3 +244,25 @@ class Client(InferClient):
 
     def __enter__(self) -> "Client":
         return self
+
+
+class DirectClient(_Direct):
+    """A client that sends each request straight to the pipeline's first stage and hears
+    its result from the last; the coordinator only tells it where they are, and again
+    after a failover (when it sends what was in flight again). It takes the coordinator's
+    work off the coordinator's board; it needs a network path to the first and last
+    workers. Inference only: generation goes through :class:`Client`.
+
+    Args:
+        address: the coordinator's ``host:port``.
+        certs: a bundle folder (a client-role bundle is enough).
+        insecure: plaintext off loopback.
+        timeout: seconds one request may take, resends included.
+    """
+
+    def __init__(self, address: str, *, certs: str | os.PathLike[str] | None = None,
+                 insecure: bool = False, timeout: float = 120.0):
+        super().__init__(address, security=_security(certs, insecure), timeout=timeout)
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.infer(inputs)

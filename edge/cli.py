@@ -375,6 +375,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edge.coordinator.client import InferClient
+    from edge.coordinator.direct import DirectClient
     from edge.transport.codec import decode_tensors
     from edge.transport.security import from_arguments
 
@@ -383,8 +384,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
             inputs = {k: f[k] for k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise SystemExit(f"edge infer: cannot read {args.input} as .npz: {e}")
-    with InferClient(args.coordinator, timeout=args.timeout,
-                     security=from_arguments(args)) as client:
+    kind = DirectClient if args.direct else InferClient
+    with kind(args.coordinator, timeout=args.timeout, security=from_arguments(args)) as client:
         try:
             reply = client.infer_raw(inputs)
         except grpc.RpcError as e:
@@ -779,6 +780,9 @@ def _add_infer(sub) -> None:
     p.add_argument("--input", required=True, help=".npz keyed by the model's input names")
     p.add_argument("--output", required=True, help=".npz to write the outputs to")
     p.add_argument("--timeout", type=_positive(float), default=120.0)
+    p.add_argument("--direct", action="store_true",
+                   help="send the request to the first stage and hear its result from the last "
+                        "(the coordinator only tells the route); needs a path to both workers")
     add_security_arguments(p)
     p.set_defaults(func=cmd_infer)
 

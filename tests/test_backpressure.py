@@ -53,6 +53,9 @@ def test_worker_queue_is_bounded(tmp_path):
                 assert refused is not None, "50 requests were queued behind a stuck hop"
                 assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert "2 requests queued" in refused.details()
+                # gRPC's "retry after" says it is worth another try (a direct client's
+                # cue to back off rather than fail the request).
+                assert ("grpc-retry-pushback-ms", "50") in refused.trailing_metadata()
                 # one being sent, two in the outbox, two in the compute queue (bounds of 2)
                 assert 3 <= accepted <= 6, accepted
                 t = time.monotonic()

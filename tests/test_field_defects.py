@@ -320,9 +320,10 @@ def test_bundles_carry_their_role(role_pki, capsys):
 
 
 def test_a_client_bundle_may_only_send_requests(role_pki, tmp_path):
-    """A client certificate cannot read other requests' results (Subscribe) nor drive a
-    worker (Configure, status, uploads): PERMISSION_DENIED naming the role it needs. It may
-    call the coordinator's client-facing RPCs; a node may call everything."""
+    """A client certificate cannot read other requests' results (Subscribe, but for its own
+    as a direct client) nor drive a worker (Configure, status, uploads): PERMISSION_DENIED
+    naming the role it needs. It may call the coordinator's client-facing RPCs; a node may
+    call everything."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -354,7 +355,6 @@ def test_a_client_bundle_may_only_send_requests(role_pki, tmp_path):
         with create_channel(address, security=client) as ch:
             worker = pb_grpc.WorkerStub(ch)
             calls = {
-                "Subscribe": lambda: next(worker.Subscribe(pb.SubscribeRequest(), timeout=5)),
                 "Configure": lambda: worker.Configure(pb.StageConfig(), timeout=5),
                 "GetStatus": lambda: worker.GetStatus(pb.StatusRequest(), timeout=5),
                 "UploadShard": lambda: worker.UploadShard(iter([pb.ShardChunk(
@@ -366,6 +366,21 @@ def test_a_client_bundle_may_only_send_requests(role_pki, tmp_path):
                 assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
                 assert f"Worker/{name} needs a certificate of role node" in e.value.details()
                 assert "(laptop) has role client" in e.value.details()
+            # As a direct client only: its own results at the last stage, requests with
+            # a reply_to to the first (this worker has no stage yet).
+            narrowed = {
+                "expected a client_id": lambda: next(worker.Subscribe(
+                    pb.SubscribeRequest(), timeout=5)),
+                "only at the last stage": lambda: next(worker.Subscribe(
+                    pb.SubscribeRequest(client_id="c"), timeout=5)),
+                "expected a reply_to": lambda: worker.Forward(
+                    pb.Activation(request_id="r"), timeout=5),
+            }
+            for what, call in narrowed.items():
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, what
+                assert what in e.value.details()
             assert health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(), timeout=5).status == \
                 health_pb2.HealthCheckResponse.SERVING

@@ -310,6 +310,7 @@ def test_tls_pipeline_equals_unsharded_model(pki, bert_tiny, tmp_path):
     hop uses the worker's own bundle as a client certificate."""
     from edge.coordinator.client import InferClient
     from edge.coordinator.deploy import DeployError
+    from edge.coordinator.direct import DirectClient
     from edge.coordinator.pipeline import Pipeline
     from edge.coordinator.server import start_coordinator
     from edge.export import example_inputs
@@ -357,6 +358,23 @@ def test_tls_pipeline_equals_unsharded_model(pki, bert_tiny, tmp_path):
                     got = client.infer(x)
                 np.testing.assert_allclose(got["last_hidden_state"], want["last_hidden_state"],
                                            atol=1e-4, rtol=0)
+                # A direct client with the same bundle: to the first stage, its results
+                # from the last; a client certificate may do nothing more with workers.
+                laptop = Security.from_dir(pki["laptop"])
+                with DirectClient(f"127.0.0.1:{port}", security=laptop, timeout=60) as client:
+                    got = client.infer(x)
+                np.testing.assert_allclose(got["last_hidden_state"], want["last_hidden_state"],
+                                           atol=1e-4, rtol=0)
+                with create_channel(addresses[1], security=laptop) as ch:
+                    e = refused(lambda: pb_grpc.WorkerStub(ch).Forward(pb.Activation(
+                        request_id="r", epoch=pipeline.epoch, reply_to="c"), timeout=5))
+                    assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+                    assert "only to the first stage" in e.details()
+                with create_channel(addresses[0], security=laptop) as ch:
+                    e = refused(lambda: next(pb_grpc.WorkerStub(ch).Subscribe(
+                        pb.SubscribeRequest(client_id="c"), timeout=5)))
+                    assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+                    assert "only at the last stage" in e.details()
                 with InferClient(f"127.0.0.1:{port}", retries=0, timeout=5) as client:
                     e = refused(lambda: client.infer(x))
                 assert e.code() == grpc.StatusCode.UNAVAILABLE

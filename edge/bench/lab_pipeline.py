@@ -38,6 +38,7 @@ import psutil
 
 from edge.build import make_plan
 from edge.coordinator.client import InferClient
+from edge.coordinator.direct import DirectClient
 from edge.lab.devices import DeviceSpec, LabDevice
 from edge.lab.lab import Lab
 from edge.lab.system import LabError
@@ -87,12 +88,18 @@ class Arm:
     requests: int
     process: subprocess.Popen | None = None
     client: InferClient | None = None
+    direct: DirectClient | None = None  # sends the requests, where they skip the coordinator
     rps: list[float] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)
     coordinator_cpu_ms: list[float] = field(default_factory=list)   # per request
     coordinator_idle_ms_per_s: float | None = None  # its CPU without requests
     worker_cpu_ms: list[list[float]] = field(default_factory=list)  # per request, by stage
     per_run: list[float] = field(default_factory=list)  # requests per pipeline run (batch)
+
+    @property
+    def sender(self) -> InferClient | DirectClient:
+        """What sends the arm's requests: its direct client, else the coordinator's."""
+        return self.direct or self.client
 
 
 def _cpu_s(pid: int) -> float:
@@ -106,8 +113,9 @@ def _cpu_s(pid: int) -> float:
         return t.user + t.system
 
 
-def start_arm(arm: Arm, lab: Lab, plan_dir: Path, workdir: Path) -> None:
-    """Start the arm's coordinator on its board and connect a client to it."""
+def start_arm(arm: Arm, lab: Lab, plan_dir: Path, workdir: Path, direct: bool = False) -> None:
+    """Start the arm's coordinator on its board and connect a client to it (``direct``:
+    and a direct client, which sends the requests)."""
     port_file = workdir / f"{arm.name}.port"
     port_file.unlink(missing_ok=True)
     ip = arm.board.ip if arm.board else lab.host_ip
@@ -126,15 +134,18 @@ def start_arm(arm: Arm, lab: Lab, plan_dir: Path, workdir: Path) -> None:
                               f"the coordinator of {arm.name}", log_path)
     except (RuntimeError, TimeoutError) as e:
         raise LabError(f"{e} (log: {log_path})") from None
-    arm.client = InferClient(f"{ip}:{port}", timeout=600,
-                             security=Security.from_dir(lab.coordinator_bundle))
+    security = Security.from_dir(lab.coordinator_bundle)
+    arm.client = InferClient(f"{ip}:{port}", timeout=600, security=security)
+    if direct:
+        arm.direct = DirectClient(f"{ip}:{port}", timeout=600, security=security)
 
 
 def stop_arms(arms: Sequence[Arm]) -> None:
     """Close the arms' clients and stop their coordinators."""
     for arm in arms:
-        if arm.client is not None:
-            arm.client.close()
+        for client in (arm.direct, arm.client):
+            if client is not None:
+                client.close()
         if arm.process is not None:
             stop_process(arm.process, 10)
 
@@ -154,7 +165,7 @@ def _block(arm: Arm, inputs: Sequence[Mapping[str, np.ndarray]]) -> tuple[float,
             if i is None:
                 return
             try:
-                reply = arm.client.infer_raw(inputs[i % len(inputs)])
+                reply = arm.sender.infer_raw(inputs[i % len(inputs)])
             except BaseException as e:  # said after the block: a failed request is a defect
                 errors.append(e)
                 return
@@ -179,7 +190,7 @@ def measure_arm(arm: Arm, inputs, latency_requests: int) -> None:
     process spent on the block."""
     for x in inputs[:latency_requests]:
         t = time.perf_counter()
-        arm.client.infer_raw(x)
+        arm.sender.infer_raw(x)
         arm.latency_ms.append((time.perf_counter() - t) * 1e3)
     pids = [arm.process.pid] + [w.pid for w in arm.workers]
     if arm.coordinator_idle_ms_per_s is None:  # once: what it costs without requests
@@ -228,7 +239,7 @@ def lab_scaling(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
                 bindings: dict[str, int], profile: str, stage_counts: Sequence[int],
                 rounds: int, workdir: Path, coordinator: str | None = None,
                 in_flight: int | None = None, requests: int = 48, latency_requests: int = 3,
-                host_gflops: float | None = None, per_stage: int = 2,
+                host_gflops: float | None = None, per_stage: int = 2, direct: bool = False,
                 say: Callable[[str], None] = lambda _: None) -> dict:
     """Throughput, latency and CPU of pipelines of ``stage_counts`` lab devices against
     one lab device holding the whole model, rounds rotating the arms.
@@ -253,6 +264,8 @@ def lab_scaling(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
         per_stage: requests in flight per stage, for every arm. Past two per stage the
             coordinator's slots are full and the requests that wait go as batches
             (``edge coordinator --infer-batch``).
+        direct: the client sends the requests to the first stage and hears their results
+            from the last (``DirectClient``); the coordinator only tells it the route.
 
     Returns:
         The measurement, or ``{"status": "unavailable", "reason": ...}`` when the lab
@@ -273,8 +286,8 @@ def lab_scaling(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
                                         workdir / arm.name, bindings=bindings)
             say(f"lab: starting the coordinator of {arm.name} "
                 f"({arm.board.name if arm.board else 'on this host'})")
-            start_arm(arm, lab, workdir / arm.name, workdir)
-            arm.client.infer_raw(inputs[0])  # warm up
+            start_arm(arm, lab, workdir / arm.name, workdir, direct)
+            arm.sender.infer_raw(inputs[0])  # warm up
         for r in range(rounds):
             for arm in arms[r % len(arms):] + arms[:r % len(arms)]:
                 measure_arm(arm, inputs, latency_requests)
@@ -284,7 +297,8 @@ def lab_scaling(model: Path, inputs: Sequence[Mapping[str, np.ndarray]],
     finally:
         stop_arms(arms)
         lab.down()
-    return _result(arms, plans, status, lab, profile, coordinator, rounds)
+    return {**_result(arms, plans, status, lab, profile, coordinator, rounds),
+            "requests": "direct to the first stage" if direct else "through the coordinator"}
 
 
 def _result(arms: list[Arm], plans, status, lab: Lab, profile: str,

@@ -139,6 +139,9 @@ class Listeners:
             # Whatever the epoch: a result that went through every stage is right.
             self.requests.resolve(event.result.request_id, result=event.result)
             return
+        if kind == "delivered":
+            self.requests.direct = event.delivered
+            return
         if kind != "failure":
             return
         f, cur = event.failure, self.current
@@ -156,5 +159,10 @@ class Listeners:
             self.requests.retry_later(request, f.epoch, target, code, message)
             return
         if code == grpc.StatusCode.UNAVAILABLE and next_stage is not None:
+            if self.failover and request is None:
+                # A direct client's request (or one answered meanwhile): the client sends
+                # it again once the route changes; the failover is ours to start.
+                self.suspect(next_stage.stage.device.address, f"{code.name}: {message}")
+                return
             message += self.why(next_stage)  # a stage could not reach the next one
         self.requests.resolve(f.request_id, error=InferError(code, message))

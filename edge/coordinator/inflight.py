@@ -133,6 +133,8 @@ class InFlight:
         self.why = why
         self.done = 0
         self.failed = 0
+        # The last stage's count of direct clients' requests it answered (Event.delivered).
+        self.direct = 0  # with ``done``, the monitor's sign that requests flow
         self._requests: dict[str, Request] = {}
 
     def __len__(self) -> int:

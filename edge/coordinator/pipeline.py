@@ -119,7 +119,7 @@ class Pipeline:
         self._monitor = Monitor(cur, self.replanner.devices, self.pool, deadlines.control,
                                 health_interval, misses, backoff_s,
                                 on_taken=lambda w, why: self._failover.taken(w, why),
-                                progress=lambda: self._requests.done)
+                                progress=lambda: self._requests.done + self._requests.direct)
         self._requests = InFlight(cur, deadlines.forward, max_in_flight, failover,
                                   suspect=self._monitor.suspect, why=self._why)
         self._listeners = Listeners(cur, self._requests, failover,
@@ -203,14 +203,20 @@ class Pipeline:
         """Why another coordinator owns the workers now ("" while they are ours)."""
         return self._current.taken_over
 
-    def watch_serving(self, callback: Callable[[str], None]) -> None:
+    def watch_serving(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """Call ``callback(why)`` now and each time the pipeline stops serving (why it
-        cannot) or serves again (""); ``edge coordinator`` sets its health service by it.
+        cannot) or serves again, a re-deployment included (""); ``edge coordinator`` sets
+        its health service by it. Returns what stops the calls.
 
         Args:
             callback: takes the reason, "" when serving.
         """
         self._current.watch(callback)
+        return lambda: self._current.unwatch(callback)
+
+    def route(self) -> pb.Route:
+        """Where a direct client sends requests now (see ``edge.coordinator.direct``)."""
+        return self._current.direct_route()
 
     # ------------------------------------------------------------------ requests
 
@@ -294,15 +300,7 @@ class Pipeline:
         self._requests.send_once(pb.Step(sequence_id=sequence_id, release=True))
 
     def _why(self, w: StageWorker) -> str:
-        """``"; <what diagnose says about w's device>"``, or "" when it says nothing."""
-        if self.diagnose is None:
-            return ""
-        try:
-            why = self.diagnose(w.stage.device)
-        except Exception:  # a diagnosis must never hide the failure it explains
-            log.exception("diagnosing %s failed", w.label)
-            return ""
-        return f"; {why}" if why else ""
+        return diagnosis(self.diagnose, w)
 
     # ------------------------------------------------------------------ status
 
@@ -310,6 +308,7 @@ class Pipeline:
         """The cluster as the coordinator sees it; asks every worker its status."""
         plan = self.plan
         out = pb.ClusterStatus(plan_id=plan.plan_id, requests_done=self.requests_done,
+                               requests_direct=self._requests.direct,
                                requests_failed=self.requests_failed, in_flight=self.in_flight,
                                model_inputs=[encode_spec(t) for t in plan.model.inputs],
                                bindings=plan.model.bindings, model=plan.model.name,
@@ -351,6 +350,18 @@ class Pipeline:
             except grpc.RpcError as e:
                 entry.error = f"{e.code().name}: {e.details()}"
         return out
+
+
+def diagnosis(diagnose: Callable[[Device], str | None] | None, w: StageWorker) -> str:
+    """``"; <what diagnose says about w's device>"``, or "" when it says nothing."""
+    if diagnose is None:
+        return ""
+    try:
+        why = diagnose(w.stage.device)
+    except Exception:  # a diagnosis must never hide the failure it explains
+        log.exception("diagnosing %s failed", w.label)
+        return ""
+    return f"; {why}" if why else ""
 
 
 def checked_request(plan: Plan, inputs: Mapping[str, np.ndarray] | list[pb.Tensor]

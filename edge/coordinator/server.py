@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 
@@ -25,6 +27,8 @@ from edge.transport.services import add_service
 __all__ = ["CoordinatorServicer", "start_coordinator", "serve", "receive_limit"]
 
 log = logging.getLogger(__name__)
+
+ROUTE_REREAD_S = 30.0  # a WatchRoute stream re-reads the route this often without news
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -66,6 +70,30 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if not e.retryable:
                 context.set_trailing_metadata(((NO_RETRY, "1"), (PUSHBACK, "-1")))
             context.abort(e.code, str(e))
+
+    async def WatchRoute(self, request: pb.RouteRequest, context):
+        """The route for direct clients now, then again each time it changes (a failover,
+        serving stops or resumes). A waiting stream holds no thread and costs nothing."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def wake(_why: str) -> None:
+            loop.call_soon_threadsafe(changed.set)
+
+        unwatch = self.pipeline.watch_serving(wake)
+        try:
+            last = None
+            while True:
+                changed.clear()
+                route = self.pipeline.route()
+                if route != last:
+                    yield route
+                    last = route
+                with contextlib.suppress(asyncio.TimeoutError):
+                    # A change is told at once; the timeout only re-reads the route.
+                    await asyncio.wait_for(changed.wait(), ROUTE_REREAD_S)
+        finally:
+            unwatch()
 
     def GetClusterStatus(self, request, context) -> pb.ClusterStatus:
         return self.pipeline.status()

@@ -15,6 +15,7 @@ from typing import Callable
 
 from edge.coordinator.workers import StageWorker
 from edge.planning.plan import Plan
+from edge.proto import edge_pb2 as pb
 
 __all__ = ["Current"]
 
@@ -55,6 +56,17 @@ class Current:
         with self.lock:
             return (self.workers[0], self.epoch) if self.workers else None
 
+    def direct_route(self) -> pb.Route:
+        """Where a direct client sends requests now (see ``edge.coordinator.direct``)."""
+        with self.lock:
+            workers, epoch = list(self.workers), self.epoch
+        why = self.not_serving() or self.taken_over
+        if not workers:
+            return pb.Route(epoch=epoch, unavailable=why or "nothing is deployed yet")
+        return pb.Route(epoch=epoch, first_address=workers[0].stage.device.address,
+                        last_address=workers[-1].stage.device.address,
+                        stages=len(workers), unavailable=why)
+
     def worker_at(self, address: str) -> StageWorker | None:
         with self.lock:
             return next((w for w in self.workers if w.stage.device.address == address), None)
@@ -81,6 +93,12 @@ class Current:
         ``Pipeline.watch_serving``)."""
         self._watchers.append(callback)
         callback(self.unavailable)
+
+    def unwatch(self, callback: Callable[[str], None]) -> None:
+        """Stop calling ``callback`` (a watcher that is gone)."""
+        with self.lock:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
 
     def tell(self, why: str) -> None:
         """Tell the serving watchers: ``why`` it stopped, or "" when it serves again."""

@@ -72,9 +72,10 @@ class WorkerClient(Protocol):
     def subscribe(self, coordinator_id: str,
                   results: Callable[[pb.Event], None] | None = None) -> Iterator[pb.Event]:
         """The worker's results and failures, until the stream breaks (raises).
-        ``results``: where the stream is read on the event loop, each result event is
-        given to it there instead (its request's Infer is answered on the loop, without
-        waking a thread); a client without a loop yields them as the others."""
+        ``results``: where the stream is read on the event loop, each result event (and
+        delivered count) is given to it there instead (its request's Infer is answered on
+        the loop, without waking a thread); a client without a loop yields them as the
+        others."""
 
     def status(self, timeout: float) -> pb.WorkerStatus: ...
 
@@ -162,8 +163,8 @@ class GrpcWorker:
         aio = getattr(self.stubs, "aio", None)
         if aio is not None:
             def take(event: pb.Event) -> bool:
-                if event.WhichOneof("kind") != "result":
-                    return False
+                if event.WhichOneof("kind") not in ("result", "delivered"):
+                    return False  # failures wake the device's listener thread
                 results(event)
                 return True
             return aio.subscribe(request, take if results is not None else None)

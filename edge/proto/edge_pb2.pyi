@@ -51,7 +51,7 @@ class StageTiming(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., send_ms: _Optional[float] = ..., received_unix_ns: _Optional[int] = ...) -> None: ...
 
 class Activation(_message.Message):
-    __slots__ = ("request_id", "tensors", "timings", "epoch", "step", "tokens", "rows")
+    __slots__ = ("request_id", "tensors", "timings", "epoch", "step", "tokens", "rows", "reply_to")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class Activation(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
@@ -66,7 +67,8 @@ class Activation(_message.Message):
     step: Step
     tokens: _containers.RepeatedScalarFieldContainer[int]
     rows: _containers.RepeatedCompositeFieldContainer[Step]
-    def __init__(self, request_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., epoch: _Optional[int] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., tokens: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[_Union[Step, _Mapping]]] = ...) -> None: ...
+    reply_to: str
+    def __init__(self, request_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., epoch: _Optional[int] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., tokens: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., reply_to: _Optional[str] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
@@ -353,10 +355,12 @@ class WorkerProfile(_message.Message):
     def __init__(self, samples: _Optional[_Iterable[_Union[MemorySample, _Mapping]]] = ..., interval_s: _Optional[float] = ..., memory_budget_mb: _Optional[float] = ..., rss_at_load_bytes: _Optional[int] = ..., load_ms: _Optional[float] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("coordinator_id",)
+    __slots__ = ("coordinator_id", "client_id")
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     coordinator_id: str
-    def __init__(self, coordinator_id: _Optional[str] = ...) -> None: ...
+    client_id: str
+    def __init__(self, coordinator_id: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class Failure(_message.Message):
     __slots__ = ("request_id", "stage", "code", "message", "epoch")
@@ -373,12 +377,14 @@ class Failure(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., stage: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("result", "failure")
+    __slots__ = ("result", "failure", "delivered")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
     result: Activation
     failure: Failure
-    def __init__(self, result: _Optional[_Union[Activation, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
+    delivered: int
+    def __init__(self, result: _Optional[_Union[Activation, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., delivered: _Optional[int] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("inputs",)
@@ -461,7 +467,7 @@ class StageStatus(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., device: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., worker: _Optional[_Union[WorkerStatus, _Mapping]] = ..., planned_memory_mb: _Optional[float] = ..., planned_kv_cache_mb: _Optional[float] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("plan_id", "stages", "requests_done", "requests_failed", "in_flight", "model_inputs", "bindings", "model", "not_serving", "coordinator_id")
+    __slots__ = ("plan_id", "stages", "requests_done", "requests_failed", "in_flight", "model_inputs", "bindings", "model", "not_serving", "coordinator_id", "requests_direct")
     class BindingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -479,6 +485,7 @@ class ClusterStatus(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NOT_SERVING_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_DIRECT_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     stages: _containers.RepeatedCompositeFieldContainer[StageStatus]
     requests_done: int
@@ -489,7 +496,8 @@ class ClusterStatus(_message.Message):
     model: str
     not_serving: str
     coordinator_id: str
-    def __init__(self, plan_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., in_flight: _Optional[int] = ..., model_inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., bindings: _Optional[_Mapping[str, int]] = ..., model: _Optional[str] = ..., not_serving: _Optional[str] = ..., coordinator_id: _Optional[str] = ...) -> None: ...
+    requests_direct: int
+    def __init__(self, plan_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., in_flight: _Optional[int] = ..., model_inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., bindings: _Optional[_Mapping[str, int]] = ..., model: _Optional[str] = ..., not_serving: _Optional[str] = ..., coordinator_id: _Optional[str] = ..., requests_direct: _Optional[int] = ...) -> None: ...
 
 class StageProfile(_message.Message):
     __slots__ = ("stage", "device", "address", "profile", "shard", "planned_memory_mb", "budget_mb", "profile_data", "error")
@@ -518,3 +526,21 @@ class ClusterProfile(_message.Message):
     STAGES_FIELD_NUMBER: _ClassVar[int]
     stages: _containers.RepeatedCompositeFieldContainer[StageProfile]
     def __init__(self, stages: _Optional[_Iterable[_Union[StageProfile, _Mapping]]] = ...) -> None: ...
+
+class RouteRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("epoch", "first_address", "last_address", "stages", "unavailable")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    first_address: str
+    last_address: str
+    stages: int
+    unavailable: str
+    def __init__(self, epoch: _Optional[int] = ..., first_address: _Optional[str] = ..., last_address: _Optional[str] = ..., stages: _Optional[int] = ..., unavailable: _Optional[str] = ...) -> None: ...

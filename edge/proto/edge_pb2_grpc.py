@@ -432,6 +432,11 @@ class CoordinatorStub:
                 request_serializer=edge_dot_proto_dot_edge__pb2.ProfileRequest.SerializeToString,
                 response_deserializer=edge_dot_proto_dot_edge__pb2.ClusterProfile.FromString,
                 _registered_method=True)
+        self.WatchRoute = channel.unary_stream(
+                '/edge.v1.Coordinator/WatchRoute',
+                request_serializer=edge_dot_proto_dot_edge__pb2.RouteRequest.SerializeToString,
+                response_deserializer=edge_dot_proto_dot_edge__pb2.Route.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -463,6 +468,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRoute(self, request, context):
+        """The route for direct clients: now, and again at each change (see Route).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -485,6 +497,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetClusterProfile,
                     request_deserializer=edge_dot_proto_dot_edge__pb2.ProfileRequest.FromString,
                     response_serializer=edge_dot_proto_dot_edge__pb2.ClusterProfile.SerializeToString,
+            ),
+            'WatchRoute': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRoute,
+                    request_deserializer=edge_dot_proto_dot_edge__pb2.RouteRequest.FromString,
+                    response_serializer=edge_dot_proto_dot_edge__pb2.Route.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -595,6 +612,33 @@ class Coordinator:
             '/edge.v1.Coordinator/GetClusterProfile',
             edge_dot_proto_dot_edge__pb2.ProfileRequest.SerializeToString,
             edge_dot_proto_dot_edge__pb2.ClusterProfile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edge.v1.Coordinator/WatchRoute',
+            edge_dot_proto_dot_edge__pb2.RouteRequest.SerializeToString,
+            edge_dot_proto_dot_edge__pb2.Route.FromString,
             options,
             channel_credentials,
             insecure,

@@ -135,7 +135,7 @@ def encode_activation(request_id: str, epoch: int, arrays: Mapping[str, np.ndarr
                       | Callable[[], Iterable[pb.StageTiming]] = (),
                       step: pb.Step | None = None,
                       tokens: Iterable[int] = (),
-                      rows: Iterable[pb.Step] = ()) -> bytes:
+                      rows: Iterable[pb.Step] = (), reply_to: str = "") -> bytes:
     """A serialized ``Activation`` holding ``arrays``, with each tensor's bytes copied once.
 
     Building ``pb.Tensor`` messages copies every activation three times before gRPC sees
@@ -153,6 +153,7 @@ def encode_activation(request_id: str, epoch: int, arrays: Mapping[str, np.ndarr
         step: the generation step it belongs to, if any.
         tokens: the tokens drawn (a step's result).
         rows: the decode steps of a batch, by row.
+        reply_to: the direct client that sent the request ("": the coordinator).
     """
     parts: list = []
     for name, a in arrays.items():
@@ -167,7 +168,7 @@ def encode_activation(request_id: str, epoch: int, arrays: Mapping[str, np.ndarr
         timings = timings()
     parts.append(pb.Activation(request_id=request_id, epoch=epoch, timings=list(timings),
                                step=step, tokens=[int(t) for t in tokens],
-                               rows=list(rows)).SerializeToString())
+                               rows=list(rows), reply_to=reply_to).SerializeToString())
     return b"".join(parts)
 
 

@@ -29,9 +29,11 @@ or ``client`` (people and programs that send requests: ``edge infer``, ``edge pr
 --coordinator``, ``InferClient``), as the URI ``edge:role:ROLE`` in its subject alternative
 names (and ``OU=ROLE`` in its subject, for people). Servers read it from the peer's
 verified certificate (gRPC's ``peer_uri``) on every call: a client may call only the
-coordinator's client-facing RPCs (:data:`CLIENT_METHODS`); a node may call everything.
-Anything else a client calls (a worker's Subscribe, which streams every request's results,
-or Configure) is PERMISSION_DENIED, naming the role it needs. A certificate without a role
+coordinator's client-facing RPCs (:data:`CLIENT_METHODS`) and, as a direct client, a
+worker's Forward and Subscribe, which the worker narrows to sending requests to the first
+stage and hearing its own results at the last (never the coordinator's event stream, which
+carries every request's results); a node may call everything. Anything else a client calls
+(Configure, uploads) is PERMISSION_DENIED, naming the role it needs. A certificate without a role
 (issued before roles existed) counts as a node, as it was trusted before. Roles need TLS:
 with ``--insecure --token-file`` there are no certificates, and the token alone grants all.
 
@@ -80,10 +82,14 @@ BUNDLE_FILES = ("ca.crt", "node.crt", "node.key", "token")
 ROLES = ("client", "node")
 ROLE_URI = "edge:role:{}"
 # All a client-role certificate may call: what `edge infer`, `edge profile --coordinator`
-# and InferClient (infer, status, profile) use; and health, open to all.
+# and InferClient (infer, status, profile) use; and health, open to all. A direct client
+# (DirectClient) also reads the route, sends to the first stage and hears its results at
+# the last: the worker allows a client-role caller only that (worker/server.py).
 CLIENT_METHODS = frozenset({"/edge.v1.Coordinator/Infer", "/edge.v1.Coordinator/Generate",
                             "/edge.v1.Coordinator/GetClusterStatus",
-                            "/edge.v1.Coordinator/GetClusterProfile"})
+                            "/edge.v1.Coordinator/GetClusterProfile",
+                            "/edge.v1.Coordinator/WatchRoute",
+                            "/edge.v1.Worker/Forward", "/edge.v1.Worker/Subscribe"})
 _TOKEN_RE = re.compile(r"[\x21-\x7e]{16,512}")  # printable ASCII, no spaces: a metadata value
 
 

@@ -227,6 +227,18 @@ def _handler(method, behaviour: Callable, request_type, response_type,
             return await behaviour(await first_message(request_iterator, ctx), ctx)
 
         return make(unary_in_async, request_deserializer=None, response_serializer=serialize)
+    if inspect.isasyncgenfunction(behaviour):  # a stream served on the loop
+        if pool is None or not method.server_streaming:
+            raise TypeError(f"{name} is an async generator: it needs an asyncio server "
+                            "(create_server(on_loop=True)) and a streamed response")
+
+        async def stream_out_on_loop(request_iterator, context):
+            ctx = _Context(context)
+            async for item in behaviour(await first_message(request_iterator, ctx), ctx):
+                yield item
+
+        return make(stream_out_on_loop, request_deserializer=None,
+                    response_serializer=serialize)
     if pool is not None and method.server_streaming:
         return make(_stream_from_threads(behaviour, first_message, pool),
                     request_deserializer=None, response_serializer=serialize)

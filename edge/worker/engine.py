@@ -80,6 +80,7 @@ class Job:
     step: pb.Step | None = None  # a generation step (a release has no arrays)
     tokens: np.ndarray | None = None  # drawn by the last stage for a step
     rows: list[pb.Step] = field(default_factory=list)  # a batch of decode steps, by row
+    reply_to: str = ""  # the direct client that sent it ("": the coordinator)
 
 
 def _chunks(job: Job) -> list[Job]:
@@ -349,7 +350,7 @@ class StageEngine:
         # Straight to wire bytes: one copy of the outputs instead of three.
         try:
             data = encode_activation(job.request_id, job.epoch, job.outputs, timings,
-                                     step=job.step, rows=job.rows,
+                                     step=job.step, rows=job.rows, reply_to=job.reply_to,
                                      tokens=() if job.tokens is None else job.tokens)
         except TensorError as e:
             self._fail(job, grpc.StatusCode.INTERNAL, f"{spec.where} cannot send the "
@@ -362,7 +363,7 @@ class StageEngine:
             event = pb.Event()
             event.result.MergeFromString(data)
             del data
-            self.events.publish(event)
+            self.events.answer(event, job.reply_to)
             stage_metrics(spec.stage, self.device).send.observe(time.perf_counter() - start)
             return
         try:

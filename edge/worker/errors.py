@@ -105,6 +105,12 @@ class ContextExceeded(WorkerError):
     """A step would make its sequence longer than the stage's context."""
 
 
+class NotAllowed(WorkerError):
+    """A direct client (a client-role certificate) asked for more than a direct client may:
+    Forward to a stage other than the first, or without a ``reply_to``; another Subscribe
+    than its own results' at the last stage."""
+
+
 # The first class in the error's method resolution order that is here decides. UploadError
 # carries its kind: a dict from kind to code.
 STATUS_CODES: dict[type[Exception], grpc.StatusCode | dict[str, grpc.StatusCode]] = {
@@ -127,6 +133,7 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode | dict[str, grpc.StatusCode]
     DigestMismatch: C.DATA_LOSS,
     TakenOver: C.ABORTED,
     Replaced: C.CANCELLED,
+    NotAllowed: C.PERMISSION_DENIED,
     UploadError: {
         "invalid": C.INVALID_ARGUMENT,
         "corrupt": C.DATA_LOSS,
@@ -142,6 +149,8 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode | dict[str, grpc.StatusCode]
 RUN_FAILURE_CODES = {"invalid": C.INVALID_ARGUMENT, "exhausted": C.RESOURCE_EXHAUSTED}
 
 _MAPPED = tuple(STATUS_CODES)
+PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's trailer: retry after this many ms (-1: never)
+QUEUE_FULL_PUSHBACK_MS = 50
 
 
 def status_code(e: BaseException) -> grpc.StatusCode | None:
@@ -179,6 +188,11 @@ def grpc_errors(handler: Callable) -> Callable:
     def unary(self, request, context):
         try:
             return handler(self, request, context)
+        except QueueFull as e:
+            # The one refusal for size that passes: gRPC's own "retry after" tells clients
+            # (and gRPC's retry policy) so; any other RESOURCE_EXHAUSTED is final.
+            context.set_trailing_metadata(((PUSHBACK, str(QUEUE_FULL_PUSHBACK_MS)),))
+            failure = (status_code(e), str(e))
         except _MAPPED as e:
             failure = (status_code(e), str(e))
         context.abort(*failure)

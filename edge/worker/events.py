@@ -12,6 +12,12 @@ Only the owner's streams get events, and the owner's stream is always accepted (
 replaces its older ones), so that streams opened by anyone else, which are limited, cannot
 lock the coordinator out. Events produced while the owner has no stream are kept
 (bounded), so a coordinator that reconnects still gets them.
+
+A direct client (``SubscribeRequest.client_id``) gets the results of the requests it sent
+with that ``reply_to`` (:meth:`EventBus.deliver`), nothing else, after an empty event
+that tells it the stream is open; its streams count among the limited ones. A result whose client has no stream is dropped: the client sends the
+request again. The owner hears how many were delivered (``Event.delivered``, at most every
+:data:`PROGRESS_S`), its sign that the pipeline answers.
 """
 
 from __future__ import annotations
@@ -26,13 +32,15 @@ from dataclasses import dataclass, field
 from edge.proto import edge_pb2 as pb
 from edge.worker.errors import OwnedElsewhere, Replaced, TakenOver, TooManySubscribers
 
-__all__ = ["EventBus", "Stream", "END", "WAKE", "OWNER_GRACE_S"]
+__all__ = ["EventBus", "Stream", "END", "WAKE", "OWNER_GRACE_S", "PROGRESS_S"]
 
 log = logging.getLogger(__name__)
 
 # How long a coordinator that configured this worker and has not subscribed yet still owns
 # it: a deploy configures every stage (loading each shard) before it subscribes.
 OWNER_GRACE_S = 30.0
+# Direct clients' results delivered are reported to the owner at most this often.
+PROGRESS_S = 0.25
 
 END = object()  # put in a stream's queue to end it with the stream's ``ended`` error
 WAKE = object()  # put in a queue to make its reader look up (a call ended, a stop)
@@ -45,6 +53,7 @@ class Stream:
     coordinator_id: str
     queue: queue.Queue = field(default_factory=queue.Queue)
     ended: Exception | None = None
+    client_id: str = ""  # a direct client's stream: its results only
 
     def end(self, error: Exception) -> None:
         self.ended = error
@@ -68,20 +77,54 @@ class EventBus:
         # Coordinators that were taken over, and by whom: their Subscribe is refused with
         # ABORTED so that they learn it even if their stream was down at the time.
         self._former: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.delivered = 0            # direct clients' results handed to their streams
+        self.undelivered = 0          # ... dropped: their client had no stream
+        self._reported_at = 0.0       # monotonic time ``delivered`` was last published
 
     def _is_owner(self, coordinator_id: str) -> bool:
         return self.owner is not None and coordinator_id == self.owner
 
+    def _owner_streams(self) -> list[Stream]:
+        return [s for s in self._streams
+                if not s.client_id and self._is_owner(s.coordinator_id)]
+
     def publish(self, event: pb.Event) -> None:
         with self._lock:
-            targets = [s for s in self._streams if self._is_owner(s.coordinator_id)]
+            targets = self._owner_streams()
             if not targets:
                 self._backlog.append(event)
             for s in targets:
                 s.queue.put(event)
 
-    def subscribe(self, coordinator_id: str, limit: int) -> Stream:
-        """A stream of events from now on (and the backlog, for the owner's first stream).
+    def answer(self, event: pb.Event, reply_to: str) -> None:
+        """A result: to the direct client ``reply_to`` names, or (none) to the owner."""
+        if reply_to:
+            self.deliver(reply_to, event)
+        else:
+            self.publish(event)
+
+    def deliver(self, client_id: str, event: pb.Event) -> bool:
+        """Hand a direct client's result to its newest stream; False if it has none (the
+        result is dropped: the client sends the request again)."""
+        with self._lock:
+            stream = next((s for s in reversed(self._streams) if s.client_id == client_id),
+                          None)
+            if stream is None:
+                self.undelivered += 1
+                return False
+            stream.queue.put(event)
+            self.delivered += 1
+            now = time.monotonic()
+            if now - self._reported_at >= PROGRESS_S:
+                self._reported_at = now
+                for s in self._owner_streams():
+                    s.queue.put(pb.Event(delivered=self.delivered))
+            return True
+
+    def subscribe(self, coordinator_id: str, limit: int, client_id: str = "") -> Stream:
+        """A stream of events from now on (and the backlog, for the owner's first stream);
+        with ``client_id``, a direct client's stream of its results (a newer one of the same
+        client replaces it).
 
         Raises:
             TakenOver: for a coordinator that was taken over.
@@ -90,8 +133,13 @@ class EventBus:
         with self._lock:
             if coordinator_id and coordinator_id in self._former:
                 raise TakenOver(self._former[coordinator_id])
-            stream = Stream(coordinator_id)
-            if coordinator_id and self._is_owner(coordinator_id):
+            stream = Stream("" if client_id else coordinator_id, client_id=client_id)
+            if client_id:
+                for old in [s for s in self._streams if s.client_id == client_id]:
+                    old.end(Replaced("replaced by a newer stream of the same client"))
+                    self._streams.remove(old)
+                stream.queue.put(pb.Event())  # tells the client its stream is open
+            if not client_id and coordinator_id and self._is_owner(coordinator_id):
                 # Its older stream is one it gave up on (a reconnect after a network blip).
                 for old in [s for s in self._streams if s.coordinator_id == coordinator_id]:
                     old.end(Replaced("replaced by a newer stream of the same coordinator"))
@@ -99,12 +147,13 @@ class EventBus:
                 self._owner_subscribed = True
             else:
                 others = [s for s in self._streams
-                          if not (s.coordinator_id and self._is_owner(s.coordinator_id))]
+                          if s.client_id or not (s.coordinator_id
+                                                 and self._is_owner(s.coordinator_id))]
                 if len(others) >= limit:
                     raise TooManySubscribers(
                         f"{limit} subscribers are listening already; expected one per "
-                        "coordinator: close a stale one and retry")
-            if self._is_owner(coordinator_id):
+                        "coordinator or direct client: close a stale one and retry")
+            if not client_id and self._is_owner(coordinator_id):
                 while self._backlog:
                     stream.queue.put(self._backlog.popleft())
             self._streams.append(stream)

@@ -38,13 +38,15 @@ from edge.transport.channels import (MAX_MESSAGE_BYTES, Deadlines, Security, cre
                                      catch_stop_signals, wait_for_signal)
 from edge.transport import systemd
 from edge.transport.codec import decode_tensors
+from edge.transport.security import peer_role
 from edge.transport.services import add_service
 from edge.worker.cache import ShardCache, UploadError, default_cache_dir
 from edge.worker.configure import (check_budget, check_protocol, check_stage_config,
                                    stage_spec, verified_stage_path)
 from edge.worker.engine import Job, StageEngine
-from edge.worker.errors import (BadRequest, Busy, NotConfigured, OwnedElsewhere, StaleEpoch,
-                                TakenOver, TooManySubscribers, grpc_errors, status_code)
+from edge.worker.errors import (BadRequest, Busy, NotAllowed, NotConfigured, OwnedElsewhere,
+                                StaleEpoch, TakenOver, TooManySubscribers, grpc_errors,
+                                status_code)
 from edge.worker.events import END, OWNER_GRACE_S, WAKE, EventBus
 from edge.worker.metrics import NO_STAGE, count_failure, count_forward, watch
 from edge.worker.sessions import DEFAULT_IDLE_S, check_rows, check_step
@@ -213,11 +215,28 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         stage = runner.spec.stage if runner is not None else NO_STAGE
         count_forward(stage, self.config.device)
         try:
+            if peer_role(context) == "client":
+                self._check_direct_forward(request)
             return self._forward(request)
         except Exception as e:
             count_failure(stage, self.config.device, status_code(e) or grpc.StatusCode.UNKNOWN,
                           "forward")
             raise
+
+    def _check_direct_forward(self, request: pb.Activation) -> None:
+        """A direct client may send requests to the first stage only, each with the id of
+        the stream its result goes to."""
+        runner = self.engine.runner
+        if not request.reply_to:
+            raise NotAllowed("a client-role certificate may Forward only as a direct client: "
+                             "expected a reply_to (the client's id), got none")
+        if request.step.sequence_id or request.rows:
+            raise NotAllowed("a direct client sends Infer requests only; generation goes "
+                             "through the coordinator's Generate")
+        if runner is not None and runner.spec.stage != 0:
+            raise NotAllowed(f"a direct client may Forward only to the first stage; this "
+                             f"worker serves stage {runner.spec.stage} (ask the coordinator's "
+                             "WatchRoute for the first stage's address)")
 
     def _forward(self, request: pb.Activation) -> pb.Ack:
         received = time.perf_counter()
@@ -258,14 +277,24 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         # Copies of the timings, not references into the request: a reference keeps the
         # whole request message, tensor bytes included, alive until the job is sent.
         timings = [pb.StageTiming.FromString(t.SerializeToString()) for t in request.timings]
+        if len(request.reply_to) > MAX_REQUEST_ID:
+            raise BadRequest(f"expected a reply_to of at most {MAX_REQUEST_ID} characters, got "
+                             f"{len(request.reply_to)}")
         self.engine.submit(Job(request.request_id, request.epoch, arrays, timings, received,
-                               runner, received_ns=received_ns, step=step, rows=rows))
+                               runner, received_ns=received_ns, step=step, rows=rows,
+                               reply_to=request.reply_to))
         return pb.Ack()
 
     @grpc_errors
     def Subscribe(self, request: pb.SubscribeRequest, context) -> Iterator[pb.Event]:
+        if peer_role(context) == "client":
+            self._check_direct_subscribe(request)
+        if len(request.client_id) > MAX_REQUEST_ID:
+            raise BadRequest(f"expected a client_id of at most {MAX_REQUEST_ID} characters, "
+                             f"got {len(request.client_id)}")
         try:
-            stream = self.events.subscribe(request.coordinator_id, MAX_SUBSCRIBERS)
+            stream = self.events.subscribe(request.coordinator_id, MAX_SUBSCRIBERS,
+                                           client_id=request.client_id)
         except (TakenOver, TooManySubscribers) as e:
             log.warning("refused a Subscribe from %s: %s",
                         request.coordinator_id or "a caller without a coordinator id", e)
@@ -293,6 +322,18 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 yield item
         finally:
             self.events.unsubscribe(stream)
+
+    def _check_direct_subscribe(self, request: pb.SubscribeRequest) -> None:
+        """A direct client may hear only its own results, at the last stage."""
+        runner = self.engine.runner
+        if not request.client_id:
+            raise NotAllowed("a client-role certificate may Subscribe only as a direct client: "
+                             "expected a client_id, got none")
+        if runner is None or not runner.spec.is_last:
+            where = "no stage" if runner is None else f"stage {runner.spec.stage}"
+            raise NotAllowed(f"a direct client may Subscribe only at the last stage; this "
+                             f"worker serves {where} (ask the coordinator's WatchRoute for "
+                             "the last stage's address)")
 
     @grpc_errors
     def GetProfile(self, request: pb.ProfileRequest, context) -> pb.WorkerProfile:
