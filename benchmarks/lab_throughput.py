@@ -34,6 +34,8 @@ def main() -> int:
                     help="requests in flight per stage, one device included (default 2; past "
                          "2 the coordinators batch the requests that wait)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--latency-requests", type=int, default=3,
+                    help="requests sent one at a time per round and arm, for the latency")
     ap.add_argument("--host-gflops", type=float,
                     help="this host's GFLOP/s for the quotas (default: measured at lab up)")
     ap.add_argument("--direct", action="store_true",
@@ -58,7 +60,8 @@ def main() -> int:
                          work, coordinator=None if args.coordinator == "host" else
                          args.coordinator, in_flight=args.in_flight, requests=args.requests,
                          host_gflops=args.host_gflops, per_stage=args.per_stage,
-                         direct=args.direct, say=lambda m: print(m, file=sys.stderr, flush=True))
+                         direct=args.direct, latency_requests=args.latency_requests,
+                         say=lambda m: print(m, file=sys.stderr, flush=True))
     result["model"] = args.model
     print(json.dumps(result, indent=2))
     if args.json:

@@ -208,3 +208,18 @@ def test_the_event_bus_routes_direct_results_and_reports_their_count(monkeypatch
     bus.answer(pb.Event(result=pb.Activation(request_id="r4")), "")  # the coordinator's
     assert owner.queue.get_nowait().result.request_id == "r4"
     assert a.queue.get_nowait().result.request_id == "r3" and a.queue.empty()
+
+
+def test_without_a_coordinator_a_request_times_out_saying_so():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with DirectClient(f"127.0.0.1:{port}", timeout=1.0) as client:
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            client.infer(example_inputs("bert", "tiny"))
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "no result within 1 s after 0 send(s)" in e.value.details()
+        assert time.monotonic() - start < 5

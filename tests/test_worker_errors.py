@@ -27,6 +27,10 @@ class _Context:
 
     def __init__(self):
         self.aborted = None
+        self.trailing = ()
+
+    def set_trailing_metadata(self, metadata):
+        self.trailing = tuple(metadata)
 
     def abort(self, code, details):
         self.aborted = (code, details)
@@ -80,6 +84,12 @@ def test_decorated_handlers_abort_with_the_code_and_the_message_unchanged():
     with pytest.raises(_Aborted):
         servicer.Unary(errors.QueueFull("stage 0 has 64 requests queued"), context)
     assert context.aborted == (C.RESOURCE_EXHAUSTED, "stage 0 has 64 requests queued")
+    # A full queue, alone of the RESOURCE_EXHAUSTED refusals, says to retry (and when).
+    assert context.trailing == (("grpc-retry-pushback-ms", "50"),)
+    context = _Context()
+    with pytest.raises(_Aborted):
+        servicer.Unary(errors.OverBudget("too large"), context)
+    assert context.aborted[0] == C.RESOURCE_EXHAUSTED and context.trailing == ()
     context = _Context()
     stream = servicer.Stream(errors.Replaced("replaced"), context)
     assert next(stream) == 1

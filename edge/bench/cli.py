@@ -42,6 +42,10 @@ def add_parser(sub) -> None:
     p.add_argument("--lab-coordinator", default="rpi4b-2gb", metavar="PROFILE",
                    help="the board each lab pipeline's coordinator runs on, emulated like "
                         "the devices (default rpi4b-2gb; 'host': this host, uncapped)")
+    p.add_argument("--lab-direct", action="store_true",
+                   help="the lab's clients send each request to the first stage and hear its "
+                        "result from the last (edge infer --direct); the coordinators only "
+                        "route")
     p.add_argument("--workdir", help="keep the model, plans and logs here (default: temporary)")
     p.add_argument("--quick", action="store_true",
                    help="BERT-small, 4 requests, one round: under a minute")
@@ -67,6 +71,7 @@ def _config(args: argparse.Namespace):
         parse_devices(given["lab_coordinator"])  # names the known profiles if it is not one
     common = dict(profile=profile, devices=count, out=args.out, scaling=scaling,
                   sequence=args.sequence, lab=not args.no_lab, workdir=args.workdir,
+                  lab_direct=args.lab_direct,
                   command=_command(args), **given)
     return BenchConfig.quick(**common) if args.quick else BenchConfig(**common)
 
@@ -96,7 +101,8 @@ def _command(args: argparse.Namespace) -> str:
                         ("--workdir", args.workdir)):
         if value is not None:
             argv += [flag, str(value)]
-    argv += ["--quick"] * args.quick + ["--no-lab"] * args.no_lab
+    argv += (["--quick"] * args.quick + ["--no-lab"] * args.no_lab
+             + ["--lab-direct"] * args.lab_direct)
     return shlex.join(argv)
 
 

@@ -91,6 +91,7 @@ class Arm:
     direct: DirectClient | None = None  # sends the requests, where they skip the coordinator
     rps: list[float] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)
+    latency_via_coordinator_ms: list[float] = field(default_factory=list)  # direct arms
     coordinator_cpu_ms: list[float] = field(default_factory=list)   # per request
     coordinator_idle_ms_per_s: float | None = None  # its CPU without requests
     worker_cpu_ms: list[list[float]] = field(default_factory=list)  # per request, by stage
@@ -186,12 +187,17 @@ def _block(arm: Arm, inputs: Sequence[Mapping[str, np.ndarray]]) -> tuple[float,
 
 
 def measure_arm(arm: Arm, inputs, latency_requests: int) -> None:
-    """Latency one request at a time, then a throughput block, with the CPU each
-    process spent on the block."""
+    """Latency one request at a time (an arm with a direct client: each request also
+    through the coordinator, in turn), then a throughput block, with the CPU each process
+    spent on the block."""
     for x in inputs[:latency_requests]:
-        t = time.perf_counter()
-        arm.sender.infer_raw(x)
-        arm.latency_ms.append((time.perf_counter() - t) * 1e3)
+        for sender, into in ((arm.sender, arm.latency_ms),
+                             (arm.client if arm.direct else None,
+                              arm.latency_via_coordinator_ms)):
+            if sender is not None:
+                t = time.perf_counter()
+                sender.infer_raw(x)
+                into.append((time.perf_counter() - t) * 1e3)
     pids = [arm.process.pid] + [w.pid for w in arm.workers]
     if arm.coordinator_idle_ms_per_s is None:  # once: what it costs without requests
         t, c = time.perf_counter(), _cpu_s(pids[0])
@@ -324,6 +330,9 @@ def _result(arms: list[Arm], plans, status, lab: Lab, profile: str,
             "speedup": round(med(arm.rps) / med(one.rps), 3),
             "speedup_per_round": [round(a / b, 3) for a, b in zip(arm.rps, one.rps)],
             "latency_ratio": round(med(arm.latency_ms) / med(one.latency_ms), 3),
+            **({"latency_ratio_via_coordinator": round(
+                med(arm.latency_via_coordinator_ms) / med(one.latency_via_coordinator_ms), 3)}
+               if arm.direct else {}),
             "coordinator_cpu_share_of_stage": round(coord / stage_share, 4),
             "stages_cpu_ratio": round(sum(med(w[k] for w in arm.worker_cpu_ms)
                                           for k in range(arm.stages)) / one_cpu, 3),
@@ -342,6 +351,10 @@ def _arm_dict(arm: Arm, plan, status) -> dict:
         "rps": round(med(arm.rps), 3), "rps_per_round": [round(x, 3) for x in arm.rps],
         "requests_per_run": [round(x, 2) for x in arm.per_run],
         "latency_ms": round(med(arm.latency_ms), 1),
+        "latency_ms_each": [round(v, 1) for v in arm.latency_ms],
+        **({"latency_via_coordinator_ms_each": [round(v, 1)
+                                                for v in arm.latency_via_coordinator_ms]}
+           if arm.direct else {}),
         "coordinator_cpu_ms_per_request": round(med(arm.coordinator_cpu_ms), 3),
         "coordinator_idle_cpu_ms_per_s": round(arm.coordinator_idle_ms_per_s or 0.0, 2),
         "worker_cpu_ms_per_request": [round(med(w[k] for w in arm.worker_cpu_ms), 2)

@@ -85,6 +85,8 @@ class BenchConfig:
         lab_stages: the pipelines of the lab comparison (each against one device).
         lab_coordinator: the profile of the board each lab arm's coordinator runs on
             (None: this host, uncapped).
+        lab_direct: the lab's clients send to the first stage and hear the last
+            (``DirectClient``); the coordinators only route.
         lab_requests: requests per throughput block of a lab pipeline (steady state: the
             filling and draining are left out).
         lab_rounds: throughput blocks of each in the lab comparison.
@@ -107,6 +109,7 @@ class BenchConfig:
     lab: bool = True
     lab_stages: tuple[int, ...] = (4, 8)
     lab_coordinator: str | None = "rpi4b-2gb"
+    lab_direct: bool = False
     lab_requests: int = 48
     lab_rounds: int = 2
     hop_rounds: int = 100
@@ -323,7 +326,7 @@ def _lab_comparison(config: BenchConfig, model: Path, size: str, work: Path,
         return lab_scaling(model, inputs, {"batch": 1, "sequence": config.sequence},
                            config.profile, config.lab_stages, config.lab_rounds,
                            work / "lab-a", coordinator=config.lab_coordinator,
-                           requests=config.lab_requests,
+                           requests=config.lab_requests, direct=config.lab_direct,
                            host_gflops=max(host_gflops) if host_gflops else None, say=say)
     except Exception as e:  # the lab is being built: report it, keep the other results
         log.exception("the lab comparison failed")
@@ -338,6 +341,7 @@ def _summary(config: BenchConfig, lab: dict) -> dict:
                  for n in config.lab_stages}
     out.update({
         "coordinator_device": lab.get("coordinator_device", config.lab_coordinator),
+        "requests": lab.get("requests"),
         "coordinator_cpu_ms_per_request": main.get("coordinator_cpu_ms_per_request"),
         "coordinator_cpu_share_of_stage": main.get("coordinator_cpu_share_of_stage"),
         f"latency_ratio_{config.devices}": main.get("latency_ratio"),

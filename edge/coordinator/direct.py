@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -94,6 +95,7 @@ class _Pending:
     sent_at: float = 0.0            # monotonic time of the last send
     sends: int = 0
     sending: bool = False           # a thread is sending it now
+    deadline: float = float("inf")  # monotonic time after which it is no longer sent
 
 
 class DirectClient:
@@ -131,9 +133,10 @@ class DirectClient:
     # ------------------------------------------------------------------ requests
 
     def submit(self, inputs: Mapping[str, np.ndarray] | list[pb.Tensor]) -> Future:
-        """Send one request; a future of its :class:`pb.InferReply`."""
+        """Send one request (returns once the first stage took it, or its deadline passed);
+        a future of its :class:`pb.InferReply`."""
         tensors = inputs if isinstance(inputs, list) else encode_tensors(inputs)
-        p = _Pending(uuid.uuid4().hex, tensors)
+        p = _Pending(uuid.uuid4().hex, tensors, deadline=time.monotonic() + self.timeout)
         with self._lock:
             if self._closed.is_set():
                 raise DirectError(grpc.StatusCode.CANCELLED, "the client is closed")
@@ -146,7 +149,7 @@ class DirectClient:
         future = self.submit(inputs)
         try:
             return future.result(timeout=self.timeout)
-        except TimeoutError:
+        except FutureTimeout:
             pass
         with self._lock:
             p = next((p for p in self._pending.values() if p.future is future), None)
@@ -182,7 +185,7 @@ class DirectClient:
         delay = 0.05
         while not (p.future.done() or self._closed.is_set()):
             with self._lock:
-                if p.request_id not in self._pending:
+                if p.request_id not in self._pending or time.monotonic() > p.deadline:
                     return
                 if not self._lock.wait_for(self._ready, timeout=1.0):
                     continue
