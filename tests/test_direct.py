@@ -222,4 +222,5 @@ def test_without_a_coordinator_a_request_times_out_saying_so():
             client.infer(example_inputs("bert", "tiny"))
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "no result within 1 s after 0 send(s)" in e.value.details()
+        assert "the coordinator's route: UNAVAILABLE" in e.value.details()
         assert time.monotonic() - start < 5

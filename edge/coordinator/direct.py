@@ -3,8 +3,8 @@ from the last: the coordinator stays out of the data path.
 
 Through the coordinator a request costs it three gRPC exchanges in Python (the client's
 Infer, the Forward to the first stage, the result on the last stage's event stream): about
-3 ms of CPU a request at a Pi pipeline's pace, 9-16% of a BERT-base stage on a Pi 4
-(BENCHMARKS.md). A direct client does that work itself, on its own machine:
+3 ms of CPU a request at a Pi pipeline's pace, 8-16% of a BERT-base stage on an emulated
+Pi 4, against 2-4% with direct clients (BENCHMARKS.md). A direct client does that work itself, on its own machine:
 
 - the coordinator tells it the route (``WatchRoute``: the epoch, the first and the last
   stage's addresses) now and at every change, on one stream that costs it nothing while
@@ -122,6 +122,7 @@ class DirectClient:
         self._channels: dict[str, grpc.Channel] = {}
         self._listening = ""          # the last stage whose results stream is open ("": none)
         self._results_call = None     # that stream's call, to cancel on a new route
+        self._trouble = ""            # why the route or the results stream failed last
         self._closed = threading.Event()
         self._threads = [threading.Thread(target=target, daemon=True, name=name)
                          for target, name in ((self._watch, "edge-direct-route"),
@@ -159,6 +160,7 @@ class DirectClient:
         if future.done():
             return future.result()
         why = f"; the pipeline: {route.unavailable}" if route and route.unavailable else ""
+        why += f"; {self._trouble}" if self._trouble else ""
         raise DirectError(grpc.StatusCode.DEADLINE_EXCEEDED,
                           f"no result within {self.timeout:g} s after {p.sends if p else 0} "
                           f"send(s){why}")
@@ -258,13 +260,13 @@ class DirectClient:
         while not self._closed.is_set():
             try:
                 for route in stub.WatchRoute(pb.RouteRequest()):
-                    delay = _RECONNECT_S[0]
+                    delay, self._trouble = _RECONNECT_S[0], ""
                     self._new_route(route)
             except grpc.RpcError as e:
                 if self._closed.is_set():
                     return
-                log.debug("the coordinator's route stream broke: %s: %s", e.code().name,
-                          e.details())
+                self._trouble = f"the coordinator's route: {e.code().name}: {e.details()}"
+                log.debug("%s", self._trouble)
             if self._closed.wait(delay):
                 return
             delay = min(delay * 2, _RECONNECT_S[1])
@@ -300,6 +302,7 @@ class DirectClient:
                     kind = event.WhichOneof("kind")
                     if kind is None:  # the stream is open: requests may go
                         delay, opened = _RECONNECT_S[0], time.monotonic()
+                        self._trouble = ""
                         with self._lock:
                             self._listening = address
                             self._lock.notify_all()
@@ -315,8 +318,9 @@ class DirectClient:
             except grpc.RpcError as e:
                 if self._closed.is_set():
                     return
-                log.debug("the results stream at %s broke: %s: %s", address,
-                          e.code().name, e.details())
+                self._trouble = (f"the results stream at the last stage ({address}): "
+                                 f"{e.code().name}: {e.details()}")
+                log.debug("%s", self._trouble)
             with self._lock:
                 self._listening = ""
                 self._results_call = None
