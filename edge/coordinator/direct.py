@@ -4,7 +4,8 @@ from the last: the coordinator stays out of the data path.
 Through the coordinator a request costs it three gRPC exchanges in Python (the client's
 Infer, the Forward to the first stage, the result on the last stage's event stream): about
 3 ms of CPU a request at a Pi pipeline's pace, 8-16% of a BERT-base stage on an emulated
-Pi 4, against 2-4% with direct clients (BENCHMARKS.md). A direct client does that work itself, on its own machine:
+Pi 4, against 2-4% with direct clients (BENCHMARKS.md). A direct client does that work
+itself, on its own machine:
 
 - the coordinator tells it the route (``WatchRoute``: the epoch, the first and the last
   stage's addresses) now and at every change, on one stream that costs it nothing while

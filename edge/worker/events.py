@@ -15,9 +15,10 @@ lock the coordinator out. Events produced while the owner has no stream are kept
 
 A direct client (``SubscribeRequest.client_id``) gets the results of the requests it sent
 with that ``reply_to`` (:meth:`EventBus.deliver`), nothing else, after an empty event
-that tells it the stream is open; its streams count among the limited ones. A result whose client has no stream is dropped: the client sends the
-request again. The owner hears how many were delivered (``Event.delivered``, at most every
-:data:`PROGRESS_S`), its sign that the pipeline answers.
+that tells it the stream is open; its streams count among the limited ones. A result
+whose client has no stream is dropped: the client sends the request again. The owner
+hears how many were delivered (``Event.delivered``, at most every :data:`PROGRESS_S`),
+its sign that the pipeline answers.
 """
 
 from __future__ import annotations
