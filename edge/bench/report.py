@@ -47,6 +47,8 @@ def _lab_rows(a: Mapping, n: int) -> list[tuple[str, ...]]:
                  f"≥ {a['target_ratio']:g}×", "—")]
     one, rows = lab["one_device"], []
     where = f"coordinator on {lab['coordinator_device']}"
+    if lab.get("requests", "").startswith("direct"):
+        where += ", requests from a direct client"
     for k, p in lab["pipelines"].items():
         met = (a.get("met_lab") or {}).get(k, {})
         rows += [
