@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edge.build import make_plan
 from edge.coordinator.client import InferClient
+from edge.coordinator.direct import DirectClient
 from edge.coordinator.fake import FakeCluster, fake_devices, fake_plan
 from edge.coordinator.generate import Generator
 from edge.coordinator.pipeline import Pipeline
@@ -121,6 +122,9 @@ def test_infer_counts_on_the_coordinator_and_each_worker(bert_tiny, workers, tmp
             with pytest.raises(grpc.RpcError) as e:  # float ids: refused by the coordinator
                 client.infer({**x, "input_ids": x["input_ids"].astype(np.float32)})
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with DirectClient(f"127.0.0.1:{port_file.read_text()}") as direct:
+            for _ in range(2):  # past the coordinator: counted by the workers only
+                direct.infer(x)
         c = scrape(metrics_port)
     finally:
         coordinator.terminate()
@@ -138,7 +142,8 @@ def test_infer_counts_on_the_coordinator_and_each_worker(bert_tiny, workers, tmp
         assert get(c, "edge_device_memory_budget_bytes", stage=stage,
                    device=device) == devices[stage].memory_mb * 2**20
     # Each worker computed and sent the three good requests (the bad one never left the
-    # coordinator), each timed once per phase.
+    # coordinator) and the two direct ones, each timed once per phase; the last stage
+    # delivered the direct ones to their client.
     for stage, (_, port) in enumerate(workers):
         after = scrape(port)
         delta = {name: total(after, name, stage=stage) - total(before[stage], name,
@@ -146,7 +151,13 @@ def test_infer_counts_on_the_coordinator_and_each_worker(bert_tiny, workers, tmp
                  for name in ("edge_worker_requests_total", "edge_worker_queue_seconds_count",
                               "edge_worker_compute_seconds_count",
                               "edge_worker_send_seconds_count")}
-        assert delta == dict.fromkeys(delta, 3), (stage, delta)
+        assert delta == dict.fromkeys(delta, 5), (stage, delta)
+        direct = {outcome: total(after, "edge_worker_direct_results_total", stage=stage,
+                                 outcome=outcome)
+                         - total(before[stage], "edge_worker_direct_results_total",
+                                 stage=stage, outcome=outcome)
+                  for outcome in ("delivered", "dropped")}
+        assert direct == {"delivered": 2 if stage == 1 else 0, "dropped": 0}, (stage, direct)
         assert get(after, "edge_worker_rss_bytes", stage=stage, device="rpi4b-2gb") > 20 << 20
         assert get(after, "edge_worker_memory_budget_bytes", stage=stage,
                    device="rpi4b-2gb") > 0

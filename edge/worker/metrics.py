@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import grpc
 from prometheus_client import REGISTRY, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from edge.profiling.memory import peak_rss_bytes, rss_bytes
@@ -114,6 +114,11 @@ class WorkerCollector(Collector):
             "epoch": GaugeMetricFamily("edge_worker_epoch",
                                        "Pipeline epoch of the stage served (0: none)",
                                        labels=labels),
+            "direct": CounterMetricFamily("edge_worker_direct_results",
+                                          "Direct clients' results this stage answered: "
+                                          "delivered to the client's stream, or dropped "
+                                          "(it had none; the client sends it again)",
+                                          labels=labels + ["outcome"]),
         }
         with self._lock:
             servicers = list(self._servicers)
@@ -135,6 +140,8 @@ class WorkerCollector(Collector):
             families["peak"].add_metric(list(key), peak)
             families["budget"].add_metric(list(key), s.config.memory_budget_mb * (1 << 20))
             families["epoch"].add_metric(list(key), runner.spec.epoch if runner else 0)
+            families["direct"].add_metric(list(key) + ["delivered"], s.events.delivered)
+            families["direct"].add_metric(list(key) + ["dropped"], s.events.undelivered)
         yield from families.values()
 
     def describe(self) -> list:
