@@ -38,7 +38,6 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
 # device): not retried whatever its code. The server also sends gRPC's own
 # ``grpc-retry-pushback-ms: -1``, which stops the channel's retry policy.
 NO_RETRY = "edge-no-retry"
-PUSHBACK = "grpc-retry-pushback-ms"
 
 # gRPC's retry policy for every call to the coordinator (gRPC allows at most 5 attempts).
 _SERVICE_CONFIG = json.dumps({"methodConfig": [{

@@ -45,14 +45,13 @@ from typing import Mapping
 import grpc
 import numpy as np
 
-from edge.errors import EdgeError
+from edge.coordinator.workers import CallError
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
-from edge.transport.channels import Security, create_channel
+from edge.transport.channels import PUSHBACK, Security, create_channel
 from edge.transport.codec import decode_tensors, encode_tensors
-from edge.worker.errors import PUSHBACK
 
-__all__ = ["DirectClient", "DirectError"]
+__all__ = ["DirectClient"]
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +68,6 @@ _RETRY_S = 1.0             # a refused request waits this long for a new route, 
 def _pushback(e: grpc.RpcError) -> bool:
     """Whether the refusal says when to try again (gRPC's ``grpc-retry-pushback-ms``)."""
     return any(k == PUSHBACK and v != "-1" for k, v in (e.trailing_metadata() or ()))
-
-
-class DirectError(EdgeError, grpc.RpcError):
-    """A request that failed, raised as gRPC raises a failed call (``code()``,
-    ``details()``), so that callers of :class:`InferClient` handle both alike."""
-
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(details)
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
 
 
 @dataclass(eq=False)
@@ -141,7 +125,7 @@ class DirectClient:
         p = _Pending(uuid.uuid4().hex, tensors, deadline=time.monotonic() + self.timeout)
         with self._lock:
             if self._closed.is_set():
-                raise DirectError(grpc.StatusCode.CANCELLED, "the client is closed")
+                raise CallError(grpc.StatusCode.CANCELLED, "the client is closed")
             self._pending[p.request_id] = p
         self._send(p)
         return p.future
@@ -162,7 +146,7 @@ class DirectClient:
             return future.result()
         why = f"; the pipeline: {route.unavailable}" if route and route.unavailable else ""
         why += f"; {self._trouble}" if self._trouble else ""
-        raise DirectError(grpc.StatusCode.DEADLINE_EXCEEDED,
+        raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED,
                           f"no result within {self.timeout:g} s after {p.sends if p else 0} "
                           f"send(s){why}")
 
@@ -216,7 +200,7 @@ class DirectClient:
                     log.debug("request %s waits for a new route: %s: %s", p.request_id,
                               code.name, e.details())
                     return
-                self._answer(p.request_id, error=DirectError(
+                self._answer(p.request_id, error=CallError(
                     code, f"the first stage ({route.first_address}) refused request "
                           f"{p.request_id}: {e.details()}"))
                 return
@@ -360,7 +344,7 @@ class DirectClient:
             call.cancel()
         for p in pending:
             if not p.future.done():
-                p.future.set_exception(DirectError(grpc.StatusCode.CANCELLED,
+                p.future.set_exception(CallError(grpc.StatusCode.CANCELLED,
                                                    "the client was closed"))
         self._coordinator.close()
         for channel in list(self._channels.values()):

@@ -11,15 +11,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edge.coordinator import metrics
-from edge.coordinator.client import NO_RETRY, PUSHBACK
+from edge.coordinator.client import NO_RETRY
 from edge.coordinator.generate import Generator
 from edge.coordinator.pipeline import InferError, Pipeline
 from edge.errors import TensorError
 from edge.proto import edge_pb2 as pb
 from edge.proto import edge_pb2_grpc as pb_grpc
 from edge.coordinator.guard import largest_request_bytes
-from edge.transport.channels import (MAX_MESSAGE_BYTES, MIN_RECEIVE_BYTES, create_server,
-                                     catch_stop_signals, wait_for_signal)
+from edge.transport.channels import (MAX_MESSAGE_BYTES, MIN_RECEIVE_BYTES, PUSHBACK,
+                                     create_server, catch_stop_signals, wait_for_signal)
 from edge.transport import systemd
 from edge.transport.codec import decode_tensors
 from edge.transport.services import add_service

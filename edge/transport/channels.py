@@ -17,7 +17,8 @@ import grpc
 
 from edge.transport.security import CLUSTER_NAME, Security, is_loopback, token_interceptor
 
-__all__ = ["Deadlines", "Security", "MAX_MESSAGE_BYTES", "MIN_RECEIVE_BYTES", "create_server",
+__all__ = ["Deadlines", "Security", "MAX_MESSAGE_BYTES", "MIN_RECEIVE_BYTES", "PUSHBACK",
+           "create_server",
            "create_channel", "channel_options", "serialized_unary", "is_loopback",
            "wait_for_signal"]
 
@@ -44,6 +45,8 @@ def _longer_wait_slices() -> None:
 # Activations of a large model at a long sequence exceed gRPC's 4 MiB default; raise the
 # limit rather than split tensors. Shards travel in chunks, so this is not their bound.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+# gRPC's trailer that tells a client when to retry: after this many ms (-1: never).
+PUSHBACK = "grpc-retry-pushback-ms"
 
 _OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

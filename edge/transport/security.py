@@ -33,9 +33,10 @@ coordinator's client-facing RPCs (:data:`CLIENT_METHODS`) and, as a direct clien
 worker's Forward and Subscribe, which the worker narrows to sending requests to the first
 stage and hearing its own results at the last (never the coordinator's event stream, which
 carries every request's results); a node may call everything. Anything else a client calls
-(Configure, uploads) is PERMISSION_DENIED, naming the role it needs. A certificate without a role
-(issued before roles existed) counts as a node, as it was trusted before. Roles need TLS:
-with ``--insecure --token-file`` there are no certificates, and the token alone grants all.
+(Configure, uploads) is PERMISSION_DENIED, naming the role it needs. A certificate without
+a role (issued before roles existed) counts as a node, as it was trusted before. Roles need
+TLS: with ``--insecure --token-file`` there are no certificates, and the token alone grants
+all.
 
 There is no revocation list: a lost device's bundle is trusted until the CA is replaced
 (``edge certs init --force``, then re-issue every bundle).

@@ -15,6 +15,7 @@ from typing import Callable
 import grpc
 
 from edge.errors import EdgeError, TensorError
+from edge.transport.channels import PUSHBACK
 from edge.worker.cache import UploadError
 
 __all__ = ["WorkerError", "BadRequest", "NotConfigured", "StaleEpoch", "ProtocolMismatch",
@@ -149,8 +150,7 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode | dict[str, grpc.StatusCode]
 RUN_FAILURE_CODES = {"invalid": C.INVALID_ARGUMENT, "exhausted": C.RESOURCE_EXHAUSTED}
 
 _MAPPED = tuple(STATUS_CODES)
-PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's trailer: retry after this many ms (-1: never)
-QUEUE_FULL_PUSHBACK_MS = 50
+QUEUE_FULL_PUSHBACK_MS = 50  # a full queue's PUSHBACK: retry after this many ms
 
 
 def status_code(e: BaseException) -> grpc.StatusCode | None:

@@ -248,6 +248,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if not 0 < len(request.request_id) <= MAX_REQUEST_ID:
             raise BadRequest(f"expected a request id of 1-{MAX_REQUEST_ID} characters, got "
                              f"{len(request.request_id)}")
+        if len(request.reply_to) > MAX_REQUEST_ID:
+            raise BadRequest(f"expected a reply_to of at most {MAX_REQUEST_ID} characters, got "
+                             f"{len(request.reply_to)}")
         if request.epoch != runner.spec.epoch:
             raise StaleEpoch(f"request {request.request_id} belongs to pipeline epoch "
                              f"{request.epoch}, this worker serves epoch {runner.spec.epoch}")
@@ -277,9 +280,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         # Copies of the timings, not references into the request: a reference keeps the
         # whole request message, tensor bytes included, alive until the job is sent.
         timings = [pb.StageTiming.FromString(t.SerializeToString()) for t in request.timings]
-        if len(request.reply_to) > MAX_REQUEST_ID:
-            raise BadRequest(f"expected a reply_to of at most {MAX_REQUEST_ID} characters, got "
-                             f"{len(request.reply_to)}")
         self.engine.submit(Job(request.request_id, request.epoch, arrays, timings, received,
                                runner, received_ns=received_ns, step=step, rows=rows,
                                reply_to=request.reply_to))
