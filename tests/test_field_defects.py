@@ -1151,6 +1151,44 @@ def test_a_configure_within_the_owners_grace_is_refused(owned_cluster):
         link.close()
 
 
+def test_a_deployment_that_fails_lets_go_of_what_it_configured(owned_cluster, bert_tiny):
+    """CI, 2026-11-29: a coordinator closed in the middle of a re-deployment left a worker
+    it had configured claimed for 30 s, and the next coordinator was refused ("configured
+    this worker 1.3 s ago and has not subscribed yet"). A deployment that fails or stops,
+    and a coordinator that closes, now let go of their workers."""
+    import dataclasses
+
+    import grpc
+
+    from edge.coordinator.deploy import DeployError, Link, configure, upload_shard
+    from edge.transport.channels import Deadlines, Security
+
+    workers, plan, plan_dir = owned_cluster
+    first = workers.workers[0].address
+    solo = dataclasses.replace(plan, stages=(dataclasses.replace(plan.stages[0], index=0),))
+    link = Link.open(first, Security())
+    try:
+        w = link.handle(solo.stages[0])
+        upload_shard(w, plan_dir, Deadlines())
+        configure(w, solo, 7, Deadlines(), coordinator_id="rival")  # deploying, so alive
+        with _pipeline(owned_cluster) as refused:
+            with pytest.raises(DeployError) as e:
+                refused.start()  # configures the last stage, then is refused the first
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION, str(e.value)
+        assert e.value.address == first and "rival" in str(e.value), str(e.value)
+        assert e.value.configured == (workers.workers[1].address,), e.value.configured
+        w.client.release("someone-else", 5)  # from anyone but the owner: nothing changes
+        with pytest.raises(DeployError):
+            configure(w, solo, 8, Deadlines(), coordinator_id="c-next")
+        w.client.release("rival", 5)
+    finally:
+        link.close()
+    # Neither the rival's claim nor the refused coordinator's holds any longer.
+    with _pipeline(owned_cluster) as pipeline:
+        pipeline.start()
+        _check_answer(pipeline, bert_tiny, _tiny_input())
+
+
 def test_strangers_streams_cannot_lock_the_coordinator_out(owned_cluster, bert_tiny):
     """Item 4: any certificate holder could open MAX_SUBSCRIBERS Subscribe streams on the
     last worker; the coordinator's own stream was then refused and every Infer hit

@@ -375,6 +375,14 @@ def test_tls_pipeline_equals_unsharded_model(pki, bert_tiny, tmp_path):
                         pb.SubscribeRequest(client_id="c"), timeout=5)))
                     assert e.code() == grpc.StatusCode.PERMISSION_DENIED
                     assert "only at the last stage" in e.details()
+                with create_channel(addresses[1], security=laptop) as ch:
+                    # Letting go of a worker is its owner's (a coordinator's) alone.
+                    e = refused(lambda: next(pb_grpc.WorkerStub(ch).Subscribe(
+                        pb.SubscribeRequest(client_id="c", release=True,
+                                            coordinator_id=pipeline.coordinator_id),
+                        timeout=5)))
+                    assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+                    assert "let go" in e.details(), e.details()
                 with InferClient(f"127.0.0.1:{port}", retries=0, timeout=5) as client:
                     e = refused(lambda: client.infer(x))
                 assert e.code() == grpc.StatusCode.UNAVAILABLE

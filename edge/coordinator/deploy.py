@@ -23,7 +23,7 @@ from edge.transport.channels import Deadlines, Security
 from edge.transport.codec import PROTOCOL_VERSION, encode_spec
 
 __all__ = ["DeployError", "REFUSALS", "Link", "WorkerHandle", "connect", "wait_healthy",
-           "upload_shard", "configure", "deploy", "check_plan_files", "CHUNK_BYTES"]
+           "upload_shard", "configure", "deploy", "let_go", "check_plan_files", "CHUNK_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def configure(w: Placed, plan: Plan, epoch: int, deadlines: Deadlines,
 def deploy(plan: Plan, plan_dir: Path, workers: list[Placed], epoch: int,
            deadlines: Deadlines, progress: Progress | None = None, *,
            coordinator_id: str = "", take_over: bool = False,
-           serving: frozenset[str] = frozenset()) -> int:
+           serving: frozenset[str] = frozenset(), stop: threading.Event | None = None) -> int:
     """Put every stage of ``plan`` on its worker.
 
     Stages are configured from the last to the first, so a stage only starts receiving
@@ -298,6 +298,11 @@ def deploy(plan: Plan, plan_dir: Path, workers: list[Placed], epoch: int,
         coordinator_id: who deploys (see :func:`configure`).
         take_over: replace the workers' owner even if that coordinator is alive.
         serving: addresses of the devices in the pipeline that runs now.
+        stop: set when the coordinator closes: the deployment ends before its next step.
+
+    A deployment that fails (or stops) after configuring some workers lets go of them
+    (:func:`let_go`): the next coordinator to start, a restart of this one, is not refused
+    by a claim that this one will never take up.
 
     Returns:
         Shard bytes uploaded (0 when every worker had its shard cached).
@@ -308,21 +313,59 @@ def deploy(plan: Plan, plan_dir: Path, workers: list[Placed], epoch: int,
             device that failed, and ``configured`` lists the devices that took their new
             stage before it.
     """
+    def check_stop() -> None:
+        if stop is not None and stop.is_set():
+            raise DeployError("the coordinator is closing: deployment stopped",
+                              grpc.StatusCode.CANCELLED)
+
     check_plan_files([w.stage for w in workers], plan_dir)
     for w in workers:
+        check_stop()
         wait_healthy(w, deadlines)
-    uploaded = sum(upload_shard(w, plan_dir, deadlines, progress) for w in workers)
+    uploaded = 0
+    for w in workers:
+        check_stop()
+        uploaded += upload_shard(w, plan_dir, deadlines, progress)
     order = list(reversed(workers))
     order = ([w for w in order if w.stage.device.address not in serving]
              + [w for w in order if w.stage.device.address in serving])
-    done: list[str] = []
+    done: list[Placed] = []
     for w in order:
         try:
+            check_stop()
             reply = configure(w, plan, epoch, deadlines, coordinator_id, take_over)
         except DeployError as e:
-            e.configured = tuple(done)
+            e.configured = tuple(d.stage.device.address for d in done)
+            let_go(done, coordinator_id, deadlines.control)
             raise
-        done.append(w.stage.device.address)
+        except BaseException:  # interrupted (Ctrl-C): ``w`` may have taken its stage too
+            let_go([*done, w], coordinator_id, deadlines.control)
+            raise
+        done.append(w)
         log.info("%s loaded its shard in %.0f ms (RSS %.0f MiB)", w.label, reply.load_ms,
                  reply.rss_bytes / 2**20)
     return uploaded
+
+
+def let_go(workers: list[Placed], coordinator_id: str, timeout: float) -> None:
+    """Tell ``workers`` that ``coordinator_id`` will not subscribe to them (it stops, or
+    gave up a deployment), so that another coordinator may configure them at once instead
+    of after the claim of a deployment in progress lapses (``OWNER_GRACE_S`` after the
+    Configure). For a worker it holds a stream to, or no longer owns, this changes nothing.
+    Best effort, all at once, each bounded by ``timeout`` (at most 2 s): a worker that does
+    not answer keeps the claim until it lapses."""
+    if not coordinator_id or not workers:
+        return
+
+    def one(w: Placed) -> None:
+        try:
+            w.client.release(coordinator_id, min(timeout, 2.0))
+        except grpc.RpcError as e:
+            log.info("%s: could not let go of it: %s", w.label, e.code().name)
+        except Exception:  # never fail a close or a failed deployment's report over this
+            log.exception("%s: could not let go of it", w.label)
+    threads = [threading.Thread(target=one, args=(w,), daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

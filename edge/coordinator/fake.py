@@ -347,6 +347,10 @@ class FakeConnection:
         if self._closed.is_set():
             raise CallError(Code.CANCELLED, "channel closed")
 
+    def release(self, coordinator_id: str, timeout: float) -> None:
+        self._gone()  # a fake worker's owner has no claim to let go of: it changes nothing
+        self.worker._check()
+
     def status(self, timeout: float) -> pb.WorkerStatus:
         self._gone()
         return self.worker.status()

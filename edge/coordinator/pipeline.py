@@ -147,6 +147,7 @@ class Pipeline:
         cur.closed.set()
         cur.wake.set()
         cur.serving.set()  # wake requests waiting for a recovery
+        self._failover.stop(self.deadlines.control)  # and let go of the workers
         self.pool.close()
         self._requests.close()
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 import grpc
 
-from edge.coordinator.deploy import DeployError, Progress, deploy
+from edge.coordinator.deploy import DeployError, Progress, deploy, let_go
 from edge.coordinator.events import Listeners
 from edge.coordinator.failover import Deployment, NoCapacity, Replanner
 from edge.coordinator.inflight import InferError, InFlight
@@ -125,6 +125,19 @@ class Failover:
         self._thread = threading.Thread(target=self._watch, daemon=True, name="edge-monitor")
         self._thread.start()
 
+    def stop(self, timeout: float) -> None:
+        """Once the pipeline is closed: wait (up to ``timeout`` s) for the monitor thread
+        to end (a deployment it runs stops before its next step and lets go of what it
+        configured), then let go of the deployed workers, so that a coordinator started
+        next (this one, restarted) may configure them at once."""
+        cur = self.current
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        if not cur.taken_over:
+            with cur.lock:
+                workers = list(cur.workers)
+            let_go(workers, cur.coordinator_id, timeout)
+
     def _watch(self) -> None:
         cur = self.current
         while not cur.closed.is_set():
@@ -190,7 +203,7 @@ class Failover:
                               uploaded_bytes=uploaded, resent=resent))
 
     def _deploy_failed(self, e: DeployError, change: _Change) -> None:
-        if self.current.taken_over:
+        if self.current.taken_over or self.current.closed.is_set():
             return
         if not e.address:  # not one device's fault (a shard file missing here)
             self.give_up(str(e), change)
@@ -262,7 +275,7 @@ class Failover:
         serving = frozenset(cur.addresses())
         uploaded = deploy(deployment.plan, deployment.plan_dir, handles, epoch, deadlines,
                           progress, coordinator_id=cur.coordinator_id, take_over=take_over,
-                          serving=serving)
+                          serving=serving, stop=cur.closed)
         with cur.lock:
             if cur.taken_over:  # taken over while deploying: do not undo it
                 raise DeployError(cur.unavailable, grpc.StatusCode.ABORTED)

@@ -77,6 +77,10 @@ class WorkerClient(Protocol):
         the loop, without waking a thread); a client without a loop yields them as the
         others."""
 
+    def release(self, coordinator_id: str, timeout: float) -> None:
+        """Let go of the worker: ``coordinator_id`` will not subscribe to it
+        (:func:`edge.coordinator.deploy.let_go`)."""
+
     def status(self, timeout: float) -> pb.WorkerStatus: ...
 
     def health(self, timeout: float) -> Future:
@@ -169,6 +173,13 @@ class GrpcWorker:
                 return True
             return aio.subscribe(request, take if results is not None else None)
         return self.stubs.stub.Subscribe(request)
+
+    def release(self, coordinator_id: str, timeout: float) -> None:
+        # A stream that ends at once. (A worker older than ``release`` takes it for the
+        # owner's stream, which lets go of it too, until the deadline ends it.)
+        request = pb.SubscribeRequest(coordinator_id=coordinator_id, release=True)
+        for _ in self.stubs.stub.Subscribe(request, timeout=timeout):
+            pass
 
     def status(self, timeout: float) -> pb.WorkerStatus:
         return self.stubs.stub.GetStatus(pb.StatusRequest(), timeout=timeout)

@@ -355,12 +355,14 @@ class WorkerProfile(_message.Message):
     def __init__(self, samples: _Optional[_Iterable[_Union[MemorySample, _Mapping]]] = ..., interval_s: _Optional[float] = ..., memory_budget_mb: _Optional[float] = ..., rss_at_load_bytes: _Optional[int] = ..., load_ms: _Optional[float] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("coordinator_id", "client_id")
+    __slots__ = ("coordinator_id", "client_id", "release")
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     coordinator_id: str
     client_id: str
-    def __init__(self, coordinator_id: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
+    release: bool
+    def __init__(self, coordinator_id: _Optional[str] = ..., client_id: _Optional[str] = ..., release: _Optional[bool] = ...) -> None: ...
 
 class Failure(_message.Message):
     __slots__ = ("request_id", "stage", "code", "message", "epoch")

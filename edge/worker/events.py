@@ -4,7 +4,8 @@ stream.
 A worker belongs to the coordinator that configured it (by ``coordinator_id``) while
 that coordinator is alive: it holds a Subscribe stream here, or it configured the worker
 less than :data:`OWNER_GRACE_S` ago and has not subscribed since (a deploy configures
-every stage before it subscribes). Another coordinator's Configure is then refused unless
+every stage before it subscribes) nor let go (:meth:`EventBus.release`: it stopped, or gave
+up that deployment). Another coordinator's Configure is then refused unless
 it says ``take_over``; a restarted coordinator (its old process is gone, and so is its
 stream) is accepted. An empty id (a tool, a test) owns nothing: anyone may replace it.
 
@@ -74,7 +75,7 @@ class EventBus:
         self._backlog: collections.deque = collections.deque(maxlen=backlog)
         self.owner: str | None = None      # None: never configured
         self._configured_at = 0.0          # monotonic time of the owner's last Configure
-        self._owner_subscribed = False     # the owner held a stream since that Configure
+        self._owner_subscribed = False     # the owner held a stream (or let go) since then
         # Coordinators that were taken over, and by whom: their Subscribe is refused with
         # ABORTED so that they learn it even if their stream was down at the time.
         self._former: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -164,6 +165,16 @@ class EventBus:
         with self._lock:
             if stream in self._streams:
                 self._streams.remove(stream)
+
+    def release(self, coordinator_id: str) -> bool:
+        """The owner lets go: it will not subscribe, so its claim ends now instead of
+        :data:`OWNER_GRACE_S` after its Configure (as if its stream had come and gone).
+        Returns whether ``coordinator_id`` was the owner; from anyone else it does nothing."""
+        with self._lock:
+            if not coordinator_id or not self._is_owner(coordinator_id):
+                return False
+            self._owner_subscribed = True
+            return True
 
     def wake_all(self) -> None:
         """Wake every stream's reader (the worker stops)."""

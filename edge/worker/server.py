@@ -292,6 +292,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if len(request.client_id) > MAX_REQUEST_ID:
             raise BadRequest(f"expected a client_id of at most {MAX_REQUEST_ID} characters, "
                              f"got {len(request.client_id)}")
+        if request.release:
+            if self.events.release(request.coordinator_id):
+                log.info("coordinator %s let go of this worker", request.coordinator_id)
+            return
         try:
             stream = self.events.subscribe(request.coordinator_id, MAX_SUBSCRIBERS,
                                            client_id=request.client_id)
@@ -329,6 +333,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if not request.client_id:
             raise NotAllowed("a client-role certificate may Subscribe only as a direct client: "
                              "expected a client_id, got none")
+        if request.release:
+            raise NotAllowed("a client-role certificate cannot let go of a worker for its "
+                             "coordinator: expected release unset, got it set")
         if runner is None or not runner.spec.is_last:
             where = "no stage" if runner is None else f"stage {runner.spec.stage}"
             raise NotAllowed(f"a direct client may Subscribe only at the last stage; this "
