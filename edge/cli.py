@@ -11,6 +11,7 @@ import argparse
 import datetime
 import logging
 import os
+import signal
 import statistics
 import sys
 import time
@@ -321,10 +322,18 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         api_key_for(args.http, security, args.api_key_file)
     systemd.status(f"deploying {args.plan}")  # READY=1 once deployed and serving
     _serve_metrics(args)
-    pipeline = start_pipeline(args.plan, args.ready_timeout, console, model=args.model,
-                              failover=not args.no_failover, max_in_flight=args.max_in_flight,
-                              security=security, take_over=args.take_over,
-                              infer_batch=args.infer_batch)
+    # Stopped while deploying (Ctrl-C, or SIGTERM from systemd or k3s): the deployment
+    # lets go of the workers it configured, so a coordinator started next is not refused.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        pipeline = start_pipeline(args.plan, args.ready_timeout, console, model=args.model,
+                                  failover=not args.no_failover,
+                                  max_in_flight=args.max_in_flight, security=security,
+                                  take_over=args.take_over, infer_batch=args.infer_batch)
+    except KeyboardInterrupt:
+        print("edge coordinator: stopped while deploying; the workers it had configured "
+              "were let go", file=sys.stderr)
+        return 130
 
     def ready(port: int) -> None:
         host = parse_address(args.listen, allow_port_zero=True)[0]

@@ -1218,6 +1218,41 @@ def test_strangers_streams_cannot_lock_the_coordinator_out(owned_cluster, bert_t
                 s.cancel()
 
 
+def test_a_coordinator_stopped_while_deploying_exits_cleanly(bert_tiny, tmp_path):
+    """SIGTERM (systemd, k3s) during a deployment killed the process where it stood, past
+    the code that lets go of the workers it had configured; Ctrl-C printed a traceback."""
+    import signal
+    import socket
+
+    import yaml
+
+    from edge.worker.launch import LocalWorkers
+
+    with socket.socket() as s:  # a port with no worker behind it
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    with LocalWorkers(1, tmp_path / "w", threads=1) as workers:
+        cluster = {"devices": [{"name": f"pi-{i}", "address": a, "profile": "rpi4b-2gb"}
+                               for i, a in enumerate([workers.addresses[0], dead])]}
+        (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+        run = edge("plan", str(bert_tiny), "--cluster", str(tmp_path / "cluster.yaml"),
+                   "--out", str(tmp_path / "build"), "--dim", "sequence=16")
+        assert run.returncode == 0, run.stderr
+        coordinator = subprocess.Popen(
+            [sys.executable, "-m", "edge", "coordinator", "--plan", str(tmp_path / "build"),
+             "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        try:
+            time.sleep(4)  # deploying: waiting for the device that is not there
+            assert coordinator.poll() is None, coordinator.communicate()
+            coordinator.send_signal(signal.SIGTERM)
+            out, err = coordinator.communicate(timeout=30)
+        finally:
+            coordinator.kill()
+    assert coordinator.returncode == 130, (out, err)
+    assert "stopped while deploying" in err and "Traceback" not in err, err
+
+
 def test_edge_coordinator_has_take_over():
     run = edge("coordinator", "--help")
     assert run.returncode == 0 and "--take-over" in run.stdout, run.stdout
