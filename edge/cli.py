@@ -320,11 +320,12 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         if not security.tls:
             security.require_safe(args.http, "serve HTTP on")
         api_key_for(args.http, security, args.api_key_file)
-    systemd.status(f"deploying {args.plan}")  # READY=1 once deployed and serving
-    _serve_metrics(args)
     # Stopped while deploying (Ctrl-C, or SIGTERM from systemd or k3s): the deployment
     # lets go of the workers it configured, so a coordinator started next is not refused.
+    # Caught before "deploying" is said: whoever reads that may stop it at once.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    systemd.status(f"deploying {args.plan}")  # READY=1 once deployed and serving
+    _serve_metrics(args)
     try:
         pipeline = start_pipeline(args.plan, args.ready_timeout, console, model=args.model,
                                   failover=not args.no_failover,

@@ -1238,17 +1238,23 @@ def test_a_coordinator_stopped_while_deploying_exits_cleanly(bert_tiny, tmp_path
         run = edge("plan", str(bert_tiny), "--cluster", str(tmp_path / "cluster.yaml"),
                    "--out", str(tmp_path / "build"), "--dim", "sequence=16")
         assert run.returncode == 0, run.stderr
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # as systemd's
+        notify.bind(str(tmp_path / "notify"))
+        notify.settimeout(60)
         coordinator = subprocess.Popen(
             [sys.executable, "-m", "edge", "coordinator", "--plan", str(tmp_path / "build"),
              "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
+            text=True, env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
         try:
-            time.sleep(4)  # deploying: waiting for the device that is not there
+            said = notify.recv(4096).decode()
+            assert said.startswith("STATUS=deploying"), said
+            time.sleep(1)  # deploying: waiting for the device that is not there
             assert coordinator.poll() is None, coordinator.communicate()
             coordinator.send_signal(signal.SIGTERM)
             out, err = coordinator.communicate(timeout=30)
         finally:
             coordinator.kill()
+            notify.close()
     assert coordinator.returncode == 130, (out, err)
     assert "stopped while deploying" in err and "Traceback" not in err, err
 
