@@ -75,7 +75,9 @@ class EventBus:
         self._backlog: collections.deque = collections.deque(maxlen=backlog)
         self.owner: str | None = None      # None: never configured
         self._configured_at = 0.0          # monotonic time of the owner's last Configure
-        self._owner_subscribed = False     # the owner held a stream (or let go) since then
+        # The owner held a stream, or let go, since that Configure: from then on it owns
+        # the worker only while it holds a stream (no grace of OWNER_GRACE_S).
+        self._grace_over = False
         # Coordinators that were taken over, and by whom: their Subscribe is refused with
         # ABORTED so that they learn it even if their stream was down at the time.
         self._former: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -146,7 +148,7 @@ class EventBus:
                 for old in [s for s in self._streams if s.coordinator_id == coordinator_id]:
                     old.end(Replaced("replaced by a newer stream of the same coordinator"))
                     self._streams.remove(old)
-                self._owner_subscribed = True
+                self._grace_over = True
             else:
                 others = [s for s in self._streams
                           if s.client_id or not (s.coordinator_id
@@ -173,7 +175,7 @@ class EventBus:
         with self._lock:
             if not coordinator_id or not self._is_owner(coordinator_id):
                 return False
-            self._owner_subscribed = True
+            self._grace_over = True
             return True
 
     def wake_all(self) -> None:
@@ -196,7 +198,7 @@ class EventBus:
                 alive = "it holds this worker's event stream"
             else:
                 ago = time.monotonic() - self._configured_at
-                if self._owner_subscribed or ago >= OWNER_GRACE_S:
+                if self._grace_over or ago >= OWNER_GRACE_S:
                     return None  # gone (a restarted coordinator is the common case)
                 alive = (f"it configured this worker {ago:.1f} s ago and has not subscribed "
                          f"yet (its claim lapses in {OWNER_GRACE_S - ago:.0f} s)")
@@ -233,9 +235,9 @@ class EventBus:
             self._former.pop(coordinator_id, None)
             self.owner = coordinator_id
             self._configured_at = time.monotonic()
-            self._owner_subscribed = bool(coordinator_id) and any(
-                s.coordinator_id == coordinator_id for s in self._streams)
-            if self._owner_subscribed:
-                stream = next(s for s in self._streams if s.coordinator_id == coordinator_id)
+            stream = next((s for s in self._streams if coordinator_id
+                           and s.coordinator_id == coordinator_id), None)
+            self._grace_over = stream is not None
+            if stream is not None:
                 while self._backlog:
                     stream.queue.put(self._backlog.popleft())
